@@ -1,0 +1,151 @@
+"""Build the UNet for a run and move it to and from disk.
+
+A checkpoint is one ``torch.save`` dict, as DiT's: ``{model, ema, opt, step, args, ...}`` plus what
+sampling needs without the training data (classes, mode, prototype count and weights, encoder
+identity). Files are written to a temporary name and renamed, so a crash never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ml.config import TrainConfig
+from ml.unet import UNet
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Conditioning:
+    """How class names map to rows of the class-embedding table."""
+
+    classes: list[str]
+    mode: str
+    k: int = 1
+    weights: torch.Tensor | None = None  # (C, K) share of training images per prototype
+    encoder: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_embeddings(self) -> int:
+        return len(self.classes) * (self.k if self.mode == "prototype" else 1)
+
+    def class_index(self, name: str) -> int:
+        if name not in self.classes:
+            raise ValueError(f"unknown class {name!r}; this model knows: {', '.join(self.classes)}")
+        return self.classes.index(name)
+
+    def sample_rows(self, class_idx: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Table rows for n images of one class.
+
+        With K prototypes per class, each image picks prototype j with probability equal to the
+        share of that class's training images nearest to it, so the mixture matches the data.
+        """
+        if self.mode != "prototype" or self.k == 1:
+            base = class_idx * (self.k if self.mode == "prototype" else 1)
+            return torch.full((n,), base, dtype=torch.long)
+        w = self.weights[class_idx] if self.weights is not None else torch.ones(self.k)
+        j = torch.multinomial(w.float() + 1e-12, n, replacement=True, generator=generator)
+        return class_idx * self.k + j
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "classes": self.classes,
+            "mode": self.mode,
+            "k": self.k,
+            "weights": None if self.weights is None else self.weights.tolist(),
+            "encoder": self.encoder,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Conditioning:
+        w = d.get("weights")
+        return cls(
+            classes=list(d["classes"]),
+            mode=d["mode"],
+            k=int(d.get("k", 1)),
+            weights=None if w is None else torch.tensor(w),
+            encoder=d.get("encoder"),
+            extra=d.get("extra") or {},
+        )
+
+
+def build_model(
+    cfg: TrainConfig, cond: Conditioning, prototypes: torch.Tensor | None = None
+) -> UNet:
+    """The UNet for a config; ``prototypes`` (C*K, D) initialises and freezes the class table."""
+    if cond.mode == "prototype" and prototypes is None:
+        raise ValueError("prototype mode needs a codebook (run `protomed prototypes` first)")
+    class_dim = prototypes.shape[1] if prototypes is not None else cfg.class_dim
+    return UNet(
+        num_embeddings=cond.num_embeddings,
+        class_dim=class_dim,
+        image_size=cfg.image_size,
+        in_channels=cfg.in_channels,
+        base_channels=cfg.base_channels,
+        channel_mults=tuple(cfg.channel_mults),
+        num_res_blocks=cfg.num_res_blocks,
+        dropout=cfg.dropout,
+        norm_groups=cfg.norm_groups,
+        prototypes=prototypes if cond.mode == "prototype" else None,
+    )
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
+    """Atomic write: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save({**payload, "format": FORMAT_VERSION}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Load a checkpoint dict on the CPU, with a clear error for a missing or foreign file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle/zip errors vary by torch version
+        raise ValueError(f"{path} is not a readable protomed checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
+        raise ValueError(f"{path} is not a protomed checkpoint (missing model/args)")
+    return ckpt
+
+
+@dataclass
+class LoadedModel:
+    model: UNet
+    cfg: TrainConfig
+    cond: Conditioning
+    step: int
+    path: Path
+
+
+def load_model(
+    path: Path | str, *, use_ema: bool = True, device: torch.device | str = "cpu"
+) -> LoadedModel:
+    """Rebuild the UNet from a checkpoint (EMA weights by default) in eval mode."""
+    ckpt = read_checkpoint(path)
+    cfg = TrainConfig(**ckpt["args"])
+    cond = Conditioning.from_dict(ckpt["cond"])
+    state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    table = state["class_embed.weight"]
+    model = build_model(cfg, cond, prototypes=table if cond.mode == "prototype" else None)
+    model.load_state_dict(state)
+    model.to(device).eval()
+    p = Path(path)
+    return LoadedModel(model, cfg, cond, int(ckpt["step"]), p / "last.pt" if p.is_dir() else p)

@@ -1,0 +1,263 @@
+"""``protomed``: the command line for the core (prototypes, train, sample, demo, toy, check).
+
+Errors a user can fix (bad paths, unknown classes, wrong fields) end with a one-line message and
+exit code 2, never a traceback; set PROTOMED_DEBUG=1 to see the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+app = typer.Typer(
+    help="Prototype-guided class-conditional diffusion for plausible synthetic medical images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Run a command body, turning user-fixable errors into a one-line message."""
+    from pydantic import ValidationError
+
+    from ml.config import describe_validation_error
+
+    try:
+        return fn()
+    except ValidationError as exc:
+        if os.environ.get("PROTOMED_DEBUG"):
+            raise
+        _fail(describe_validation_error(exc))
+    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
+        if os.environ.get("PROTOMED_DEBUG"):
+            raise
+        _fail(str(exc).strip("'\""))
+    raise AssertionError("unreachable")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _classes(value: str | None) -> list[str] | None:
+    return [c.strip() for c in value.split(",") if c.strip()] if value else None
+
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+Device = Annotated[str | None, typer.Option(help="torch device (default: cuda if present, else cpu).")]
+
+
+@app.command()
+def prototypes(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (class folders, HAM10000 or Matek).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the codebook.")],
+    layout: Annotated[str, typer.Option(help="auto, folder, ham10000 or matek.")] = "auto",
+    n_per_class: Annotated[int | None, typer.Option(help="Training images per class.")] = 100,
+    heldout: Annotated[int, typer.Option(help="Held-out images per class (for the report).")] = 20,
+    image_size: Annotated[int, typer.Option(help="Size images are loaded at.")] = 64,
+    classes: Annotated[str | None, typer.Option(help="Comma-separated subset of classes.")] = None,
+    seed: int = 0,
+    encoder: Annotated[str, typer.Option(help="open_clip model name.")] = "ViT-L-14",
+    pretrained: Annotated[
+        str | None, typer.Option(help="open_clip tag (e.g. openai) or a local checkpoint file.")
+    ] = "openai",
+    untrained: Annotated[
+        bool, typer.Option(help="Use a randomly initialised encoder (tests/demo only).")
+    ] = False,
+    k: Annotated[int, typer.Option(help="Prototypes per class.")] = 1,
+    gamma: Annotated[float, typer.Option(help="DCE hardness.")] = 10.0,
+    lam: Annotated[float, typer.Option("--lambda", help="Prototype-loss weight.")] = 0.01,
+    head: Annotated[str | None, typer.Option(help="Learnable head f: linear, or none.")] = None,
+    epochs: int = 200,
+    no_cache: Annotated[bool, typer.Option(help="Do not use the embedding cache.")] = False,
+    device: Device = None,
+    verbose: Verbose = False,
+) -> None:
+    """Embed a labelled image set with CLIP and learn K class prototypes (convolutional prototype
+    learning); writes codebook.safetensors + codebook.json and prints the held-out report."""
+    _setup_logging(verbose)
+
+    def run() -> None:
+        from ml.encoder import EmbeddingCache, EncoderSpec
+        from ml.pipeline import learn_prototypes
+        from ml.prototypes import CPLConfig
+
+        cpl = CPLConfig(
+            k=k, gamma=gamma, lam=lam, head=None if head in (None, "none") else head,
+            epochs=epochs, seed=seed,
+        )  # fmt: skip
+        spec = EncoderSpec(encoder, None if untrained else pretrained)
+        result = learn_prototypes(
+            data, out, encoder_spec=spec, cpl=cpl, layout=layout, n_per_class=n_per_class,
+            n_heldout=heldout, image_size=image_size, seed=seed, classes=_classes(classes),
+            allow_untrained=untrained, cache=None if no_cache else EmbeddingCache(),
+            device=device, progress=True,
+        )  # fmt: skip
+        typer.echo(json.dumps(result.report.to_dict(), indent=2))
+        typer.echo(f"codebook written to {result.out_dir}")
+
+    _guard(run)
+
+
+@app.command("train")
+def train_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoint, metrics).")],
+    mode: Annotated[str, typer.Option(help="prototype (frozen prototypes) or baseline.")],
+    codebook: Annotated[
+        Path | None, typer.Option(help="Codebook folder; also fixes the training split.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset folder (baseline without a codebook).")
+    ] = None,
+    preset: Annotated[str, typer.Option(help="paper or cpu-small.")] = "paper",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config field: key=value.")
+    ] = None,
+    resume: Annotated[Path | None, typer.Option(help="Checkpoint to resume from.")] = None,
+    device: Device = None,
+    verbose: Verbose = False,
+) -> None:
+    """Train the diffusion UNet in prototype or baseline mode (DDP under torchrun)."""
+    _setup_logging(verbose)
+
+    def run() -> None:
+        from ml.config import make_config, parse_overrides
+        from ml.pipeline import train_model
+        from ml.prototypes import Codebook
+
+        cfg = make_config(preset, {**parse_overrides(set_ or []), "mode": mode})
+        book = Codebook.load(codebook) if codebook is not None else None
+        if book is None and data is None:
+            raise ValueError("give --codebook (recommended, same split for both modes) or --data")
+        path = train_model(cfg, out, codebook=book, root=data, resume=resume, device=device)
+        typer.echo(f"checkpoint: {path}")
+
+    _guard(run)
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file or run folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for PNGs and manifest.")],
+    class_: Annotated[
+        list[str] | None, typer.Option("--class", "-c", help="Class to sample (repeatable).")
+    ] = None,
+    n: Annotated[int, typer.Option("-n", help="Images per class.")] = 16,
+    steps: int = 50,
+    guidance: Annotated[float, typer.Option(help="CFG scale (1 = none).")] = 2.0,
+    scheduler: Annotated[str, typer.Option(help="ddim or dpm++.")] = "ddim",
+    seed: int = 0,
+    batch_size: int = 64,
+    grid: Annotated[Path | None, typer.Option(help="Also write a grid PNG here.")] = None,
+    no_ema: Annotated[bool, typer.Option(help="Use raw instead of EMA weights.")] = False,
+    device: Device = None,
+    verbose: Verbose = False,
+) -> None:
+    """Generate n images per class with DDIM (or DPM-Solver++) and classifier-free guidance."""
+    _setup_logging(verbose)
+
+    def run() -> None:
+        from ml.checkpoint import load_model
+        from ml.config import SampleConfig, resolve_device
+        from ml.sample import sample_to_folder, save_grid
+
+        scfg = SampleConfig(
+            steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
+            batch_size=batch_size, use_ema=not no_ema,
+        )  # fmt: skip
+        loaded = load_model(checkpoint, use_ema=not no_ema, device=resolve_device(device))
+        result = sample_to_folder(loaded, out, n, scfg, class_ or None)
+        if grid is not None:
+            save_grid(result.images, grid)
+        typer.echo(f"{len(result.files)} images, manifest: {result.manifest}")
+
+    _guard(run)
+
+
+@app.command()
+def toy(
+    out: Annotated[Path, typer.Argument(help="Folder to write the toy dataset to.")],
+    n_per_class: int = 120,
+    size: int = 64,
+    seed: int = 0,
+) -> None:
+    """Write the procedurally drawn toy cytology dataset (class folders + manifest.csv)."""
+
+    def run() -> None:
+        from ml.toy import write_toy_dataset
+
+        write_toy_dataset(out, n_per_class=n_per_class, size=size, seed=seed)
+        typer.echo(f"toy dataset written to {out}")
+
+    _guard(run)
+
+
+@app.command()
+def check(
+    folder: Annotated[Path, typer.Argument(help="A class-folder set of toy-domain images.")],
+) -> None:
+    """Rule-based plausibility of toy-domain images, per class and criterion."""
+
+    def run() -> None:
+        from ml.demo import check_folder
+
+        typer.echo(json.dumps(check_folder(folder), indent=2))
+
+    _guard(run)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo_out"),
+    steps: Annotated[int, typer.Option(help="Training steps per mode.")] = 1500,
+    n_per_class: Annotated[int, typer.Option(help="Training images per class.")] = 100,
+    n_sample: Annotated[int, typer.Option(help="Images sampled per class and mode.")] = 16,
+    encoder: Annotated[str, typer.Option(help="open_clip model for the prototypes.")] = "ViT-B-32",
+    pretrained: Annotated[
+        str | None, typer.Option(help="Weights tag or file; default: untrained encoder.")
+    ] = None,
+    device: Device = None,
+    verbose: Verbose = False,
+) -> None:
+    """The embedded main job: toy cytology data, prototypes, both modes trained briefly
+    (cpu-small), every class sampled, a grid per mode and a summary. ~10 min on 2 cores."""
+    _setup_logging(verbose)
+
+    def run() -> dict[str, Any]:
+        from ml.demo import run_demo
+
+        summary = run_demo(
+            out, steps=steps, n_per_class=n_per_class, n_sample=n_sample,
+            encoder=encoder, pretrained=pretrained, device=device,
+        )  # fmt: skip
+        typer.echo(summary["text"])
+        return summary
+
+    _guard(run)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,115 @@
+"""DDPM training objective and guided sampling, on diffusers' schedulers (not re-derived here)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from ml.config import SchedulerName, TrainConfig
+from ml.unet import NULL_LABEL
+
+Sampler = DDIMScheduler | DPMSolverMultistepScheduler
+
+
+def noise_scheduler(cfg: TrainConfig) -> DDPMScheduler:
+    """The forward process used in training (epsilon prediction, T steps)."""
+    return DDPMScheduler(
+        num_train_timesteps=cfg.timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type="epsilon",
+        clip_sample=True,
+    )
+
+
+def sampler(name: SchedulerName, train_sched: DDPMScheduler, steps: int) -> Sampler:
+    """DDIM (the seed's sampler) or DPM-Solver++ built on the training schedule's betas."""
+    if name == "ddim":
+        s = DDIMScheduler.from_config(train_sched.config)
+    elif name == "dpm++":
+        s = DPMSolverMultistepScheduler.from_config(
+            train_sched.config, algorithm_type="dpmsolver++", solver_order=2
+        )
+    else:
+        raise ValueError(f"unknown scheduler {name!r}; choose ddim or dpm++")
+    s.set_timesteps(steps)
+    return s
+
+
+def diffusion_loss(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    sched: DDPMScheduler,
+    p_uncond: float,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """MSE between true and predicted noise at a uniform random t; labels dropped with p_uncond.
+
+    Randomness comes from the global RNG so that the trainer can seed each step (exact resume).
+    """
+    n = x0.shape[0]
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, sched.config.num_train_timesteps, (n,), device=x0.device)
+    xt = sched.add_noise(x0, noise, t)
+    if p_uncond > 0:
+        drop = torch.rand(n, device=x0.device) < p_uncond
+        labels = torch.where(drop, torch.full_like(labels, NULL_LABEL), labels)
+    ctx = torch.autocast(x0.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    with ctx:
+        eps = model(xt, t, labels)
+    return F.mse_loss(eps.float(), noise)
+
+
+@torch.inference_mode()
+def guided_sample(
+    model: torch.nn.Module,
+    labels: torch.Tensor,
+    noise: torch.Tensor,
+    sched: Sampler,
+    guidance: float,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    amp_dtype: torch.dtype | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Run the reverse process from ``noise``; returns images in [-1, 1].
+
+    Classifier-free guidance: eps = eps_null + w * (eps_cond - eps_null), with the conditional and
+    unconditional halves in one batch (w = 1 skips the null pass, w = 0 is unconditional).
+    """
+    n = labels.shape[0]
+    both = guidance not in (0.0, 1.0)
+    lab = labels if guidance != 0.0 else torch.full_like(labels, NULL_LABEL)
+    if both:
+        lab = torch.cat([labels, torch.full_like(labels, NULL_LABEL)])
+    x = noise * sched.init_noise_sigma
+    ctx = torch.autocast(noise.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    step_kw = {"eta": eta, "generator": generator} if isinstance(sched, DDIMScheduler) else {}
+    timesteps = sched.timesteps
+    for i, t in enumerate(timesteps):
+        xin = torch.cat([x, x]) if both else x
+        xin = sched.scale_model_input(xin, t)
+        with ctx:
+            eps = model(xin, t.to(noise.device).expand(xin.shape[0]), lab).float()
+        if both:
+            cond, null = eps[:n], eps[n:]
+            eps = null + guidance * (cond - null)
+        x = sched.step(eps, t, x, **step_kw).prev_sample
+        if on_step is not None:
+            on_step(i + 1, len(timesteps))
+    return x.clamp(-1, 1)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 images (N,C,H,W)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> [-1, 1] floats (the model's data range)."""
+    return x.float() / 127.5 - 1.0

@@ -1,0 +1,146 @@
+"""The core's steps as plain functions (data -> prototypes -> training), shared by CLI and workers.
+
+A codebook remembers the data selection it was learned on, so training (both modes) can rebuild
+exactly the same training split at the model's image size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ml.config import TrainConfig
+from ml.data import DatasetSplit, ImageSet, load_selection, load_split
+from ml.encoder import ClipEncoder, EmbeddingCache, EncoderSpec, embed
+from ml.prototypes import Codebook, CPLConfig, PrototypeReport, fit_prototypes
+from ml.train import ProgressCallback, train
+
+log = logging.getLogger(__name__)
+
+
+def image_keys(data: ImageSet) -> list[str]:
+    """Keys that survive resizing (``class/file``), used to remember each image's prototype."""
+    return [
+        f"{data.classes[int(y)]}/{Path(p).name}" for p, y in zip(data.paths, data.labels, strict=True)
+    ]
+
+
+@dataclass
+class PrototypeRun:
+    codebook: Codebook
+    report: PrototypeReport
+    split: DatasetSplit
+    out_dir: Path
+
+
+def learn_prototypes(
+    root: Path | str,
+    out_dir: Path | str,
+    *,
+    encoder_spec: EncoderSpec,
+    cpl: CPLConfig,
+    layout: str = "auto",
+    n_per_class: int | None = None,
+    n_heldout: int = 0,
+    image_size: int = 64,
+    seed: int = 0,
+    classes: list[str] | None = None,
+    allow_untrained: bool = False,
+    cache: EmbeddingCache | None = None,
+    device: str | None = None,
+    progress: bool = False,
+) -> PrototypeRun:
+    """Load a split, embed it with CLIP (cached), fit prototypes, save the codebook."""
+    split = load_split(
+        root,
+        layout=layout,
+        n_per_class=n_per_class,
+        n_heldout=n_heldout,
+        image_size=image_size,
+        seed=seed,
+        classes=classes,
+    )
+    encoder = ClipEncoder(encoder_spec, device=device, allow_untrained=allow_untrained)
+    train_emb = embed(encoder, split.train.images, split.train.hashes, cache)
+    held_emb = held_y = None
+    if len(split.heldout):
+        held_emb = embed(encoder, split.heldout.images, split.heldout.hashes, cache)
+        held_y = split.heldout.labels
+    codebook, report = fit_prototypes(
+        train_emb,
+        split.train.labels,
+        split.classes,
+        cpl,
+        heldout_emb=held_emb,
+        heldout_labels=held_y,
+        encoder_identity=encoder.identity,
+        hashes=image_keys(split.train),
+        progress=progress,
+    )
+    codebook.selection = dict(split.selection)
+    out_dir = Path(out_dir)
+    codebook.save(out_dir)
+    return PrototypeRun(codebook, report, split, out_dir)
+
+
+def training_data(
+    cfg: TrainConfig,
+    *,
+    codebook: Codebook | None = None,
+    root: Path | str | None = None,
+    selection: dict[str, Any] | None = None,
+) -> ImageSet:
+    """The training images at the model's size: the codebook's selection, else ``root``."""
+    if codebook is not None and codebook.selection:
+        base = dict(codebook.selection)
+    elif selection is not None:
+        base = dict(selection)
+    elif root is not None:
+        base = {"root": str(root)}
+    else:
+        raise ValueError("give a dataset folder or a codebook that records its data selection")
+    base["image_size"] = cfg.image_size
+    if "layout" not in base:
+        split = load_split(base.pop("root"), **base)
+    else:
+        split = load_selection(base)
+    return split.train
+
+
+def train_model(
+    cfg: TrainConfig,
+    out_dir: Path | str,
+    *,
+    codebook: Codebook | None = None,
+    root: Path | str | None = None,
+    resume: Path | str | None = None,
+    progress: ProgressCallback | None = None,
+    device: str | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Train one mode on the codebook's training split; returns the checkpoint path."""
+    data = training_data(cfg, codebook=codebook, root=root)
+    keyed = ImageSet(
+        images=data.images,
+        labels=data.labels,
+        classes=data.classes,
+        paths=data.paths,
+        hashes=image_keys(data),
+    )
+    if cfg.mode == "prototype" and codebook is None:
+        raise ValueError("prototype mode needs --codebook (run `protomed prototypes` first)")
+    extra = {"selection": codebook.selection if codebook else {"root": str(root)}}
+    result = train(
+        cfg,
+        keyed,
+        out_dir,
+        codebook=codebook,
+        resume=resume,
+        progress=progress,
+        device=device,
+        show_progress=show_progress,
+        extra=extra,
+    )
+    return result.checkpoint

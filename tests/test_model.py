@@ -1,0 +1,145 @@
+"""UNet, conditioning and diffusion objective: shapes, frozen prototypes, the null path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ml.checkpoint import Conditioning, build_model
+from ml.config import make_config, parse_overrides
+from ml.diffusion import diffusion_loss, guided_sample, noise_scheduler, sampler
+from ml.unet import NULL_LABEL, UNet, count_parameters, timestep_embedding
+
+
+def _tiny(mode: str = "baseline", k: int = 1, classes: int = 3) -> tuple[UNet, torch.Tensor | None]:
+    cfg = make_config("tiny", {"mode": mode})
+    table = torch.randn(classes * k, cfg.class_dim) if mode == "prototype" else None
+    weights = torch.ones(classes, k) / k
+    cond = Conditioning([f"c{i}" for i in range(classes)], mode, k, weights)
+    return build_model(cfg, cond, table), table
+
+
+def test_paper_preset_is_table2():
+    cfg = make_config("paper")
+    assert (cfg.image_size, cfg.base_channels, cfg.channel_mults) == (64, 64, (1, 2, 4, 8))
+    assert (cfg.num_res_blocks, cfg.dropout, cfg.timesteps) == (2, 0.1, 1000)
+    assert (cfg.lr, cfg.batch_size) == (1e-4, 16)
+    model = build_model(cfg, Conditioning(list("abcdefg"), "baseline"))
+    # Same order of size as diffusers' UNet2DModel of Table 2 (55.5M) plus FiLM and the
+    # concatenated class input.
+    assert 50e6 < count_parameters(model) < 60e6
+
+
+@pytest.mark.parametrize("size,mults", [(16, (1, 2)), (32, (1, 2, 4))])
+def test_output_shape_matches_input(size, mults):
+    model = UNet(
+        num_embeddings=4, class_dim=8, image_size=size, base_channels=8, channel_mults=mults,
+        num_res_blocks=2, norm_groups=4,
+    )  # fmt: skip
+    x = torch.randn(3, 3, size, size)
+    out = model(x, torch.tensor([0, 10, 999]), torch.tensor([0, 3, NULL_LABEL]))
+    assert out.shape == x.shape
+
+
+def test_timestep_embedding_distinguishes_steps():
+    e = timestep_embedding(torch.tensor([0, 1, 500]), 32)
+    assert e.shape == (3, 32)
+    assert not torch.allclose(e[0], e[1]) and not torch.allclose(e[1], e[2])
+
+
+def test_time_and_class_are_concatenated_not_summed():
+    model, _ = _tiny()
+    first = model.cond_mlp[0]
+    assert first.in_features == model.time_dim + model.class_embed.embedding_dim
+
+
+def _train_steps(model: UNet, steps: int = 3) -> None:
+    cfg = make_config("tiny")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sched = noise_scheduler(cfg)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        x = torch.rand(4, 3, 16, 16) * 2 - 1
+        loss = diffusion_loss(model, x, torch.tensor([0, 1, 2, 0]), sched, p_uncond=0.25)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_prototype_table_is_bit_identical_after_training():
+    model, table = _tiny("prototype", k=2)
+    assert model.frozen_table
+    before = model.class_embed.weight.detach().clone()
+    assert torch.equal(before, table)
+    null_before = model.null_embed.detach().clone()
+    _train_steps(model)
+    assert torch.equal(model.class_embed.weight, before)
+    assert not torch.equal(model.null_embed, null_before), "the null embedding must learn"
+
+
+def test_baseline_table_learns():
+    model, _ = _tiny("baseline")
+    assert not model.frozen_table
+    before = model.class_embed.weight.detach().clone()
+    _train_steps(model)
+    assert not torch.equal(model.class_embed.weight, before)
+
+
+def test_null_label_uses_null_embedding():
+    model, _ = _tiny("prototype")
+    with torch.no_grad():
+        model.null_embed.copy_(torch.randn_like(model.null_embed))
+    t = torch.tensor([5, 5])
+    emb_null = model.condition(t, torch.tensor([NULL_LABEL, NULL_LABEL]))
+    assert torch.allclose(emb_null[0], emb_null[1])
+    expected = model.cond_mlp(
+        torch.cat([timestep_embedding(t[:1], model.time_dim), model.null_embed[None]], dim=-1)
+    )
+    assert torch.allclose(emb_null[:1], torch.nn.functional.silu(expected), atol=1e-6)
+    emb_cls = model.condition(t, torch.tensor([0, 1]))
+    assert not torch.allclose(emb_cls[0], emb_null[0])
+    assert not torch.allclose(emb_cls[0], emb_cls[1])
+
+
+def test_guidance_batches_cond_and_uncond_and_mixes():
+    """w=1 equals the conditional model alone; w=0 the unconditional; others extrapolate."""
+    model, _ = _tiny("prototype")
+    torch.manual_seed(1)
+    for p in model.parameters():  # give the zero-initialised output layer some weight
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    model.eval()
+    cfg = make_config("tiny")
+    noise = torch.randn(2, 3, 16, 16)
+    labels = torch.tensor([0, 1])
+    calls: list[int] = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    outs = {}
+    for w in (0.0, 1.0, 3.0):
+        calls.clear()
+        outs[w] = guided_sample(model, labels, noise, sampler("ddim", noise_scheduler(cfg), 4), w)
+        assert calls == ([4] * 4 if w == 3.0 else [2] * 4), "cond+uncond must share one batch"
+    handle.remove()
+    assert not torch.allclose(outs[0.0], outs[1.0])
+    assert not torch.allclose(outs[3.0], outs[1.0])
+
+
+def test_dce_of_diffusion_loss_is_finite_and_positive():
+    model, _ = _tiny("baseline")
+    loss = diffusion_loss(
+        model, torch.zeros(2, 3, 16, 16), torch.tensor([0, 1]), noise_scheduler(make_config("tiny")), 0.5
+    )
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config("huge")
+    with pytest.raises(ValueError, match="divisible"):
+        make_config("tiny", {"image_size": 17})
+    with pytest.raises(ValueError, match="unknown field 'epoch'"):
+        parse_overrides(["epoch=3"])
+    assert parse_overrides(["channel_mults=[1,2]", "mode=baseline"]) == {
+        "channel_mults": [1, 2],
+        "mode": "baseline",
+    }

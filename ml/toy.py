@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,19 @@ from PIL import Image
 from scipy import ndimage
 
 TOY_CLASSES: tuple[str, ...] = ("lymphocyte", "neutrophil", "eosinophil", "monocyte", "basophil")
-CRITERIA: tuple[str, ...] = ("cell_size", "nucleus_lobes", "nc_ratio", "cytoplasm_colour", "granules")
+CRITERIA: tuple[str, ...] = (
+    "cell_size",
+    "nucleus_lobes",
+    "nc_ratio",
+    "cytoplasm_colour",
+    "granules",
+)
 
 RGB = tuple[int, int, int]
 BACKGROUND: RGB = (236, 218, 226)  # pale pink smear background
 NUCLEUS: RGB = (130, 35, 150)  # dark purple chromatin, shared by all classes
 WORK_SIZE = 64  # the checker resizes every image to this side
+BG_DIST, NUC_LEVEL = 28.0, 0.5  # colour distance from background for "cell"; nucleus abundance
 # Acceptance tolerances around the drawn ranges (absorb blur, resizing and segmentation error).
 SIZE_TOL, NC_TOL, COLOUR_TOL, GRANULE_TOL, GRANULE_MAX_ABSENT = 0.025, 0.07, 30.0, 0.12, 0.1
 
@@ -192,7 +200,7 @@ def draw_cell(cls: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
     nuc_rgb = np.array(NUCLEUS) + rng.normal(0, 4, 3)
     if centres:  # faint chromatin threads joining lobes (too faint to count as nucleus)
         thread = np.zeros_like(x)
-        for p, q in zip(centres, centres[1:], strict=False):
+        for p, q in pairwise(centres):
             thread = np.maximum(thread, 0.4 * (_segment_dist(x, y, p, q) < 0.006))
         img += thread[..., None] * (nuc_rgb - img)
     img[nucleus] = nuc_rgb
@@ -201,7 +209,9 @@ def draw_cell(cls: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
     return np.clip(np.rint(small), 0, 255).astype(np.uint8)
 
 
-def make_toy_images(n_per_class: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+def make_toy_images(
+    n_per_class: int, size: int = 64, seed: int = 0
+) -> tuple[np.ndarray, list[str]]:
     """Draw n_per_class cells of every class in TOY_CLASSES order; deterministic for a seed."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
@@ -290,7 +300,7 @@ def _cell_mask(work: np.ndarray) -> np.ndarray:
     """The central cell: pixels far from the border (background) colour, one filled component."""
     ring = np.concatenate([work[:2].reshape(-1, 3), work[-2:].reshape(-1, 3),
                            work[:, :2].reshape(-1, 3), work[:, -2:].reshape(-1, 3)])  # fmt: skip
-    mask = np.linalg.norm(work - np.median(ring, axis=0), axis=-1) > 28.0
+    mask = np.linalg.norm(work - np.median(ring, axis=0), axis=-1) > BG_DIST
     mask = ndimage.binary_opening(mask)
     labels, n = ndimage.label(mask)
     if n == 0:
@@ -330,7 +340,7 @@ def check_image(image: np.ndarray | Image.Image, expected_class: str) -> Verdict
     cyto = np.array(spec.cytoplasm_rgb, np.float32)
     granule = None if spec.granule_rgb is None else np.array(spec.granule_rgb, np.float32)
     ab = _unmix(work.reshape(-1, 3), cyto, granule).reshape(WORK_SIZE, WORK_SIZE, -1)
-    nucleus = cell & (ab[..., 0] > 0.5)
+    nucleus = cell & (ab[..., 0] > NUC_LEVEL)
     cell_area = max(int(cell.sum()), 1)
     labels, n = ndimage.label(nucleus)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]

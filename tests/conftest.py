@@ -21,6 +21,8 @@ def real_data() -> Path:
     """The shared real-image folder; tests that need it skip (with the reason) where it is absent."""
     root = shared_data_dir()
     if not (root / "derm64").is_dir() or not (root / "cells64").is_dir():
+        if os.environ.get("PROTOMED_REQUIRE_REAL_DATA"):  # CI: a missing folder is a failure
+            pytest.fail(f"PROTOMED_REQUIRE_REAL_DATA is set but {root} lacks derm64/cells64")
         pytest.skip(
             f"real data not found at {root} (set PROTOMED_DATA_DIR to the folder holding "
             "derm64/ and cells64/; CI provides ../shared/data)"

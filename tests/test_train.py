@@ -1,0 +1,136 @@
+"""Training loop: exact resume, determinism, checkpoints, cancellation, DDP on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ml.checkpoint import load_model, read_checkpoint
+from ml.config import SampleConfig, make_config
+from ml.data import ImageSet
+from ml.sample import generate, sample_to_folder
+from ml.train import Progress, TrainingCancelled, train
+
+HERE = Path(__file__).parent
+
+
+def random_set(n: int = 24, size: int = 16, classes: int = 3, seed: int = 0) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.arange(n) % classes
+    names = [f"c{i}" for i in range(classes)]
+    return ImageSet(images, labels, names, [f"x{i}.png" for i in range(n)], [str(i) for i in range(n)])
+
+
+def losses_of(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_gives_the_same_next_loss_as_uninterrupted(tmp_path):
+    data = random_set()
+    cfg = make_config("tiny", {"mode": "baseline", "max_steps": 6, "batch_size": 4})
+    train(cfg, data, tmp_path / "full", show_progress=False)
+    full = losses_of(tmp_path / "full")
+
+    half = cfg.model_copy(update={"max_steps": 3})
+    train(half, data, tmp_path / "part", show_progress=False)
+    assert read_checkpoint(tmp_path / "part" / "last.pt")["step"] == 3
+    train(cfg, data, tmp_path / "part", resume=tmp_path / "part" / "last.pt", show_progress=False)
+    resumed = losses_of(tmp_path / "part")
+    assert len(resumed) == 6
+    assert resumed == full, "a resumed run must continue exactly as an uninterrupted one"
+    a = read_checkpoint(tmp_path / "full" / "last.pt")
+    b = read_checkpoint(tmp_path / "part" / "last.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_same_seed_same_images_and_independent_of_batch_size(tmp_path):
+    cfg = make_config("tiny", {"mode": "baseline", "max_steps": 2, "batch_size": 4})
+    train(cfg, random_set(), tmp_path, show_progress=False)
+    loaded = load_model(tmp_path)
+    for p in loaded.model.parameters():  # make the output depend on the weights visibly
+        p.data.add_(0.01 * torch.randn_like(p))
+    scfg = SampleConfig(steps=5, seed=7, batch_size=8)
+    a = generate(loaded, "c1", 5, scfg)
+    b = generate(loaded, "c1", 5, scfg.model_copy(update={"batch_size": 2}))
+    c = generate(loaded, "c1", 5, scfg.model_copy(update={"seed": 8}))
+    assert a.dtype == torch.uint8 and a.shape == (5, 3, 16, 16)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_sample_writes_pngs_and_manifest(tmp_path):
+    cfg = make_config("tiny", {"mode": "baseline", "max_steps": 1})
+    train(cfg, random_set(), tmp_path / "run", show_progress=False)
+    loaded = load_model(tmp_path / "run")
+    res = sample_to_folder(loaded, tmp_path / "out", 2, SampleConfig(steps=3), ["c0", "c2"])
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in res.files) == [
+        "c0/c0_0000.png", "c0/c0_0001.png", "c2/c2_0000.png", "c2/c2_0001.png",
+    ]  # fmt: skip
+    rows = (tmp_path / "out" / "manifest.csv").read_text().splitlines()
+    assert rows[0].startswith("file,class,index,seed,image_seed,model,step,mode,guidance,steps")
+    assert len(rows) == 5 and ",baseline,2.0,3,ddim," in rows[1]
+    with pytest.raises(ValueError, match="unknown class 'zz'; this model knows: c0, c1, c2"):
+        sample_to_folder(loaded, tmp_path / "bad", 1, SampleConfig(steps=2), ["zz"])
+    assert not (tmp_path / "bad").exists(), "nothing is written before the classes are checked"
+
+
+def test_progress_callback_and_cancel_checkpoints(tmp_path):
+    seen: list[Progress] = []
+
+    def cb(p: Progress) -> None:
+        seen.append(p)
+        if p.step == 2:
+            raise TrainingCancelled
+
+    cfg = make_config("tiny", {"mode": "baseline", "max_steps": 10})
+    with pytest.raises(TrainingCancelled):
+        train(cfg, random_set(), tmp_path, progress=cb, show_progress=False)
+    assert [p.step for p in seen] == [1, 2] and seen[0].total_steps == 10
+    assert seen[1].eta_s >= 0 and seen[1].loss > 0
+    assert read_checkpoint(tmp_path / "last.pt")["step"] == 2
+
+
+def test_wrong_image_size_is_a_clear_error(tmp_path):
+    cfg = make_config("tiny", {"mode": "baseline"})
+    with pytest.raises(ValueError, match="images are 32px but the model is 16px"):
+        train(cfg, random_set(size=32), tmp_path, show_progress=False)
+    with pytest.raises(ValueError, match="prototype mode needs a codebook"):
+        train(cfg.model_copy(update={"mode": "prototype"}), random_set(), tmp_path)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        read_checkpoint(tmp_path / "nothing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable protomed checkpoint"):
+        read_checkpoint(bad)
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    """torchrun, gloo, two ranks: gradients are averaged so both ranks end with equal weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    with socket.socket() as s:  # a free port, so parallel runs do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(port), str(HERE / "ddp_worker.py"), str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ddp.json").read_text())
+    assert report["world"] == 2
+    assert report["digests"][0] == report["digests"][1], "ranks diverged: no gradient sync"
+    assert report["digests"][0] != report["initial"], "weights did not change"
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["step"] == 3
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["world"] == 2

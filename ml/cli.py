@@ -51,11 +51,13 @@ def _guard(fn: Callable[[], T]) -> T:
 
 
 def _setup_logging(verbose: bool) -> None:
+    # Third-party libraries (open_clip) log chatty INFO lines on the root logger: keep them quiet.
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("ml").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _classes(value: str | None) -> list[str] | None:
@@ -63,12 +65,16 @@ def _classes(value: str | None) -> list[str] | None:
 
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
-Device = Annotated[str | None, typer.Option(help="torch device (default: cuda if present, else cpu).")]
+Device = Annotated[
+    str | None, typer.Option(help="torch device (default: cuda if present, else cpu).")
+]
 
 
 @app.command()
 def prototypes(
-    data: Annotated[Path, typer.Argument(help="Dataset folder (class folders, HAM10000 or Matek).")],
+    data: Annotated[
+        Path, typer.Argument(help="Dataset folder (class folders, HAM10000 or Matek).")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the codebook.")],
     layout: Annotated[str, typer.Option(help="auto, folder, ham10000 or matek.")] = "auto",
     n_per_class: Annotated[int | None, typer.Option(help="Training images per class.")] = 100,
@@ -161,7 +167,7 @@ def sample(
     class_: Annotated[
         list[str] | None, typer.Option("--class", "-c", help="Class to sample (repeatable).")
     ] = None,
-    n: Annotated[int, typer.Option("-n", help="Images per class.")] = 16,
+    n: Annotated[int, typer.Option("-n", "--n", help="Images per class.")] = 16,
     steps: int = 50,
     guidance: Annotated[float, typer.Option(help="CFG scale (1 = none).")] = 2.0,
     scheduler: Annotated[str, typer.Option(help="ddim or dpm++.")] = "ddim",

@@ -120,7 +120,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def make_config(preset: str = "paper", overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A preset with overrides applied and validated; errors name the field and the allowed values."""
+    """A preset with overrides applied and validated; errors name the field and what is allowed."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[preset], **(overrides or {}), "preset": preset}

@@ -49,9 +49,13 @@ def check_folder(folder: Path | str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         if sub.name not in TOY_CLASSES:
-            raise ValueError(f"{sub.name!r} is not a toy class; toy classes: {', '.join(TOY_CLASSES)}")
+            raise ValueError(
+                f"{sub.name!r} is not a toy class; toy classes: {', '.join(TOY_CLASSES)}"
+            )
         files = sorted(sub.glob("*.png"))
-        imgs = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]) if files else None
+        imgs = (
+            np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]) if files else None
+        )
         out[sub.name] = judge(imgs, sub.name) if imgs is not None else {"n": 0}
     if not out:
         raise ValueError(f"{folder} has no class folders of PNG images")
@@ -92,7 +96,9 @@ def run_demo(
     t_start = time.perf_counter()
     data = write_toy_dataset(out / "data", n_per_class=n_per_class + heldout, size=64, seed=seed)
     if pretrained is None:
-        log.warning("demo uses an UNTRAINED %s encoder: prototypes come from random features", encoder)
+        log.warning(
+            "demo uses an UNTRAINED %s encoder: prototypes come from random features", encoder
+        )
     proto = learn_prototypes(
         data,
         out / "codebook",
@@ -114,7 +120,9 @@ def run_demo(
     }
     scfg = SampleConfig(seed=seed)
     for mode in MODES:
-        cfg = make_config(preset, {**(overrides or {}), "mode": mode, "max_steps": steps, "seed": seed})
+        cfg = make_config(
+            preset, {**(overrides or {}), "mode": mode, "max_steps": steps, "seed": seed}
+        )
         t0 = time.perf_counter()
         ckpt = train_model(cfg, out / f"run_{mode}", codebook=proto.codebook, device=device)
         train_s = time.perf_counter() - t0
@@ -134,12 +142,15 @@ def run_demo(
         }
     held = proto.split.heldout
     size = make_config(preset, overrides).image_size
-    small = torch.nn.functional.interpolate(
-        held.images.float(), size=(size, size), mode="bilinear", antialias=True
-    ).round().clamp(0, 255).to(torch.uint8)
-    summary["real"] = {
-        c: judge(small[held.labels == i], c) for i, c in enumerate(held.classes)
-    }
+    small = (
+        torch.nn.functional.interpolate(
+            held.images.float(), size=(size, size), mode="bilinear", antialias=True
+        )
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)
+    )
+    summary["real"] = {c: judge(small[held.labels == i], c) for i, c in enumerate(held.classes)}
     summary["real_mean"] = float(np.mean([r["plausible"] for r in summary["real"].values()]))
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     summary["text"] = (

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def image_keys(data: ImageSet) -> list[str]:
     """Keys that survive resizing (``class/file``), used to remember each image's prototype."""
     return [
-        f"{data.classes[int(y)]}/{Path(p).name}" for p, y in zip(data.paths, data.labels, strict=True)
+        f"{data.classes[int(y)]}/{Path(p).name}"
+        for p, y in zip(data.paths, data.labels, strict=True)
     ]
 
 
@@ -53,6 +54,7 @@ def learn_prototypes(
     progress: bool = False,
 ) -> PrototypeRun:
     """Load a split, embed it with CLIP (cached), fit prototypes, save the codebook."""
+    encoder = ClipEncoder(encoder_spec, device=device, allow_untrained=allow_untrained)
     split = load_split(
         root,
         layout=layout,
@@ -62,7 +64,6 @@ def learn_prototypes(
         seed=seed,
         classes=classes,
     )
-    encoder = ClipEncoder(encoder_spec, device=device, allow_untrained=allow_untrained)
     train_emb = embed(encoder, split.train.images, split.train.hashes, cache)
     held_emb = held_y = None
     if len(split.heldout):
@@ -102,11 +103,9 @@ def training_data(
     else:
         raise ValueError("give a dataset folder or a codebook that records its data selection")
     base["image_size"] = cfg.image_size
-    if "layout" not in base:
-        split = load_split(base.pop("root"), **base)
-    else:
-        split = load_selection(base)
-    return split.train
+    if "layout" in base:
+        return load_selection(base).train
+    return load_split(base.pop("root"), **base).train
 
 
 def train_model(
@@ -121,6 +120,8 @@ def train_model(
     show_progress: bool = True,
 ) -> Path:
     """Train one mode on the codebook's training split; returns the checkpoint path."""
+    if cfg.mode == "prototype" and codebook is None:
+        raise ValueError("prototype mode needs --codebook (run `protomed prototypes` first)")
     data = training_data(cfg, codebook=codebook, root=root)
     keyed = ImageSet(
         images=data.images,
@@ -129,8 +130,6 @@ def train_model(
         paths=data.paths,
         hashes=image_keys(data),
     )
-    if cfg.mode == "prototype" and codebook is None:
-        raise ValueError("prototype mode needs --codebook (run `protomed prototypes` first)")
     extra = {"selection": codebook.selection if codebook else {"root": str(root)}}
     result = train(
         cfg,

@@ -18,7 +18,7 @@ def shared_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def real_data() -> Path:
-    """The shared real-image folder; tests that need it skip (with the reason) where it is absent."""
+    """The shared real-image folder; tests needing it skip, saying why, where it is absent."""
     root = shared_data_dir()
     if not (root / "derm64").is_dir() or not (root / "cells64").is_dir():
         if os.environ.get("PROTOMED_REQUIRE_REAL_DATA"):  # CI: a missing folder is a failure

@@ -127,7 +127,11 @@ def test_guidance_batches_cond_and_uncond_and_mixes():
 def test_dce_of_diffusion_loss_is_finite_and_positive():
     model, _ = _tiny("baseline")
     loss = diffusion_loss(
-        model, torch.zeros(2, 3, 16, 16), torch.tensor([0, 1]), noise_scheduler(make_config("tiny")), 0.5
+        model,
+        torch.zeros(2, 3, 16, 16),
+        torch.tensor([0, 1]),
+        noise_scheduler(make_config("tiny")),
+        0.5,
     )
     assert torch.isfinite(loss) and loss > 0
 

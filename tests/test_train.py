@@ -26,7 +26,9 @@ def random_set(n: int = 24, size: int = 16, classes: int = 3, seed: int = 0) -> 
     images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
     labels = torch.arange(n) % classes
     names = [f"c{i}" for i in range(classes)]
-    return ImageSet(images, labels, names, [f"x{i}.png" for i in range(n)], [str(i) for i in range(n)])
+    return ImageSet(
+        images, labels, names, [f"x{i}.png" for i in range(n)], [str(i) for i in range(n)]
+    )
 
 
 def losses_of(run: Path) -> list[float]:

@@ -1,0 +1,122 @@
+"""The ``protomed`` command line: help texts, one-line errors, and the whole core end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ml.cli import app
+from ml.toy import write_toy_dataset
+
+runner = CliRunner()
+TINY_ENCODER = ["--encoder", "protomed-tiny-vit", "--untrained", "--no-cache"]
+TINY_MODEL = ["--preset", "cpu-small", "--set", "base_channels=8", "--set", "norm_groups=4",
+              "--set", "max_steps=2", "--set", "batch_size=4"]  # fmt: skip
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize(
+    "command,phrase",
+    [
+        ("prototypes", "learn K class prototypes"),
+        ("train", "prototype or baseline mode"),
+        ("sample", "DDIM"),
+        ("demo", "embedded main job"),
+        ("toy", "toy cytology dataset"),
+        ("check", "Rule-based plausibility"),
+    ],
+)
+def test_help_says_what_each_command_does(command, phrase):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert phrase in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--out", "x", "--mode", "prototype", "--data", "/nonexistent"],
+         "prototype mode needs --codebook"),
+        (["train", "--out", "x", "--mode", "sideways", "--data", "/nonexistent"],
+         "mode: Input should be 'prototype' or 'baseline'"),
+        (["train", "--out", "x", "--mode", "baseline", "--data", "/nonexistent"],
+         "/nonexistent"),
+        (["train", "--out", "x", "--mode", "baseline", "--data", ".", "--set", "epoch=3"],
+         "unknown field 'epoch'"),
+        (["train", "--out", "x", "--mode", "baseline", "--preset", "huge", "--data", "."],
+         "unknown preset 'huge'"),
+        (["sample", "/nonexistent.pt", "--out", "x"], "no checkpoint at /nonexistent.pt"),
+        (["prototypes", "/nonexistent", "--out", "x", *TINY_ENCODER], "/nonexistent"),
+        (["prototypes", ".", "--out", "x", "--encoder", "no-such-model", "--untrained"],
+         "no-such-model"),
+        (["check", "/nonexistent"], "no folder /nonexistent"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_get_one_line_errors(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    exe = Path(sys.executable).with_name("protomed")
+    proc = subprocess.run(
+        [str(exe), "sample", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no checkpoint at")
+    assert "Traceback" not in proc.stderr
+
+
+def test_core_end_to_end_on_the_toy_domain(tmp_path):
+    data = write_toy_dataset(tmp_path / "data", n_per_class=8, size=64, seed=0)
+    r = invoke("prototypes", data, "--out", tmp_path / "cb", "--n-per-class", 5, "--heldout", 3,
+               "--k", 2, "--epochs", 20, *TINY_ENCODER)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    book = json.loads((tmp_path / "cb" / "codebook.json").read_text())
+    report = book["report"]
+    assert book["k"] == 2 and book["selection"]["n_per_class"] == 5
+    assert '"nearest_prototype_acc"' in r.output, "the report is printed"
+    assert report["n_train"] == 25 and report["n_heldout"] == 15
+    assert 0.0 <= report["nearest_prototype_acc"] <= 1.0
+
+    for mode in ("prototype", "baseline"):
+        r = invoke("train", "--out", tmp_path / mode, "--mode", mode,
+                   "--codebook", tmp_path / "cb", *TINY_MODEL)  # fmt: skip
+        assert r.exit_code == 0, r.output
+        r = invoke("sample", tmp_path / mode, "--out", tmp_path / f"s_{mode}", "-n", 2,
+                   "--steps", 3, "--grid", tmp_path / f"{mode}.png")  # fmt: skip
+        assert r.exit_code == 0, r.output
+        assert len(list((tmp_path / f"s_{mode}").glob("*/*.png"))) == 10
+        assert (tmp_path / f"{mode}.png").stat().st_size > 0
+    manifest = (tmp_path / "s_prototype" / "manifest.csv").read_text()
+    assert ",prototype,2.0,3,ddim," in manifest
+
+    r = invoke("check", tmp_path / "s_prototype")
+    assert r.exit_code == 0, r.output
+    judged = json.loads(r.output)
+    assert set(judged) == {"basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"}
+    assert all(v["n"] == 2 and 0.0 <= v["plausible"] <= 1.0 for v in judged.values())
+
+
+def test_ml_does_not_import_the_web_stack():
+    code = (
+        "import sys, ml.cli, ml.pipeline, ml.train, ml.sample, ml.demo; "
+        "bad = [m for m in ('fastapi', 'sqlalchemy', 'celery', 'starlette') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -134,6 +134,22 @@ def _scan_folder(root: Path) -> dict[str, list[Path]]:
     return {d.name: _image_files(d) for d in _visible_dirs(root)}
 
 
+def _manifest_groups(root: Path, items: dict[str, list[Path]]) -> dict[Path, str]:
+    """Split groups from a ``manifest.csv`` (image_id, split_group) beside the class folders.
+
+    derm64 ships one: several images of one lesion share a group, and must not straddle the split.
+    """
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():
+        return {}
+    with open(manifest, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if not {"image_id", "split_group"} <= set(reader.fieldnames or ()):
+            return {}
+        by_id = {r["image_id"].strip(): r["split_group"].strip() for r in reader}
+    return {p: by_id[p.stem] for ps in items.values() for p in ps if by_id.get(p.stem)}
+
+
 def _scan_matek(root: Path) -> dict[str, list[Path]]:
     items = {}
     for d in _visible_dirs(root):
@@ -196,6 +212,7 @@ def scan(root: Path, layout: str = "auto") -> Catalog:
     else:
         items = _scan_folder(root)
         names = {c: c for c in items}
+        groups = _manifest_groups(root, items)
     for paths in items.values():
         for p in paths:
             groups.setdefault(p, str(p))

@@ -283,3 +283,22 @@ def test_real_data(real_data: Path, name: str, n_classes: int, size: int) -> Non
         p = Path(split.train.paths[0])
         want = np.asarray(Image.open(p).convert("RGB"))
         assert np.array_equal(split.train.images[0].permute(1, 2, 0).numpy(), want)
+
+
+def test_folder_manifest_split_groups_keep_lesions_on_one_side(tmp_path):
+    """A manifest.csv with split_group (as derm64's) makes the folder split group-aware."""
+    rows = ["image_id,dx,split_group"]
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(8):
+            name = f"{cls}{i}"
+            color = (i * 30 % 256, 40 if cls == "a" else 200, i * 7)
+            Image.new("RGB", (12, 12), color).save(tmp_path / cls / f"{name}.png")
+            rows.append(f"{name},{cls},{cls}-lesion{i // 2}")  # two images per lesion
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    for seed in range(5):
+        split = load_split(tmp_path, n_per_class=2, n_heldout=2, image_size=8, seed=seed)
+        lesion = lambda p: Path(p).stem[0] + "-lesion" + str(int(Path(p).stem[1:]) // 2)  # noqa: E731
+        train_groups = {lesion(p) for p in split.train.paths}
+        held_groups = {lesion(p) for p in split.heldout.paths}
+        assert not train_groups & held_groups

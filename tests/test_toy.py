@@ -110,6 +110,27 @@ def test_each_criterion_measures_a_real_difference(verdicts64):
         ), criterion
 
 
+def test_granule_measure_tracks_granules(cells64):
+    """Painting the granules out of eosinophils/basophils must fail exactly that criterion."""
+    for cls in ("eosinophil", "basophil"):
+        spec = toy.SPECS[cls]
+        palette = np.array([spec.cytoplasm_rgb, spec.granule_rgb, toy.NUCLEUS, toy.BACKGROUND])
+        for image in cells64[cls][:5]:
+            nearest = np.linalg.norm(image[..., None, :] - palette, axis=-1).argmin(-1)
+            bare = image.copy()
+            bare[nearest == 1] = spec.cytoplasm_rgb
+            assert toy.check_image(image, cls).plausible
+            assert "granules" in toy.check_image(bare, cls).failed, cls
+
+
+def test_small_colour_drift_is_tolerated(cells64):
+    """Generated images drift in colour a little; that alone must not flip verdicts."""
+    for shift in [(6, -6, 6), (-6, 6, -6)]:
+        for cls in TOY_CLASSES:
+            shifted = np.clip(cells64[cls][:20].astype(int) + shift, 0, 255).astype(np.uint8)
+            assert toy.plausibility(shifted, cls) >= 0.9, (shift, cls)
+
+
 def test_blank_noise_and_heavy_blur_fail(cells64):
     rng = np.random.default_rng(0)
     blank = np.clip(np.array(toy.BACKGROUND) + rng.normal(0, 2, (64, 64, 3)), 0, 255)

@@ -112,11 +112,13 @@ def prototypes(
             epochs=epochs, seed=seed,
         )  # fmt: skip
         spec = EncoderSpec(encoder, None if untrained else pretrained)
+        selection = {
+            "root": data, "layout": layout, "n_per_class": n_per_class, "n_heldout": heldout,
+            "image_size": image_size, "seed": seed, "classes": _classes(classes),
+        }  # fmt: skip
         result = learn_prototypes(
-            data, out, encoder_spec=spec, cpl=cpl, layout=layout, n_per_class=n_per_class,
-            n_heldout=heldout, image_size=image_size, seed=seed, classes=_classes(classes),
-            allow_untrained=untrained, cache=None if no_cache else EmbeddingCache(),
-            device=device, progress=True,
+            selection, out, encoder_spec=spec, cpl=cpl, allow_untrained=untrained,
+            cache=None if no_cache else EmbeddingCache(), device=device, progress=True,
         )  # fmt: skip
         typer.echo(json.dumps(result.report.to_dict(), indent=2))
         typer.echo(f"codebook written to {result.out_dir}")
@@ -234,9 +236,9 @@ def check(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo_out"),
-    steps: Annotated[int, typer.Option(help="Training steps per mode.")] = 1500,
+    steps: Annotated[int, typer.Option(help="Training steps per mode.")] = 1000,
     n_per_class: Annotated[int, typer.Option(help="Training images per class.")] = 100,
-    n_sample: Annotated[int, typer.Option(help="Images sampled per class and mode.")] = 16,
+    n_sample: Annotated[int, typer.Option(help="Images sampled per class and mode.")] = 8,
     encoder: Annotated[str, typer.Option(help="open_clip model for the prototypes.")] = "ViT-B-32",
     pretrained: Annotated[
         str | None, typer.Option(help="Weights tag or file; default: untrained encoder.")

@@ -99,7 +99,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_res_blocks": 1,
         "norm_groups": 8,
         "epochs": 200,
-        "lr": 2e-4,
+        "lr": 1e-3,  # a small model on a CPU budget: converges visibly faster than 1e-4
         "ema_decay": 0.999,
         "checkpoint_every": 200,
     },

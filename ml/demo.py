@@ -80,9 +80,9 @@ def _table(summary: dict[str, Any]) -> str:
 def run_demo(
     out: Path | str,
     *,
-    steps: int = 1500,
+    steps: int = 1000,
     n_per_class: int = 100,
-    n_sample: int = 16,
+    n_sample: int = 8,
     heldout: int = 20,
     encoder: str = "ViT-B-32",
     pretrained: str | None = None,
@@ -99,15 +99,12 @@ def run_demo(
         log.warning(
             "demo uses an UNTRAINED %s encoder: prototypes come from random features", encoder
         )
+    selection = {"root": data, "n_per_class": n_per_class, "n_heldout": heldout, "seed": seed}
     proto = learn_prototypes(
-        data,
+        selection,
         out / "codebook",
         encoder_spec=EncoderSpec(encoder, pretrained),
         cpl=CPLConfig(seed=seed),
-        n_per_class=n_per_class,
-        n_heldout=heldout,
-        image_size=64,
-        seed=seed,
         allow_untrained=pretrained is None,
         cache=EmbeddingCache(out / "embeddings.sqlite"),
         device=device,

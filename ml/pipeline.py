@@ -37,33 +37,25 @@ class PrototypeRun:
 
 
 def learn_prototypes(
-    root: Path | str,
+    data: Path | str | dict[str, Any],
     out_dir: Path | str,
     *,
     encoder_spec: EncoderSpec,
     cpl: CPLConfig,
-    layout: str = "auto",
-    n_per_class: int | None = None,
-    n_heldout: int = 0,
-    image_size: int = 64,
-    seed: int = 0,
-    classes: list[str] | None = None,
     allow_untrained: bool = False,
     cache: EmbeddingCache | None = None,
     device: str | None = None,
     progress: bool = False,
 ) -> PrototypeRun:
-    """Load a split, embed it with CLIP (cached), fit prototypes, save the codebook."""
+    """Load a split, embed it with CLIP (cached), fit prototypes, save the codebook.
+
+    ``data`` is a dataset folder (all images, no held-out) or a selection dict with the keyword
+    arguments of :func:`ml.data.load_split` plus ``root``; the encoder is built first so that a
+    wrong model name or weights file fails before any image is decoded.
+    """
     encoder = ClipEncoder(encoder_spec, device=device, allow_untrained=allow_untrained)
-    split = load_split(
-        root,
-        layout=layout,
-        n_per_class=n_per_class,
-        n_heldout=n_heldout,
-        image_size=image_size,
-        seed=seed,
-        classes=classes,
-    )
+    selection = dict(data) if isinstance(data, dict) else {"root": data}
+    split = load_split(selection.pop("root"), **selection)
     train_emb = embed(encoder, split.train.images, split.train.hashes, cache)
     held_emb = held_y = None
     if len(split.heldout):

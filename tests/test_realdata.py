@@ -30,13 +30,10 @@ EXPECTED = {
 @pytest.mark.parametrize("name", ["derm64", "cells64"])
 def test_real_dataset_through_the_core(name, real_data, tmp_path):
     run = learn_prototypes(
-        real_data / name,
+        {"root": real_data / name, "n_per_class": 12, "n_heldout": 6, "image_size": 64},
         tmp_path / "cb",
         encoder_spec=EncoderSpec(TINY_MODEL, None),
         cpl=CPLConfig(k=2, epochs=30),
-        n_per_class=12,
-        n_heldout=6,
-        image_size=64,
         allow_untrained=True,
     )
     classes = EXPECTED[name]

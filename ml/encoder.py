@@ -127,9 +127,13 @@ def _build_model(spec: EncoderSpec, kind: str, quick_gelu: bool) -> torch.nn.Mod
                 name, pretrained=spec.pretrained, force_quick_gelu=quick_gelu
             )
         except RuntimeError as e:
-            raise RuntimeError(
-                f"could not load {name} weights {spec.pretrained!r} (open_clip resolves tags from "
-                f"the Hugging Face hub cache; offline, pass a local checkpoint path): {e}"
+            # A user-fixable situation (no cached weights, no network): a ValueError, so the CLI
+            # and API report it in one line.
+            reason = str(e).split(". ")[0]
+            raise ValueError(
+                f"could not load {name} weights {spec.pretrained!r}: {reason}. open_clip looks in "
+                "the Hugging Face hub cache (HF_HOME) and downloads when online; offline, pass a "
+                "local checkpoint file with --pretrained PATH"
             ) from e
     path = Path(str(spec.pretrained)).expanduser()
     try:

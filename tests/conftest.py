@@ -10,6 +10,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Tests never download anything: make the Hugging Face hub (open_clip's weight source) offline
+# before any library reads the setting.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 def shared_data_dir() -> Path:
     """Where the real datasets live: PROTOMED_DATA_DIR, else ../shared/data beside the repo."""

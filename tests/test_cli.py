@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,23 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: no checkpoint at")
     assert "Traceback" not in proc.stderr
+
+
+def test_missing_clip_weights_are_a_one_line_error(tmp_path):
+    """The default (ViT-L-14, OpenAI tag) with an empty hub cache and no network."""
+    data = write_toy_dataset(tmp_path / "data", n_per_class=3, size=32)
+    exe = Path(sys.executable).with_name("protomed")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [str(exe), "prototypes", str(data), "--out", str(tmp_path / "cb"), "--n-per-class", "2",
+         "--heldout", "0"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not load ViT-L-14 weights 'openai'")
+    assert "--pretrained PATH" in last and "Traceback" not in proc.stderr
+    assert not (tmp_path / "cb").exists()
 
 
 def test_core_end_to_end_on_the_toy_domain(tmp_path):

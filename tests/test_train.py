@@ -85,6 +85,14 @@ def test_sample_writes_pngs_and_manifest(tmp_path):
     assert not (tmp_path / "bad").exists(), "nothing is written before the classes are checked"
 
 
+def test_bf16_autocast_path_trains(tmp_path):
+    """Forced bf16 (native on GPUs and AMX/AVX512-BF16 CPUs, emulated elsewhere) still learns."""
+    cfg = make_config("tiny", {"mode": "baseline", "max_steps": 2, "precision": "bf16"})
+    result = train(cfg, random_set(), tmp_path, show_progress=False)
+    assert torch.isfinite(torch.tensor(result.final_loss))
+    assert all(p.dtype == torch.float32 for p in result.model.parameters()), "master weights fp32"
+
+
 def test_progress_callback_and_cancel_checkpoints(tmp_path):
     seen: list[Progress] = []
 

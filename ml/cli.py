@@ -26,6 +26,14 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
+@app.callback()
+def _startup() -> None:
+    """Prototype-guided class-conditional diffusion for plausible synthetic medical images."""
+    from ml.runtime import tune_allocator
+
+    tune_allocator()
+
+
 def _fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)

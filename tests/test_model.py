@@ -147,3 +147,9 @@ def test_config_errors_name_the_field():
         "channel_mults": [1, 2],
         "mode": "baseline",
     }
+
+
+def test_allocator_tuning_applies_on_glibc():
+    from ml.runtime import tune_allocator
+
+    assert tune_allocator() is True

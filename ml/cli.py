@@ -244,7 +244,7 @@ def check(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo_out"),
-    steps: Annotated[int, typer.Option(help="Training steps per mode.")] = 1000,
+    steps: Annotated[int, typer.Option(help="Training steps per mode.")] = 500,
     n_per_class: Annotated[int, typer.Option(help="Training images per class.")] = 100,
     n_sample: Annotated[int, typer.Option(help="Images sampled per class and mode.")] = 8,
     encoder: Annotated[str, typer.Option(help="open_clip model for the prototypes.")] = "ViT-B-32",

@@ -80,7 +80,7 @@ def _table(summary: dict[str, Any]) -> str:
 def run_demo(
     out: Path | str,
     *,
-    steps: int = 1000,
+    steps: int = 500,
     n_per_class: int = 100,
     n_sample: int = 8,
     heldout: int = 20,

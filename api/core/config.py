@@ -1,0 +1,65 @@
+"""Service settings from the environment (``PROTOMED_*``) or a ``.env`` file.
+
+Defaults run everything embedded (SQLite database and Celery broker, local storage) so a laptop
+needs no services; production points the URLs at PostgreSQL, Redis and S3/MinIO.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; read once per process through :func:`get_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PROTOMED_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    database_url: str = "sqlite:///./protomed.db"
+    # Celery's SQLAlchemy transport: an embedded broker, no Redis needed for development.
+    broker_url: str = "sqla+sqlite:///./protomed-broker.db"
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path = Path("./storage")
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    # Dataset registration only accepts folders under these roots, so API clients cannot make
+    # the workers read arbitrary server paths. Empty: no dataset can be registered.
+    data_roots: list[Path] = Field(default_factory=list)
+    max_images_per_request: int = Field(default=1000, ge=1)
+    api_key_header: str = "X-API-Key"
+
+    @field_validator("database_url")
+    @classmethod
+    def _driver(cls, url: str) -> str:
+        return normalize_database_url(url)
+
+    @model_validator(mode="after")
+    def _s3_complete(self) -> Settings:
+        """Fail at start-up, not at the first upload."""
+        if self.storage_backend == "s3" and not self.s3_bucket:
+            raise ValueError("storage_backend 's3' needs PROTOMED_S3_BUCKET")
+        return self
+
+
+def normalize_database_url(url: str) -> str:
+    """Plain ``postgresql://`` (or ``postgres://``) URLs get the installed driver, psycopg 3;
+    SQLAlchemy would otherwise look for psycopg2."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; cached so the environment and ``.env`` are read once.
+
+    Tests that change the environment call ``get_settings.cache_clear()``.
+    """
+    return Settings()

@@ -1,0 +1,1 @@
+"""Service metadata store: ORM models and sessions (SQLite for dev, PostgreSQL in production)."""

@@ -1,0 +1,239 @@
+"""ORM models of the service's metadata (SQLAlchemy 2 declarative).
+
+Portable on purpose: the same schema runs on SQLite (development, tests) and PostgreSQL
+(production), so enumerations are VARCHAR + CHECK (``native_enum=False``) rather than PostgreSQL
+ENUM types, JSON is the generic ``JSON`` type and times are ``DateTime(timezone=True)`` in UTC.
+Images and artefacts live in storage; rows only hold their keys and paths.
+
+Schema changes go through Alembic (``migrations/``): edit the models, then autogenerate a revision
+and check it by hand.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Deterministic constraint names: Alembic can only drop or alter (batch mode on SQLite) what it
+# can name, and names must match between the ORM and every migration.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utc_now() -> datetime:
+    """Timestamps are set in Python, timezone-aware, so SQLite and PostgreSQL agree."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base; ``Base.metadata`` is Alembic's target."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {  # noqa: RUF012 - read once by SQLAlchemy
+        dict[str, Any]: JSON,
+        list[str]: JSON,
+        datetime: DateTime(timezone=True),
+    }
+
+
+class ModelMode(enum.StrEnum):
+    """Mirrors ``ml.config.Mode`` (not imported: the API must not load ``ml``)."""
+
+    prototype = "prototype"
+    baseline = "baseline"
+
+
+class ModelStatus(enum.StrEnum):
+    """A model row exists from the moment its training job is queued."""
+
+    pending = "pending"
+    training = "training"
+    ready = "ready"
+    failed = "failed"
+
+
+class JobKind(enum.StrEnum):
+    train = "train"
+    sample = "sample"
+    prototypes = "prototypes"
+    evaluate = "evaluate"
+
+
+class JobStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class ApiKeyRole(enum.StrEnum):
+    admin = "admin"
+    reviewer = "reviewer"
+
+
+def str_enum(cls: type[enum.StrEnum], name: str) -> Enum:
+    """VARCHAR + named CHECK constraint storing the values; portable, and a new value is a plain
+    constraint change instead of ``ALTER TYPE``."""
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=32,
+        validate_strings=True,
+        values_callable=lambda e: [m.value for m in e],
+    )
+
+
+class TimestampMixin:
+    created_at: Mapped[datetime] = mapped_column(
+        default=utc_now, server_default=func.now(), nullable=False
+    )
+
+
+class Dataset(TimestampMixin, Base):
+    """A registered image folder (under one of ``Settings.data_roots``), scanned by ``ml.data``."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    root: Mapped[str] = mapped_column(String(1024))
+    layout: Mapped[str] = mapped_column(String(32))  # folder | ham10000 | matek (ml.data.LAYOUTS)
+    classes: Mapped[list[str]] = mapped_column(default=list)
+    counts: Mapped[dict[str, Any]] = mapped_column(default=dict)  # class name -> image count
+
+    models: Mapped[list[Model]] = relationship(back_populates="dataset")
+
+
+class Model(TimestampMixin, Base):
+    """A trained (or training) diffusion model and its artefacts."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # RESTRICT: a dataset cannot vanish under the models trained on it.
+    dataset_id: Mapped[int] = mapped_column(
+        ForeignKey("datasets.id", ondelete="RESTRICT"), index=True
+    )
+    mode: Mapped[ModelMode] = mapped_column(str_enum(ModelMode, "mode"))
+    preset: Mapped[str] = mapped_column(String(64))
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    codebook_path: Mapped[str | None] = mapped_column(String(1024))  # prototype mode only
+    checkpoint_path: Mapped[str | None] = mapped_column(String(1024))
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    status: Mapped[ModelStatus] = mapped_column(
+        str_enum(ModelStatus, "status"), default=ModelStatus.pending, index=True
+    )
+
+    dataset: Mapped[Dataset] = relationship(back_populates="models")
+    jobs: Mapped[list[Job]] = relationship(back_populates="model")
+    batches: Mapped[list[Batch]] = relationship(back_populates="model")
+
+
+class Job(TimestampMixin, Base):
+    """One unit of worker work with its lifecycle; the API polls it for progress."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (CheckConstraint("progress >= 0 AND progress <= 1", name="progress_range"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[JobKind] = mapped_column(str_enum(JobKind, "kind"))
+    status: Mapped[JobStatus] = mapped_column(
+        str_enum(JobStatus, "status"), default=JobStatus.queued, index=True
+    )
+    progress: Mapped[float] = mapped_column(Float, default=0.0)  # fraction in [0, 1]
+    eta_s: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    requested_by: Mapped[str | None] = mapped_column(String(200))  # API key name, kept as text
+    # Optional: a prototypes job may precede its model. SET NULL keeps the job history.
+    model_id: Mapped[int | None] = mapped_column(
+        ForeignKey("models.id", ondelete="SET NULL"), index=True
+    )
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+    model: Mapped[Model | None] = relationship(back_populates="jobs")
+    batches: Mapped[list[Batch]] = relationship(back_populates="job")
+
+
+class Batch(TimestampMixin, Base):
+    """One sampling request: ``n`` images of one class with the settings that reproduce them."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        CheckConstraint("n >= 1", name="n_positive"),
+        CheckConstraint("steps >= 1", name="steps_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), index=True)
+    class_name: Mapped[str] = mapped_column(String(200))
+    n: Mapped[int] = mapped_column(Integer)
+    guidance: Mapped[float] = mapped_column(Float)
+    steps: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int | None] = mapped_column(Integer)
+    scheduler: Mapped[str] = mapped_column(String(32))  # ddim | dpm++ (ml.config.SchedulerName)
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), index=True
+    )
+
+    model: Mapped[Model] = relationship(back_populates="batches")
+    job: Mapped[Job | None] = relationship(back_populates="batches")
+    images: Mapped[list[Image]] = relationship(
+        back_populates="batch", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Image(TimestampMixin, Base):
+    """One generated image; its bytes are in storage under ``storage_key``. Reviews (later) will
+    reference this table."""
+
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("batch_id", "index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    class_name: Mapped[str] = mapped_column(String(200))
+    index: Mapped[int] = mapped_column(Integer)  # position within the batch
+    storage_key: Mapped[str] = mapped_column(String(1024), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+
+    batch: Mapped[Batch] = relationship(back_populates="images")
+
+
+class ApiKey(TimestampMixin, Base):
+    """An API key; only its hash is stored. Revoked keys are kept for the audit trail."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    role: Mapped[ApiKeyRole] = mapped_column(str_enum(ApiKeyRole, "role"))
+    revoked_at: Mapped[datetime | None] = mapped_column()

@@ -161,10 +161,9 @@ def save_grid(images: dict[str, torch.Tensor], path: Path | str, per_row: int = 
     rows = []
     for imgs in images.values():
         take = imgs[:per_row]
-        if len(take) < per_row:
-            take = torch.cat(
-                [take, torch.zeros((per_row - len(take), *take.shape[1:]), dtype=take.dtype)]
-            )
+        if len(take) < per_row:  # pad short rows with blank (white) tiles, like the padding
+            blank = torch.full((per_row - len(take), *take.shape[1:]), 255, dtype=take.dtype)
+            take = torch.cat([take, blank])
         rows.append(take)
     grid = make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=255)
     path = Path(path)

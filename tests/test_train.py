@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -144,3 +145,18 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert report["digests"][0] != report["initial"], "weights did not change"
     assert read_checkpoint(tmp_path / "run" / "last.pt")["step"] == 3
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["world"] == 2
+
+
+def test_grid_has_one_row_per_class_with_blank_padding(tmp_path):
+    from PIL import Image
+
+    from ml.sample import save_grid
+
+    a = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    b = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    path = save_grid({"a": a, "b": b}, tmp_path / "g.png", per_row=3)
+    grid = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
+    assert grid.shape == (3, 2 * 18 + 2, 3 * 18 + 2)
+    assert torch.equal(grid[:, 2:18, 2:18], a[0])  # row "a", first tile
+    assert torch.equal(grid[:, 20:36, 38:54], b[2])  # row "b", third tile
+    assert bool((grid[:, 2:18, 38:54] == 255).all()), "a short row is padded with white"

@@ -24,6 +24,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from ml.config import bf16_supported
+
 log = logging.getLogger(__name__)
 
 # Untrained, tests-only architecture: a 2-layer ViT on 64x64 inputs (a few seconds on a CPU).
@@ -160,16 +162,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16
     if dtype != "auto":
         raise ValueError(f"dtype must be 'auto', 'fp32' or 'bf16', not {dtype!r}")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        try:
-            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-            native = native and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            native = False
-        return torch.bfloat16 if native else torch.float32
-    return torch.float32
+    return torch.bfloat16 if bf16_supported(device) else torch.float32
 
 
 class ClipEncoder:

@@ -83,13 +83,10 @@ def training_data(
     *,
     codebook: Codebook | None = None,
     root: Path | str | None = None,
-    selection: dict[str, Any] | None = None,
 ) -> ImageSet:
     """The training images at the model's size: the codebook's selection, else ``root``."""
     if codebook is not None and codebook.selection:
         base = dict(codebook.selection)
-    elif selection is not None:
-        base = dict(selection)
     elif root is not None:
         base = {"root": str(root)}
     else:

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable
 from copy import deepcopy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,7 +92,7 @@ def table_rows(data: ImageSet, cond: Conditioning, codebook: Codebook | None) ->
     if cond.mode != "prototype":
         return labels
     if cond.k == 1:
-        return labels * cond.k
+        return labels
     assigned = codebook.assignments if codebook is not None else {}
     missing = [h for h in data.hashes if h not in assigned]
     if missing:
@@ -266,7 +266,3 @@ def train(
         summary = {"steps": total, "final_loss": loss_value, "mode": cfg.mode, "world": world}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return TrainResult(out_dir / "last.pt", model, ema, total, loss_value, world)
-
-
-def progress_dict(p: Progress) -> dict[str, Any]:
-    return asdict(p)

@@ -45,9 +45,22 @@ def configure(**kwargs: object) -> None:
 
 
 def run_with(connection: Connection) -> None:
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        # Batch mode rebuilds tables (copy, drop, rename): with foreign keys enforced, dropping
+        # a referenced table fails. Switch them off around the migration (a no-op inside a
+        # transaction, hence before it), then let SQLite verify every reference afterwards.
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.commit()  # end SQLAlchemy's autobegun transaction; Alembic opens its own
     configure(connection=connection)
     with context.begin_transaction():
         context.run_migrations()
+    if sqlite:
+        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+        connection.commit()
+        if broken:
+            raise RuntimeError(f"foreign keys broken by the migration: {broken}")
 
 
 def run_migrations_offline() -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if TYPE_CHECKING:  # torch is imported where used: the API validates configs without loading it
+    import torch
 
 Mode = Literal["prototype", "baseline"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -158,6 +160,8 @@ def describe_validation_error(err: ValidationError) -> str:
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """CUDA when present (honouring LOCAL_RANK under torchrun), else CPU."""
+    import torch
+
     if device is not None:
         return torch.device(device)
     if torch.cuda.is_available():
@@ -168,6 +172,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 def bf16_supported(device: torch.device) -> bool:
     """Native bf16 only (CUDA with bf16, or AVX512-BF16/AMX CPUs with oneDNN): emulated bf16
     is slower than fp32 (ViT-L-14 ran 5.5x slower on an AVX2-only EPYC)."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -181,6 +187,8 @@ def bf16_supported(device: torch.device) -> bool:
 
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision setting, or None for plain fp32."""
+    import torch
+
     if precision == "fp32":
         return None
     if precision == "bf16" or bf16_supported(device):

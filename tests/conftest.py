@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 import torch
+from alembic.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,3 +46,104 @@ def _torch_threads():
     """Two cores here: keep torch from oversubscribing them."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+PG_ADMIN_URL = os.environ.get(
+    "PROTOMED_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def alembic_config(url: str) -> Config:
+    """The repo's alembic.ini pointed at ``url``; leaves pytest's logging alone."""
+    cfg = Config(str(REPO / "alembic.ini"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolation
+    cfg.attributes["configure_logger"] = False
+    return cfg
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, uniquely named PostgreSQL database, dropped afterwards."""
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as e:
+        reason = f"PostgreSQL unreachable at {PG_ADMIN_URL}: {e}".strip()
+        if os.environ.get("PROTOMED_REQUIRE_SERVICES"):
+            pytest.fail(f"PROTOMED_REQUIRE_SERVICES is set but {reason}")
+        pytest.skip(f"{reason} (set PROTOMED_REQUIRE_SERVICES to make this a failure)")
+    name = f"protomed_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def reset_service_caches() -> None:
+    """Forget the process-wide settings, engine, storage and Celery app (after env changes)."""
+    from api.core.config import get_settings
+    from api.db.session import get_engine, get_sessionmaker
+    from api.storage import get_storage
+    from workers.celery_app import get_celery
+
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    for cached in (get_settings, get_engine, get_sessionmaker, get_storage, get_celery):
+        cached.cache_clear()
+
+
+ADMIN_KEY = "pm_test-admin-key-0123456789"
+
+
+@dataclass
+class Service:
+    """An in-process API on a fresh SQLite database, local storage and an embedded broker."""
+
+    client: Any  # fastapi.testclient.TestClient
+    admin: dict[str, str]  # headers carrying the bootstrap admin key
+    data_root: Path  # a folder under the allowed data roots, empty at start
+    tmp: Path
+    env: dict[str, str]
+
+
+def service_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """PROTOMED_* settings for a self-contained service under ``tmp``."""
+    env = {
+        "PROTOMED_DATABASE_URL": f"sqlite:///{tmp / 'protomed.db'}",
+        "PROTOMED_BROKER_URL": f"sqla+sqlite:///{tmp / 'broker.db'}",
+        "PROTOMED_STORAGE_BACKEND": "local",
+        "PROTOMED_STORAGE_DIR": str(tmp / "storage"),
+        "PROTOMED_WORK_DIR": str(tmp / "work"),
+        "PROTOMED_DATA_ROOTS": json.dumps([str(tmp / "data"), str(shared_data_dir())]),
+        "PROTOMED_ADMIN_KEY": ADMIN_KEY,
+        "PROTOMED_ENCODER": "protomed-tiny-vit",
+        "PROTOMED_ENCODER_WEIGHTS": "untrained",
+    }
+    env.update(extra)
+    return env
+
+
+def migrate(url: str) -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(url), "head")
+
+
+@pytest.fixture
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+    from fastapi.testclient import TestClient
+
+    env = service_env(tmp_path)
+    (tmp_path / "data").mkdir()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    reset_service_caches()
+    migrate(env["PROTOMED_DATABASE_URL"])
+    from api.main import create_app
+
+    with TestClient(create_app()) as client:
+        yield Service(
+            client, {"Authorization": f"Bearer {ADMIN_KEY}"}, tmp_path / "data", tmp_path, env
+        )
+    reset_service_caches()

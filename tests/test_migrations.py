@@ -8,20 +8,16 @@ PROTOMED_REQUIRE_SERVICES is set (CI), where they fail.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from conftest import alembic_config
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -30,37 +26,7 @@ from api.db.models import Base, Dataset, Job, JobKind, JobStatus, Model, ModelMo
 from api.db.session import make_engine
 
 REPO = Path(__file__).resolve().parents[1]
-PG_ADMIN_URL = os.environ.get(
-    "PROTOMED_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 TABLES = {"datasets", "models", "jobs", "batches", "images", "api_keys"}
-
-
-def alembic_config(url: str) -> Config:
-    """The repo's alembic.ini pointed at ``url``; leaves pytest's logging alone."""
-    cfg = Config(str(REPO / "alembic.ini"))
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolation
-    cfg.attributes["configure_logger"] = False
-    return cfg
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, uniquely named PostgreSQL database, dropped afterwards."""
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as e:
-        reason = f"PostgreSQL unreachable at {PG_ADMIN_URL}: {e}".strip()
-        if os.environ.get("PROTOMED_REQUIRE_SERVICES"):
-            pytest.fail(f"PROTOMED_REQUIRE_SERVICES is set but {reason}")
-        pytest.skip(f"{reason} (set PROTOMED_REQUIRE_SERVICES to make this a failure)")
-    name = f"protomed_test_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -28,11 +28,36 @@ class Settings(BaseSettings):
     storage_dir: Path = Path("./storage")
     s3_endpoint_url: str | None = None
     s3_bucket: str | None = None
+    s3_region: str = "us-east-1"
+    s3_prefix: str = ""  # key namespace inside the bucket, e.g. "protomed/"
     # Dataset registration only accepts folders under these roots, so API clients cannot make
     # the workers read arbitrary server paths. Empty: no dataset can be registered.
     data_roots: list[Path] = Field(default_factory=list)
     max_images_per_request: int = Field(default=1000, ge=1)
-    api_key_header: str = "X-API-Key"
+    max_upload_bytes: int = Field(default=512 * 1024**2, ge=1)  # a dataset zip as uploaded
+    max_unpacked_bytes: int = Field(default=4 * 1024**3, ge=1)  # ...and once unpacked
+    max_upload_files: int = Field(default=200_000, ge=1)
+    # Bootstrap admin key (compose, CI): ensured to exist at start-up; its hash is stored.
+    admin_key: str | None = None
+    # Reads (lists, images, reports) are open unless this is set; writes always need a key.
+    read_requires_key: bool = False
+
+    # Workers: where they keep local copies (checkpoints, unpacked uploads) and how they
+    # prove they are alive. A running job whose heartbeat is older than heartbeat_timeout_s
+    # is re-queued (up to max_attempts runs), then failed.
+    work_dir: Path = Path("./work")
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(default=2, ge=1)
+    train_time_limit_s: float = Field(default=7 * 24 * 3600, gt=0)
+    sample_time_limit_s: float = Field(default=6 * 3600, gt=0)
+    # Processes per training run: 0 = one per visible CUDA GPU (DDP under torchrun when > 1).
+    train_processes: int = Field(default=0, ge=0)
+
+    # The CLIP encoder for prototypes: an open_clip name and a weights tag or local file. The
+    # service never downloads; "untrained" builds the architecture with random weights (tests).
+    encoder: str = "ViT-L-14"
+    encoder_weights: str = "openai"
 
     @field_validator("database_url")
     @classmethod

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     Enum,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -72,6 +74,7 @@ class ModelStatus(enum.StrEnum):
     training = "training"
     ready = "ready"
     failed = "failed"
+    cancelled = "cancelled"
 
 
 class JobKind(enum.StrEnum):
@@ -87,6 +90,11 @@ class JobStatus(enum.StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+
+
+class DatasetSource(enum.StrEnum):
+    folder = "folder"  # a server-side folder under one of Settings.data_roots
+    upload = "upload"  # a zip uploaded through the API, kept in storage
 
 
 class ApiKeyRole(enum.StrEnum):
@@ -122,9 +130,16 @@ class Dataset(TimestampMixin, Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     root: Mapped[str] = mapped_column(String(1024))
-    layout: Mapped[str] = mapped_column(String(32))  # folder | ham10000 | matek (ml.data.LAYOUTS)
+    layout: Mapped[str] = mapped_column(String(32))  # folder | ham10000 | matek (ml.catalog)
     classes: Mapped[list[str]] = mapped_column(default=list)
     counts: Mapped[dict[str, Any]] = mapped_column(default=dict)  # class name -> image count
+    source: Mapped[DatasetSource] = mapped_column(
+        str_enum(DatasetSource, "source"), default=DatasetSource.folder
+    )
+    # Uploads: the zip's storage key, so a worker on another machine can fetch and unpack it.
+    archive_key: Mapped[str | None] = mapped_column(String(1024))
+    # Review domain (criteria sets, issue 4): e.g. toy, blood, bone-marrow, dermatoscopy.
+    domain: Mapped[str | None] = mapped_column(String(64))
 
     models: Mapped[list[Model]] = relationship(back_populates="dataset")
 
@@ -140,8 +155,10 @@ class Model(TimestampMixin, Base):
         ForeignKey("datasets.id", ondelete="RESTRICT"), index=True
     )
     mode: Mapped[ModelMode] = mapped_column(str_enum(ModelMode, "mode"))
+    classes: Mapped[list[str]] = mapped_column(default=list)  # the class table's order
     preset: Mapped[str] = mapped_column(String(64))
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Storage keys (not file paths): models/<id>/codebook/..., models/<id>/checkpoint.pt
     codebook_path: Mapped[str | None] = mapped_column(String(1024))  # prototype mode only
     checkpoint_path: Mapped[str | None] = mapped_column(String(1024))
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -177,6 +194,12 @@ class Job(TimestampMixin, Base):
     )
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    # Liveness: the running worker refreshes heartbeat_at; a job whose heartbeat goes stale
+    # (worker killed) is re-queued until max attempts, then failed (workers.lifecycle.reap).
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    worker: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     model: Mapped[Model | None] = relationship(back_populates="jobs")
     batches: Mapped[list[Batch]] = relationship(back_populates="job")

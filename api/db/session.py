@@ -23,7 +23,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_pre_ping", True)
     if url.startswith("sqlite"):
         # FastAPI runs sync dependencies in a thread pool: allow a connection to change threads.
-        kwargs["connect_args"] = {"check_same_thread": False}
+        # The API, the worker and its heartbeat thread write concurrently: wait for locks.
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_foreign_keys)
@@ -31,8 +32,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 
 def _sqlite_foreign_keys(dbapi_conn: Any, _record: Any) -> None:
+    """Foreign keys on; WAL so readers (API polls) never block the worker's writes."""
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")
     cur.close()
 
 

@@ -1,0 +1,128 @@
+"""``protomed``: the core's commands (``ml.cli``) plus the service's ``serve``, ``worker``,
+``migrate`` and ``keys``.
+
+Kept apart from ``ml.cli`` so the core never imports the service; the service commands import
+nothing heavy until they run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ml.cli import _fail, app
+
+REPO = Path(__file__).resolve().parents[1]
+KEY_FILE = ".protomed-admin-key"
+
+
+def _migrate() -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from api.core.config import get_settings
+
+    cfg = Config(str(REPO / "alembic.ini"))
+    cfg.set_main_option("script_location", str(REPO / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", get_settings().database_url.replace("%", "%%"))
+    command.upgrade(cfg, "head")
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema to the newest revision (``alembic upgrade head``)."""
+    _migrate()
+    typer.echo("database schema is up to date")
+
+
+@app.command("create-key")
+def create_key_cmd(
+    name: Annotated[str, typer.Argument(help="Who the key is for.")],
+    role: Annotated[str, typer.Option(help="admin or reviewer.")] = "reviewer",
+) -> None:
+    """Create an API key and print it (shown once; only its hash is stored)."""
+    from api.core.security import create_key
+    from api.db.session import get_sessionmaker
+
+    if role not in ("admin", "reviewer"):
+        _fail(f"role must be admin or reviewer (got {role!r})")
+    with get_sessionmaker()() as session:
+        _, token = create_key(session, name, role)
+        session.commit()
+    typer.echo(token)
+
+
+def _admin_key(state: Path) -> str:
+    """The bootstrap admin key: PROTOMED_ADMIN_KEY, else one kept (mode 0600) in ``state``."""
+    from api.core.security import new_key
+
+    if os.environ.get("PROTOMED_ADMIN_KEY"):
+        return os.environ["PROTOMED_ADMIN_KEY"]
+    path = state / KEY_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    key = new_key()
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return key
+
+
+def worker_command(queues: str, name: str, pool: str = "solo") -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queues,
+        "--concurrency", "1", "--prefetch-multiplier", "1", "--pool", pool, "-n", name,
+        "--loglevel", "INFO",
+    ]  # fmt: skip
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Queues to consume: gpu, default or both.")] = (
+        "gpu,default"
+    ),
+) -> None:
+    """Run a Celery worker (one job at a time; DDP over the machine's GPUs for training)."""
+    os.execv(sys.executable, worker_command(queues, "worker@%h", pool="prefork"))
+
+
+@app.command()
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    data_root: Annotated[
+        list[Path] | None,
+        typer.Option(help="Folder datasets may be registered from (repeatable; default: .)."),
+    ] = None,
+    no_worker: Annotated[bool, typer.Option(help="API only; run workers elsewhere.")] = False,
+) -> None:
+    """Embedded mode: the API and one worker on this machine. Defaults need no servers:
+    SQLite database, SQLite-backed Celery queue, local storage (all under the current folder)."""
+    import uvicorn
+
+    state = Path.cwd()
+    env = os.environ
+    if "PROTOMED_DATA_ROOTS" not in env:
+        roots = [str(p.resolve()) for p in (data_root or [state])]
+        env["PROTOMED_DATA_ROOTS"] = __import__("json").dumps(roots)
+    env["PROTOMED_ADMIN_KEY"] = _admin_key(state)
+    _migrate()
+    typer.echo(f"admin key: {env['PROTOMED_ADMIN_KEY']}  (kept in {state / KEY_FILE})")
+    typer.echo(f"datasets may be registered from: {env['PROTOMED_DATA_ROOTS']}")
+    typer.echo(f"API docs: http://{host}:{port}/docs")
+    proc = None
+    if not no_worker:
+        proc = subprocess.Popen(worker_command("gpu,default", "embedded@%h"), env=env)
+    try:
+        uvicorn.run("api.main:app", host=host, port=port, log_level="info")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -1,0 +1,47 @@
+"""Failures of the service's dependencies, mapped to HTTP 503 with a message and Retry-After.
+
+A request that fails this way has changed nothing (writes commit only after every dependency
+answered), so the client can simply retry.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from api.core.exceptions import RETRY_AFTER_S, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+__all__ = ["RETRY_AFTER_S", "ServiceUnavailable", "install_handlers", "unavailable"]
+
+
+def unavailable(component: str, reason: str) -> JSONResponse:
+    return JSONResponse(
+        status_code=503,
+        content={
+            "detail": f"{component} unavailable: {reason}; nothing was changed, retry later",
+            "component": component,
+        },
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceUnavailable)
+    async def _service(_req: Request, exc: ServiceUnavailable) -> JSONResponse:
+        log.warning("%s", exc)
+        return unavailable(exc.component, exc.reason)
+
+    @app.exception_handler(OperationalError)
+    async def _database(_req: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database error: %s", exc.orig)
+        return unavailable("database", str(exc.orig).strip().splitlines()[0][:200])
+
+    @app.exception_handler(DBAPIError)
+    async def _dbapi(_req: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated:
+            return unavailable("database", "connection lost")
+        raise exc

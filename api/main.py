@@ -1,0 +1,57 @@
+"""The FastAPI application: ``uvicorn api.main:app``.
+
+Starts without torch or the ML core: training and sampling happen in Celery workers
+(``workers/``); the API validates requests, keeps metadata and hands out results.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.core.config import get_settings
+from api.errors import install_handlers
+from api.routes import datasets, generate, health, jobs, keys
+
+log = logging.getLogger(__name__)
+
+
+def bootstrap() -> None:
+    """Ensure the bootstrap admin key (``PROTOMED_ADMIN_KEY``) exists; idempotent."""
+    settings = get_settings()
+    if not settings.admin_key:
+        return
+    from api.core.security import ensure_key
+    from api.db.session import get_sessionmaker
+
+    with get_sessionmaker()() as session:
+        ensure_key(session, "admin (bootstrap)", "admin", settings.admin_key)
+        session.commit()
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    try:
+        bootstrap()
+    except Exception as exc:  # the database may come up later; /ready reports it meanwhile
+        log.warning("bootstrap skipped: %s", exc)
+    yield
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="protomed",
+        version="0.1.0",
+        summary="Prototype-guided class-conditional diffusion: train, generate, review.",
+        lifespan=lifespan,
+    )
+    install_handlers(app)
+    for module in (health, datasets, jobs, generate, keys):
+        app.include_router(module.router)
+    return app
+
+
+app = create_app()

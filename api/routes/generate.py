@@ -1,0 +1,189 @@
+"""Sampling: ``POST /generate`` queues a batch; models, batches and images are read back here."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.responses import Response, StreamingResponse
+from sqlalchemy import select
+
+from api.db.models import Batch, Dataset, Image, Job, JobKind, Model, ModelMode, ModelStatus
+from api.deps import AdminKey, Reader, SessionDep, SettingsDep, StorageDep
+from api.queue import submit
+from api.routes.jobs import job_out
+from api.schemas import BatchOut, GenerateAccepted, ImageOut, ModelOut
+from api.storage import ObjectNotFound
+
+router = APIRouter(tags=["generate"])
+
+
+def pick_model(
+    session: SessionDep, model_id: int | None, dataset_id: int | None, mode: ModelMode | None
+) -> Model:
+    """The named model (must be ready), else the newest ready one of the dataset (and mode)."""
+    if model_id is not None:
+        model = session.get(Model, model_id)
+        if model is None:
+            raise HTTPException(404, f"no model with id {model_id}; see GET /models")
+        if model.status != ModelStatus.ready:
+            raise HTTPException(409, f"model {model_id} is {model.status}, not ready")
+        return model
+    if dataset_id is None:
+        ids = session.scalars(select(Dataset.id).limit(2)).all()
+        if len(ids) != 1:
+            raise HTTPException(
+                422, "give model_id or dataset_id (there is not exactly one dataset)"
+            )
+        dataset_id = ids[0]
+    elif session.get(Dataset, dataset_id) is None:
+        raise HTTPException(404, f"no dataset with id {dataset_id}; see GET /datasets")
+    query = select(Model).where(Model.dataset_id == dataset_id, Model.status == ModelStatus.ready)
+    if mode is not None:
+        query = query.where(Model.mode == mode)
+    model = session.scalar(query.order_by(Model.id.desc()).limit(1))
+    if model is None:
+        raise HTTPException(
+            409, f"dataset {dataset_id} has no ready {mode or ''} model yet; train one first"
+        )
+    return model
+
+
+def batch_out(batch: Batch, request: Request) -> BatchOut:
+    images = [
+        ImageOut.model_validate(i).model_copy(
+            update={"url": str(request.url_for("get_image", image_id=i.id))}
+        )
+        for i in sorted(batch.images, key=lambda i: i.index)
+    ]
+    zip_url = str(request.url_for("batch_zip", batch_id=batch.id))
+    return BatchOut.model_validate(batch).model_copy(update={"images": images, "zip_url": zip_url})
+
+
+@router.post("/generate", status_code=status.HTTP_202_ACCEPTED, tags=["generate"])
+def generate(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: AdminKey,
+    class_name: Annotated[str, Query(alias="class", min_length=1, max_length=200)],
+    n: Annotated[int, Query(description="Images to generate (1 to the configured limit).")] = 16,
+    model_id: Annotated[int | None, Query(ge=1)] = None,
+    dataset_id: Annotated[int | None, Query(ge=1)] = None,
+    mode: ModelMode | None = None,
+    guidance: Annotated[float, Query(ge=0.0, le=20.0)] = 2.0,
+    steps: Annotated[int, Query(ge=1, le=1000)] = 50,
+    seed: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    scheduler: Annotated[str, Query(pattern="^(ddim|dpm\\+\\+)$")] = "ddim",
+) -> GenerateAccepted:
+    """Queue ``n`` images of one class; the job's result is a batch (PNGs, zip)."""
+    limit = settings.max_images_per_request
+    if not 1 <= n <= limit:
+        raise HTTPException(422, f"n must be between 1 and {limit} (got {n})")
+    model = pick_model(session, model_id, dataset_id, mode)
+    if class_name not in model.classes:
+        raise HTTPException(
+            422, f"unknown class {class_name!r}; model {model.id} knows: {', '.join(model.classes)}"
+        )
+    job = Job(kind=JobKind.sample, model=model, requested_by=key.name)
+    batch = Batch(
+        model=model, class_name=class_name, n=n, guidance=guidance, steps=steps, seed=seed,
+        scheduler=scheduler, job=job,
+    )  # fmt: skip
+    session.add_all([job, batch])
+    session.flush()
+    job.params = {"batch_id": batch.id}
+    submit(session, [job])
+    return GenerateAccepted(job=job_out(job, request), batch=batch_out(batch, request))
+
+
+@router.get("/models", tags=["models"])
+def list_models(
+    session: SessionDep,
+    _reader: Reader,
+    dataset_id: int | None = None,
+    status_: Annotated[ModelStatus | None, Query(alias="status")] = None,
+    mode: ModelMode | None = None,
+) -> list[ModelOut]:
+    query = select(Model).order_by(Model.id.desc())
+    if dataset_id is not None:
+        query = query.where(Model.dataset_id == dataset_id)
+    if status_ is not None:
+        query = query.where(Model.status == status_)
+    if mode is not None:
+        query = query.where(Model.mode == mode)
+    return [ModelOut.model_validate(m) for m in session.scalars(query)]
+
+
+@router.get("/models/{model_id}", tags=["models"])
+def get_model(model_id: int, session: SessionDep, _reader: Reader) -> ModelOut:
+    model = session.get(Model, model_id)
+    if model is None:
+        raise HTTPException(404, f"no model with id {model_id}")
+    return ModelOut.model_validate(model)
+
+
+def batch_or_404(session: SessionDep, batch_id: int) -> Batch:
+    batch = session.get(Batch, batch_id)
+    if batch is None:
+        raise HTTPException(404, f"no batch with id {batch_id}")
+    return batch
+
+
+@router.get("/batches/{batch_id}", tags=["batches"])
+def get_batch(batch_id: int, request: Request, session: SessionDep, _reader: Reader) -> BatchOut:
+    return batch_out(batch_or_404(session, batch_id), request)
+
+
+@router.get(
+    "/batches/{batch_id}/zip",
+    tags=["batches"],
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/zip": {}}}},
+)
+def batch_zip(
+    batch_id: int, session: SessionDep, storage: StorageDep, _reader: Reader
+) -> StreamingResponse:
+    """All images of a batch as ``<class>_<index>.png`` plus a manifest.csv."""
+    batch = batch_or_404(session, batch_id)
+    images = sorted(batch.images, key=lambda i: i.index)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
+        lines = ["file,class,index,sha256,model,guidance,steps,seed,scheduler"]
+        for img in images:
+            name = f"{img.class_name}_{img.index:04d}.png"
+            zf.writestr(name, storage.get_bytes(img.storage_key))
+            lines.append(
+                f"{name},{img.class_name},{img.index},{img.sha256},{batch.model_id},"
+                f"{batch.guidance},{batch.steps},{batch.seed},{batch.scheduler}"
+            )
+        zf.writestr("manifest.csv", "\n".join(lines) + "\n")
+    buf.seek(0)
+    return StreamingResponse(
+        buf,
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}.zip"'},
+    )
+
+
+@router.get(
+    "/images/{image_id}",
+    tags=["batches"],
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def get_image(image_id: int, session: SessionDep, storage: StorageDep, _reader: Reader) -> Response:
+    image = session.get(Image, image_id)
+    if image is None:
+        raise HTTPException(404, f"no image with id {image_id}")
+    try:
+        data = storage.get_bytes(image.storage_key)
+    except ObjectNotFound as exc:
+        raise HTTPException(404, f"image {image_id} is missing from storage") from exc
+    return Response(
+        data,
+        media_type="image/png",
+        headers={"ETag": f'"{image.sha256}"', "Cache-Control": "public, max-age=31536000"},
+    )

@@ -1,0 +1,133 @@
+"""Request and response bodies of the public API (pydantic v2)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class DatasetIn(BaseModel):
+    """Register a server-side folder (under one of the configured data roots)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    path: str = Field(min_length=1, max_length=1024, description="Folder under a data root.")
+    layout: Literal["auto", "folder", "ham10000", "matek"] = "auto"
+    domain: str | None = Field(
+        default=None, max_length=64, description="Review domain: toy, blood, bone-marrow, derm."
+    )
+
+
+class DatasetOut(Out):
+    id: int
+    name: str
+    root: str
+    layout: str
+    source: str
+    domain: str | None
+    classes: list[str]
+    counts: dict[str, int]
+    created_at: datetime
+
+
+class JobOut(Out):
+    id: int
+    kind: str
+    status: str
+    progress: float
+    eta_s: float | None
+    error: str | None
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    requested_by: str | None
+    model_id: int | None
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: int = Field(ge=1)
+    mode: Literal["prototype", "baseline", "both"] = "both"
+    preset: Literal["paper", "cpu-small", "tiny"] = "paper"
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="TrainConfig fields, e.g. {'steps': 2000}."
+    )
+    n_per_class: int | None = Field(default=100, ge=1, description="Training images per class.")
+    n_heldout: int = Field(default=20, ge=0, description="Held-out images per class.")
+    classes: list[str] | None = Field(default=None, description="Subset of the dataset's classes.")
+    seed: int = Field(default=0, ge=0)
+    k: int = Field(default=1, ge=1, le=64, description="Prototypes per class.")
+
+
+class TrainAccepted(BaseModel):
+    jobs: list[JobOut]
+    models: list[ModelOut]
+
+
+class ModelOut(Out):
+    id: int
+    dataset_id: int
+    mode: str
+    preset: str
+    classes: list[str]
+    status: str
+    config: dict[str, Any]
+    metrics: dict[str, Any] | None
+    created_at: datetime
+
+
+class ImageOut(Out):
+    id: int
+    index: int
+    class_name: str
+    sha256: str
+    url: str = ""
+
+
+class BatchOut(Out):
+    id: int
+    model_id: int
+    class_name: str
+    n: int
+    guidance: float
+    steps: int
+    seed: int | None
+    scheduler: str
+    job_id: int | None
+    created_at: datetime
+    images: list[ImageOut] = Field(default_factory=list)
+    zip_url: str = ""
+
+
+class GenerateAccepted(BaseModel):
+    job: JobOut
+    batch: BatchOut
+
+
+class KeyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    role: Literal["admin", "reviewer"] = "reviewer"
+
+
+class KeyOut(Out):
+    id: int
+    name: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None
+    key: str | None = Field(default=None, description="The token; returned once, at creation.")

@@ -1,0 +1,210 @@
+"""Dataset catalog: find labelled images in three on-disk layouts without decoding them.
+
+Torch- and PIL-free, so the API can validate a dataset folder without loading the ML stack;
+:mod:`ml.data` re-exports everything here and adds decoding and balanced splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Logged under "ml.data", the name users already configure (this module was split out of it).
+log = logging.getLogger("ml.data")
+
+LAYOUTS = ("auto", "folder", "ham10000", "matek")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+HAM_CSV = "HAM10000_metadata.csv"
+
+#: The 16 Matek-19 bone-marrow classes we train on (abbreviation -> full name).
+MATEK_CLASSES: dict[str, str] = {
+    "ART": "artefact",
+    "BAS": "basophil",
+    "BLA": "blast",
+    "EBO": "erythroblast",
+    "EOS": "eosinophil",
+    "HAC": "hairy cell",
+    "LYT": "lymphocyte",
+    "MMZ": "metamyelocyte",
+    "MON": "monocyte",
+    "MYB": "myelocyte",
+    "NGB": "band neutrophil",
+    "NGS": "segmented neutrophil",
+    "NIF": "not identifiable",
+    "PEB": "proerythroblast",
+    "PLM": "plasma cell",
+    "PMO": "promyelocyte",
+}
+#: Other Matek abbreviations: rare classes, recognised for detection but not used.
+MATEK_IGNORED: dict[str, str] = {
+    "ABE": "abnormal eosinophil",
+    "FGC": "faggot cell",
+    "KSC": "smudge cell",
+    "LYI": "immature lymphocyte",
+    "OTH": "other cell",
+}
+HAM_NAMES: dict[str, str] = {
+    "akiec": "actinic keratosis / intraepithelial carcinoma",
+    "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis-like lesion",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "melanocytic nevus",
+    "vasc": "vascular lesion",
+}
+
+
+class DataError(ValueError):
+    """Bad data or arguments; the message names the problem and what is allowed."""
+
+
+def data_dir() -> Path:
+    """Shared real-data folder: ``PROTOMED_DATA_DIR``, else ``<repo>/../shared/data``."""
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(os.environ.get("PROTOMED_DATA_DIR", default))
+
+
+def _visible_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files below ``folder`` (recursive), skipping hidden files and folders."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [
+            Path(dirpath, f)
+            for f in filenames
+            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES
+        ]
+    return sorted(found)
+
+
+def _check_root(root: Path | str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise DataError(f"data root {root} {what}; expected a folder of images")
+    return root
+
+
+def detect_layout(root: Path) -> str:
+    """Guess the layout: HAM10000 CSV present, mostly Matek abbreviations, else plain folders."""
+    root = _check_root(root)
+    if (root / HAM_CSV).is_file():
+        return "ham10000"
+    names = [d.name for d in _visible_dirs(root)]
+    known = sum(n in MATEK_CLASSES or n in MATEK_IGNORED for n in names)
+    return "matek" if names and known > len(names) / 2 else "folder"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What :func:`scan` found: class -> sorted image paths, plus split groups per path."""
+
+    root: Path
+    layout: str
+    items: dict[str, list[Path]]
+    groups: dict[Path, str]  # images sharing a group id must stay on one side of a split
+    display_names: dict[str, str]
+    missing: list[tuple[str, str]] = field(default_factory=list)  # listed but not on disk
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(self.items)
+
+    def counts(self) -> dict[str, int]:
+        return {c: len(self.items[c]) for c in self.classes}
+
+
+def _scan_folder(root: Path) -> dict[str, list[Path]]:
+    return {d.name: _image_files(d) for d in _visible_dirs(root)}
+
+
+def _manifest_groups(root: Path, items: dict[str, list[Path]]) -> dict[Path, str]:
+    """Split groups from a ``manifest.csv`` (image_id, split_group) beside the class folders.
+
+    derm64 ships one: several images of one lesion share a group, and must not straddle the split.
+    """
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():
+        return {}
+    with open(manifest, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if not {"image_id", "split_group"} <= set(reader.fieldnames or ()):
+            return {}
+        by_id = {r["image_id"].strip(): r["split_group"].strip() for r in reader}
+    return {p: by_id[p.stem] for ps in items.values() for p in ps if by_id.get(p.stem)}
+
+
+def _scan_matek(root: Path) -> dict[str, list[Path]]:
+    items = {}
+    for d in _visible_dirs(root):
+        if d.name in MATEK_CLASSES:
+            items[d.name] = _image_files(d)
+        else:
+            log.info("matek layout: ignoring folder %s (not one of %s)", d, sorted(MATEK_CLASSES))
+    return items
+
+
+def _scan_ham(root: Path) -> tuple[dict[str, list[Path]], dict[Path, str], list[tuple[str, str]]]:
+    by_stem: dict[str, Path] = {}
+    for p in _image_files(root):  # sorted, so duplicate copies resolve the same way every time
+        by_stem.setdefault(p.stem, p)
+    items: dict[str, list[Path]] = {}
+    groups: dict[Path, str] = {}
+    missing: list[tuple[str, str]] = []
+    with open(root / HAM_CSV, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if not {"image_id", "dx"} <= set(reader.fieldnames or ()):
+            raise DataError(
+                f"{root / HAM_CSV} has columns {reader.fieldnames}; "
+                "needs image_id and dx (lesion_id for group-aware splits)"
+            )
+        for row in reader:
+            image_id, dx = row["image_id"].strip(), row["dx"].strip()
+            path = by_stem.get(image_id)
+            if path is None:
+                missing.append((image_id, f"listed in {HAM_CSV} but no image file under {root}"))
+                continue
+            if path in groups:
+                continue  # repeated CSV row
+            items.setdefault(dx, []).append(path)
+            groups[path] = (row.get("lesion_id") or "").strip() or str(path)
+    if missing:  # one line, not thousands, for a partial download
+        ids = [m[0] for m in missing]
+        log.warning(
+            "skipping %d images listed in %s but not on disk: %s", len(ids), HAM_CSV, ids[:5]
+        )
+    return {c: sorted(ps) for c, ps in items.items()}, groups, missing
+
+
+def scan(root: Path, layout: str = "auto") -> Catalog:
+    """List every labelled image under ``root`` without decoding any of them."""
+    root = _check_root(root)
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        layout = detect_layout(root)
+    groups: dict[Path, str] = {}
+    missing: list[tuple[str, str]] = []
+    if layout == "ham10000":
+        if not (root / HAM_CSV).is_file():
+            raise DataError(f"ham10000 layout needs {root / HAM_CSV}")
+        items, groups, missing = _scan_ham(root)
+        names = {c: HAM_NAMES.get(c, c) for c in items}
+    elif layout == "matek":
+        items = _scan_matek(root)
+        names = {c: MATEK_CLASSES[c] for c in items}
+    else:
+        items = _scan_folder(root)
+        names = {c: c for c in items}
+        groups = _manifest_groups(root, items)
+    for paths in items.values():
+        for p in paths:
+            groups.setdefault(p, str(p))
+    return Catalog(root, layout, items, groups, names, missing)

@@ -1,0 +1,199 @@
+"""The job API in-process (real SQLite database, real local storage, Celery's SQLite-backed
+queue with no worker): submitting, validating, listing and cancelling jobs, and every bad input
+of training and generation answering 4xx without changing the database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from api.db.models import Batch, Dataset, Job, Model, ModelMode, ModelStatus
+from api.db.session import get_sessionmaker
+
+CLASSES = ["basophil", "eosinophil", "lymphocyte"]
+
+
+def add_dataset(**extra: Any) -> int:
+    with get_sessionmaker()() as s:
+        ds = Dataset(
+            name=extra.get("name", "cells"), root="/nowhere", layout="folder", classes=CLASSES,
+            counts=dict.fromkeys(CLASSES, 10),
+        )  # fmt: skip
+        s.add(ds)
+        s.commit()
+        return ds.id
+
+
+def add_model(
+    dataset_id: int, status: ModelStatus = ModelStatus.ready, mode: str = "prototype"
+) -> int:
+    with get_sessionmaker()() as s:
+        m = Model(
+            dataset_id=dataset_id, mode=ModelMode(mode), preset="tiny", config={},
+            classes=CLASSES, status=status, checkpoint_path="models/x/checkpoint.pt",
+        )  # fmt: skip
+        s.add(m)
+        s.commit()
+        return m.id
+
+
+def counts() -> dict[str, int]:
+    with get_sessionmaker()() as s:
+        return {
+            t.__name__: s.scalar(select(func.count()).select_from(t)) for t in (Job, Model, Batch)
+        }
+
+
+def test_train_both_modes_queues_two_jobs_and_models(service) -> None:
+    ds = add_dataset()
+    body = {"dataset_id": ds, "mode": "both", "preset": "tiny", "overrides": {"max_steps": 3}}
+    r = service.client.post("/jobs/train", json=body, headers=service.admin)
+    assert r.status_code == 202, r.text
+    out = r.json()
+    assert [m["mode"] for m in out["models"]] == ["prototype", "baseline"]
+    assert all(m["status"] == "pending" and m["classes"] == CLASSES for m in out["models"])
+    assert all(m["config"]["max_steps"] == 3 for m in out["models"])
+    jobs = out["jobs"]
+    assert [j["status"] for j in jobs] == ["queued", "queued"]
+    assert jobs[0]["params"]["selection"] == jobs[1]["params"]["selection"]  # same split
+    assert jobs[0]["requested_by"] == "admin (bootstrap)"
+    got = service.client.get(f"/jobs/{jobs[0]['id']}").json()
+    assert got["id"] == jobs[0]["id"] and got["links"]["model"].endswith(
+        f"/models/{out['models'][0]['id']}"
+    )
+    listed = service.client.get("/jobs", params={"kind": "train"}).json()
+    assert [j["id"] for j in listed] == [jobs[1]["id"], jobs[0]["id"]]
+    assert counts() == {"Job": 2, "Model": 2, "Batch": 0}
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "needle"),
+    [
+        ({"dataset_id": 999}, 404, "no dataset with id 999"),
+        ({"mode": "fancy"}, 422, "prototype"),
+        ({"preset": "huge"}, 422, "cpu-small"),
+        ({"overrides": {"lr": -1}}, 422, "lr"),
+        ({"overrides": {"no_such_field": 1}}, 422, "no_such_field"),
+        ({"classes": ["basophil", "alien"]}, 422, "alien"),
+        ({"classes": ["basophil"]}, 422, "at least two"),
+        ({"n_per_class": 0}, 422, "n_per_class"),
+        ({"surprise": True}, 422, "surprise"),
+    ],
+)
+def test_bad_training_requests_change_nothing(service, body, code, needle) -> None:
+    ds = add_dataset()
+    before = counts()
+    r = service.client.post(
+        "/jobs/train", json={"dataset_id": ds, "preset": "tiny", **body}, headers=service.admin
+    )
+    assert r.status_code == code, r.text
+    assert needle in r.text
+    assert counts() == before
+
+
+def test_malformed_json_and_missing_or_wrong_keys(service) -> None:
+    ds = add_dataset()
+    before = counts()
+    r = service.client.post(
+        "/jobs/train",
+        content=b"{not json",
+        headers={**service.admin, "content-type": "application/json"},
+    )
+    assert r.status_code == 422 and "json" in r.text.lower()
+    r = service.client.post("/jobs/train", json={"dataset_id": ds})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    r = service.client.post(
+        "/jobs/train", json={"dataset_id": ds}, headers={"Authorization": "Bearer pm_wrong"}
+    )
+    assert r.status_code == 401 and "unknown" in r.json()["detail"]
+    reviewer = service.client.post(
+        "/keys", json={"name": "rev", "role": "reviewer"}, headers=service.admin
+    ).json()
+    r = service.client.post(
+        "/jobs/train",
+        json={"dataset_id": ds},
+        headers={"Authorization": f"Bearer {reviewer['key']}"},
+    )
+    assert r.status_code == 403 and "admin" in r.json()["detail"]
+    # a revoked key stops working
+    service.client.post(f"/keys/{reviewer['id']}/revoke", headers=service.admin)
+    r = service.client.get("/keys", headers={"Authorization": f"Bearer {reviewer['key']}"})
+    assert r.status_code == 401
+    assert counts() == before
+
+
+def test_generate_picks_latest_ready_model_and_validates(service) -> None:
+    ds = add_dataset()
+    add_model(ds)
+    newest = add_model(ds)
+    add_model(ds, status=ModelStatus.training)
+    r = service.client.post(
+        "/generate", params={"class": "eosinophil", "n": 8, "dataset_id": ds}, headers=service.admin
+    )
+    assert r.status_code == 202, r.text
+    out = r.json()
+    assert out["batch"]["model_id"] == newest and out["batch"]["n"] == 8
+    assert out["job"]["kind"] == "sample" and out["job"]["params"] == {
+        "batch_id": out["batch"]["id"]
+    }
+    assert out["job"]["links"]["batch"].endswith(f"/batches/{out['batch']['id']}")
+    before = counts()
+    cases = [
+        ({"class": "mel", "n": 8}, 422, "basophil, eosinophil, lymphocyte"),
+        ({"class": "eosinophil", "n": 0}, 422, "between 1 and 1000"),
+        ({"class": "eosinophil", "n": 1001}, 422, "between 1 and 1000"),
+        ({"class": "eosinophil", "n": "many"}, 422, "n"),
+        ({"class": "eosinophil", "model_id": 999}, 404, "no model with id 999"),
+        ({"class": "eosinophil", "dataset_id": 999}, 404, "no dataset with id 999"),
+        ({"class": "eosinophil", "scheduler": "euler"}, 422, "ddim"),
+        ({"n": 4}, 422, "class"),
+    ]
+    for params, code, needle in cases:
+        r = service.client.post("/generate", params=params, headers=service.admin)
+        assert r.status_code == code, (params, r.text)
+        assert needle in r.text, (params, r.text)
+    training = add_model(ds, status=ModelStatus.training)
+    r = service.client.post(
+        "/generate", params={"class": "eosinophil", "model_id": training}, headers=service.admin
+    )
+    assert r.status_code == 409 and "not ready" in r.text
+    assert counts()["Batch"] == before["Batch"] and counts()["Job"] == before["Job"]
+
+
+def test_cancel_queued_job_and_refuse_cancelling_twice(service) -> None:
+    ds = add_dataset()
+    r = service.client.post(
+        "/jobs/train", json={"dataset_id": ds, "mode": "baseline", "preset": "tiny"},
+        headers=service.admin,
+    )  # fmt: skip
+    job = r.json()["jobs"][0]
+    r = service.client.post(f"/jobs/{job['id']}/cancel", headers=service.admin)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    model = service.client.get(f"/models/{r.json()['model_id']}").json()
+    assert model["status"] == "cancelled"
+    r = service.client.post(f"/jobs/{job['id']}/cancel", headers=service.admin)
+    assert r.status_code == 409 and "already finished" in r.text
+    assert service.client.post("/jobs/4242/cancel", headers=service.admin).status_code == 404
+
+
+def test_broker_down_is_503_and_leaves_nothing(service, monkeypatch) -> None:
+    from conftest import reset_service_caches
+
+    ds = add_dataset()
+    add_model(ds)
+    before = counts()
+    monkeypatch.setenv("PROTOMED_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens there
+    reset_service_caches()
+    r = service.client.post("/generate", params={"class": "basophil"}, headers=service.admin)
+    assert r.status_code == 503, r.text
+    assert r.json()["component"] == "broker" and r.headers["retry-after"]
+    r = service.client.post(
+        "/jobs/train", json={"dataset_id": ds, "preset": "tiny"}, headers=service.admin
+    )
+    assert r.status_code == 503
+    assert counts() == before
+    ready = service.client.get("/ready")
+    assert ready.status_code == 503 and ready.json()["checks"]["broker"].startswith("error")
+    assert ready.json()["checks"]["database"] == "ok"

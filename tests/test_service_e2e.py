@@ -1,0 +1,250 @@
+"""End to end on production-like infrastructure: PostgreSQL, Redis as the Celery broker, an
+S3 endpoint (moto's server mode on loopback stands in for S3/MinIO) and a real Celery worker
+process. The API runs in-process (ASGI); the worker is a separate process that shares nothing
+with it but these services.
+
+Covers: registering a real dataset (cells64), training cpu-small for a few steps in both modes,
+generating n=8 of one class and fetching the images; a worker killed with SIGKILL mid-training
+(the job is re-run and resumes, or fails once out of attempts); cancelling a running job; a job
+over its time limit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import signal
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import ADMIN_KEY, Service, migrate, reset_service_caches, service_env
+from PIL import Image
+from service_procs import Worker, wait_job
+
+pytestmark = pytest.mark.slow
+FAST_BEATS = {
+    "PROTOMED_HEARTBEAT_S": "0.5",
+    "PROTOMED_HEARTBEAT_TIMEOUT_S": "4",
+}
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis database of its own (flushed before and after) as the broker."""
+    url = f"redis://127.0.0.1:6379/{random.randint(1, 15)}"
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3)
+        client.flushdb()
+    except redis.ConnectionError as exc:
+        import os
+
+        if os.environ.get("PROTOMED_REQUIRE_SERVICES"):
+            pytest.fail(f"PROTOMED_REQUIRE_SERVICES is set but Redis is unreachable: {exc}")
+        pytest.skip(f"Redis unreachable at {url}: {exc}")
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture
+def prod(tmp_path, monkeypatch, pg_url, redis_url, s3_endpoint) -> Iterator[Service]:
+    from fastapi.testclient import TestClient
+
+    from api.storage import S3Storage
+
+    env = service_env(
+        tmp_path,
+        PROTOMED_DATABASE_URL=pg_url,
+        PROTOMED_BROKER_URL=redis_url,
+        PROTOMED_STORAGE_BACKEND="s3",
+        PROTOMED_S3_ENDPOINT_URL=s3_endpoint,
+        PROTOMED_S3_BUCKET=f"protomed-{tmp_path.name[-12:].lower().replace('_', '-')}",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        **FAST_BEATS,
+    )
+    (tmp_path / "data").mkdir()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    reset_service_caches()
+    migrate(pg_url)
+    S3Storage(env["PROTOMED_S3_BUCKET"], endpoint_url=s3_endpoint).ensure_bucket()
+    from api.main import create_app
+
+    with TestClient(create_app()) as client:
+        yield Service(client, {"Authorization": f"Bearer {ADMIN_KEY}"}, tmp_path / "data",
+                      tmp_path, env)  # fmt: skip
+    reset_service_caches()
+
+
+@pytest.fixture
+def start_worker(prod: Service) -> Iterator:
+    workers: list[Worker] = []
+
+    def start(**extra: str) -> Worker:
+        w = Worker({**prod.env, **extra}, prod.tmp / f"worker{len(workers)}.log")
+        workers.append(w)
+        w.wait_ready()
+        return w
+
+    yield start
+    for w in workers:
+        w.stop()
+
+
+def register_cells(svc: Service, real_data: Path) -> dict:
+    r = svc.client.post(
+        "/datasets", json={"name": "cells64", "path": str(real_data / "cells64")},
+        headers=svc.admin,
+    )  # fmt: skip
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def train(svc: Service, dataset_id: int, mode: str, **overrides: object) -> list[dict]:
+    body = {
+        "dataset_id": dataset_id, "mode": mode, "preset": "cpu-small", "n_per_class": 6,
+        "n_heldout": 2, "overrides": {"max_steps": 3, "batch_size": 8, **overrides},
+        "classes": ["basophil", "eosinophil", "lymphocyte"],
+    }  # fmt: skip
+    r = svc.client.post("/jobs/train", json=body, headers=svc.admin)
+    assert r.status_code == 202, r.text
+    return r.json()["jobs"]
+
+
+@pytest.mark.realdata
+def test_train_both_modes_generate_and_fetch(prod, start_worker, real_data) -> None:
+    worker = start_worker()
+    ready = prod.client.get("/ready")
+    assert ready.status_code == 200, ready.text
+    ds = register_cells(prod, real_data)
+    jobs = train(prod, ds["id"], "both")
+    done = [wait_job(prod.client, j["id"], worker=worker) for j in jobs]
+    assert [j["status"] for j in done] == ["succeeded", "succeeded"], done
+    models = [prod.client.get(f"/models/{j['model_id']}").json() for j in done]
+    assert [m["mode"] for m in models] == ["prototype", "baseline"]
+    assert all(m["status"] == "ready" and m["metrics"]["steps"] == 3 for m in models)
+    # both modes trained on the same images: their codebooks recorded the same selection
+    assert done[0]["result"]["steps"] == 3 and done[0]["progress"] == 1.0
+
+    t0 = time.perf_counter()
+    r = prod.client.post(
+        "/generate", params={"class": "eosinophil", "n": 8, "steps": 10, "dataset_id": ds["id"],
+                             "mode": "prototype"}, headers=prod.admin,
+    )  # fmt: skip
+    assert r.status_code == 202, r.text
+    job = wait_job(prod.client, r.json()["job"]["id"], worker=worker)
+    assert job["status"] == "succeeded", job
+    batch = prod.client.get(f"/batches/{r.json()['batch']['id']}").json()
+    assert batch["model_id"] == models[0]["id"] and len(batch["images"]) == 8
+    assert [i["index"] for i in batch["images"]] == list(range(8))
+    for img in batch["images"]:
+        png = prod.client.get(img["url"])
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(png.content)).size == (32, 32)
+    zf = zipfile.ZipFile(io.BytesIO(prod.client.get(batch["zip_url"]).content))
+    assert len(zf.namelist()) == 9 and "manifest.csv" in zf.namelist()
+    print(f"generate n=8 (10 DDIM steps) round trip: {time.perf_counter() - t0:.1f} s")
+
+
+def running_with_checkpoint(job: dict) -> bool:
+    return job["progress"] > 0.3  # past the prototype stage and at least one checkpoint
+
+
+def test_sigkilled_worker_job_is_rerun_and_resumes(prod, start_worker, tmp_path) -> None:
+    from ml.toy import write_toy_dataset
+
+    write_toy_dataset(prod.data_root / "toy", n_per_class=6, size=32, seed=0)
+    r = prod.client.post("/datasets", json={"name": "toy", "path": "toy"}, headers=prod.admin)
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    body = {
+        "dataset_id": ds["id"], "mode": "baseline", "preset": "cpu-small", "n_per_class": 6,
+        "n_heldout": 0,
+        "overrides": {"max_steps": 40, "batch_size": 4, "checkpoint_every": 5},
+    }  # fmt: skip
+    job = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
+    first = start_worker()
+    running = wait_job(
+        prod.client, job["id"], until=("running",), predicate=running_with_checkpoint,
+        worker=first, timeout=240,
+    )  # fmt: skip
+    t_kill = time.monotonic()
+    first.kill(signal.SIGKILL)
+    stuck = prod.client.get(f"/jobs/{job['id']}").json()
+    assert stuck["status"] == "running"  # nobody has noticed yet
+    second = start_worker()
+    requeued = wait_job(
+        prod.client, job["id"], until=("queued", "running"),
+        predicate=lambda j: j["attempts"] == 2 or j["status"] == "queued", worker=second,
+    )  # fmt: skip
+    done = wait_job(prod.client, job["id"], worker=second)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2 and done["result"]["steps"] == 40
+    assert "resumed from" in second.tail(400) or "resumed" in second.log.read_text()
+    print(
+        f"SIGKILL at progress {running['progress']:.2f}: re-run noticed in "
+        f"{time.monotonic() - t_kill:.1f} s (state seen: {requeued['status']}), finished "
+        f"with attempts={done['attempts']}"
+    )
+
+
+def test_sigkilled_worker_out_of_attempts_fails(prod, start_worker) -> None:
+    from ml.toy import write_toy_dataset
+
+    write_toy_dataset(prod.data_root / "toy", n_per_class=6, size=32, seed=0)
+    ds = prod.client.post("/datasets", json={"name": "toy", "path": "toy"}, headers=prod.admin)
+    body = {
+        "dataset_id": ds.json()["id"], "mode": "baseline", "preset": "cpu-small",
+        "n_per_class": 6, "n_heldout": 0, "overrides": {"max_steps": 400, "batch_size": 4},
+    }  # fmt: skip
+    job = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
+    first = start_worker(PROTOMED_MAX_ATTEMPTS="1")
+    wait_job(prod.client, job["id"], until=("running",), worker=first, timeout=240)
+    first.kill(signal.SIGKILL)
+    second = start_worker(PROTOMED_MAX_ATTEMPTS="1")
+    done = wait_job(prod.client, job["id"], worker=second, timeout=60)
+    assert done["status"] == "failed" and "stopped answering" in done["error"], done
+    model = prod.client.get(f"/models/{done['model_id']}").json()
+    assert model["status"] == "failed"
+
+
+def test_cancel_running_job_and_time_limit(prod, start_worker) -> None:
+    from ml.toy import write_toy_dataset
+
+    write_toy_dataset(prod.data_root / "toy", n_per_class=6, size=32, seed=0)
+    ds = prod.client.post("/datasets", json={"name": "toy", "path": "toy"}, headers=prod.admin)
+    body = {
+        "dataset_id": ds.json()["id"], "mode": "baseline", "preset": "cpu-small",
+        "n_per_class": 6, "n_heldout": 0, "overrides": {"max_steps": 2000, "batch_size": 4},
+    }  # fmt: skip
+    worker = start_worker(PROTOMED_TRAIN_TIME_LIMIT_S="20")
+    slow = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
+    wait_job(prod.client, slow["id"], until=("running",), worker=worker,
+             predicate=lambda j: j["progress"] > 0.05, timeout=240)  # fmt: skip
+    r = prod.client.post(f"/jobs/{slow['id']}/cancel", headers=prod.admin)
+    assert r.status_code == 200 and r.json()["cancel_requested"] is True
+    done = wait_job(prod.client, slow["id"], worker=worker, timeout=60)
+    assert done["status"] == "cancelled" and done["error"] is None, done
+    assert prod.client.get(f"/models/{done['model_id']}").json()["status"] == "cancelled"
+
+    over = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
+    done = wait_job(prod.client, over["id"], worker=worker, timeout=240)
+    assert done["status"] == "failed" and "time limit" in done["error"], done
+    print(json.dumps({"cancelled": slow["id"], "timed_out": over["id"]}))

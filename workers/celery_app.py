@@ -1,0 +1,53 @@
+"""The Celery application: ``celery -A workers.celery_app worker -Q gpu,default``.
+
+State lives in the database, not in Celery: a task carries only a job id, has no result backend,
+and is acknowledged late (after it finishes) so a worker killed mid-job leaves its message to be
+redelivered. Jobs are claimed with a conditional UPDATE, so a redelivered or duplicated message
+never runs a job twice (``workers.lifecycle``). Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from api.core.config import Settings, get_settings
+
+GPU_QUEUE = "gpu"
+DEFAULT_QUEUE = "default"
+# Task name per job kind, and the queue it runs on: heavy work on GPU workers only.
+TASKS: dict[str, tuple[str, str]] = {
+    "train": ("protomed.train", GPU_QUEUE),
+    "sample": ("protomed.sample", GPU_QUEUE),
+}
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("protomed", broker=settings.broker_url, include=["workers.tasks"])
+    app.conf.update(
+        task_default_queue=DEFAULT_QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        # A hard backstop for prefork pools; jobs enforce their own limits (workers.lifecycle).
+        task_time_limit=int(max(settings.train_time_limit_s, settings.sample_time_limit_s)) + 600,
+    )
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Redis redelivers an unacknowledged message after this long; long jobs are guarded by
+        # the database claim (a live heartbeat wins), so redelivering a running job is a no-op.
+        app.conf.broker_transport_options = {"visibility_timeout": 3600}
+    return app
+
+
+@lru_cache(maxsize=1)
+def get_celery() -> Celery:
+    """The process-wide app for the current settings (tests clear the cache)."""
+    return make_celery(get_settings())
+
+
+app = get_celery()

@@ -1,0 +1,99 @@
+"""The sampling job: load the model's checkpoint (cached per machine), generate the batch's
+images, store each PNG and record it. A re-run replaces a partial batch, so images are never
+duplicated."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete
+
+from api.core.config import Settings
+from api.db.models import Batch, Image
+from api.db.session import get_sessionmaker
+from api.storage import Storage
+from workers.lifecycle import JobContext
+
+
+def _load(job_id: int) -> dict[str, Any]:
+    with get_sessionmaker()() as session:
+        batch = session.get(Batch, int(_batch_id(session, job_id)))
+        assert batch is not None
+        model = batch.model
+        if not model.checkpoint_path:
+            raise ValueError(f"model {model.id} has no checkpoint")
+        return {
+            "batch_id": batch.id, "model_id": model.id, "checkpoint": model.checkpoint_path,
+            "class_name": batch.class_name, "n": batch.n, "guidance": batch.guidance,
+            "steps": batch.steps, "seed": batch.seed or 0, "scheduler": batch.scheduler,
+        }  # fmt: skip
+
+
+def _batch_id(session: Any, job_id: int) -> int:
+    from api.db.models import Job
+
+    job = session.get(Job, job_id)
+    if job is None or "batch_id" not in job.params:
+        raise ValueError(f"sample job {job_id} names no batch")
+    return int(job.params["batch_id"])
+
+
+def local_checkpoint(key: str, model_id: int, storage: Storage, work_dir: Path) -> Path:
+    """The checkpoint on this machine's disk, downloaded once per model."""
+    path = work_dir / "models" / str(model_id) / "checkpoint.pt"
+    if not path.is_file():
+        storage.download(key, path)
+    return path
+
+
+def png_bytes(img: Any) -> bytes:
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def run_sampling(job_id: int, ctx: JobContext, settings: Settings, storage: Storage) -> dict:
+    from ml.checkpoint import load_model
+    from ml.config import SampleConfig, resolve_device
+    from ml.sample import generate
+
+    info = _load(job_id)
+    batch_id, n = info["batch_id"], info["n"]
+    prefix = f"batches/{batch_id}"
+    with get_sessionmaker()() as session:  # a re-run starts the batch afresh
+        session.execute(delete(Image).where(Image.batch_id == batch_id))
+        session.commit()
+    storage.delete_prefix(prefix + "/")
+    ckpt = local_checkpoint(info["checkpoint"], info["model_id"], storage, settings.work_dir)
+    loaded = load_model(ckpt, use_ema=True, device=resolve_device())
+    scfg = SampleConfig(
+        steps=info["steps"], guidance=info["guidance"], scheduler=info["scheduler"],
+        seed=info["seed"], batch_size=min(n, 64),
+    )  # fmt: skip
+    ctx.report(0.0)
+    images = generate(
+        loaded, info["class_name"], n, scfg, on_image=lambda done: ctx.report(done / n)
+    )
+    rows = []
+    for i, img in enumerate(images):
+        data = png_bytes(img)
+        key = f"{prefix}/{info['class_name']}_{i:04d}.png"
+        storage.put_bytes(key, data, content_type="image/png")
+        rows.append(
+            Image(
+                batch_id=batch_id,
+                class_name=info["class_name"],
+                index=i,
+                storage_key=key,
+                sha256=hashlib.sha256(data).hexdigest(),
+            )  # fmt: skip
+        )
+    with get_sessionmaker()() as session:
+        session.add_all(rows)
+        session.commit()
+    return {"batch_id": batch_id, "images": len(rows)}

@@ -1,0 +1,115 @@
+"""Celery tasks: claim the job, run it with a heartbeat, record how it ended.
+
+Every worker also runs the reaper (at start and then periodically), so a job whose worker died
+is re-queued or failed even when no beat scheduler is deployed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+
+from api.core.config import get_settings
+from api.db.models import Job, JobKind, JobStatus, ModelStatus
+from api.db.session import get_engine, get_sessionmaker
+from api.queue import enqueue
+from api.storage import get_storage
+from workers.celery_app import TASKS, app
+from workers.lifecycle import JobContext, JobStopped, claim, finish, reap
+
+log = logging.getLogger(__name__)
+_stop_reaper = threading.Event()
+
+
+def _runner(kind: str) -> Callable[..., dict]:
+    if kind == JobKind.train:
+        from workers.training import run_training
+
+        return run_training
+    from workers.sampling import run_sampling
+
+    return run_sampling
+
+
+def run_job(job_id: int, kind: str, worker: str) -> str:
+    """Run one job to its end; returns the final status (or ``skipped``)."""
+    settings, storage = get_settings(), get_storage()
+    with get_sessionmaker()() as session:
+        if not claim(session, job_id, worker, settings):
+            log.info("job %s not claimable (done, cancelled, or running elsewhere)", job_id)
+            return "skipped"
+    limit = settings.train_time_limit_s if kind == JobKind.train else settings.sample_time_limit_s
+    is_train = kind == JobKind.train
+
+    def model_status(status: ModelStatus) -> Callable[[Any], None] | None:
+        return (lambda m: setattr(m, "status", status)) if is_train else None
+
+    try:
+        with JobContext(job_id, worker, settings, limit) as ctx:
+            result = _runner(kind)(job_id, ctx, settings, storage)
+    except JobStopped as exc:
+        status = JobStatus.cancelled if exc.cancelled else JobStatus.failed
+        model = ModelStatus.cancelled if exc.cancelled else ModelStatus.failed
+        finish(
+            job_id, status, error=None if exc.cancelled else str(exc), on_model=model_status(model)
+        )
+        return str(status)
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        error = f"{type(exc).__name__}: {exc}"[:4000]
+        finish(job_id, JobStatus.failed, error=error, on_model=model_status(ModelStatus.failed))
+        return str(JobStatus.failed)
+    finish(job_id, JobStatus.succeeded, result=result)
+    return str(JobStatus.succeeded)
+
+
+def _worker_name(task: Any) -> str:
+    return f"{task.request.hostname or 'worker'}:{os.getpid()}"
+
+
+@app.task(name=TASKS["train"][0], bind=True)
+def train(self: Any, job_id: int) -> str:
+    return run_job(job_id, JobKind.train, _worker_name(self))
+
+
+@app.task(name=TASKS["sample"][0], bind=True)
+def sample(self: Any, job_id: int) -> str:
+    return run_job(job_id, JobKind.sample, _worker_name(self))
+
+
+def _requeue(job: Job) -> None:
+    enqueue(job)
+
+
+def _reaper_loop() -> None:
+    settings = get_settings()
+    interval = max(1.0, settings.heartbeat_timeout_s / 4)
+    while True:
+        try:
+            reap(settings, _requeue)
+        except Exception as exc:  # keep reaping after a database or broker blip
+            log.warning("reaper failed: %s", exc)
+        if _stop_reaper.wait(interval):
+            return
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    """A forked pool process must not share its parent's database connections."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose(close=False)
+
+
+@worker_ready.connect
+def _start_reaper(**_: Any) -> None:
+    threading.Thread(target=_reaper_loop, name="reaper", daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _stop(**_: Any) -> None:
+    _stop_reaper.set()

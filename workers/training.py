@@ -1,0 +1,173 @@
+"""The training job: codebook (always, so both modes share one split), then the UNet, then upload.
+
+Runs on a ``gpu`` worker. One process per GPU: with several GPUs (or ``train_processes`` > 1)
+training runs under ``torchrun`` and progress is read from the run's ``metrics.jsonl``. A re-run
+after a lost worker resumes from the run folder's ``last.pt`` when it is on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from api.archive import ensure_local
+from api.core.config import Settings
+from api.db.models import Job, Model, ModelStatus
+from api.db.session import get_sessionmaker
+from api.storage import Storage
+from workers.lifecycle import JobContext, JobStopped
+
+log = logging.getLogger(__name__)
+PROTOTYPE_SHARE = 0.05  # progress fraction shown for the prototype stage
+
+
+def encoder_spec(settings: Settings) -> tuple[Any, bool]:
+    """The configured CLIP encoder; ``untrained`` builds it with random weights (tests only)."""
+    from ml.encoder import EncoderSpec
+
+    untrained = settings.encoder_weights == "untrained"
+    return EncoderSpec(settings.encoder, None if untrained else settings.encoder_weights), untrained
+
+
+def _load(job_id: int) -> dict[str, Any]:
+    """Everything the job needs from the database, read once; marks the model as training."""
+    with get_sessionmaker()() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.model is None:
+            raise ValueError(f"train job {job_id} has no model")
+        model: Model = job.model
+        model.status = ModelStatus.training
+        session.commit()
+        return {
+            "model_id": model.id, "config": dict(model.config), "params": dict(job.params),
+            "root": model.dataset.root, "archive_key": model.dataset.archive_key,
+        }  # fmt: skip
+
+
+def _codebook(info: dict[str, Any], root: Path, run_dir: Path, settings: Settings) -> Any:
+    from ml.encoder import EmbeddingCache
+    from ml.pipeline import learn_prototypes
+    from ml.prototypes import Codebook, CPLConfig
+
+    book_dir = run_dir / "codebook"
+    if (book_dir / "codebook.json").is_file():  # a re-run: same selection, same codebook
+        return Codebook.load(book_dir)
+    spec, untrained = encoder_spec(settings)
+    selection = {**info["params"]["selection"], "root": str(root)}
+    cpl = CPLConfig(k=int(info["params"].get("k", 1)), seed=int(selection.get("seed", 0)))
+    with EmbeddingCache(settings.work_dir / "embeddings.sqlite") as cache:
+        run = learn_prototypes(
+            selection, book_dir, encoder_spec=spec, cpl=cpl, allow_untrained=untrained, cache=cache
+        )
+    return run.codebook
+
+
+def processes(settings: Settings) -> int:
+    if settings.train_processes:
+        return settings.train_processes
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def _train_single(cfg: Any, book: Any, run_dir: Path, ctx: JobContext) -> Path:
+    from ml.pipeline import train_model
+    from ml.train import Progress, TrainingCancelled
+
+    def on_step(p: Progress) -> None:
+        try:
+            ctx.report(PROTOTYPE_SHARE + (1 - PROTOTYPE_SHARE) * p.step / p.total_steps, p.eta_s)
+        except JobStopped as exc:  # the trainer checkpoints on TrainingCancelled, then re-raises
+            raise TrainingCancelled(str(exc)) from exc
+
+    resume = run_dir / "last.pt" if (run_dir / "last.pt").is_file() else None
+    try:
+        return train_model(
+            cfg, run_dir, codebook=book, resume=resume, progress=on_step, show_progress=False
+        )
+    except TrainingCancelled as exc:
+        raise exc.__cause__ if isinstance(exc.__cause__, JobStopped) else exc
+
+
+def _train_ddp(cfg: Any, book: Any, run_dir: Path, ctx: JobContext, nproc: int) -> Path:
+    """``torchrun`` over the machine's GPUs; progress from metrics.jsonl, cancel terminates."""
+    from ml.train import steps_for
+
+    sets = [f"{k}={json.dumps(v)}" for k, v in cfg.model_dump(mode="json").items()]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "ml.cli", "train", "--mode", cfg.mode, "--codebook", str(run_dir / "codebook"),
+        "--out", str(run_dir), "--preset", cfg.preset,
+    ]  # fmt: skip
+    for s in sets:
+        if not s.startswith(("mode=", "preset=")):
+            cmd += ["--set", s]
+    if (run_dir / "last.pt").is_file():
+        cmd += ["--resume", str(run_dir / "last.pt")]
+    total = steps_for(cfg, len(book.assignments), nproc)
+    proc = subprocess.Popen(cmd)
+    metrics, t0 = run_dir / "metrics.jsonl", time.monotonic()
+    try:
+        while proc.poll() is None:
+            time.sleep(1.0)
+            if metrics.is_file() and total:
+                lines = metrics.read_text().splitlines()
+                step = json.loads(lines[-1])["step"] if lines else 0
+                rate = step / max(time.monotonic() - t0, 1e-9)
+                eta = (total - step) / rate if rate else None
+                ctx.report(PROTOTYPE_SHARE + (1 - PROTOTYPE_SHARE) * min(step / total, 1), eta)
+            else:
+                ctx.check()
+    except JobStopped:
+        proc.terminate()
+        proc.wait(timeout=60)
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun exited with code {proc.returncode}")
+    return run_dir / "last.pt"
+
+
+def _upload(model_id: int, run_dir: Path, storage: Storage) -> dict[str, str]:
+    prefix = f"models/{model_id}"
+    keys = {"checkpoint": f"{prefix}/checkpoint.pt", "codebook": f"{prefix}/codebook"}
+    storage.put_file(keys["checkpoint"], run_dir / "last.pt")
+    for f in sorted((run_dir / "codebook").iterdir()):
+        storage.put_file(f"{keys['codebook']}/{f.name}", f)
+    for name in ("summary.json", "metrics.jsonl", "config.json"):
+        if (run_dir / name).is_file():
+            storage.put_file(f"{prefix}/{name}", run_dir / name)
+    return keys
+
+
+def run_training(job_id: int, ctx: JobContext, settings: Settings, storage: Storage) -> dict:
+    """Train the job's model; returns the job result. The model row ends ready."""
+    from ml.config import TrainConfig
+
+    info = _load(job_id)
+    model_id = info["model_id"]
+    run_dir = settings.work_dir / "models" / str(model_id)
+    root = ensure_local(info["root"], info["archive_key"], storage, settings.work_dir)
+    ctx.report(0.0)
+    book = _codebook(info, root, run_dir, settings)
+    ctx.report(PROTOTYPE_SHARE)
+    cfg = TrainConfig(**info["config"])
+    nproc = processes(settings)
+    if nproc > 1:
+        _train_ddp(cfg, book, run_dir, ctx, nproc)
+    else:
+        _train_single(cfg, book, run_dir, ctx)
+    keys = _upload(model_id, run_dir, storage)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = {**summary, "prototypes": book.report}
+    with get_sessionmaker()() as session:
+        model = session.get(Model, model_id)
+        assert model is not None
+        model.checkpoint_path, model.codebook_path = keys["checkpoint"], keys["codebook"]
+        model.metrics, model.status = metrics, ModelStatus.ready
+        session.commit()
+    return {"model_id": model_id, **keys, "steps": summary["steps"], "loss": summary["final_loss"]}

@@ -96,7 +96,11 @@ def copy_limited(src: IO[bytes], dst: IO[bytes], budget: int, message: str) -> i
     return written
 
 
-def _extract(zf: zipfile.ZipFile, members: list[zipfile.ZipInfo], out: Path, max_bytes: int):
+def _extract(
+    zf: zipfile.ZipFile, members: list[zipfile.ZipInfo], out: Path, max_bytes: int
+) -> None:
+    """Stream ``members`` into ``out``, counting the bytes really written against the limit."""
+    too_much = f"archive unpacks to more than the {max_bytes} bytes allowed"
     left = max_bytes
     for info in members:
         target = out.joinpath(*PurePosixPath(info.filename).parts)
@@ -105,7 +109,6 @@ def _extract(zf: zipfile.ZipFile, members: list[zipfile.ZipInfo], out: Path, max
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         with zf.open(info) as src, open(target, "xb") as dst:  # "x": duplicate names fail
-            too_much = f"archive unpacks to more than the {max_bytes} bytes allowed"
             left -= copy_limited(src, dst, left, too_much)
 
 

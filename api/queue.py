@@ -1,4 +1,4 @@
-"""Hand jobs to the Celery workers: only ids cross the broker; everything else is in the database."""
+"""Hand jobs to the Celery workers: only job ids cross the broker; the rest is in the database."""
 
 from __future__ import annotations
 

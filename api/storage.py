@@ -7,8 +7,8 @@ local root or alias another. The API must start fast and workers must not pay fo
 so this module imports neither torch nor fastapi; boto3 is imported only by :class:`S3Storage`.
 
 A missing key raises :class:`ObjectNotFound`; an unusable backend (unreachable, bucket missing,
-permission denied, disk full) raises ``api.core.exceptions.ServiceUnavailable("storage", ...)``, which
-the API answers with 503.
+permission denied, disk full) raises ``ServiceUnavailable("storage", ...)``
+(``api.core.exceptions``), which the API answers with 503.
 """
 
 from __future__ import annotations

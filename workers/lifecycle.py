@@ -60,7 +60,7 @@ def claim(session: Session, job_id: int, worker: str, settings: Settings) -> boo
             attempts=Job.attempts + 1,
             started_at=now,
             error=None,
-        )  # fmt: skip
+        )
         .execution_options(synchronize_session=False)
     )
     session.commit()

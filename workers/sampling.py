@@ -91,7 +91,7 @@ def run_sampling(job_id: int, ctx: JobContext, settings: Settings, storage: Stor
                 index=i,
                 storage_key=key,
                 sha256=hashlib.sha256(data).hexdigest(),
-            )  # fmt: skip
+            )
         )
     with get_sessionmaker()() as session:
         session.add_all(rows)

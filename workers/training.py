@@ -91,7 +91,9 @@ def _train_single(cfg: Any, book: Any, run_dir: Path, ctx: JobContext) -> Path:
             cfg, run_dir, codebook=book, resume=resume, progress=on_step, show_progress=False
         )
     except TrainingCancelled as exc:
-        raise exc.__cause__ if isinstance(exc.__cause__, JobStopped) else exc
+        if isinstance(exc.__cause__, JobStopped):
+            raise exc.__cause__ from None
+        raise
 
 
 def _train_ddp(cfg: Any, book: Any, run_dir: Path, ctx: JobContext, nproc: int) -> Path:
@@ -151,7 +153,10 @@ def run_training(job_id: int, ctx: JobContext, settings: Settings, storage: Stor
     info = _load(job_id)
     model_id = info["model_id"]
     run_dir = settings.work_dir / "models" / str(model_id)
-    root = ensure_local(info["root"], info["archive_key"], storage, settings.work_dir)
+    root = ensure_local(
+        info["root"], info["archive_key"], storage, settings.work_dir,
+        max_bytes=settings.max_unpacked_bytes, max_files=settings.max_upload_files,
+    )  # fmt: skip
     ctx.report(0.0)
     book = _codebook(info, root, run_dir, settings)
     ctx.report(PROTOTYPE_SHARE)

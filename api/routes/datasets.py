@@ -79,7 +79,7 @@ def _unprocessable(detail: str) -> HTTPException:
 
 
 def _inside(path: Path, root: Path) -> bool:
-    return path == root or path.is_relative_to(root)
+    return path.is_relative_to(root)
 
 
 def resolve_folder(path: str, data_roots: list[Path]) -> Path:

@@ -126,3 +126,7 @@ def serve(
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m api.cli`
+    app()

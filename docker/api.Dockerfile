@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # protomed API image: FastAPI under uvicorn. The same image runs the `migrate` one-shot
-# (alembic upgrade head), Celery beat and the light CPU worker of the `default` queue.
+# (alembic upgrade head) and the light CPU worker of the `default` queue.
 #
 #   docker build -f docker/api.Dockerfile -t protomed-api .
 #

@@ -1,0 +1,102 @@
+"""``protomed serve``, the embedded mode, end to end over real HTTP: one command starts the API
+and a worker process with SQLite (database and Celery queue) and local files; no Redis,
+PostgreSQL or S3. Register the toy domain, train both modes for a few steps, generate, fetch."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from ml.toy import write_toy_dataset
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(fn, timeout: float, what: str, log: Path, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"protomed serve exited ({proc.returncode}):\n{log.read_text()}")
+        try:
+            value = fn()
+            if value:
+                return value
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} after {timeout} s; log:\n{log.read_text()[-4000:]}")
+
+
+def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> None:
+    write_toy_dataset(tmp_path / "data" / "toy", n_per_class=6, size=32, seed=0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROTOMED_")}
+    env |= {"PROTOMED_ENCODER": "protomed-tiny-vit", "PROTOMED_ENCODER_WEIGHTS": "untrained",
+            "OMP_NUM_THREADS": "2"}  # fmt: skip
+    port, log = free_port(), tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port),
+           "--data-root", str(tmp_path / "data")]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, stdout=log.open("wb"),
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            ready = wait_for(
+                lambda: http.get("/ready").status_code == 200, 120, "not ready", log, proc
+            )
+            assert ready
+            key = (tmp_path / ".protomed-admin-key").read_text().strip()
+            assert key in log.read_text()  # printed once for the user
+            auth = {"Authorization": f"Bearer {key}"}
+            r = http.post("/datasets", json={"name": "toy", "path": "toy"}, headers=auth)
+            assert r.status_code == 201, r.text
+            classes = r.json()["classes"]
+            body = {
+                "dataset_id": r.json()["id"], "mode": "both", "preset": "cpu-small",
+                "n_per_class": 6, "n_heldout": 0, "overrides": {"max_steps": 3, "batch_size": 8},
+            }  # fmt: skip
+            jobs = http.post("/jobs/train", json=body, headers=auth).json()["jobs"]
+
+            def finished(job_id: int) -> dict | None:
+                job = http.get(f"/jobs/{job_id}").json()
+                return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+            done = [wait_for(lambda j=j: finished(j["id"]), 300, "training", log) for j in jobs]
+            assert [j["status"] for j in done] == ["succeeded", "succeeded"], done
+            # one dataset registered: its newest ready model of the mode is used
+            params = {"class": classes[0], "n": 8, "steps": 10, "mode": "prototype"}
+            r = http.post("/generate", params=params, headers=auth)
+            assert r.status_code == 202, r.text
+            job = wait_for(lambda: finished(r.json()["job"]["id"]), 120, "sampling", log)
+            assert job["status"] == "succeeded", job
+            batch = http.get(f"/batches/{r.json()['batch']['id']}").json()
+            assert len(batch["images"]) == 8 and batch["model_id"] == done[0]["model_id"]
+            png = http.get(batch["images"][0]["url"])
+            assert Image.open(io.BytesIO(png.content)).size == (32, 32)
+        # everything lives in the working folder: SQLite files and local storage
+        assert (tmp_path / "protomed.db").is_file() and (tmp_path / "protomed-broker.db").is_file()
+        assert len(list((tmp_path / "storage" / "batches").rglob("*.png"))) == 8
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

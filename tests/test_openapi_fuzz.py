@@ -1,0 +1,185 @@
+"""Property-based fuzzing of the API against its own OpenAPI document (schemathesis).
+
+Every operation gets generated valid and invalid requests, sent with the admin key so writes run
+their validation and database code instead of stopping at 401. The database is seeded with a
+dataset, a ready model, a queued job and a stored one-image batch so small generated ids reach
+real rows. Whatever is sent, the answer must never be a 5xx: on SQLite (the embedded default)
+and on PostgreSQL (production; its 32-bit INTEGER columns reject ids SQLite accepts). A second
+test pins the public interface clients and docs rely on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import pytest
+import schemathesis
+from fastapi import FastAPI
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+
+from api.db.models import Batch, Dataset, Image, Job, JobKind, Model, ModelMode, ModelStatus
+from api.main import bootstrap, create_app
+from tests.conftest import (
+    ADMIN_KEY,
+    PG_ADMIN_URL,
+    migrate,
+    reset_service_caches,
+    service_env,
+)
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+CLASSES = ["basophil", "eosinophil", "lymphocyte"]
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16  # served as stored; the API never decodes it
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for the module (conftest's ``pg_url`` is per test); skipped
+    where the server is unreachable unless PROTOMED_REQUIRE_SERVICES is set."""
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as e:
+        if os.environ.get("PROTOMED_REQUIRE_SERVICES"):
+            pytest.fail(f"PROTOMED_REQUIRE_SERVICES is set but PostgreSQL is unreachable: {e}")
+        pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN_URL}: {e}")
+    name = f"protomed_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+        finally:
+            reset_service_caches()  # close the app's pooled connections before dropping
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def fuzz_env(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """Service settings shared by all fuzz cases of one database (one app, one database: the
+    function-scoped ``service`` fixture would rebuild both for every generated request)."""
+    tmp = tmp_path_factory.mktemp(f"fuzz-{request.param}")
+    (tmp / "data").mkdir()
+    # Only the empty temp root: a fuzzed folder name must never start a scan of the real data.
+    extra = {"PROTOMED_DATA_ROOTS": json.dumps([str(tmp / "data")])}
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "postgresql":
+            extra["PROTOMED_DATABASE_URL"] = request.getfixturevalue("_module_pg_url")
+        env = service_env(tmp, **extra)
+        for k, v in env.items():
+            mp.setenv(k, v)
+        reset_service_caches()
+        migrate(env["PROTOMED_DATABASE_URL"])
+        yield env
+    reset_service_caches()
+
+
+@pytest.fixture(scope="module")
+def _module_pg_url() -> Iterator[str]:
+    with postgres_database() as url:
+        yield url
+
+
+def seed() -> dict[str, int]:
+    """One dataset, one ready model, one queued sample job and its stored one-image batch."""
+    from api.db.session import get_sessionmaker
+    from api.storage import get_storage
+
+    key = "batches/seed/0000.png"
+    get_storage().put_bytes(key, PNG, "image/png")
+    with get_sessionmaker()() as s:
+        ds = Dataset(
+            name="cells", root="/nowhere", layout="folder", classes=CLASSES,
+            counts=dict.fromkeys(CLASSES, 10),
+        )  # fmt: skip
+        model = Model(
+            dataset=ds, mode=ModelMode.prototype, preset="tiny", config={}, classes=CLASSES,
+            status=ModelStatus.ready, checkpoint_path="models/x/checkpoint.pt",
+        )  # fmt: skip
+        job = Job(kind=JobKind.sample, model=model, requested_by="seed")
+        batch = Batch(
+            model=model, class_name=CLASSES[0], n=1, guidance=2.0, steps=50, seed=0,
+            scheduler="ddim", job=job,
+        )  # fmt: skip
+        image = Image(
+            batch=batch, class_name=CLASSES[0], index=0, storage_key=key,
+            sha256=hashlib.sha256(PNG).hexdigest(),
+        )  # fmt: skip
+        s.add_all([ds, model, job, batch, image])
+        s.flush()
+        job.params = {"batch_id": batch.id}
+        s.commit()
+        return {"dataset": ds.id, "model": model.id, "job": job.id, "batch": batch.id}
+
+
+# The document is static: loading it needs no settings or database. The app that answers is
+# built per database (``fuzz_app``) once the environment points at the temporary service.
+# (``schemathesis.pytest.from_fixture`` would do both in a fixture, but schemathesis 4.32 sets
+# ``Function._nodeid``, which pytest 9 no longer has.)
+schema = schemathesis.openapi.from_dict(create_app().openapi())
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(fuzz_env: dict[str, str]) -> FastAPI:
+    """A seeded app on the module's database, with the bootstrap admin key in place."""
+    bootstrap()
+    seed()
+    return create_app()
+
+
+@schema.parametrize()
+@settings(
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    database=None,  # nothing written to .hypothesis/; derandomized runs repeat anyway
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_no_server_errors(case: Any, fuzz_app: FastAPI) -> None:
+    response = case.call(headers=ADMIN, app=fuzz_app)
+    case.validate_response(response, checks=[not_a_server_error])
+
+
+# --- the documented interface ------------------------------------------------------------------
+
+PUBLIC = [
+    ("post", "/jobs/train"),
+    ("post", "/generate"),
+    ("get", "/jobs/{job_id}"),
+    ("post", "/jobs/{job_id}/cancel"),
+    ("get", "/models"),
+    ("get", "/batches/{batch_id}"),
+    ("get", "/batches/{batch_id}/zip"),
+    ("get", "/images/{image_id}"),
+    ("post", "/datasets"),
+    ("post", "/datasets/upload"),
+    ("get", "/health"),
+    ("get", "/ready"),
+]
+WRITE_METHODS = {"post", "put", "patch", "delete"}
+
+
+def test_spec_lists_public_interface() -> None:
+    spec = create_app().openapi()
+    paths = spec["paths"]
+    missing = [f"{m.upper()} {p}" for m, p in PUBLIC if m not in paths.get(p, {})]
+    assert not missing, f"not in the OpenAPI document: {missing}"
+    params = {p["name"]: p for p in paths["/generate"]["post"]["parameters"]}
+    assert params["class"]["in"] == "query" and params["class"]["required"]
+    schemes = spec["components"]["securitySchemes"]
+    bearer = {name for name, s in schemes.items() if s.get("scheme", "").lower() == "bearer"}
+    assert bearer, f"no bearer scheme among {sorted(schemes)}"
+    writes = [(m, p, op) for p, ops in paths.items() for m, op in ops.items() if m in WRITE_METHODS]
+    unsecured = [
+        f"{m.upper()} {p}" for m, p, op in writes
+        if not any(bearer & set(req) for req in op.get("security", []))
+    ]  # fmt: skip
+    assert not unsecured, f"write operations without the bearer scheme: {unsecured}"

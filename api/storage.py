@@ -13,6 +13,7 @@ permission denied, disk full) raises ``ServiceUnavailable("storage", ...)``
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -118,6 +119,8 @@ class LocalStorage:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).expanduser().resolve()
+        with contextlib.suppress(OSError):  # if this fails, ping() and every call report it
+            self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
@@ -127,6 +130,8 @@ class LocalStorage:
         try:
             yield
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+            if not self.root.is_dir():  # the store itself is gone (unmounted volume, a file)
+                raise _unavailable(f"{self.describe()}: root is not a folder") from e
             if reading:
                 raise ObjectNotFound(key) from e
             raise StorageError(f"{key}: {e}") from e  # e.g. a key's folder is an object

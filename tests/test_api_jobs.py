@@ -197,3 +197,54 @@ def test_broker_down_is_503_and_leaves_nothing(service, monkeypatch) -> None:
     ready = service.client.get("/ready")
     assert ready.status_code == 503 and ready.json()["checks"]["broker"].startswith("error")
     assert ready.json()["checks"]["database"] == "ok"
+
+
+def test_database_down_is_503_then_retry_works(service, monkeypatch) -> None:
+    from conftest import reset_service_caches
+
+    ds = add_dataset()
+    good = service.env["PROTOMED_DATABASE_URL"]
+    monkeypatch.setenv("PROTOMED_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/gone")
+    reset_service_caches()
+    for method, url, kwargs in [
+        ("get", "/jobs", {}),
+        ("post", "/jobs/train", {"json": {"dataset_id": ds}, "headers": service.admin}),
+    ]:
+        r = service.client.request(method, url, **kwargs)
+        assert r.status_code == 503, r.text
+        assert r.json()["component"] == "database" and "retry" in r.json()["detail"]
+        assert r.headers["retry-after"]
+    ready = service.client.get("/ready")
+    assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("error")
+    monkeypatch.setenv("PROTOMED_DATABASE_URL", good)  # the database is back: the retry works
+    reset_service_caches()
+    r = service.client.post(
+        "/jobs/train", json={"dataset_id": ds, "preset": "tiny"}, headers=service.admin
+    )
+    assert r.status_code == 202, r.text
+
+
+def test_storage_down_is_503(service, monkeypatch) -> None:
+    from conftest import reset_service_caches
+
+    from api.db.models import Image
+
+    ds = add_dataset()
+    model = add_model(ds)
+    with get_sessionmaker()() as s:
+        batch = Batch(model_id=model, class_name="basophil", n=1, guidance=2, steps=5,
+                      scheduler="ddim")  # fmt: skip
+        s.add(batch)
+        s.flush()
+        s.add(Image(batch_id=batch.id, class_name="basophil", index=0, sha256="0" * 64,
+                    storage_key=f"batches/{batch.id}/basophil_0000.png"))  # fmt: skip
+        s.commit()
+        image_id = batch.images[0].id if batch.images else 1
+    blocker = service.tmp / "not-a-folder"
+    blocker.write_text("storage root is a file")
+    monkeypatch.setenv("PROTOMED_STORAGE_DIR", str(blocker))
+    reset_service_caches()
+    r = service.client.get(f"/images/{image_id}")
+    assert r.status_code == 503 and r.json()["component"] == "storage", r.text
+    ready = service.client.get("/ready")
+    assert ready.status_code == 503 and ready.json()["checks"]["storage"].startswith("error")

@@ -248,3 +248,22 @@ def test_cancel_running_job_and_time_limit(prod, start_worker) -> None:
     done = wait_job(prod.client, over["id"], worker=worker, timeout=240)
     assert done["status"] == "failed" and "time limit" in done["error"], done
     print(json.dumps({"cancelled": slow["id"], "timed_out": over["id"]}))
+
+
+def test_training_under_torchrun_when_several_processes(prod, start_worker) -> None:
+    """The multi-GPU path on CPU: PROTOMED_TRAIN_PROCESSES=2 makes the worker launch DDP with
+    torchrun (gloo here, NCCL on GPUs) and follow its progress from metrics.jsonl."""
+    from ml.toy import write_toy_dataset
+
+    write_toy_dataset(prod.data_root / "toy", n_per_class=6, size=32, seed=0)
+    ds = prod.client.post("/datasets", json={"name": "toy", "path": "toy"}, headers=prod.admin)
+    body = {
+        "dataset_id": ds.json()["id"], "mode": "prototype", "preset": "cpu-small",
+        "n_per_class": 6, "n_heldout": 0, "overrides": {"max_steps": 4, "batch_size": 4},
+    }  # fmt: skip
+    worker = start_worker(PROTOMED_TRAIN_PROCESSES="2")
+    job = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
+    done = wait_job(prod.client, job["id"], worker=worker, timeout=300)
+    assert done["status"] == "succeeded", (done, worker.tail(60))
+    model = prod.client.get(f"/models/{done['model_id']}").json()
+    assert model["metrics"]["world"] == 2 and model["metrics"]["steps"] == 4

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, status
+from fastapi import Depends, HTTPException, Query, status
+from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -12,7 +13,12 @@ from api.core.config import Settings, get_settings
 from api.core.security import find_key
 from api.db.models import ApiKey, ApiKeyRole
 from api.db.session import get_session
+from api.schemas import MAX_ID
 from api.storage import Storage, get_storage
+
+# Ids larger than a PostgreSQL INTEGER cannot name a row: 422 here, not a database error.
+IdPath = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+IdQuery = Annotated[int | None, Query(ge=1, le=MAX_ID)]
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

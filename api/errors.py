@@ -10,7 +10,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from api.core.exceptions import RETRY_AFTER_S, ServiceUnavailable
 
@@ -39,6 +39,12 @@ def install_handlers(app: FastAPI) -> None:
     async def _database(_req: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database error: %s", exc.orig)
         return unavailable("database", str(exc.orig).strip().splitlines()[0][:200])
+
+    @app.exception_handler(DataError)
+    async def _data(_req: Request, exc: DataError) -> JSONResponse:
+        """A value the database cannot store (out of range, malformed): the client's input."""
+        reason = str(exc.orig).strip().splitlines()[0][:200]
+        return JSONResponse(status_code=422, content={"detail": f"invalid value: {reason}"})
 
     @app.exception_handler(DBAPIError)
     async def _dbapi(_req: Request, exc: DBAPIError) -> JSONResponse:

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_ID = 2**31 - 1  # ids and seeds are PostgreSQL INTEGERs
+
 
 class Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -59,7 +61,7 @@ class JobOut(Out):
 class TrainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset_id: int = Field(ge=1)
+    dataset_id: int = Field(ge=1, le=MAX_ID)
     mode: Literal["prototype", "baseline", "both"] = "both"
     preset: Literal["paper", "cpu-small", "tiny"] = "paper"
     overrides: dict[str, Any] = Field(
@@ -68,7 +70,7 @@ class TrainRequest(BaseModel):
     n_per_class: int | None = Field(default=100, ge=1, description="Training images per class.")
     n_heldout: int = Field(default=20, ge=0, description="Held-out images per class.")
     classes: list[str] | None = Field(default=None, description="Subset of the dataset's classes.")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_ID)
     k: int = Field(default=1, ge=1, le=64, description="Prototypes per class.")
 
 

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the api package is the repo's
 
 ADMIN_KEY = "pm_bench-admin-key-0123456789"
-CLASSES = ["basophil", "eosinophil", "lymphocyte"]
+CLASSES = ["basophil", "eosinophil", "lymphocyte"]  # as tests/seed.py
 PG_ADMIN_URL = os.environ.get(
     "PROTOMED_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -114,30 +114,15 @@ def seed(url: str) -> dict[str, int]:
     """One dataset, one ready model and one queued sample job (with its batch) to read back."""
     from sqlalchemy.orm import Session
 
-    from api.db.models import Batch, Dataset, Job, JobKind, Model, ModelMode, ModelStatus
     from api.db.session import make_engine
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from seed import seed_rows  # the rows the API tests read, shared with them
 
     engine = make_engine(url)
     try:
         with Session(engine) as s:
-            ds = Dataset(
-                name="cells", root="/nowhere", layout="folder", classes=CLASSES,
-                counts=dict.fromkeys(CLASSES, 10),
-            )  # fmt: skip
-            model = Model(
-                dataset=ds, mode=ModelMode.prototype, preset="tiny", config={}, classes=CLASSES,
-                status=ModelStatus.ready, checkpoint_path="models/x/checkpoint.pt",
-            )  # fmt: skip
-            job = Job(kind=JobKind.sample, model=model, requested_by="bench")
-            batch = Batch(
-                model=model, class_name=CLASSES[0], n=8, guidance=2.0, steps=50, seed=0,
-                scheduler="ddim", job=job,
-            )  # fmt: skip
-            s.add_all([ds, model, job, batch])
-            s.flush()
-            job.params = {"batch_id": batch.id}
-            s.commit()
-            return {"dataset": ds.id, "model": model.id, "job": job.id}
+            return seed_rows(s)
     finally:
         engine.dispose()
 

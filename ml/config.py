@@ -24,7 +24,7 @@ SchedulerName = Literal["ddim", "dpm++"]
 class TrainConfig(BaseModel):
     """One diffusion training run. Defaults are the seed's Table 2 (the ``paper`` preset)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     preset: str = "paper"
     mode: Mode = "prototype"
@@ -80,7 +80,7 @@ class TrainConfig(BaseModel):
 class SampleConfig(BaseModel):
     """How images are drawn from a trained model."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(50, ge=1, le=1000)
     guidance: float = Field(2.0, ge=0.0, le=50.0, description="CFG scale w; 1 = no guidance")

@@ -6,6 +6,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,10 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, uniquely named PostgreSQL database, dropped afterwards."""
+@contextmanager
+def fresh_postgres() -> Iterator[str]:
+    """A fresh, uniquely named PostgreSQL database, dropped afterwards. Skips where the server
+    is unreachable, unless PROTOMED_REQUIRE_SERVICES is set (CI), where it fails."""
     try:
         admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as e:
@@ -77,7 +79,26 @@ def pg_url() -> Iterator[str]:
         try:
             yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
         finally:
+            reset_service_caches()  # close pooled connections of the app before dropping
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with fresh_postgres() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's S3 server on loopback, standing in for S3/MinIO (no AWS account, no network)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
 
 
 def reset_service_caches() -> None:

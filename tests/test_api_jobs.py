@@ -248,3 +248,28 @@ def test_storage_down_is_503(service, monkeypatch) -> None:
     assert r.status_code == 503 and r.json()["component"] == "storage", r.text
     ready = service.client.get("/ready")
     assert ready.status_code == 503 and ready.json()["checks"]["storage"].startswith("error")
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "kwargs"),
+    [
+        ("get", "/jobs/2147483648", {}),
+        ("post", "/jobs/9223372036854775808/cancel", {}),
+        ("get", "/models", {"params": {"dataset_id": 2**31}}),
+        ("get", "/jobs", {"params": {"offset": 2**63}}),
+        ("post", "/generate", {"params": {"class": "basophil", "seed": 2**31}}),
+        ("post", "/keys/2147483648/revoke", {}),
+        ("post", "/jobs/train", {"content": b'{"dataset_id": 1, "overrides": {"lr": Infinity}}'}),
+        ("post", "/jobs/train", {"content": b'{"dataset_id": 2147483648}'}),
+        ("post", "/datasets", {"json": {"name": "x", "path": "0" * 300}}),
+    ],
+)
+def test_values_the_database_cannot_hold_are_422(service, method, url, kwargs) -> None:
+    """Found by the OpenAPI fuzzer: out-of-range ids, non-finite floats, over-long paths."""
+    add_dataset()
+    add_model(1)
+    before = counts()
+    headers = {**service.admin, "content-type": "application/json"}
+    r = service.client.request(method, url, headers=headers, **kwargs)
+    assert r.status_code == 422, r.text
+    assert counts() == before

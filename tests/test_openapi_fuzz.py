@@ -10,54 +10,22 @@ test pins the public interface clients and docs rely on.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import psycopg
 import pytest
 import schemathesis
+from conftest import ADMIN_KEY, fresh_postgres, migrate, reset_service_caches, service_env
 from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
+from seed import seed_rows
 
-from api.db.models import Batch, Dataset, Image, Job, JobKind, Model, ModelMode, ModelStatus
 from api.main import bootstrap, create_app
-from tests.conftest import (
-    ADMIN_KEY,
-    PG_ADMIN_URL,
-    migrate,
-    reset_service_caches,
-    service_env,
-)
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-CLASSES = ["basophil", "eosinophil", "lymphocyte"]
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16  # served as stored; the API never decodes it
-
-
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for the module (conftest's ``pg_url`` is per test); skipped
-    where the server is unreachable unless PROTOMED_REQUIRE_SERVICES is set."""
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as e:
-        if os.environ.get("PROTOMED_REQUIRE_SERVICES"):
-            pytest.fail(f"PROTOMED_REQUIRE_SERVICES is set but PostgreSQL is unreachable: {e}")
-        pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN_URL}: {e}")
-    name = f"protomed_test_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-        finally:
-            reset_service_caches()  # close the app's pooled connections before dropping
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -84,40 +52,19 @@ def fuzz_env(
 
 @pytest.fixture(scope="module")
 def _module_pg_url() -> Iterator[str]:
-    with postgres_database() as url:
+    with fresh_postgres() as url:
         yield url
 
 
 def seed() -> dict[str, int]:
-    """One dataset, one ready model, one queued sample job and its stored one-image batch."""
+    """The shared seed rows, with one image really in storage."""
     from api.db.session import get_sessionmaker
     from api.storage import get_storage
 
     key = "batches/seed/0000.png"
     get_storage().put_bytes(key, PNG, "image/png")
     with get_sessionmaker()() as s:
-        ds = Dataset(
-            name="cells", root="/nowhere", layout="folder", classes=CLASSES,
-            counts=dict.fromkeys(CLASSES, 10),
-        )  # fmt: skip
-        model = Model(
-            dataset=ds, mode=ModelMode.prototype, preset="tiny", config={}, classes=CLASSES,
-            status=ModelStatus.ready, checkpoint_path="models/x/checkpoint.pt",
-        )  # fmt: skip
-        job = Job(kind=JobKind.sample, model=model, requested_by="seed")
-        batch = Batch(
-            model=model, class_name=CLASSES[0], n=1, guidance=2.0, steps=50, seed=0,
-            scheduler="ddim", job=job,
-        )  # fmt: skip
-        image = Image(
-            batch=batch, class_name=CLASSES[0], index=0, storage_key=key,
-            sha256=hashlib.sha256(PNG).hexdigest(),
-        )  # fmt: skip
-        s.add_all([ds, model, job, batch, image])
-        s.flush()
-        job.params = {"batch_id": batch.id}
-        s.commit()
-        return {"dataset": ds.id, "model": model.id, "job": job.id, "batch": batch.id}
+        return seed_rows(s, image_key=key, png=PNG)
 
 
 # The document is static: loading it needs no settings or database. The app that answers is

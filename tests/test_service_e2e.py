@@ -33,17 +33,6 @@ FAST_BEATS = {
 }
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """A Redis database of its own (flushed before and after) as the broker."""
@@ -62,7 +51,7 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def prod(tmp_path, monkeypatch, pg_url, redis_url, s3_endpoint) -> Iterator[Service]:
+def prod(tmp_path, monkeypatch, pg_url, redis_url, moto_endpoint) -> Iterator[Service]:
     from fastapi.testclient import TestClient
 
     from api.storage import S3Storage
@@ -72,7 +61,7 @@ def prod(tmp_path, monkeypatch, pg_url, redis_url, s3_endpoint) -> Iterator[Serv
         PROTOMED_DATABASE_URL=pg_url,
         PROTOMED_BROKER_URL=redis_url,
         PROTOMED_STORAGE_BACKEND="s3",
-        PROTOMED_S3_ENDPOINT_URL=s3_endpoint,
+        PROTOMED_S3_ENDPOINT_URL=moto_endpoint,
         PROTOMED_S3_BUCKET=f"protomed-{tmp_path.name[-12:].lower().replace('_', '-')}",
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
@@ -84,7 +73,7 @@ def prod(tmp_path, monkeypatch, pg_url, redis_url, s3_endpoint) -> Iterator[Serv
         monkeypatch.setenv(k, v)
     reset_service_caches()
     migrate(pg_url)
-    S3Storage(env["PROTOMED_S3_BUCKET"], endpoint_url=s3_endpoint).ensure_bucket()
+    S3Storage(env["PROTOMED_S3_BUCKET"], endpoint_url=moto_endpoint).ensure_bucket()
     from api.main import create_app
 
     with TestClient(create_app()) as client:
@@ -128,6 +117,19 @@ def train(svc: Service, dataset_id: int, mode: str, **overrides: object) -> list
     return r.json()["jobs"]
 
 
+def toy_training(svc: Service, mode: str = "baseline", **overrides: object) -> dict:
+    """Register a small toy dataset; returns a cpu-small training request body for it."""
+    from ml.toy import write_toy_dataset
+
+    write_toy_dataset(svc.data_root / "toy", n_per_class=6, size=32, seed=0)
+    r = svc.client.post("/datasets", json={"name": "toy", "path": "toy"}, headers=svc.admin)
+    assert r.status_code == 201, r.text
+    return {
+        "dataset_id": r.json()["id"], "mode": mode, "preset": "cpu-small", "n_per_class": 6,
+        "n_heldout": 0, "overrides": {"batch_size": 4, **overrides},
+    }  # fmt: skip
+
+
 @pytest.mark.realdata
 def test_train_both_modes_generate_and_fetch(prod, start_worker, real_data) -> None:
     worker = start_worker()
@@ -168,17 +170,7 @@ def running_with_checkpoint(job: dict) -> bool:
 
 
 def test_sigkilled_worker_job_is_rerun_and_resumes(prod, start_worker, tmp_path) -> None:
-    from ml.toy import write_toy_dataset
-
-    write_toy_dataset(prod.data_root / "toy", n_per_class=6, size=32, seed=0)
-    r = prod.client.post("/datasets", json={"name": "toy", "path": "toy"}, headers=prod.admin)
-    assert r.status_code == 201, r.text
-    ds = r.json()
-    body = {
-        "dataset_id": ds["id"], "mode": "baseline", "preset": "cpu-small", "n_per_class": 6,
-        "n_heldout": 0,
-        "overrides": {"max_steps": 40, "batch_size": 4, "checkpoint_every": 5},
-    }  # fmt: skip
+    body = toy_training(prod, max_steps=40, checkpoint_every=5)
     job = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
     first = start_worker()
     running = wait_job(
@@ -206,14 +198,7 @@ def test_sigkilled_worker_job_is_rerun_and_resumes(prod, start_worker, tmp_path)
 
 
 def test_sigkilled_worker_out_of_attempts_fails(prod, start_worker) -> None:
-    from ml.toy import write_toy_dataset
-
-    write_toy_dataset(prod.data_root / "toy", n_per_class=6, size=32, seed=0)
-    ds = prod.client.post("/datasets", json={"name": "toy", "path": "toy"}, headers=prod.admin)
-    body = {
-        "dataset_id": ds.json()["id"], "mode": "baseline", "preset": "cpu-small",
-        "n_per_class": 6, "n_heldout": 0, "overrides": {"max_steps": 400, "batch_size": 4},
-    }  # fmt: skip
+    body = toy_training(prod, max_steps=400)
     job = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
     first = start_worker(PROTOMED_MAX_ATTEMPTS="1")
     wait_job(prod.client, job["id"], until=("running",), worker=first, timeout=240)
@@ -226,14 +211,7 @@ def test_sigkilled_worker_out_of_attempts_fails(prod, start_worker) -> None:
 
 
 def test_cancel_running_job_and_time_limit(prod, start_worker) -> None:
-    from ml.toy import write_toy_dataset
-
-    write_toy_dataset(prod.data_root / "toy", n_per_class=6, size=32, seed=0)
-    ds = prod.client.post("/datasets", json={"name": "toy", "path": "toy"}, headers=prod.admin)
-    body = {
-        "dataset_id": ds.json()["id"], "mode": "baseline", "preset": "cpu-small",
-        "n_per_class": 6, "n_heldout": 0, "overrides": {"max_steps": 2000, "batch_size": 4},
-    }  # fmt: skip
+    body = toy_training(prod, max_steps=2000)
     worker = start_worker(PROTOMED_TRAIN_TIME_LIMIT_S="20")
     slow = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
     wait_job(prod.client, slow["id"], until=("running",), worker=worker,
@@ -253,14 +231,7 @@ def test_cancel_running_job_and_time_limit(prod, start_worker) -> None:
 def test_training_under_torchrun_when_several_processes(prod, start_worker) -> None:
     """The multi-GPU path on CPU: PROTOMED_TRAIN_PROCESSES=2 makes the worker launch DDP with
     torchrun (gloo here, NCCL on GPUs) and follow its progress from metrics.jsonl."""
-    from ml.toy import write_toy_dataset
-
-    write_toy_dataset(prod.data_root / "toy", n_per_class=6, size=32, seed=0)
-    ds = prod.client.post("/datasets", json={"name": "toy", "path": "toy"}, headers=prod.admin)
-    body = {
-        "dataset_id": ds.json()["id"], "mode": "prototype", "preset": "cpu-small",
-        "n_per_class": 6, "n_heldout": 0, "overrides": {"max_steps": 4, "batch_size": 4},
-    }  # fmt: skip
+    body = toy_training(prod, "prototype", max_steps=4)
     worker = start_worker(PROTOMED_TRAIN_PROCESSES="2")
     job = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
     done = wait_job(prod.client, job["id"], worker=worker, timeout=300)

@@ -25,7 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 from api.archive import ArchiveError, ArchiveTooLarge, copy_limited, safe_extract
 from api.core.config import Settings, get_settings
 from api.db.models import Dataset, DatasetSource
-from api.deps import AdminKey, Reader, SessionDep, SettingsDep, StorageDep
+from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, StorageDep
 from api.schemas import DatasetIn, DatasetOut
 from api.storage import Storage
 from ml.catalog import IMAGE_SUFFIXES, Catalog, scan
@@ -88,6 +88,13 @@ def resolve_folder(path: str, data_roots: list[Path]) -> Path:
     Absolute paths must resolve inside a root; relative ones are tried against each root in
     order and the first that exists wins. Raises 422 naming the problem and what is allowed.
     """
+    try:
+        return _resolve_folder(path, data_roots)
+    except OSError as exc:  # e.g. a name longer than the filesystem allows
+        raise _unprocessable(f"path {path[:80]!r} cannot be used: {exc.strerror}") from exc
+
+
+def _resolve_folder(path: str, data_roots: list[Path]) -> Path:
     if "\x00" in path:
         raise _unprocessable("path must not contain a NUL character")
     if ".." in path.replace("\\", "/").split("/"):
@@ -251,7 +258,7 @@ def list_datasets(session: SessionDep, _reader: Reader) -> list[DatasetOut]:
 
 
 @router.get("/{dataset_id}")
-def get_dataset(dataset_id: int, session: SessionDep, _reader: Reader) -> DatasetOut:
+def get_dataset(dataset_id: IdPath, session: SessionDep, _reader: Reader) -> DatasetOut:
     """One dataset (404 if there is none with this id)."""
     row = session.get(Dataset, dataset_id)
     if row is None:

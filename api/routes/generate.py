@@ -11,10 +11,10 @@ from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import select
 
 from api.db.models import Batch, Dataset, Image, Job, JobKind, Model, ModelMode, ModelStatus
-from api.deps import AdminKey, Reader, SessionDep, SettingsDep, StorageDep
+from api.deps import AdminKey, IdPath, IdQuery, Reader, SessionDep, SettingsDep, StorageDep
 from api.queue import submit
 from api.routes.jobs import job_out
-from api.schemas import BatchOut, GenerateAccepted, ImageOut, ModelOut
+from api.schemas import MAX_ID, BatchOut, GenerateAccepted, ImageOut, ModelOut
 from api.storage import ObjectNotFound
 
 router = APIRouter(tags=["generate"])
@@ -70,12 +70,12 @@ def generate(
     key: AdminKey,
     class_name: Annotated[str, Query(alias="class", min_length=1, max_length=200)],
     n: Annotated[int, Query(description="Images to generate (1 to the configured limit).")] = 16,
-    model_id: Annotated[int | None, Query(ge=1)] = None,
-    dataset_id: Annotated[int | None, Query(ge=1)] = None,
+    model_id: IdQuery = None,
+    dataset_id: IdQuery = None,
     mode: ModelMode | None = None,
     guidance: Annotated[float, Query(ge=0.0, le=20.0)] = 2.0,
     steps: Annotated[int, Query(ge=1, le=1000)] = 50,
-    seed: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    seed: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     scheduler: Annotated[str, Query(pattern="^(ddim|dpm\\+\\+)$")] = "ddim",
 ) -> GenerateAccepted:
     """Queue ``n`` images of one class; the job's result is a batch (PNGs, zip)."""
@@ -103,7 +103,7 @@ def generate(
 def list_models(
     session: SessionDep,
     _reader: Reader,
-    dataset_id: int | None = None,
+    dataset_id: IdQuery = None,
     status_: Annotated[ModelStatus | None, Query(alias="status")] = None,
     mode: ModelMode | None = None,
 ) -> list[ModelOut]:
@@ -118,7 +118,7 @@ def list_models(
 
 
 @router.get("/models/{model_id}", tags=["models"])
-def get_model(model_id: int, session: SessionDep, _reader: Reader) -> ModelOut:
+def get_model(model_id: IdPath, session: SessionDep, _reader: Reader) -> ModelOut:
     model = session.get(Model, model_id)
     if model is None:
         raise HTTPException(404, f"no model with id {model_id}")
@@ -133,7 +133,7 @@ def batch_or_404(session: SessionDep, batch_id: int) -> Batch:
 
 
 @router.get("/batches/{batch_id}", tags=["batches"])
-def get_batch(batch_id: int, request: Request, session: SessionDep, _reader: Reader) -> BatchOut:
+def get_batch(batch_id: IdPath, request: Request, session: SessionDep, _reader: Reader) -> BatchOut:
     return batch_out(batch_or_404(session, batch_id), request)
 
 
@@ -144,7 +144,7 @@ def get_batch(batch_id: int, request: Request, session: SessionDep, _reader: Rea
     responses={200: {"content": {"application/zip": {}}}},
 )
 def batch_zip(
-    batch_id: int, session: SessionDep, storage: StorageDep, _reader: Reader
+    batch_id: IdPath, session: SessionDep, storage: StorageDep, _reader: Reader
 ) -> StreamingResponse:
     """All images of a batch as ``<class>_<index>.png`` plus a manifest.csv."""
     batch = batch_or_404(session, batch_id)
@@ -174,7 +174,9 @@ def batch_zip(
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}},
 )
-def get_image(image_id: int, session: SessionDep, storage: StorageDep, _reader: Reader) -> Response:
+def get_image(
+    image_id: IdPath, session: SessionDep, storage: StorageDep, _reader: Reader
+) -> Response:
     image = session.get(Image, image_id)
     if image is None:
         raise HTTPException(404, f"no image with id {image_id}")

@@ -9,9 +9,9 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from api.db.models import Dataset, Job, JobKind, JobStatus, Model, ModelMode, ModelStatus, utc_now
-from api.deps import AdminKey, Reader, SessionDep
+from api.deps import AdminKey, IdPath, Reader, SessionDep
 from api.queue import submit
-from api.schemas import JobOut, ModelOut, TrainAccepted, TrainRequest
+from api.schemas import MAX_ID, JobOut, ModelOut, TrainAccepted, TrainRequest
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -87,7 +87,7 @@ def list_jobs(
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     kind: JobKind | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> list[JobOut]:
     """Newest first."""
     query = select(Job).order_by(Job.id.desc()).limit(limit).offset(offset)
@@ -106,12 +106,12 @@ def get_or_404(session: SessionDep, job_id: int) -> Job:
 
 
 @router.get("/{job_id}")
-def get_job(job_id: int, request: Request, session: SessionDep, _reader: Reader) -> JobOut:
+def get_job(job_id: IdPath, request: Request, session: SessionDep, _reader: Reader) -> JobOut:
     return job_out(get_or_404(session, job_id), request)
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(job_id: int, request: Request, session: SessionDep, _admin: AdminKey) -> JobOut:
+def cancel_job(job_id: IdPath, request: Request, session: SessionDep, _admin: AdminKey) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next progress report."""
     job = get_or_404(session, job_id)
     if job.status in TERMINAL:

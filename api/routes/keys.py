@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from api.core.security import create_key
 from api.db.models import ApiKey, utc_now
-from api.deps import AdminKey, SessionDep
+from api.deps import AdminKey, IdPath, SessionDep
 from api.schemas import KeyIn, KeyOut
 
 router = APIRouter(prefix="/keys", tags=["keys"])
@@ -26,7 +26,7 @@ def list_keys(session: SessionDep, _admin: AdminKey) -> list[KeyOut]:
 
 
 @router.post("/{key_id}/revoke")
-def revoke_key(key_id: int, session: SessionDep, admin: AdminKey) -> KeyOut:
+def revoke_key(key_id: IdPath, session: SessionDep, admin: AdminKey) -> KeyOut:
     row = session.get(ApiKey, key_id)
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no API key with id {key_id}")

@@ -14,21 +14,23 @@ from fastapi import FastAPI
 
 from api.core.config import get_settings
 from api.errors import install_handlers
-from api.routes import datasets, generate, health, jobs, keys
+from api.routes import datasets, generate, health, jobs, keys, reviews
 
 log = logging.getLogger(__name__)
 
 
 def bootstrap() -> None:
-    """Ensure the bootstrap admin key (``PROTOMED_ADMIN_KEY``) exists; idempotent."""
-    settings = get_settings()
-    if not settings.admin_key:
-        return
+    """Idempotent start-up writes: the default criteria sets, and the bootstrap admin key
+    (``PROTOMED_ADMIN_KEY``) when one is configured."""
     from api.core.security import ensure_key
+    from api.criteria import ensure_defaults
     from api.db.session import get_sessionmaker
 
+    settings = get_settings()
     with get_sessionmaker()() as session:
-        ensure_key(session, "admin (bootstrap)", "admin", settings.admin_key)
+        ensure_defaults(session)
+        if settings.admin_key:
+            ensure_key(session, "admin (bootstrap)", "admin", settings.admin_key)
         session.commit()
 
 
@@ -49,7 +51,7 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
-    for module in (health, datasets, jobs, generate, keys):
+    for module in (health, datasets, jobs, generate, reviews, keys):
         app.include_router(module.router)
     return app
 

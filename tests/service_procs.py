@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -66,3 +67,108 @@ def wait_job(client: Any, job_id: int, *, until: tuple[str, ...] = ("succeeded",
         time.sleep(0.5)
     extra = f"\nworker log:\n{worker.tail()}" if worker else ""
     raise TimeoutError(f"job {job_id} still {job.get('status')} after {timeout} s: {job}{extra}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ApiServer:
+    """``uvicorn api.main:app`` as a real HTTP server (Label Studio must reach it: webhooks)."""
+
+    def __init__(self, env: dict[str, str], log: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
+               "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, env={**os.environ, **env}, cwd=REPO, stdout=log.open("ab"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"API exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"API not up after {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+class TcpProxy:
+    """A loopback TCP forwarder: stopping it makes the target unreachable to whoever was
+    pointed at the proxy, as if that server were down, without touching the server itself."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        import socket
+        import threading
+
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._socket, self._threading = socket, threading
+        self._server: Any = None
+        self._conns: list[Any] = []
+
+    def start(self) -> None:
+        import socketserver
+
+        proxy = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                upstream = proxy._socket.create_connection(proxy.target, timeout=30)
+                proxy._conns += [self.request, upstream]
+                pipes = [
+                    proxy._threading.Thread(target=_pipe, args=(self.request, upstream)),
+                    proxy._threading.Thread(target=_pipe, args=(upstream, self.request)),
+                ]
+                for p in pipes:
+                    p.start()
+                for p in pipes:
+                    p.join()
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        self._threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        for c in self._conns:  # cut open keep-alive connections too
+            try:
+                c.shutdown(self._socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+        self._conns.clear()
+
+
+def _pipe(src: Any, dst: Any) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(1)

@@ -26,7 +26,8 @@ from api.db.models import Base, Dataset, Job, JobKind, JobStatus, Model, ModelMo
 from api.db.session import make_engine
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = {"datasets", "models", "jobs", "batches", "images", "api_keys"}
+TABLES = {"datasets", "models", "jobs", "batches", "images", "api_keys", "criteria_sets",
+          "review_projects", "review_tasks", "reviews"}  # fmt: skip
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -82,18 +83,63 @@ def sample(self: Any, job_id: int) -> str:
     return run_job(job_id, JobKind.sample, _worker_name(self))
 
 
+@app.task(name=TASKS["review_sync"][0], bind=True)
+def review_sync(self: Any, job_id: int) -> str:
+    """Push tasks to Label Studio and pull verdicts. Label Studio down: the job goes back to
+    ``queued`` with the reason and is retried later (nothing is lost: tasks are in the
+    database and every step is idempotent), up to ``review_sync_attempts`` times."""
+    from workers.review_sync import LabelStudioUnavailable, sync_project
+
+    settings = get_settings()
+    with get_sessionmaker()() as session:
+        if not claim(session, job_id, _worker_name(self), settings):
+            return "skipped"
+        job = session.get(Job, job_id)
+        project_id, attempts = int(job.params["project_id"]), job.attempts
+    try:
+        result = sync_project(project_id, settings)
+    except LabelStudioUnavailable as exc:
+        if attempts >= settings.review_sync_attempts:
+            finish(job_id, JobStatus.failed, error=f"Label Studio unavailable: {exc}")
+            return str(JobStatus.failed)
+        wait = settings.review_sync_retry_s
+        with get_sessionmaker()() as session:
+            job = session.get(Job, job_id)
+            job.status, job.worker = JobStatus.queued, None
+            job.error = f"Label Studio unavailable ({exc}); attempt {attempts}, retry in {wait:g} s"
+            session.commit()
+        self.apply_async((job_id,), countdown=wait, queue=TASKS["review_sync"][1])
+        return "retrying"
+    except Exception as exc:
+        log.exception("review sync %s failed", job_id)
+        finish(job_id, JobStatus.failed, error=f"{type(exc).__name__}: {exc}"[:4000])
+        return str(JobStatus.failed)
+    finish(job_id, JobStatus.succeeded, result=result)
+    return str(JobStatus.succeeded)
+
+
 def _requeue(job: Job) -> None:
     enqueue(job)
 
 
-def _reaper_loop() -> None:
+def _periodic_loop() -> None:
+    """The reaper, and the review pull that catches webhooks Label Studio never delivered."""
     settings = get_settings()
     interval = max(1.0, settings.heartbeat_timeout_s / 4)
+    last_pull = 0.0
     while True:
         try:
             reap(settings, _requeue)
         except Exception as exc:  # keep reaping after a database or broker blip
             log.warning("reaper failed: %s", exc)
+        if settings.label_studio_url and time.monotonic() - last_pull >= settings.review_pull_s:
+            last_pull = time.monotonic()
+            try:
+                from workers.review_sync import pull_all
+
+                pull_all(settings)
+            except Exception as exc:
+                log.warning("review pull failed: %s", exc)
         if _stop_reaper.wait(interval):
             return
 
@@ -107,7 +153,7 @@ def _fresh_connections(**_: Any) -> None:
 
 @worker_ready.connect
 def _start_reaper(**_: Any) -> None:
-    threading.Thread(target=_reaper_loop, name="reaper", daemon=True).start()
+    threading.Thread(target=_periodic_loop, name="periodic", daemon=True).start()
 
 
 @worker_shutting_down.connect

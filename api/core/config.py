@@ -54,6 +54,18 @@ class Settings(BaseSettings):
     # Processes per training run: 0 = one per visible CUDA GPU (DDP under torchrun when > 1).
     train_processes: int = Field(default=0, ge=0)
 
+    # Expert review in Label Studio. label_studio_url: how the service reaches it (None: reviews
+    # disabled); label_studio_public_url: the address reviewers open (links), default the same.
+    # public_url: how Label Studio and reviewers' browsers reach this API (images, webhook).
+    label_studio_url: str | None = None
+    label_studio_token: str | None = None  # a legacy API token of a Label Studio admin
+    label_studio_public_url: str | None = None
+    public_url: str = "http://127.0.0.1:8000"
+    review_webhook_secret: str | None = None  # sent by Label Studio in X-Protomed-Secret
+    review_pull_s: float = Field(default=300.0, gt=0)  # reconciliation pull period
+    review_sync_retry_s: float = Field(default=10.0, gt=0)  # wait after Label Studio was down
+    review_sync_attempts: int = Field(default=60, ge=1)
+
     # The CLIP encoder for prototypes: an open_clip name and a weights tag or local file. The
     # service never downloads; "untrained" builds the architecture with random weights (tests).
     encoder: str = "ViT-L-14"

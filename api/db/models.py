@@ -94,6 +94,7 @@ class JobKind(enum.StrEnum):
     sample = "sample"
     prototypes = "prototypes"
     evaluate = "evaluate"
+    review_sync = "review_sync"  # images to Label Studio, verdicts back
 
 
 class JobStatus(enum.StrEnum):
@@ -272,3 +273,81 @@ class ApiKey(TimestampMixin, Base):
     key_hash: Mapped[str] = mapped_column(String(128), unique=True)
     role: Mapped[ApiKeyRole] = mapped_column(str_enum(ApiKeyRole, "role"))
     revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class CriteriaSet(TimestampMixin, Base):
+    """The criteria experts judge a domain's images by; editing makes a new version, so every
+    review stays tied to the exact list it was given."""
+
+    __tablename__ = "criteria_sets"
+    __table_args__ = (UniqueConstraint("domain", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    domain: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    title: Mapped[str] = mapped_column(String(200))
+    # [{"key": "cell_size", "label": "Cell size", "help": "..."}, ...]
+    criteria: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+
+
+class ReviewProject(TimestampMixin, Base):
+    """The Label Studio project of one criteria set (one per set and version)."""
+
+    __tablename__ = "review_projects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    criteria_set_id: Mapped[int] = mapped_column(
+        ForeignKey("criteria_sets.id", ondelete="RESTRICT"), unique=True
+    )
+    ls_project_id: Mapped[int | None] = mapped_column(Integer)  # set by the first sync
+    ls_webhook_id: Mapped[int | None] = mapped_column(Integer)
+    last_pulled_at: Mapped[datetime | None] = mapped_column()
+
+    criteria_set: Mapped[CriteriaSet] = relationship()
+    tasks: Mapped[list[ReviewTask]] = relationship(back_populates="project")
+
+
+class ReviewTask(TimestampMixin, Base):
+    """One image put before reviewers. ``token`` names the image to Label Studio without
+    revealing its model, batch or mode (blinding); ``position`` is its shuffled place."""
+
+    __tablename__ = "review_tasks"
+    __table_args__ = (UniqueConstraint("project_id", "image_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("review_projects.id", ondelete="CASCADE"), index=True
+    )
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    position: Mapped[int] = mapped_column(Integer)
+    ls_task_id: Mapped[int | None] = mapped_column(Integer, unique=True)
+
+    project: Mapped[ReviewProject] = relationship(back_populates="tasks")
+    image: Mapped[Image] = relationship()
+    reviews: Mapped[list[Review]] = relationship(
+        back_populates="task", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Review(TimestampMixin, Base):
+    """One reviewer's verdict on one image (a Label Studio annotation). An update replaces it,
+    a deletion removes it; several reviewers of one image are separate rows."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(
+        ForeignKey("review_tasks.id", ondelete="CASCADE"), index=True
+    )
+    ls_annotation_id: Mapped[int] = mapped_column(Integer, unique=True)
+    reviewer: Mapped[str] = mapped_column(String(200), index=True)
+    # The seed's rule, applied here: implausible if any criterion failed or the overall
+    # verdict says so.
+    plausible: Mapped[bool] = mapped_column(Boolean)
+    overall: Mapped[str | None] = mapped_column(String(32))  # the reviewer's own overall choice
+    criteria: Mapped[dict[str, Any]] = mapped_column(default=dict)  # key -> pass | fail | na
+    comment: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utc_now, onupdate=utc_now)
+
+    task: Mapped[ReviewTask] = relationship(back_populates="reviews")

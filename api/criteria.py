@@ -1,0 +1,140 @@
+"""Criteria sets: what experts judge each domain's images by, and the Label Studio labelling
+interface built from them.
+
+The seed's rule holds everywhere: one failed criterion makes an image implausible. Defaults are
+written on first start (one per domain, version 1); editing a set through the API stores a new
+version, and each version has its own Label Studio project, so old verdicts keep their meaning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.db.models import CriteriaSet
+
+VERDICTS = ("pass", "fail", "na")  # per criterion; "na" when it does not apply to the image
+OVERALL = ("plausible", "implausible")
+
+_BONE_MARROW = [
+    ("cell_size", "Cell size", "Size fits the cell type and maturation stage."),
+    ("nucleus_shape_size", "Nucleus shape and size", "Shape, lobulation and size of the nucleus."),
+    ("nc_ratio", "Nucleus-to-cytoplasm ratio", "N:C ratio fits the cell type."),
+    ("cytoplasm", "Cytoplasm colour and consistency", "Basophilia, colour, texture."),
+    ("chromatin", "Chromatin pattern", "Fine, coarse or clumped as the cell type has it."),
+    ("inclusions", "Inclusions", "Vacuoles, Auer rods, inclusions where (and only where) due."),
+    ("granules", "Granules", "Type, colour and density of granules."),
+]
+DEFAULTS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
+    "bone-marrow": ("Bone marrow cytology (seed criteria)", _BONE_MARROW),
+    "blood": ("Peripheral blood cells", _BONE_MARROW),
+    "dermatoscopy": (
+        "Dermatoscopy (editable: the seed does not list its five criteria)",
+        [
+            ("shape_border", "Lesion shape and border", "Symmetry and border as the class has."),
+            ("colour_pigment", "Colour and pigment pattern", "Colours and pigment network."),
+            ("structures", "Dermoscopic structures", "Dots, globules, streaks, vessels, veils."),
+            ("skin_hair", "Surrounding skin and hair", "Plausible skin texture, hair, lighting."),
+            ("artefacts", "No impossible artefacts", "No seams, repeats or impossible anatomy."),
+        ],
+    ),
+    "toy": (
+        "Toy cytology (protomed's procedural cells)",
+        [
+            ("cell_size", "Cell size", "Diameter fits the class."),
+            ("nucleus_lobes", "Nucleus lobes", "Number of nucleus lobes fits the class."),
+            ("nc_ratio", "N:C ratio", "Nucleus-to-cell area ratio fits the class."),
+            ("cytoplasm_colour", "Cytoplasm colour", "Cytoplasm hue fits the class."),
+            ("granules", "Granules", "Granule colour and density fit the class."),
+        ],
+    ),
+}
+
+
+def default_criteria(domain: str) -> list[dict[str, str]]:
+    return [{"key": k, "label": label, "help": h} for k, label, h in DEFAULTS[domain][1]]
+
+
+def ensure_defaults(session: Session) -> None:
+    """Version 1 of every default domain, where the domain has no set yet (idempotent)."""
+    have = set(session.scalars(select(CriteriaSet.domain).distinct()))
+    for domain, (title, _) in DEFAULTS.items():
+        if domain not in have:
+            session.add(
+                CriteriaSet(
+                    domain=domain, version=1, title=title, criteria=default_criteria(domain)
+                )
+            )
+    session.flush()
+
+
+def latest(session: Session, domain: str) -> CriteriaSet | None:
+    return session.scalar(
+        select(CriteriaSet)
+        .where(CriteriaSet.domain == domain)
+        .order_by(CriteriaSet.version.desc())
+        .limit(1)
+    )
+
+
+def add_version(
+    session: Session, domain: str, title: str, criteria: list[dict[str, Any]]
+) -> CriteriaSet:
+    """Store an edited set as the domain's next version."""
+    top = session.scalar(select(func.max(CriteriaSet.version)).where(CriteriaSet.domain == domain))
+    row = CriteriaSet(domain=domain, version=(top or 0) + 1, title=title, criteria=criteria)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def label_config(criteria: list[dict[str, Any]]) -> str:
+    """Label Studio's XML: the image, the class it should show, pass/fail/n-a per criterion, an
+    overall verdict and a comment. Nothing about the model or mode is shown (blinding)."""
+    parts = [
+        "<View>",
+        '  <Header value="Expected class: $expected_class"/>',
+        '  <Image name="image" value="$image" zoom="true" zoomControl="true"/>',
+    ]
+    for c in criteria:
+        parts += [
+            f'  <Header value={quoteattr(c["label"])} size="5"/>',
+            f'  <Choices name={quoteattr("crit_" + c["key"])} toName="image" '
+            'choice="single-radio" showInline="true" required="true">',
+            *(f'    <Choice value="{v}"/>' for v in VERDICTS),
+            "  </Choices>",
+        ]
+    parts += [
+        '  <Header value="Overall (one failed criterion makes the image implausible)" size="5"/>',
+        '  <Choices name="overall" toName="image" choice="single-radio" showInline="true" '
+        'required="true">',
+        *(f'    <Choice value="{v}"/>' for v in OVERALL),
+        "  </Choices>",
+        '  <TextArea name="comment" toName="image" placeholder="Comment (optional)" '
+        'maxSubmissions="1" editable="true"/>',
+        "</View>",
+    ]
+    return "\n".join(parts)
+
+
+def parse_result(result: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
+    """An annotation's result -> {criteria, overall, comment, plausible}. Plausible only if the
+    overall verdict is not 'implausible' and no criterion failed (the seed's rule)."""
+    criteria: dict[str, str] = {}
+    overall: str | None = None
+    comment: str | None = None
+    for item in result:
+        name, value = item.get("from_name", ""), item.get("value") or {}
+        choices = value.get("choices") or []
+        if name.startswith("crit_") and name[5:] in keys and choices:
+            criteria[name[5:]] = choices[0]
+        elif name == "overall" and choices:
+            overall = choices[0]
+        elif name == "comment" and value.get("text"):
+            comment = "\n".join(value["text"])
+    failed = any(v == "fail" for v in criteria.values())
+    plausible = not failed and overall != "implausible"
+    return {"criteria": criteria, "overall": overall, "comment": comment, "plausible": plausible}

@@ -1,0 +1,222 @@
+"""The review loop's bookkeeping, independent of HTTP and of Label Studio's client: which images
+go to which project (blinded and shuffled), verdicts in and out, and the rows a report is
+built from. Label Studio calls live in ``workers/review_sync.py``; routes in
+``api/routes/reviews.py``."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.criteria import latest, parse_result
+from api.db.models import (
+    Batch,
+    CriteriaSet,
+    Image,
+    Model,
+    Review,
+    ReviewProject,
+    ReviewTask,
+    utc_now,
+)
+
+
+class ReviewError(ValueError):
+    """A review request that cannot be served as asked (the message says why)."""
+
+
+def project_for(session: Session, criteria_set: CriteriaSet) -> ReviewProject:
+    project = session.scalar(
+        select(ReviewProject).where(ReviewProject.criteria_set_id == criteria_set.id)
+    )
+    if project is None:
+        project = ReviewProject(criteria_set=criteria_set)
+        session.add(project)
+        session.flush()
+    return project
+
+
+def request_review(
+    session: Session, batch_ids: list[int], domain: str | None
+) -> tuple[ReviewProject, list[ReviewTask]]:
+    """New tasks for the batches' images in the domain's current project, in one shuffled
+    order across all batches (so baseline and prototype images are mixed). Images already in
+    the project are not added twice."""
+    batches = [session.get(Batch, i) for i in dict.fromkeys(batch_ids)]
+    missing = [i for i, b in zip(dict.fromkeys(batch_ids), batches, strict=True) if b is None]
+    if missing:
+        raise LookupError(f"no batch with id {', '.join(map(str, missing))}")
+    found = [b for b in batches if b is not None]
+    domains = {b.model.dataset.domain for b in found}
+    if domain is None:
+        if None in domains or len(domains) != 1:
+            raise ReviewError(
+                "give 'domain' (the batches' datasets have no single review domain set)"
+            )
+        domain = next(iter(domains))
+    criteria_set = latest(session, domain)
+    if criteria_set is None:
+        known = sorted(session.scalars(select(CriteriaSet.domain).distinct()))
+        raise ReviewError(f"unknown review domain {domain!r}; known: {', '.join(known)}")
+    not_done = [b.id for b in found if not b.images]
+    if not_done:
+        raise ReviewError(f"batch {', '.join(map(str, not_done))} has no images yet")
+    project = project_for(session, criteria_set)
+    have = set(
+        session.scalars(select(ReviewTask.image_id).where(ReviewTask.project_id == project.id))
+    )
+    images = [img for b in found for img in b.images if img.id not in have]
+    secrets.SystemRandom().shuffle(images)
+    start = session.scalar(
+        select(func.coalesce(func.max(ReviewTask.position), -1)).where(
+            ReviewTask.project_id == project.id
+        )
+    )
+    tasks = [
+        ReviewTask(
+            project=project, image=img, token=secrets.token_urlsafe(24), position=start + 1 + i
+        )
+        for i, img in enumerate(images)
+    ]
+    session.add_all(tasks)
+    session.flush()
+    return project, tasks
+
+
+def task_data(task: ReviewTask, public_url: str) -> dict[str, Any]:
+    """What Label Studio shows: the image (by opaque token) and the class it should depict."""
+    return {
+        "image": f"{public_url.rstrip('/')}/review-images/{task.token}",
+        "expected_class": task.image.class_name,
+        "ref": task.token,
+    }
+
+
+def _reviewer(completed_by: Any) -> str:
+    if isinstance(completed_by, dict):
+        return str(completed_by.get("email") or completed_by.get("id"))
+    return str(completed_by)
+
+
+def apply_annotation(session: Session, annotation: dict[str, Any]) -> Review | None:
+    """Create or replace the verdict of one Label Studio annotation; a cancelled (skipped)
+    annotation removes it. Unknown tasks (not ours) are ignored. Idempotent."""
+    ann_id = int(annotation["id"])
+    task_ref = annotation.get("task")
+    task_id = task_ref.get("id") if isinstance(task_ref, dict) else task_ref
+    task = session.scalar(select(ReviewTask).where(ReviewTask.ls_task_id == task_id))
+    if task is None:
+        return None
+    if annotation.get("was_cancelled"):
+        remove_annotations(session, [ann_id])
+        return None
+    keys = [c["key"] for c in task.project.criteria_set.criteria]
+    parsed = parse_result(annotation.get("result") or [], keys)
+    values = {
+        "task_id": task.id, "reviewer": _reviewer(annotation.get("completed_by")),
+        "plausible": parsed["plausible"], "overall": parsed["overall"],
+        "criteria": parsed["criteria"], "comment": parsed["comment"], "updated_at": utc_now(),
+    }  # fmt: skip
+    for _ in range(2):  # a webhook and a pull may insert the same annotation at once
+        review = session.scalar(select(Review).where(Review.ls_annotation_id == ann_id))
+        if review is None:
+            review = Review(ls_annotation_id=ann_id, **values)
+            session.add(review)
+        else:
+            for k, v in values.items():
+                setattr(review, k, v)
+        try:
+            with session.begin_nested():
+                session.flush()
+            return review
+        except IntegrityError:
+            session.expunge(review)
+    raise RuntimeError(f"annotation {ann_id} could not be stored")
+
+
+def remove_annotations(session: Session, ann_ids: Iterable[int]) -> int:
+    result = session.execute(delete(Review).where(Review.ls_annotation_id.in_(list(ann_ids))))
+    return result.rowcount or 0
+
+
+def reconcile(session: Session, project: ReviewProject, exported: list[dict[str, Any]]) -> dict:
+    """Make the project's verdicts equal Label Studio's export (tasks with annotations): catches
+    webhooks that never arrived, updates and deletions. Returns counts."""
+    by_token = {t.token: t for t in project.tasks}
+    seen: set[int] = set()
+    linked = applied = 0
+    for item in exported:
+        token = (item.get("data") or {}).get("ref")
+        task = by_token.get(token)
+        if task is None:
+            continue
+        if task.ls_task_id != item["id"]:
+            task.ls_task_id, linked = item["id"], linked + 1
+            session.flush()
+        for ann in item.get("annotations") or []:
+            ann = {**ann, "task": item["id"]}
+            if apply_annotation(session, ann) is not None:
+                seen.add(int(ann["id"]))
+                applied += 1
+    stale = session.scalars(
+        select(Review.ls_annotation_id)
+        .join(ReviewTask)
+        .where(ReviewTask.project_id == project.id, Review.ls_annotation_id.not_in(seen))
+    ).all()
+    removed = remove_annotations(session, stale)
+    project.last_pulled_at = utc_now()
+    return {"linked": linked, "applied": applied, "removed": removed}
+
+
+def judgements(
+    session: Session,
+    *,
+    dataset_id: int | None = None,
+    model_ids: list[int] | None = None,
+    reviewer: str | None = None,
+    criteria_set_id: int | None = None,
+) -> tuple[list[Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The verdicts matching the filters as report input: (judgements, model columns,
+    criteria). Columns: the models with verdicts (or those asked for), baseline first."""
+    from api.reports import Judgement
+
+    query = (
+        select(Review, Image, Model, ReviewProject.criteria_set_id)
+        .join(ReviewTask, Review.task_id == ReviewTask.id)
+        .join(Image, ReviewTask.image_id == Image.id)
+        .join(Batch, Image.batch_id == Batch.id)
+        .join(Model, Batch.model_id == Model.id)
+        .join(ReviewProject, ReviewTask.project_id == ReviewProject.id)
+    )
+    if dataset_id is not None:
+        query = query.where(Model.dataset_id == dataset_id)
+    if model_ids:
+        query = query.where(Model.id.in_(model_ids))
+    if reviewer is not None:
+        query = query.where(Review.reviewer == reviewer)
+    if criteria_set_id is not None:
+        query = query.where(ReviewProject.criteria_set_id == criteria_set_id)
+    rows = session.execute(query).all()
+    out = [
+        Judgement(img.id, img.class_name, m.id, str(m.mode), r.reviewer, r.plausible, r.criteria)
+        for r, img, m, _ in rows
+    ]
+    ids = list(model_ids or sorted({m.id for _, _, m, _ in rows}))
+    models = [session.get(Model, i) for i in ids]
+    columns = sorted(
+        ({"id": m.id, "mode": str(m.mode), "label": f"{m.mode} #{m.id}"} for m in models if m),
+        key=lambda c: (c["mode"] != "baseline", c["id"]),
+    )
+    set_ids = {criteria_set_id} if criteria_set_id else {s for *_, s in rows}
+    criteria: list[dict[str, Any]] = []
+    for set_id in sorted(set_ids):
+        cs = session.get(CriteriaSet, set_id)
+        for c in cs.criteria if cs else []:
+            if c["key"] not in {x["key"] for x in criteria}:
+                criteria.append({"key": c["key"], "label": c["label"]})
+    return out, columns, criteria

@@ -1,0 +1,278 @@
+"""Expert review: criteria sets, sending batches to Label Studio, verdicts coming back (webhook
+and pull), the blinded images Label Studio shows, and the plausibility report."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi import Path as PathParam
+from fastapi.responses import PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+
+from api.criteria import add_version, latest
+from api.db.models import CriteriaSet, Job, JobKind, Review, ReviewProject, ReviewTask
+from api.deps import MAX_ID, AdminKey, Reader, SessionDep, SettingsDep, StorageDep
+from api.queue import submit
+from api.reviews import ReviewError, apply_annotation, judgements, remove_annotations
+from api.reviews import request_review as add_tasks
+from api.routes.jobs import job_out
+from api.schemas import JobOut
+from api.storage import ObjectNotFound
+
+router = APIRouter(tags=["reviews"])
+SECRET_HEADER = "X-Protomed-Secret"
+
+
+class Criterion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
+    label: str = Field(min_length=1, max_length=120)
+    help: str = Field(default="", max_length=500)
+
+
+class CriteriaIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field(min_length=1, max_length=200)
+    criteria: list[Criterion] = Field(min_length=1, max_length=20)
+
+
+class CriteriaOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    domain: str
+    version: int
+    title: str
+    criteria: list[dict[str, Any]]
+
+
+class ReviewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] = Field(min_length=1, max_length=200)
+    domain: str | None = Field(default=None, max_length=64)
+
+
+class ProjectOut(BaseModel):
+    id: int
+    domain: str
+    criteria_set_id: int
+    version: int
+    ls_project_id: int | None
+    url: str | None
+    tasks: int
+    reviews: int
+
+
+class ReviewAccepted(BaseModel):
+    job: JobOut
+    project: ProjectOut
+    added: int
+
+
+@router.get("/criteria")
+def list_criteria(session: SessionDep, _reader: Reader) -> list[CriteriaOut]:
+    rows = session.scalars(select(CriteriaSet).order_by(CriteriaSet.domain, CriteriaSet.version))
+    return [CriteriaOut.model_validate(r) for r in rows]
+
+
+@router.get("/criteria/{domain}")
+def get_criteria(domain: str, session: SessionDep, _reader: Reader) -> CriteriaOut:
+    row = latest(session, domain)
+    if row is None:
+        known = ", ".join(sorted(set(session.scalars(select(CriteriaSet.domain)))))
+        raise HTTPException(404, f"no criteria for domain {domain!r}; known: {known}")
+    return CriteriaOut.model_validate(row)
+
+
+@router.post("/criteria/{domain}", status_code=status.HTTP_201_CREATED)
+def edit_criteria(
+    domain: Annotated[str, PathParam(pattern=r"^[a-z][a-z0-9-]{0,63}$")],
+    body: CriteriaIn,
+    session: SessionDep,
+    _admin: AdminKey,
+) -> CriteriaOut:
+    """A new version of the domain's criteria (earlier verdicts keep theirs)."""
+    keys = [c.key for c in body.criteria]
+    if len(set(keys)) != len(keys):
+        raise HTTPException(422, f"criterion keys must be unique: {keys}")
+    row = add_version(session, domain, body.title, [c.model_dump() for c in body.criteria])
+    session.commit()
+    return CriteriaOut.model_validate(row)
+
+
+def project_out(session: SessionDep, project: ReviewProject, public: str | None) -> ProjectOut:
+    tasks = session.scalar(
+        select(func.count(ReviewTask.id)).where(ReviewTask.project_id == project.id)
+    )
+    reviews = session.scalar(
+        select(func.count(Review.id)).join(ReviewTask).where(ReviewTask.project_id == project.id)
+    )
+    url = None
+    if public and project.ls_project_id:
+        url = f"{public.rstrip('/')}/projects/{project.ls_project_id}/data"
+    cs = project.criteria_set
+    return ProjectOut(
+        id=project.id, domain=cs.domain, criteria_set_id=cs.id, version=cs.version,
+        ls_project_id=project.ls_project_id, url=url, tasks=tasks or 0, reviews=reviews or 0,
+    )  # fmt: skip
+
+
+def _ls_public(settings: SettingsDep) -> str | None:
+    return settings.label_studio_public_url or settings.label_studio_url
+
+
+@router.post("/reviews", status_code=status.HTTP_202_ACCEPTED)
+def request_review(
+    body: ReviewRequest,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: AdminKey,
+) -> ReviewAccepted:
+    """Send batches to Label Studio for blinded review: images of all batches are shuffled
+    together into the domain's project; a sync job imports them (retried if Label Studio is
+    down)."""
+    if not settings.label_studio_url:
+        raise HTTPException(409, "Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL")
+    try:
+        project, tasks = add_tasks(session, body.batch_ids, body.domain)
+    except LookupError as exc:
+        raise HTTPException(404, str(exc).strip("'\"")) from exc
+    except ReviewError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    job = Job(kind=JobKind.review_sync, params={"project_id": project.id}, requested_by=key.name)
+    session.add(job)
+    submit(session, [job])
+    return ReviewAccepted(
+        job=job_out(job, request),
+        project=project_out(session, project, _ls_public(settings)),
+        added=len(tasks),
+    )
+
+
+@router.get("/reviews/projects")
+def list_projects(session: SessionDep, settings: SettingsDep, _reader: Reader) -> list[ProjectOut]:
+    rows = session.scalars(select(ReviewProject).order_by(ReviewProject.id))
+    return [project_out(session, p, _ls_public(settings)) for p in rows]
+
+
+@router.post("/reviews/sync", status_code=status.HTTP_202_ACCEPTED)
+def sync_now(request: Request, session: SessionDep, key: AdminKey) -> list[JobOut]:
+    """Reconcile every project with Label Studio now (a pull also runs periodically)."""
+    ids = session.scalars(select(ReviewProject.id).order_by(ReviewProject.id)).all()
+    jobs = [
+        Job(kind=JobKind.review_sync, params={"project_id": i}, requested_by=key.name) for i in ids
+    ]
+    session.add_all(jobs)
+    submit(session, jobs)
+    return [job_out(j, request) for j in jobs]
+
+
+@router.post("/reviews/webhook")
+def webhook(
+    payload: dict[str, Any],
+    session: SessionDep,
+    settings: SettingsDep,
+    secret: Annotated[str | None, Header(alias=SECRET_HEADER)] = None,
+) -> dict[str, Any]:
+    """Label Studio's annotation events. Idempotent: a repeated event changes nothing."""
+    expected = settings.review_webhook_secret
+    if not expected or not secret or not hmac.compare_digest(secret, expected):
+        raise HTTPException(403, f"wrong or missing {SECRET_HEADER} header")
+    action = payload.get("action")
+    applied = 0
+    if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+        annotation = payload.get("annotation")
+        if not isinstance(annotation, dict) or "id" not in annotation:
+            raise HTTPException(422, f"{action} without an annotation")
+        applied = int(apply_annotation(session, annotation) is not None)
+    elif action == "ANNOTATIONS_DELETED":
+        ids = [int(a["id"]) for a in payload.get("annotations") or [] if "id" in a]
+        applied = remove_annotations(session, ids)
+    session.commit()
+    return {"action": action, "applied": applied}
+
+
+@router.get(
+    "/review-images/{token}",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def review_image(
+    token: Annotated[str, PathParam(max_length=64)], session: SessionDep, storage: StorageDep
+) -> Response:
+    """The image behind a review token: no model, batch or mode in the address (blinding)."""
+    task = session.scalar(select(ReviewTask).where(ReviewTask.token == token))
+    if task is None:
+        raise HTTPException(404, "no review image with this token")
+    try:
+        data = storage.get_bytes(task.image.storage_key)
+    except ObjectNotFound as exc:
+        raise HTTPException(404, "the image is missing from storage") from exc
+    return Response(
+        data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
+    )
+
+
+def parse_ids(models: str | None) -> list[int] | None:
+    if not models:
+        return None
+    try:
+        ids = [int(x) for x in models.split(",") if x.strip()]
+    except ValueError as exc:
+        raise HTTPException(422, f"models must be comma-separated ids (got {models!r})") from exc
+    if any(not 1 <= i <= MAX_ID for i in ids):
+        raise HTTPException(422, "model ids must be between 1 and 2147483647")
+    return ids
+
+
+def plausibility(
+    session: SessionDep,
+    dataset_id: int | None = None,
+    models: str | None = None,
+    reviewer: str | None = None,
+    criteria_set_id: int | None = None,
+) -> dict[str, Any]:
+    """The report as a dict (used by the JSON/CSV endpoint and the dashboard)."""
+    from api.reports import plausibility_report
+
+    found, columns, criteria = judgements(
+        session, dataset_id=dataset_id, model_ids=parse_ids(models), reviewer=reviewer,
+        criteria_set_id=criteria_set_id,
+    )  # fmt: skip
+    report = plausibility_report(found, columns, criteria)
+    report["filters"] = {
+        "dataset_id": dataset_id, "models": models, "reviewer": reviewer,
+        "criteria_set_id": criteria_set_id,
+    }  # fmt: skip
+    return report
+
+
+@router.get(
+    "/reports/plausibility",
+    responses={200: {"content": {"application/json": {}, "text/csv": {}}}},
+)
+def plausibility_endpoint(
+    session: SessionDep,
+    _reader: Reader,
+    dataset_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    models: Annotated[str | None, Query(description="Comma-separated model ids.")] = None,
+    reviewer: Annotated[str | None, Query(max_length=200)] = None,
+    criteria_set_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    format: Literal["json", "csv"] = "json",
+) -> Any:
+    """Per class: images reviewed and % plausible per model, prototype minus baseline with a
+    95% interval (Newcombe/Wilson) and Fisher's exact p, averages, failure rate per criterion,
+    agreement between reviewers. ``format=csv``: the seed's Tables 3-4 layout."""
+    report = plausibility(session, dataset_id, models, reviewer, criteria_set_id)
+    if format == "csv":
+        from api.reports import report_csv
+
+        return PlainTextResponse(report_csv(report), media_type="text/csv")
+    return report

@@ -1,0 +1,154 @@
+"""Label Studio side of the review loop (label-studio-sdk): the project and its webhook, the
+blinded tasks, and the reconciliation pull.
+
+Every step is idempotent, so a sync interrupted anywhere (Label Studio down, worker killed) is
+simply run again: the project is found by its title before one is created, and tasks already
+imported are recognised by their opaque ``ref`` token before anything is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from api.core.config import Settings
+from api.criteria import label_config
+from api.db.models import ReviewProject
+from api.db.session import get_sessionmaker
+from api.reviews import reconcile, task_data
+
+log = logging.getLogger(__name__)
+WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
+SECRET_HEADER = "X-Protomed-Secret"
+IMPORT_CHUNK = 500
+
+
+class LabelStudioUnavailable(Exception):
+    """Label Studio did not answer (or answered 5xx): retry later, nothing is lost."""
+
+
+def client(settings: Settings) -> Any:
+    from label_studio_sdk import LabelStudio
+
+    if not settings.label_studio_url or not settings.label_studio_token:
+        raise RuntimeError("PROTOMED_LABEL_STUDIO_URL and PROTOMED_LABEL_STUDIO_TOKEN are not set")
+    return LabelStudio(
+        base_url=settings.label_studio_url, api_key=settings.label_studio_token, timeout=30
+    )
+
+
+def _title(project: ReviewProject) -> str:
+    cs = project.criteria_set
+    return f"protomed review: {cs.domain} v{cs.version} [{project.id}]"
+
+
+def ensure_project(ls: Any, project: ReviewProject, settings: Settings) -> int:
+    """The project's Label Studio id, creating the project and its webhook once."""
+    if project.ls_project_id is not None:
+        return project.ls_project_id
+    title = _title(project)
+    found = next((p for p in ls.projects.list() if p.title == title), None)
+    if found is None:
+        cs = project.criteria_set
+        found = ls.projects.create(
+            title=title,
+            description=f"{cs.title}. Images are blinded and shuffled; judge each criterion.",
+            label_config=label_config(cs.criteria),
+        )
+    project.ls_project_id = found.id
+    if settings.review_webhook_secret:
+        hook = ls.webhooks.create(
+            url=f"{settings.public_url.rstrip('/')}/reviews/webhook",
+            project=found.id,
+            send_payload=True,
+            send_for_all_actions=False,
+            actions=WEBHOOK_ACTIONS,
+            headers={SECRET_HEADER: settings.review_webhook_secret},
+        )
+        project.ls_webhook_id = hook.id
+    return found.id
+
+
+def export(ls: Any, ls_project_id: int, *, all_tasks: bool) -> list[dict[str, Any]]:
+    chunks = ls.projects.exports.download_sync(
+        ls_project_id, export_type="JSON", download_all_tasks=all_tasks
+    )
+    return json.loads(b"".join(chunks) or b"[]")
+
+
+def import_tasks(ls: Any, project: ReviewProject, settings: Settings) -> int:
+    """Import the tasks Label Studio does not have yet, in their shuffled order."""
+    pending = sorted((t for t in project.tasks if t.ls_task_id is None), key=lambda t: t.position)
+    if not pending:
+        return 0
+    by_token = {t.token: t for t in pending}
+    for item in export(ls, project.ls_project_id, all_tasks=True):  # imported before a crash
+        task = by_token.pop((item.get("data") or {}).get("ref"), None)
+        if task is not None:
+            task.ls_task_id = item["id"]
+    todo = [t for t in pending if t.ls_task_id is None]
+    for start in range(0, len(todo), IMPORT_CHUNK):
+        chunk = todo[start : start + IMPORT_CHUNK]
+        resp = ls.projects.import_tasks(
+            project.ls_project_id,
+            request=[task_data(t, settings.public_url) for t in chunk],
+            return_task_ids=True,
+        )
+        ids = list(resp.task_ids or [])
+        if len(ids) != len(chunk):
+            raise RuntimeError(f"Label Studio returned {len(ids)} task ids for {len(chunk)}")
+        for task, ls_id in zip(chunk, ids, strict=True):
+            task.ls_task_id = ls_id
+    return len(todo)
+
+
+def _unavailable(exc: Exception) -> bool:
+    from label_studio_sdk.core.api_error import ApiError
+
+    if isinstance(exc, (httpx.TransportError, ConnectionError)):
+        return True
+    return isinstance(exc, ApiError) and (exc.status_code or 500) >= 500
+
+
+def sync_project(project_id: int, settings: Settings, *, push: bool = True) -> dict[str, Any]:
+    """Project and webhook, missing tasks, then every verdict pulled back. Each stage commits,
+    so what is done stays done when a later stage fails."""
+    try:
+        ls = client(settings)
+        with get_sessionmaker()() as session:
+            project = session.get(ReviewProject, project_id)
+            if project is None:
+                raise ValueError(f"no review project {project_id}")
+            imported = 0
+            if push:
+                ensure_project(ls, project, settings)
+                session.commit()
+                imported = import_tasks(ls, project, settings)
+                session.commit()
+            if project.ls_project_id is None:
+                return {"imported": 0, "pulled": False}
+            counts = reconcile(session, project, export(ls, project.ls_project_id, all_tasks=False))
+            session.commit()
+            return {"imported": imported, "ls_project_id": project.ls_project_id, **counts}
+    except Exception as exc:
+        if _unavailable(exc):
+            raise LabelStudioUnavailable(str(exc) or type(exc).__name__) from exc
+        raise
+
+
+def pull_all(settings: Settings) -> None:
+    """The periodic reconciliation: every project that has reached Label Studio."""
+    with get_sessionmaker()() as session:
+        ids = session.scalars(
+            select(ReviewProject.id).where(ReviewProject.ls_project_id.is_not(None))
+        ).all()
+    for project_id in ids:
+        try:
+            sync_project(project_id, settings, push=False)
+        except LabelStudioUnavailable as exc:
+            log.warning("review pull of project %s: Label Studio unavailable (%s)", project_id, exc)
+            return

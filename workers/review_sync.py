@@ -62,7 +62,8 @@ def ensure_project(ls: Any, project: ReviewProject, settings: Settings) -> int:
     project.ls_project_id = found.id
     if settings.review_webhook_secret:
         hook = ls.webhooks.create(
-            url=f"{settings.public_url.rstrip('/')}/reviews/webhook",
+            url=f"{(settings.review_callback_url or settings.public_url).rstrip('/')}"
+            "/reviews/webhook",
             project=found.id,
             send_payload=True,
             send_for_all_actions=False,

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     label_studio_token: str | None = None  # a legacy API token of a Label Studio admin
     label_studio_public_url: str | None = None
     public_url: str = "http://127.0.0.1:8000"
+    # Where Label Studio's server posts webhooks, if it reaches the API by another address
+    # than browsers do (compose: http://api:8000). Default: public_url.
+    review_callback_url: str | None = None
     review_webhook_secret: str | None = None  # sent by Label Studio in X-Protomed-Secret
     review_pull_s: float = Field(default=300.0, gt=0)  # reconciliation pull period
     review_sync_retry_s: float = Field(default=10.0, gt=0)  # wait after Label Studio was down

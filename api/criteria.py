@@ -138,3 +138,15 @@ def parse_result(result: list[dict[str, Any]], keys: list[str]) -> dict[str, Any
     failed = any(v == "fail" for v in criteria.values())
     plausible = not failed and overall != "implausible"
     return {"criteria": criteria, "overall": overall, "comment": comment, "plausible": plausible}
+
+
+def annotation_result(criteria: dict[str, str], overall: str | None = None) -> list[dict[str, Any]]:
+    """The inverse of :func:`parse_result`: a Label Studio result for given verdicts, as an
+    automated (rule-based) reviewer posts it. ``overall`` defaults to the seed's rule."""
+    if overall is None:
+        overall = "implausible" if "fail" in criteria.values() else "plausible"
+    choices = [(f"crit_{k}", v) for k, v in criteria.items()] + [("overall", overall)]
+    return [
+        {"from_name": name, "to_name": "image", "type": "choices", "value": {"choices": [v]}}
+        for name, v in choices
+    ]

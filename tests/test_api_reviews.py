@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 import pytest
 from sqlalchemy import func, select
 
-from api.criteria import label_config, parse_result
+from api.criteria import annotation_result, label_config, parse_result
 from api.db.models import Batch, Dataset, Image, Model, ModelMode, ModelStatus, ReviewTask
 from api.db.session import get_sessionmaker
 from ml.toy import CRITERIA
@@ -65,6 +65,9 @@ def test_label_config_and_the_seeds_rule() -> None:
     assert one_fail["plausible"] is False and one_fail["criteria"]["cell_size"] == "fail"
     assert parse_result(result("pass", "pass", "implausible"), keys)["plausible"] is False
     assert parse_result(result("pass", "pass", "plausible"), keys)["comment"] == "odd halo"
+    back = parse_result(annotation_result({"cell_size": "pass", "granules": "fail"}), keys)
+    assert back["criteria"] == {"cell_size": "pass", "granules": "fail"}
+    assert back["overall"] == "implausible" and back["plausible"] is False
 
 
 def seed(domain: str | None = "toy", images: int = 3) -> list[int]:

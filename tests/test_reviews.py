@@ -138,12 +138,12 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
     api = ApiServer(env, tmp / "api.log", port=api_port)
     worker = Worker(env, tmp / "worker.log", queues="default")
     ls = LabelStudio(base_url=ls_url, api_key=ls_token, timeout=30)
-    suffix = tmp.name[-8:]
-    reviewers = [
-        ls.users.create(email=f"{name}-{suffix}@protomed.local", username=f"{name}-{suffix}").id
-        for name in ("expert-a", "expert-b")
-    ]
+    suffix = __import__("uuid").uuid4().hex[:8]  # Label Studio keeps users between runs
     try:
+        reviewers = [
+            ls.users.create(email=f"{n}-{suffix}@protomed.local", username=f"{n}-{suffix}").id
+            for n in ("expert-a", "expert-b")
+        ]
         api.wait_ready()
         worker.wait_ready()
         with httpx.Client(base_url=api.url, timeout=30) as client:
@@ -166,23 +166,16 @@ def wait_job(loop: Loop, job_id: int, timeout: float = 120) -> dict:
 
 
 def checker_result(img_png: bytes, expected: str, lenient: bool) -> tuple[list[dict], bool]:
-    """A reviewer's Label Studio result from the toy checker's verdict on the image."""
+    """A reviewer's Label Studio result from the toy checker's verdict on the image; the
+    lenient reviewer marks granules n/a."""
+    from api.criteria import annotation_result
     from ml.toy import check_image
 
     verdict = check_image(PILImage.open(io.BytesIO(img_png)).convert("RGB"), expected)
-    result, plausible = [], True
-    for c in verdict.criteria:
-        ok = c.passed or (lenient and c.name == "granules")
-        choice = "pass" if ok else "fail"
-        if lenient and c.name == "granules":
-            choice = "na"
-        plausible &= ok
-        result.append({"from_name": f"crit_{c.name}", "to_name": "image", "type": "choices",
-                       "value": {"choices": [choice]}})  # fmt: skip
-    overall = "plausible" if plausible else "implausible"
-    result.append({"from_name": "overall", "to_name": "image", "type": "choices",
-                   "value": {"choices": [overall]}})  # fmt: skip
-    return result, plausible
+    crits = {c.name: "pass" if c.passed else "fail" for c in verdict.criteria}
+    if lenient:
+        crits["granules"] = "na"
+    return annotation_result(crits), "fail" not in crits.values()
 
 
 def ls_tasks(loop: Loop, ls_project_id: int) -> list[dict]:

@@ -42,8 +42,11 @@ def client(settings: Settings) -> Any:
 
 
 def _title(project: ReviewProject) -> str:
+    """Unique per protomed installation and project (the row's id and creation time), so a
+    re-run finds its own project and never another installation's on a shared Label Studio."""
     cs = project.criteria_set
-    return f"protomed review: {cs.domain} v{cs.version} [{project.id}]"
+    stamp = project.created_at.strftime("%Y%m%d%H%M%S%f")
+    return f"protomed review: {cs.domain} v{cs.version} [{project.id}-{stamp}]"
 
 
 def ensure_project(ls: Any, project: ReviewProject, settings: Settings) -> int:

@@ -1,0 +1,407 @@
+"""A read-only HTML dashboard under ``/ui``: jobs with live progress, models, batches as image
+grids, and the plausibility report as the seed's Tables 3-4 with a bar chart.
+
+Server-rendered (Jinja2, autoescaped) with inline CSS, SVG and a few lines of JS, so it needs no
+build step, no framework and no network beyond this API. Kept out of the OpenAPI schema: the
+JSON endpoints stay the API; these pages only read what they expose.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+import jinja2
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import func, select
+
+from api.db.models import Batch, CriteriaSet, Dataset, Image, Job, Model, ReviewProject
+from api.deps import MAX_ID, IdPath, Reader, SessionDep, SettingsDep
+from api.reports import _diff_cells, _pct  # the CSV's formatting, so both read alike
+from api.routes.reviews import ProjectOut, _ls_public, plausibility, project_out
+
+router = APIRouter(prefix="/ui", include_in_schema=False, default_response_class=HTMLResponse)
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+JOBS_SHOWN = 50  # the page polls GET /jobs?limit= the same number, so both list the same jobs
+BATCHES_SHOWN = 20
+IMAGES_PER_CLASS = 64  # on a model page; a batch page shows all of its images
+PALETTE = {  # by mode, then by the model's order within its mode
+    "baseline": ("#94a3b8", "#64748b", "#cbd5e1"),
+    "prototype": ("#0f766e", "#14b8a6", "#115e59"),
+}
+OTHER_COLOURS = ("#a16207", "#7c3aed")
+
+
+def route_path(request: Request, name: str, /, **params: Any) -> str:
+    """Root-relative link to a named route: works behind a proxy whatever its scheme or host
+    (``request.url_for`` would bake in the scheme and host the proxy forwarded)."""
+    return request.scope.get("root_path", "") + str(request.app.url_path_for(name, **params))
+
+
+@jinja2.pass_context
+def _path(ctx: jinja2.runtime.Context, name: str, /, **params: Any) -> str:
+    return route_path(ctx["request"], name, **params)
+
+
+def percent(fraction: float | None) -> str:
+    """Whole percent, rounded half up as JS's Math.round does, so live updates match."""
+    return "—" if fraction is None else f"{math.floor(fraction * 100 + 0.5)}%"
+
+
+def duration(seconds: float | None) -> str:
+    """An ETA as people read it; the page's JS formats live updates the same way."""
+    if seconds is None:
+        return "—"
+    total = max(0, math.floor(seconds + 0.5))
+    if total < 60:
+        return f"{total} s"
+    if total < 3600:
+        return f"{total // 60} min {total % 60:02d} s"
+    return f"{total // 3600} h {total % 3600 // 60:02d} min"
+
+
+def when(moment: datetime | None) -> str:
+    return "—" if moment is None else moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def number(value: Any, digits: int = 4) -> str:
+    """A metric that may be absent or not a number (metrics are free-form JSON)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "—"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,  # every template, whatever its extension
+        undefined=jinja2.StrictUndefined,  # a typo in a template fails a test, not silently
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.globals["path"] = _path
+    env.filters.update(percent=percent, duration=duration, when=when, number=number)
+    return env
+
+
+templates = Jinja2Templates(env=_environment())
+
+
+def page(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+def not_found(request: Request, what: str) -> HTMLResponse:
+    """An HTML 404 (the app's handlers answer JSON, which a browser shows as raw text)."""
+    return page(request, "message.html", 404, title="Not found", message=what)
+
+
+# --- overview ------------------------------------------------------------------------------------
+
+
+def image_counts(session: SessionDep, batch_ids: list[int]) -> dict[int, int]:
+    """Stored images per batch in one query (a queued batch has none yet)."""
+    if not batch_ids:
+        return {}
+    rows = session.execute(
+        select(Image.batch_id, func.count(Image.id))
+        .where(Image.batch_id.in_(batch_ids))
+        .group_by(Image.batch_id)
+    )
+    return {batch_id: count for batch_id, count in rows.tuples()}
+
+
+@router.get("", name="ui_home")
+def overview(
+    request: Request, session: SessionDep, settings: SettingsDep, _reader: Reader
+) -> HTMLResponse:
+    """Jobs (live), models, recent batches and review projects on one page."""
+    jobs = session.scalars(select(Job).order_by(Job.id.desc()).limit(JOBS_SHOWN)).all()
+    models = session.scalars(select(Model).order_by(Model.id.desc())).all()
+    batches = session.scalars(select(Batch).order_by(Batch.id.desc()).limit(BATCHES_SHOWN)).all()
+    public = _ls_public(settings)
+    projects = [
+        project_out(session, p, public)
+        for p in session.scalars(select(ReviewProject).order_by(ReviewProject.id))
+    ]
+    return page(
+        request, "overview.html", title="Overview", jobs=jobs, jobs_shown=JOBS_SHOWN,
+        models=models, batches=batches, counts=image_counts(session, [b.id for b in batches]),
+        projects=projects,
+    )  # fmt: skip
+
+
+# --- models and batches --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassGrid:
+    """One class's batches of a model, with the images shown (capped) and the total."""
+
+    name: str
+    batches: list[tuple[Batch, list[Image]]]
+    total: int
+    shown: int
+
+
+def class_grids(model: Model, cap: int = IMAGES_PER_CLASS) -> list[ClassGrid]:
+    """The model's batches grouped by class (its class order first), newest batch first, with
+    at most ``cap`` images per class so a large model's page stays light."""
+    names = list(model.classes) + sorted({b.class_name for b in model.batches} - set(model.classes))
+    grids = []
+    for name in names:
+        batches = sorted((b for b in model.batches if b.class_name == name), key=lambda b: -b.id)
+        if not batches:
+            continue
+        left, shown_batches, total = cap, [], 0
+        for batch in batches:
+            images = sorted(batch.images, key=lambda i: i.index)
+            total += len(images)
+            shown_batches.append((batch, images[: max(0, left)]))
+            left -= len(images)
+        grids.append(ClassGrid(name, shown_batches, total, min(total, cap)))
+    return grids
+
+
+@router.get("/models/{model_id}", name="ui_model")
+def model_page(
+    model_id: IdPath, request: Request, session: SessionDep, _reader: Reader
+) -> HTMLResponse:
+    """A model's settings, training metrics and its batches as image grids per class."""
+    model = session.get(Model, model_id)
+    if model is None:
+        return not_found(request, f"No model with id {model_id}.")
+    return page(
+        request, "model.html", title=f"Model #{model.id}", model=model, grids=class_grids(model)
+    )
+
+
+@router.get("/batches/{batch_id}", name="ui_batch")
+def batch_page(
+    batch_id: IdPath, request: Request, session: SessionDep, _reader: Reader
+) -> HTMLResponse:
+    """One batch: the settings that reproduce it, a zip link and all its images."""
+    batch = session.get(Batch, batch_id)
+    if batch is None:
+        return not_found(request, f"No batch with id {batch_id}.")
+    images = sorted(batch.images, key=lambda i: i.index)
+    return page(request, "batch.html", title=f"Batch #{batch.id}", batch=batch, images=images)
+
+
+# --- the plausibility report ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One model's bar in one class group; y grows downwards as in SVG."""
+
+    cls: str
+    model_id: int
+    label: str
+    colour: str
+    x: float
+    y: float
+    width: float
+    height: float
+    rate: float | None
+    plausible: int
+    reviews: int
+    ci: tuple[float, float]
+    whisker: tuple[float, float] | None  # y of the upper and lower Wilson limits
+
+    @property
+    def centre(self) -> float:
+        return self.x + self.width / 2
+
+
+@dataclass(frozen=True)
+class Chart:
+    """Geometry of the grouped bar chart, computed here so the template only draws."""
+
+    width: float
+    height: float
+    left: float
+    top: float
+    plot_width: float
+    plot_height: float
+    bars: list[Bar]
+    groups: list[tuple[str, float]]  # class name, x of its centre
+    ticks: list[tuple[float, str]]  # y, label
+    legend: list[tuple[str, str, float]]  # label, colour, x
+
+
+def column_colours(models: list[dict[str, Any]]) -> dict[int, str]:
+    """Baseline greys, prototype teals; several models of one mode get shades of its colour."""
+    seen: dict[str, int] = {}
+    colours = {}
+    for m in models:
+        mode = str(m.get("mode"))
+        palette = PALETTE.get(mode, OTHER_COLOURS)
+        colours[m["id"]] = palette[seen.get(mode, 0) % len(palette)]
+        seen[mode] = seen.get(mode, 0) + 1
+    return colours
+
+
+def bar_chart(report: dict[str, Any]) -> Chart | None:
+    """% plausible per class and model with Wilson 95% whiskers; None without reviews."""
+    models, classes = report["models"], report["classes"]
+    if not models or not classes:
+        return None
+    colours = column_colours(models)
+    bar_w, gap, pad = 40.0, 8.0, 56.0
+    longest = max(len(c["class"]) for c in classes)
+    group_w = max(len(models) * (bar_w + gap) - gap + pad, min(7.0 * longest + 12, 180.0))
+    left, top, plot_h, bottom = 56.0, 56.0, 240.0, 44.0
+    plot_w = group_w * len(classes)
+    legend_w = sum(28 + 7.5 * len(m["label"]) for m in models)
+    width = max(left + plot_w + 16, left + legend_w + 16)
+
+    def y_of(fraction: float) -> float:
+        return top + plot_h * (1 - fraction)
+
+    bars, groups = [], []
+    for g, cls in enumerate(classes):
+        start = left + g * group_w + (group_w - (len(models) * (bar_w + gap) - gap)) / 2
+        groups.append((cls["class"], left + g * group_w + group_w / 2))
+        for i, m in enumerate(models):
+            entry = cls["models"][str(m["id"])]
+            rate = entry["rate"]
+            lo, hi = entry["ci"]
+            height = plot_h * (rate or 0.0)
+            bars.append(
+                Bar(
+                    cls=cls["class"],
+                    model_id=m["id"],
+                    label=m["label"],
+                    colour=colours[m["id"]],
+                    x=start + i * (bar_w + gap),
+                    y=top + plot_h - height,
+                    width=bar_w,
+                    height=height,
+                    rate=rate,
+                    plausible=entry["plausible"],
+                    reviews=entry["reviews"],
+                    ci=(lo, hi),
+                    whisker=None if rate is None else (y_of(hi), y_of(lo)),
+                )
+            )
+    ticks = [(y_of(t / 100), f"{t}%") for t in range(0, 101, 25)]
+    legend, x = [], left
+    for m in models:
+        legend.append((m["label"], colours[m["id"]], x))
+        x += 28 + 7.5 * len(m["label"])
+    height = top + plot_h + bottom
+    return Chart(width, height, left, top, plot_w, plot_h, bars, groups, ticks, legend)
+
+
+def rate_cell(entry: dict[str, Any]) -> str:
+    """'% plausible (n)' as in the CSV: two decimals, n = reviews."""
+    return f"{_pct(entry['rate'])} ({entry['reviews']})"
+
+
+def row(label: str, kind: str, cells: list[str], diff: dict[str, Any] | None) -> dict[str, Any]:
+    return {"label": label, "kind": kind, "cells": cells, "diff": _diff_cells(diff)}
+
+
+def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table's rows: classes, then macro and pooled averages (the CSV's formatting)."""
+    mids = [str(m["id"]) for m in report["models"]]
+    rows = [
+        row(c["class"], "class", [rate_cell(c["models"][i]) for i in mids], c["difference"])
+        for c in report["classes"]
+    ]
+    if not rows:
+        return rows
+    avg, base, proto = report["average"], report["baseline_id"], report["prototype_id"]
+    macro = avg["macro"]
+    macro_diff = ""
+    if base is not None and proto is not None:
+        mb, mp = macro[str(base)], macro[str(proto)]
+        if mb is not None and mp is not None:
+            macro_diff = f"{100 * (mp - mb):.2f}"
+    rows.append(row("Average (macro)", "avg", [_pct(macro[i]) for i in mids], None))
+    rows[-1]["diff"][0] = macro_diff  # the plain difference of the macro rates, no CI or p
+    pooled = [rate_cell(avg["pooled"][i]) for i in mids]
+    rows.append(row("Pooled", "avg", pooled, avg["difference"]))
+    return rows
+
+
+def failure_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Per criterion and model: '% failed (n judged)'."""
+    failure = report["criteria_failure"]
+    mids = [str(m["id"]) for m in report["models"]]
+
+    def cell(mid: str, key: str) -> str:
+        entry = failure[mid][key]
+        return f"{_pct(entry['rate'])} ({entry['judged']})"
+
+    criteria = report["criteria"]
+    return [(c.get("label", c["key"]), [cell(i, c["key"]) for i in mids]) for c in criteria]
+
+
+def report_projects(
+    session: SessionDep, public: str | None, criteria_set_id: int | None
+) -> list[ProjectOut]:
+    query = select(ReviewProject).order_by(ReviewProject.id)
+    if criteria_set_id is not None:
+        query = query.where(ReviewProject.criteria_set_id == criteria_set_id)
+    return [project_out(session, p, public) for p in session.scalars(query)]
+
+
+def optional_id(value: str | None, name: str) -> int | None:
+    """An id filter where an empty string means none: the filter form sends every field, and
+    an ``int`` query parameter would reject its empty "all" choice with a 422."""
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= MAX_ID:
+        raise HTTPException(422, f"{name} must be an id between 1 and {MAX_ID} (got {value!r})")
+    return number
+
+
+@router.get("/reports/plausibility", name="ui_report")
+def report_page(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    _reader: Reader,
+    dataset_id: Annotated[str | None, Query(max_length=12)] = None,
+    models: Annotated[str | None, Query(max_length=2000)] = None,
+    reviewer: Annotated[str | None, Query(max_length=200)] = None,
+    criteria_set_id: Annotated[str | None, Query(max_length=12)] = None,
+) -> HTMLResponse:
+    """The JSON report's content for people: Tables 3-4, the chart, criteria and agreement.
+    Same filters as ``GET /reports/plausibility``; empty form fields count as no filter."""
+    try:
+        set_id = optional_id(criteria_set_id, "criteria_set_id")
+        report = plausibility(
+            session, optional_id(dataset_id, "dataset_id"), models or None, reviewer or None, set_id
+        )
+    except HTTPException as exc:  # malformed model ids: say so on a page, not in JSON
+        return page(
+            request, "message.html", exc.status_code, title="Bad filter", message=exc.detail
+        )
+    filters = {k: v for k, v in report["filters"].items() if v is not None}
+    api_url = route_path(request, "plausibility_endpoint")
+    return page(
+        request, "report.html", title="Plausibility report", report=report,
+        rows=report_rows(report), failures=failure_rows(report), chart=bar_chart(report),
+        filters=filters,
+        json_url=f"{api_url}?{urlencode(filters)}" if filters else api_url,
+        csv_url=f"{api_url}?{urlencode({**filters, 'format': 'csv'})}",
+        projects=report_projects(session, _ls_public(settings), set_id),
+        datasets=session.scalars(select(Dataset).order_by(Dataset.id)).all(),
+        criteria_sets=session.scalars(
+            select(CriteriaSet).order_by(CriteriaSet.domain, CriteriaSet.version)
+        ).all(),
+    )  # fmt: skip

@@ -271,6 +271,75 @@ def demo(
     _guard(run)
 
 
+@app.command()
+def evaluate(
+    baseline: Annotated[Path, typer.Option(help="Baseline checkpoint or run folder.")],
+    prototype: Annotated[Path, typer.Option(help="Prototype checkpoint or run folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file for the results.")],
+    codebook: Annotated[
+        Path | None, typer.Option(help="Codebook folder (adds prototype consistency).")
+    ] = None,
+    seeds: Annotated[str, typer.Option(help="Classifier seeds, comma-separated.")] = "0,1,2",
+    backbone: Annotated[str, typer.Option(help="resnext50 (the seed's), resnet18 or small.")] = (
+        "small"
+    ),
+    weights: Annotated[
+        Path | None, typer.Option(help="Local ImageNet weights for the ResNet backbones.")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Classifier training epochs.")] = 30,
+    n_per_class: Annotated[
+        int | None, typer.Option(help="Synthetic images per class (default: as real).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
+    guidance: float = 2.0,
+    encoder: Annotated[str, typer.Option(help="open_clip model for the metrics.")] = "ViT-L-14",
+    pretrained: Annotated[str | None, typer.Option(help="Weights tag or local file.")] = "openai",
+    untrained: Annotated[bool, typer.Option(help="Untrained encoder (tests/demo only).")] = False,
+    no_cache: Annotated[bool, typer.Option(help="Do not use the embedding cache.")] = False,
+    device: Device = None,
+    verbose: Verbose = False,
+) -> None:
+    """Without experts: a classifier trained on real / baseline / prototype images and tested on
+    held-out real ones (the seed's Tables 5-6), plus CLIP-space Frechet distance, k-NN
+    precision/recall and prototype consistency."""
+    _setup_logging(verbose)
+
+    def run() -> None:
+        from ml.checkpoint import load_model
+        from ml.config import resolve_device
+        from ml.downstream import DownstreamConfig
+        from ml.encoder import ClipEncoder, EmbeddingCache, EncoderSpec
+        from ml.evaluate import EvalConfig, evaluation_table
+        from ml.evaluate import evaluate as run_evaluation
+        from ml.prototypes import Codebook
+
+        try:
+            seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+        except ValueError as exc:
+            raise ValueError(f"--seeds must be comma-separated integers (got {seeds!r})") from exc
+        dev = resolve_device(device)
+        cfg = EvalConfig(
+            n_per_class=n_per_class, steps=steps, guidance=guidance, seeds=seed_list,
+            downstream=DownstreamConfig(backbone=backbone, epochs=epochs, weights=weights,
+                                        device=str(dev)),
+        )  # fmt: skip
+        models = {
+            "baseline": load_model(baseline, device=dev),
+            "prototype": load_model(prototype, device=dev),
+        }
+        enc = ClipEncoder(EncoderSpec(encoder, None if untrained else pretrained), device=str(dev),
+                          allow_untrained=untrained)  # fmt: skip
+        book = Codebook.load(codebook) if codebook is not None else None
+        cache = None if no_cache else EmbeddingCache()
+        result = run_evaluation(models, enc, cfg, codebook=book, cache=cache)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        typer.echo(evaluation_table(result))
+        typer.echo(f"results: {out} ({result['seconds']:.0f} s)")
+
+    _guard(run)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

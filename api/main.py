@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from api.core.config import get_settings
 from api.errors import install_handlers
-from api.routes import dashboard, datasets, generate, health, jobs, keys, reviews
+from api.routes import dashboard, datasets, evaluation, generate, health, jobs, keys, reviews
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
-    for module in (health, datasets, jobs, generate, reviews, keys, dashboard):
+    for module in (health, datasets, evaluation, jobs, generate, reviews, keys, dashboard):
         app.include_router(module.router)
     return app
 

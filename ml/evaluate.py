@@ -50,8 +50,9 @@ class EvalConfig(BaseModel):
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
 
 
-def real_split(models: Mapping[str, LoadedModel]) -> DatasetSplit:
-    """The split both models were trained on, at their image size, with its held-out part."""
+def real_split(models: Mapping[str, LoadedModel], root: str | None = None) -> DatasetSplit:
+    """The split both models were trained on, at their image size, with its held-out part
+    (``root``: where the dataset is on this machine, if not where it was at training)."""
     selections = {name: m.cond.extra.get("selection") for name, m in models.items()}
     if any(not s for s in selections.values()):
         raise ValueError("a model does not record its data selection (trained without a codebook)")
@@ -65,7 +66,7 @@ def real_split(models: Mapping[str, LoadedModel]) -> DatasetSplit:
         raise ValueError(f"the models generate different image sizes: {sorted(sizes)}")
     if "layout" not in first:
         raise ValueError("the recorded selection has no held-out part; train with a codebook")
-    split = load_selection({**first, "image_size": sizes.pop()})
+    split = load_selection({**first, "image_size": sizes.pop(), **({"root": root} if root else {})})
     counts = split.heldout.per_class_counts() if len(split.heldout) else {}
     empty = [c for c in split.classes if not counts.get(c)]
     if empty:
@@ -124,10 +125,15 @@ def evaluate(
     codebook: Codebook | None = None,
     cache: EmbeddingCache | None = None,
     progress: Progress | None = None,
+    synthetic: Mapping[str, ImageSet] | None = None,
+    root: str | None = None,
 ) -> dict[str, Any]:
-    """The whole comparison for named models (e.g. {"baseline": ..., "prototype": ...})."""
+    """The whole comparison for named models (e.g. {"baseline": ..., "prototype": ...}).
+
+    ``synthetic``: images already generated (e.g. reviewed batches) to use for some models
+    instead of generating new ones; they must cover every class."""
     t0 = time.perf_counter()
-    split = real_split(models)
+    split = real_split(models, root)
     counts = split.train.per_class_counts()
     classes = list(split.classes)
     for name, m in models.items():
@@ -141,8 +147,14 @@ def evaluate(
         if progress is not None:
             progress(stage, done[0] / steps_total)
 
+    given = dict(synthetic or {})
     synthetic = {}
     for name, m in models.items():
+        if name in given:
+            synthetic[name] = given[name]
+            for _ in classes:
+                tick(f"given {name}")
+            continue
         synthetic[name] = synthetic_set(m, counts, cfg, lambda n=name: tick(f"generate {n}"))
     real_emb = _embed(encoder, split.train, cache)
     held_emb = _embed(encoder, split.heldout, cache)

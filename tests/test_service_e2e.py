@@ -238,3 +238,29 @@ def test_training_under_torchrun_when_several_processes(prod, start_worker) -> N
     assert done["status"] == "succeeded", (done, worker.tail(60))
     model = prod.client.get(f"/models/{done['model_id']}").json()
     assert model["metrics"]["world"] == 2 and model["metrics"]["steps"] == 4
+
+
+def test_evaluation_job_compares_both_modes(prod, start_worker) -> None:
+    """Train both modes, then the evaluation job: real / baseline / prototype classifiers on the
+    held-out real images, CLIP-space metrics, stored with the job and summarised on the models."""
+    body = {**toy_training(prod, "both", max_steps=3), "n_per_class": 3, "n_heldout": 3}
+    worker = start_worker()
+    jobs = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"]
+    done = [wait_job(prod.client, j["id"], worker=worker) for j in jobs]
+    assert [d["status"] for d in done] == ["succeeded", "succeeded"], done
+    ids = {d["params"]["mode"]: d["model_id"] for d in done}
+    req = {"baseline_model_id": ids["baseline"], "prototype_model_id": ids["prototype"],
+           "seeds": [0], "epochs": 2, "steps": 3}  # fmt: skip
+    r = prod.client.post("/jobs/evaluate", json=req, headers=prod.admin)
+    assert r.status_code == 202, r.text
+    job = wait_job(prod.client, r.json()["id"], worker=worker)
+    assert job["status"] == "succeeded", job
+    report = prod.client.get("/reports/evaluation").json()
+    assert report["job_id"] == job["id"]
+    assert list(report["downstream"]["sets"]) == ["real", "baseline", "prototype"]
+    assert report["n_heldout"] == dict.fromkeys(report["classes"], 3)
+    assert report["toy_plausibility"]["real"]["lymphocyte"] == 1.0
+    csv_text = prod.client.get("/reports/evaluation", params={"format": "csv"}).text
+    assert csv_text.startswith("training set,precision") and "\nprototype," in csv_text
+    model = prod.client.get(f"/models/{ids['prototype']}").json()
+    assert model["metrics"]["evaluations"][0]["job_id"] == job["id"]

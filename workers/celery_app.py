@@ -20,6 +20,7 @@ DEFAULT_QUEUE = "default"
 TASKS: dict[str, tuple[str, str]] = {
     "train": ("protomed.train", GPU_QUEUE),
     "sample": ("protomed.sample", GPU_QUEUE),
+    "evaluate": ("protomed.evaluate", GPU_QUEUE),
     "review_sync": ("protomed.review_sync", DEFAULT_QUEUE),
 }
 

@@ -32,6 +32,10 @@ def _runner(kind: str) -> Callable[..., dict]:
         from workers.training import run_training
 
         return run_training
+    if kind == JobKind.evaluate:
+        from workers.evaluation import run_evaluation
+
+        return run_evaluation
     from workers.sampling import run_sampling
 
     return run_sampling
@@ -44,7 +48,8 @@ def run_job(job_id: int, kind: str, worker: str) -> str:
         if not claim(session, job_id, worker, settings):
             log.info("job %s not claimable (done, cancelled, or running elsewhere)", job_id)
             return "skipped"
-    limit = settings.train_time_limit_s if kind == JobKind.train else settings.sample_time_limit_s
+    long_job = kind in (JobKind.train, JobKind.evaluate)
+    limit = settings.train_time_limit_s if long_job else settings.sample_time_limit_s
     is_train = kind == JobKind.train
 
     def model_status(status: ModelStatus) -> Callable[[Any], None] | None:
@@ -81,6 +86,11 @@ def train(self: Any, job_id: int) -> str:
 @app.task(name=TASKS["sample"][0], bind=True)
 def sample(self: Any, job_id: int) -> str:
     return run_job(job_id, JobKind.sample, _worker_name(self))
+
+
+@app.task(name=TASKS["evaluate"][0], bind=True)
+def evaluate(self: Any, job_id: int) -> str:
+    return run_job(job_id, JobKind.evaluate, _worker_name(self))
 
 
 @app.task(name=TASKS["review_sync"][0], bind=True)

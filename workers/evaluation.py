@@ -1,0 +1,122 @@
+"""The evaluation job: both models' checkpoints and the codebook on this machine, the real split
+they were trained on, synthetic sets (generated, or given batches), then ``ml.evaluate``. The
+full result is the job's result; each model keeps a summary in its metrics."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from api.archive import ensure_local
+from api.core.config import Settings
+from api.db.models import Batch, Job, Model
+from api.db.session import get_sessionmaker
+from api.storage import Storage
+from workers.lifecycle import JobContext
+from workers.sampling import local_checkpoint
+from workers.training import encoder_spec
+
+
+def _stored_batches(session: Any, ids: list[int]) -> list[tuple[str, list[str]]]:
+    """(class, storage keys in index order) of each given batch."""
+    out = []
+    for batch in (session.get(Batch, i) for i in ids):
+        if batch is not None:
+            keys = [img.storage_key for img in sorted(batch.images, key=lambda i: i.index)]
+            out.append((batch.class_name, keys))
+    return out
+
+
+def _load(job_id: int) -> dict[str, Any]:
+    with get_sessionmaker()() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        p = dict(job.params)
+        rows = {m: session.get(Model, p["models"][m]) for m in ("baseline", "prototype")}
+        return {
+            "params": p,
+            "models": {m: (r.id, r.checkpoint_path, r.codebook_path) for m, r in rows.items()},
+            "root": rows["prototype"].dataset.root,
+            "archive_key": rows["prototype"].dataset.archive_key,
+            "batches": {
+                m: _stored_batches(session, ids) for m, ids in (p.get("batches") or {}).items()
+            },
+        }
+
+
+def _codebook(prefix: str, model_id: int, storage: Storage, work_dir: Path) -> Any:
+    from ml.prototypes import Codebook
+
+    folder = work_dir / "models" / str(model_id) / "codebook"
+    for key in storage.list_keys(prefix.rstrip("/") + "/"):
+        dest = folder / key.rsplit("/", 1)[1]
+        if not dest.is_file():
+            storage.download(key, dest)
+    return Codebook.load(folder)
+
+
+def _batch_images(batches: list[tuple[str, list[str]]], classes: list[str], storage: Storage):
+    """An ImageSet from stored PNGs of given batches (labels from each batch's class)."""
+    import torch
+    from PIL import Image
+
+    from ml.data import ImageSet
+
+    images, labels = [], []
+    for class_name, keys in batches:
+        for key in keys:
+            arr = np.asarray(Image.open(io.BytesIO(storage.get_bytes(key))).convert("RGB"))
+            images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+            labels.append(classes.index(class_name))
+    missing = sorted(set(classes) - {classes[i] for i in labels})
+    if missing:
+        raise ValueError(f"the given batches have no images of {', '.join(missing)}")
+    return ImageSet(images=torch.stack(images), labels=torch.tensor(labels), classes=classes,
+                    paths=[""] * len(labels), hashes=[])  # fmt: skip
+
+
+def run_evaluation(job_id: int, ctx: JobContext, settings: Settings, storage: Storage) -> dict:
+    from ml.checkpoint import load_model
+    from ml.config import resolve_device
+    from ml.encoder import ClipEncoder, EmbeddingCache
+    from ml.evaluate import EvalConfig, evaluate
+
+    info = _load(job_id)
+    device = resolve_device()
+    models, book = {}, None
+    for mode, (model_id, ckpt_key, book_key) in info["models"].items():
+        path = local_checkpoint(ckpt_key, model_id, storage, settings.work_dir)
+        models[mode] = load_model(path, device=device)
+        if mode == "prototype" and book_key:
+            book = _codebook(book_key, model_id, storage, settings.work_dir)
+    root = ensure_local(
+        info["root"], info["archive_key"], storage, settings.work_dir,
+        max_bytes=settings.max_unpacked_bytes, max_files=settings.max_upload_files,
+    )  # fmt: skip
+    classes = list(models["prototype"].cond.classes)
+    given = {m: _batch_images(b, classes, storage) for m, b in info["batches"].items() if b}
+    spec, untrained = encoder_spec(settings)
+    encoder = ClipEncoder(spec, device=str(device), allow_untrained=untrained)
+    cfg = EvalConfig(**info["params"]["config"])
+    with EmbeddingCache(settings.work_dir / "embeddings.sqlite") as cache:
+        result = evaluate(
+            models, encoder, cfg, codebook=book, cache=cache, synthetic=given, root=str(root),
+            progress=lambda _stage, f: ctx.report(f),
+        )  # fmt: skip
+    with get_sessionmaker()() as session:
+        for mode, (model_id, *_rest) in info["models"].items():
+            model = session.get(Model, model_id)
+            entry = {
+                "job_id": job_id,
+                "as": mode,
+                "f1": result["downstream"]["sets"][mode]["mean"]["f1"],
+                "fd": result["distribution"][mode]["overall"]["fd"],
+            }
+            metrics = dict(model.metrics or {})
+            metrics["evaluations"] = [*metrics.get("evaluations", []), entry]
+            model.metrics = metrics
+        session.commit()
+    return result

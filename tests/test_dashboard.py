@@ -4,15 +4,18 @@ only a browser can: the chart's geometry, live job progress without reloading, l
 
 Seeded by hand through the ORM (no training, no Label Studio) so every rate is known: two toy
 classes, a baseline and a prototype model with one 4-image batch per class each, and two
-reviewers judging every image with the verdicts in ``VERDICTS``.
+reviewers judging every image with the verdicts in ``VERDICTS``; and two finished evaluate
+jobs whose results (``evaluation_result``) hold hand-made scores.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
 import re
+import statistics
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +56,22 @@ VERDICTS: dict[tuple[str, str], tuple[list[int], list[int]]] = {
     ("prototype", "neutrophil"): ([1, 1, 1, 0], [1, 1, 0, 1]),  # 6/8 = 75%
 }
 RATES = {key: (sum(a) + sum(b)) / (len(a) + len(b)) for key, (a, b) in VERDICTS.items()}
+# The evaluation: each training set's per-seed F1 per class (seeds 0, 1, 2) and macro scores
+# as (mean, sd) fractions; the page prints the macro ones as "mean ± sd" in %.
+EVAL_SEEDS = [0, 1, 2]
+EVAL_F1: dict[str, dict[str, list[float]]] = {
+    "real": {"lymphocyte": [0.84, 0.82, 0.80], "neutrophil": [0.79, 0.77, 0.81]},
+    "baseline": {"lymphocyte": [0.55, 0.50, 0.60], "neutrophil": [0.45, 0.40, 0.44]},
+    "prototype": {"lymphocyte": [0.74, 0.72, 0.70], "neutrophil": [0.68, 0.71, 0.71]},
+}
+EVAL_MACRO: dict[str, dict[str, tuple[float, float]]] = {
+    "real": {"precision": (0.8120, 0.0150), "recall": (0.8010, 0.0110), "f1": (0.8050, 0.0130)},
+    "baseline": {"precision": (0.5230, 0.0410), "recall": (0.5110, 0.0380),
+                 "f1": (0.4890, 0.0450)},
+    "prototype": {"precision": (0.7250, 0.0140), "recall": (0.7180, 0.0100),
+                  "f1": (0.7110, 0.0120)},
+}  # fmt: skip
+UNTRAINED_ENCODER = "protomed-tiny-vit|untrained-seed0|gelu|float32"
 NASTY = "<script>alert('x')</script>"  # in names and errors: must come out escaped
 LS_PUBLIC = "https://review.example.org"
 LS_PROJECT = 7
@@ -73,6 +92,8 @@ class Seeded:
     batches: dict[tuple[str, str], int]  # (mode, class) -> batch id
     running_job: int
     criteria_set: int
+    evaluation: int  # the newest finished evaluate job (per-seed scores, untrained encoder)
+    evaluation_means_only: int  # an older one: no per-seed runs, pretrained encoder, no toy
 
 
 def png(cls: str, rng: np.random.Generator) -> bytes:
@@ -103,6 +124,72 @@ def add_reviews(
         session.add(task)
 
 
+def distance(fd: float | None, p: float, r: float, cons: float | None, n: int) -> dict:
+    return {"fd": fd, "precision": p, "recall": r, "n_real": 40, "n_fake": n, "consistency": cons}
+
+
+def evaluation_result() -> dict:
+    """What ml.evaluate.evaluate returns, with the numbers above (2 x 40 train, 2 x 10 held out)."""
+    sets = {}
+    for name, per_class in EVAL_F1.items():
+        runs = [
+            {"seed": seed, "per_class": {c: {"f1": f1[i]} for c, f1 in per_class.items()}}
+            for i, seed in enumerate(EVAL_SEEDS)
+        ]
+        sets[name] = {
+            "n_train": 80,
+            "runs": runs,
+            "mean": {k: m for k, (m, _) in EVAL_MACRO[name].items()} | {"accuracy": 0.8},
+            "std": {k: sd for k, (_, sd) in EVAL_MACRO[name].items()} | {"accuracy": 0.01},
+            "per_class_f1": {c: statistics.fmean(f1) for c, f1 in per_class.items()},
+        }
+    per_class = {  # per set: lymphocyte, neutrophil; one consistency absent (a dash)
+        "real held-out": (distance(3.2109, 0.9, 0.8, 0.95, 10), distance(4.5, 0.8, 0.7, 0.9, 10)),
+        "baseline": (distance(21.5, 0.5, 0.4, 0.55, 40), distance(30.25, 0.3, 0.2, None, 40)),
+        "prototype": (distance(9.75, 0.8, 0.7, 0.9, 40), distance(11.0, 0.7, 0.6, 0.85, 40)),
+    }
+    overall = {
+        "real held-out": distance(2.5, 0.8875, 0.75, 0.925, 20),
+        "baseline": distance(18.3456, 0.4125, 0.3, 0.5, 80),
+        "prototype": distance(7.8912, 0.775, 0.6625, 0.875, 80),
+    }
+    return {
+        "classes": list(CLASSES),
+        "selection": {"layout": "folder"},
+        "n_train": dict.fromkeys(CLASSES, 40),
+        "n_heldout": dict.fromkeys(CLASSES, 10),
+        "encoder": UNTRAINED_ENCODER,
+        "config": {"n_per_class": None, "steps": 50, "guidance": 2.0, "seeds": EVAL_SEEDS,
+                   "downstream": {"backbone": "small", "epochs": 30}},
+        "models": {m: {"path": f"/runs/{m}", "step": 2000, "mode": m}
+                   for m in ("baseline", "prototype")},
+        "downstream": {"classes": list(CLASSES), "seeds": EVAL_SEEDS, "n_test": 20,
+                       "config": {"backbone": "small", "epochs": 30}, "sets": sets},
+        "distribution": {
+            name: {"classes": list(CLASSES), "k": 3, "overall": overall[name],
+                   "per_class": dict(zip(CLASSES, per_class[name], strict=True))}
+            for name in overall
+        },
+        "toy_plausibility": {"real": {"lymphocyte": 0.95, "neutrophil": 0.9},
+                             "baseline": {"lymphocyte": 0.5, "neutrophil": 0.25},
+                             "prototype": {"lymphocyte": 0.875, "neutrophil": 0.75}},
+        "seconds": 754.3,
+    }  # fmt: skip
+
+
+def evaluate_job(dataset: Dataset, models: dict[str, Model], result: dict) -> Job:
+    params = {
+        "dataset_id": dataset.id, "models": {m: models[m].id for m in models},
+        "batches": {"baseline": [], "prototype": []},
+        "config": {"seeds": EVAL_SEEDS, "downstream": {"backbone": "small", "epochs": 30}},
+    }  # fmt: skip
+    return Job(
+        kind=JobKind.evaluate, status=JobStatus.succeeded, model=models["prototype"],
+        params=params, result=result, progress=1.0, attempts=1, finished_at=utc_now(),
+        requested_by="admin (bootstrap)",
+    )  # fmt: skip
+
+
 def seed(session: Session) -> Seeded:
     """The rows of the module docstring, images in storage, plus jobs in several states."""
     from api.criteria import ensure_defaults, latest
@@ -117,7 +204,7 @@ def seed(session: Session) -> Seeded:
         counts=dict.fromkeys(CLASSES, 40), domain="toy",
     )  # fmt: skip
     storage, rng = get_storage(), np.random.default_rng(0)
-    models, batches = {}, {}
+    models, batches, rows = {}, {}, {}
     for mode in ("baseline", "prototype"):
         model = Model(
             dataset=dataset, mode=ModelMode(mode), preset="tiny", classes=list(CLASSES),
@@ -151,6 +238,7 @@ def seed(session: Session) -> Seeded:
             session.flush()
             add_reviews(session, project, images, (mode, cls))
             models[mode], batches[(mode, cls)] = model.id, batch.id
+        rows[mode] = model
     running = Job(
         kind=JobKind.review_sync, status=JobStatus.running, progress=0.25, eta_s=90.0,
         attempts=1, started_at=utc_now(), requested_by="admin (bootstrap)",
@@ -159,9 +247,19 @@ def seed(session: Session) -> Seeded:
         kind=JobKind.prototypes, status=JobStatus.failed, progress=0.1, attempts=2,
         error=f"encoder crashed: {NASTY}", requested_by=f"ops {NASTY}",
     )  # fmt: skip
-    session.add_all([project, running, failed])
+    means_only = copy.deepcopy(evaluation_result())
+    means_only |= {"encoder": "ViT-L-14|openai|quickgelu|float16", "toy_plausibility": None}
+    for entry in means_only["downstream"]["sets"].values():
+        entry["runs"] = []
+    older = evaluate_job(dataset, rows, means_only)
+    given = [batches[("prototype", cls)] for cls in CLASSES]  # its prototype images were given
+    older.params = {**older.params, "batches": {"baseline": [], "prototype": given}}
+    session.add_all([project, running, failed, older])
+    session.flush()  # the older evaluation gets the smaller id
+    newest = evaluate_job(dataset, rows, evaluation_result())
+    session.add(newest)
     session.commit()
-    return Seeded(dataset.id, models, batches, running.id, criteria_set.id)
+    return Seeded(dataset.id, models, batches, running.id, criteria_set.id, newest.id, older.id)
 
 
 @dataclass
@@ -257,15 +355,87 @@ def test_pages_show_the_seeded_numbers(dash: Dash) -> None:
     assert "lymphocyte · 1 batch, 4 images" in model and "neutrophil · 1 batch, 4 images" in model
 
 
+def pm(mean: float, sd: float) -> str:
+    return f"{100 * mean:.2f} ± {100 * sd:.2f}"
+
+
+def test_evaluation_page_shows_the_seeded_result(dash: Dash) -> None:
+    client, ids = dash.service.client, dash.ids
+    base, proto, job = ids.models["baseline"], ids.models["prototype"], ids.evaluation
+    row = " ".join
+
+    overview = html(client, "/ui")
+    assert 'href="/ui/reports/evaluation"' in overview  # the nav link
+    assert f'href="/ui/reports/evaluation?job_id={job}"' in overview  # from the jobs table
+    assert re.search(rf'data-job-id="{job}">\s*<td>#{job}</td>\s*<td>evaluate</td>', overview)
+
+    page = html(client, "/ui/reports/evaluation")
+    text = text_of(page)
+    assert f"Evaluation report · job #{job}" in text  # the newest finished one
+    m = EVAL_MACRO
+    assert row(["real", *(pm(*m["real"][k]) for k in ("precision", "recall", "f1")), "80"]) in text
+    assert row(["baseline", f"model #{base}", "52.30 ± 4.10", "51.10 ± 3.80", "48.90 ± 4.50",
+                "80"]) in text  # fmt: skip
+    assert row(["prototype", f"model #{proto}", "72.50 ± 1.40", "71.80 ± 1.00",
+                "71.10 ± 1.20", "80"]) in text  # fmt: skip
+    assert text.index("real 81.20") < text.index("baseline model") < text.index("prototype model")
+    assert "tested on the same 20 held-out real images" in text
+    assert "mean ± sd over 3 seeds (0, 1, 2)" in text
+    assert "lymphocyte: 40 train, 10 held out" in text and "small · 30 epochs" in text
+    assert "Untrained encoder." in text and 'id="untrained-caveat"' in page
+    assert UNTRAINED_ENCODER in text and "finished" in text and "12 min 34 s" in text
+    assert "toy &lt;script&gt;" in page  # the dataset's name, escaped
+    # the chart: one bar per (class, set), whiskers from the per-seed scores
+    assert page.count('class="bar"') == 6 and page.count('class="whisker"') == 6
+    assert 'data-class="neutrophil" data-set="baseline" data-f1="0.43' in page
+    sd = statistics.stdev(EVAL_F1["baseline"]["lymphocyte"])
+    assert f"lymphocyte · trained on baseline: F1 55.00% ± {100 * sd:.2f}" in text
+    # CLIP space: overall, then per class in a collapsed <details>
+    assert row(["real held-out", "2.5000", "0.8875", "0.7500", "0.9250", "40", "20"]) in text
+    assert row(["prototype", "7.8912", "0.7750", "0.6625", "0.8750", "40", "80"]) in text
+    details = page[page.index('<details id="distribution-per-class">') :]
+    assert "<details id" in details and " open" not in details[: details.index(">")]
+    assert row(["neutrophil", "real held-out", "4.5000"]) in text_of(details)
+    assert row(["baseline", "30.2500", "0.3000", "0.2000", "—", "40", "40"]) in text_of(details)
+    assert row(["prototype", "87.50", "75.00", "81.25"]) in text  # the toy checker, %
+    # links: the JSON and CSV reports of this very job, and the job
+    assert f'href="/reports/evaluation?job_id={job}"' in page
+    assert f'href="/reports/evaluation?job_id={job}&amp;format=csv"' in page
+    assert f'href="/jobs/{job}"' in page and f'href="/ui/models/{proto}"' in page
+    csv = client.get(f"/reports/evaluation?job_id={job}&format=csv")
+    assert csv.status_code == 200 and "prototype,72.50,1.40,71.80,1.00,71.10,1.20,80" in csv.text
+
+    older = html(client, f"/ui/reports/evaluation?job_id={ids.evaluation_means_only}")
+    assert f"job #{ids.evaluation_means_only}" in text_of(older)
+    assert older.count('class="bar"') == 6 and 'class="whisker"' not in older  # means only
+    assert "no whiskers" in older and "untrained-caveat" not in older and 'id="toy"' not in older
+    assert "71.10 ± 1.20" in text_of(older)
+    given = ", ".join(f"#{ids.batches[('prototype', c)]}" for c in CLASSES)
+    tight = re.sub(r" ([,)])", r"\1", text_of(older))  # no space where a link closed
+    assert f"prototype #{proto} (given batches {given})" in tight
+    assert f'href="/ui/batches/{ids.batches[("prototype", "neutrophil")]}"' in older
+    assert "given batches" not in text
+
+    by_dataset = html(client, f"/ui/reports/evaluation?dataset_id={ids.dataset}&job_id=")
+    assert f"job #{job}" in text_of(by_dataset)  # the form's empty field means none
+    not_one = html(client, f"/ui/reports/evaluation?job_id={ids.running_job}")
+    assert "No finished evaluation yet for these filters" in text_of(not_one)
+    assert "Bad filter" in html(client, "/ui/reports/evaluation?job_id=x", 422)
+
+
 def test_unknown_ids_get_an_html_404(dash: Dash) -> None:
     for url in ("/ui/batches/999", "/ui/models/999"):
         assert "Not found" in html(dash.service.client, url, 404)
-    assert "/ui" not in dash.service.client.get("/openapi.json").json()["paths"]
+    paths = dash.service.client.get("/openapi.json").json()["paths"]
+    assert not [p for p in paths if p.startswith("/ui")]  # the pages stay out of the schema
 
 
 def test_empty_database_renders_empty_states(service: Service) -> None:
     assert "No jobs yet" in html(service.client, "/ui")
     assert "No reviews yet" in html(service.client, "/ui/reports/plausibility")
+    empty = text_of(html(service.client, "/ui/reports/evaluation"))
+    assert "No finished evaluation yet. Start one with POST /jobs/evaluate" in empty
+    assert "protomed evaluate --baseline" in empty and "for these filters" not in empty
 
 
 def require_chromium() -> None:
@@ -293,6 +463,47 @@ def all_images_loaded(page) -> bool:
         "() => document.images.length > 0 &&"
         " [...document.images].every((i) => i.complete && i.naturalWidth > 0)"
     )
+
+
+def check_evaluation_chart(page, url: str, tmp_path: Path) -> None:
+    """The F1 chart as drawn: a bar per (class, training set) as tall as its mean F1, whiskers
+    spanning ± 1 sd of the seeded per-seed scores."""
+    page.goto(url + "/ui/reports/evaluation")
+    top = float(page.get_attribute("#f1-chart", "data-plot-top") or "nan")
+    plot_h = float(page.get_attribute("#f1-chart", "data-plot-height") or "nan")
+    bars = page.eval_on_selector_all(
+        "#f1-chart rect.bar",
+        "els => els.map((e) => [e.dataset.class, e.dataset.set, +e.dataset.f1,"
+        " e.getBBox().height, e.getBBox().y, e.getAttribute('fill')])",
+    )
+    expected = {(c, s): f1 for s, per in EVAL_F1.items() for c, f1 in per.items()}
+    assert len(bars) == len(expected) and {(c, s) for c, s, *_ in bars} == set(expected)
+    for cls, name, f1, drawn, y, _ in bars:
+        mean = statistics.fmean(expected[(cls, name)])
+        assert f1 == pytest.approx(mean)
+        assert drawn == pytest.approx(mean * plot_h, abs=0.01)
+        assert y + drawn == pytest.approx(top + plot_h, abs=0.01)  # standing on the axis
+    assert len({fill for *_, fill in bars}) == len(EVAL_F1)  # a colour per training set
+    whiskers = page.eval_on_selector_all(
+        "#f1-chart g.whisker",
+        "els => els.map((e) => { const l = e.querySelector('line'); return [e.dataset.class,"
+        " e.dataset.set, +l.getAttribute('y1'), +l.getAttribute('y2')]; })",
+    )
+    assert len(whiskers) == len(expected)
+    for cls, name, hi, lo in whiskers:
+        mean, sd = statistics.fmean(expected[(cls, name)]), statistics.stdev(expected[(cls, name)])
+        assert hi == pytest.approx(top + plot_h * (1 - mean - sd), abs=0.01)
+        assert lo == pytest.approx(top + plot_h * (1 - mean + sd), abs=0.01)
+    legend = page.locator("#f1-chart .legend").text_content() or ""
+    assert all(name in legend for name in EVAL_F1)
+    ticks = page.locator("#f1-chart .tick text").all_text_contents()
+    assert ticks[0] == "0%" and ticks[-1] == "100%"
+    assert "71.10 ± 1.20" in page.locator("#downstream").inner_text()
+    assert page.locator("#untrained-caveat").is_visible()
+    assert not page.locator("#distribution-per-class table").is_visible()  # collapsed
+    page.locator("#distribution-per-class summary").click()
+    assert page.locator("#distribution-per-class table").is_visible()
+    page.screenshot(path=shot_path(tmp_path, "dashboard_evaluation.png"), full_page=True)
 
 
 def test_in_a_real_browser(dash: Dash, tmp_path: Path) -> None:
@@ -335,6 +546,8 @@ def test_in_a_real_browser(dash: Dash, tmp_path: Path) -> None:
             assert ticks[0] == "0%" and ticks[-1] == "100%"
             assert "87.50 (8)" in page.locator("#plausibility").inner_text()
             page.screenshot(path=shot_path(tmp_path, "dashboard_report.png"), full_page=True)
+
+            check_evaluation_chart(page, server.url, tmp_path)
 
             page.goto(server.url + "/ui")
             pct = page.locator(f'tr[data-job-id="{ids.running_job}"] .pct')

@@ -1,5 +1,6 @@
 """A read-only HTML dashboard under ``/ui``: jobs with live progress, models, batches as image
-grids, and the plausibility report as the seed's Tables 3-4 with a bar chart.
+grids, the plausibility report as the seed's Tables 3-4 with a bar chart, and the evaluation
+report (Tables 5-6, per-class F1 chart, CLIP-space metrics).
 
 Server-rendered (Jinja2, autoescaped) with inline CSS, SVG and a few lines of JS, so it needs no
 build step, no framework and no network beyond this API. Kept out of the OpenAPI schema: the
@@ -9,6 +10,8 @@ JSON endpoints stay the API; these pages only read what they expose.
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,9 +24,20 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 
-from api.db.models import Batch, CriteriaSet, Dataset, Image, Job, Model, ReviewProject
+from api.db.models import (
+    Batch,
+    CriteriaSet,
+    Dataset,
+    Image,
+    Job,
+    JobKind,
+    JobStatus,
+    Model,
+    ReviewProject,
+)
 from api.deps import MAX_ID, IdPath, Reader, SessionDep, SettingsDep
 from api.reports import _diff_cells, _pct  # the CSV's formatting, so both read alike
+from api.routes.evaluation import latest_evaluation
 from api.routes.reviews import ProjectOut, _ls_public, plausibility, project_out
 
 router = APIRouter(prefix="/ui", include_in_schema=False, default_response_class=HTMLResponse)
@@ -37,6 +51,7 @@ PALETTE = {  # by mode, then by the model's order within its mode
     "prototype": ("#0f766e", "#14b8a6", "#115e59"),
 }
 OTHER_COLOURS = ("#a16207", "#7c3aed")
+UNFINISHED = (JobStatus.queued, JobStatus.running)
 
 
 def route_path(request: Request, name: str, /, **params: Any) -> str:
@@ -71,9 +86,13 @@ def when(moment: datetime | None) -> str:
     return "—" if moment is None else moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def number(value: Any, digits: int = 4) -> str:
     """A metric that may be absent or not a number (metrics are free-form JSON)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         return "—"
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
@@ -195,35 +214,61 @@ def batch_page(
     return page(request, "batch.html", title=f"Batch #{batch.id}", batch=batch, images=images)
 
 
-# --- the plausibility report ---------------------------------------------------------------------
+# --- grouped bar charts: plausibility per model, F1 per training set ----------------------------
+
+
+@dataclass(frozen=True)
+class Series:
+    """One bar in every group, in one colour: a model, or a training set."""
+
+    key: str  # the bars' data-<series_attr> value
+    label: str
+    colour: str
+
+
+@dataclass(frozen=True)
+class BarValue:
+    """What one bar shows: a fraction (None: no data), an optional interval for the whisker,
+    and the tooltip."""
+
+    value: float | None
+    interval: tuple[float, float] | None
+    tooltip: str
 
 
 @dataclass(frozen=True)
 class Bar:
-    """One model's bar in one class group; y grows downwards as in SVG."""
+    """One series' bar in one group; y grows downwards as in SVG."""
 
-    cls: str
-    model_id: int
-    label: str
+    group: str
+    series: str
     colour: str
     x: float
     y: float
     width: float
     height: float
-    rate: float | None
-    plausible: int
-    reviews: int
-    ci: tuple[float, float]
-    whisker: tuple[float, float] | None  # y of the upper and lower Wilson limits
+    value: float | None
+    whisker: tuple[float, float] | None  # y of the interval's upper and lower ends
+    tooltip: str
 
     @property
     def centre(self) -> float:
         return self.x + self.width / 2
 
+    @property
+    def text(self) -> str:
+        return "n/a" if self.value is None else f"{100 * self.value:.1f}%"
+
+    @property
+    def text_y(self) -> float:
+        """Just above the whisker, else above the bar (at the axis for no data)."""
+        return (self.whisker[0] if self.whisker else self.y) - 5
+
 
 @dataclass(frozen=True)
 class Chart:
-    """Geometry of the grouped bar chart, computed here so the template only draws."""
+    """Geometry of a grouped bar chart on a 0-100% axis, computed here so the template (the
+    ``bar_chart`` macro) only draws."""
 
     width: float
     height: float
@@ -232,9 +277,77 @@ class Chart:
     plot_width: float
     plot_height: float
     bars: list[Bar]
-    groups: list[tuple[str, float]]  # class name, x of its centre
+    groups: list[tuple[str, float]]  # group (class) name, x of its centre
     ticks: list[tuple[float, str]]  # y, label
     legend: list[tuple[str, str, float]]  # label, colour, x
+    title: str
+    axis_title: str
+    series_attr: str  # data-* names on the bars, e.g. data-model / data-rate
+    value_attr: str
+
+
+def grouped_bar_chart(
+    groups: list[str],
+    series: list[Series],
+    values: dict[tuple[str, str], BarValue],
+    *,
+    title: str,
+    axis_title: str,
+    series_attr: str,
+    value_attr: str,
+) -> Chart | None:
+    """One bar per (group, series) from ``values[(group, series.key)]``, groups side by side,
+    whiskers where a value has an interval (clipped to the axis); None without groups or
+    series."""
+    if not groups or not series:
+        return None
+    bar_w, gap, pad = 40.0, 8.0, 56.0
+    bars_w = len(series) * (bar_w + gap) - gap
+    group_w = max(bars_w + pad, min(7.0 * max(len(g) for g in groups) + 12, 180.0))
+    left, top, plot_h, bottom = 56.0, 56.0, 240.0, 44.0
+    plot_w = group_w * len(groups)
+    legend_w = sum(28 + 7.5 * len(s.label) for s in series)
+    width = max(left + plot_w + 16, left + legend_w + 16)
+
+    def y_of(fraction: float) -> float:
+        return top + plot_h * (1 - min(max(fraction, 0.0), 1.0))
+
+    bars, centres = [], []
+    for g, name in enumerate(groups):
+        start = left + g * group_w + (group_w - bars_w) / 2
+        centres.append((name, left + g * group_w + group_w / 2))
+        for i, s in enumerate(series):
+            v = values[(name, s.key)]
+            height = plot_h * (v.value or 0.0)
+            whisker = None
+            if v.value is not None and v.interval is not None:
+                whisker = (y_of(v.interval[1]), y_of(v.interval[0]))
+            bars.append(
+                Bar(
+                    group=name,
+                    series=s.key,
+                    colour=s.colour,
+                    x=start + i * (bar_w + gap),
+                    y=top + plot_h - height,
+                    width=bar_w,
+                    height=height,
+                    value=v.value,
+                    whisker=whisker,
+                    tooltip=v.tooltip,
+                )
+            )
+    ticks = [(y_of(t / 100), f"{t}%") for t in range(0, 101, 25)]
+    legend, x = [], left
+    for s in series:
+        legend.append((s.label, s.colour, x))
+        x += 28 + 7.5 * len(s.label)
+    return Chart(
+        width, top + plot_h + bottom, left, top, plot_w, plot_h, bars, centres, ticks, legend,
+        title, axis_title, series_attr, value_attr,
+    )  # fmt: skip
+
+
+# --- the plausibility report ---------------------------------------------------------------------
 
 
 def column_colours(models: list[dict[str, Any]]) -> dict[int, str]:
@@ -252,53 +365,23 @@ def column_colours(models: list[dict[str, Any]]) -> dict[int, str]:
 def bar_chart(report: dict[str, Any]) -> Chart | None:
     """% plausible per class and model with Wilson 95% whiskers; None without reviews."""
     models, classes = report["models"], report["classes"]
-    if not models or not classes:
-        return None
     colours = column_colours(models)
-    bar_w, gap, pad = 40.0, 8.0, 56.0
-    longest = max(len(c["class"]) for c in classes)
-    group_w = max(len(models) * (bar_w + gap) - gap + pad, min(7.0 * longest + 12, 180.0))
-    left, top, plot_h, bottom = 56.0, 56.0, 240.0, 44.0
-    plot_w = group_w * len(classes)
-    legend_w = sum(28 + 7.5 * len(m["label"]) for m in models)
-    width = max(left + plot_w + 16, left + legend_w + 16)
-
-    def y_of(fraction: float) -> float:
-        return top + plot_h * (1 - fraction)
-
-    bars, groups = [], []
-    for g, cls in enumerate(classes):
-        start = left + g * group_w + (group_w - (len(models) * (bar_w + gap) - gap)) / 2
-        groups.append((cls["class"], left + g * group_w + group_w / 2))
-        for i, m in enumerate(models):
+    series = [Series(str(m["id"]), m["label"], colours[m["id"]]) for m in models]
+    values = {}
+    for cls in classes:
+        for m in models:
             entry = cls["models"][str(m["id"])]
-            rate = entry["rate"]
-            lo, hi = entry["ci"]
-            height = plot_h * (rate or 0.0)
-            bars.append(
-                Bar(
-                    cls=cls["class"],
-                    model_id=m["id"],
-                    label=m["label"],
-                    colour=colours[m["id"]],
-                    x=start + i * (bar_w + gap),
-                    y=top + plot_h - height,
-                    width=bar_w,
-                    height=height,
-                    rate=rate,
-                    plausible=entry["plausible"],
-                    reviews=entry["reviews"],
-                    ci=(lo, hi),
-                    whisker=None if rate is None else (y_of(hi), y_of(lo)),
-                )
+            rate, (lo, hi) = entry["rate"], entry["ci"]
+            tip = (
+                f"{cls['class']} · {m['label']}: {percent(rate)} plausible "
+                f"({entry['plausible']}/{entry['reviews']}), 95% CI {100 * lo:.1f}–{100 * hi:.1f}%"
             )
-    ticks = [(y_of(t / 100), f"{t}%") for t in range(0, 101, 25)]
-    legend, x = [], left
-    for m in models:
-        legend.append((m["label"], colours[m["id"]], x))
-        x += 28 + 7.5 * len(m["label"])
-    height = top + plot_h + bottom
-    return Chart(width, height, left, top, plot_w, plot_h, bars, groups, ticks, legend)
+            values[(cls["class"], str(m["id"]))] = BarValue(rate, (lo, hi), tip)
+    return grouped_bar_chart(
+        [c["class"] for c in classes], series, values,
+        title="% plausible per class and model, with Wilson 95% intervals",
+        axis_title="% plausible", series_attr="model", value_attr="rate",
+    )  # fmt: skip
 
 
 def rate_cell(entry: dict[str, Any]) -> str:
@@ -369,6 +452,10 @@ def optional_id(value: str | None, name: str) -> int | None:
     return number
 
 
+def bad_filter(request: Request, exc: HTTPException) -> HTMLResponse:
+    return page(request, "message.html", exc.status_code, title="Bad filter", message=exc.detail)
+
+
 @router.get("/reports/plausibility", name="ui_report")
 def report_page(
     request: Request,
@@ -388,9 +475,7 @@ def report_page(
             session, optional_id(dataset_id, "dataset_id"), models or None, reviewer or None, set_id
         )
     except HTTPException as exc:  # malformed model ids: say so on a page, not in JSON
-        return page(
-            request, "message.html", exc.status_code, title="Bad filter", message=exc.detail
-        )
+        return bad_filter(request, exc)
     filters = {k: v for k, v in report["filters"].items() if v is not None}
     api_url = route_path(request, "plausibility_endpoint")
     return page(
@@ -404,4 +489,129 @@ def report_page(
         criteria_sets=session.scalars(
             select(CriteriaSet).order_by(CriteriaSet.domain, CriteriaSet.version)
         ).all(),
+    )  # fmt: skip
+
+
+# --- the evaluation report -----------------------------------------------------------------------
+
+SET_ORDER = ("real", "baseline", "prototype")  # the seed's Tables 5-6 rows, others after them
+SET_COLOURS = {"real": "#334e68", "baseline": PALETTE["baseline"][1],
+               "prototype": PALETTE["prototype"][0]}  # fmt: skip
+SCORES = ("precision", "recall", "f1")
+DISTANCES = ("fd", "precision", "recall", "consistency")
+
+
+def ordered(names: Iterable[str]) -> list[str]:
+    names = list(names)
+    return [n for n in SET_ORDER if n in names] + [n for n in names if n not in SET_ORDER]
+
+
+def fixed(value: Any, digits: int = 4) -> str:
+    """The CSV's formatting of a CLIP-space number; an absent statistic (a set too small for
+    it, or no codebook for consistency) is a dash."""
+    return f"{value:.{digits}f}" if is_number(value) else "—"
+
+
+def downstream_rows(down: dict[str, Any]) -> list[dict[str, Any]]:
+    """Tables 5-6: macro precision, recall and F1 as 'mean ± sd' in % (the CSV's two decimals)."""
+    rows = []
+    for name in ordered(down["sets"]):
+        entry = down["sets"][name]
+        mean, sd = entry["mean"], entry["std"]
+        cells = [f"{100 * mean[k]:.2f} ± {100 * sd[k]:.2f}" for k in SCORES]
+        rows.append({"name": name, "cells": cells, "n_train": entry["n_train"]})
+    return rows
+
+
+def class_f1(entry: dict[str, Any], cls: str) -> tuple[float, float | None]:
+    """A class's mean F1 over seeds and its sample sd (ddof=1, as the macro scores') from the
+    runs' per-class scores; no sd from a single seed or runs without per-class scores."""
+    runs = entry.get("runs") or []
+    scores = [r["per_class"][cls]["f1"] for r in runs if cls in (r.get("per_class") or {})]
+    sd = statistics.stdev(scores) if len(scores) > 1 and len(scores) == len(runs) else None
+    return entry["per_class_f1"][cls], sd
+
+
+def f1_chart(down: dict[str, Any]) -> Chart | None:
+    """Per-class F1 of the classifier trained on each set, whiskers ± 1 sd over seeds."""
+    names = ordered(down["sets"])
+    series = [
+        Series(n, n, SET_COLOURS.get(n, OTHER_COLOURS[i % len(OTHER_COLOURS)]))
+        for i, n in enumerate(names)
+    ]
+    values = {}
+    for cls in down["classes"]:
+        for name in names:
+            mean, sd = class_f1(down["sets"][name], cls)
+            spread = "" if sd is None else f" ± {100 * sd:.2f} (sd over seeds)"
+            values[(cls, name)] = BarValue(
+                mean, None if sd is None else (mean - sd, mean + sd),
+                f"{cls} · trained on {name}: F1 {100 * mean:.2f}%{spread}",
+            )  # fmt: skip
+    return grouped_bar_chart(
+        list(down["classes"]), series, values, title="F1 per class and training set",
+        axis_title="F1", series_attr="set", value_attr="f1",
+    )  # fmt: skip
+
+
+def distance_cells(entry: dict[str, Any]) -> list[str]:
+    return [fixed(entry.get(k)) for k in DISTANCES] + [str(entry["n_real"]), str(entry["n_fake"])]
+
+
+def toy_rows(
+    toy: dict[str, dict[str, float]] | None, classes: list[str]
+) -> list[tuple[str, list[str]]]:
+    """The rule-based checker's % plausible per class, then the mean over classes."""
+    rows = []
+    for name in ordered(toy or {}):
+        per = (toy or {})[name]
+        mean = sum(per.values()) / len(per) if per else None
+        rows.append((name, [_pct(per.get(c)) for c in classes] + [_pct(mean)]))
+    return rows
+
+
+@router.get("/reports/evaluation", name="ui_evaluation")
+def evaluation_page(
+    request: Request,
+    session: SessionDep,
+    _reader: Reader,
+    dataset_id: Annotated[str | None, Query(max_length=12)] = None,
+    job_id: Annotated[str | None, Query(max_length=12)] = None,
+) -> HTMLResponse:
+    """The latest finished evaluation (of a dataset, or a given job): Tables 5-6, per-class F1,
+    CLIP-space metrics, the toy checker. Same filters as ``GET /reports/evaluation``."""
+    try:
+        ids = {"dataset_id": optional_id(dataset_id, "dataset_id"),
+               "job_id": optional_id(job_id, "job_id")}  # fmt: skip
+    except HTTPException as exc:
+        return bad_filter(request, exc)
+    filters = {k: v for k, v in ids.items() if v is not None}
+    job = latest_evaluation(session, ids["dataset_id"], ids["job_id"])
+    common = {
+        "title": "Evaluation report", "filters": filters, "job": job,
+        "datasets": session.scalars(select(Dataset).order_by(Dataset.id)).all(),
+    }  # fmt: skip
+    if job is None:
+        pending = session.scalars(
+            select(Job)
+            .where(Job.kind == JobKind.evaluate, Job.status.in_(UNFINISHED))
+            .order_by(Job.id.desc())
+        ).all()
+        return page(request, "evaluation.html", **common, pending=pending)
+    result, params = job.result or {}, job.params or {}
+    down, dist, classes = result["downstream"], result["distribution"], result["classes"]
+    api_url = route_path(request, "evaluation_report")
+    dataset_of_job = params.get("dataset_id")
+    return page(
+        request, "evaluation.html", **common, result=result, down=down,
+        dataset=session.get(Dataset, dataset_of_job) if dataset_of_job else None,
+        model_ids=params.get("models") or {}, given=params.get("batches") or {},
+        rows=downstream_rows(down), chart=f1_chart(down),
+        overall=[(name, distance_cells(rep["overall"])) for name, rep in dist.items()],
+        per_class=[(cls, [(name, distance_cells(rep["per_class"][cls])) for name, rep in
+                          dist.items()]) for cls in classes],
+        toy=toy_rows(result.get("toy_plausibility"), classes),
+        untrained="untrained" in str(result.get("encoder", "")),
+        json_url=f"{api_url}?{urlencode({'job_id': job.id})}",
+        csv_url=f"{api_url}?{urlencode({'job_id': job.id, 'format': 'csv'})}",
     )  # fmt: skip

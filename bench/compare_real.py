@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--pretrained", default=None, help="CLIP weights (default: untrained)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
+    ap.add_argument(
+        "--results", type=Path, default=REPO / "bench" / "results" / "compare_real.json"
+    )
     args = ap.parse_args()
     enc = ["--encoder", args.encoder]
     enc += ["--pretrained", args.pretrained] if args.pretrained else ["--untrained"]
@@ -68,9 +71,8 @@ def main() -> None:
                             "pretrained": args.pretrained}  # fmt: skip
         results[name] = result
         print(f"== {name} ({result['wall_s']:.0f} s)\n{table}", flush=True)
-    dest = REPO / "bench" / "results" / "compare_real.json"
-    dest.write_text(json.dumps(results, indent=2))
-    print(f"wrote {dest}")
+    args.results.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":

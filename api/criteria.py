@@ -97,7 +97,9 @@ def label_config(criteria: list[dict[str, Any]]) -> str:
     parts = [
         "<View>",
         '  <Header value="Expected class: $expected_class"/>',
-        '  <Image name="image" value="$image" zoom="true" zoomControl="true"/>',
+        # Small generated images: shown at a readable size, without blurring the pixels.
+        '  <Image name="image" value="$image" zoom="true" zoomControl="true" maxWidth="384px" '
+        'smoothing="false"/>',
     ]
     for c in criteria:
         parts += [

@@ -134,6 +134,7 @@ def test_review_requests(service, monkeypatch) -> None:
     assert len(set(tokens)) == 6 and all(len(t) >= 32 for t in tokens)
     img = service.client.get(f"/review-images/{tokens[0]}")
     assert img.status_code == 200 and img.content == png
+    assert img.headers["access-control-allow-origin"] == "*"  # Label Studio loads it via CORS
     assert service.client.get("/review-images/not-a-token").status_code == 404
 
 

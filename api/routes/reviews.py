@@ -215,9 +215,10 @@ def review_image(
         data = storage.get_bytes(task.image.storage_key)
     except ObjectNotFound as exc:
         raise HTTPException(404, "the image is missing from storage") from exc
-    return Response(
-        data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
-    )
+    # Label Studio's editor loads images cross-origin (CORS mode): without this header the
+    # reviewer sees "There was an issue loading URL". The token is the only key to the image.
+    headers = {"Cache-Control": "private, max-age=3600", "Access-Control-Allow-Origin": "*"}
+    return Response(data, media_type="image/png", headers=headers)
 
 
 def parse_ids(models: str | None) -> list[int] | None:

@@ -347,6 +347,15 @@ def _diff_cells(diff: dict[str, Any] | None) -> list[str]:
     return [f"{100 * diff['value']:.2f}", f"[{100 * lo:.1f}; {100 * hi:.1f}]", _p(diff["p_value"])]
 
 
+def macro_difference(report: dict[str, Any]) -> str:
+    """Prototype minus baseline of the macro rates, in points ("" without both)."""
+    macro, base, proto = report["average"]["macro"], report["baseline_id"], report["prototype_id"]
+    if base is None or proto is None:
+        return ""
+    mb, mp = macro[str(base)], macro[str(proto)]
+    return "" if mb is None or mp is None else f"{100 * (mp - mb):.2f}"
+
+
 def report_csv(report: dict[str, Any]) -> str:
     """The report laid out as the paper's Tables 3-4, for spreadsheets and the appendix.
 
@@ -365,14 +374,10 @@ def report_csv(report: dict[str, Any]) -> str:
         w.writerow([c["class"], *cols, *_diff_cells(c["difference"])])
 
     avg = report["average"]
-    base, proto = report["baseline_id"], report["prototype_id"]
     macro = avg["macro"]
-    macro_diff = ""
-    if base is not None and proto is not None:
-        mb, mp = macro[str(base)], macro[str(proto)]
-        if mb is not None and mp is not None:
-            macro_diff = f"{100 * (mp - mb):.2f}"
-    w.writerow(["average (macro)", *(_pct(macro[i]) for i in mids), macro_diff, "", ""])
+    w.writerow(
+        ["average (macro)", *(_pct(macro[i]) for i in mids), macro_difference(report), "", ""]
+    )
     pooled = avg["pooled"]
     cols = [f"{_pct(pooled[i]['rate'])} (n={pooled[i]['reviews']})" for i in mids]
     w.writerow(["pooled", *cols, *_diff_cells(avg["difference"])])

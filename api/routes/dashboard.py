@@ -36,7 +36,7 @@ from api.db.models import (
     ReviewProject,
 )
 from api.deps import MAX_ID, IdPath, Reader, SessionDep, SettingsDep
-from api.reports import _diff_cells, _pct  # the CSV's formatting, so both read alike
+from api.reports import _diff_cells, _pct, macro_difference  # the CSV's formatting
 from api.routes.evaluation import latest_evaluation
 from api.routes.reviews import ProjectOut, _ls_public, plausibility, project_out
 
@@ -402,15 +402,9 @@ def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     ]
     if not rows:
         return rows
-    avg, base, proto = report["average"], report["baseline_id"], report["prototype_id"]
-    macro = avg["macro"]
-    macro_diff = ""
-    if base is not None and proto is not None:
-        mb, mp = macro[str(base)], macro[str(proto)]
-        if mb is not None and mp is not None:
-            macro_diff = f"{100 * (mp - mb):.2f}"
-    rows.append(row("Average (macro)", "avg", [_pct(macro[i]) for i in mids], None))
-    rows[-1]["diff"][0] = macro_diff  # the plain difference of the macro rates, no CI or p
+    avg = report["average"]
+    rows.append(row("Average (macro)", "avg", [_pct(avg["macro"][i]) for i in mids], None))
+    rows[-1]["diff"][0] = macro_difference(report)  # the plain difference, no CI or p
     pooled = [rate_cell(avg["pooled"][i]) for i in mids]
     rows.append(row("Pooled", "avg", pooled, avg["difference"]))
     return rows

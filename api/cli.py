@@ -113,7 +113,7 @@ def serve(
     _migrate()
     typer.echo(f"admin key: {env['PROTOMED_ADMIN_KEY']}  (kept in {state / KEY_FILE})")
     typer.echo(f"datasets may be registered from: {env['PROTOMED_DATA_ROOTS']}")
-    typer.echo(f"API docs: http://{host}:{port}/docs")
+    typer.echo(f"API docs: http://{host}:{port}/docs  dashboard: http://{host}:{port}/ui")
     proc = None
     if not no_worker:
         proc = subprocess.Popen(worker_command("gpu,default", "embedded@%h"), env=env)

@@ -7,7 +7,8 @@ loss and the same sampling loop (diffusers' DDIM scheduler, conditional and unco
 in one batch): only the network differs. Measured per preset and precision:
 
 - training images/s (forward, backward, AdamW step) at the preset's batch size,
-- sampling images/s for DDIM-50 with guidance,
+- sampling images/s for DDIM-50 with guidance (ours in the layout ``protomed sample`` uses,
+  channels-last; the peer as diffusers runs it, NCHW),
 - peak resident memory of a process doing each (a child process per measurement).
 
     .venv/bin/python bench/speed.py                          # cpu-small and paper, fp32
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ml.checkpoint import Conditioning, build_model  # noqa: E402
-from ml.config import TrainConfig, make_config  # noqa: E402
+from ml.config import SampleConfig, TrainConfig, make_config  # noqa: E402
 from ml.diffusion import diffusion_loss, guided_sample, noise_scheduler, sampler  # noqa: E402
 from ml.unet import count_parameters  # noqa: E402
 
@@ -83,8 +84,9 @@ def amp(precision: str) -> torch.dtype | None:
 
 
 def train_rate(model: nn.Module, cfg: TrainConfig, precision: str, steps: int) -> float:
-    """Training images per second (median over ``steps`` timed steps after one warm-up)."""
-    model.train()
+    """Training images per second (median over ``steps`` timed steps after one warm-up);
+    NCHW for both models (our trainer does not switch layouts)."""
+    model.train().to(memory_format=torch.contiguous_format)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     sched = noise_scheduler(cfg)
     gen = torch.Generator().manual_seed(0)
@@ -102,11 +104,16 @@ def train_rate(model: nn.Module, cfg: TrainConfig, precision: str, steps: int) -
     return cfg.batch_size / statistics.median(times)
 
 
-def sample_rate(model: nn.Module, cfg: TrainConfig, precision: str, n: int, steps: int) -> float:
-    """DDIM sampling with guidance 2 (conditional + unconditional in one batch), images/s."""
-    model.eval()
+def sample_rate(
+    model: nn.Module, cfg: TrainConfig, precision: str, n: int, steps: int, layout: str = "nchw"
+) -> float:
+    """DDIM sampling with guidance 2 (conditional + unconditional in one batch), images/s.
+    ``layout``: "nhwc" runs channels-last, as ``protomed sample`` does by default."""
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    model.eval().to(memory_format=fmt)
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=gen)
+    noise = noise.contiguous(memory_format=fmt)
     labels = torch.arange(n) % N_CLASSES
     train_sched = noise_scheduler(cfg)
     guided_sample(model, labels[:1], noise[:1], sampler("ddim", train_sched, 2), 2.0,
@@ -127,7 +134,8 @@ def child_peak_rss(
         f"{precision!r}); "
         + (f"s.train_rate(m, c, {precision!r}, 1)" if task == "train" else
            f"s.sample_rate(m, c, {precision!r}, {args.sample_n}, 2)")
-        + "; import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        # VmHWM, not ru_maxrss: Linux carries a forked parent's ru_maxrss into the child.
+        + "; print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     )  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
@@ -144,7 +152,10 @@ def measure(preset: str, precision: str, args: argparse.Namespace) -> dict:
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
         for w, (m, cfg) in models.items():
             rates[f"{w}_train"].append(train_rate(m, cfg, precision, args.train_steps))
-            rates[f"{w}_sample"].append(sample_rate(m, cfg, precision, args.sample_n, args.steps))
+            layout = "nhwc" if w == "ours" and SampleConfig().channels_last else "nchw"
+            rates[f"{w}_sample"].append(
+                sample_rate(m, cfg, precision, args.sample_n, args.steps, layout)
+            )
     for k, v in rates.items():
         row[f"{k}_img_s"] = statistics.median(v)
     for task in ("train", "sample"):

@@ -76,7 +76,7 @@ def build(which: str, preset: str, precision: str) -> tuple[nn.Module, TrainConf
     if which == "ours":
         cond = Conditioning([f"c{i}" for i in range(N_CLASSES)], "baseline")
         return build_model(cfg, cond), cfg
-    return DiffusersPeer(cfg), cfg
+    return DiffusersPeer(cfg), cfg.model_copy(update={"channels_last": False})  # as shipped
 
 
 def amp(precision: str) -> torch.dtype | None:
@@ -84,13 +84,15 @@ def amp(precision: str) -> torch.dtype | None:
 
 
 def train_rate(model: nn.Module, cfg: TrainConfig, precision: str, steps: int) -> float:
-    """Training images per second (median over ``steps`` timed steps after one warm-up);
-    NCHW for both models (our trainer does not switch layouts)."""
-    model.train().to(memory_format=torch.contiguous_format)
+    """Training images per second (median over ``steps`` timed steps after one warm-up), in the
+    layout ``cfg.channels_last`` asks for (ours: as ``protomed train`` runs; the peer: NCHW)."""
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.train().to(memory_format=fmt)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     sched = noise_scheduler(cfg)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1
+    x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, N_CLASSES, (cfg.batch_size,), generator=gen)
     times = []
     for i in range(steps + 1):

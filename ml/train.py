@@ -173,7 +173,8 @@ def train(
     rows = table_rows(data, cond, codebook)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg, cond, table).to(device)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = build_model(cfg, cond, table).to(device, memory_format=layout)
     ema = deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -222,6 +223,7 @@ def train(
                 flip_v = torch.rand(len(idx), device=device) < 0.5
                 x0 = torch.where(flip_h[:, None, None, None], x0.flip(3), x0)
                 x0 = torch.where(flip_v[:, None, None, None], x0.flip(2), x0)
+            x0 = x0.contiguous(memory_format=layout)
             loss = diffusion_loss(net, x0, rows[idx.to(device)], sched, cfg.p_uncond, amp)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -37,6 +37,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the api package is the repo's
+sys.path.insert(0, str(REPO / "tests"))  # the tests' migrate() and seed rows, shared with them
 
 ADMIN_KEY = "pm_bench-admin-key-0123456789"
 CLASSES = ["basophil", "eosinophil", "lymphocyte"]  # as tests/seed.py
@@ -99,25 +100,12 @@ def backing_env(database: str, tmp: Path, redis_db: int) -> Iterator[dict[str, s
         yield base | {"PROTOMED_DATABASE_URL": db_url, "PROTOMED_BROKER_URL": broker_url}
 
 
-def migrate(url: str) -> None:
-    """``alembic upgrade head`` through the repo's alembic.ini, as deployments do."""
-    from alembic import command
-    from alembic.config import Config
-
-    cfg = Config(str(REPO / "alembic.ini"))
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolation
-    cfg.attributes["configure_logger"] = False  # keep the table free of Alembic's INFO lines
-    command.upgrade(cfg, "head")
-
-
 def seed(url: str) -> dict[str, int]:
     """One dataset, one ready model and one queued sample job (with its batch) to read back."""
+    from seed import seed_rows  # the rows the API tests read, shared with them
     from sqlalchemy.orm import Session
 
     from api.db.session import make_engine
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from seed import seed_rows  # the rows the API tests read, shared with them
 
     engine = make_engine(url)
     try:
@@ -265,6 +253,8 @@ def bench(database: str, args: argparse.Namespace) -> dict[str, Any]:
     ):
         tmp = Path(tmp_name)
         (tmp / "data").mkdir()
+        from conftest import migrate
+
         migrate(env["PROTOMED_DATABASE_URL"])
         ids = seed(env["PROTOMED_DATABASE_URL"])
         with uvicorn_server(env, tmp / "uvicorn.log") as base_url:

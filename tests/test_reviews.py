@@ -26,7 +26,7 @@ import pytest
 import redis
 from conftest import ADMIN_KEY, migrate, reset_service_caches, service_env
 from PIL import Image as PILImage
-from service_procs import ApiServer, TcpProxy, Worker
+from service_procs import ApiServer, TcpProxy, Worker, free_port, wait_job
 
 pytestmark = pytest.mark.slow
 SECRET = "webhook-secret-for-tests"
@@ -114,7 +114,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
     host, port = ls_url.split("//")[1].split(":")
     proxy = TcpProxy(host, int(port.rstrip("/")))
     proxy.start()
-    api_port = __import__("service_procs").free_port()
+    api_port = free_port()
     broker = f"redis://127.0.0.1:6379/{random.randint(1, 15)}"
     redis.Redis.from_url(broker).flushdb()
     env = service_env(
@@ -153,16 +153,6 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
         api.stop()
         proxy.stop()
         redis.Redis.from_url(broker).flushdb()
-
-
-def wait_job(loop: Loop, job_id: int, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = loop.api.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id}: {job}\n{loop.worker.tail()}")
 
 
 def checker_result(img_png: bytes, expected: str, lenient: bool) -> tuple[list[dict], bool]:
@@ -212,7 +202,7 @@ def test_sync_imports_blinded_shuffled_tasks(loop: Loop) -> None:
     r = loop.api.post("/reviews", json={"batch_ids": ids}, headers=AUTH)
     assert r.status_code == 202, r.text
     assert r.json()["added"] == 24 and r.json()["project"]["domain"] == "toy"
-    job = wait_job(loop, r.json()["job"]["id"])
+    job = wait_job(loop.api, r.json()["job"]["id"], worker=loop.worker, timeout=120)
     assert job["status"] == "succeeded", (job, loop.worker.tail())
     project = loop.api.get("/reviews/projects").json()[0]
     assert project["tasks"] == 24 and project["ls_project_id"]
@@ -329,7 +319,9 @@ def test_missed_webhook_is_caught_by_the_pull(loop: Loop) -> None:
     time.sleep(1.0)
     assert sum(m["reviews"] for m in report(loop)["average"]["pooled"].values()) == 47
     jobs = loop.api.post("/reviews/sync", headers=AUTH).json()
-    assert all(wait_job(loop, j["id"])["status"] == "succeeded" for j in jobs)
+    assert all(
+        wait_job(loop.api, j["id"], worker=loop.worker)["status"] == "succeeded" for j in jobs
+    )
     wait_reviews(loop, 48, timeout=5)
     for h in hooks:
         loop.ls.webhooks.update(h.id, url=h.url, is_active=True)
@@ -360,7 +352,7 @@ def test_label_studio_down_during_sync_is_retried_and_nothing_lost(loop: Loop) -
         time.sleep(0.3)
     assert job["status"] in ("queued", "running")
     loop.proxy.start()
-    job = wait_job(loop, job_id)
+    job = wait_job(loop.api, job_id, worker=loop.worker, timeout=120)
     assert job["status"] == "succeeded" and job["result"]["imported"] == 6, job
     tasks = ls_tasks(loop, STATE["project"]["ls_project_id"])
     refs = [t["data"]["ref"] for t in tasks]

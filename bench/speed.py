@@ -1,18 +1,19 @@
 """Ours against diffusers' UNet2DModel built the same way, in one run, interleaved.
 
-The peer is diffusers' ``UNet2DModel`` with the same layout (DownBlock2D/UpBlock2D, no attention,
-scale-shift time conditioning) and the same class conditioning input (a 768-d class vector, a
-"projection" class embedding), so parameter counts agree within 1%. Both run through the same
-loss and the same sampling loop (diffusers' DDIM scheduler, conditional and unconditional passes
-in one batch): only the network differs. Measured per preset and precision:
+The peer (``bench/peer.py``) is diffusers' ``UNet2DModel`` with the same layout and class input,
+parameter counts within 1%. Both run through the same loss and the same sampling loop (diffusers'
+DDIM scheduler, conditional and unconditional passes in one batch): only the network, its
+memory layout and its optimiser differ, each as its project ships it (ours: channels-last and
+fused AdamW, as ``protomed train``/``sample`` run; the peer: NCHW and ``torch.optim.AdamW``, as
+diffusers' examples do). Measured per preset, precision and batch size:
 
-- training images/s (forward, backward, AdamW step) at the preset's batch size,
-- sampling images/s for DDIM-50 with guidance (ours in the layout ``protomed sample`` uses,
-  channels-last; the peer as diffusers runs it, NCHW),
-- peak resident memory of a process doing each (a child process per measurement).
+- training images/s (forward, backward, AdamW step),
+- sampling images/s for DDIM-50 with guidance,
+- peak memory: resident memory of a fresh child process (CPU) or ``max_memory_allocated`` (CUDA).
 
-    .venv/bin/python bench/speed.py                          # cpu-small and paper, fp32
+    .venv/bin/python bench/speed.py                          # cpu-small and paper, fp32 and bf16
     .venv/bin/python bench/speed.py --presets tiny --repeats 1 --sample-n 2 --steps 3   # smoke
+    python bench/speed.py --device cuda --presets paper --precisions bf16 --batch-sizes 16 256
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,110 +34,91 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ml.checkpoint import Conditioning, build_model  # noqa: E402
-from ml.config import SampleConfig, TrainConfig, make_config  # noqa: E402
+from bench.peer import N_CLASSES, DiffusersPeer, build  # noqa: E402
+from ml.config import SampleConfig, TrainConfig  # noqa: E402
 from ml.diffusion import diffusion_loss, guided_sample, noise_scheduler, sampler  # noqa: E402
+from ml.runtime import tune_allocator  # noqa: E402
+from ml.train import make_optimizer  # noqa: E402
 from ml.unet import count_parameters  # noqa: E402
-
-N_CLASSES = 8
-
-
-class DiffusersPeer(nn.Module):
-    """diffusers' UNet2DModel behind our model's call signature ``(x, t, labels)``: labels pick
-    a row of a class-vector table (-1: a learnable null vector), fed as the class embedding."""
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__()
-        from diffusers import UNet2DModel
-
-        chans = tuple(cfg.base_channels * m for m in cfg.channel_mults)
-        self.unet = UNet2DModel(
-            sample_size=cfg.image_size, in_channels=3, out_channels=3,
-            block_out_channels=chans, layers_per_block=cfg.num_res_blocks,
-            down_block_types=("DownBlock2D",) * len(chans),
-            up_block_types=("UpBlock2D",) * len(chans),
-            add_attention=False, dropout=cfg.dropout, norm_num_groups=cfg.norm_groups,
-            resnet_time_scale_shift="scale_shift", class_embed_type="identity",
-        )  # fmt: skip
-        # UNet2DModel adds an "identity" class embedding to its time embedding: project the
-        # class vector to that width with the same two-layer MLP its time embedding uses.
-        width = 4 * cfg.base_channels
-        self.class_proj = nn.Sequential(
-            nn.Linear(cfg.class_dim, width), nn.SiLU(), nn.Linear(width, width)
-        )
-        self.table = nn.Parameter(torch.randn(N_CLASSES, cfg.class_dim) * 0.02)
-        self.null = nn.Parameter(torch.zeros(cfg.class_dim))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cls = torch.where(labels[:, None] < 0, self.null, self.table[labels.clamp(min=0)])
-        return self.unet(x, t, class_labels=self.class_proj(cls)).sample
-
-
-def build(which: str, preset: str, precision: str) -> tuple[nn.Module, TrainConfig]:
-    cfg = make_config(preset, {"mode": "baseline", "precision": precision})
-    if which == "ours":
-        cond = Conditioning([f"c{i}" for i in range(N_CLASSES)], "baseline")
-        return build_model(cfg, cond), cfg
-    return DiffusersPeer(cfg), cfg.model_copy(update={"channels_last": False})  # as shipped
 
 
 def amp(precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else None
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_rate(model: nn.Module, cfg: TrainConfig, precision: str, steps: int) -> float:
-    """Training images per second (median over ``steps`` timed steps after one warm-up), in the
-    layout ``cfg.channels_last`` asks for (ours: as ``protomed train`` runs; the peer: NCHW)."""
+    """Training images per second (median over ``steps`` timed steps after one warm-up) at
+    ``cfg.batch_size``, in the layout ``cfg.channels_last`` asks for."""
+    device = next(model.parameters()).device
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.train().to(memory_format=fmt)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    if isinstance(model, DiffusersPeer):  # as diffusers' training examples build it
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    else:  # as `protomed train` builds it
+        opt = make_optimizer(model, cfg)
     sched = noise_scheduler(cfg)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1
-    x = x.contiguous(memory_format=fmt)
-    y = torch.randint(0, N_CLASSES, (cfg.batch_size,), generator=gen)
+    x = x.to(device).contiguous(memory_format=fmt)
+    y = torch.randint(0, N_CLASSES, (cfg.batch_size,), generator=gen).to(device)
     times = []
     for i in range(steps + 1):
+        _sync(device)
         t0 = time.perf_counter()
         loss = diffusion_loss(model, x, y, sched, cfg.p_uncond, amp(precision))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        _sync(device)
         if i:
             times.append(time.perf_counter() - t0)
     return cfg.batch_size / statistics.median(times)
 
 
-def sample_rate(
-    model: nn.Module, cfg: TrainConfig, precision: str, n: int, steps: int, layout: str = "nchw"
-) -> float:
-    """DDIM sampling with guidance 2 (conditional + unconditional in one batch), images/s.
-    ``layout``: "nhwc" runs channels-last, as ``protomed sample`` does by default."""
-    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+def sample_rate(model: nn.Module, cfg: TrainConfig, precision: str, n: int, steps: int) -> float:
+    """DDIM sampling of ``n`` images with guidance 2 (both halves in one batch), images/s; ours
+    in the layout ``protomed sample`` uses, the peer in NCHW."""
+    device = next(model.parameters()).device
+    nhwc = SampleConfig().channels_last if not isinstance(model, DiffusersPeer) else False
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
     model.eval().to(memory_format=fmt)
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=gen)
-    noise = noise.contiguous(memory_format=fmt)
-    labels = torch.arange(n) % N_CLASSES
+    noise = noise.to(device).contiguous(memory_format=fmt)
+    labels = (torch.arange(n) % N_CLASSES).to(device)
     train_sched = noise_scheduler(cfg)
-    guided_sample(model, labels[:1], noise[:1], sampler("ddim", train_sched, 2), 2.0,
-                  amp_dtype=amp(precision))  # warm-up  # fmt: skip
+    guided_sample(model, labels, noise, sampler("ddim", train_sched, 2), 2.0,
+                  amp_dtype=amp(precision))  # warm-up at the measured batch  # fmt: skip
+    _sync(device)
     t0 = time.perf_counter()
     guided_sample(model, labels, noise, sampler("ddim", train_sched, steps), 2.0,
                   amp_dtype=amp(precision))  # fmt: skip
+    _sync(device)
     return n / (time.perf_counter() - t0)
 
 
-def child_peak_rss(
-    which: str, preset: str, precision: str, task: str, args: argparse.Namespace
-) -> float:
+def setup(which: str, preset: str, precision: str, batch: int | None, device: str):
+    """A model and the config it trains with (``batch`` overriding the preset's batch size)."""
+    model, cfg = build(which, preset, precision)
+    if batch is not None:
+        cfg = cfg.model_copy(update={"batch_size": batch})
+    return model.to(device), cfg
+
+
+def child_peak_rss(which: str, preset: str, precision: str, task: str, batch: int | None,
+                   args: argparse.Namespace) -> float:  # fmt: skip
     """Peak resident memory (MiB) of a fresh process doing one train step or one sample batch."""
     code = (
         "import sys; sys.argv=['x']; import bench.speed as s, torch; "
-        f"torch.set_num_threads({args.threads}); m, c = s.build({which!r}, {preset!r}, "
-        f"{precision!r}); "
+        f"torch.set_num_threads({args.threads}); s.tune_allocator(); "
+        f"m, c = s.setup({which!r}, {preset!r}, {precision!r}, {batch!r}, 'cpu'); "
         + (f"s.train_rate(m, c, {precision!r}, 1)" if task == "train" else
-           f"s.sample_rate(m, c, {precision!r}, {args.sample_n}, 2)")
+           f"s.sample_rate(m, c, {precision!r}, {batch or args.sample_n}, 2)")
         # VmHWM, not ru_maxrss: Linux carries a forked parent's ru_maxrss into the child.
         + "; print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     )  # fmt: skip
@@ -145,42 +128,63 @@ def child_peak_rss(
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
-def measure(preset: str, precision: str, args: argparse.Namespace) -> dict:
-    models = {w: build(w, preset, precision) for w in ("ours", "diffusers")}
-    row: dict = {"preset": preset, "precision": precision}
+def cuda_peak(fn: Callable[[], object]) -> float:
+    """Peak allocated CUDA memory (MiB) while ``fn`` runs."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def measure(preset: str, precision: str, batch: int | None, args: argparse.Namespace) -> dict:
+    models = {w: setup(w, preset, precision, batch, args.device) for w in ("ours", "diffusers")}
+    n = batch or args.sample_n
+    row: dict = {"preset": preset, "precision": precision, "device": args.device,
+                 "train_batch": models["ours"][1].batch_size, "sample_n": n}  # fmt: skip
     for w, (m, _) in models.items():
         row[f"{w}_params"] = count_parameters(m)
     rates: dict[str, list[float]] = {f"{w}_{k}": [] for w in models for k in ("train", "sample")}
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
         for w, (m, cfg) in models.items():
             rates[f"{w}_train"].append(train_rate(m, cfg, precision, args.train_steps))
-            layout = "nhwc" if w == "ours" and SampleConfig().channels_last else "nchw"
-            rates[f"{w}_sample"].append(
-                sample_rate(m, cfg, precision, args.sample_n, args.steps, layout)
-            )
+            rates[f"{w}_sample"].append(sample_rate(m, cfg, precision, n, args.steps))
     for k, v in rates.items():
         row[f"{k}_img_s"] = statistics.median(v)
     for task in ("train", "sample"):
         row[f"{task}_ratio"] = row[f"ours_{task}_img_s"] / row[f"diffusers_{task}_img_s"]
-        if args.memory:
-            for w in models:
-                row[f"{w}_{task}_peak_mib"] = child_peak_rss(w, preset, precision, task, args)
+        if not args.memory:
+            continue
+        for w, (m, cfg) in models.items():
+            if args.device == "cpu":
+                peak = child_peak_rss(w, preset, precision, task, batch, args)
+            elif task == "train":
+                peak = cuda_peak(lambda m=m, cfg=cfg: train_rate(m, cfg, precision, 1))
+            else:
+                peak = cuda_peak(lambda m=m, cfg=cfg: sample_rate(m, cfg, precision, n, 2))
+            row[f"{w}_{task}_peak_mib"] = peak
     row["param_ratio"] = row["ours_params"] / row["diffusers_params"]
     return row
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'preset':<10}{'prec':<6}{'params ours/peer':>20}{'train img/s ours/peer':>26}"
-            f"{'x':>6}{'sample img/s ours/peer':>26}{'x':>6}")  # fmt: skip
+    head = (f"{'preset':<10}{'prec':<6}{'batch':>6}{'params ours/peer':>18}"
+            f"{'train img/s ours/peer':>24}{'x':>6}{'sample img/s ours/peer':>25}{'x':>6}"
+            f"{'peak MiB train':>17}{'sample':>13}")  # fmt: skip
     lines = [head]
     for r in rows:
+        mem = ""
+        if "ours_train_peak_mib" in r:
+            ours, peer = (
+                (r[f"{w}_train_peak_mib"], r[f"{w}_sample_peak_mib"]) for w in ("ours", "diffusers")
+            )
+            mem = f"{ours[0]:>9.0f}/{peer[0]:<7.0f}{ours[1]:>6.0f}/{peer[1]:<6.0f}"
         lines.append(
-            f"{r['preset']:<10}{r['precision']:<6}"
-            f"{r['ours_params'] / 1e6:>9.2f}M/{r['diffusers_params'] / 1e6:.2f}M"
-            f"{r['ours_train_img_s']:>15.2f}/{r['diffusers_train_img_s']:<10.2f}"
+            f"{r['preset']:<10}{r['precision']:<6}{r['train_batch']:>6}"
+            f"{r['ours_params'] / 1e6:>8.2f}M/{r['diffusers_params'] / 1e6:.2f}M"
+            f"{r['ours_train_img_s']:>13.2f}/{r['diffusers_train_img_s']:<10.2f}"
             f"{r['train_ratio']:>6.2f}"
-            f"{r['ours_sample_img_s']:>15.3f}/{r['diffusers_sample_img_s']:<10.3f}"
-            f"{r['sample_ratio']:>6.2f}"
+            f"{r['ours_sample_img_s']:>14.3f}/{r['diffusers_sample_img_s']:<10.3f}"
+            f"{r['sample_ratio']:>6.2f}{mem}"
         )
     return "\n".join(lines)
 
@@ -188,7 +192,11 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", nargs="+", default=["cpu-small", "paper"])
-    ap.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[None],
+                    help="training batch and sampled images per run (default: the preset's "
+                         "batch for training, --sample-n for sampling)")  # fmt: skip
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--sample-n", type=int, default=8)
@@ -198,10 +206,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "speed.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [measure(p, prec, args) for p in args.presets for prec in args.precisions]
+    torch.backends.cudnn.benchmark = True  # CUDA: both pick their fastest convolutions
+    tune_allocator()  # as the `protomed` CLI does; one process, so the peer gets it too
+    rows = []
+    for preset in args.presets:
+        for precision in args.precisions:
+            for batch in args.batch_sizes:
+                rows.append(measure(preset, precision, batch, args))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
-    meta = {"threads": args.threads, "torch": torch.__version__, "machine": platform.processor()
-            or platform.machine(), "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else (
+        platform.processor() or platform.machine())  # fmt: skip
+    meta = {"threads": args.threads, "torch": torch.__version__, "machine": device_name,
+            "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}")

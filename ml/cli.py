@@ -183,6 +183,9 @@ def sample(
     scheduler: Annotated[str, typer.Option(help="ddim or dpm++.")] = "ddim",
     seed: int = 0,
     batch_size: int = 64,
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 where the hardware has it natively), fp32 or bf16.")
+    ] = "auto",
     grid: Annotated[Path | None, typer.Option(help="Also write a grid PNG here.")] = None,
     no_ema: Annotated[bool, typer.Option(help="Use raw instead of EMA weights.")] = False,
     device: Device = None,
@@ -198,7 +201,7 @@ def sample(
 
         scfg = SampleConfig(
             steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
-            batch_size=batch_size, use_ema=not no_ema,
+            batch_size=batch_size, use_ema=not no_ema, precision=precision,
         )  # fmt: skip
         loaded = load_model(checkpoint, use_ema=not no_ema, device=resolve_device(device))
         result = sample_to_folder(loaded, out, n, scfg, class_ or None)

@@ -92,6 +92,10 @@ class SampleConfig(BaseModel):
     batch_size: int = Field(64, ge=1)
     seed: int = 0
     use_ema: bool = True
+    # auto: bf16 autocast where the hardware runs it natively (CUDA, AMX/AVX512-BF16 CPUs),
+    # else fp32. bench/solver_quality.py compares CLIP-space FD of bf16 and fp32 on the same
+    # seeds; bench/speed.py the speed.
+    precision: Precision = "auto"
     # NHWC activations: oneDNN's convolutions run about 1.3x faster on this CPU at both presets
     # with bit-identical outputs (bench/speed.py); also the layout tensor cores prefer.
     channels_last: bool = True

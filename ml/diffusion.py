@@ -94,12 +94,15 @@ def guided_sample(
     x = noise * sched.init_noise_sigma
     ctx = torch.autocast(noise.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     step_kw = {"eta": eta, "generator": generator} if isinstance(sched, DDIMScheduler) else {}
-    timesteps = sched.timesteps
+    timesteps = sched.timesteps  # on the host: the scheduler indexes its tables with them
+    # The model's copies go to the device once: a per-step host-to-device copy would make the
+    # host wait for the GPU at every step.
+    model_ts = timesteps.to(noise.device)[:, None].expand(-1, lab.shape[0])
     for i, t in enumerate(timesteps):
         xin = torch.cat([x, x]) if both else x
         xin = sched.scale_model_input(xin, t)
         with ctx:
-            eps = model(xin, t.to(noise.device).expand(xin.shape[0]), lab).float()
+            eps = model(xin, model_ts[i], lab).float()
         if both:
             cond, null = eps[:n], eps[n:]
             eps = null + guidance * (cond - null)

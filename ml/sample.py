@@ -67,7 +67,7 @@ def generate(
     )
     rows = cond.sample_rows(c, n, torch.Generator().manual_seed(image_seed(scfg.seed, c, -1)))
     train_sched = noise_scheduler(cfg)
-    amp = autocast_dtype(cfg.precision if device.type != "cpu" else "fp32", device)
+    amp = autocast_dtype(scfg.precision, device)
     layout = torch.channels_last if scfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     noise = noise.contiguous(memory_format=layout)

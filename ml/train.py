@@ -127,9 +127,18 @@ def steps_for(cfg: TrainConfig, n_images: int, world: int = 1) -> int:
 
 
 @torch.no_grad()
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (a frozen prototype table is left out), with the
+    fused kernel on CPU and CUDA: one pass per tensor instead of a dozen foreach passes."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and params[0].device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p.detach(), 1.0 - decay)
+    torch._foreach_lerp_(
+        list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay
+    )
 
 
 def _distributed() -> tuple[int, int, bool]:
@@ -176,9 +185,7 @@ def train(
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_model(cfg, cond, table).to(device, memory_format=layout)
     ema = deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    opt = make_optimizer(model, cfg)
     start = 0
     if resume is not None:
         ckpt = read_checkpoint(resume)

@@ -56,11 +56,36 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        inplace = not torch.is_grad_enabled()  # sampling: reuse buffers, fewer page faults
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        # FiLM folded into the norm's affine, per sample: norm(h)*w*(1+s) + b*(1+s) + shift is
+        # one multiply-add pass over the activations instead of three.
         scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(self.dropout(F.silu(h)))
-        return self.skip(x) + h
+        norm = self.norm2
+        gain = norm.weight[:, None, None] * (1 + scale)
+        bias = torch.addcmul(shift, norm.bias[:, None, None], 1 + scale)
+        h = torch.addcmul(bias, F.group_norm(h, norm.num_groups, eps=norm.eps), gain)
+        h = self.conv2(dropout(F.silu(h, inplace=inplace), self.dropout.p, self.training))
+        return h.add_(self.skip(x)) if inplace else h + self.skip(x)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout`` with a cheaper mask on the CPU: 16 random bits per element drawn 64 at a
+    time (mt19937's ``bernoulli_`` is 3.4x slower and was 5-9% of a training step); keep
+    probability 1 - p to within 2^-16. Other devices use the native fused kernel."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or x.dim() != 4:
+        return F.dropout(x, p, training=True)
+    bits = torch.empty_like(x, dtype=torch.int16)  # same layout (NCHW or NHWC) as x
+    lanes = bits.permute(0, 2, 3, 1) if x.is_contiguous(memory_format=torch.channels_last) else bits
+    if lanes.shape[-1] % 4 or not lanes.is_contiguous():
+        return F.dropout(x, p, training=True)
+    lanes.view(torch.int64).random_(-(2**63), None)  # full 64-bit draws: 4 uniform int16 each
+    drop = bits < -32768 + round(p * 65536)
+    # where, not x * mask (a bool mask in a product is first cast to x's dtype, a copy) nor
+    # masked_fill (its out-of-place form returns NCHW for an NHWC input)
+    return torch.where(drop, 0.0, x).mul_(1.0 / (1.0 - p))
 
 
 class Downsample(nn.Module):
@@ -186,7 +211,7 @@ class UNet(nn.Module):
                 h = layer(torch.cat([h, skips.pop()], dim=1), emb)
             else:
                 h = layer(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
 def prototypes_scale_hint(class_dim: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,47 @@ def test_speed_harness_runs_both_models(tmp_path: Path) -> None:
 
 def test_same_architecture_within_one_percent() -> None:
     sys.path.insert(0, str(REPO))
-    from bench.speed import build
+    from bench.peer import build
     from ml.unet import count_parameters
 
     for preset in ("cpu-small", "paper"):
         ours, peer = (count_parameters(build(w, preset, "fp32")[0]) for w in ("ours", "diffusers"))
         assert abs(ours / peer - 1) < 0.01, (preset, ours, peer)
+
+
+def test_whole_command_benchmark_runs_both_commands(tmp_path: Path) -> None:
+    out = tmp_path / "command.json"
+    cmd = [sys.executable, "bench/command.py", "--preset", "tiny", "--n", "2", "--steps", "2",
+           "--repeats", "1", "--out", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["row"]
+    for who in ("ours", "diffusers"):
+        assert row[f"{who}_wall_s"] > 0 and row[f"{who}_peak_mib"] > 10, row
+    assert "x the peer's speed" in r.stdout
+
+
+def test_profile_groups_the_time_of_both_models(tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, "bench/breakdown.py", "--preset", "tiny", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ms = json.loads(out.read_text())["ms"]
+    for task in ("train", "sample"):
+        for who in ("ours", "diffusers"):
+            assert ms[task][who]["convolution"] > 0, (task, who)
+    assert ms["train"]["diffusers"]["dropout RNG"] > 0  # the peer's bernoulli_ is counted
+
+
+def test_gpu_script_runs_on_the_cpu_at_a_tiny_size(tmp_path: Path) -> None:
+    """bench/gpu.sh is for a lent GPU; its CPU mode at the tiny preset keeps it from rotting."""
+    small = {"DEVICE": "cpu", "PRESETS": "tiny", "BATCHES": "2", "REPEATS": "1",
+             "TRAIN_STEPS": "1", "STEPS": "2"}  # fmt: skip
+    env = {**os.environ, **small, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", "bench/gpu.sh"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((tmp_path / "speed_gpu.json").read_text())["rows"]
+    assert [(row["precision"], row["train_batch"], row["sample_n"]) for row in rows] == [
+        ("bf16", 2, 2)
+    ]

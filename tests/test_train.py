@@ -61,15 +61,18 @@ def test_same_seed_same_images_and_independent_of_batch_size(tmp_path):
     loaded = load_model(tmp_path)
     for p in loaded.model.parameters():  # make the output depend on the weights visibly
         p.data.add_(0.01 * torch.randn_like(p))
-    scfg = SampleConfig(steps=5, seed=7, batch_size=8)
+    scfg = SampleConfig(steps=5, seed=7, batch_size=8, precision="fp32")
     a = generate(loaded, "c1", 5, scfg)
     b = generate(loaded, "c1", 5, scfg.model_copy(update={"batch_size": 2}))
     c = generate(loaded, "c1", 5, scfg.model_copy(update={"seed": 8}))
     d = generate(loaded, "c1", 5, scfg.model_copy(update={"channels_last": False}))
+    e = generate(loaded, "c1", 5, scfg.model_copy(update={"precision": "bf16"}))
     assert a.dtype == torch.uint8 and a.shape == (5, 3, 16, 16)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert (a.int() - d.int()).abs().max() <= 1  # NHWC is a speed choice, not another image
+    # bf16 autocast (the default where the hardware has it) moves pixels by a few levels at most
+    assert (a.float() - e.float()).abs().mean() < 1.5
 
 
 def test_sample_writes_pngs_and_manifest(tmp_path):

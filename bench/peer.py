@@ -1,0 +1,61 @@
+"""The peer: diffusers' ``UNet2DModel`` built with our UNet's layout, behind our call signature.
+
+Same layout (DownBlock2D/UpBlock2D, no attention, scale-shift time conditioning) and the same
+class conditioning input (a 768-d class vector through a two-layer MLP into diffusers' "identity"
+class embedding), so parameter counts agree within 1% at every preset. Used by ``speed.py``,
+``command.py`` and ``gpu.sh``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ml.checkpoint import Conditioning, build_model
+from ml.config import TrainConfig, make_config
+
+N_CLASSES = 8
+
+
+class DiffusersPeer(nn.Module):
+    """diffusers' UNet2DModel behind our model's call signature ``(x, t, labels)``: labels pick
+    a row of a class-vector table (-1: a learnable null vector), fed as the class embedding."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        chans = tuple(cfg.base_channels * m for m in cfg.channel_mults)
+        self.unet = UNet2DModel(
+            sample_size=cfg.image_size, in_channels=3, out_channels=3,
+            block_out_channels=chans, layers_per_block=cfg.num_res_blocks,
+            down_block_types=("DownBlock2D",) * len(chans),
+            up_block_types=("UpBlock2D",) * len(chans),
+            add_attention=False, dropout=cfg.dropout, norm_num_groups=cfg.norm_groups,
+            resnet_time_scale_shift="scale_shift", class_embed_type="identity",
+        )  # fmt: skip
+        # UNet2DModel adds an "identity" class embedding to its time embedding: project the
+        # class vector to that width with the same two-layer MLP its time embedding uses.
+        width = 4 * cfg.base_channels
+        self.class_proj = nn.Sequential(
+            nn.Linear(cfg.class_dim, width), nn.SiLU(), nn.Linear(width, width)
+        )
+        self.table = nn.Parameter(torch.randn(N_CLASSES, cfg.class_dim) * 0.02)
+        self.null = nn.Parameter(torch.zeros(cfg.class_dim))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cls = torch.where(labels[:, None] < 0, self.null, self.table[labels.clamp(min=0)])
+        return self.unet(x, t, class_labels=self.class_proj(cls)).sample
+
+
+def conditioning() -> Conditioning:
+    """Our side's class table: ``N_CLASSES`` learnable rows (the baseline mode), like the peer."""
+    return Conditioning([f"c{i}" for i in range(N_CLASSES)], "baseline")
+
+
+def build(which: str, preset: str, precision: str) -> tuple[nn.Module, TrainConfig]:
+    """Ours or the peer at a preset, with the config each trains and samples with."""
+    cfg = make_config(preset, {"mode": "baseline", "precision": precision})
+    if which == "ours":
+        return build_model(cfg, conditioning()), cfg
+    return DiffusersPeer(cfg), cfg.model_copy(update={"channels_last": False})  # as shipped

@@ -1,0 +1,123 @@
+"""The speed work keeps outputs the same: the optimised ResBlock against the plain formula,
+the CPU dropout's statistics and gradient, the fused optimiser against the reference one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ml.checkpoint import Conditioning, build_model
+from ml.config import make_config
+from ml.train import make_optimizer
+from ml.unet import ResBlock, UNet, dropout
+
+
+def _reference_block(block: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """The textbook block (norm, SiLU, conv; norm * (1 + scale) + shift; SiLU, conv; skip)."""
+    h = block.conv1(F.silu(block.norm1(x)))
+    scale, shift = block.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+    h = block.norm2(h) * (1 + scale) + shift
+    return block.skip(x) + block.conv2(F.silu(h))
+
+
+def _randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-zero weights everywhere (a fresh UNet's output conv is zero, which hides errors)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def _reference_unet(model: UNet, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    emb = model.condition(t, y)
+    h = model.conv_in(x)
+    skips = [h]
+    for layer in model.down:
+        h = _reference_block(layer, h, emb) if isinstance(layer, ResBlock) else layer(h)
+        skips.append(h)
+    for layer in model.mid:
+        h = _reference_block(layer, h, emb)
+    for layer in model.up:
+        if isinstance(layer, ResBlock):
+            h = _reference_block(layer, torch.cat([h, skips.pop()], dim=1), emb)
+        else:
+            h = layer(h)
+    return model.conv_out(F.silu(model.norm_out(h)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_unet_matches_the_plain_formula(channels_last: bool, grad: bool) -> None:
+    cfg = make_config("tiny")
+    model = _randomised(build_model(cfg, Conditioning(["a", "b", "c"], "baseline"))).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, cfg.image_size, cfg.image_size, generator=gen)
+    t = torch.tensor([0, 10, 200, 500, 900, 999])
+    y = torch.tensor([0, 1, 2, -1, 0, -1])
+    with torch.no_grad():
+        ref = _reference_unet(model, x, t, y)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    with torch.set_grad_enabled(grad):  # grad off takes the in-place path sampling uses
+        out = model(x.contiguous(memory_format=fmt), t, y)
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_keeps_one_minus_p_and_rescales() -> None:
+    torch.manual_seed(0)
+    x = torch.ones(4, 16, 32, 32).contiguous(memory_format=torch.channels_last)
+    for p in (0.1, 0.5):
+        out = dropout(x, p, training=True)
+        kept = (out != 0).float().mean().item()
+        assert abs(kept - (1 - p)) < 0.01, (p, kept)
+        assert torch.allclose(out[out != 0], torch.tensor(1 / (1 - p)))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert dropout(x, 0.1, training=False) is x
+    # seeded like the trainer: the same global seed gives the same mask
+    torch.manual_seed(3)
+    a = dropout(x, 0.1, True)
+    torch.manual_seed(3)
+    assert torch.equal(a, dropout(x, 0.1, True))
+
+
+def test_dropout_masks_are_independent_across_positions() -> None:
+    """Neighbouring lanes of one 64-bit draw must not be correlated (each is its own 16 bits)."""
+    torch.manual_seed(0)
+    keep = dropout(torch.ones(8, 64, 32, 32), 0.5, True) != 0
+    a, b = keep[:, 0::2].float().flatten(), keep[:, 1::2].float().flatten()
+    corr = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+    assert abs(corr) < 0.02, corr
+
+
+def test_dropout_gradient_is_the_mask() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 8, 8, requires_grad=True)
+    out = dropout(x, 0.25, True)
+    out.sum().backward()
+    expected = (out != 0).float() / 0.75
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_fused_adamw_matches_the_reference_update() -> None:
+    cfg = make_config("tiny", {"weight_decay": 0.01})
+    cond = Conditioning(["a", "b"], "baseline")
+    torch.manual_seed(0)
+    fused_model = build_model(cfg, cond)
+    ref_model = build_model(cfg, cond)
+    ref_model.load_state_dict(fused_model.state_dict())
+    fused = make_optimizer(fused_model, cfg)
+    assert fused.defaults["fused"] is True
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=cfg.lr, weight_decay=0.01, foreach=False)
+    x = torch.randn(4, 3, cfg.image_size, cfg.image_size)
+    t, y = torch.tensor([1, 50, 300, 900]), torch.tensor([0, 1, -1, 1])
+    for _ in range(3):
+        for model, opt in ((fused_model, fused), (ref_model, ref)):
+            opt.zero_grad()
+            model.eval()(x, t, y).square().mean().backward()
+            opt.step()
+    pairs = zip(fused_model.state_dict().items(), ref_model.state_dict().values(), strict=True)
+    for (name, a), b in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -21,7 +21,7 @@ from bench.speed import amp, setup  # noqa: E402
 from ml.config import SampleConfig  # noqa: E402
 from ml.diffusion import diffusion_loss, noise_scheduler  # noqa: E402
 from ml.runtime import tune_allocator  # noqa: E402
-from ml.train import make_optimizer  # noqa: E402
+from ml.train import make_optimizer, memory_format  # noqa: E402
 
 KINDS = {  # first match wins, on the aten op name
     "convolution": ("convolution", "conv2d"),
@@ -45,9 +45,11 @@ def kind(name: str) -> str:
 def profile(which: str, preset: str, precision: str, task: str) -> dict[str, float]:
     """Milliseconds of self CPU time per kind of work for one step of ``task``."""
     model, cfg = setup(which, preset, precision, None, "cpu")
-    nhwc = SampleConfig().channels_last if which == "ours" else False
-    fmt = torch.channels_last if (cfg.channels_last if task == "train" else nhwc) else None
-    fmt = fmt or torch.contiguous_format
+    if task == "train":
+        fmt = memory_format(cfg, torch.device("cpu"), amp(precision))
+    else:
+        nhwc = SampleConfig().channels_last if which == "ours" else False
+        fmt = torch.channels_last if nhwc else torch.contiguous_format
     model.to(memory_format=fmt)
     if task == "train":
         model.train()

@@ -38,7 +38,7 @@ from bench.peer import N_CLASSES, DiffusersPeer, build  # noqa: E402
 from ml.config import SampleConfig, TrainConfig  # noqa: E402
 from ml.diffusion import diffusion_loss, guided_sample, noise_scheduler, sampler  # noqa: E402
 from ml.runtime import tune_allocator  # noqa: E402
-from ml.train import make_optimizer  # noqa: E402
+from ml.train import make_optimizer, memory_format  # noqa: E402
 from ml.unet import count_parameters  # noqa: E402
 
 
@@ -53,9 +53,9 @@ def _sync(device: torch.device) -> None:
 
 def train_rate(model: nn.Module, cfg: TrainConfig, precision: str, steps: int) -> float:
     """Training images per second (median over ``steps`` timed steps after one warm-up) at
-    ``cfg.batch_size``, in the layout ``cfg.channels_last`` asks for."""
+    ``cfg.batch_size``, in the layout ``protomed train`` picks (the peer: NCHW)."""
     device = next(model.parameters()).device
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    fmt = memory_format(cfg, device, amp(precision))
     model.train().to(memory_format=fmt)
     if isinstance(model, DiffusersPeer):  # as diffusers' training examples build it
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)

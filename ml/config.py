@@ -51,9 +51,10 @@ class TrainConfig(BaseModel):
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     precision: Precision = "auto"
     flip: bool = Field(True, description="random horizontal/vertical flips (cells, lesions)")
-    # NHWC activations: 1.13x (cpu-small) and 1.15x (paper) per training step on this CPU
-    # (bench/README.md); the layout tensor cores prefer too.
-    channels_last: bool = True
+    # NHWC activations (the layout tensor cores and oneDNN's convolutions prefer); None = NHWC
+    # except bf16 training on a CPU, where PyTorch's NHWC GroupNorm costs more than the
+    # convolutions gain (ml.train.memory_format, bench/README.md).
+    channels_last: bool | None = None
     seed: int = 0
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
 

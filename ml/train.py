@@ -127,6 +127,18 @@ def steps_for(cfg: TrainConfig, n_images: int, world: int = 1) -> int:
 
 
 @torch.no_grad()
+def memory_format(
+    cfg: TrainConfig, device: torch.device, amp: torch.dtype | None
+) -> torch.memory_format:
+    """NHWC for training unless bf16 on a CPU: there PyTorch's NHWC GroupNorm (forward plus
+    backward) is 3.7x slower than NCHW's, which outweighs oneDNN's faster NHWC convolutions
+    (paper preset: 9.56 against 8.94 images/s). An explicit ``cfg.channels_last`` wins."""
+    nhwc = cfg.channels_last
+    if nhwc is None:
+        nhwc = not (device.type == "cpu" and amp == torch.bfloat16)
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters (a frozen prototype table is left out), with the
     fused kernel on CPU and CUDA: one pass per tensor instead of a dozen foreach passes."""
@@ -182,7 +194,8 @@ def train(
     rows = table_rows(data, cond, codebook)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    amp = autocast_dtype(cfg.precision, device)
+    layout = memory_format(cfg, device, amp)
     model = build_model(cfg, cond, table).to(device, memory_format=layout)
     ema = deepcopy(model).requires_grad_(False).eval()
     opt = make_optimizer(model, cfg)
@@ -196,7 +209,6 @@ def train(
         log.info("resumed from %s at step %d", resume, start)
     net = DistributedDataParallel(model) if world > 1 else model
     sched = noise_scheduler(cfg)
-    amp = autocast_dtype(cfg.precision, device)
     images = data.images.to(device)
     rows = rows.to(device)
     total = steps_for(cfg, len(images), world)

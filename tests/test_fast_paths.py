@@ -121,3 +121,17 @@ def test_fused_adamw_matches_the_reference_update() -> None:
     pairs = zip(fused_model.state_dict().items(), ref_model.state_dict().values(), strict=True)
     for (name, a), b in pairs:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_training_layout_is_nhwc_except_bf16_on_a_cpu() -> None:
+    from ml.train import memory_format
+
+    cfg = make_config("tiny")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert memory_format(cfg, cpu, None) == torch.channels_last
+    assert memory_format(cfg, cpu, torch.bfloat16) == torch.contiguous_format
+    assert memory_format(cfg, cuda, torch.bfloat16) == torch.channels_last
+    forced = cfg.model_copy(update={"channels_last": True})
+    assert memory_format(forced, cpu, torch.bfloat16) == torch.channels_last
+    off = cfg.model_copy(update={"channels_last": False})
+    assert memory_format(off, cpu, None) == torch.contiguous_format

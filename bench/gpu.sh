@@ -10,12 +10,12 @@
 # `bash bench/gpu.sh`; the JSON lands in $OUT. Figures go in bench/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import diffusers, pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/protomed-site .whl/*.whl
   export PYTHONPATH=/tmp/protomed-site${PYTHONPATH:+:$PYTHONPATH}
 fi
-PY=${PYTHON:-python3}
 DEST=${OUT:-bench/results}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true

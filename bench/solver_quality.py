@@ -1,5 +1,5 @@
-"""Cheaper sampling against DDIM-50 fp32 on the same model and seeds: DPM-Solver++ at 20 steps,
-DDIM at 20 steps, and DDIM-50 in bf16 autocast.
+"""Cheaper sampling against DDIM-50 fp32 on the same model and seeds: DPM-Solver++ and its SDE
+variant at 20 (and 10) steps, DDIM at 20 steps, and bf16 autocast.
 
 Same checkpoint, same per-image noise seeds, guidance 2; quality by CLIP-space Frechet distance
 to the real training images the model was trained on (its recorded data selection), by the mean
@@ -27,6 +27,7 @@ from ml.data import ImageSet, load_selection  # noqa: E402
 from ml.encoder import ClipEncoder, EncoderSpec  # noqa: E402
 from ml.evaluate import _embed, _toy_plausibility  # noqa: E402
 from ml.metrics import frechet_distance  # noqa: E402
+from ml.pipeline import training_data  # noqa: E402
 from ml.sample import generate  # noqa: E402
 
 # name: (scheduler, steps, precision, seed)
@@ -35,6 +36,9 @@ VARIANTS = {
     "ddim-50 seed 1": ("ddim", 50, "fp32", 1),
     "ddim-50 bf16": ("ddim", 50, "bf16", 0),
     "dpm++-20": ("dpm++", 20, "fp32", 0),
+    "dpm++sde-20": ("dpm++sde", 20, "fp32", 0),
+    "dpm++sde-20 bf16": ("dpm++sde", 20, "bf16", 0),
+    "dpm++sde-10": ("dpm++sde", 10, "fp32", 0),
     "ddim-20": ("ddim", 20, "fp32", 0),
 }
 
@@ -51,7 +55,12 @@ def main() -> None:
 
     loaded = load_model(args.checkpoint)
     sel = dict(loaded.cond.extra["selection"], image_size=loaded.cfg.image_size)
-    real = load_selection(sel).train
+    # a codebook's recorded split, or (a baseline trained on --data) the whole folder
+    real = (
+        load_selection(sel).train
+        if "layout" in sel
+        else training_data(loaded.cfg, root=sel["root"])
+    )
     enc = ClipEncoder(
         EncoderSpec(args.encoder, args.pretrained), allow_untrained=not args.pretrained
     )

@@ -178,9 +178,13 @@ def sample(
         list[str] | None, typer.Option("--class", "-c", help="Class to sample (repeatable).")
     ] = None,
     n: Annotated[int, typer.Option("-n", "--n", help="Images per class.")] = 16,
-    steps: int = 50,
+    steps: Annotated[
+        int | None, typer.Option(help="Default: 50 for ddim, 20 for dpm++ and dpm++sde.")
+    ] = None,
     guidance: Annotated[float, typer.Option(help="CFG scale (1 = none).")] = 2.0,
-    scheduler: Annotated[str, typer.Option(help="ddim or dpm++.")] = "ddim",
+    scheduler: Annotated[
+        str, typer.Option(help="dpm++sde (SDE-DPM-Solver++), ddim (the seed's) or dpm++.")
+    ] = "dpm++sde",
     seed: int = 0,
     batch_size: int = 64,
     precision: Annotated[

@@ -75,7 +75,10 @@ def generate(
     for start in range(0, n, scfg.batch_size):
         sl = slice(start, start + scfg.batch_size)
         sched = sampler(scfg.scheduler, train_sched, scfg.steps)
-        gen = torch.Generator(device).manual_seed(image_seed(scfg.seed, c, -2 - start))
+        gens = [  # per image, for the stochastic samplers' noise
+            torch.Generator(device).manual_seed(image_seed(scfg.seed, c, 1_000_000 + i))
+            for i in range(start, min(n, start + scfg.batch_size))
+        ]
         x = guided_sample(
             model,
             rows[sl].to(device),
@@ -83,7 +86,7 @@ def generate(
             sched,
             scfg.guidance,
             eta=scfg.eta,
-            generator=gen,
+            generator=gens,
             amp_dtype=amp,
         )
         out.append(to_uint8(x).cpu())

@@ -139,6 +139,12 @@ def test_generate_picks_latest_ready_model_and_validates(service) -> None:
         "batch_id": out["batch"]["id"]
     }
     assert out["job"]["links"]["batch"].endswith(f"/batches/{out['batch']['id']}")
+    # the default sampler is SDE-DPM-Solver++ at 20 steps; DDIM defaults to the seed's 50
+    assert (out["batch"]["scheduler"], out["batch"]["steps"]) == ("dpm++sde", 20)
+    r = service.client.post(
+        "/generate", params={"class": "eosinophil", "scheduler": "ddim"}, headers=service.admin
+    )
+    assert (r.json()["batch"]["scheduler"], r.json()["batch"]["steps"]) == ("ddim", 50)
     before = counts()
     cases = [
         ({"class": "mel", "n": 8}, 422, "basophil, eosinophil, lymphocyte"),

@@ -71,3 +71,28 @@ def test_gpu_script_runs_on_the_cpu_at_a_tiny_size(tmp_path: Path) -> None:
     assert [(row["precision"], row["train_batch"], row["sample_n"]) for row in rows] == [
         ("bf16", 2, 2)
     ]
+
+
+def test_solver_quality_compares_every_variant(tmp_path: Path) -> None:
+    """A tiny baseline on the toy domain through the CLI, then the sampler comparison on it."""
+    env = {**os.environ, "PROTOMED_NO_MALLOC_TUNING": "1"}
+    protomed = [sys.executable, "-m", "ml.cli"]
+    for cmd in (
+        ["toy", str(tmp_path / "toy"), "--n-per-class", "6", "--size", "16"],
+        ["train", "--mode", "baseline", "--data", str(tmp_path / "toy"), "--preset", "tiny",
+         "--set", "max_steps=2", "--out", str(tmp_path / "run")],
+    ):  # fmt: skip
+        r = subprocess.run([*protomed, *cmd], cwd=REPO, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    out = tmp_path / "q.json"
+    r = subprocess.run(
+        [sys.executable, "bench/solver_quality.py", str(tmp_path / "run"), "--n", "2",
+         "--encoder", "protomed-tiny-vit", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert rows["ddim-50"]["mean_abs_vs_ddim50"] == 0 and rows["ddim-50"]["fd_vs_ddim50"] == 0
+    assert {"dpm++sde-20", "ddim-50 bf16", "ddim-50 seed 1"} <= rows.keys()
+    assert rows["ddim-50 seed 1"]["mean_abs_vs_ddim50"] > 0
+    assert all(row["toy_plausible"] is not None for row in rows.values())

@@ -121,7 +121,7 @@ def test_core_end_to_end_on_the_toy_domain(tmp_path):
         assert len(list((tmp_path / f"s_{mode}").glob("*/*.png"))) == 10
         assert (tmp_path / f"{mode}.png").stat().st_size > 0
     manifest = (tmp_path / "s_prototype" / "manifest.csv").read_text()
-    assert ",prototype,2.0,3,ddim," in manifest
+    assert ",prototype,2.0,3,dpm++sde," in manifest
 
     r = invoke("check", tmp_path / "s_prototype")
     assert r.exit_code == 0, r.output

@@ -234,7 +234,7 @@ class Batch(TimestampMixin, Base):
     guidance: Mapped[float] = mapped_column(Float)
     steps: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int | None] = mapped_column(Integer)
-    scheduler: Mapped[str] = mapped_column(String(32))  # ddim | dpm++ (ml.config.SchedulerName)
+    scheduler: Mapped[str] = mapped_column(String(32))  # ml.config.SchedulerName
     job_id: Mapped[int | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="SET NULL"), index=True
     )

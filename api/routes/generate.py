@@ -16,6 +16,7 @@ from api.queue import submit
 from api.routes.jobs import job_out
 from api.schemas import MAX_ID, BatchOut, GenerateAccepted, ImageOut, ModelOut
 from api.storage import ObjectNotFound
+from ml.config import DEFAULT_SCHEDULER, DEFAULT_STEPS
 
 router = APIRouter(tags=["generate"])
 
@@ -74,9 +75,14 @@ def generate(
     dataset_id: IdQuery = None,
     mode: ModelMode | None = None,
     guidance: Annotated[float, Query(ge=0.0, le=20.0)] = 2.0,
-    steps: Annotated[int, Query(ge=1, le=1000)] = 50,
+    steps: Annotated[
+        int | None, Query(ge=1, le=1000, description="Default: ddim 50, dpm++/dpm++sde 20.")
+    ] = None,
     seed: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
-    scheduler: Annotated[str, Query(pattern="^(ddim|dpm\\+\\+)$")] = "ddim",
+    scheduler: Annotated[
+        str,
+        Query(pattern="^(ddim|dpm\\+\\+|dpm\\+\\+sde)$", description="dpm++sde: SDE-DPM-Solver++"),
+    ] = DEFAULT_SCHEDULER,
 ) -> GenerateAccepted:
     """Queue ``n`` images of one class; the job's result is a batch (PNGs, zip)."""
     limit = settings.max_images_per_request
@@ -87,6 +93,7 @@ def generate(
         raise HTTPException(
             422, f"unknown class {class_name!r}; model {model.id} knows: {', '.join(model.classes)}"
         )
+    steps = steps or DEFAULT_STEPS[scheduler]
     job = Job(kind=JobKind.sample, model=model, requested_by=key.name)
     batch = Batch(
         model=model, class_name=class_name, n=n, guidance=guidance, steps=steps, seed=seed,

@@ -1,11 +1,13 @@
 """The whole sampling command, ours against diffusers', timed with ``/usr/bin/time -v``.
 
-``protomed sample`` (process start, imports, checkpoint load, DDIM-50 with guidance, PNGs and
-manifest) against ``bench/peer_sample.py`` (the same for diffusers' UNet2DModel of the same
-layout and DDIMScheduler, as diffusers' pipelines run it). Both get freshly initialised weights
-of the preset, the same n, guidance 2 and precision; runs alternate between the two.
+``protomed sample --scheduler ddim`` (process start, imports, checkpoint load, DDIM-50 with
+guidance, PNGs and manifest) against ``bench/peer_sample.py`` (the same for diffusers'
+UNet2DModel of the same layout and DDIMScheduler, as diffusers' pipelines run it). Both get
+freshly initialised weights of the preset, the same n, guidance 2 and precision; runs alternate
+between the two. ``--ours-scheduler dpm++sde`` times ours as shipped (SDE-DPM-Solver++-20).
 
     .venv/bin/python bench/command.py --preset cpu-small --n 16 --repeats 3
+    .venv/bin/python bench/command.py --preset paper --n 4 --ours-scheduler dpm++sde   # as shipped
 """
 
 from __future__ import annotations
@@ -65,12 +67,15 @@ def timed(cmd: list[str], log: Path) -> dict:
 
 def commands(args: argparse.Namespace, ckpt: Path, weights: Path, out: Path) -> dict:
     protomed = Path(sys.executable).with_name("protomed")
-    common = ["--n", str(args.n), "--steps", str(args.steps), "--precision", args.precision]
+    common = ["--n", str(args.n), "--precision", args.precision]
+    ours_steps = args.steps if args.ours_scheduler == "ddim" else args.ours_steps
     return {
         "ours": [str(protomed), "sample", str(ckpt), "--out", str(out / "ours"),
-                 "--class", "c0", "--batch-size", str(args.n), *common],
+                 "--class", "c0", "--batch-size", str(args.n), *common,
+                 "--scheduler", args.ours_scheduler, "--steps", str(ours_steps)],
         "diffusers": [sys.executable, str(REPO / "bench" / "peer_sample.py"), str(weights),
-                      "--preset", args.preset, "--out", str(out / "diffusers"), *common],
+                      "--preset", args.preset, "--out", str(out / "diffusers"), *common,
+                      "--steps", str(args.steps)],
     }  # fmt: skip
 
 
@@ -78,7 +83,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="cpu-small")
     ap.add_argument("--n", type=int, default=16, help="images (one class, one batch)")
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=50, help="DDIM steps (both sides)")
+    ap.add_argument("--ours-scheduler", default="ddim", choices=["ddim", "dpm++sde"],
+                    help="ddim: the peer's sampler; dpm++sde: ours as shipped")  # fmt: skip
+    ap.add_argument("--ours-steps", type=int, default=20, help="steps of dpm++sde")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "command.json")
@@ -98,6 +106,7 @@ def main() -> None:
                 if made != args.n:
                     raise RuntimeError(f"{who} wrote {made} PNGs, expected {args.n}")
     row: dict = {"preset": args.preset, "n": args.n, "steps": args.steps,
+                 "ours_scheduler": args.ours_scheduler,
                  "precision": args.precision, "runs": runs}  # fmt: skip
     for who, rs in runs.items():
         row[f"{who}_wall_s"] = statistics.median(r["wall_s"] for r in rs)

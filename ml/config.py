@@ -101,8 +101,8 @@ class SampleConfig(BaseModel):
     # else fp32. bench/solver_quality.py compares CLIP-space FD of bf16 and fp32 on the same
     # seeds; bench/speed.py the speed.
     precision: Precision = "auto"
-    # NHWC activations: oneDNN's convolutions run about 1.3x faster on this CPU at both presets
-    # with bit-identical outputs (bench/speed.py); also the layout tensor cores prefer.
+    # NHWC activations: oneDNN's convolutions run 1.08-1.29x faster on the CPUs measured, and in
+    # bf16 NHWC avoids the reorders NCHW needs (bench/README.md); tensor cores prefer it too.
     channels_last: bool = True
 
     @model_validator(mode="after")

@@ -126,7 +126,6 @@ def steps_for(cfg: TrainConfig, n_images: int, world: int = 1) -> int:
     return cfg.epochs * max(1, n_images // (cfg.batch_size * world))
 
 
-@torch.no_grad()
 def memory_format(
     cfg: TrainConfig, device: torch.device, amp: torch.dtype | None
 ) -> torch.memory_format:
@@ -147,6 +146,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
+@torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     torch._foreach_lerp_(
         list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -114,18 +116,59 @@ def serve(
     typer.echo(f"admin key: {env['PROTOMED_ADMIN_KEY']}  (kept in {state / KEY_FILE})")
     typer.echo(f"datasets may be registered from: {env['PROTOMED_DATA_ROOTS']}")
     typer.echo(f"API docs: http://{host}:{port}/docs  dashboard: http://{host}:{port}/ui")
-    proc = None
+    worker = None
     if not no_worker:
-        proc = subprocess.Popen(worker_command("gpu,default", "embedded@%h"), env=env)
+        from workers.celery_app import get_celery, prepare_sqlite_broker
+
+        if get_celery().conf.broker_url.startswith("sqla+sqlite"):
+            prepare_sqlite_broker(get_celery())
+        worker = Supervised(worker_command("gpu,default", "embedded@%h"), env=dict(env))
+        worker.start()
     try:
         uvicorn.run("api.main:app", host=host, port=port, log_level="info")
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if worker is not None:
+            worker.stop()
+
+
+class Supervised:
+    """The embedded worker process, restarted if it exits on its own: without it jobs would
+    stay ``queued`` behind an API that still answers. Restarts back off up to a minute."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        self.cmd, self.env = cmd, env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stopping, self._lock = threading.Event(), threading.Lock()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, env=self.env)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        delay = 1.0
+        while not self._stopping.is_set():
+            assert self.proc is not None
+            started, code = time.monotonic(), self.proc.wait()
+            if self._stopping.is_set():
+                return
+            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 60.0)
+            typer.echo(f"worker exited with code {code}; restarting in {delay:g} s", err=True)
+            with self._lock:
+                if self._stopping.wait(delay):
+                    return
+                self.proc = subprocess.Popen(self.cmd, env=self.env)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:  # not while a restart is under way
+            if self.proc is None or self.proc.poll() is not None:
+                return
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m api.cli`

@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -23,11 +25,11 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def wait_for(fn, timeout: float, what: str, log: Path, proc=None):
+def wait_for(fn, timeout: float, what: str | Callable[[], str], log: Path, proc=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"protomed serve exited ({proc.returncode}):\n{log.read_text()}")
+            raise RuntimeError(f"protomed serve exited ({proc.returncode}):\n{_log_tail(log)}")
         try:
             value = fn()
             if value:
@@ -35,7 +37,14 @@ def wait_for(fn, timeout: float, what: str, log: Path, proc=None):
         except httpx.TransportError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"{what} after {timeout} s; log:\n{log.read_text()[-4000:]}")
+    what = what() if callable(what) else what
+    raise TimeoutError(f"{what} after {timeout} s; log:\n{_log_tail(log)}")
+
+
+def _log_tail(log: Path, chars: int = 6000) -> str:
+    """The serve log without the test's own polling lines, so the worker's output shows."""
+    lines = [ln for ln in log.read_text().splitlines() if '"GET /jobs/' not in ln]
+    return "\n".join(lines)[-chars:]
 
 
 def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> None:
@@ -69,12 +78,22 @@ def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> No
             }  # fmt: skip
             jobs = http.post("/jobs/train", json=body, headers=auth).json()["jobs"]
 
+            seen: dict[int, dict] = {}  # the last state of each job, shown if one never ends
+
             def finished(job_id: int) -> dict | None:
-                job = http.get(f"/jobs/{job_id}").json()
+                job = seen[job_id] = http.get(f"/jobs/{job_id}").json()
                 return job if job["status"] in ("succeeded", "failed", "cancelled") else None
 
-            done = [wait_for(lambda j=j: finished(j["id"]), 300, "training", log) for j in jobs]
+            what = lambda: f"training (jobs as last seen: {seen})"  # noqa: E731
+            done = [wait_for(lambda j=j: finished(j["id"]), 300, what, log) for j in jobs]
             assert [j["status"] for j in done] == ["succeeded", "succeeded"], done
+            # a worker that dies is restarted by serve: the next job still runs
+            children = subprocess.run(
+                ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+            )
+            assert children.stdout.split(), "serve started no worker process"
+            for pid in children.stdout.split():
+                os.kill(int(pid), signal.SIGKILL)
             # one dataset registered: its newest ready model of the mode is used
             params = {"class": classes[0], "n": 8, "steps": 10, "mode": "prototype"}
             r = http.post("/generate", params=params, headers=auth)
@@ -88,6 +107,11 @@ def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> No
         # everything lives in the working folder: SQLite files and local storage
         assert (tmp_path / "protomed.db").is_file() and (tmp_path / "protomed-broker.db").is_file()
         assert len(list((tmp_path / "storage" / "batches").rglob("*.png"))) == 8
+        assert "worker exited with code" in log.read_text()
+        with sqlite3.connect(tmp_path / "protomed-broker.db") as broker:  # prepared by serve
+            assert broker.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            queues = {name for (name,) in broker.execute("SELECT name FROM kombu_queue")}
+            assert {"gpu", "default"} <= queues
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

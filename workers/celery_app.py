@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import Celery
+from sqlalchemy import create_engine
 
 from api.core.config import Settings, get_settings
 
@@ -43,7 +44,25 @@ def make_celery(settings: Settings) -> Celery:
         # Redis redelivers an unacknowledged message after this long; long jobs are guarded by
         # the database claim (a live heartbeat wins), so redelivering a running job is a no-op.
         app.conf.broker_transport_options = {"visibility_timeout": 3600}
+    elif settings.broker_url.startswith("sqla+sqlite"):
+        # kombu passes these to create_engine: wait for the file lock (the API publishes while
+        # the worker polls) instead of failing after sqlite3's default 5 s.
+        app.conf.broker_transport_options = {"connect_args": {"timeout": 30}}
     return app
+
+
+def prepare_sqlite_broker(app: Celery) -> None:
+    """Create the SQLite broker's tables and queues once, before the API and the worker share
+    it, and switch the file to WAL. Left to first use, both processes create the same queue row
+    at start-up and the loser's consumer fails on the unique name."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for queue in (GPU_QUEUE, DEFAULT_QUEUE):
+            channel.queue_declare(queue)
+    engine = create_engine(app.conf.broker_url.removeprefix("sqla+"))
+    with engine.connect() as db:  # WAL is kept in the file: the pollers stop blocking publishes
+        db.exec_driver_sql("PRAGMA journal_mode=WAL")
+    engine.dispose()
 
 
 @lru_cache(maxsize=1)

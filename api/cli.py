@@ -82,6 +82,14 @@ def worker_command(queues: str, name: str, pool: str = "solo") -> list[str]:
     ]  # fmt: skip
 
 
+def _prepare_broker() -> None:
+    """The embedded SQLite queue is set up before any process uses it (no-op for Redis)."""
+    from workers.celery_app import get_celery, prepare_sqlite_broker
+
+    if get_celery().conf.broker_url.startswith("sqla+sqlite"):
+        prepare_sqlite_broker(get_celery())
+
+
 @app.command()
 def worker(
     queues: Annotated[str, typer.Option(help="Queues to consume: gpu, default or both.")] = (
@@ -89,6 +97,7 @@ def worker(
     ),
 ) -> None:
     """Run a Celery worker (one job at a time; DDP over the machine's GPUs for training)."""
+    _prepare_broker()
     os.execv(sys.executable, worker_command(queues, "worker@%h", pool="prefork"))
 
 
@@ -116,12 +125,9 @@ def serve(
     typer.echo(f"admin key: {env['PROTOMED_ADMIN_KEY']}  (kept in {state / KEY_FILE})")
     typer.echo(f"datasets may be registered from: {env['PROTOMED_DATA_ROOTS']}")
     typer.echo(f"API docs: http://{host}:{port}/docs  dashboard: http://{host}:{port}/ui")
+    _prepare_broker()
     worker = None
     if not no_worker:
-        from workers.celery_app import get_celery, prepare_sqlite_broker
-
-        if get_celery().conf.broker_url.startswith("sqla+sqlite"):
-            prepare_sqlite_broker(get_celery())
         worker = Supervised(worker_command("gpu,default", "embedded@%h"), env=dict(env))
         worker.start()
     try:

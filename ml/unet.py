@@ -98,12 +98,49 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv: the usual layer and parameters, computed
+    as one stride-2 transposed conv whose 4x4 kernel sums the 3x3 taps that land on the same
+    input pixel. The same function with 16 instead of 36 multiply-adds per input pixel and
+    channel pair (these convs are 17% of the paper UNet's arithmetic), and the 2x larger
+    intermediate image is never made. Sampling reuses the kernel until the weights change."""
+
     def __init__(self, ch: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self._cache: tuple[tuple, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return F.conv_transpose2d(x, self.kernel(x), self.conv.bias, stride=2, padding=1)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The transposed-conv weight, in ``x``'s memory layout (oneDNN then skips a reorder)."""
+        w = self.conv.weight
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
+        fmt = torch.channels_last if nhwc else torch.contiguous_format
+        if torch.is_grad_enabled() and w.requires_grad:  # training: rebuilt, differentiable
+            return upsample_kernel(w).contiguous(memory_format=fmt)
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else w.dtype
+        key = (w.data_ptr(), w._version, dtype, fmt, x.device)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, upsample_kernel(w).to(dtype).contiguous(memory_format=fmt))
+        return self._cache[1]
+
+
+def upsample_kernel(w: torch.Tensor) -> torch.Tensor:
+    """(out, in, 3, 3) conv weight -> (in, out, 4, 4) stride-2 transposed-conv weight equal to
+    nearest 2x upsampling followed by the conv (padding 1). Along each axis, output pixel 2i
+    sees input i-1 through tap 0 and input i through taps 1 and 2; pixel 2i+1 sees input i
+    through taps 0 and 1 and input i+1 through tap 2; a transposed conv reads kernel row
+    p + 1 - 2i for output p, hence rows (w2, w1 + w2, w0 + w1, w0)."""
+
+    def taps(t: torch.Tensor, dim: int) -> torch.Tensor:
+        w0, w1, w2 = t.unbind(dim)
+        return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+    return taps(taps(w, 2), 3).transpose(0, 1)
 
 
 class UNet(nn.Module):

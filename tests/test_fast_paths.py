@@ -1,5 +1,6 @@
-"""The speed work keeps outputs the same: the optimised ResBlock against the plain formula,
-the CPU dropout's statistics and gradient, the fused optimiser against the reference one."""
+"""The speed work keeps outputs the same: the optimised ResBlock and upsampling against the
+plain formulas, the CPU dropout's statistics and gradient, the fused optimiser against the
+reference one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from ml.checkpoint import Conditioning, build_model
 from ml.config import make_config
 from ml.train import make_optimizer
-from ml.unet import ResBlock, UNet, dropout
+from ml.unet import ResBlock, UNet, Upsample, dropout
 
 
 def _reference_block(block: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -19,6 +20,10 @@ def _reference_block(block: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> tor
     scale, shift = block.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
     h = block.norm2(h) * (1 + scale) + shift
     return block.skip(x) + block.conv2(F.silu(h))
+
+
+def _reference_upsample(up: Upsample, x: torch.Tensor) -> torch.Tensor:
+    return up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def _randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -42,6 +47,8 @@ def _reference_unet(model: UNet, x: torch.Tensor, t: torch.Tensor, y: torch.Tens
     for layer in model.up:
         if isinstance(layer, ResBlock):
             h = _reference_block(layer, torch.cat([h, skips.pop()], dim=1), emb)
+        elif isinstance(layer, Upsample):
+            h = _reference_upsample(layer, h)
         else:
             h = layer(h)
     return model.conv_out(F.silu(model.norm_out(h)))
@@ -64,6 +71,42 @@ def test_unet_matches_the_plain_formula(channels_last: bool, grad: bool) -> None
         out = model(x.contiguous(memory_format=fmt), t, y)
     assert ref.abs().max() > 0.1
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_equals_nearest_then_conv_with_the_same_gradients(channels_last: bool) -> None:
+    """The transposed-conv form: same output and same gradients for input, weight and bias."""
+    torch.manual_seed(0)
+    up = _randomised(Upsample(8))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 8, 5, 7).contiguous(memory_format=fmt).requires_grad_()
+    ref, out = _reference_upsample(up, x), up(x)
+    assert out.shape == (3, 8, 10, 14) and out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    wrt = [x, up.conv.weight, up.conv.bias]
+    for a, b in zip(
+        torch.autograd.grad(out, wrt, g), torch.autograd.grad(ref, wrt, g), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_upsample_kernel_cache_follows_the_weights_and_autocast() -> None:
+    """Sampling reuses the derived kernel, but never a stale one: an optimiser step, a loaded
+    checkpoint or bf16 autocast each give the output of the plain formula."""
+    torch.manual_seed(0)
+    up = _randomised(Upsample(4))
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(up(x), _reference_upsample(up, x), rtol=1e-5, atol=1e-5)
+        up.conv.weight.mul_(-0.5)  # in place, as optimisers and EMA updates change weights
+        torch.testing.assert_close(up(x), _reference_upsample(up, x), rtol=1e-5, atol=1e-5)
+        up.load_state_dict(_randomised(Upsample(4), seed=3).state_dict())
+        torch.testing.assert_close(up(x), _reference_upsample(up, x), rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = up(x)
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), _reference_upsample(up, x), rtol=0.05, atol=0.05)
 
 
 def test_dropout_keeps_one_minus_p_and_rescales() -> None:

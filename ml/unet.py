@@ -117,7 +117,8 @@ class Upsample(nn.Module):
         w = self.conv.weight
         nhwc = x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
         fmt = torch.channels_last if nhwc else torch.contiguous_format
-        if torch.is_grad_enabled() and w.requires_grad:  # training: rebuilt, differentiable
+        if (torch.is_grad_enabled() and w.requires_grad) or w.is_inference():
+            # training: rebuilt, differentiable; inference tensors have no version to key on
             return upsample_kernel(w).contiguous(memory_format=fmt)
         device = x.device.type
         autocast = torch.is_autocast_enabled(device)

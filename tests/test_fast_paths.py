@@ -107,6 +107,9 @@ def test_upsample_kernel_cache_follows_the_weights_and_autocast() -> None:
             low = up(x)
         assert low.dtype == torch.bfloat16
         torch.testing.assert_close(low.float(), _reference_upsample(up, x), rtol=0.05, atol=0.05)
+    with torch.inference_mode():  # weights made under inference mode carry no version counter
+        frozen = _randomised(Upsample(4), seed=4)
+        torch.testing.assert_close(frozen(x), _reference_upsample(frozen, x), rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_keeps_one_minus_p_and_rescales() -> None:

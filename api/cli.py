@@ -83,11 +83,9 @@ def worker_command(queues: str, name: str, pool: str = "solo") -> list[str]:
 
 
 def _prepare_broker() -> None:
-    """The embedded SQLite queue is set up before any process uses it (no-op for Redis)."""
-    from workers.celery_app import get_celery, prepare_sqlite_broker
+    from workers.celery_app import get_celery, prepare_broker
 
-    if get_celery().conf.broker_url.startswith("sqla+sqlite"):
-        prepare_sqlite_broker(get_celery())
+    prepare_broker(get_celery())
 
 
 @app.command()

@@ -51,10 +51,13 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def prepare_sqlite_broker(app: Celery) -> None:
-    """Create the SQLite broker's tables and queues once, before the API and the worker share
-    it, and switch the file to WAL. Left to first use, both processes create the same queue row
-    at start-up and the loser's consumer fails on the unique name."""
+def prepare_broker(app: Celery) -> None:
+    """For the embedded SQLite broker (a no-op for others): create its tables and queues once,
+    before the API and the worker share it, and switch the file to WAL. Left to first use,
+    both processes create the same queue row at start-up and the loser's consumer fails on the
+    unique name."""
+    if not app.conf.broker_url.startswith("sqla+sqlite"):
+        return
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         for queue in (GPU_QUEUE, DEFAULT_QUEUE):

@@ -45,14 +45,19 @@ def migrate() -> None:
 @app.command("create-key")
 def create_key_cmd(
     name: Annotated[str, typer.Argument(help="Who the key is for.")],
-    role: Annotated[str, typer.Option(help="admin or reviewer.")] = "reviewer",
+    role: Annotated[
+        str,
+        typer.Option(help="admin (everything), viewer (reads results) or reviewer (blinded)."),
+    ] = "reviewer",
 ) -> None:
     """Create an API key and print it (shown once; only its hash is stored)."""
     from api.core.security import create_key
+    from api.db.models import ApiKeyRole
     from api.db.session import get_sessionmaker
 
-    if role not in ("admin", "reviewer"):
-        _fail(f"role must be admin or reviewer (got {role!r})")
+    roles = [r.value for r in ApiKeyRole]
+    if role not in roles:
+        _fail(f"role must be one of {', '.join(roles)} (got {role!r})")
     with get_sessionmaker()() as session:
         _, token = create_key(session, name, role)
         session.commit()
@@ -122,7 +127,10 @@ def serve(
     _migrate()
     typer.echo(f"admin key: {env['PROTOMED_ADMIN_KEY']}  (kept in {state / KEY_FILE})")
     typer.echo(f"datasets may be registered from: {env['PROTOMED_DATA_ROOTS']}")
-    typer.echo(f"API docs: http://{host}:{port}/docs  dashboard: http://{host}:{port}/ui")
+    typer.echo(
+        f"API docs: http://{host}:{port}/docs  dashboard: http://{host}:{port}/ui "
+        "(log in with the admin key above)"
+    )
     _prepare_broker()
     worker = None
     if not no_worker:

@@ -1,16 +1,22 @@
-"""FastAPI dependencies as ``Annotated`` aliases: database session, settings, storage, caller."""
+"""FastAPI dependencies as ``Annotated`` aliases: database session, settings, storage, caller.
+
+Who may do what (the README's Security section says the same): admin keys everything; viewer
+keys read results and write nothing; reviewer keys read only what cannot unblind them (criteria,
+review projects); no key reads nothing but /health, /ready, the API docs and review images
+(whose random token is the capability Label Studio's editor loads them with).
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Query, status
+from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.core.config import Settings, get_settings
-from api.core.security import find_key
+from api.core.security import find_key, find_session
 from api.db.models import ApiKey, ApiKeyRole
 from api.db.session import get_session
 from api.schemas import MAX_ID
@@ -53,15 +59,49 @@ def require_admin(key: Annotated[ApiKey, Depends(require_key)]) -> ApiKey:
     return key
 
 
-def optional_reader(
-    session: SessionDep, creds: Credentials, settings: SettingsDep
-) -> ApiKey | None:
-    """Reads are open unless ``read_requires_key`` is set; a presented key must be valid."""
-    if creds is None and not settings.read_requires_key:
-        return None
-    return require_key(session, creds)
+SESSION_COOKIE = "protomed_session"
+READER_ROLES = (ApiKeyRole.admin, ApiKeyRole.viewer)
+
+
+def caller(session: SessionDep, creds: Credentials, request: Request) -> ApiKey | None:
+    """Who reads: the bearer key if one is sent (a wrong one is a 401, never a fallback), else
+    the dashboard login cookie, else nobody. Only reads accept the cookie: writes take a bearer
+    key, so a page on another site can never make a logged-in browser change anything."""
+    if creds is not None and creds.credentials:
+        return require_key(session, creds)
+    token = request.cookies.get(SESSION_COOKIE)
+    return find_session(session, token) if token else None
+
+
+Caller = Annotated[ApiKey | None, Depends(caller)]
+
+
+def require_reader(key: Caller) -> ApiKey:
+    """Reads of datasets, models, batches, images, jobs and reports: an admin or viewer key.
+    Reviewer keys get 403: those pages show modes, models, batches and image hashes, and a
+    reviewer who saw them could unblind the images they judge."""
+    if key is None:
+        raise _unauthorized(
+            "an API key is required to read this: send 'Authorization: Bearer <key>' "
+            "(browsers: log in at /ui/login)"
+        )
+    if key.role not in READER_ROLES:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"key '{key.name}' is a {key.role} key: reviewers may read only /criteria and "
+            "/reviews/projects (blinding); this needs an admin or viewer key",
+        )
+    return key
+
+
+def require_any_reader(key: Caller) -> ApiKey:
+    """Reads that reveal nothing about modes (criteria, review projects): any live key."""
+    if key is None:
+        raise _unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
+    return key
 
 
 AnyKey = Annotated[ApiKey, Depends(require_key)]
 AdminKey = Annotated[ApiKey, Depends(require_admin)]
-Reader = Annotated[ApiKey | None, Depends(optional_reader)]
+Reader = Annotated[ApiKey, Depends(require_reader)]
+AnyReader = Annotated[ApiKey, Depends(require_any_reader)]

@@ -84,8 +84,22 @@ def request_review(
         for i, img in enumerate(images)
     ]
     session.add_all(tasks)
+    # Tasks not yet imported into Label Studio are shuffled again with the new ones: Label
+    # Studio numbers tasks in import order, so batches sent in separate requests before one
+    # sync must not arrive as recognisable blocks.
+    pending = [t for t in project.tasks if t.ls_task_id is None]
+    places = sorted(t.position for t in pending)
+    secrets.SystemRandom().shuffle(pending)
+    for task, place in zip(pending, places, strict=True):
+        task.position = place
     session.flush()
     return project, tasks
+
+
+def pending_modes(project: ReviewProject) -> set[str]:
+    """The modes of the images waiting to be imported: a single one means Label Studio's task
+    order will show them as a block of one mode (what the request's warning is about)."""
+    return {str(t.image.batch.model.mode) for t in project.tasks if t.ls_task_id is None}
 
 
 def task_data(task: ReviewTask, public_url: str) -> dict[str, Any]:

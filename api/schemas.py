@@ -123,7 +123,7 @@ class KeyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)
-    role: Literal["admin", "reviewer"] = "reviewer"
+    role: Literal["admin", "viewer", "reviewer"] = "reviewer"
 
 
 class KeyOut(Out):

@@ -7,10 +7,11 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 import pytest
+from seed import review_batches
 from sqlalchemy import func, select
 
 from api.criteria import annotation_result, label_config, parse_result
-from api.db.models import Batch, Dataset, Image, Model, ModelMode, ModelStatus, ReviewTask
+from api.db.models import ReviewTask
 from api.db.session import get_sessionmaker
 from ml.toy import CRITERIA
 
@@ -72,26 +73,8 @@ def test_label_config_and_the_seeds_rule() -> None:
 
 def seed(domain: str | None = "toy", images: int = 3) -> list[int]:
     """A dataset with two ready models of both modes and one batch each."""
-    from api.storage import get_storage
-
-    ids = []
     with get_sessionmaker()() as s:
-        ds = Dataset(name=f"d-{domain}", root="/x", layout="folder", classes=["a", "b"],
-                     counts={"a": 3, "b": 3}, domain=domain)  # fmt: skip
-        for mode in ("baseline", "prototype"):
-            m = Model(dataset=ds, mode=ModelMode(mode), preset="tiny", config={},
-                      classes=["a", "b"], status=ModelStatus.ready)  # fmt: skip
-            b = Batch(model=m, class_name="a", n=max(images, 1), guidance=2, steps=5,
-                      scheduler="ddim")  # fmt: skip
-            s.add(b)
-            s.flush()
-            for i in range(images):
-                key = f"batches/{b.id}/a_{i:04d}.png"
-                get_storage().put_bytes(key, b"\x89PNG fake " + bytes([i]), "image/png")
-                s.add(Image(batch=b, class_name="a", index=i, storage_key=key, sha256="0" * 64))
-            ids.append(b.id)
-        s.commit()
-    return ids
+        return review_batches(s, domain, images)
 
 
 def task_count() -> int:

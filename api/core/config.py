@@ -39,8 +39,10 @@ class Settings(BaseSettings):
     max_upload_files: int = Field(default=200_000, ge=1)
     # Bootstrap admin key (compose, CI): ensured to exist at start-up; its hash is stored.
     admin_key: str | None = None
-    # Reads (lists, images, reports) are open unless this is set; writes always need a key.
-    read_requires_key: bool = False
+    # Every read of datasets, models, batches, images, jobs and reports needs a key (admin or
+    # viewer; reviewer keys are refused there, see api/deps.py): there is no open-read switch.
+    # Dashboard logins (a cookie made from an API key) last this long, then ask again.
+    ui_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
 
     # Workers: where they keep local copies (checkpoints, unpacked uploads) and how they
     # prove they are alive. A running job whose heartbeat is older than heartbeat_timeout_s

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from api.db.models import ApiKey, ApiKeyRole
+from api.db.models import ApiKey, ApiKeyRole, UiSession
 
 KEY_PREFIX = "pm_"
 
@@ -49,3 +50,36 @@ def ensure_key(session: Session, name: str, role: ApiKeyRole | str, key: str) ->
     if row is None:
         row, _ = create_key(session, name, role, key)
     return row
+
+
+# --- dashboard logins ---------------------------------------------------------------------------
+# A browser cannot send an Authorization header when it follows a link or loads an <img>, so the
+# dashboard trades an API key for a session: a fresh random token in an HttpOnly cookie, stored
+# here only as its hash (the raw key never leaves the login form), tied to the key so revoking
+# the key ends its sessions too.
+
+
+def open_session(session: Session, key: ApiKey, hours: float) -> str:
+    """A new login for ``key`` lasting ``hours``; returns the cookie's token (shown once)."""
+    token = secrets.token_urlsafe(32)
+    expires = datetime.now(UTC) + timedelta(hours=hours)
+    session.add(UiSession(token_hash=hash_key(token), key_id=key.id, expires_at=expires))
+    session.flush()
+    return token
+
+
+def find_session(session: Session, token: str) -> ApiKey | None:
+    """The live key behind a session cookie: None when unknown, expired or its key revoked."""
+    row = session.scalar(select(UiSession).where(UiSession.token_hash == hash_key(token)))
+    if row is None or row.expires_at <= datetime.now(UTC) or row.key.revoked_at is not None:
+        return None
+    return row.key
+
+
+def close_session(session: Session, token: str) -> None:
+    """Logout: the token no longer opens anything (also drops expired sessions)."""
+    session.execute(
+        delete(UiSession).where(
+            (UiSession.token_hash == hash_key(token)) | (UiSession.expires_at <= datetime.now(UTC))
+        )
+    )

@@ -111,7 +111,12 @@ class DatasetSource(enum.StrEnum):
 
 
 class ApiKeyRole(enum.StrEnum):
+    """admin: everything; viewer: reads results (models, batches, reports), writes nothing;
+    reviewer: judges images in Label Studio, so may read nothing that shows a mode, model,
+    batch or image id (blinding), only the criteria and review projects."""
+
     admin = "admin"
+    viewer = "viewer"
     reviewer = "reviewer"
 
 
@@ -273,6 +278,21 @@ class ApiKey(TimestampMixin, Base):
     key_hash: Mapped[str] = mapped_column(String(128), unique=True)
     role: Mapped[ApiKeyRole] = mapped_column(str_enum(ApiKeyRole, "role"))
     revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class UiSession(TimestampMixin, Base):
+    """A dashboard login: the browser holds a random token in an HttpOnly cookie, only its hash
+    is stored (like API keys), tied to the key it was opened with, so revoking the key or
+    logging out ends it."""
+
+    __tablename__ = "ui_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    expires_at: Mapped[datetime] = mapped_column()
+
+    key: Mapped[ApiKey] = relationship()
 
 
 class CriteriaSet(TimestampMixin, Base):

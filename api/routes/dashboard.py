@@ -19,12 +19,14 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 import jinja2
-from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 
+from api.core.security import close_session, find_key, open_session
 from api.db.models import (
+    ApiKey,
     Batch,
     CriteriaSet,
     Dataset,
@@ -35,7 +37,15 @@ from api.db.models import (
     Model,
     ReviewProject,
 )
-from api.deps import MAX_ID, IdPath, Reader, SessionDep, SettingsDep
+from api.deps import (
+    MAX_ID,
+    READER_ROLES,
+    SESSION_COOKIE,
+    Caller,
+    IdPath,
+    SessionDep,
+    SettingsDep,
+)
 from api.reports import _diff_cells, _pct, macro_difference  # the CSV's formatting
 from api.routes.evaluation import latest_evaluation
 from api.routes.reviews import ProjectOut, _ls_public, plausibility, project_out
@@ -122,6 +132,96 @@ def not_found(request: Request, what: str) -> HTMLResponse:
     return page(request, "message.html", 404, title="Not found", message=what)
 
 
+# --- login ---------------------------------------------------------------------------------------
+# Browsers cannot attach a bearer key to links and <img> loads, so the pages (and the reads they
+# make: GET /jobs polling, /images) also accept a session cookie, opened here from an API key.
+# The cookie holds a random token (its hash is stored, never the key), is HttpOnly (no script
+# reads it) and SameSite=Strict (no other site's page sends it); writes never accept it.
+
+
+def safe_next(target: str | None) -> str:
+    """Where to go after logging in: a dashboard path only (no open redirect elsewhere)."""
+    if target and target.startswith("/ui") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/ui"
+
+
+def ui_reader(key: Caller, request: Request) -> ApiKey:
+    """Pages: an admin or viewer key (bearer or login cookie); without one, the login page."""
+    if key is None:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        login = route_path(request, "ui_login") + "?" + urlencode({"next": target})
+        raise HTTPException(303, "log in first", headers={"Location": login})
+    if key.role not in READER_ROLES:
+        raise HTTPException(
+            403, f"key '{key.name}' is a {key.role} key: the dashboard shows modes (blinding)"
+        )
+    return key
+
+
+UiReader = Annotated[ApiKey, Depends(ui_reader)]
+
+
+@router.get("/login", name="ui_login")
+def login_page(
+    request: Request,
+    settings: SettingsDep,
+    next: Annotated[str | None, Query(max_length=2000)] = None,
+) -> HTMLResponse:
+    """The form where one pastes an API key."""
+    return page(
+        request, "login.html", title="Log in", error=None, next=safe_next(next),
+        hours=settings.ui_session_hours,
+    )  # fmt: skip
+
+
+@router.post("/login", name="ui_login_submit", response_model=None)
+def login(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: Annotated[str, Form(max_length=200)],
+    next: Annotated[str, Form(max_length=2000)] = "/ui",
+) -> HTMLResponse | RedirectResponse:
+    """Trade an admin or viewer key for a session cookie; reviewer keys are refused."""
+    row = find_key(session, key.strip())
+    error, code = None, 200
+    if row is None:
+        error, code = "Unknown or revoked API key.", 401
+    elif row.role not in READER_ROLES:
+        error, code = (
+            f"Key '{row.name}' is a {row.role} key; the dashboard needs an admin or viewer key "
+            "(it shows which model made each image, which reviewers must not see).",
+            403,
+        )
+    if error is not None:
+        return page(
+            request, "login.html", code, title="Log in", error=error, next=safe_next(next),
+            hours=settings.ui_session_hours,
+        )  # fmt: skip
+    token = open_session(session, row, settings.ui_session_hours)
+    session.commit()
+    response = RedirectResponse(safe_next(next), status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE, token, max_age=int(settings.ui_session_hours * 3600), path="/",
+        httponly=True, samesite="strict",
+        secure=request.url.scheme == "https" or settings.public_url.startswith("https://"),
+    )  # fmt: skip
+    return response
+
+
+@router.post("/logout", name="ui_logout")
+def logout(request: Request, session: SessionDep) -> RedirectResponse:
+    """End the browser's session (the cookie's token stops working at once)."""
+    token = request.cookies.get(SESSION_COOKIE)
+    if token:
+        close_session(session, token)
+        session.commit()
+    response = RedirectResponse(route_path(request, "ui_login"), status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
 # --- overview ------------------------------------------------------------------------------------
 
 
@@ -139,7 +239,7 @@ def image_counts(session: SessionDep, batch_ids: list[int]) -> dict[int, int]:
 
 @router.get("", name="ui_home")
 def overview(
-    request: Request, session: SessionDep, settings: SettingsDep, _reader: Reader
+    request: Request, session: SessionDep, settings: SettingsDep, _reader: UiReader
 ) -> HTMLResponse:
     """Jobs (live), models, recent batches and review projects on one page."""
     jobs = session.scalars(select(Job).order_by(Job.id.desc()).limit(JOBS_SHOWN)).all()
@@ -191,7 +291,7 @@ def class_grids(model: Model, cap: int = IMAGES_PER_CLASS) -> list[ClassGrid]:
 
 @router.get("/models/{model_id}", name="ui_model")
 def model_page(
-    model_id: IdPath, request: Request, session: SessionDep, _reader: Reader
+    model_id: IdPath, request: Request, session: SessionDep, _reader: UiReader
 ) -> HTMLResponse:
     """A model's settings, training metrics and its batches as image grids per class."""
     model = session.get(Model, model_id)
@@ -204,7 +304,7 @@ def model_page(
 
 @router.get("/batches/{batch_id}", name="ui_batch")
 def batch_page(
-    batch_id: IdPath, request: Request, session: SessionDep, _reader: Reader
+    batch_id: IdPath, request: Request, session: SessionDep, _reader: UiReader
 ) -> HTMLResponse:
     """One batch: the settings that reproduce it, a zip link and all its images."""
     batch = session.get(Batch, batch_id)
@@ -455,7 +555,7 @@ def report_page(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
-    _reader: Reader,
+    _reader: UiReader,
     dataset_id: Annotated[str | None, Query(max_length=12)] = None,
     models: Annotated[str | None, Query(max_length=2000)] = None,
     reviewer: Annotated[str | None, Query(max_length=200)] = None,
@@ -568,7 +668,7 @@ def toy_rows(
 def evaluation_page(
     request: Request,
     session: SessionDep,
-    _reader: Reader,
+    _reader: UiReader,
     dataset_id: Annotated[str | None, Query(max_length=12)] = None,
     job_id: Annotated[str | None, Query(max_length=12)] = None,
 ) -> HTMLResponse:

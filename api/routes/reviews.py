@@ -12,11 +12,18 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
+from api.blinding import NotAnImage, blind_png
 from api.criteria import add_version, latest
 from api.db.models import CriteriaSet, Job, JobKind, Review, ReviewProject, ReviewTask
-from api.deps import MAX_ID, AdminKey, Reader, SessionDep, SettingsDep, StorageDep
+from api.deps import MAX_ID, AdminKey, AnyReader, Reader, SessionDep, SettingsDep, StorageDep
 from api.queue import submit
-from api.reviews import ReviewError, apply_annotation, judgements, remove_annotations
+from api.reviews import (
+    ReviewError,
+    apply_annotation,
+    judgements,
+    pending_modes,
+    remove_annotations,
+)
 from api.reviews import request_review as add_tasks
 from api.routes.jobs import job_out
 from api.schemas import JobOut
@@ -73,16 +80,22 @@ class ReviewAccepted(BaseModel):
     job: JobOut
     project: ProjectOut
     added: int
+    warning: str | None = Field(
+        default=None,
+        description="Set when every image waiting for import comes from one mode: reviewers "
+        "could then tell them apart by Label Studio's task order (send both modes together).",
+    )
 
 
 @router.get("/criteria")
-def list_criteria(session: SessionDep, _reader: Reader) -> list[CriteriaOut]:
+def list_criteria(session: SessionDep, _reader: AnyReader) -> list[CriteriaOut]:
+    """Any key, reviewers' included: the criteria are what they judge by."""
     rows = session.scalars(select(CriteriaSet).order_by(CriteriaSet.domain, CriteriaSet.version))
     return [CriteriaOut.model_validate(r) for r in rows]
 
 
 @router.get("/criteria/{domain}")
-def get_criteria(domain: str, session: SessionDep, _reader: Reader) -> CriteriaOut:
+def get_criteria(domain: str, session: SessionDep, _reader: AnyReader) -> CriteriaOut:
     row = latest(session, domain)
     if row is None:
         known = ", ".join(sorted(set(session.scalars(select(CriteriaSet.domain)))))
@@ -149,15 +162,28 @@ def request_review(
     job = Job(kind=JobKind.review_sync, params={"project_id": project.id}, requested_by=key.name)
     session.add(job)
     submit(session, [job])
+    modes = pending_modes(project)
+    warning = None
+    if len(modes) == 1 and tasks:
+        warning = (
+            f"every image waiting for import is from a {modes.pop()} model: Label Studio numbers "
+            "tasks in import order, so reviewers could see them as one block; send batches of "
+            "both modes in one request (or before the next sync) to keep the blinding"
+        )
     return ReviewAccepted(
         job=job_out(job, request),
         project=project_out(session, project, _ls_public(settings)),
         added=len(tasks),
+        warning=warning,
     )
 
 
 @router.get("/reviews/projects")
-def list_projects(session: SessionDep, settings: SettingsDep, _reader: Reader) -> list[ProjectOut]:
+def list_projects(
+    session: SessionDep, settings: SettingsDep, _reader: AnyReader
+) -> list[ProjectOut]:
+    """Any key, reviewers' included: where to review and how far it got (no model, batch or
+    mode is named)."""
     rows = session.scalars(select(ReviewProject).order_by(ReviewProject.id))
     return [project_out(session, p, _ls_public(settings)) for p in rows]
 
@@ -207,17 +233,28 @@ def webhook(
 def review_image(
     token: Annotated[str, PathParam(max_length=64)], session: SessionDep, storage: StorageDep
 ) -> Response:
-    """The image behind a review token: no model, batch or mode in the address (blinding)."""
+    """The image behind a review token, for Label Studio's editor in the reviewer's browser
+    (no protomed key: the random token is the capability). Blinded: re-encoded per token (see
+    :mod:`api.blinding`), so neither its bytes, its hash, its size nor any metadata chunk match
+    what ``/images`` or ``/batches`` show; no header echoes the stored object."""
     task = session.scalar(select(ReviewTask).where(ReviewTask.token == token))
     if task is None:
         raise HTTPException(404, "no review image with this token")
     try:
-        data = storage.get_bytes(task.image.storage_key)
+        data = blind_png(storage.get_bytes(task.image.storage_key), task.token)
     except ObjectNotFound as exc:
         raise HTTPException(404, "the image is missing from storage") from exc
+    except NotAnImage as exc:
+        raise HTTPException(404, "the stored image cannot be decoded") from exc
     # Label Studio's editor loads images cross-origin (CORS mode): without this header the
-    # reviewer sees "There was an issue loading URL". The token is the only key to the image.
-    headers = {"Cache-Control": "private, max-age=3600", "Access-Control-Allow-Origin": "*"}
+    # reviewer sees "There was an issue loading URL". No ETag or Last-Modified (they would
+    # echo the stored object); private caching only; no Referer leaves the page.
+    headers = {
+        "Cache-Control": "private, max-age=3600",
+        "Access-Control-Allow-Origin": "*",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
     return Response(data, media_type="image/png", headers=headers)
 
 

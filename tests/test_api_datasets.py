@@ -118,7 +118,7 @@ def corrupt_zip() -> bytes:
 
 def state(service: Service) -> tuple[int, list[str], list[str]]:
     """(datasets in the API, everything under work/datasets, every object in storage)."""
-    listed = service.client.get("/datasets")
+    listed = service.client.get("/datasets", headers=service.admin)
     assert listed.status_code == 200
     work = service.tmp / "work" / "datasets"
     files = sorted(str(p.relative_to(work)) for p in work.rglob("*")) if work.exists() else []
@@ -167,12 +167,12 @@ def test_register_toy_list_and_get(service: Service, toy: Path) -> None:
     assert r2.status_code == 201, r2.text
     assert r2.json()["counts"] == out["counts"]
 
-    listed = service.client.get("/datasets").json()
+    listed = service.client.get("/datasets", headers=service.admin).json()
     assert [d["name"] for d in listed] == ["toy", "toy-abs"]
     assert same(listed[0], out)
-    got = service.client.get(f"/datasets/{out['id']}")
+    got = service.client.get(f"/datasets/{out['id']}", headers=service.admin)
     assert got.status_code == 200 and same(got.json(), out)
-    missing = service.client.get("/datasets/999")
+    missing = service.client.get("/datasets/999", headers=service.admin)
     assert missing.status_code == 404 and "no dataset with id 999" in missing.json()["detail"]
 
 
@@ -288,7 +288,7 @@ def test_upload_toy_zip(service: Service, toy: Path) -> None:
     assert out["root"] == str(service.tmp / "work" / "datasets" / uid / "toy")
     assert state(service)[1][0] == uid  # no temporary zip left beside it
     assert not [f for f in state(service)[1] if f.startswith(".")]
-    assert same(service.client.get(f"/datasets/{out['id']}").json(), out)
+    assert same(service.client.get(f"/datasets/{out['id']}", headers=service.admin).json(), out)
 
 
 def test_upload_flat_zip_root_is_the_folder(service: Service, toy: Path) -> None:

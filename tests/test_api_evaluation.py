@@ -68,5 +68,5 @@ def test_evaluation_requests(service) -> None:
 
 @pytest.mark.parametrize("fmt", ["json", "csv"])
 def test_no_evaluation_yet_is_404(service, fmt: str) -> None:
-    r = service.client.get("/reports/evaluation", params={"format": fmt})
+    r = service.client.get("/reports/evaluation", params={"format": fmt}, headers=service.admin)
     assert r.status_code == 404 and "POST /jobs/evaluate" in r.text

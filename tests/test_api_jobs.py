@@ -59,11 +59,11 @@ def test_train_both_modes_queues_two_jobs_and_models(service) -> None:
     assert [j["status"] for j in jobs] == ["queued", "queued"]
     assert jobs[0]["params"]["selection"] == jobs[1]["params"]["selection"]  # same split
     assert jobs[0]["requested_by"] == "admin (bootstrap)"
-    got = service.client.get(f"/jobs/{jobs[0]['id']}").json()
+    got = service.client.get(f"/jobs/{jobs[0]['id']}", headers=service.admin).json()
     assert got["id"] == jobs[0]["id"] and got["links"]["model"].endswith(
         f"/models/{out['models'][0]['id']}"
     )
-    listed = service.client.get("/jobs", params={"kind": "train"}).json()
+    listed = service.client.get("/jobs", params={"kind": "train"}, headers=service.admin).json()
     assert [j["id"] for j in listed] == [jobs[1]["id"], jobs[0]["id"]]
     assert counts() == {"Job": 2, "Model": 2, "Batch": 0}
 
@@ -124,6 +124,40 @@ def test_malformed_json_and_missing_or_wrong_keys(service) -> None:
     assert counts() == before
 
 
+def test_reads_need_an_admin_or_viewer_key(service) -> None:
+    """Reads are locked by default: nobody reads without a key, a viewer reads results but
+    writes nothing, a reviewer reads only criteria and review projects (blinding)."""
+    ds = add_dataset()
+    model = add_model(ds)
+
+    def make(role: str) -> dict[str, str]:
+        r = service.client.post("/keys", json={"name": role, "role": role}, headers=service.admin)
+        assert r.status_code == 201 and r.json()["role"] == role, r.text
+        return {"Authorization": f"Bearer {r.json()['key']}"}
+
+    viewer, reviewer = make("viewer"), make("reviewer")
+    reads = ["/datasets", f"/datasets/{ds}", "/models", f"/models/{model}", "/jobs",
+             "/reports/plausibility"]  # fmt: skip
+    for url in reads:
+        anonymous = service.client.get(url)
+        assert anonymous.status_code == 401 and "API key is required" in anonymous.text, url
+        assert anonymous.headers["www-authenticate"] == "Bearer"
+        assert service.client.get(url, headers=viewer).status_code == 200, url
+        denied = service.client.get(url, headers=reviewer)
+        assert denied.status_code == 403 and "admin or viewer" in denied.text, url
+    for url in ("/criteria", "/reviews/projects"):
+        assert service.client.get(url).status_code == 401
+        assert service.client.get(url, headers=reviewer).status_code == 200
+        assert service.client.get(url, headers=viewer).status_code == 200
+    before = counts()
+    r = service.client.post("/jobs/train", json={"dataset_id": ds}, headers=viewer)
+    assert r.status_code == 403 and "needs an admin key" in r.text
+    assert service.client.get("/keys", headers=viewer).status_code == 403
+    assert counts() == before
+    bad = service.client.post("/keys", json={"name": "x", "role": "owner"}, headers=service.admin)
+    assert bad.status_code == 422 and "viewer" in bad.text
+
+
 def test_generate_picks_latest_ready_model_and_validates(service) -> None:
     ds = add_dataset()
     add_model(ds)
@@ -177,7 +211,7 @@ def test_cancel_queued_job_and_refuse_cancelling_twice(service) -> None:
     job = r.json()["jobs"][0]
     r = service.client.post(f"/jobs/{job['id']}/cancel", headers=service.admin)
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
-    model = service.client.get(f"/models/{r.json()['model_id']}").json()
+    model = service.client.get(f"/models/{r.json()['model_id']}", headers=service.admin).json()
     assert model["status"] == "cancelled"
     r = service.client.post(f"/jobs/{job['id']}/cancel", headers=service.admin)
     assert r.status_code == 409 and "already finished" in r.text
@@ -213,7 +247,7 @@ def test_database_down_is_503_then_retry_works(service, monkeypatch) -> None:
     monkeypatch.setenv("PROTOMED_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/gone")
     reset_service_caches()
     for method, url, kwargs in [
-        ("get", "/jobs", {}),
+        ("get", "/jobs", {"headers": service.admin}),
         ("post", "/jobs/train", {"json": {"dataset_id": ds}, "headers": service.admin}),
     ]:
         r = service.client.request(method, url, **kwargs)
@@ -250,7 +284,7 @@ def test_storage_down_is_503(service, monkeypatch) -> None:
     blocker.write_text("storage root is a file")
     monkeypatch.setenv("PROTOMED_STORAGE_DIR", str(blocker))
     reset_service_caches()
-    r = service.client.get(f"/images/{image_id}")
+    r = service.client.get(f"/images/{image_id}", headers=service.admin)
     assert r.status_code == 503 and r.json()["component"] == "storage", r.text
     ready = service.client.get("/ready")
     assert ready.status_code == 503 and ready.json()["checks"]["storage"].startswith("error")

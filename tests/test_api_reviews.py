@@ -17,21 +17,26 @@ from ml.toy import CRITERIA
 
 
 def test_default_criteria_sets_and_versions(service) -> None:
-    sets = service.client.get("/criteria").json()
+    sets = service.client.get("/criteria", headers=service.admin).json()
     assert {s["domain"] for s in sets} == {"bone-marrow", "blood", "dermatoscopy", "toy"}
     assert all(s["version"] == 1 for s in sets)
-    toy = service.client.get("/criteria/toy").json()
+    toy = service.client.get("/criteria/toy", headers=service.admin).json()
     assert [c["key"] for c in toy["criteria"]] == list(CRITERIA)  # the checker's criteria
-    marrow = service.client.get("/criteria/bone-marrow").json()
+    marrow = service.client.get("/criteria/bone-marrow", headers=service.admin).json()
     assert len(marrow["criteria"]) == 7  # the seed's seven bone-marrow criteria
-    assert len(service.client.get("/criteria/dermatoscopy").json()["criteria"]) == 5
-    r = service.client.get("/criteria/retina")
+    assert (
+        len(service.client.get("/criteria/dermatoscopy", headers=service.admin).json()["criteria"])
+        == 5
+    )
+    r = service.client.get("/criteria/retina", headers=service.admin)
     assert r.status_code == 404 and "bone-marrow" in r.text
     crits = [{"key": "asymmetry", "label": "Asymmetry"}, {"key": "border", "label": "Border"}]
     body = {"title": "Dermatoscopy, edited", "criteria": crits}
     r = service.client.post("/criteria/dermatoscopy", json=body, headers=service.admin)
     assert r.status_code == 201 and r.json()["version"] == 2
-    assert service.client.get("/criteria/dermatoscopy").json()["version"] == 2
+    assert (
+        service.client.get("/criteria/dermatoscopy", headers=service.admin).json()["version"] == 2
+    )
     bad = [
         ({**body, "criteria": [body["criteria"][0]] * 2}, "unique"),
         ({**body, "criteria": [{"key": "Bad Key", "label": "x"}]}, "key"),
@@ -41,7 +46,9 @@ def test_default_criteria_sets_and_versions(service) -> None:
         r = service.client.post("/criteria/dermatoscopy", json=payload, headers=service.admin)
         assert r.status_code == 422 and needle in r.text
     assert service.client.post("/criteria/dermatoscopy", json=body).status_code == 401
-    assert len(service.client.get("/criteria").json()) == 5  # nothing else was stored
+    assert (
+        len(service.client.get("/criteria", headers=service.admin).json()) == 5
+    )  # nothing else was stored
 
 
 def test_label_config_and_the_seeds_rule() -> None:
@@ -115,8 +122,9 @@ def test_review_requests(service, monkeypatch) -> None:
         first = tasks[0].image
         png = __import__("api.storage", fromlist=["x"]).get_storage().get_bytes(first.storage_key)
     assert len(set(tokens)) == 6 and all(len(t) >= 32 for t in tokens)
-    img = service.client.get(f"/review-images/{tokens[0]}")
-    assert img.status_code == 200 and img.content == png
+    img = service.client.get(f"/review-images/{tokens[0]}")  # no key: Label Studio's editor
+    assert img.status_code == 200 and img.content != png  # re-encoded (test_blinding.py)
+    assert img.content.startswith(b"\x89PNG") and len(img.content) > 50
     assert img.headers["access-control-allow-origin"] == "*"  # Label Studio loads it via CORS
     assert service.client.get("/review-images/not-a-token").status_code == 404
 
@@ -129,10 +137,15 @@ def test_webhook_refused_without_configured_secret(service) -> None:
 
 @pytest.mark.parametrize("fmt", ["json", "csv"])
 def test_empty_report(service, fmt: str) -> None:
-    r = service.client.get("/reports/plausibility", params={"format": fmt})
+    r = service.client.get("/reports/plausibility", params={"format": fmt}, headers=service.admin)
     assert r.status_code == 200
     if fmt == "json":
         assert r.json()["classes"] == [] and r.json()["agreement"] is None
     else:
         assert r.text.startswith("class")
-    assert service.client.get("/reports/plausibility", params={"models": "x"}).status_code == 422
+    assert (
+        service.client.get(
+            "/reports/plausibility", params={"models": "x"}, headers=service.admin
+        ).status_code
+        == 422
+    )

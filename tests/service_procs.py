@@ -56,12 +56,17 @@ class Worker:
 
 def wait_job(client: Any, job_id: int, *, until: tuple[str, ...] = ("succeeded", "failed",
              "cancelled"), timeout: float = 300, worker: Worker | None = None,
-             predicate: Any = None) -> dict[str, Any]:  # fmt: skip
-    """Poll ``GET /jobs/{id}`` until its status is in ``until`` (and ``predicate`` holds)."""
+             predicate: Any = None,
+             headers: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Poll ``GET /jobs/{id}`` until its status is in ``until`` (and ``predicate`` holds).
+    Reads need a key: ``headers`` default to the test services' bootstrap admin key."""
+    from conftest import ADMIN_KEY
+
+    auth = headers if headers is not None else {"Authorization": f"Bearer {ADMIN_KEY}"}
     deadline = time.monotonic() + timeout
     job: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
+        job = client.get(f"/jobs/{job_id}", headers=auth).json()
         if job["status"] in until and (predicate is None or predicate(job)):
             return job
         time.sleep(0.5)

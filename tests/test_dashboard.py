@@ -21,10 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from html import unescape
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from conftest import REPO, Service, migrate, reset_service_caches, service_env
+from conftest import ADMIN_KEY, REPO, Service, migrate, reset_service_caches, service_env
 from PIL import Image as PILImage
 from service_procs import ApiServer
 from sqlalchemy.orm import Session
@@ -72,6 +73,7 @@ EVAL_MACRO: dict[str, dict[str, tuple[float, float]]] = {
                   "f1": (0.7110, 0.0120)},
 }  # fmt: skip
 UNTRAINED_ENCODER = "protomed-tiny-vit|untrained-seed0|gelu|float32"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 NASTY = "<script>alert('x')</script>"  # in names and errors: must come out escaped
 LS_PUBLIC = "https://review.example.org"
 LS_PROJECT = 7
@@ -290,8 +292,16 @@ def dash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Dash]:
     with get_sessionmaker()() as session:
         ids = seed(session)
     with TestClient(create_app()) as client:
-        yield Dash(Service(client, {}, tmp_path / "data", tmp_path, env), ids)
+        login(client)  # pages and the JSON reads they link to go through the login cookie
+        yield Dash(Service(client, ADMIN, tmp_path / "data", tmp_path, env), ids)
     reset_service_caches()
+
+
+def login(client, key: str = ADMIN_KEY, next_url: str = "/ui") -> Any:
+    """Log a test client in as a browser does: the form, then a session cookie."""
+    r = client.post("/ui/login", data={"key": key, "next": next_url}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == next_url, r.text[:300]
+    return r
 
 
 def html(client, url: str, status: int = 200) -> str:
@@ -431,6 +441,7 @@ def test_unknown_ids_get_an_html_404(dash: Dash) -> None:
 
 
 def test_empty_database_renders_empty_states(service: Service) -> None:
+    login(service.client)
     assert "No jobs yet" in html(service.client, "/ui")
     assert "No reviews yet" in html(service.client, "/ui/reports/plausibility")
     empty = text_of(html(service.client, "/ui/reports/evaluation"))
@@ -521,7 +532,17 @@ def test_in_a_real_browser(dash: Dash, tmp_path: Path) -> None:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
 
+            # reads are locked: the page sends the browser to the login form, which takes the
+            # admin key and comes back to the page asked for
             page.goto(server.url + "/ui/reports/plausibility")
+            assert "/ui/login" in page.url and page.locator("#chart").count() == 0
+            page.fill("#key", ADMIN_KEY)
+            page.click("form.login button")
+            page.wait_for_url("**/ui/reports/plausibility")
+            cookie = next(c for c in page.context.cookies() if c["name"] == "protomed_session")
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            assert ADMIN_KEY not in cookie["value"]
+            assert page.evaluate("() => document.cookie") == ""  # no script can read it
             plot_h = float(page.get_attribute("#chart", "data-plot-height") or "nan")
             bars = page.eval_on_selector_all(
                 "#chart rect.bar",
@@ -571,7 +592,73 @@ def test_in_a_real_browser(dash: Dash, tmp_path: Path) -> None:
             for url in (f"/ui/batches/{ids.batches[('baseline', 'lymphocyte')]}",
                         f"/ui/models/{ids.models['prototype']}"):  # fmt: skip
                 page.goto(server.url + url)
-                assert all_images_loaded(page), url
+                assert all_images_loaded(page), url  # /images read with the session cookie
+            page.click("#logout")
+            page.wait_for_url("**/ui/login")
+            page.goto(server.url + "/ui")
+            assert "/ui/login" in page.url  # logged out: the pages ask again
             browser.close()
     finally:
         server.stop()
+
+
+def test_login_gives_a_session_cookie_not_the_key(service: Service) -> None:
+    """The dashboard's login: an admin or viewer key buys an HttpOnly, SameSite=Strict cookie
+    holding a random token (stored hashed), which reads accept and writes never do; logout,
+    revoking the key and expiry end it; reviewer and unknown keys get no cookie."""
+    from sqlalchemy import select, update
+
+    from api.core.security import hash_key
+    from api.db.models import UiSession
+    from api.db.session import get_sessionmaker
+
+    client = service.client
+    r = client.get("/ui/models/1?x=1", follow_redirects=False)
+    assert r.status_code == 303
+    assert r.headers["location"] == "/ui/login?next=%2Fui%2Fmodels%2F1%3Fx%3D1"
+    assert client.get("/jobs").status_code == 401
+    form = html(client, "/ui/login?next=/ui/reports/plausibility")
+    assert 'type="password"' in form and 'value="/ui/reports/plausibility"' in form
+
+    def key(role: str) -> tuple[str, int]:
+        made = client.post("/keys", json={"name": role, "role": role}, headers=service.admin)
+        return made.json()["key"], made.json()["id"]
+
+    for token, code, needle in [("pm_wrong", 401, "Unknown or revoked"),
+                                (key("reviewer")[0], 403, "reviewer key")]:  # fmt: skip
+        r = client.post("/ui/login", data={"key": token}, follow_redirects=False)
+        assert r.status_code == code and needle in r.text and "set-cookie" not in r.headers
+
+    r = login(client)
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+    token = client.cookies["protomed_session"]
+    assert ADMIN_KEY not in cookie and token != ADMIN_KEY
+    with get_sessionmaker()() as s:  # only the token's hash is stored
+        assert s.scalars(select(UiSession.token_hash)).all() == [hash_key(token)]
+    assert "Log out" in html(client, "/ui")
+    assert client.get("/jobs").status_code == 200  # reads take the cookie (the page polls)
+    assert client.post("/jobs/train", json={"dataset_id": 1}).status_code == 401  # writes don't
+    for elsewhere in ("https://evil.example/", "//evil.example/ui", "/docs"):
+        assert login(client, next_url="/ui").headers["location"] == "/ui"
+        r = client.post("/ui/login", data={"key": ADMIN_KEY, "next": elsewhere},
+                        follow_redirects=False)  # fmt: skip
+        assert r.headers["location"] == "/ui"  # no open redirect
+
+    token = client.cookies["protomed_session"]
+    assert client.post("/ui/logout", follow_redirects=False).status_code == 303
+    client.cookies.set("protomed_session", token)  # the old cookie, replayed
+    assert client.get("/ui", follow_redirects=False).status_code == 303
+    assert client.get("/jobs").status_code == 401
+
+    viewer, viewer_id = key("viewer")
+    login(client, viewer)  # a viewer may use the dashboard
+    assert client.get("/ui").status_code == 200
+    client.post(f"/keys/{viewer_id}/revoke", headers=service.admin)
+    assert client.get("/ui", follow_redirects=False).status_code == 303  # revoking ends it
+
+    login(client)
+    with get_sessionmaker()() as s:
+        s.execute(update(UiSession).values(expires_at=utc_now()))
+        s.commit()
+    assert client.get("/ui", follow_redirects=False).status_code == 303  # expired

@@ -69,6 +69,19 @@ def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> No
             key = (tmp_path / ".protomed-admin-key").read_text().strip()
             assert key in log.read_text()  # printed once for the user
             auth = {"Authorization": f"Bearer {key}"}
+            # reads are locked in embedded mode too; the dashboard login takes the printed key
+            assert http.get("/datasets").status_code == 401
+            assert (
+                "dashboard: " in log.read_text() and "log in with the admin key" in log.read_text()
+            )
+            assert http.get("/ui").status_code == 303
+            login = http.post("/ui/login", data={"key": key, "next": "/ui"})
+            assert login.status_code == 303 and login.headers["location"] == "/ui"
+            assert (
+                key not in login.headers["set-cookie"] and "HttpOnly" in login.headers["set-cookie"]
+            )
+            assert http.get("/ui").status_code == 200  # the client keeps the session cookie
+            http.cookies.clear()
             r = http.post("/datasets", json={"name": "toy", "path": "toy"}, headers=auth)
             assert r.status_code == 201, r.text
             classes = r.json()["classes"]
@@ -81,7 +94,7 @@ def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> No
             seen: dict[int, dict] = {}  # the last state of each job, shown if one never ends
 
             def finished(job_id: int) -> dict | None:
-                job = seen[job_id] = http.get(f"/jobs/{job_id}").json()
+                job = seen[job_id] = http.get(f"/jobs/{job_id}", headers=auth).json()
                 return job if job["status"] in ("succeeded", "failed", "cancelled") else None
 
             what = lambda: f"training (jobs as last seen: {seen})"  # noqa: E731
@@ -100,9 +113,9 @@ def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> No
             assert r.status_code == 202, r.text
             job = wait_for(lambda: finished(r.json()["job"]["id"]), 120, "sampling", log)
             assert job["status"] == "succeeded", job
-            batch = http.get(f"/batches/{r.json()['batch']['id']}").json()
+            batch = http.get(f"/batches/{r.json()['batch']['id']}", headers=auth).json()
             assert len(batch["images"]) == 8 and batch["model_id"] == done[0]["model_id"]
-            png = http.get(batch["images"][0]["url"])
+            png = http.get(batch["images"][0]["url"], headers=auth)
             assert Image.open(io.BytesIO(png.content)).size == (32, 32)
         # everything lives in the working folder: SQLite files and local storage
         assert (tmp_path / "protomed.db").is_file() and (tmp_path / "protomed-broker.db").is_file()

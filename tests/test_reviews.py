@@ -178,7 +178,7 @@ def ls_tasks(loop: Loop, ls_project_id: int) -> list[dict]:
 
 
 def report(loop: Loop) -> dict:
-    r = loop.api.get("/reports/plausibility")
+    r = loop.api.get("/reports/plausibility", headers=AUTH)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -204,7 +204,7 @@ def test_sync_imports_blinded_shuffled_tasks(loop: Loop) -> None:
     assert r.json()["added"] == 24 and r.json()["project"]["domain"] == "toy"
     job = wait_job(loop.api, r.json()["job"]["id"], worker=loop.worker, timeout=120)
     assert job["status"] == "succeeded", (job, loop.worker.tail())
-    project = loop.api.get("/reviews/projects").json()[0]
+    project = loop.api.get("/reviews/projects", headers=AUTH).json()[0]
     assert project["tasks"] == 24 and project["ls_project_id"]
     tasks = ls_tasks(loop, project["ls_project_id"])
     assert len(tasks) == 24
@@ -212,8 +212,16 @@ def test_sync_imports_blinded_shuffled_tasks(loop: Loop) -> None:
         assert set(t["data"]) == {"image", "expected_class", "ref"}
         assert "batch" not in t["data"]["image"] and "model" not in t["data"]["image"]
     # shuffled: Label Studio's order is not the batches' order
-    order = [loop.api.get(t["data"]["image"]).content for t in tasks]
+    order = [loop.api.get(t["data"]["image"]).content for t in tasks]  # no key, as LS does
     assert all(len(png) > 100 for png in order)
+    # blinded bytes: no review image's hash is one the batches list (test_blinding.py has more)
+    listed = {
+        img["sha256"]
+        for b in ids
+        for img in loop.api.get(f"/batches/{b}", headers=AUTH).json()["images"]
+    }
+    assert len(listed) == 24 and not {hashlib.sha256(png).hexdigest() for png in order} & listed
+    assert loop.api.get(f"/batches/{ids[0]}").status_code == 401  # and no key reads batches
     modes = [loop.truth[i][0] for i in _image_ids_in(loop, tasks)]
     assert modes != sorted(modes) and modes != sorted(modes, reverse=True)
     STATE["project"] = project
@@ -258,7 +266,7 @@ def test_reviewers_verdicts_make_the_report(loop: Loop) -> None:
         p_proto = sum(expected[("prototype", row["class"])]) / 12
         assert diff == pytest.approx(p_proto - p_base)
     assert rep["agreement"]["method"] == "cohen" and rep["agreement"]["items"] == 24
-    csv_text = loop.api.get("/reports/plausibility", params={"format": "csv"}).text
+    csv_text = loop.api.get("/reports/plausibility", params={"format": "csv"}, headers=AUTH).text
     assert csv_text.splitlines()[0].startswith("class,")
     STATE["posted"] = posted
     STATE["expected"] = expected
@@ -345,7 +353,7 @@ def test_label_studio_down_during_sync_is_retried_and_nothing_lost(loop: Loop) -
     job_id = r.json()["job"]["id"]
     deadline = time.monotonic() + 60
     while True:  # the sync fails, says why, and waits for its retry
-        job = loop.api.get(f"/jobs/{job_id}").json()
+        job = loop.api.get(f"/jobs/{job_id}", headers=AUTH).json()
         if job["error"] and "Label Studio unavailable" in job["error"] and job["attempts"] >= 2:
             break
         assert time.monotonic() < deadline, job

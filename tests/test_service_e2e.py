@@ -139,7 +139,7 @@ def test_train_both_modes_generate_and_fetch(prod, start_worker, real_data) -> N
     jobs = train(prod, ds["id"], "both")
     done = [wait_job(prod.client, j["id"], worker=worker) for j in jobs]
     assert [j["status"] for j in done] == ["succeeded", "succeeded"], done
-    models = [prod.client.get(f"/models/{j['model_id']}").json() for j in done]
+    models = [prod.client.get(f"/models/{j['model_id']}", headers=prod.admin).json() for j in done]
     assert [m["mode"] for m in models] == ["prototype", "baseline"]
     assert all(m["status"] == "ready" and m["metrics"]["steps"] == 3 for m in models)
     # both modes trained on the same images: their codebooks recorded the same selection
@@ -157,10 +157,10 @@ def test_train_both_modes_generate_and_fetch(prod, start_worker, real_data) -> N
     assert batch["model_id"] == models[0]["id"] and len(batch["images"]) == 8
     assert [i["index"] for i in batch["images"]] == list(range(8))
     for img in batch["images"]:
-        png = prod.client.get(img["url"])
+        png = prod.client.get(img["url"], headers=prod.admin)
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(png.content)).size == (32, 32)
-    zf = zipfile.ZipFile(io.BytesIO(prod.client.get(batch["zip_url"]).content))
+    zf = zipfile.ZipFile(io.BytesIO(prod.client.get(batch["zip_url"], headers=prod.admin).content))
     assert len(zf.namelist()) == 9 and "manifest.csv" in zf.namelist()
     print(f"generate n=8 (10 DDIM steps) round trip: {time.perf_counter() - t0:.1f} s")
 
@@ -179,7 +179,7 @@ def test_sigkilled_worker_job_is_rerun_and_resumes(prod, start_worker, tmp_path)
     )  # fmt: skip
     t_kill = time.monotonic()
     first.kill(signal.SIGKILL)
-    stuck = prod.client.get(f"/jobs/{job['id']}").json()
+    stuck = prod.client.get(f"/jobs/{job['id']}", headers=prod.admin).json()
     assert stuck["status"] == "running"  # nobody has noticed yet
     second = start_worker()
     requeued = wait_job(
@@ -206,7 +206,7 @@ def test_sigkilled_worker_out_of_attempts_fails(prod, start_worker) -> None:
     second = start_worker(PROTOMED_MAX_ATTEMPTS="1")
     done = wait_job(prod.client, job["id"], worker=second, timeout=60)
     assert done["status"] == "failed" and "stopped answering" in done["error"], done
-    model = prod.client.get(f"/models/{done['model_id']}").json()
+    model = prod.client.get(f"/models/{done['model_id']}", headers=prod.admin).json()
     assert model["status"] == "failed"
 
 
@@ -236,7 +236,7 @@ def test_training_under_torchrun_when_several_processes(prod, start_worker) -> N
     job = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
     done = wait_job(prod.client, job["id"], worker=worker, timeout=300)
     assert done["status"] == "succeeded", (done, worker.tail(60))
-    model = prod.client.get(f"/models/{done['model_id']}").json()
+    model = prod.client.get(f"/models/{done['model_id']}", headers=prod.admin).json()
     assert model["metrics"]["world"] == 2 and model["metrics"]["steps"] == 4
 
 
@@ -255,12 +255,14 @@ def test_evaluation_job_compares_both_modes(prod, start_worker) -> None:
     assert r.status_code == 202, r.text
     job = wait_job(prod.client, r.json()["id"], worker=worker)
     assert job["status"] == "succeeded", job
-    report = prod.client.get("/reports/evaluation").json()
+    report = prod.client.get("/reports/evaluation", headers=prod.admin).json()
     assert report["job_id"] == job["id"]
     assert list(report["downstream"]["sets"]) == ["real", "baseline", "prototype"]
     assert report["n_heldout"] == dict.fromkeys(report["classes"], 3)
     assert report["toy_plausibility"]["real"]["lymphocyte"] == 1.0
-    csv_text = prod.client.get("/reports/evaluation", params={"format": "csv"}).text
+    csv_text = prod.client.get(
+        "/reports/evaluation", params={"format": "csv"}, headers=prod.admin
+    ).text
     assert csv_text.startswith("training set,precision") and "\nprototype," in csv_text
-    model = prod.client.get(f"/models/{ids['prototype']}").json()
+    model = prod.client.get(f"/models/{ids['prototype']}", headers=prod.admin).json()
     assert model["metrics"]["evaluations"][0]["job_id"] == job["id"]

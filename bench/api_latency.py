@@ -182,7 +182,7 @@ def endpoints(ids: dict[str, int]) -> list[Endpoint]:
     auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
     params = {"class": CLASSES[1], "n": 8, "dataset_id": ids["dataset"]}
     return [
-        Endpoint("GET /jobs/{id}", lambda c: c.get(f"/jobs/{ids['job']}"), 200),
+        Endpoint("GET /jobs/{id}", lambda c: c.get(f"/jobs/{ids['job']}", headers=auth), 200),
         Endpoint(
             "POST /generate (n=8)",
             lambda c: c.post("/generate", params=params, headers=auth),

@@ -34,7 +34,7 @@ AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 def wait(api: httpx.Client, job_id: int, timeout: float = 3600) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = api.get(f"/jobs/{job_id}").json()
+        job = api.get(f"/jobs/{job_id}", headers=AUTH).json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             if job["status"] != "succeeded":
                 raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
@@ -67,6 +67,10 @@ def screenshots(base: str, out: Path) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(base + "/ui/login")  # reads are locked: log in with the admin key first
+        page.fill("#key", ADMIN_KEY)
+        page.click("form.login button")
+        page.wait_for_url("**/ui")
         for path, name in (("/ui/reports/plausibility", "report.png"), ("/ui", "jobs.png")):
             page.goto(base + path)
             page.wait_for_load_state("networkidle")
@@ -123,16 +127,16 @@ def main() -> None:
                 wait(api, job_id)
             r = api.post("/reviews", json={"batch_ids": [b for _, b in batches]}, headers=AUTH)
             wait(api, r.json()["job"]["id"])
-            ls_project = api.get("/reviews/projects").json()[0]["ls_project_id"]
+            ls_project = api.get("/reviews/projects", headers=AUTH).json()[0]["ls_project_id"]
             ls = LabelStudio(base_url=args.ls_url, api_key=args.ls_token, timeout=60)
             n = review_all(api, ls, ls_project)
             for _ in range(120):
-                report = api.get("/reports/plausibility").json()
+                report = api.get("/reports/plausibility", headers=AUTH).json()
                 if sum(m["reviews"] for m in report["average"]["pooled"].values()) == n:
                     break
                 time.sleep(0.5)
             (out / "report.json").write_text(json.dumps(report, indent=2))
-            csv_text = api.get("/reports/plausibility", params={"format": "csv"}).text
+            csv_text = api.get("/reports/plausibility", params={"format": "csv"}, headers=AUTH).text
             (out / "report.csv").write_text(csv_text)
             screenshots(api_proc.url, out)
             print(csv_text)

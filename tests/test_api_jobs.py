@@ -156,6 +156,17 @@ def test_reads_need_an_admin_or_viewer_key(service) -> None:
     assert counts() == before
     bad = service.client.post("/keys", json={"name": "x", "role": "owner"}, headers=service.admin)
     assert bad.status_code == 422 and "viewer" in bad.text
+    # the CLI makes viewer keys too, and names the roles when given another
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    made = CliRunner().invoke(app, ["create-key", "lab", "--role", "viewer"])
+    assert made.exit_code == 0, made.output
+    token = {"Authorization": f"Bearer {made.output.strip()}"}
+    assert service.client.get("/models", headers=token).status_code == 200
+    wrong = CliRunner().invoke(app, ["create-key", "lab", "--role", "owner"])
+    assert wrong.exit_code != 0 and "admin, viewer, reviewer" in wrong.output
 
 
 def test_generate_picks_latest_ready_model_and_validates(service) -> None:

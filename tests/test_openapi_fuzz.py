@@ -132,3 +132,10 @@ def test_spec_lists_public_interface() -> None:
         and p != "/reviews/webhook"
     ]  # fmt: skip
     assert not unsecured, f"write operations without the bearer scheme: {unsecured}"
+    # Reads need a key too, but for liveness and review images (their token is the capability).
+    open_reads = {"/health", "/ready", "/review-images/{token}"}
+    unsecured_reads = [
+        p for p, ops in paths.items() if "get" in ops and p not in open_reads
+        and not any(bearer & set(req) for req in ops["get"].get("security", []))
+    ]  # fmt: skip
+    assert not unsecured_reads, f"reads without the bearer scheme: {unsecured_reads}"

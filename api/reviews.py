@@ -96,10 +96,18 @@ def request_review(
     return project, tasks
 
 
-def pending_modes(project: ReviewProject) -> set[str]:
+def pending_modes(session: Session, project: ReviewProject) -> set[str]:
     """The modes of the images waiting to be imported: a single one means Label Studio's task
     order will show them as a block of one mode (what the request's warning is about)."""
-    return {str(t.image.batch.model.mode) for t in project.tasks if t.ls_task_id is None}
+    rows = session.scalars(
+        select(Model.mode)
+        .distinct()
+        .join(Batch, Batch.model_id == Model.id)
+        .join(Image, Image.batch_id == Batch.id)
+        .join(ReviewTask, ReviewTask.image_id == Image.id)
+        .where(ReviewTask.project_id == project.id, ReviewTask.ls_task_id.is_(None))
+    )
+    return {str(m) for m in rows}
 
 
 def task_data(task: ReviewTask, public_url: str) -> dict[str, Any]:

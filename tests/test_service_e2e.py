@@ -153,7 +153,7 @@ def test_train_both_modes_generate_and_fetch(prod, start_worker, real_data) -> N
     assert r.status_code == 202, r.text
     job = wait_job(prod.client, r.json()["job"]["id"], worker=worker)
     assert job["status"] == "succeeded", job
-    batch = prod.client.get(f"/batches/{r.json()['batch']['id']}").json()
+    batch = prod.client.get(f"/batches/{r.json()['batch']['id']}", headers=prod.admin).json()
     assert batch["model_id"] == models[0]["id"] and len(batch["images"]) == 8
     assert [i["index"] for i in batch["images"]] == list(range(8))
     for img in batch["images"]:
@@ -220,7 +220,10 @@ def test_cancel_running_job_and_time_limit(prod, start_worker) -> None:
     assert r.status_code == 200 and r.json()["cancel_requested"] is True
     done = wait_job(prod.client, slow["id"], worker=worker, timeout=60)
     assert done["status"] == "cancelled" and done["error"] is None, done
-    assert prod.client.get(f"/models/{done['model_id']}").json()["status"] == "cancelled"
+    assert (
+        prod.client.get(f"/models/{done['model_id']}", headers=prod.admin).json()["status"]
+        == "cancelled"
+    )
 
     over = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
     done = wait_job(prod.client, over["id"], worker=worker, timeout=240)

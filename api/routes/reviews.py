@@ -162,7 +162,7 @@ def request_review(
     job = Job(kind=JobKind.review_sync, params={"project_id": project.id}, requested_by=key.name)
     session.add(job)
     submit(session, [job])
-    modes = pending_modes(project)
+    modes = pending_modes(session, project)
     warning = None
     if len(modes) == 1 and tasks:
         warning = (

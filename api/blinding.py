@@ -26,7 +26,7 @@ KEPT = (b"IHDR", b"PLTE", b"tRNS")
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Pixel layouts written back as they are; anything else (palette, CMYK...) becomes RGB(A),
 # which draws the same.
-LOSSLESS_MODES = ("1", "L", "LA", "I;16", "RGB", "RGBA")
+LOSSLESS_MODES = ("1", "L", "LA", "I", "I;16", "RGB", "RGBA")
 
 
 class NotAnImage(ValueError):

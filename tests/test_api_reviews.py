@@ -68,6 +68,22 @@ def test_label_config_and_the_seeds_rule() -> None:
     back = parse_result(annotation_result({"cell_size": "pass", "granules": "fail"}), keys)
     assert back["criteria"] == {"cell_size": "pass", "granules": "fail"}
     assert back["overall"] == "implausible" and back["plausible"] is False
+    # Label Studio stores whatever its API is sent (any user can post results outside the
+    # labelling interface): choices outside the interface's, or of the wrong type, count as not
+    # given, and no shape of result makes the verdict (or the report) fail.
+    odd = [
+        {"from_name": "crit_cell_size", "value": {"choices": ["maybe"]}},
+        {"from_name": "crit_granules", "value": {"choices": [{"x": 1}]}},
+        {"from_name": "overall", "value": {"choices": [["plausible"]]}},
+        {"from_name": "comment", "value": {"text": [1, None, "ok"]}},
+        {"from_name": ["crit_cell_size"], "value": "fail"},
+        {"from_name": "crit_granules", "value": {"choices": "fail"}},
+        "not an item",
+        None,
+    ]
+    got = parse_result(odd, keys)
+    assert got == {"criteria": {}, "overall": None, "comment": "ok", "plausible": True}
+    assert parse_result({"not": "a list"}, keys)["criteria"] == {}  # type: ignore[arg-type]
 
 
 def seed(domain: str | None = "toy", images: int = 3) -> list[int]:

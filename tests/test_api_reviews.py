@@ -304,6 +304,22 @@ def test_webhook_while_label_studio_is_unreachable_queues_a_pull(hooked) -> None
     assert verdicts() == before
 
 
+def test_bulk_deletion_event_is_left_to_a_pull(hooked, monkeypatch) -> None:
+    """An event naming more annotations than MAX_WEBHOOK_READS (a bulk deletion in Label
+    Studio) is not read one by one: a pull of the projects decides, and nothing is removed on
+    the event's word."""
+    import api.routes.reviews as routes
+
+    monkeypatch.setattr(routes, "MAX_WEBHOOK_READS", 1)
+    ids = reviewed_project()
+    before = verdicts()
+    body = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": i} for i in ids]}
+    r = hooked.client.post("/reviews/webhook", json=body, headers=HOOK)
+    assert r.status_code == 202 and len(r.json()["queued"]) == 1, r.text
+    assert "pulled" in r.json()["detail"] and r.json()["removed"] == 0
+    assert verdicts() == before and job_count() == 1
+
+
 def test_report_reviewer_filter_takes_the_id_or_the_email(service) -> None:
     reviewed_project()
 

@@ -142,10 +142,17 @@ def user_emails(
 ) -> dict[int, str]:
     """Label Studio user id -> e-mail: every user of the organisation (one request), or the
     given ones (one request each; for a webhook's one or two annotations)."""
-    if user_ids is None:
-        return {u.id: u.email for u in ls.users.list() if u.id is not None and u.email}
     from label_studio_sdk.core.api_error import ApiError
 
+    if user_ids is None:
+        try:
+            users = ls.users.list(request_options=options)
+        except ApiError as exc:
+            if exc.status_code not in (403, 404):
+                raise
+            log.warning("Label Studio lists no users (%s): no e-mails kept", exc.status_code)
+            return {}
+        return {u.id: u.email for u in users if u.id is not None and u.email}
     out: dict[int, str] = {}
     for uid in set(user_ids):
         try:
@@ -183,11 +190,14 @@ def refresh_annotations(
         users = {a["completed_by"] for a in found.values() if a and a.get("completed_by")}
         emails = user_emails(ls, [u for u in users if isinstance(u, int)], WEBHOOK_READ)
     except Exception as exc:
-        if _unavailable(exc):
-            raise LabelStudioUnavailable(str(exc) or type(exc).__name__) from exc
+        # The reason in short: an ApiError's text holds Label Studio's response headers (its
+        # session cookie among them), which must not reach whoever posted the webhook.
         status = getattr(exc, "status_code", None)
+        reason = f"Label Studio answered {status}" if status else str(exc) or type(exc).__name__
+        if _unavailable(exc):
+            raise LabelStudioUnavailable(reason) from exc
         if status is not None:  # the sdk's ApiError: 401/403 with a wrong token, and the like
-            raise LabelStudioError(f"Label Studio answered {status}: {exc}") from exc
+            raise LabelStudioError(reason) from exc
         raise
     for ann_id, current in found.items():
         counts[refresh_annotation(session, ann_id, current and with_email(current, emails))] += 1

@@ -185,8 +185,8 @@ def sync_now(request: Request, session: SessionDep, key: AdminKey) -> list[JobOu
 # --- the webhook: a notification, never a source of verdicts -----------------------------------
 
 LsId = Annotated[int, Field(strict=True, ge=1, le=MAX_ID, description="A Label Studio id.")]
-# More annotations than this in one event are not read one by one: a pull of the projects
-# concerned (one export each) reconciles them instead.
+# An event naming more annotations than this (a bulk deletion) is not read one by one: a pull of
+# the projects (one export each) reconciles them instead.
 MAX_WEBHOOK_READS = 50
 
 
@@ -283,17 +283,19 @@ def webhook(
         raise HTTPException(
             409, "Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL and _TOKEN"
         )
-    if isinstance(event, AnnotationEvent):
-        ids = [event.annotation.id]
-        ignored = 0
-    else:  # only verdicts we hold can be removed; the others need no reading
-        named = list(dict.fromkeys(a.id for a in event.annotations))
-        ids = stored_annotations(session, named)
-        ignored = len(named) - len(ids)
-    out = WebhookOut(action=event.action, applied=0, removed=0, ignored=ignored)
-    if len(ids) > MAX_WEBHOOK_READS:
-        out.detail = f"{len(ids)} annotations: the projects are pulled instead of read one by one"
+    named = (
+        [event.annotation.id]
+        if isinstance(event, AnnotationEvent)
+        else list(dict.fromkeys(a.id for a in event.annotations))
+    )
+    out = WebhookOut(action=event.action, applied=0, removed=0, ignored=0)
+    if len(named) > MAX_WEBHOOK_READS:
+        out.detail = f"{len(named)} annotations: the projects are pulled, not each one read"
     else:
+        ids = named
+        if isinstance(event, AnnotationsDeletedEvent):  # only verdicts we hold can be removed
+            ids = stored_annotations(session, named)
+            out.ignored = len(named) - len(ids)
         try:
             counts = refresh_annotations(session, ids, settings)
         except LabelStudioError as exc:

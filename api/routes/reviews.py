@@ -376,7 +376,9 @@ def plausibility_endpoint(
     _reader: Reader,
     dataset_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     models: Annotated[str | None, Query(description="Comma-separated model ids.")] = None,
-    reviewer: Annotated[str | None, Query(max_length=200)] = None,
+    reviewer: Annotated[
+        str | None, Query(max_length=254, description="Label Studio user id or e-mail.")
+    ] = None,
     criteria_set_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     format: Literal["json", "csv"] = "json",
 ) -> Any:

@@ -333,3 +333,19 @@ def test_report_reviewer_filter_takes_the_id_or_the_email(service) -> None:
     assert reviews("7") == reviews("Alice@Example.org") == reviews("alice@example.org") == 1
     assert reviews("8") == reviews("bob@example.org") == 1
     assert reviews("carol@example.org") == reviews("9") == 0
+
+
+def test_label_studio_errors_are_told_without_its_headers() -> None:
+    """The sdk's ApiError text carries Label Studio's response headers (a session cookie):
+    job errors and webhook answers give the status only."""
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
+    from workers.review_sync import reason
+
+    exc = ApiError(status_code=502, headers={"set-cookie": "sessionid=s3cr3t"}, body="bad gw")
+    assert reason(exc) == "Label Studio answered 502"
+    assert "s3cr3t" in str(exc)  # what was told before
+    assert reason(httpx.ConnectError("[Errno 111] Connection refused")) == (
+        "[Errno 111] Connection refused"
+    )

@@ -190,18 +190,24 @@ def refresh_annotations(
         users = {a["completed_by"] for a in found.values() if a and a.get("completed_by")}
         emails = user_emails(ls, [u for u in users if isinstance(u, int)], WEBHOOK_READ)
     except Exception as exc:
-        # The reason in short: an ApiError's text holds Label Studio's response headers (its
-        # session cookie among them), which must not reach whoever posted the webhook.
-        status = getattr(exc, "status_code", None)
-        reason = f"Label Studio answered {status}" if status else str(exc) or type(exc).__name__
         if _unavailable(exc):
-            raise LabelStudioUnavailable(reason) from exc
-        if status is not None:  # the sdk's ApiError: 401/403 with a wrong token, and the like
-            raise LabelStudioError(reason) from exc
+            raise LabelStudioUnavailable(reason(exc)) from exc
+        if getattr(exc, "status_code", None) is not None:  # ApiError: 401/403 (wrong token)...
+            raise LabelStudioError(reason(exc)) from exc
         raise
     for ann_id, current in found.items():
         counts[refresh_annotation(session, ann_id, current and with_email(current, emails))] += 1
     return counts
+
+
+def reason(exc: Exception) -> str:
+    """Why Label Studio could not be used, in short. Never the sdk's ApiError text: it holds
+    Label Studio's response headers, its session cookie among them, and the reason reaches job
+    errors (any reader) and webhook answers."""
+    status = getattr(exc, "status_code", None)
+    if status is not None:
+        return f"Label Studio answered {status}"
+    return str(exc) or type(exc).__name__
 
 
 def _unavailable(exc: Exception) -> bool:
@@ -238,7 +244,7 @@ def sync_project(project_id: int, settings: Settings, *, push: bool = True) -> d
             return {"imported": imported, "ls_project_id": project.ls_project_id, **counts}
     except Exception as exc:
         if _unavailable(exc):
-            raise LabelStudioUnavailable(str(exc) or type(exc).__name__) from exc
+            raise LabelStudioUnavailable(reason(exc)) from exc
         raise
 
 

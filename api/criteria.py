@@ -124,19 +124,29 @@ def label_config(criteria: list[dict[str, Any]]) -> str:
 
 def parse_result(result: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
     """An annotation's result -> {criteria, overall, comment, plausible}. Plausible only if the
-    overall verdict is not 'implausible' and no criterion failed (the seed's rule)."""
+    overall verdict is not 'implausible' and no criterion failed (the seed's rule).
+
+    Label Studio stores whatever its API is sent, not only what the labelling interface offers,
+    so only the interface's own choices count: any other value or shape is taken as not given
+    (it can neither break the verdict nor the report)."""
     criteria: dict[str, str] = {}
     overall: str | None = None
     comment: str | None = None
-    for item in result:
-        name, value = item.get("from_name", ""), item.get("value") or {}
-        choices = value.get("choices") or []
-        if name.startswith("crit_") and name[5:] in keys and choices:
-            criteria[name[5:]] = choices[0]
-        elif name == "overall" and choices:
-            overall = choices[0]
-        elif name == "comment" and value.get("text"):
-            comment = "\n".join(value["text"])
+    for item in result if isinstance(result, list) else []:
+        if not isinstance(item, dict):
+            continue
+        name, value = item.get("from_name"), item.get("value")
+        if not isinstance(name, str) or not isinstance(value, dict):
+            continue
+        choices = value.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if name.startswith("crit_") and name[5:] in keys and choice in VERDICTS:
+            criteria[name[5:]] = choice
+        elif name == "overall" and choice in OVERALL:
+            overall = choice
+        elif name == "comment" and isinstance(value.get("text"), list):
+            lines = [t for t in value["text"] if isinstance(t, str)]
+            comment = "\n".join(lines) if lines else None
     failed = any(v == "fail" for v in criteria.values())
     plausible = not failed and overall != "implausible"
     return {"criteria": criteria, "overall": overall, "comment": comment, "plausible": plausible}

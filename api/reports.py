@@ -251,6 +251,29 @@ def _criteria_failure(js: Iterable[Judgement], keys: Sequence[str]) -> dict[str,
     }
 
 
+def _macro_difference(
+    classes: Sequence[dict[str, Any]], baseline_id: int | None, prototype_id: int | None
+) -> dict[str, Any] | None:
+    """Prototype minus baseline of the macro averages, both taken over the classes that both
+    models were judged on: each model's own macro (``average.macro``) may cover other classes
+    (one model unreviewed on a class), and a difference of averages over different class sets
+    would compare unlike things. Names the classes used and those left out; None without a
+    baseline and a prototype column."""
+    if baseline_id is None or prototype_id is None:
+        return None
+    b, p = str(baseline_id), str(prototype_id)
+    both = [c for c in classes if None not in (c["models"][b]["rate"], c["models"][p]["rate"])]
+    names = [c["class"] for c in both]
+    left_out = [c["class"] for c in classes if c["class"] not in names]
+    if not both:
+        return {"value": None, "baseline": None, "prototype": None, "classes": [],
+                "left_out": left_out}  # fmt: skip
+    mb = sum(c["models"][b]["rate"] for c in both) / len(both)
+    mp = sum(c["models"][p]["rate"] for c in both) / len(both)
+    return {"value": mp - mb, "baseline": mb, "prototype": mp, "classes": names,
+            "left_out": left_out}  # fmt: skip
+
+
 def _only(models: Sequence[dict], mode: str) -> int | None:
     ids = [m["id"] for m in models if m.get("mode") == mode]
     return ids[0] if len(ids) == 1 else None
@@ -319,7 +342,12 @@ def plausibility_report(
         "baseline_id": baseline_id,
         "prototype_id": prototype_id,
         "classes": classes,
-        "average": {"macro": macro, "pooled": pooled, "difference": difference(pooled)},
+        "average": {
+            "macro": macro,
+            "macro_difference": _macro_difference(classes, baseline_id, prototype_id),
+            "pooled": pooled,
+            "difference": difference(pooled),
+        },
         "criteria": [dict(c) for c in criteria],
         "criteria_failure": {str(mid): _criteria_failure(by_model[mid], keys) for mid in ids},
         "agreement": agreement(used),
@@ -348,12 +376,23 @@ def _diff_cells(diff: dict[str, Any] | None) -> list[str]:
 
 
 def macro_difference(report: dict[str, Any]) -> str:
-    """Prototype minus baseline of the macro rates, in points ("" without both)."""
-    macro, base, proto = report["average"]["macro"], report["baseline_id"], report["prototype_id"]
-    if base is None or proto is None:
-        return ""
-    mb, mp = macro[str(base)], macro[str(proto)]
-    return "" if mb is None or mp is None else f"{100 * (mp - mb):.2f}"
+    """Prototype minus baseline of the macro rates over the classes both were judged on, in
+    points ("" without both)."""
+    diff = report["average"].get("macro_difference")
+    return "" if diff is None or diff["value"] is None else f"{100 * diff['value']:.2f}"
+
+
+def macro_classes(report: dict[str, Any]) -> list[str] | None:
+    """The CSV's (and dashboard's) note on the macro difference: the classes it averages over,
+    and those left out because one of the two models was not judged on them; None without a
+    difference."""
+    diff = report["average"].get("macro_difference")
+    if diff is None:
+        return None
+    note = ["macro difference over classes", "; ".join(diff["classes"]) or "none"]
+    if diff["left_out"]:
+        note.append(f"left out (not judged for both): {'; '.join(diff['left_out'])}")
+    return note
 
 
 def report_csv(report: dict[str, Any]) -> str:
@@ -362,7 +401,8 @@ def report_csv(report: dict[str, Any]) -> str:
     Rates in percent to 2 decimals with the number of reviews, the difference in percentage
     points, its 95% CI to 1 decimal, then macro-average and pooled rows; after a blank line, the
     per-criterion failure rates (n = verdicts that judged the criterion). The macro row's
-    difference is the plain difference of the macro rates, with no CI or p.
+    difference is the plain difference of the two models' macro rates over the classes both
+    were judged on, with no CI or p; the row after the pooled one names those classes.
     """
     models = report["models"]
     mids = [str(m["id"]) for m in models]
@@ -381,6 +421,9 @@ def report_csv(report: dict[str, Any]) -> str:
     pooled = avg["pooled"]
     cols = [f"{_pct(pooled[i]['rate'])} (n={pooled[i]['reviews']})" for i in mids]
     w.writerow(["pooled", *cols, *_diff_cells(avg["difference"])])
+    note = macro_classes(report)
+    if note is not None:
+        w.writerow(note)
 
     w.writerow([])
     w.writerow(["criterion", *(f"{m['label']} fail %" for m in models)])

@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -119,19 +119,39 @@ def task_data(task: ReviewTask, public_url: str) -> dict[str, Any]:
     }
 
 
-def _reviewer(completed_by: Any) -> str:
+def _reviewer(completed_by: Any) -> tuple[str, str | None]:
+    """(reviewer, e-mail): the Label Studio user id as text (the stable identity that agreement
+    counts by) and the e-mail where known, so the report can be filtered by either. Label
+    Studio's API gives the id alone; ``workers/review_sync.py`` adds the e-mail as
+    ``{"id": ..., "email": ...}``."""
     if isinstance(completed_by, dict):
-        return str(completed_by.get("email") or completed_by.get("id"))
-    return str(completed_by)
+        email = completed_by.get("email") or None
+        user = completed_by.get("id")
+        return (str(user) if user is not None else str(email)), email
+    return str(completed_by), None
+
+
+def our_task(session: Session, ls_task_id: Any, ls_project_id: Any) -> ReviewTask | None:
+    """Protomed's task behind a Label Studio task id, only if it belongs to the project Label
+    Studio names: an annotation of any other task (another project, another installation on the
+    same Label Studio, or none) never counts."""
+    if isinstance(ls_task_id, dict):
+        ls_task_id = ls_task_id.get("id")
+    if not isinstance(ls_task_id, int) or not isinstance(ls_project_id, int):
+        return None
+    return session.scalar(
+        select(ReviewTask)
+        .join(ReviewProject, ReviewTask.project_id == ReviewProject.id)
+        .where(ReviewTask.ls_task_id == ls_task_id, ReviewProject.ls_project_id == ls_project_id)
+    )
 
 
 def apply_annotation(session: Session, annotation: dict[str, Any]) -> Review | None:
-    """Create or replace the verdict of one Label Studio annotation; a cancelled (skipped)
-    annotation removes it. Unknown tasks (not ours) are ignored. Idempotent."""
+    """Create or replace the verdict of one annotation as Label Studio holds it (read with
+    protomed's own token, never taken from a webhook body); a cancelled (skipped) annotation
+    removes it. Annotations of tasks that are not ours in that project are ignored. Idempotent."""
     ann_id = int(annotation["id"])
-    task_ref = annotation.get("task")
-    task_id = task_ref.get("id") if isinstance(task_ref, dict) else task_ref
-    task = session.scalar(select(ReviewTask).where(ReviewTask.ls_task_id == task_id))
+    task = our_task(session, annotation.get("task"), annotation.get("project"))
     if task is None:
         return None
     if annotation.get("was_cancelled"):
@@ -139,8 +159,9 @@ def apply_annotation(session: Session, annotation: dict[str, Any]) -> Review | N
         return None
     keys = [c["key"] for c in task.project.criteria_set.criteria]
     parsed = parse_result(annotation.get("result") or [], keys)
+    reviewer, email = _reviewer(annotation.get("completed_by"))
     values = {
-        "task_id": task.id, "reviewer": _reviewer(annotation.get("completed_by")),
+        "task_id": task.id, "reviewer": reviewer, "reviewer_email": email,
         "plausible": parsed["plausible"], "overall": parsed["overall"],
         "criteria": parsed["criteria"], "comment": parsed["comment"], "updated_at": utc_now(),
     }  # fmt: skip
@@ -159,6 +180,26 @@ def apply_annotation(session: Session, annotation: dict[str, Any]) -> Review | N
         except IntegrityError:
             session.expunge(review)
     raise RuntimeError(f"annotation {ann_id} could not be stored")
+
+
+def refresh_annotation(session: Session, ann_id: int, current: dict[str, Any] | None) -> str:
+    """Make the stored verdict of annotation ``ann_id`` equal Label Studio's ``current`` record
+    (None: Label Studio confirmed it does not exist). Returns what happened: ``stored``,
+    ``removed`` (gone or cancelled in Label Studio) or ``ignored`` (not one of our verdicts)."""
+    if current is not None and int(current["id"]) != ann_id:
+        raise ValueError(f"Label Studio answered annotation {current['id']} for {ann_id}")
+    if current is None or current.get("was_cancelled"):
+        return "removed" if remove_annotations(session, [ann_id]) else "ignored"
+    return "stored" if apply_annotation(session, current) is not None else "ignored"
+
+
+def stored_annotations(session: Session, ann_ids: Iterable[int]) -> list[int]:
+    """Those of ``ann_ids`` that have a stored verdict (only they can be removed)."""
+    ids = list(ann_ids)
+    if not ids:
+        return []
+    found = session.scalars(select(Review.ls_annotation_id).where(Review.ls_annotation_id.in_(ids)))
+    return sorted(set(found))
 
 
 def remove_annotations(session: Session, ann_ids: Iterable[int]) -> int:
@@ -181,7 +222,7 @@ def reconcile(session: Session, project: ReviewProject, exported: list[dict[str,
             task.ls_task_id, linked = item["id"], linked + 1
             session.flush()
         for ann in item.get("annotations") or []:
-            ann = {**ann, "task": item["id"]}
+            ann = {**ann, "task": item["id"], "project": project.ls_project_id}
             if apply_annotation(session, ann) is not None:
                 seen.add(int(ann["id"]))
                 applied += 1
@@ -219,8 +260,11 @@ def judgements(
         query = query.where(Model.dataset_id == dataset_id)
     if model_ids:
         query = query.where(Model.id.in_(model_ids))
-    if reviewer is not None:
-        query = query.where(Review.reviewer == reviewer)
+    if reviewer is not None:  # the Label Studio user id or e-mail
+        who = reviewer.strip()
+        query = query.where(
+            or_(Review.reviewer == who, func.lower(Review.reviewer_email) == who.lower())
+        )
     if criteria_set_id is not None:
         query = query.where(ReviewProject.criteria_set_id == criteria_set_id)
     rows = session.execute(query).all()

@@ -3,11 +3,19 @@
 A checkpoint is one ``torch.save`` dict, as DiT's: ``{model, ema, opt, step, args, ...}`` plus what
 sampling needs without the training data (classes, mode, prototype count and weights, encoder
 identity). Files are written to a temporary name and renamed, so a crash never leaves a torn file.
+
+Checkpoints travel through shared storage, so they are read with ``torch.load(weights_only=True)``:
+tensors and plain data (dicts, lists, str, numbers) only. Unpickling anything else could run code
+chosen by whoever wrote the file; such a file is refused. What is saved is kept to those types
+(``args`` is the config as JSON, ``cond`` plain lists and dicts).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +68,8 @@ class Conditioning:
             "k": self.k,
             "weights": None if self.weights is None else self.weights.tolist(),
             "encoder": self.encoder,
-            "extra": self.extra,
+            # plain JSON types only, so the checkpoint stays loadable with weights_only=True
+            "extra": json.loads(json.dumps(self.extra, default=str)),
         }
 
     @classmethod
@@ -118,8 +127,19 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle/zip errors vary by torch version
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(?:GLOBAL|global:?) ([\w.]+)", str(exc))
+        if found is None:  # not a pickle at all: a torn or foreign file
+            lines = [x for x in str(exc).splitlines() if x.strip() and "torch.load" not in x]
+            reason = lines[-1].strip() if lines else type(exc).__name__
+            raise ValueError(f"{path} is not a readable protomed checkpoint ({reason})") from None
+        raise ValueError(
+            f"{path} refused: it holds a pickled object ({found.group(1)}), not only tensors and "
+            "plain data. protomed loads checkpoints with weights_only=True, since unpickling such "
+            "an object could run code; use a checkpoint written by protomed"
+        ) from None
+    except Exception as exc:  # zip errors vary by torch version
         raise ValueError(f"{path} is not a readable protomed checkpoint ({exc})") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise ValueError(f"{path} is not a protomed checkpoint (missing model/args)")

@@ -76,6 +76,22 @@ def test_label_config_and_the_seeds_rule() -> None:
     back = parse_result(annotation_result({"cell_size": "pass", "granules": "fail"}), keys)
     assert back["criteria"] == {"cell_size": "pass", "granules": "fail"}
     assert back["overall"] == "implausible" and back["plausible"] is False
+    # Label Studio stores whatever its API is sent (any user can post results outside the
+    # labelling interface): choices outside the interface's, or of the wrong type, count as not
+    # given, and no shape of result makes the verdict (or the report) fail.
+    odd = [
+        {"from_name": "crit_cell_size", "value": {"choices": ["maybe"]}},
+        {"from_name": "crit_granules", "value": {"choices": [{"x": 1}]}},
+        {"from_name": "overall", "value": {"choices": [["plausible"]]}},
+        {"from_name": "comment", "value": {"text": [1, None, "ok"]}},
+        {"from_name": ["crit_cell_size"], "value": "fail"},
+        {"from_name": "crit_granules", "value": {"choices": "fail"}},
+        "not an item",
+        None,
+    ]
+    got = parse_result(odd, keys)
+    assert got == {"criteria": {}, "overall": None, "comment": "ok", "plausible": True}
+    assert parse_result({"not": "a list"}, keys)["criteria"] == {}  # type: ignore[arg-type]
 
 
 def seed(domain: str | None = "toy", images: int = 3) -> list[int]:
@@ -148,4 +164,184 @@ def test_empty_report(service, fmt: str) -> None:
             "/reports/plausibility", params={"models": "x"}, headers=service.admin
         ).status_code
         == 422
+    )
+
+
+SECRET = "webhook-secret-for-tests"
+HOOK = {"X-Protomed-Secret": SECRET}
+
+
+@pytest.fixture
+def hooked(service, monkeypatch):
+    """The service with a webhook secret, and a Label Studio address where nothing listens
+    (port 9, discard): a webhook that needs Label Studio finds it unreachable."""
+    from conftest import reset_service_caches
+
+    monkeypatch.setenv("PROTOMED_REVIEW_WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("PROTOMED_LABEL_STUDIO_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("PROTOMED_LABEL_STUDIO_TOKEN", "unused-token")
+    reset_service_caches()
+    return service
+
+
+def created(ann: object) -> dict:
+    return {"action": "ANNOTATION_CREATED", "annotation": ann}
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (created({"id": "abc"}), "annotation.id"),
+        (created({"id": 10**25}), "annotation.id"),
+        (created({"id": 2**31}), "2147483647"),
+        (created({"id": 0}), "annotation.id"),
+        (created({"id": 1.5}), "annotation.id"),
+        (created({"id": True}), "annotation.id"),
+        (created({"id": None}), "annotation.id"),
+        (created({"task": 1}), "annotation.id"),
+        (created([{"id": 1}]), "annotation"),
+        (created("1"), "annotation"),
+        ({"action": "ANNOTATION_UPDATED"}, "annotation"),
+        ({"annotation": {"id": 1}}, "action"),
+        ({"action": "PROJECT_DELETED", "project": {"id": 1}}, "ANNOTATIONS_DELETED"),
+        ({"action": 7, "annotation": {"id": 1}}, "action"),
+        ({"action": "ANNOTATIONS_DELETED"}, "annotations"),
+        ({"action": "ANNOTATIONS_DELETED", "annotations": {"id": 1}}, "annotations"),
+        ({"action": "ANNOTATIONS_DELETED", "annotations": ["1"]}, "annotations"),
+        ({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": "abc"}]}, "annotations"),
+        ({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 10**25}]}, "annotations"),
+        ({"action": "ANNOTATIONS_DELETED", "annotations": [{}]}, "annotations"),
+        ([{"action": "ANNOTATION_CREATED", "annotation": {"id": 1}}], "body"),
+        ("ANNOTATION_CREATED", "body"),
+    ],
+)
+def test_malformed_webhook_bodies_answer_422(hooked, body: object, needle: str) -> None:
+    """Whatever a caller holding the secret posts, a malformed event is a 422 naming the field
+    (never a 500), and nothing is stored or queued."""
+    r = hooked.client.post("/reviews/webhook", json=body, headers=HOOK)
+    assert r.status_code == 422, (body, r.status_code, r.text)
+    said = " ".join(".".join(map(str, e["loc"])) + ": " + e["msg"] for e in r.json()["detail"])
+    assert needle in said, (body, said)
+    assert job_count() == 0
+
+
+def test_webhook_secret_is_checked_before_the_body(hooked) -> None:
+    for headers in ({}, {"X-Protomed-Secret": "guess"}):
+        r = hooked.client.post("/reviews/webhook", json=created({"id": "abc"}), headers=headers)
+        assert r.status_code == 403 and "X-Protomed-Secret" in r.text
+    r = hooked.client.post("/reviews/webhook", content=b"{not json", headers=HOOK)
+    assert r.status_code == 422
+
+
+def job_count() -> int:
+    from api.db.models import Job
+
+    with get_sessionmaker()() as s:
+        return s.scalar(select(func.count(Job.id))) or 0
+
+
+def reviewed_project() -> list[int]:
+    """A project that has reached Label Studio (project 77, tasks 1000...) with two stored
+    verdicts, annotations 5 (reviewer 7, alice) and 6 (reviewer 8, bob), on the same image
+    of the baseline batch. Returns the two annotation ids."""
+    from api.db.models import Review
+    from api.reviews import request_review
+
+    batches = seed()
+    with get_sessionmaker()() as s:
+        project, tasks = request_review(s, batches, None)
+        project.ls_project_id = 77
+        for i, task in enumerate(tasks):
+            task.ls_task_id = 1000 + i
+        first = min(tasks, key=lambda t: t.image_id)
+        for ann, user, email in ((5, "7", "Alice@Example.org"), (6, "8", "bob@example.org")):
+            s.add(Review(task=first, ls_annotation_id=ann, reviewer=user, reviewer_email=email,
+                         plausible=True, overall="plausible", criteria={}))  # fmt: skip
+        s.commit()
+    return [5, 6]
+
+
+def verdicts() -> dict[int, tuple]:
+    from api.db.models import Review
+
+    with get_sessionmaker()() as s:
+        rows = s.scalars(select(Review)).all()
+        return {r.ls_annotation_id: (r.task_id, r.reviewer, r.plausible, r.criteria) for r in rows}
+
+
+def test_webhook_while_label_studio_is_unreachable_queues_a_pull(hooked) -> None:
+    """Label Studio never resends a webhook: when protomed cannot read the annotation back, it
+    answers 202 with a review_sync job that pulls once Label Studio answers, changes nothing
+    itself, and does not pile up jobs for a burst of events."""
+    from api.db.models import Job
+
+    reviewed_project()
+    before = verdicts()
+    # an unknown annotation's deletion needs no reading: nothing of ours to remove
+    gone = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 999}, {"id": 999}]}
+    r = hooked.client.post("/reviews/webhook", json=gone, headers=HOOK)
+    assert r.status_code == 200, r.text
+    assert r.json() | {"detail": None} == {"action": "ANNOTATIONS_DELETED", "applied": 0,
+        "removed": 0, "ignored": 1, "queued": [], "detail": None}  # fmt: skip
+    assert job_count() == 0
+    forged = {"action": "ANNOTATION_UPDATED", "annotation": {"id": 5, "result": [], "task": 1000}}
+    r = hooked.client.post("/reviews/webhook", json=forged, headers=HOOK)
+    assert r.status_code == 202, r.text
+    queued = r.json()["queued"]
+    assert len(queued) == 1 and "Label Studio could not be read" in r.json()["detail"]
+    for body in (forged, {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 5}]}):
+        r = hooked.client.post("/reviews/webhook", json=body, headers=HOOK)
+        assert r.status_code == 202 and r.json()["queued"] == queued, r.text
+    with get_sessionmaker()() as s:
+        jobs = s.scalars(select(Job)).all()
+        assert [(j.id, j.kind, j.status, j.requested_by) for j in jobs] == [
+            (queued[0], "review_sync", "queued", "webhook")
+        ]
+    assert verdicts() == before
+
+
+def test_bulk_deletion_event_is_left_to_a_pull(hooked, monkeypatch) -> None:
+    """An event naming more annotations than MAX_WEBHOOK_READS (a bulk deletion in Label
+    Studio) is not read one by one: a pull of the projects decides, and nothing is removed on
+    the event's word."""
+    import api.routes.reviews as routes
+
+    monkeypatch.setattr(routes, "MAX_WEBHOOK_READS", 1)
+    ids = reviewed_project()
+    before = verdicts()
+    body = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": i} for i in ids]}
+    r = hooked.client.post("/reviews/webhook", json=body, headers=HOOK)
+    assert r.status_code == 202 and len(r.json()["queued"]) == 1, r.text
+    assert "pulled" in r.json()["detail"] and r.json()["removed"] == 0
+    assert verdicts() == before and job_count() == 1
+
+
+def test_report_reviewer_filter_takes_the_id_or_the_email(service) -> None:
+    reviewed_project()
+
+    def reviews(who: str) -> int:
+        r = service.client.get(
+            "/reports/plausibility", params={"reviewer": who}, headers=service.admin
+        )
+        assert r.status_code == 200, r.text
+        return sum(m["reviews"] for m in r.json()["average"]["pooled"].values())
+
+    assert reviews("7") == reviews("Alice@Example.org") == reviews("alice@example.org") == 1
+    assert reviews("8") == reviews("bob@example.org") == 1
+    assert reviews("carol@example.org") == reviews("9") == 0
+
+
+def test_label_studio_errors_are_told_without_its_headers() -> None:
+    """The sdk's ApiError text carries Label Studio's response headers (a session cookie):
+    job errors and webhook answers give the status only."""
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
+    from workers.review_sync import reason
+
+    exc = ApiError(status_code=502, headers={"set-cookie": "sessionid=s3cr3t"}, body="bad gw")
+    assert reason(exc) == "Label Studio answered 502"
+    assert "s3cr3t" in str(exc)  # what was told before
+    assert reason(httpx.ConnectError("[Errno 111] Connection refused")) == (
+        "[Errno 111] Connection refused"
     )

@@ -662,3 +662,24 @@ def test_login_gives_a_session_cookie_not_the_key(service: Service) -> None:
         s.execute(update(UiSession).values(expires_at=utc_now()))
         s.commit()
     assert client.get("/ui", follow_redirects=False).status_code == 303  # expired
+
+
+def test_report_page_macro_difference_over_the_classes_both_models_have(dash: Dash) -> None:
+    """Without baseline verdicts on neutrophil, the macro difference averages lymphocyte only
+    (87.50 - 50.00), not the prototype's two classes against the baseline's one, and the page
+    names the classes."""
+    from sqlalchemy import delete, select
+
+    from api.db.session import get_sessionmaker
+
+    batch = dash.ids.batches[("baseline", "neutrophil")]
+    with get_sessionmaker()() as s:
+        tasks = select(ReviewTask.id).join(Image).where(Image.batch_id == batch)
+        s.execute(delete(Review).where(Review.task_id.in_(tasks)))
+        s.commit()
+    text = text_of(html(dash.service.client, "/ui/reports/plausibility"))
+    assert " ".join(["Average (macro)", "50.00", "81.25", "37.50"]) in text
+    assert (
+        "Macro difference over the classes both models were judged on: lymphocyte "
+        "(left out: neutrophil)." in text
+    )

@@ -425,6 +425,14 @@ EXPECTED: dict[str, Any] = {
     "average": {
         # macro: (0.5 + 0.25)/2 = 0.375; (0.75 + 0.8)/2 = 0.775 (pooled 7/9 differs)
         "macro": {"1": 0.375, "2": 0.775},
+        # both models were judged on both classes: the same averages, 0.775 - 0.375
+        "macro_difference": {
+            "value": 0.4,
+            "baseline": 0.375,
+            "prototype": 0.775,
+            "classes": ["basophil", "neutrophil"],
+            "left_out": [],
+        },
         "pooled": {
             "1": {
                 "images": 4,
@@ -486,6 +494,7 @@ def test_report_empty_column_and_no_baseline():
     assert report["baseline_id"] is None and report["prototype_id"] == 2
     assert all(c["difference"] is None for c in report["classes"])
     assert report["average"]["difference"] is None
+    assert report["average"]["macro_difference"] is None
     empty = {"images": 0, "reviews": 0, "plausible": 0, "rate": None, "ci": [0.0, 1.0]}
     for c in report["classes"]:
         assert c["models"]["3"] == empty
@@ -513,6 +522,30 @@ def test_report_macro_skips_classes_without_reviews():
     assert report["classes"][1]["models"]["1"]["reviews"] == 0
     assert report["classes"][1]["difference"] is None
     close(report["classes"][0]["difference"], EXPECTED["classes"][0]["difference"])
+    # The difference compares like with like: basophil only, where both were judged
+    # (0.75 - 0.5), not 0.775 - 0.5 over different class sets; and it says so.
+    close(
+        report["average"]["macro_difference"],
+        {"value": 0.25, "baseline": 0.5, "prototype": 0.75, "classes": ["basophil"],
+         "left_out": ["neutrophil"]},
+    )  # fmt: skip
+    rows = list(csv.reader(io.StringIO(report_csv(report))))
+    assert rows[3] == ["average (macro)", "50.00", "77.50", "25.00", "", ""]
+    assert rows[5] == [
+        "macro difference over classes", "basophil", "left out (not judged for both): neutrophil"
+    ]  # fmt: skip
+    # No class judged for both: no macro difference, and the note says why.
+    only_base = [x for x in JUDGEMENTS if x.model_id == 1 and x.class_name == "basophil"]
+    only_proto = [x for x in JUDGEMENTS if x.model_id == 2 and x.class_name == "neutrophil"]
+    apart = plausibility_report(only_base + only_proto, MODELS, CRITERIA)
+    close(
+        apart["average"]["macro_difference"],
+        {"value": None, "baseline": None, "prototype": None, "classes": [],
+         "left_out": ["basophil", "neutrophil"]},
+    )  # fmt: skip
+    rows = list(csv.reader(io.StringIO(report_csv(apart))))
+    assert rows[3] == ["average (macro)", "50.00", "80.00", "", "", ""]
+    assert rows[5][:2] == ["macro difference over classes", "none"]
 
 
 def test_report_rejects_unknown_criterion_verdict():
@@ -531,6 +564,7 @@ def test_report_csv_rows():
         ["neutrophil", "25.00 (n=4)", "80.00 (n=5)", "55.00", "[-6.8; 81.2]", "0.21"],
         ["average (macro)", "37.50", "77.50", "40.00", "", ""],
         ["pooled", "37.50 (n=8)", "77.78 (n=9)", "40.28", "[-5.3; 68.9]", "0.15"],
+        ["macro difference over classes", "basophil; neutrophil"],
         [],
         ["criterion", "baseline #1 fail %", "prototype #1 fail %"],
         ["Cell size", "50.00 (n=8)", "0.00 (n=7)"],

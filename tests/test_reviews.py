@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import random
 import time
@@ -59,6 +60,7 @@ class Loop:
     batches: dict[tuple[str, str], int]  # (mode, class) -> batch id
     truth: dict[int, tuple[str, str, str]]  # image id -> (mode, class, drawn class)
     reviewers: list[int]  # Label Studio user ids
+    emails: list[str]  # ...and their e-mails
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -140,14 +142,13 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
     ls = LabelStudio(base_url=ls_url, api_key=ls_token, timeout=30)
     suffix = __import__("uuid").uuid4().hex[:8]  # Label Studio keeps users between runs
     try:
-        reviewers = [
-            ls.users.create(email=f"{n}-{suffix}@protomed.local", username=f"{n}-{suffix}").id
-            for n in ("expert-a", "expert-b")
-        ]
+        emails = [f"{n}-{suffix}@protomed.local" for n in ("expert-a", "expert-b")]
+        reviewers = [ls.users.create(email=e, username=e.split("@")[0]).id for e in emails]
         api.wait_ready()
         worker.wait_ready()
-        with httpx.Client(base_url=api.url, timeout=30) as client:
-            yield Loop(client, ls, proxy, worker, env, batches, truth, reviewers)
+        # an admin's client: reads need a key once they are locked by default
+        with httpx.Client(base_url=api.url, timeout=30, headers=AUTH) as client:
+            yield Loop(client, ls, proxy, worker, env, batches, truth, reviewers, emails)
     finally:
         worker.stop()
         api.stop()
@@ -169,16 +170,14 @@ def checker_result(img_png: bytes, expected: str, lenient: bool) -> tuple[list[d
 
 
 def ls_tasks(loop: Loop, ls_project_id: int) -> list[dict]:
-    import json
-
     raw = loop.ls.projects.exports.download_sync(
         ls_project_id, export_type="JSON", download_all_tasks=True
     )
     return json.loads(b"".join(raw))
 
 
-def report(loop: Loop) -> dict:
-    r = loop.api.get("/reports/plausibility", headers=AUTH)
+def report(loop: Loop, **filters: str) -> dict:
+    r = loop.api.get("/reports/plausibility", params=filters, headers=AUTH)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -221,7 +220,8 @@ def test_sync_imports_blinded_shuffled_tasks(loop: Loop) -> None:
         for img in loop.api.get(f"/batches/{b}", headers=AUTH).json()["images"]
     }
     assert len(listed) == 24 and not {hashlib.sha256(png).hexdigest() for png in order} & listed
-    assert loop.api.get(f"/batches/{ids[0]}").status_code == 401  # and no key reads batches
+    anonymous = httpx.get(loop.api.base_url.join(f"/batches/{ids[0]}"), timeout=30)
+    assert anonymous.status_code == 401  # and no key reads batches
     modes = [loop.truth[i][0] for i in _image_ids_in(loop, tasks)]
     assert modes != sorted(modes) and modes != sorted(modes, reverse=True)
     STATE["project"] = project
@@ -272,6 +272,18 @@ def test_reviewers_verdicts_make_the_report(loop: Loop) -> None:
     STATE["expected"] = expected
 
 
+def test_report_filters_by_reviewer_id_or_email(loop: Loop) -> None:
+    """Label Studio gives the reviewer's user id; protomed also keeps the e-mail, so either
+    selects the same 24 verdicts."""
+    for uid, email in zip(loop.reviewers, loop.emails, strict=True):
+        counts = [
+            sum(m["reviews"] for m in report(loop, reviewer=who)["average"]["pooled"].values())
+            for who in (str(uid), email, email.upper())
+        ]
+        assert counts == [24, 24, 24], (uid, email, counts)
+    assert report(loop, reviewer="nobody@protomed.local")["classes"] == []
+
+
 def test_same_webhook_twice_counts_once_and_wrong_secret_is_refused(loop: Loop) -> None:
     before = report(loop)
     ann = loop.ls.annotations.get(STATE["posted"][0])
@@ -285,6 +297,78 @@ def test_same_webhook_twice_counts_once_and_wrong_secret_is_refused(loop: Loop) 
     assert r.status_code == 403
     r = loop.api.post("/reviews/webhook", json=bad)
     assert r.status_code == 403
+    assert report(loop)["average"] == before["average"]
+
+
+def hook(loop: Loop, body: dict) -> httpx.Response:
+    """A webhook as anyone who read the secret from Label Studio's webhook list can post it."""
+    return loop.api.post("/reviews/webhook", json=body, headers={"X-Protomed-Secret": SECRET})
+
+
+def stored_verdicts(loop: Loop) -> dict[int, tuple]:
+    """Every stored verdict straight from protomed's database: annotation id -> (task, reviewer,
+    plausible, overall, criteria)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(loop.env["PROTOMED_DATABASE_URL"])
+    sql = "SELECT ls_annotation_id, task_id, reviewer, plausible, overall, criteria FROM reviews"
+    with engine.connect() as conn:
+        rows = {
+            ann: (task, who, bool(ok), overall, json.loads(crits))
+            for ann, task, who, ok, overall, crits in conn.execute(text(sql)).all()
+        }
+    engine.dispose()
+    return rows
+
+
+def flipped(result: list[dict]) -> list[dict]:
+    """The opposite verdict: every criterion and the overall choice turned around."""
+    turn = {"pass": "fail", "fail": "pass", "na": "fail",
+            "plausible": "implausible", "implausible": "plausible"}  # fmt: skip
+    return [{**r, "value": {"choices": [turn[r["value"]["choices"][0]]]}} for r in result]
+
+
+def test_forged_webhook_for_an_annotation_label_studio_does_not_have_changes_nothing(
+    loop: Loop,
+) -> None:
+    """Label Studio shows webhook headers to every user of its organisation, so the secret
+    is no proof: a verdict that exists only in the webhook body must not count."""
+    before, stored = report(loop), stored_verdicts(loop)
+    real = loop.ls.annotations.get(STATE["posted"][0]).model_dump(mode="json")
+    ghost = max(STATE["posted"]) + 1_000_000
+    with pytest.raises(Exception, match="404"):  # Label Studio has no such annotation
+        loop.ls.annotations.get(ghost)
+    task = next(t for t in STATE["tasks"] if t["id"] == real["task"])  # a real task of ours
+    for action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+        fake = {**real, "id": ghost, "result": flipped(real["result"])}
+        body = {"action": action, "annotation": fake, "task": task, "project": {"id": 1}}
+        r = hook(loop, body)
+        assert r.status_code == 200 and r.json()["applied"] == 0, r.text
+    assert stored_verdicts(loop) == stored
+    assert report(loop)["average"] == before["average"]
+
+
+def test_forged_result_for_a_real_annotation_keeps_label_studios_verdict(loop: Loop) -> None:
+    from api.criteria import parse_result
+
+    before, stored = report(loop), stored_verdicts(loop)
+    ann = loop.ls.annotations.get(STATE["posted"][0]).model_dump(mode="json")
+    body = {"action": "ANNOTATION_UPDATED", "annotation": {**ann, "result": flipped(ann["result"])}}
+    r = hook(loop, body)
+    assert r.status_code == 200, r.text
+    assert stored_verdicts(loop) == stored
+    keys = [r["from_name"][5:] for r in ann["result"] if r["from_name"].startswith("crit_")]
+    truth = parse_result(ann["result"], keys)  # what Label Studio holds
+    assert stored[ann["id"]][2:] == (truth["plausible"], truth["overall"], truth["criteria"])
+    assert report(loop)["average"] == before["average"]
+
+
+def test_forged_deletion_of_a_live_annotation_removes_nothing(loop: Loop) -> None:
+    before, stored = report(loop), stored_verdicts(loop)
+    live = STATE["posted"][:3]
+    r = hook(loop, {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": i} for i in live]})
+    assert r.status_code == 200 and r.json()["removed"] == 0, r.text
+    assert stored_verdicts(loop) == stored
     assert report(loop)["average"] == before["average"]
 
 
@@ -318,8 +402,10 @@ def test_updates_replace_and_deletes_remove(loop: Loop) -> None:
 def test_missed_webhook_is_caught_by_the_pull(loop: Loop) -> None:
     project = STATE["project"]
     hooks = [h for h in loop.ls.webhooks.list() if h.project == project["ls_project_id"]]
-    for h in hooks:  # Label Studio sends each event once; here it is never sent
-        loop.ls.webhooks.update(h.id, url=h.url, is_active=False)
+    # Label Studio sends each event once; here it is never sent. (An update without
+    # ``actions`` empties them in Label Studio 1.23, so they are given each time.)
+    for h in hooks:
+        loop.ls.webhooks.update(h.id, url=h.url, is_active=False, actions=h.actions)
     task = STATE["tasks"][0]
     result, _ = checker_result(loop.api.get(task["data"]["image"]).content,
                                task["data"]["expected_class"], lenient=False)  # fmt: skip
@@ -332,7 +418,40 @@ def test_missed_webhook_is_caught_by_the_pull(loop: Loop) -> None:
     )
     wait_reviews(loop, 48, timeout=5)
     for h in hooks:
-        loop.ls.webhooks.update(h.id, url=h.url, is_active=True)
+        loop.ls.webhooks.update(h.id, url=h.url, is_active=True, actions=h.actions)
+    assert all(h.actions for h in loop.ls.webhooks.list() if h.project == project["ls_project_id"])
+
+
+def test_webhook_while_label_studio_is_unreachable_queues_a_pull(loop: Loop) -> None:
+    """protomed cannot read Label Studio back when its webhook arrives (the proxy in front of
+    Label Studio is down; Label Studio itself still posts): the event becomes a queued pull,
+    which brings the verdict in once Label Studio answers again."""
+    ann_id = STATE["posted"][1]  # the second reviewer's: no earlier test deleted it
+    ann = loop.ls.annotations.get(ann_id)
+    before = stored_verdicts(loop)[ann_id]
+    known = {j["id"] for j in loop.api.get("/jobs", params={"kind": "review_sync"}).json()}
+    loop.proxy.stop()
+    try:
+        loop.ls.annotations.update(ann_id, result=flipped(ann.result))  # Label Studio posts
+        deadline = time.monotonic() + 60
+        while True:
+            jobs = loop.api.get("/jobs", params={"kind": "review_sync"}).json()
+            new = [j for j in jobs if j["id"] not in known and j["requested_by"] == "webhook"]
+            if new:
+                break
+            assert time.monotonic() < deadline, "the webhook queued no pull"
+            time.sleep(0.3)
+        assert stored_verdicts(loop)[ann_id] == before  # nothing read, nothing changed yet
+    finally:
+        loop.proxy.start()
+    for job in new:
+        assert wait_job(loop.api, job["id"], worker=loop.worker)["status"] == "succeeded"
+    from api.criteria import parse_result
+
+    now = stored_verdicts(loop)[ann_id]
+    keys = [r["from_name"][5:] for r in ann.result if r["from_name"].startswith("crit_")]
+    truth = parse_result(flipped(ann.result), keys)
+    assert now[2:] == (truth["plausible"], truth["overall"], truth["criteria"]) != before[2:]
 
 
 def test_label_studio_down_during_sync_is_retried_and_nothing_lost(loop: Loop) -> None:

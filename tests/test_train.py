@@ -152,6 +152,33 @@ def test_checkpoint_errors(tmp_path):
         read_checkpoint(bad)
 
 
+class _RunsCode:
+    """Unpickling this runs a command: what a tampered checkpoint on shared storage can do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_a_pickled_object_is_refused_and_runs_nothing(tmp_path):
+    """Checkpoints load with weights_only=True: tensors and plain data only, so a file from
+    shared storage cannot run code; a normal checkpoint (args and cond dicts, optimizer state)
+    still loads, and resumes exactly (test_resume_gives_the_same_next_loss_as_uninterrupted)."""
+    cfg = make_config("tiny", {"mode": "baseline", "max_steps": 1, "batch_size": 4})
+    train(cfg, random_set(), tmp_path / "run", show_progress=False)
+    good = read_checkpoint(tmp_path / "run")
+    assert good["args"]["mode"] == "baseline" and good["cond"]["classes"] == ["c0", "c1", "c2"]
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({**good, "args": {**good["args"], "hook": _RunsCode(marker)}}, evil)
+    for load in (read_checkpoint, load_model):
+        with pytest.raises(ValueError, match=r"refused.*posix\.system.*weights_only"):
+            load(evil)
+    assert not marker.exists(), "loading the checkpoint ran its code"
+
+
 def test_two_process_ddp_on_cpu(tmp_path):
     """torchrun, gloo, two ranks: gradients are averaged so both ranks end with equal weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}

@@ -361,7 +361,9 @@ class Review(TimestampMixin, Base):
         ForeignKey("review_tasks.id", ondelete="CASCADE"), index=True
     )
     ls_annotation_id: Mapped[int] = mapped_column(Integer, unique=True)
-    reviewer: Mapped[str] = mapped_column(String(200), index=True)
+    reviewer: Mapped[str] = mapped_column(String(200), index=True)  # Label Studio user id
+    # ...and that user's e-mail, so the report's reviewer filter takes either.
+    reviewer_email: Mapped[str | None] = mapped_column(String(254), index=True)
     # The seed's rule, applied here: implausible if any criterion failed or the overall
     # verdict says so.
     plausible: Mapped[bool] = mapped_column(Boolean)

@@ -558,7 +558,7 @@ def report_page(
     _reader: UiReader,
     dataset_id: Annotated[str | None, Query(max_length=12)] = None,
     models: Annotated[str | None, Query(max_length=2000)] = None,
-    reviewer: Annotated[str | None, Query(max_length=200)] = None,
+    reviewer: Annotated[str | None, Query(max_length=254)] = None,
     criteria_set_id: Annotated[str | None, Query(max_length=12)] = None,
 ) -> HTMLResponse:
     """The JSON report's content for people: Tables 3-4, the chart, criteria and agreement.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,16 +14,18 @@ from sqlalchemy import func, select
 
 from api.blinding import NotAnImage, blind_png
 from api.criteria import add_version, latest
-from api.db.models import CriteriaSet, Job, JobKind, Review, ReviewProject, ReviewTask
+from api.db.models import (
+    CriteriaSet,
+    Job,
+    JobKind,
+    JobStatus,
+    Review,
+    ReviewProject,
+    ReviewTask,
+)
 from api.deps import MAX_ID, AdminKey, AnyReader, Reader, SessionDep, SettingsDep, StorageDep
 from api.queue import submit
-from api.reviews import (
-    ReviewError,
-    apply_annotation,
-    judgements,
-    pending_modes,
-    remove_annotations,
-)
+from api.reviews import ReviewError, judgements, pending_modes, stored_annotations
 from api.reviews import request_review as add_tasks
 from api.routes.jobs import job_out
 from api.schemas import JobOut
@@ -200,29 +202,133 @@ def sync_now(request: Request, session: SessionDep, key: AdminKey) -> list[JobOu
     return [job_out(j, request) for j in jobs]
 
 
-@router.post("/reviews/webhook")
-def webhook(
-    payload: dict[str, Any],
-    session: SessionDep,
+# --- the webhook: a notification, never a source of verdicts -----------------------------------
+
+LsId = Annotated[int, Field(strict=True, ge=1, le=MAX_ID, description="A Label Studio id.")]
+# An event naming more annotations than this (a bulk deletion) is not read one by one: a pull of
+# the projects (one export each) reconciles them instead.
+MAX_WEBHOOK_READS = 50
+
+
+class AnnotationRef(BaseModel):
+    """An annotation as a webhook names it. Label Studio sends the whole annotation; only its
+    id is read, the rest of the body is never trusted."""
+
+    id: LsId
+
+
+class AnnotationEvent(BaseModel):
+    action: Literal["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]
+    annotation: AnnotationRef
+
+
+class AnnotationsDeletedEvent(BaseModel):
+    action: Literal["ANNOTATIONS_DELETED"]
+    annotations: list[AnnotationRef] = Field(min_length=1, max_length=100_000)
+
+
+WebhookEvent = Annotated[AnnotationEvent | AnnotationsDeletedEvent, Field(discriminator="action")]
+
+
+class WebhookOut(BaseModel):
+    action: str
+    applied: int = Field(description="Verdicts stored or updated, equal to Label Studio's.")
+    removed: int = Field(description="Verdicts removed: Label Studio has no such annotation.")
+    ignored: int = Field(description="Annotations that are not protomed's, or not in Label Studio.")
+    queued: list[int] = Field(
+        default_factory=list,
+        description="review_sync jobs that will pull the verdicts instead (Label Studio could "
+        "not be read now, or the event names too many annotations).",
+    )
+    detail: str | None = None
+
+
+def webhook_secret(
     settings: SettingsDep,
     secret: Annotated[str | None, Header(alias=SECRET_HEADER)] = None,
-) -> dict[str, Any]:
-    """Label Studio's annotation events. Idempotent: a repeated event changes nothing."""
+) -> None:
+    """The shared secret, compared in constant time. It only keeps strangers out: Label Studio
+    shows it to every user of its organisation, so nothing a webhook says is believed."""
     expected = settings.review_webhook_secret
-    if not expected or not secret or not hmac.compare_digest(secret, expected):
+    if not expected or not secret or not hmac.compare_digest(secret.encode(), expected.encode()):
         raise HTTPException(403, f"wrong or missing {SECRET_HEADER} header")
-    action = payload.get("action")
-    applied = 0
-    if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-        annotation = payload.get("annotation")
-        if not isinstance(annotation, dict) or "id" not in annotation:
-            raise HTTPException(422, f"{action} without an annotation")
-        applied = int(apply_annotation(session, annotation) is not None)
-    elif action == "ANNOTATIONS_DELETED":
-        ids = [int(a["id"]) for a in payload.get("annotations") or [] if "id" in a]
-        applied = remove_annotations(session, ids)
-    session.commit()
-    return {"action": action, "applied": applied}
+
+
+def queue_pulls(session: SessionDep) -> list[int]:
+    """A review_sync job for every project that has reached Label Studio, unless one is already
+    waiting to start (it will read Label Studio after this event). The job retries while Label
+    Studio is down (``review_sync_attempts``), and the periodic pull remains behind it."""
+    projects = session.scalars(
+        select(ReviewProject.id).where(ReviewProject.ls_project_id.is_not(None))
+    ).all()
+    waiting = session.scalars(
+        select(Job).where(Job.kind == JobKind.review_sync, Job.status == JobStatus.queued)
+    ).all()
+    pending = {int(j.params.get("project_id", 0)): j.id for j in waiting}
+    jobs = [
+        Job(kind=JobKind.review_sync, params={"project_id": p}, requested_by="webhook")
+        for p in projects
+        if p not in pending
+    ]
+    if jobs:
+        session.add_all(jobs)
+        submit(session, jobs)
+    return sorted([*(j.id for j in jobs), *(pending[p] for p in projects if p in pending)])
+
+
+@router.post(
+    "/reviews/webhook",
+    dependencies=[Depends(webhook_secret)],
+    responses={
+        202: {"model": WebhookOut, "description": "Label Studio could not be read: pull queued"},
+        403: {"description": f"wrong or missing {SECRET_HEADER}"},
+        409: {"description": "Label Studio is not configured"},
+    },
+)
+def webhook(
+    event: Annotated[WebhookEvent, Body()],
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> WebhookOut:
+    """Label Studio's annotation events, taken as a notification only: each annotation named is
+    read back from Label Studio with protomed's own token, and only what Label Studio holds
+    counts (a verdict on one of protomed's tasks of that project; removed only once Label
+    Studio confirms the annotation is gone or cancelled). If Label Studio cannot be read, a
+    pull is queued and the answer is 202, so the event is not lost (Label Studio never resends
+    a webhook). Idempotent: a repeated event changes nothing."""
+    from workers.review_sync import LabelStudioError, refresh_annotations
+
+    if not settings.label_studio_url or not settings.label_studio_token:
+        raise HTTPException(
+            409, "Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL and _TOKEN"
+        )
+    named = (
+        [event.annotation.id]
+        if isinstance(event, AnnotationEvent)
+        else list(dict.fromkeys(a.id for a in event.annotations))
+    )
+    out = WebhookOut(action=event.action, applied=0, removed=0, ignored=0)
+    if len(named) > MAX_WEBHOOK_READS:
+        out.detail = f"{len(named)} annotations: the projects are pulled, not each one read"
+    else:
+        ids = named
+        if isinstance(event, AnnotationsDeletedEvent):  # only verdicts we hold can be removed
+            ids = stored_annotations(session, named)
+            out.ignored = len(named) - len(ids)
+        try:
+            counts = refresh_annotations(session, ids, settings)
+        except LabelStudioError as exc:
+            session.rollback()
+            out.detail = f"Label Studio could not be read ({exc}); a pull is queued"
+        else:
+            session.commit()
+            out.applied, out.removed = counts["stored"], counts["removed"]
+            out.ignored += counts["ignored"]
+            return out
+    out.queued = queue_pulls(session)
+    response.status_code = status.HTTP_202_ACCEPTED
+    return out
 
 
 @router.get(
@@ -301,7 +407,9 @@ def plausibility_endpoint(
     _reader: Reader,
     dataset_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     models: Annotated[str | None, Query(description="Comma-separated model ids.")] = None,
-    reviewer: Annotated[str | None, Query(max_length=200)] = None,
+    reviewer: Annotated[
+        str | None, Query(max_length=254, description="Label Studio user id or e-mail.")
+    ] = None,
     criteria_set_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     format: Literal["json", "csv"] = "json",
 ) -> Any:

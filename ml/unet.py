@@ -52,7 +52,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-# --- Building blocks ---------------------------------------------------------------------------
+# --- Building blocks -----------------------------------------------------------------------------
 
 
 class ResBlock(nn.Module):

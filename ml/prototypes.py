@@ -179,23 +179,17 @@ class Codebook:
             raise ValueError(f"corrupt codebook at {directory}: {e}") from e
 
 
-def _kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 25) -> torch.Tensor:
-    """k-means++ seeding then Lloyd iterations; K=1 is the mean. (n, D) -> (k, D)."""
+def _kmeans(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Initial prototypes of one class, (n, D) -> (k, D): the mean for K=1, else scikit-learn's
+    k-means (k-means++ seeding, Lloyd iterations, best inertia of 10 starts). Its random state is
+    drawn from ``gen``, so one seed gives one codebook, and K=1 leaves ``gen`` untouched."""
     if k == 1:
         return x.mean(0, keepdim=True)
-    centers = x[torch.randint(len(x), (1,), generator=gen)]
-    for _ in range(1, k):
-        d = sq_dists(x, centers[None]).squeeze(1).min(1).values
-        p = d / d.sum() if d.sum() > 0 else torch.ones_like(d)
-        centers = torch.cat([centers, x[torch.multinomial(p, 1, generator=gen)]])
-    for _ in range(iters):
-        assign = sq_dists(x, centers[None]).squeeze(1).argmin(1)
-        new = torch.stack([x[assign == j].mean(0) if (assign == j).any() else centers[j]
-                           for j in range(k)])  # fmt: skip
-        if torch.equal(new, centers):
-            break
-        centers = new
-    return centers
+    from sklearn.cluster import KMeans  # imported here: slow to import, and only K > 1 needs it
+
+    seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x.double().numpy())
+    return torch.from_numpy(km.cluster_centers_).to(x.dtype)
 
 
 def _own_nearest(feats: torch.Tensor, labels: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:

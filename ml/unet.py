@@ -16,6 +16,11 @@ Class embeddings (``mode``):
 
 Classifier-free guidance: label ``-1`` means "no condition" and selects a learnable null
 embedding, so the conditional and unconditional passes can share one batch.
+
+This file is only the model. Where a layer is computed faster than written (SiLU and residual
+adds in place while sampling, FiLM folded into GroupNorm's affine, the CPU dropout mask, the
+upsampling as one transposed conv), it calls a kernel in ``ml.ops`` whose docstring states the
+plain formula it equals; ``tests/test_fast_paths.py`` holds each to that formula.
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ml import ops
+
 NULL_LABEL = -1
+
+
+# --- Embeddings ----------------------------------------------------------------------------------
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -42,10 +52,21 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, with the conditioning vector applied as scale/shift."""
+# --- Building blocks -----------------------------------------------------------------------------
 
-    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float, groups: int) -> None:
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the conditioning vector applied after the second norm as a FiLM
+    scale/shift, plus a skip (1x1 conv when the width changes):
+
+        h = conv1(silu(norm1(x)))
+        h = norm2(h) * (1 + scale) + shift        with (scale, shift) = emb_proj(emb)
+        out = skip(x) + conv2(dropout(silu(h)))
+    """
+
+    def __init__(
+        self, cin: int, cout: int, emb_dim: int, *, dropout: float = 0.1, groups: int = 32
+    ) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
@@ -56,39 +77,16 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        inplace = not torch.is_grad_enabled()  # sampling: reuse buffers, fewer page faults
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        # FiLM folded into the norm's affine, per sample: norm(h)*w*(1+s) + b*(1+s) + shift is
-        # one multiply-add pass over the activations instead of three.
+        h = self.conv1(ops.silu(self.norm1(x)))
         scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
-        norm = self.norm2
-        gain = norm.weight[:, None, None] * (1 + scale)
-        bias = torch.addcmul(shift, norm.bias[:, None, None], 1 + scale)
-        h = torch.addcmul(bias, F.group_norm(h, norm.num_groups, eps=norm.eps), gain)
-        h = self.conv2(dropout(F.silu(h, inplace=inplace), self.dropout.p, self.training))
-        return h.add_(self.skip(x)) if inplace else h + self.skip(x)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout`` with a cheaper mask on the CPU: 16 random bits per element drawn 64 at a
-    time (mt19937's ``bernoulli_`` is 3.4x slower and was 5-9% of a training step); keep
-    probability 1 - p to within 2^-16. Other devices use the native fused kernel."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or x.dim() != 4:
-        return F.dropout(x, p, training=True)
-    bits = torch.empty_like(x, dtype=torch.int16)  # same layout (NCHW or NHWC) as x
-    lanes = bits.permute(0, 2, 3, 1) if x.is_contiguous(memory_format=torch.channels_last) else bits
-    if lanes.shape[-1] % 4 or not lanes.is_contiguous():
-        return F.dropout(x, p, training=True)
-    lanes.view(torch.int64).random_(-(2**63), None)  # full 64-bit draws: 4 uniform int16 each
-    drop = bits < -32768 + round(p * 65536)
-    # where, not x * mask (a bool mask in a product is first cast to x's dtype, a copy) nor
-    # masked_fill (its out-of-place form returns NCHW for an NHWC input)
-    return torch.where(drop, 0.0, x).mul_(1.0 / (1.0 - p))
+        h = ops.film_group_norm(h, self.norm2, scale, shift)
+        h = self.conv2(ops.dropout(ops.silu(h), self.dropout.p, self.training))
+        return ops.add_residual(h, self.skip(x))
 
 
 class Downsample(nn.Module):
+    """A 3x3 conv with stride 2: half the resolution, same channels."""
+
     def __init__(self, ch: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
@@ -98,50 +96,19 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling, then a 3x3 conv: the usual layer and parameters, computed
-    as one stride-2 transposed conv whose 4x4 kernel sums the 3x3 taps that land on the same
-    input pixel. The same function with 16 instead of 36 multiply-adds per input pixel and
-    channel pair (these convs are 17% of the paper UNet's arithmetic), and the 2x larger
-    intermediate image is never made. Sampling reuses the kernel until the weights change."""
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv: ``conv(interpolate(x, 2, "nearest"))``
+    (computed as one transposed conv by ``ops.upsample_conv``; same parameters)."""
 
     def __init__(self, ch: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self.kernels = ops.KernelCache()  # the derived kernel, reused while sampling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv_transpose2d(x, self.kernel(x), self.conv.bias, stride=2, padding=1)
-
-    def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """The transposed-conv weight, in ``x``'s memory layout (oneDNN then skips a reorder)."""
-        w = self.conv.weight
-        nhwc = x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
-        fmt = torch.channels_last if nhwc else torch.contiguous_format
-        if (torch.is_grad_enabled() and w.requires_grad) or w.is_inference():
-            # training: rebuilt, differentiable; inference tensors have no version to key on
-            return upsample_kernel(w).contiguous(memory_format=fmt)
-        device = x.device.type
-        autocast = torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else w.dtype
-        key = (w.data_ptr(), w._version, dtype, fmt, x.device)
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, upsample_kernel(w).to(dtype).contiguous(memory_format=fmt))
-        return self._cache[1]
+        return ops.upsample_conv(x, self.conv, self.kernels)
 
 
-def upsample_kernel(w: torch.Tensor) -> torch.Tensor:
-    """(out, in, 3, 3) conv weight -> (in, out, 4, 4) stride-2 transposed-conv weight equal to
-    nearest 2x upsampling followed by the conv (padding 1). Along each axis, output pixel 2i
-    sees input i-1 through tap 0 and input i through taps 1 and 2; pixel 2i+1 sees input i
-    through taps 0 and 1 and input i+1 through tap 2; a transposed conv reads kernel row
-    p + 1 - 2i for output p, hence rows (w2, w1 + w2, w0 + w1, w0)."""
-
-    def taps(t: torch.Tensor, dim: int) -> torch.Tensor:
-        w0, w1, w2 = t.unbind(dim)
-        return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
-
-    return taps(taps(w, 2), 3).transpose(0, 1)
+# --- The model -----------------------------------------------------------------------------------
 
 
 class UNet(nn.Module):
@@ -191,7 +158,7 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
 
         def block(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, emb_dim, dropout, norm_groups)
+            return ResBlock(cin, cout, emb_dim, dropout=dropout, groups=norm_groups)
 
         self.down = nn.ModuleList()
         skip_chans = [chans[0]]
@@ -249,7 +216,10 @@ class UNet(nn.Module):
                 h = layer(torch.cat([h, skips.pop()], dim=1), emb)
             else:
                 h = layer(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
+        return self.conv_out(ops.silu(self.norm_out(h)))
+
+
+# --- Helpers -------------------------------------------------------------------------------------
 
 
 def prototypes_scale_hint(class_dim: int) -> float:

@@ -1,6 +1,6 @@
-"""The speed work keeps outputs the same: the optimised ResBlock and upsampling against the
-plain formulas, the CPU dropout's statistics and gradient, the fused optimiser against the
-reference one."""
+"""The speed work keeps outputs the same: each kernel of ml.ops against the plain formula its
+docstring states, the UNet built on them against the textbook model, the CPU dropout's
+statistics and gradient, the fused optimiser against the reference one."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ml import ops
 from ml.checkpoint import Conditioning, build_model
 from ml.config import make_config
+from ml.ops import dropout
 from ml.train import make_optimizer
-from ml.unet import ResBlock, UNet, Upsample, dropout
+from ml.unet import ResBlock, UNet, Upsample
 
 
 def _reference_block(block: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -83,6 +85,7 @@ def test_upsample_equals_nearest_then_conv_with_the_same_gradients(channels_last
     ref, out = _reference_upsample(up, x), up(x)
     assert out.shape == (3, 8, 10, 14) and out.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.upsample_conv(x, up.conv), ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(ref)
     wrt = [x, up.conv.weight, up.conv.bias]
     for a, b in zip(
@@ -110,6 +113,45 @@ def test_upsample_kernel_cache_follows_the_weights_and_autocast() -> None:
     with torch.inference_mode():  # weights made under inference mode carry no version counter
         frozen = _randomised(Upsample(4), seed=4)
         torch.testing.assert_close(frozen(x), _reference_upsample(frozen, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_film_group_norm_is_the_norm_then_scale_and_shift(channels_last: bool) -> None:
+    """ops.film_group_norm against its spec, norm(x) * (1 + scale) + shift, and its gradients."""
+    torch.manual_seed(0)
+    norm = _randomised(torch.nn.GroupNorm(4, 8))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 8, 5, 7).contiguous(memory_format=fmt).requires_grad_()
+    scale = torch.randn(3, 8, 1, 1, requires_grad=True)
+    shift = torch.randn(3, 8, 1, 1, requires_grad=True)
+    ref = norm(x) * (1 + scale) + shift
+    out = ops.film_group_norm(x, norm, scale, shift)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    wrt = [x, scale, shift, norm.weight, norm.bias]
+    for a, b in zip(
+        torch.autograd.grad(out, wrt, g), torch.autograd.grad(ref, wrt, g), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_ops_overwrite_their_input_only_without_autograd() -> None:
+    """ops.silu and ops.add_residual equal F.silu and +; they reuse the temporary's buffer only
+    when autograd is off, and leave it alone when a backward pass may need it."""
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        tmp = x.clone()
+        out = ops.silu(tmp)
+        assert out.data_ptr() == tmp.data_ptr()
+        torch.testing.assert_close(out, F.silu(x))
+        tmp = x.clone()
+        out = ops.add_residual(tmp, x)
+        assert out.data_ptr() == tmp.data_ptr()
+        torch.testing.assert_close(out, 2 * x)
+    tmp = x.clone()
+    torch.testing.assert_close(ops.silu(tmp), F.silu(x))
+    torch.testing.assert_close(ops.add_residual(tmp, x), 2 * x)
+    assert torch.equal(tmp, x)
 
 
 def test_dropout_keeps_one_minus_p_and_rescales() -> None:

@@ -116,6 +116,7 @@ def test_pr_hand_computed_k1():
     # Fake radii: (0,1)->sqrt2 [(1,2)], (5,0)->sqrt20 [(1,2)], (1,2)->sqrt2, (10,0)->5.
     # Real in fake balls: (0,0) at 1 from (0,1); (1,0) at sqrt2 from (0,1) (boundary);
     # (3,0) at 2 from (5,0); (20,20), (20,21) are > 22 from everything: out -> 3/5.
+    # Closed balls as in the paper's reference code (prdc 0.2's strict < gives 0.0, 0.6).
     assert knn_precision_recall(REAL_2D, FAKE_2D, k=1) == pytest.approx((0.5, 0.6))
 
 
@@ -133,6 +134,14 @@ def test_pr_duplicates_count_as_neighbours():
     fake = np.array([[0, 0], [1, 0]], dtype=float)
     # fake radii 1 each: real (0,0) twice in, (5,5) twice out
     assert knn_precision_recall(real, fake, k=1) == pytest.approx((0.5, 0.5))
+
+
+def test_pr_a_copy_of_a_duplicated_real_image_is_inside():
+    # (0,0) is real twice: radius 0 at k=1. A generated exact copy lies in that closed ball
+    # (the paper's <=; prdc's strict < would leave it out: precision 0.0); (20,20) is out.
+    real = np.array([[0, 0], [0, 0], [5, 5], [9, 9]], dtype=float)
+    fake = np.array([[0, 0], [20, 20]], dtype=float)
+    assert knn_precision_recall(real, fake, k=1) == pytest.approx((0.5, 1.0))
 
 
 def _brute_pr(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:

@@ -9,7 +9,7 @@ import pydantic
 import pytest
 import torch
 
-from ml.prototypes import Codebook, CPLConfig, dce_loss, fit_prototypes, pl_loss
+from ml.prototypes import Codebook, CPLConfig, _kmeans, dce_loss, fit_prototypes, pl_loss
 
 IDENTITY = "test-encoder|untrained-seed0|gelu|float32"
 
@@ -152,6 +152,27 @@ def test_k2_bimodal_class():
     assert torch.allclose(book.weights.sum(1), torch.ones(2))
     c, j = book.nearest(modes)
     assert c.tolist() == [0, 0, 1, 1] and j[0] != j[1] and j[2] != j[3]
+
+
+def test_kmeans_init_finds_the_cluster_means_and_follows_the_seed():
+    """The k-means initialisation (scikit-learn's): on separated clusters each centre is one
+    cluster's mean; K=1 is the class mean and draws nothing from the generator; a seed gives one
+    result."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [0.0, 10.0, 5.0]])
+    which = torch.arange(3).repeat_interleave(torch.tensor([7, 12, 5]))
+    x = centres[which] + 0.3 * torch.randn(len(which), 3, generator=g)
+    means = torch.stack([x[which == j].mean(0) for j in range(3)])
+    got = _kmeans(x, 3, torch.Generator().manual_seed(1))
+    assert got.shape == (3, 3) and got.dtype == x.dtype
+    order = torch.cdist(means, got).argmin(1)
+    assert sorted(order.tolist()) == [0, 1, 2]
+    torch.testing.assert_close(got[order], means, rtol=0, atol=1e-5)
+    assert torch.equal(got, _kmeans(x, 3, torch.Generator().manual_seed(1)))
+    gen = torch.Generator().manual_seed(2)
+    state = gen.get_state()
+    assert torch.equal(_kmeans(x, 1, gen), x.mean(0, keepdim=True))
+    assert torch.equal(gen.get_state(), state)
 
 
 def test_deterministic():

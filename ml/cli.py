@@ -76,6 +76,14 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")
 Device = Annotated[
     str | None, typer.Option(help="torch device (default: cuda if present, else cpu).")
 ]
+AllowRoot = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--allow-root",
+        help="Folder the dataset's files may resolve into through symbolic links (repeatable; "
+        "default: the dataset folder itself).",
+    ),
+]
 
 
 @app.command()
@@ -103,6 +111,7 @@ def prototypes(
     head: Annotated[str | None, typer.Option(help="Learnable head f: linear, or none.")] = None,
     epochs: int = 200,
     no_cache: Annotated[bool, typer.Option(help="Do not use the embedding cache.")] = False,
+    allow_root: AllowRoot = None,
     device: Device = None,
     verbose: Verbose = False,
 ) -> None:
@@ -127,6 +136,7 @@ def prototypes(
         result = learn_prototypes(
             selection, out, encoder_spec=spec, cpl=cpl, allow_untrained=untrained,
             cache=None if no_cache else EmbeddingCache(), device=device, progress=True,
+            roots=allow_root or None,
         )  # fmt: skip
         typer.echo(json.dumps(result.report.to_dict(), indent=2))
         typer.echo(f"codebook written to {result.out_dir}")
@@ -149,6 +159,7 @@ def train_cmd(
         list[str] | None, typer.Option("--set", help="Override a config field: key=value.")
     ] = None,
     resume: Annotated[Path | None, typer.Option(help="Checkpoint to resume from.")] = None,
+    allow_root: AllowRoot = None,
     device: Device = None,
     verbose: Verbose = False,
 ) -> None:
@@ -164,7 +175,10 @@ def train_cmd(
         book = Codebook.load(codebook) if codebook is not None else None
         if book is None and data is None:
             raise ValueError("give --codebook (recommended, same split for both modes) or --data")
-        path = train_model(cfg, out, codebook=book, root=data, resume=resume, device=device)
+        path = train_model(
+            cfg, out, codebook=book, root=data, resume=resume, device=device,
+            roots=allow_root or None,
+        )  # fmt: skip
         typer.echo(f"checkpoint: {path}")
 
     _guard(run)

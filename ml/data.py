@@ -29,10 +29,12 @@ from ml.catalog import (
     MATEK_IGNORED,
     Catalog,
     DataError,
+    OutsideRootsError,
     data_dir,
     detect_layout,
     scan,
 )
+from ml.config import MAX_PER_CLASS
 
 __all__ = [
     "HAM_CSV",
@@ -46,6 +48,7 @@ __all__ = [
     "DataError",
     "DatasetSplit",
     "ImageSet",
+    "OutsideRootsError",
     "data_dir",
     "detect_layout",
     "load_image",
@@ -130,10 +133,12 @@ def _class_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def _check_args(n_per_class: int | None, n_heldout: int, image_size: int, seed: int) -> None:
-    if n_per_class is not None and n_per_class <= 0:
-        raise DataError(f"n_per_class must be a positive integer or None (all), got {n_per_class}")
-    if n_heldout < 0:
-        raise DataError(f"n_heldout must be >= 0, got {n_heldout}")
+    if n_per_class is not None and not 1 <= n_per_class <= MAX_PER_CLASS:
+        raise DataError(
+            f"n_per_class must be 1 to {MAX_PER_CLASS} or None (all), got {n_per_class}"
+        )
+    if not 0 <= n_heldout <= MAX_PER_CLASS:
+        raise DataError(f"n_heldout must be 0 to {MAX_PER_CLASS}, got {n_heldout}")
     if image_size < MIN_IMAGE_SIZE:
         raise DataError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
     if seed < 0:
@@ -210,8 +215,13 @@ def load_split(
     image_size: int = 64,
     seed: int = 0,
     classes: list[str] | None = None,
+    roots: Sequence[Path | str] | None = None,
 ) -> DatasetSplit:
     """Draw ``n_heldout`` then ``n_per_class`` images per class (None = all the rest).
+
+    ``roots``: folders every file read must resolve inside, symbolic links included (default:
+    ``root`` itself); the service passes its data roots, so a folder changed after registration
+    to link elsewhere fails here with :class:`OutsideRootsError` (see :func:`ml.catalog.scan`).
 
     Per class, groups (single images unless the layout has lesions) are shuffled with a
     seeded per-class RNG and assigned in that order, held-out first. A group that only
@@ -220,7 +230,7 @@ def load_split(
     already chosen image are logged, recorded in ``skipped`` and replaced by the next one.
     """
     _check_args(n_per_class, n_heldout, image_size, seed)
-    cat = scan(Path(root), layout)
+    cat = scan(Path(root), layout, roots)
     if classes is not None:
         unknown = sorted(set(classes) - set(cat.items))
         if unknown:
@@ -232,7 +242,7 @@ def load_split(
         if not cat.items[c]:
             raise DataError(f"class {c!r} has no images (allowed suffixes: {IMAGE_SUFFIXES})")
 
-    skipped = list(cat.missing)
+    skipped = list(cat.missing) + list(cat.not_images)
     seen: dict[str, str] = {}  # pixel hash -> path, across classes: no image on both sides
     train_rows: list[_Row] = []
     held_rows: list[_Row] = []
@@ -275,10 +285,13 @@ def load_split(
     )
 
 
-def load_selection(selection: dict[str, Any]) -> DatasetSplit:
-    """Rebuild the exact split recorded in ``DatasetSplit.selection``."""
+def load_selection(
+    selection: dict[str, Any], roots: Sequence[Path | str] | None = None
+) -> DatasetSplit:
+    """Rebuild the exact split recorded in ``DatasetSplit.selection`` (``roots``: as for
+    :func:`load_split`; machine-specific, so never part of the selection)."""
     keys = ("layout", "n_per_class", "n_heldout", "image_size", "seed", "classes")
     missing = [k for k in ("root", *keys) if k not in selection]
     if missing:
         raise DataError(f"selection lacks {missing}; expected keys root, {', '.join(keys)}")
-    return load_split(selection["root"], **{k: selection[k] for k in keys})
+    return load_split(selection["root"], **{k: selection[k] for k in keys}, roots=roots)

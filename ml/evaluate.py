@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,9 +53,14 @@ class EvalConfig(BaseModel):
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
 
 
-def real_split(models: Mapping[str, LoadedModel], root: str | None = None) -> DatasetSplit:
+def real_split(
+    models: Mapping[str, LoadedModel],
+    root: str | None = None,
+    roots: Sequence[Path | str] | None = None,
+) -> DatasetSplit:
     """The split both models were trained on, at their image size, with its held-out part
-    (``root``: where the dataset is on this machine, if not where it was at training)."""
+    (``root``: where the dataset is on this machine, if not where it was at training;
+    ``roots``: the folders its files must resolve inside, as for :func:`ml.data.load_split`)."""
     selections = {name: m.cond.extra.get("selection") for name, m in models.items()}
     if any(not s for s in selections.values()):
         raise ValueError("a model does not record its data selection (trained without a codebook)")
@@ -68,7 +74,8 @@ def real_split(models: Mapping[str, LoadedModel], root: str | None = None) -> Da
         raise ValueError(f"the models generate different image sizes: {sorted(sizes)}")
     if "layout" not in first:
         raise ValueError("the recorded selection has no held-out part; train with a codebook")
-    split = load_selection({**first, "image_size": sizes.pop(), **({"root": root} if root else {})})
+    selection = {**first, "image_size": sizes.pop(), **({"root": root} if root else {})}
+    split = load_selection(selection, roots)
     counts = split.heldout.per_class_counts() if len(split.heldout) else {}
     empty = [c for c in split.classes if not counts.get(c)]
     if empty:
@@ -129,13 +136,14 @@ def evaluate(
     progress: Progress | None = None,
     synthetic: Mapping[str, ImageSet] | None = None,
     root: str | None = None,
+    roots: Sequence[Path | str] | None = None,
 ) -> dict[str, Any]:
     """The whole comparison for named models (e.g. {"baseline": ..., "prototype": ...}).
 
     ``synthetic``: images already generated (e.g. reviewed batches) to use for some models
     instead of generating new ones; they must cover every class."""
     t0 = time.perf_counter()
-    split = real_split(models, root)
+    split = real_split(models, root, roots)
     counts = split.train.per_class_counts()
     classes = list(split.classes)
     for name, m in models.items():

@@ -7,6 +7,7 @@ exactly the same training split at the model's image size.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,16 +47,18 @@ def learn_prototypes(
     cache: EmbeddingCache | None = None,
     device: str | None = None,
     progress: bool = False,
+    roots: Sequence[Path | str] | None = None,
 ) -> PrototypeRun:
     """Load a split, embed it with CLIP (cached), fit prototypes, save the codebook.
 
     ``data`` is a dataset folder (all images, no held-out) or a selection dict with the keyword
-    arguments of :func:`ml.data.load_split` plus ``root``; the encoder is built first so that a
+    arguments of :func:`ml.data.load_split` plus ``root``; ``roots`` are the folders every file
+    read must resolve inside (default: the dataset folder). The encoder is built first so that a
     wrong model name or weights file fails before any image is decoded.
     """
     encoder = ClipEncoder(encoder_spec, device=device, allow_untrained=allow_untrained)
     selection = dict(data) if isinstance(data, dict) else {"root": data}
-    split = load_split(selection.pop("root"), **selection)
+    split = load_split(selection.pop("root"), **selection, roots=roots)
     train_emb = embed(encoder, split.train.images, split.train.hashes, cache)
     held_emb = held_y = None
     if len(split.heldout):
@@ -83,8 +86,10 @@ def training_data(
     *,
     codebook: Codebook | None = None,
     root: Path | str | None = None,
+    roots: Sequence[Path | str] | None = None,
 ) -> ImageSet:
-    """The training images at the model's size: the codebook's selection, else ``root``."""
+    """The training images at the model's size: the codebook's selection, else ``root``
+    (``roots``: as for :func:`ml.data.load_split`)."""
     if codebook is not None and codebook.selection:
         base = dict(codebook.selection)
     elif root is not None:
@@ -93,8 +98,8 @@ def training_data(
         raise ValueError("give a dataset folder or a codebook that records its data selection")
     base["image_size"] = cfg.image_size
     if "layout" in base:
-        return load_selection(base).train
-    return load_split(base.pop("root"), **base).train
+        return load_selection(base, roots).train
+    return load_split(base.pop("root"), **base, roots=roots).train
 
 
 def train_model(
@@ -107,11 +112,12 @@ def train_model(
     progress: ProgressCallback | None = None,
     device: str | None = None,
     show_progress: bool = True,
+    roots: Sequence[Path | str] | None = None,
 ) -> Path:
     """Train one mode on the codebook's training split; returns the checkpoint path."""
     if cfg.mode == "prototype" and codebook is None:
         raise ValueError("prototype mode needs --codebook (run `protomed prototypes` first)")
-    data = training_data(cfg, codebook=codebook, root=root)
+    data = training_data(cfg, codebook=codebook, root=root, roots=roots)
     keyed = ImageSet(
         images=data.images,
         labels=data.labels,

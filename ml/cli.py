@@ -100,10 +100,15 @@ def prototypes(
     seed: int = 0,
     encoder: Annotated[str, typer.Option(help="open_clip model name.")] = "ViT-L-14",
     pretrained: Annotated[
-        str | None, typer.Option(help="open_clip tag (e.g. openai) or a local checkpoint file.")
+        str | None,
+        typer.Option(
+            help="A local checkpoint file, or an open_clip tag (e.g. openai) whose weights are "
+            "already in the Hugging Face hub cache (never downloaded)."
+        ),
     ] = "openai",
     untrained: Annotated[
-        bool, typer.Option(help="Use a randomly initialised encoder (tests/demo only).")
+        bool,
+        typer.Option(help="Random encoder weights, for trials (no weights are ever downloaded)."),
     ] = False,
     k: Annotated[int, typer.Option(help="Prototypes per class.")] = 1,
     gamma: Annotated[float, typer.Option(help="DCE hardness.")] = 10.0,
@@ -333,7 +338,9 @@ def evaluate(
         from ml.evaluate import EvalConfig, evaluation_table
         from ml.evaluate import evaluate as run_evaluation
         from ml.prototypes import Codebook
+        from ml.weights import find_weights
 
+        find_weights(encoder, None if untrained else pretrained)  # before anything heavy loads
         try:
             seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
         except ValueError as exc:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.config import TrainConfig
-from ml.data import DatasetSplit, ImageSet, load_selection, load_split
+from ml.data import DatasetSplit, ImageSet, load_selection, load_split, scan
 from ml.encoder import ClipEncoder, EmbeddingCache, EncoderSpec, embed
 from ml.prototypes import Codebook, CPLConfig, PrototypeReport, fit_prototypes
 from ml.train import ProgressCallback, train
@@ -53,12 +53,15 @@ def learn_prototypes(
 
     ``data`` is a dataset folder (all images, no held-out) or a selection dict with the keyword
     arguments of :func:`ml.data.load_split` plus ``root``; ``roots`` are the folders every file
-    read must resolve inside (default: the dataset folder). The encoder is built first so that a
-    wrong model name or weights file fails before any image is decoded.
+    read must resolve inside (default: the dataset folder). Inputs are checked cheapest first,
+    so a missing folder, a link leaving the roots or missing weights fail at once: the folder is
+    listed (nothing decoded), the weights located, then the encoder built and images decoded.
     """
-    encoder = ClipEncoder(encoder_spec, device=device, allow_untrained=allow_untrained)
     selection = dict(data) if isinstance(data, dict) else {"root": data}
-    split = load_split(selection.pop("root"), **selection, roots=roots)
+    root = selection.pop("root")
+    scan(Path(root), selection.get("layout", "auto"), roots)
+    encoder = ClipEncoder(encoder_spec, device=device, allow_untrained=allow_untrained)
+    split = load_split(root, **selection, roots=roots)
     train_emb = embed(encoder, split.train.images, split.train.hashes, cache)
     held_emb = held_y = None
     if len(split.heldout):

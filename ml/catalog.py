@@ -132,6 +132,7 @@ class Catalog:
     missing: list[tuple[str, str]] = field(default_factory=list)  # listed but not on disk
     # (path, reason) of files named like images whose content is not an image; not in items
     not_images: list[tuple[str, str]] = field(default_factory=list)
+    not_images_per_class: dict[str, int] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[str]:
@@ -234,10 +235,10 @@ def _is_image(path: Path) -> str | None:
         with open(path, "rb") as fh:
             head = fh.read(8)
     except OSError as exc:
-        return f"cannot be read: {exc.strerror or exc}"
+        return f"unreadable: {exc.strerror or exc}"
     if any(head.startswith(sig) for sig in IMAGE_SIGNATURES):
         return None
-    return "not an image: its content is not PNG, JPEG, BMP or TIFF"
+    return "unreadable: not an image (its content is not PNG, JPEG, BMP or TIFF)"
 
 
 def scan(root: Path, layout: str = "auto", roots: Sequence[Path | str] | None = None) -> Catalog:
@@ -276,6 +277,7 @@ def scan(root: Path, layout: str = "auto", roots: Sequence[Path | str] | None = 
          *(p for ps in items.values() for p in ps)], allowed, root,
     )  # fmt: skip
     not_images: list[tuple[str, str]] = []
+    per_class: dict[str, int] = {}
     for c, paths in items.items():
         keep = []
         for p in paths:
@@ -284,6 +286,7 @@ def scan(root: Path, layout: str = "auto", roots: Sequence[Path | str] | None = 
                 keep.append(p)
             else:
                 not_images.append((str(p), reason))
+                per_class[c] = per_class.get(c, 0) + 1
         items[c] = keep
     if not_images:
         log.warning(
@@ -292,4 +295,4 @@ def scan(root: Path, layout: str = "auto", roots: Sequence[Path | str] | None = 
     for paths in items.values():
         for p in paths:
             groups.setdefault(p, str(p))
-    return Catalog(root, layout, items, groups, names, missing, not_images)
+    return Catalog(root, layout, items, groups, names, missing, not_images, per_class)

@@ -249,18 +249,22 @@ def load_split(
     for label, c in enumerate(names):
         needed = n_heldout + (n_per_class or 1)
         asked = f"n_heldout={n_heldout} + n_per_class={n_per_class or 'all (at least 1)'}"
-        if len(cat.items[c]) < needed:
+        not_images = cat.not_images_per_class.get(c, 0)  # left out by the scan already
+        if len(cat.items[c]) < needed and not not_images:
             raise DataError(
                 f"class {c!r} has {len(cat.items[c])} images but {needed} were asked ({asked})"
             )
-        held, train, n_bad, n_dropped = _draw_class(
-            cat, c, label, n_per_class, n_heldout, image_size, seed, seen, skipped
-        )
+        held, train, n_bad, n_dropped, usable = [], [], 0, 0, len(cat.items[c])
+        if len(cat.items[c]) >= needed:
+            held, train, n_bad, n_dropped = _draw_class(
+                cat, c, label, n_per_class, n_heldout, image_size, seed, seen, skipped
+            )
+            usable = len(held) + len(train)
         if len(held) < n_heldout or len(train) < (n_per_class or 1):
             raise DataError(
-                f"class {c!r} has {len(held) + len(train)} usable images of "
-                f"{len(cat.items[c])} ({n_bad} skipped, {n_dropped} withheld with held-out "
-                f"groups) but {needed} were asked ({asked})"
+                f"class {c!r} has {usable} usable images of {len(cat.items[c]) + not_images} "
+                f"({n_bad + not_images} skipped, {n_dropped} withheld with held-out groups) but "
+                f"{needed} were asked ({asked})"
             )
         held_rows += held
         train_rows += train

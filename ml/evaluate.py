@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ml.checkpoint import LoadedModel
-from ml.config import SampleConfig
+from ml.config import MAX_PER_CLASS, MAX_SEED, SampleConfig
 from ml.data import DatasetSplit, ImageSet, load_selection
 from ml.downstream import DownstreamConfig, downstream_experiment, tables_5_6
 from ml.encoder import ClipEncoder, EmbeddingCache, embed
@@ -40,15 +40,19 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_per_class: int | None = Field(None, ge=1, description="synthetic images per class")
+    # Upper bounds as the CLI's and the API's (api/routes/evaluation.py): sizes that protect
+    # the machine, the same wherever the config comes from.
+    n_per_class: int | None = Field(
+        None, ge=1, le=MAX_PER_CLASS, description="synthetic images per class"
+    )
     # The seed's protocol (DDIM-50) by default, so results stay comparable with its Tables 5-6
     # and with earlier runs; scheduler="dpm++sde", steps=20 samples 2.5x faster.
-    steps: int = Field(50, ge=1)
-    guidance: float = Field(2.0, ge=0)
+    steps: int = Field(50, ge=1, le=1000)
+    guidance: float = Field(2.0, ge=0, le=50.0)
     scheduler: str = Field("ddim", pattern="^(ddim|dpm\\+\\+|dpm\\+\\+sde)$")
-    seed: int = Field(0, ge=0)
-    batch_size: int = Field(64, ge=1)
-    k: int = Field(3, ge=1, description="neighbours for precision/recall")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    batch_size: int = Field(64, ge=1, le=1024)
+    k: int = Field(3, ge=1, le=100, description="neighbours for precision/recall")
     seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
 

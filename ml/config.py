@@ -216,8 +216,9 @@ def allowed_range(model: type[BaseModel], name: str) -> str | None:
 
 def describe_validation_error(err: ValidationError, model: type[BaseModel] | None = None) -> str:
     """One line per wrong field, for CLI and API messages; a value out of bounds also gets the
-    field's whole allowed range (from ``model``'s fields, default :class:`TrainConfig`)."""
-    model = model or TrainConfig
+    field's whole allowed range (from ``model``'s fields, default: the model that failed, when
+    it is :class:`TrainConfig` or :class:`SampleConfig`)."""
+    model = model or {"SampleConfig": SampleConfig}.get(err.title, TrainConfig)
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "value"

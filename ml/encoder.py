@@ -17,6 +17,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -85,7 +86,7 @@ class _Resolved:
     identity: str  # the weights' part of the encoder identity (embedding cache key)
     quick_gelu: bool
     path: Path | None  # the local file open_clip loads (never a download)
-    tag_cfg: dict
+    tag_cfg: dict[str, Any]
 
 
 def _resolve_weights(spec: EncoderSpec) -> _Resolved:

@@ -138,7 +138,7 @@ def test_job_fails_when_the_folder_gains_a_link_after_registration(service: Serv
         worker.wait_ready()
         job = wait_job(service.client, job_id, timeout=600, worker=worker)
     finally:
-        worker.stop()
+        worker.kill()  # SIGKILL: its graceful shutdown is not what this test is about
     assert job["status"] == "failed", job
     assert "OutsideRootsError" in job["error"] and "passwd.png -> /etc/passwd" in job["error"]
     model = service.client.get(f"/models/{job['model_id']}", headers=service.admin).json()

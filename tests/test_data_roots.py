@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, Service
 from service_procs import Worker, wait_job
-from test_api_datasets import state
+from test_api_datasets import state, upload, zip_folder
 
 from ml.catalog import OutsideRootsError, scan
 from ml.data import load_split
@@ -221,6 +221,10 @@ def test_unknown_domain_is_refused_listing_the_known_ones(service: Service) -> N
     assert "unknown review domain 'derm'" in detail
     for known in ("blood", "bone-marrow", "dermatoscopy", "toy"):
         assert known in detail, detail
+    assert state(service) == before
+    data = zip_folder(service.data_root / "toy", service.tmp / "toy.zip").read_bytes()
+    r = upload(service, "up", data, domain="derm")
+    assert r.status_code == 422 and "unknown review domain 'derm'" in r.text, r.text
     assert state(service) == before
     ok = service.client.post("/datasets", json={**body, "domain": "dermatoscopy"},
                              headers=service.admin)  # fmt: skip

@@ -5,9 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
-from ml.config import MAX_PER_CLASS  # torch-free
+from ml.config import MAX_PER_CLASS, allowed_range  # torch-free
 
 MAX_ID = 2**31 - 1  # ids and seeds are PostgreSQL INTEGERs
 
@@ -95,6 +103,18 @@ class TrainRequest(BaseModel):
     )
     seed: int = Field(default=0, ge=0, le=MAX_ID)
     k: int = Field(default=1, ge=1, le=64, description="Prototypes per class.")
+
+    @field_validator("n_per_class", "n_heldout", "seed", "k", mode="wrap")
+    @classmethod
+    def _name_the_range(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        """Out-of-range sizes say the whole allowed range, not just the bound they crossed."""
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            allowed = allowed_range(cls, str(info.field_name))
+            raise ValueError(f"{exc.errors()[0]['msg']} (allowed: {allowed})") from None
 
 
 class TrainAccepted(BaseModel):

@@ -153,8 +153,8 @@ def test_job_fails_when_the_folder_gains_a_link_after_registration(service: Serv
     [
         ({"overrides": {"batch_size": 1e9}}, ["batch_size", "1 <= batch_size <= 1024"]),
         ({"overrides": {"base_channels": 100000}}, ["base_channels", "8 <= base_channels <= 512"]),
-        ({"n_per_class": 100000}, ["n_per_class", "10000"]),
-        ({"n_heldout": 100000}, ["n_heldout", "10000"]),
+        ({"n_per_class": 100000}, ["1 <= n_per_class <= 10000"]),
+        ({"n_heldout": 100000}, ["0 <= n_heldout <= 10000"]),
         ({"overrides": {"epochs": 10**9}}, ["epochs", "<= 100000"]),
         ({"overrides": {"max_steps": 10**12}}, ["max_steps", "<= 10000000"]),
         ({"overrides": {"timesteps": 10**7}}, ["timesteps", "10 <= timesteps <= 10000"]),

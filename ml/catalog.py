@@ -133,6 +133,13 @@ class Catalog:
     # (path, reason) of files named like images whose content is not an image; not in items
     not_images: list[tuple[str, str]] = field(default_factory=list)
     not_images_per_class: dict[str, int] = field(default_factory=dict)
+    roots: list[Path] = field(default_factory=list)  # where its files may resolve (resolved)
+
+    def check_inside(self, path: Path) -> None:
+        """Raise :class:`OutsideRootsError` if ``path`` resolves outside :attr:`roots` now: the
+        loaders call it again right before opening each file, which a link could replace
+        after the scan."""
+        check_inside([path], self.roots or [self.root.resolve()], self.root)
 
     @property
     def classes(self) -> list[str]:
@@ -295,4 +302,4 @@ def scan(root: Path, layout: str = "auto", roots: Sequence[Path | str] | None = 
     for paths in items.values():
         for p in paths:
             groups.setdefault(p, str(p))
-    return Catalog(root, layout, items, groups, names, missing, not_images, per_class)
+    return Catalog(root, layout, items, groups, names, missing, not_images, per_class, allowed)

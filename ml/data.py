@@ -177,6 +177,7 @@ def _draw_class(
                 break
             if not to_held and len(train) >= train_full:
                 return held, train, n_bad, n_dropped
+            cat.check_inside(p)  # again: the file may have become a link since the scan
             try:
                 img = load_image(p, image_size)
             except Exception as exc:  # PIL raises many exception types for bad files

@@ -229,3 +229,23 @@ def test_unknown_domain_is_refused_listing_the_known_ones(service: Service) -> N
     ok = service.client.post("/datasets", json={**body, "domain": "dermatoscopy"},
                              headers=service.admin)  # fmt: skip
     assert ok.status_code == 201, ok.text
+
+
+def test_a_file_swapped_for_a_link_after_the_scan_is_not_read(tmp_path: Path) -> None:
+    """The loaders check each file again right before opening it."""
+    import ml.data
+
+    data = write_toy_dataset(tmp_path / "toy", n_per_class=2, size=16, seed=0)
+    real_scan = ml.data.scan
+
+    def scan_then_swap(*args, **kwargs):
+        cat = real_scan(*args, **kwargs)
+        victim = cat.items[TOY_CLASSES[0]][0]
+        victim.unlink()
+        victim.symlink_to(PASSWD)
+        return cat
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ml.data, "scan", scan_then_swap)
+        with pytest.raises(OutsideRootsError, match="/etc/passwd"):
+            load_split(data, image_size=16)

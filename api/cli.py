@@ -124,6 +124,7 @@ def serve(
         roots = [str(p.resolve()) for p in (data_root or [state])]
         env["PROTOMED_DATA_ROOTS"] = __import__("json").dumps(roots)
     env["PROTOMED_ADMIN_KEY"] = _admin_key(state)
+    _choose_encoder(env)
     _migrate()
     typer.echo(f"admin key: {env['PROTOMED_ADMIN_KEY']}  (kept in {state / KEY_FILE})")
     typer.echo(f"datasets may be registered from: {env['PROTOMED_DATA_ROOTS']}")
@@ -141,6 +142,42 @@ def serve(
     finally:
         if worker is not None:
             worker.stop()
+
+
+UNTRAINED_ENCODER = "ViT-B-32"  # light enough for a CPU; random weights carry no knowledge
+
+
+def _choose_encoder(env: os._Environ[str] | dict[str, str]) -> None:
+    """Embedded defaults that train out of the box: when no encoder weights were configured and
+    the default ones are not on this machine (protomed never downloads), use an untrained
+    encoder for this serve (and its worker) and say so plainly; configured weights that are
+    missing are reported too (training requests then answer 422 saying what to set)."""
+    from api.core.config import Settings
+    from ml.weights import find_weights
+
+    settings = Settings()  # the environment and .env as they are now
+    try:
+        found = find_weights(settings.encoder, settings.encoder_weights)
+    except ValueError as exc:
+        if "encoder_weights" in settings.model_fields_set:  # configured (environment or .env)
+            typer.echo(f"WARNING: encoder weights not usable, training will be refused: {exc}")
+            return
+        env["PROTOMED_ENCODER_WEIGHTS"] = "untrained"
+        if "encoder" not in settings.model_fields_set:
+            env["PROTOMED_ENCODER"] = UNTRAINED_ENCODER
+        typer.echo(
+            f"encoder: UNTRAINED {env['PROTOMED_ENCODER']} (random weights, for trials: "
+            f"prototypes will be centroids of random features), because no weights for "
+            f"{settings.encoder} {settings.encoder_weights!r} are on this machine and protomed "
+            "never downloads. For real prototypes set PROTOMED_ENCODER_WEIGHTS to a local "
+            "checkpoint file (or a tag whose weights are in the Hugging Face hub cache, HF_HOME) "
+            "and PROTOMED_ENCODER to its open_clip model, e.g. PROTOMED_ENCODER=ViT-L-14 "
+            "PROTOMED_ENCODER_WEIGHTS=/weights/ViT-L-14.pt"
+        )
+        return
+    where = f" ({found.path})" if found.path else ""
+    untrained = " UNTRAINED (random weights, for trials)" if found.kind == "untrained" else ""
+    typer.echo(f"encoder: {settings.encoder} {settings.encoder_weights}{untrained}{where}")
 
 
 class Supervised:

@@ -71,6 +71,11 @@ def ensure_defaults(session: Session) -> None:
     session.flush()
 
 
+def known_domains(session: Session) -> list[str]:
+    """Every domain with a criteria set (the defaults even before start-up wrote them)."""
+    return sorted(set(session.scalars(select(CriteriaSet.domain).distinct())) | set(DEFAULTS))
+
+
 def latest(session: Session, domain: str) -> CriteriaSet | None:
     return session.scalar(
         select(CriteriaSet)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from api.core.config import get_settings
 from api.errors import install_handlers
@@ -44,7 +45,9 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc with their JS, CSS and favicon served by this app
+    # (fastapi_offline's static files), not from a CDN, so the docs work without internet.
+    app = FastAPIOffline(
         title="protomed",
         version="0.1.0",
         summary="Prototype-guided class-conditional diffusion: train, generate, review.",

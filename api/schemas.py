@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+
+from ml.config import MAX_PER_CLASS, allowed_range  # torch-free
 
 MAX_ID = 2**31 - 1  # ids and seeds are PostgreSQL INTEGERs
 
@@ -23,7 +33,9 @@ class DatasetIn(BaseModel):
     path: str = Field(min_length=1, max_length=1024, description="Folder under a data root.")
     layout: Literal["auto", "folder", "ham10000", "matek"] = "auto"
     domain: str | None = Field(
-        default=None, max_length=64, description="Review domain: toy, blood, bone-marrow, derm."
+        default=None,
+        max_length=64,
+        description="Review domain (GET /criteria): toy, blood, bone-marrow, dermatoscopy, ...",
     )
 
 
@@ -37,6 +49,17 @@ class DatasetOut(Out):
     classes: list[str]
     counts: dict[str, int]
     created_at: datetime
+
+
+class SkippedFile(BaseModel):
+    path: str = Field(description="Relative to the dataset folder.")
+    reason: str
+
+
+class DatasetRegistered(DatasetOut):
+    """The registered dataset, plus the files its scan left out (reported once, not stored)."""
+
+    skipped: list[SkippedFile] = Field(default_factory=list)
 
 
 class JobOut(Out):
@@ -67,11 +90,31 @@ class TrainRequest(BaseModel):
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="TrainConfig fields, e.g. {'steps': 2000}."
     )
-    n_per_class: int | None = Field(default=100, ge=1, description="Training images per class.")
-    n_heldout: int = Field(default=20, ge=0, description="Held-out images per class.")
-    classes: list[str] | None = Field(default=None, description="Subset of the dataset's classes.")
+    n_per_class: int | None = Field(
+        default=100, ge=1, le=MAX_PER_CLASS, description=f"Training images per class, 1 to "
+        f"{MAX_PER_CLASS} (null: all).",
+    )  # fmt: skip
+    n_heldout: int = Field(
+        default=20, ge=0, le=MAX_PER_CLASS, description=f"Held-out images per class, 0 to "
+        f"{MAX_PER_CLASS}.",
+    )  # fmt: skip
+    classes: list[str] | None = Field(
+        default=None, max_length=1000, description="Subset of the dataset's classes."
+    )
     seed: int = Field(default=0, ge=0, le=MAX_ID)
     k: int = Field(default=1, ge=1, le=64, description="Prototypes per class.")
+
+    @field_validator("n_per_class", "n_heldout", "seed", "k", mode="wrap")
+    @classmethod
+    def _name_the_range(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        """Out-of-range sizes say the whole allowed range, not just the bound they crossed."""
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            allowed = allowed_range(cls, str(info.field_name))
+            raise ValueError(f"{exc.errors()[0]['msg']} (allowed: {allowed})") from None
 
 
 class TrainAccepted(BaseModel):

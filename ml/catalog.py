@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,8 +58,25 @@ HAM_NAMES: dict[str, str] = {
 }
 
 
+#: File signatures of the formats in IMAGE_SUFFIXES: a file named like an image whose first bytes
+#: match none of them (a text file, a link to /etc/passwd) is not an image and is skipped.
+IMAGE_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n",  # PNG
+    b"\xff\xd8\xff",  # JPEG
+    b"BM",  # BMP
+    b"II*\x00",  # TIFF, little-endian
+    b"MM\x00*",  # TIFF, big-endian
+)
+MAX_SHOWN = 10  # offending files named in one message
+
+
 class DataError(ValueError):
     """Bad data or arguments; the message names the problem and what is allowed."""
+
+
+class OutsideRootsError(DataError):
+    """A file or folder of the dataset resolves (through a symbolic link) outside the allowed
+    roots: reading it would let whoever controls the folder make protomed read any file."""
 
 
 def data_dir() -> Path:
@@ -112,6 +130,16 @@ class Catalog:
     groups: dict[Path, str]  # images sharing a group id must stay on one side of a split
     display_names: dict[str, str]
     missing: list[tuple[str, str]] = field(default_factory=list)  # listed but not on disk
+    # (path, reason) of files named like images whose content is not an image; not in items
+    not_images: list[tuple[str, str]] = field(default_factory=list)
+    not_images_per_class: dict[str, int] = field(default_factory=dict)
+    roots: list[Path] = field(default_factory=list)  # where its files may resolve (resolved)
+
+    def check_inside(self, path: Path) -> None:
+        """Raise :class:`OutsideRootsError` if ``path`` resolves outside :attr:`roots` now: the
+        loaders call it again right before opening each file, which a link could replace
+        after the scan."""
+        check_inside([path], self.roots or [self.root.resolve()], self.root)
 
     @property
     def classes(self) -> list[str]:
@@ -183,9 +211,56 @@ def _scan_ham(root: Path) -> tuple[dict[str, list[Path]], dict[Path, str], list[
     return {c: sorted(ps) for c, ps in items.items()}, groups, missing
 
 
-def scan(root: Path, layout: str = "auto") -> Catalog:
-    """List every labelled image under ``root`` without decoding any of them."""
+def _resolved_roots(root: Path, roots: Sequence[Path | str] | None) -> list[Path]:
+    return [Path(r).expanduser().resolve() for r in (roots if roots is not None else [root])]
+
+
+def _outside(path: Path, roots: list[Path]) -> bool:
+    real = Path(os.path.realpath(path))
+    return not any(real.is_relative_to(r) for r in roots)
+
+
+def check_inside(paths: Sequence[Path], roots: list[Path], root: Path) -> None:
+    """Raise :class:`OutsideRootsError` naming every path (up to MAX_SHOWN) that resolves
+    outside ``roots``. Checked on the real path, so it holds however deep the link is."""
+    bad = [p for p in paths if _outside(p, roots)]
+    if not bad:
+        return
+    shown = "; ".join(f"{p} -> {os.path.realpath(p)}" for p in bad[:MAX_SHOWN])
+    more = f" (and {len(bad) - MAX_SHOWN} more)" if len(bad) > MAX_SHOWN else ""
+    allowed = ", ".join(str(r) for r in roots)
+    raise OutsideRootsError(
+        f"{len(bad)} path(s) in dataset {root} lead outside the allowed data roots ({allowed}) "
+        f"through symbolic links: {shown}{more}; remove those links or copy the files in "
+        "(links that stay inside the allowed roots are followed)"
+    )
+
+
+def _is_image(path: Path) -> str | None:
+    """None if ``path`` starts like an image file, else why not."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if any(head.startswith(sig) for sig in IMAGE_SIGNATURES):
+        return None
+    return "unreadable: not an image (its content is not PNG, JPEG, BMP or TIFF)"
+
+
+def scan(root: Path, layout: str = "auto", roots: Sequence[Path | str] | None = None) -> Catalog:
+    """List every labelled image under ``root`` without decoding any of them.
+
+    ``roots``: the folders every file read must resolve inside (default: ``root`` itself).
+    Symbolic links are allowed as long as their targets stay inside; any class folder, image,
+    metadata CSV or manifest leading outside raises :class:`OutsideRootsError`, so a dataset
+    folder cannot make the service read (or count) files it was not allowed to. Files named
+    like images whose first bytes are no image are left out and listed in ``not_images``.
+    """
     root = _check_root(root)
+    allowed = _resolved_roots(root, roots)
+    check_inside([root, *(p for p in (root / HAM_CSV, root / "manifest.csv") if p.exists())],
+                 allowed, root)  # fmt: skip
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
     if layout == "auto":
@@ -204,7 +279,27 @@ def scan(root: Path, layout: str = "auto") -> Catalog:
         items = _scan_folder(root)
         names = {c: c for c in items}
         groups = _manifest_groups(root, items)
+    check_inside(
+        [*(root / c for c in items if (root / c).is_dir()),  # class folders, even empty ones
+         *(p for ps in items.values() for p in ps)], allowed, root,
+    )  # fmt: skip
+    not_images: list[tuple[str, str]] = []
+    per_class: dict[str, int] = {}
+    for c, paths in items.items():
+        keep = []
+        for p in paths:
+            reason = _is_image(p)
+            if reason is None:
+                keep.append(p)
+            else:
+                not_images.append((str(p), reason))
+                per_class[c] = per_class.get(c, 0) + 1
+        items[c] = keep
+    if not_images:
+        log.warning(
+            "skipping %d files that are not images: %s", len(not_images), not_images[:MAX_SHOWN]
+        )
     for paths in items.values():
         for p in paths:
             groups.setdefault(p, str(p))
-    return Catalog(root, layout, items, groups, names, missing)
+    return Catalog(root, layout, items, groups, names, missing, not_images, per_class, allowed)

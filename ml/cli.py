@@ -76,6 +76,14 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")
 Device = Annotated[
     str | None, typer.Option(help="torch device (default: cuda if present, else cpu).")
 ]
+AllowRoot = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--allow-root",
+        help="Folder the dataset's files may resolve into through symbolic links (repeatable; "
+        "default: the dataset folder itself).",
+    ),
+]
 
 
 @app.command()
@@ -92,10 +100,15 @@ def prototypes(
     seed: int = 0,
     encoder: Annotated[str, typer.Option(help="open_clip model name.")] = "ViT-L-14",
     pretrained: Annotated[
-        str | None, typer.Option(help="open_clip tag (e.g. openai) or a local checkpoint file.")
+        str | None,
+        typer.Option(
+            help="A local checkpoint file, or an open_clip tag (e.g. openai) whose weights are "
+            "already in the Hugging Face hub cache (never downloaded)."
+        ),
     ] = "openai",
     untrained: Annotated[
-        bool, typer.Option(help="Use a randomly initialised encoder (tests/demo only).")
+        bool,
+        typer.Option(help="Random encoder weights, for trials (no weights are ever downloaded)."),
     ] = False,
     k: Annotated[int, typer.Option(help="Prototypes per class.")] = 1,
     gamma: Annotated[float, typer.Option(help="DCE hardness.")] = 10.0,
@@ -103,6 +116,7 @@ def prototypes(
     head: Annotated[str | None, typer.Option(help="Learnable head f: linear, or none.")] = None,
     epochs: int = 200,
     no_cache: Annotated[bool, typer.Option(help="Do not use the embedding cache.")] = False,
+    allow_root: AllowRoot = None,
     device: Device = None,
     verbose: Verbose = False,
 ) -> None:
@@ -127,6 +141,7 @@ def prototypes(
         result = learn_prototypes(
             selection, out, encoder_spec=spec, cpl=cpl, allow_untrained=untrained,
             cache=None if no_cache else EmbeddingCache(), device=device, progress=True,
+            roots=allow_root or None,
         )  # fmt: skip
         typer.echo(json.dumps(result.report.to_dict(), indent=2))
         typer.echo(f"codebook written to {result.out_dir}")
@@ -149,6 +164,7 @@ def train_cmd(
         list[str] | None, typer.Option("--set", help="Override a config field: key=value.")
     ] = None,
     resume: Annotated[Path | None, typer.Option(help="Checkpoint to resume from.")] = None,
+    allow_root: AllowRoot = None,
     device: Device = None,
     verbose: Verbose = False,
 ) -> None:
@@ -164,7 +180,10 @@ def train_cmd(
         book = Codebook.load(codebook) if codebook is not None else None
         if book is None and data is None:
             raise ValueError("give --codebook (recommended, same split for both modes) or --data")
-        path = train_model(cfg, out, codebook=book, root=data, resume=resume, device=device)
+        path = train_model(
+            cfg, out, codebook=book, root=data, resume=resume, device=device,
+            roots=allow_root or None,
+        )  # fmt: skip
         typer.echo(f"checkpoint: {path}")
 
     _guard(run)
@@ -319,7 +338,9 @@ def evaluate(
         from ml.evaluate import EvalConfig, evaluation_table
         from ml.evaluate import evaluate as run_evaluation
         from ml.prototypes import Codebook
+        from ml.weights import find_weights
 
+        find_weights(encoder, None if untrained else pretrained)  # before anything heavy loads
         try:
             seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
         except ValueError as exc:

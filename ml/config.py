@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 if TYPE_CHECKING:  # torch is imported where used: the API validates configs without loading it
     import torch
@@ -23,6 +24,10 @@ SchedulerName = Literal["ddim", "dpm++", "dpm++sde"]
 # toy model by CLIP FD and by the rule-based checker (bench/README.md, "Fewer steps").
 DEFAULT_STEPS: dict[str, int] = {"ddim": 50, "dpm++": 20, "dpm++sde": 20}
 DEFAULT_SCHEDULER: SchedulerName = "dpm++sde"
+MAX_SEED = 2**31 - 1  # seeds are stored in PostgreSQL INTEGER columns
+# Images per class a data selection may ask for (training and held-out, each): ~100 is the
+# method's regime; the bound keeps one request from decoding millions of images into memory.
+MAX_PER_CLASS = 10_000
 
 
 class TrainConfig(BaseModel):
@@ -32,26 +37,35 @@ class TrainConfig(BaseModel):
 
     preset: str = "paper"
     mode: Mode = "prototype"
+    # Every number has an upper bound too: the API takes these as overrides from any admin
+    # client, and batch_size=1e9 or base_channels=100000 would exhaust the machine's memory
+    # (errors name the allowed range: describe_validation_error).
     # UNet (Table 2)
     image_size: int = Field(64, ge=8, le=512)
-    in_channels: int = Field(3, ge=1)
-    base_channels: int = Field(64, ge=8)
-    channel_mults: tuple[int, ...] = (1, 2, 4, 8)
-    num_res_blocks: int = Field(2, ge=1)
+    in_channels: int = Field(3, ge=1, le=4)
+    base_channels: int = Field(64, ge=8, le=512)
+    channel_mults: tuple[Annotated[int, Field(ge=1, le=16)], ...] = Field(
+        (1, 2, 4, 8), min_length=1, max_length=6
+    )
+    num_res_blocks: int = Field(2, ge=1, le=8)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    norm_groups: int = Field(32, ge=1)
-    class_dim: int = Field(768, ge=1, description="class-embedding width; a codebook overrides it")
+    norm_groups: int = Field(32, ge=1, le=128)
+    class_dim: int = Field(
+        768, ge=1, le=4096, description="class-embedding width; a codebook overrides it"
+    )
     # diffusion
-    timesteps: int = Field(1000, ge=10)
+    timesteps: int = Field(1000, ge=10, le=10_000)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     p_uncond: float = Field(0.1, ge=0.0, le=1.0, description="condition dropped (CFG training)")
     # optimisation
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(16, ge=1, description="per process (per GPU under DDP)")
-    epochs: int = Field(1500, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many steps if set")
-    grad_clip: float | None = Field(1.0, gt=0)
+    lr: float = Field(1e-4, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0, le=10.0)
+    batch_size: int = Field(16, ge=1, le=1024, description="per process (per GPU under DDP)")
+    epochs: int = Field(1500, ge=1, le=100_000)
+    max_steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="stop after this many steps if set"
+    )
+    grad_clip: float | None = Field(1.0, gt=0, le=1e6)
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     precision: Precision = "auto"
     flip: bool = Field(True, description="random horizontal/vertical flips (cells, lesions)")
@@ -59,15 +73,8 @@ class TrainConfig(BaseModel):
     # except bf16 training on a CPU, where PyTorch's NHWC GroupNorm costs more than the
     # convolutions gain (ml.train.memory_format, bench/README.md).
     channels_last: bool | None = None
-    seed: int = 0
-    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
-
-    @field_validator("channel_mults")
-    @classmethod
-    def _mults(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v or any(m < 1 for m in v):
-            raise ValueError("channel_mults must be positive integers, e.g. [1, 2, 4, 8]")
-        return v
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    checkpoint_every: int = Field(500, ge=1, le=10_000_000, description="steps between checkpoints")
 
     def check_image_size(self) -> None:
         """The UNet halves the size len(mults)-1 times, so it must divide evenly."""
@@ -94,8 +101,8 @@ class SampleConfig(BaseModel):
     steps: int | None = Field(None, ge=1, le=1000, description="None: the scheduler's default")
     guidance: float = Field(2.0, ge=0.0, le=50.0, description="CFG scale w; 1 = no guidance")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity (0 = deterministic)")
-    batch_size: int = Field(64, ge=1)
-    seed: int = 0
+    batch_size: int = Field(64, ge=1, le=1024)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     use_ema: bool = True
     # auto: bf16 autocast where the hardware runs it natively (CUDA, AMX/AVX512-BF16 CPUs),
     # else fp32. bench/solver_quality.py compares CLIP-space FD of bf16 and fp32 on the same
@@ -172,11 +179,56 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def describe_validation_error(err: ValidationError) -> str:
-    """One line per wrong field, for CLI and API messages."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in err.errors()
-    )
+_BOUND_ERRORS = ("greater_than", "less_than", "too_short", "too_long")
+
+
+def allowed_range(model: type[BaseModel], name: str) -> str | None:
+    """``"1 <= batch_size <= 1024"`` from a field's bounds (items: ``"...; each 1 <= x <= 16"``
+    for tuples), or None for a field without numeric bounds."""
+    field = model.model_fields.get(name)
+    if field is None:
+        return None
+
+    def bounds(metadata: list[Any], what: str) -> str | None:
+        lo = next((f"{m.ge} <= " for m in metadata if isinstance(m, Ge)), None)
+        lo = lo or next((f"{m.gt} < " for m in metadata if isinstance(m, Gt)), "")
+        hi = next((f" <= {m.le}" for m in metadata if isinstance(m, Le)), None)
+        hi = hi or next((f" < {m.lt}" for m in metadata if isinstance(m, Lt)), "")
+        return f"{lo}{what}{hi}" if lo or hi else None
+
+    parts = []
+    numeric = bounds(field.metadata, name)
+    if numeric:
+        parts.append(numeric)
+    lengths = [m for m in field.metadata if isinstance(m, MinLen | MaxLen)]
+    if lengths:
+        lo = next((m.min_length for m in lengths if isinstance(m, MinLen)), 0)
+        hi = next((m.max_length for m in lengths if isinstance(m, MaxLen)), "any")
+        parts.append(f"{lo} to {hi} items")
+    args = getattr(field.annotation, "__args__", ())
+    if args and getattr(args[0], "__metadata__", None):
+        meta = [x for m in args[0].__metadata__ for x in getattr(m, "metadata", [m])]
+        item = bounds(meta, "each item")
+        if item:
+            parts.append(item)
+    return "; ".join(parts) or None
+
+
+def describe_validation_error(err: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line per wrong field, for CLI and API messages; a value out of bounds also gets the
+    field's whole allowed range (from ``model``'s fields, default: the model that failed, when
+    it is :class:`TrainConfig` or :class:`SampleConfig`)."""
+    model = model or {"SampleConfig": SampleConfig}.get(err.title, TrainConfig)
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "value"
+        line = f"{loc}: {e['msg']}"
+        if e["type"].startswith(_BOUND_ERRORS) and e["loc"]:
+            allowed = allowed_range(model, str(e["loc"][0]))
+            if allowed:
+                line += f" (allowed: {allowed})"
+        lines.append(line)
+    return "; ".join(lines)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -29,10 +29,12 @@ from ml.catalog import (
     MATEK_IGNORED,
     Catalog,
     DataError,
+    OutsideRootsError,
     data_dir,
     detect_layout,
     scan,
 )
+from ml.config import MAX_PER_CLASS
 
 __all__ = [
     "HAM_CSV",
@@ -46,6 +48,7 @@ __all__ = [
     "DataError",
     "DatasetSplit",
     "ImageSet",
+    "OutsideRootsError",
     "data_dir",
     "detect_layout",
     "load_image",
@@ -130,10 +133,12 @@ def _class_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def _check_args(n_per_class: int | None, n_heldout: int, image_size: int, seed: int) -> None:
-    if n_per_class is not None and n_per_class <= 0:
-        raise DataError(f"n_per_class must be a positive integer or None (all), got {n_per_class}")
-    if n_heldout < 0:
-        raise DataError(f"n_heldout must be >= 0, got {n_heldout}")
+    if n_per_class is not None and not 1 <= n_per_class <= MAX_PER_CLASS:
+        raise DataError(
+            f"n_per_class must be 1 to {MAX_PER_CLASS} or None (all), got {n_per_class}"
+        )
+    if not 0 <= n_heldout <= MAX_PER_CLASS:
+        raise DataError(f"n_heldout must be 0 to {MAX_PER_CLASS}, got {n_heldout}")
     if image_size < MIN_IMAGE_SIZE:
         raise DataError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
     if seed < 0:
@@ -172,6 +177,7 @@ def _draw_class(
                 break
             if not to_held and len(train) >= train_full:
                 return held, train, n_bad, n_dropped
+            cat.check_inside(p)  # again: the file may have become a link since the scan
             try:
                 img = load_image(p, image_size)
             except Exception as exc:  # PIL raises many exception types for bad files
@@ -210,8 +216,13 @@ def load_split(
     image_size: int = 64,
     seed: int = 0,
     classes: list[str] | None = None,
+    roots: Sequence[Path | str] | None = None,
 ) -> DatasetSplit:
     """Draw ``n_heldout`` then ``n_per_class`` images per class (None = all the rest).
+
+    ``roots``: folders every file read must resolve inside, symbolic links included (default:
+    ``root`` itself); the service passes its data roots, so a folder changed after registration
+    to link elsewhere fails here with :class:`OutsideRootsError` (see :func:`ml.catalog.scan`).
 
     Per class, groups (single images unless the layout has lesions) are shuffled with a
     seeded per-class RNG and assigned in that order, held-out first. A group that only
@@ -220,7 +231,7 @@ def load_split(
     already chosen image are logged, recorded in ``skipped`` and replaced by the next one.
     """
     _check_args(n_per_class, n_heldout, image_size, seed)
-    cat = scan(Path(root), layout)
+    cat = scan(Path(root), layout, roots)
     if classes is not None:
         unknown = sorted(set(classes) - set(cat.items))
         if unknown:
@@ -232,25 +243,29 @@ def load_split(
         if not cat.items[c]:
             raise DataError(f"class {c!r} has no images (allowed suffixes: {IMAGE_SUFFIXES})")
 
-    skipped = list(cat.missing)
+    skipped = list(cat.missing) + list(cat.not_images)
     seen: dict[str, str] = {}  # pixel hash -> path, across classes: no image on both sides
     train_rows: list[_Row] = []
     held_rows: list[_Row] = []
     for label, c in enumerate(names):
         needed = n_heldout + (n_per_class or 1)
         asked = f"n_heldout={n_heldout} + n_per_class={n_per_class or 'all (at least 1)'}"
-        if len(cat.items[c]) < needed:
+        not_images = cat.not_images_per_class.get(c, 0)  # left out by the scan already
+        if len(cat.items[c]) < needed and not not_images:
             raise DataError(
                 f"class {c!r} has {len(cat.items[c])} images but {needed} were asked ({asked})"
             )
-        held, train, n_bad, n_dropped = _draw_class(
-            cat, c, label, n_per_class, n_heldout, image_size, seed, seen, skipped
-        )
+        held, train, n_bad, n_dropped, usable = [], [], 0, 0, len(cat.items[c])
+        if len(cat.items[c]) >= needed:
+            held, train, n_bad, n_dropped = _draw_class(
+                cat, c, label, n_per_class, n_heldout, image_size, seed, seen, skipped
+            )
+            usable = len(held) + len(train)
         if len(held) < n_heldout or len(train) < (n_per_class or 1):
             raise DataError(
-                f"class {c!r} has {len(held) + len(train)} usable images of "
-                f"{len(cat.items[c])} ({n_bad} skipped, {n_dropped} withheld with held-out "
-                f"groups) but {needed} were asked ({asked})"
+                f"class {c!r} has {usable} usable images of {len(cat.items[c]) + not_images} "
+                f"({n_bad + not_images} skipped, {n_dropped} withheld with held-out groups) but "
+                f"{needed} were asked ({asked})"
             )
         held_rows += held
         train_rows += train
@@ -275,10 +290,13 @@ def load_split(
     )
 
 
-def load_selection(selection: dict[str, Any]) -> DatasetSplit:
-    """Rebuild the exact split recorded in ``DatasetSplit.selection``."""
+def load_selection(
+    selection: dict[str, Any], roots: Sequence[Path | str] | None = None
+) -> DatasetSplit:
+    """Rebuild the exact split recorded in ``DatasetSplit.selection`` (``roots``: as for
+    :func:`load_split`; machine-specific, so never part of the selection)."""
     keys = ("layout", "n_per_class", "n_heldout", "image_size", "seed", "classes")
     missing = [k for k in ("root", *keys) if k not in selection]
     if missing:
         raise DataError(f"selection lacks {missing}; expected keys root, {', '.join(keys)}")
-    return load_split(selection["root"], **{k: selection[k] for k in keys})
+    return load_split(selection["root"], **{k: selection[k] for k in keys}, roots=roots)

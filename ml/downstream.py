@@ -37,11 +37,11 @@ class DownstreamConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backbone: Backbone = "small"
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
-    weight_decay: float = Field(1e-4, ge=0)
-    image_size: int = Field(64, ge=16, description="images are resized to this side")
+    epochs: int = Field(30, ge=1, le=1000)  # bounds: sizes that protect the machine
+    batch_size: int = Field(64, ge=1, le=1024)
+    lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0, le=10.0)
+    image_size: int = Field(64, ge=16, le=512, description="images are resized to this side")
     augment: bool = Field(True, description="random horizontal and vertical flips")
     seed: int = Field(0, ge=0)
     device: str | None = None

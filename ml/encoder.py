@@ -6,7 +6,6 @@ L2-normalised float32 vectors keyed in the cache by (encoder identity, content h
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -18,6 +17,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from ml.config import bf16_supported
+from ml.weights import TINY_MODEL, find_weights
 
 log = logging.getLogger(__name__)
 
-# Untrained, tests-only architecture: a 2-layer ViT on 64x64 inputs (a few seconds on a CPU).
-# open_clip needs a text tower to build a CLIP model; this one is minimal and never used.
-TINY_MODEL = "protomed-tiny-vit"
+# TINY_MODEL: untrained, tests-only architecture: a 2-layer ViT on 64x64 inputs (a few seconds on
+# a CPU). open_clip needs a text tower to build a CLIP model; this one is minimal and never used.
 _TINY_CONFIG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 64, "layers": 2, "head_width": 32,
@@ -38,7 +38,6 @@ _TINY_CONFIG = {
     "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
 }  # fmt: skip
 UNTRAINED = "untrained-seed0"
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 def _register_tiny_config() -> None:
@@ -81,63 +80,46 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in z.namelist())
 
 
-def _resolve_weights(spec: EncoderSpec) -> tuple[str, str, bool]:
-    """-> (kind 'tag' | 'file' | 'untrained', weights id for the identity, quick_gelu)."""
-    models = open_clip.list_models()
-    if spec.model_name not in models:
-        near = difflib.get_close_matches(spec.model_name, models, n=5, cutoff=0.5)
-        raise ValueError(
-            f"unknown open_clip model {spec.model_name!r}; close matches: {near or 'none'}; "
-            f"e.g. {['ViT-L-14', 'ViT-B-16', 'ViT-B-32', TINY_MODEL]} (open_clip.list_models())"
-        )
-    if spec.pretrained is None:
-        return "untrained", UNTRAINED, bool(spec.quick_gelu)
-    tag_cfg = open_clip.get_pretrained_cfg(spec.model_name, spec.pretrained)
-    if tag_cfg:
+@dataclass(frozen=True)
+class _Resolved:
+    kind: str  # tag | file | untrained
+    identity: str  # the weights' part of the encoder identity (embedding cache key)
+    quick_gelu: bool
+    path: Path | None  # the local file open_clip loads (never a download)
+    tag_cfg: dict[str, Any]
+
+
+def _resolve_weights(spec: EncoderSpec) -> _Resolved:
+    """Find the weights on this machine (:func:`ml.weights.find_weights`: a file, or a tag's
+    file already in the hub cache); raises a one-line ValueError naming --untrained and
+    --pretrained PATH when they are not here, instead of letting open_clip try the network."""
+    found = find_weights(spec.model_name, spec.pretrained)
+    if found.kind == "untrained":
+        return _Resolved("untrained", UNTRAINED, bool(spec.quick_gelu), None, {})
+    assert found.path is not None
+    if found.kind == "tag":
         # OpenAI (and some other) weights were trained with QuickGELU, but the plain configs
         # ("ViT-L-14") build nn.GELU and open_clip 3.3 only *warns* about the mismatch, giving
         # subtly wrong embeddings. The tag's own cfg says which activation it was trained with.
-        qg = tag_cfg.get("quick_gelu", False) if spec.quick_gelu is None else spec.quick_gelu
-        return "tag", spec.pretrained, bool(qg)
-    path = Path(spec.pretrained).expanduser()
-    if path.is_file():
-        # A checkpoint file carries no activation info: OpenAI's releases are TorchScript
-        # archives, and hub copies of them live under a "...openai" folder.
-        qg = spec.quick_gelu
-        if qg is None:
-            qg = "openai" in str(path.resolve()).lower() or _is_torchscript(path)
-        return "file", _file_fingerprint(path), bool(qg)
-    if os.sep in spec.pretrained or path.suffix in _CHECKPOINT_SUFFIXES:
-        raise ValueError(f"checkpoint file not found: {path}")
-    tags = open_clip.list_pretrained_tags_by_model(spec.model_name)
-    raise ValueError(
-        f"{spec.pretrained!r} is neither a pretrained tag of {spec.model_name} ({tags}) "
-        "nor an existing checkpoint file"
-    )
+        qg = found.tag_cfg.get("quick_gelu", False) if spec.quick_gelu is None else spec.quick_gelu
+        return _Resolved("tag", str(spec.pretrained), bool(qg), found.path, found.tag_cfg)
+    # A checkpoint file carries no activation info: OpenAI's releases are TorchScript archives,
+    # and hub copies of them live under a "...openai" folder.
+    qg = spec.quick_gelu
+    if qg is None:
+        qg = "openai" in str(found.path.resolve()).lower() or _is_torchscript(found.path)
+    return _Resolved("file", _file_fingerprint(found.path), bool(qg), found.path, {})
 
 
-def _build_model(spec: EncoderSpec, kind: str, quick_gelu: bool) -> torch.nn.Module:
-    name = spec.model_name
-    if kind == "untrained":
+def _build_model(spec: EncoderSpec, weights: _Resolved) -> torch.nn.Module:
+    name, quick_gelu = spec.model_name, weights.quick_gelu
+    if weights.kind == "untrained":
         # Seeded init inside a forked RNG: a stable identity without touching the caller's RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
-    if kind == "tag":
-        try:
-            return open_clip.create_model(
-                name, pretrained=spec.pretrained, force_quick_gelu=quick_gelu
-            )
-        except RuntimeError as e:
-            # A user-fixable situation (no cached weights, no network): a ValueError, so the CLI
-            # and API report it in one line.
-            reason = str(e).split(". ")[0]
-            raise ValueError(
-                f"could not load {name} weights {spec.pretrained!r}: {reason}. open_clip looks in "
-                "the Hugging Face hub cache (HF_HOME) and downloads when online; offline, pass a "
-                "local checkpoint file with --pretrained PATH"
-            ) from e
-    path = Path(str(spec.pretrained)).expanduser()
+    path = weights.path
+    assert path is not None
     try:
         if not _is_torchscript(path):
             return open_clip.create_model(name, pretrained=str(path), force_quick_gelu=quick_gelu)
@@ -176,7 +158,8 @@ class ClipEncoder:
         allow_untrained: bool = False,
         dtype: str = "auto",
     ) -> None:
-        kind, weights, quick_gelu = _resolve_weights(spec)
+        weights = _resolve_weights(spec)
+        kind, quick_gelu = weights.kind, weights.quick_gelu
         if kind == "untrained" and not allow_untrained:
             raise ValueError(
                 f"EncoderSpec({spec.model_name!r}, pretrained=None) has no weights: pass an "
@@ -187,10 +170,15 @@ class ClipEncoder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype, self.device)
         self.quick_gelu = quick_gelu
-        model = _build_model(spec, kind, quick_gelu)
+        model = _build_model(spec, weights)
         if kind == "untrained":
             log.warning("embeddings come from an UNTRAINED encoder (%s, seed 0)", spec.model_name)
-        cfg = open_clip.get_model_preprocess_cfg(model)
+        # Loaded from a file, the model has its architecture's preprocessing; a tag's own (mean,
+        # std, interpolation) is what open_clip would have applied when loading by tag.
+        cfg = {
+            **open_clip.get_model_preprocess_cfg(model),
+            **{k: v for k, v in weights.tag_cfg.items() if k in ("mean", "std", "interpolation")},
+        }
         self._dim = int(open_clip.get_model_config(spec.model_name)["embed_dim"])
         self.visual = model.visual.eval().requires_grad_(False).to(self.device, self.dtype)
         del model  # drop the text tower
@@ -200,7 +188,8 @@ class ClipEncoder:
         self._mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
         act = "quickgelu" if quick_gelu else "gelu"
-        self._identity = f"{spec.model_name}|{weights}|{act}|{str(self.dtype).split('.')[-1]}"
+        dtype_name = str(self.dtype).split(".")[-1]
+        self._identity = f"{spec.model_name}|{weights.identity}|{act}|{dtype_name}"
 
     @property
     def identity(self) -> str:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ml.checkpoint import LoadedModel
-from ml.config import SampleConfig
+from ml.config import MAX_PER_CLASS, MAX_SEED, SampleConfig
 from ml.data import DatasetSplit, ImageSet, load_selection
 from ml.downstream import DownstreamConfig, downstream_experiment, tables_5_6
 from ml.encoder import ClipEncoder, EmbeddingCache, embed
@@ -39,22 +40,31 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_per_class: int | None = Field(None, ge=1, description="synthetic images per class")
+    # Upper bounds as the CLI's and the API's (api/routes/evaluation.py): sizes that protect
+    # the machine, the same wherever the config comes from.
+    n_per_class: int | None = Field(
+        None, ge=1, le=MAX_PER_CLASS, description="synthetic images per class"
+    )
     # The seed's protocol (DDIM-50) by default, so results stay comparable with its Tables 5-6
     # and with earlier runs; scheduler="dpm++sde", steps=20 samples 2.5x faster.
-    steps: int = Field(50, ge=1)
-    guidance: float = Field(2.0, ge=0)
+    steps: int = Field(50, ge=1, le=1000)
+    guidance: float = Field(2.0, ge=0, le=50.0)
     scheduler: str = Field("ddim", pattern="^(ddim|dpm\\+\\+|dpm\\+\\+sde)$")
-    seed: int = Field(0, ge=0)
-    batch_size: int = Field(64, ge=1)
-    k: int = Field(3, ge=1, description="neighbours for precision/recall")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    batch_size: int = Field(64, ge=1, le=1024)
+    k: int = Field(3, ge=1, le=100, description="neighbours for precision/recall")
     seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
 
 
-def real_split(models: Mapping[str, LoadedModel], root: str | None = None) -> DatasetSplit:
+def real_split(
+    models: Mapping[str, LoadedModel],
+    root: str | None = None,
+    roots: Sequence[Path | str] | None = None,
+) -> DatasetSplit:
     """The split both models were trained on, at their image size, with its held-out part
-    (``root``: where the dataset is on this machine, if not where it was at training)."""
+    (``root``: where the dataset is on this machine, if not where it was at training;
+    ``roots``: the folders its files must resolve inside, as for :func:`ml.data.load_split`)."""
     selections = {name: m.cond.extra.get("selection") for name, m in models.items()}
     if any(not s for s in selections.values()):
         raise ValueError("a model does not record its data selection (trained without a codebook)")
@@ -68,7 +78,8 @@ def real_split(models: Mapping[str, LoadedModel], root: str | None = None) -> Da
         raise ValueError(f"the models generate different image sizes: {sorted(sizes)}")
     if "layout" not in first:
         raise ValueError("the recorded selection has no held-out part; train with a codebook")
-    split = load_selection({**first, "image_size": sizes.pop(), **({"root": root} if root else {})})
+    selection = {**first, "image_size": sizes.pop(), **({"root": root} if root else {})}
+    split = load_selection(selection, roots)
     counts = split.heldout.per_class_counts() if len(split.heldout) else {}
     empty = [c for c in split.classes if not counts.get(c)]
     if empty:
@@ -129,13 +140,14 @@ def evaluate(
     progress: Progress | None = None,
     synthetic: Mapping[str, ImageSet] | None = None,
     root: str | None = None,
+    roots: Sequence[Path | str] | None = None,
 ) -> dict[str, Any]:
     """The whole comparison for named models (e.g. {"baseline": ..., "prototype": ...}).
 
     ``synthetic``: images already generated (e.g. reviewed batches) to use for some models
     instead of generating new ones; they must cover every class."""
     t0 = time.perf_counter()
-    split = real_split(models, root)
+    split = real_split(models, root, roots)
     counts = split.train.per_class_counts()
     classes = list(split.classes)
     for name, m in models.items():

@@ -7,12 +7,13 @@ exactly the same training split at the model's image size.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ml.config import TrainConfig
-from ml.data import DatasetSplit, ImageSet, load_selection, load_split
+from ml.data import DatasetSplit, ImageSet, load_selection, load_split, scan
 from ml.encoder import ClipEncoder, EmbeddingCache, EncoderSpec, embed
 from ml.prototypes import Codebook, CPLConfig, PrototypeReport, fit_prototypes
 from ml.train import ProgressCallback, train
@@ -46,16 +47,21 @@ def learn_prototypes(
     cache: EmbeddingCache | None = None,
     device: str | None = None,
     progress: bool = False,
+    roots: Sequence[Path | str] | None = None,
 ) -> PrototypeRun:
     """Load a split, embed it with CLIP (cached), fit prototypes, save the codebook.
 
     ``data`` is a dataset folder (all images, no held-out) or a selection dict with the keyword
-    arguments of :func:`ml.data.load_split` plus ``root``; the encoder is built first so that a
-    wrong model name or weights file fails before any image is decoded.
+    arguments of :func:`ml.data.load_split` plus ``root``; ``roots`` are the folders every file
+    read must resolve inside (default: the dataset folder). Inputs are checked cheapest first,
+    so a missing folder, a link leaving the roots or missing weights fail at once: the folder is
+    listed (nothing decoded), the weights located, then the encoder built and images decoded.
     """
-    encoder = ClipEncoder(encoder_spec, device=device, allow_untrained=allow_untrained)
     selection = dict(data) if isinstance(data, dict) else {"root": data}
-    split = load_split(selection.pop("root"), **selection)
+    root = selection.pop("root")
+    scan(Path(root), selection.get("layout", "auto"), roots)
+    encoder = ClipEncoder(encoder_spec, device=device, allow_untrained=allow_untrained)
+    split = load_split(root, **selection, roots=roots)
     train_emb = embed(encoder, split.train.images, split.train.hashes, cache)
     held_emb = held_y = None
     if len(split.heldout):
@@ -83,8 +89,10 @@ def training_data(
     *,
     codebook: Codebook | None = None,
     root: Path | str | None = None,
+    roots: Sequence[Path | str] | None = None,
 ) -> ImageSet:
-    """The training images at the model's size: the codebook's selection, else ``root``."""
+    """The training images at the model's size: the codebook's selection, else ``root``
+    (``roots``: as for :func:`ml.data.load_split`)."""
     if codebook is not None and codebook.selection:
         base = dict(codebook.selection)
     elif root is not None:
@@ -93,8 +101,8 @@ def training_data(
         raise ValueError("give a dataset folder or a codebook that records its data selection")
     base["image_size"] = cfg.image_size
     if "layout" in base:
-        return load_selection(base).train
-    return load_split(base.pop("root"), **base).train
+        return load_selection(base, roots).train
+    return load_split(base.pop("root"), **base, roots=roots).train
 
 
 def train_model(
@@ -107,11 +115,12 @@ def train_model(
     progress: ProgressCallback | None = None,
     device: str | None = None,
     show_progress: bool = True,
+    roots: Sequence[Path | str] | None = None,
 ) -> Path:
     """Train one mode on the codebook's training split; returns the checkpoint path."""
     if cfg.mode == "prototype" and codebook is None:
         raise ValueError("prototype mode needs --codebook (run `protomed prototypes` first)")
-    data = training_data(cfg, codebook=codebook, root=root)
+    data = training_data(cfg, codebook=codebook, root=root, roots=roots)
     keyed = ImageSet(
         images=data.images,
         labels=data.labels,

@@ -168,3 +168,16 @@ def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service
             client, {"Authorization": f"Bearer {ADMIN_KEY}"}, tmp_path / "data", tmp_path, env
         )
     reset_service_caches()
+
+
+def fake_hub_cache(cache: Path, repo: str, filename: str, content: bytes = b"") -> Path:
+    """Put ``filename`` of the model repo ``repo`` into a Hugging Face hub cache folder laid out
+    as huggingface_hub writes it (refs/main -> snapshots/<commit>/), as if downloaded earlier."""
+    commit = "0" * 40
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    path = folder / "snapshots" / commit / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path

@@ -94,7 +94,7 @@ def test_missing_clip_weights_are_a_one_line_error(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: could not load ViT-L-14 weights 'openai'")
+    assert last.startswith("error: no local weights for ViT-L-14 'openai'")
     assert "--pretrained PATH" in last and "Traceback" not in proc.stderr
     assert not (tmp_path / "cb").exists()
 

@@ -9,6 +9,7 @@ import time
 import open_clip
 import pytest
 import torch
+from conftest import fake_hub_cache
 
 from ml.encoder import (
     TINY_MODEL,
@@ -89,7 +90,9 @@ def test_local_checkpoint_matches_source_model(tiny, tmp_path):
     copy = tmp_path / "sub" / "tiny-clip.pt"
     copy.parent.mkdir()
     copy.write_bytes(ckpt.read_bytes())
-    assert _resolve_weights(EncoderSpec(TINY_MODEL, str(copy)))[1] == enc.identity.split("|")[1]
+    assert (
+        _resolve_weights(EncoderSpec(TINY_MODEL, str(copy))).identity == enc.identity.split("|")[1]
+    )
     # a checkpoint named as OpenAI's is built with QuickGELU (different activations)
     openai_ckpt = tmp_path / "openai-tiny.pt"
     openai_ckpt.write_bytes(ckpt.read_bytes())
@@ -97,22 +100,33 @@ def test_local_checkpoint_matches_source_model(tiny, tmp_path):
     assert qg.quick_gelu and "|quickgelu|" in qg.identity
     assert not torch.allclose(qg.encode(x), enc.encode(x))
     forced = EncoderSpec(TINY_MODEL, str(openai_ckpt), quick_gelu=False)
-    assert _resolve_weights(forced)[2] is False
+    assert _resolve_weights(forced).quick_gelu is False
 
 
-def test_openai_tags_use_quick_gelu():
+def test_openai_tags_use_quick_gelu(tmp_path, monkeypatch):
     # resolved without building (no download): the tag's own config decides the activation
-    assert _resolve_weights(EncoderSpec("ViT-L-14", "openai")) == ("tag", "openai", True)
-    assert _resolve_weights(EncoderSpec("ViT-L-14", "laion2b_s32b_b82k"))[2] is False
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    path = fake_hub_cache(tmp_path, "timm/vit_large_patch14_clip_224.openai",
+                          "open_clip_model.safetensors")  # fmt: skip
+    laion = "laion/CLIP-ViT-L-14-laion2B-s32B-b82K"
+    fake_hub_cache(tmp_path, laion, "open_clip_pytorch_model.bin")  # the .bin when no safetensors
+    found = _resolve_weights(EncoderSpec("ViT-L-14", "openai"))
+    assert (found.kind, found.identity, found.quick_gelu, found.path) == ("tag", "openai", True,
+                                                                           path)  # fmt: skip
+    found = _resolve_weights(EncoderSpec("ViT-L-14", "laion2b_s32b_b82k"))
+    assert found.quick_gelu is False and found.path.name == "open_clip_pytorch_model.bin"
 
 
-def test_clear_errors(tmp_path):
+def test_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"unknown open_clip model 'ViT-L-1'.*ViT-L-14"):
         ClipEncoder(EncoderSpec("ViT-L-1", None), allow_untrained=True)
     with pytest.raises(ValueError, match="checkpoint file not found"):
         ClipEncoder(EncoderSpec(TINY_MODEL, str(tmp_path / "missing.pt")))
     with pytest.raises(ValueError, match="neither a pretrained tag"):
         ClipEncoder(EncoderSpec("ViT-L-14", "no-such-tag"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    with pytest.raises(ValueError, match=r"no local weights for ViT-L-14 'openai'.*--untrained"):
+        ClipEncoder(EncoderSpec("ViT-L-14", "openai"))
     bad = tmp_path / "bad.pt"
     torch.save({"visual.proj": torch.zeros(2, 2)}, bad)
     with pytest.raises(ValueError, match="does not load"):

@@ -14,6 +14,11 @@ from celery import Celery
 from sqlalchemy import create_engine
 
 from api.core.config import Settings, get_settings
+from ml.weights import force_offline
+
+# Workers never download (open_clip would try the model hub for missing weights): offline mode
+# for the hub libraries before any job imports them (ml/__init__ does it too; explicit here).
+force_offline()
 
 GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "default"

@@ -17,7 +17,7 @@ from api.db.session import get_sessionmaker
 from api.storage import Storage
 from workers.lifecycle import JobContext
 from workers.sampling import local_checkpoint
-from workers.training import encoder_spec
+from workers.training import encoder_spec, read_roots
 
 
 def _stored_batches(session: Any, ids: list[int]) -> list[tuple[str, list[str]]]:
@@ -104,6 +104,7 @@ def run_evaluation(job_id: int, ctx: JobContext, settings: Settings, storage: St
     with EmbeddingCache(settings.work_dir / "embeddings.sqlite") as cache:
         result = evaluate(
             models, encoder, cfg, codebook=book, cache=cache, synthetic=given, root=str(root),
+            roots=read_roots(settings),
             progress=lambda _stage, f: ctx.report(f),
         )  # fmt: skip
     with get_sessionmaker()() as session:

@@ -34,6 +34,13 @@ def encoder_spec(settings: Settings) -> tuple[Any, bool]:
     return EncoderSpec(settings.encoder, None if untrained else settings.encoder_weights), untrained
 
 
+def read_roots(settings: Settings) -> list[Path]:
+    """Where a job's dataset files may resolve: the data roots folders are registered from,
+    and the work dir's ``datasets/`` where uploaded zips are unpacked. Checked again on every
+    read because a registered folder can change (gain a link to /etc) after registration."""
+    return [*settings.data_roots, settings.work_dir / "datasets"]
+
+
 def _load(job_id: int) -> dict[str, Any]:
     """Everything the job needs from the database, read once; marks the model as training."""
     with get_sessionmaker()() as session:
@@ -62,8 +69,9 @@ def _codebook(info: dict[str, Any], root: Path, run_dir: Path, settings: Setting
     cpl = CPLConfig(k=int(info["params"].get("k", 1)), seed=int(selection.get("seed", 0)))
     with EmbeddingCache(settings.work_dir / "embeddings.sqlite") as cache:
         run = learn_prototypes(
-            selection, book_dir, encoder_spec=spec, cpl=cpl, allow_untrained=untrained, cache=cache
-        )
+            selection, book_dir, encoder_spec=spec, cpl=cpl, allow_untrained=untrained,
+            cache=cache, roots=read_roots(settings),
+        )  # fmt: skip
     return run.codebook
 
 
@@ -75,7 +83,7 @@ def processes(settings: Settings) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def _train_single(cfg: Any, book: Any, run_dir: Path, ctx: JobContext) -> Path:
+def _train_single(cfg: Any, book: Any, run_dir: Path, ctx: JobContext, roots: list[Path]) -> Path:
     from ml.pipeline import train_model
     from ml.train import Progress, TrainingCancelled
 
@@ -88,15 +96,18 @@ def _train_single(cfg: Any, book: Any, run_dir: Path, ctx: JobContext) -> Path:
     resume = run_dir / "last.pt" if (run_dir / "last.pt").is_file() else None
     try:
         return train_model(
-            cfg, run_dir, codebook=book, resume=resume, progress=on_step, show_progress=False
-        )
+            cfg, run_dir, codebook=book, resume=resume, progress=on_step, show_progress=False,
+            roots=roots,
+        )  # fmt: skip
     except TrainingCancelled as exc:
         if isinstance(exc.__cause__, JobStopped):
             raise exc.__cause__ from None
         raise
 
 
-def _train_ddp(cfg: Any, book: Any, run_dir: Path, ctx: JobContext, nproc: int) -> Path:
+def _train_ddp(
+    cfg: Any, book: Any, run_dir: Path, ctx: JobContext, nproc: int, roots: list[Path]
+) -> Path:
     """``torchrun`` over the machine's GPUs; progress from metrics.jsonl, cancel terminates."""
     from ml.train import steps_for
 
@@ -109,6 +120,8 @@ def _train_ddp(cfg: Any, book: Any, run_dir: Path, ctx: JobContext, nproc: int) 
     for s in sets:
         if not s.startswith(("mode=", "preset=")):
             cmd += ["--set", s]
+    for r in roots:
+        cmd += ["--allow-root", str(r)]
     if (run_dir / "last.pt").is_file():
         cmd += ["--resume", str(run_dir / "last.pt")]
     total = steps_for(cfg, len(book.assignments), nproc)
@@ -163,9 +176,9 @@ def run_training(job_id: int, ctx: JobContext, settings: Settings, storage: Stor
     cfg = TrainConfig(**info["config"])
     nproc = processes(settings)
     if nproc > 1:
-        _train_ddp(cfg, book, run_dir, ctx, nproc)
+        _train_ddp(cfg, book, run_dir, ctx, nproc, read_roots(settings))
     else:
-        _train_single(cfg, book, run_dir, ctx)
+        _train_single(cfg, book, run_dir, ctx, read_roots(settings))
     keys = _upload(model_id, run_dir, storage)
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = {**summary, "prototypes": book.report}

@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # service never downloads; "untrained" builds the architecture with random weights (tests).
     encoder: str = "ViT-L-14"
     encoder_weights: str = "openai"
+    # The API refuses training/evaluation requests (422) whose encoder weights it cannot find
+    # (a file, or the tag's file in the hub cache, HF_HOME). Set false only where the API runs
+    # on a machine without the workers' weights.
+    check_encoder_weights: bool = True
 
     @field_validator("database_url")
     @classmethod

@@ -24,9 +24,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api.archive import ArchiveError, ArchiveTooLarge, copy_limited, safe_extract
 from api.core.config import Settings, get_settings
+from api.criteria import known_domains
 from api.db.models import Dataset, DatasetSource
 from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, StorageDep
-from api.schemas import DatasetIn, DatasetOut
+from api.schemas import DatasetIn, DatasetOut, DatasetRegistered, SkippedFile
 from api.storage import Storage
 from ml.catalog import IMAGE_SUFFIXES, Catalog, scan
 
@@ -126,10 +127,11 @@ def _resolve_folder(path: str, data_roots: list[Path]) -> Path:
     return folder
 
 
-def scan_dataset(root: Path, layout: str) -> Catalog:
-    """Scan ``root``; 422 if it cannot be read or holds no labelled images."""
+def scan_dataset(root: Path, layout: str, roots: list[Path]) -> Catalog:
+    """Scan ``root``; 422 if it cannot be read, holds no labelled images, or links to files
+    outside ``roots`` (the workers check the same again whenever they read it)."""
     try:
-        catalog = scan(root, layout)
+        catalog = scan(root, layout, roots)
     except (ValueError, OSError) as exc:  # DataError is a ValueError
         raise _unprocessable(f"cannot read the dataset: {exc}") from exc
     if not catalog.classes or not any(catalog.counts().values()):
@@ -140,12 +142,24 @@ def scan_dataset(root: Path, layout: str) -> Catalog:
     return catalog
 
 
+def check_domain(session: Session, domain: str | None) -> None:
+    """422 unless ``domain`` is None or has criteria (reviews of the dataset need them)."""
+    if domain is None:
+        return
+    known = known_domains(session)
+    if domain not in known:
+        raise _unprocessable(
+            f"unknown review domain {domain!r}; known: {', '.join(known)} "
+            "(or create one with POST /criteria/{domain})"
+        )
+
+
 def _check_name_free(session: Session, name: str) -> None:
     if session.scalar(select(func.count()).where(Dataset.name == name)):
         raise HTTPException(status.HTTP_409_CONFLICT, f"a dataset named {name!r} already exists")
 
 
-def _insert(session: Session, row: Dataset) -> DatasetOut:
+def _insert(session: Session, row: Dataset, catalog: Catalog) -> DatasetRegistered:
     session.add(row)
     try:
         session.commit()
@@ -154,7 +168,13 @@ def _insert(session: Session, row: Dataset) -> DatasetOut:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"a dataset named {row.name!r} already exists"
         ) from exc
-    return DatasetOut.model_validate(row)
+    root = Path(row.root)
+    skipped = [
+        SkippedFile(path=str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else p,
+                    reason=reason)
+        for p, reason in catalog.not_images
+    ]  # fmt: skip
+    return DatasetRegistered.model_validate(row).model_copy(update={"skipped": skipped})
 
 
 def _row(name: str, root: Path, catalog: Catalog, domain: str | None, **extra: object) -> Dataset:
@@ -206,12 +226,15 @@ def _discard(storage: Storage, key: str) -> None:
 @router.post("", status_code=status.HTTP_201_CREATED)
 def register_folder(
     body: DatasetIn, session: SessionDep, settings: SettingsDep, _admin: AdminKey
-) -> DatasetOut:
-    """Register a folder under one of the data roots (422 if outside or without images)."""
+) -> DatasetRegistered:
+    """Register a folder under one of the data roots (422 if outside or without images, if a
+    link inside leads outside the roots, or for an unknown review domain); ``skipped`` lists
+    files named like images that are none."""
     folder = resolve_folder(body.path, settings.data_roots)
     _check_name_free(session, body.name)
-    catalog = scan_dataset(folder, body.layout)
-    return _insert(session, _row(body.name, folder, catalog, body.domain))
+    check_domain(session, body.domain)
+    catalog = scan_dataset(folder, body.layout, settings.data_roots)
+    return _insert(session, _row(body.name, folder, catalog, body.domain), catalog)
 
 
 @router.post("/upload", status_code=status.HTTP_201_CREATED)
@@ -224,10 +247,11 @@ def upload_dataset(
     file: Annotated[UploadFile, File(description="The dataset as a .zip archive.")],
     layout: Annotated[Layout, Form()] = "auto",
     domain: Annotated[str | None, Form(max_length=64)] = None,
-) -> DatasetOut:
+) -> DatasetRegistered:
     """Upload a zip (413 over the size limits, 422 if refused or without images); it is kept
     in storage so workers on other machines can fetch it."""
     _check_name_free(session, name)
+    check_domain(session, domain)
     uid = uuid.uuid4().hex
     work = settings.work_dir / "datasets"
     work.mkdir(parents=True, exist_ok=True)
@@ -236,11 +260,11 @@ def upload_dataset(
     try:
         _receive_zip(file, zip_path, settings.max_upload_bytes)
         root = _unpack(zip_path, unpacked, settings)
-        catalog = scan_dataset(root, layout)
+        catalog = scan_dataset(root, layout, [unpacked])
         storage.put_file(key, zip_path, "application/zip")
         stored = True
         row = _row(name, root, catalog, domain, source=DatasetSource.upload, archive_key=key)
-        return _insert(session, row)
+        return _insert(session, row, catalog)
     except BaseException:
         shutil.rmtree(unpacked, ignore_errors=True)
         if stored:

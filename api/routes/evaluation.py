@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from api.db.models import Batch, Job, JobKind, JobStatus, Model, ModelMode, ModelStatus
-from api.deps import MAX_ID, AdminKey, Reader, SessionDep
+from api.deps import MAX_ID, AdminKey, Reader, SessionDep, SettingsDep
+from api.encoder import require_encoder_weights
 from api.queue import submit
 from api.routes.jobs import job_out
 from api.schemas import JobOut
@@ -71,7 +72,11 @@ def _batches(session: SessionDep, ids: list[int], model: Model, mode: str) -> li
 
 @router.post("/jobs/evaluate", status_code=status.HTTP_202_ACCEPTED)
 def submit_evaluation(
-    body: EvaluateRequest, request: Request, session: SessionDep, key: AdminKey
+    body: EvaluateRequest,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: AdminKey,
 ) -> JobOut:
     """A classifier trained on real, baseline and prototype images of equal size per class and
     tested on the held-out real images; CLIP-space FD, precision/recall, prototype
@@ -81,6 +86,7 @@ def submit_evaluation(
     if base.dataset_id != proto.dataset_id:
         raise HTTPException(422, f"the models are from different datasets "
                             f"({base.dataset_id} and {proto.dataset_id})")  # fmt: skip
+    require_encoder_weights(settings)  # the CLIP-space metrics embed with it
     config = {
         "n_per_class": body.n_per_class, "steps": body.steps, "guidance": body.guidance,
         "seeds": body.seeds, "downstream": {"backbone": body.backbone, "epochs": body.epochs},

@@ -9,7 +9,8 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from api.db.models import Dataset, Job, JobKind, JobStatus, Model, ModelMode, ModelStatus, utc_now
-from api.deps import AdminKey, IdPath, Reader, SessionDep
+from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep
+from api.encoder import require_encoder_weights
 from api.queue import submit
 from api.schemas import MAX_ID, JobOut, ModelOut, TrainAccepted, TrainRequest
 
@@ -44,9 +45,10 @@ def train_config(body: TrainRequest, mode: str) -> dict[str, Any]:
 
 @router.post("/train", status_code=status.HTTP_202_ACCEPTED)
 def submit_training(
-    body: TrainRequest, request: Request, session: SessionDep, key: AdminKey
+    body: TrainRequest, request: Request, session: SessionDep, settings: SettingsDep, key: AdminKey
 ) -> TrainAccepted:
-    """Queue one training run per mode (``both``: prototype and baseline on the same split)."""
+    """Queue one training run per mode (``both``: prototype and baseline on the same split);
+    422 if the encoder's weights (every run learns prototypes first) are not on this machine."""
     dataset = session.get(Dataset, body.dataset_id)
     if dataset is None:
         raise HTTPException(404, f"no dataset with id {body.dataset_id}; see GET /datasets")
@@ -59,6 +61,7 @@ def submit_training(
         )
     modes = ["prototype", "baseline"] if body.mode == "both" else [body.mode]
     configs = {m: train_config(body, m) for m in modes}
+    require_encoder_weights(settings)
     selection = {
         "root": dataset.root, "layout": dataset.layout, "n_per_class": body.n_per_class,
         "n_heldout": body.n_heldout, "seed": body.seed, "classes": classes,

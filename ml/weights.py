@@ -74,10 +74,13 @@ def _open_clip_dir() -> Path:
 
 
 def known_models() -> list[str]:
-    """open_clip's architecture names (its model_configs/*.json) plus the tests' tiny model."""
+    """open_clip's architecture names (its model_configs/*.json) plus the tests' tiny model,
+    which :mod:`ml.encoder` registers with open_clip when it is imported (so it may be missing
+    from an open_clip imported without it)."""
     if "open_clip" in sys.modules:
-        return sorted(sys.modules["open_clip"].list_models())
-    names = {p.stem for p in (_open_clip_dir() / "model_configs").glob("*.json")}
+        names = set(sys.modules["open_clip"].list_models())
+    else:
+        names = {p.stem for p in (_open_clip_dir() / "model_configs").glob("*.json")}
     return sorted(names | {TINY_MODEL})
 
 

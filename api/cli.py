@@ -8,11 +8,15 @@ nothing heavy until they run.
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -125,28 +129,90 @@ def serve(
     typer.echo(f"API docs: http://{host}:{port}/docs  dashboard: http://{host}:{port}/ui")
     _prepare_broker()
     worker = None
-    if not no_worker:
-        worker = Supervised(worker_command("gpu,default", "embedded@%h"), env=dict(env))
-        worker.start()
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the default
+    # SIGTERM action that killed serve on the spot and left the worker running as an orphan.
+    # With these handlers SIGTERM and SIGINT both unwind through ``finally``.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_stop)
     try:
+        if not no_worker:
+            node = f"embedded-{os.getpid()}@{socket.gethostname()}"
+            worker = Supervised(
+                worker_command("gpu,default", node), env=dict(env),
+                on_exit=lambda pid, code: _release_worker(f"{node}:{pid}", code),
+            )  # fmt: skip
+            worker.start()
         uvicorn.run("api.main:app", host=host, port=port, log_level="info")
+    except _Stop as stop:
+        raise typer.Exit(128 + stop.signum) from None
     finally:
         if worker is not None:
+            for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal: no more waiting
+                signal.signal(sig, lambda *_: worker.kill())
             worker.stop()
+
+
+class _Stop(BaseException):
+    """SIGTERM or SIGINT reached serve: stop the worker, then exit 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, _frame: FrameType | None) -> None:
+    raise _Stop(signum)
+
+
+def _release_worker(worker: str, code: int | None) -> None:
+    """Serve saw its worker process end: re-queue the jobs it was running now (at their place)
+    rather than after the heartbeat timeout. A worker that stopped cleanly has re-queued its
+    job itself; this covers one that was killed or crashed."""
+    from api.core.config import get_settings
+    from api.queue import enqueue
+    from workers.lifecycle import release_worker
+
+    why = f"exited (code {code})" if code is not None else "was killed"
+    try:
+        release_worker(get_settings(), worker, enqueue, why)
+    except Exception as exc:  # the reaper still catches these jobs later
+        typer.echo(f"could not re-queue the jobs of {worker}: {exc}", err=True)
+
+
+def _parent_death_signal() -> None:  # pragma: no cover - runs in the forked child
+    """Linux: the worker gets SIGTERM if serve dies without stopping it (SIGKILL, crash), so
+    it never outlives serve and keeps consuming the queue."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
 class Supervised:
     """The embedded worker process, restarted if it exits on its own: without it jobs would
-    stay ``queued`` behind an API that still answers. Restarts back off up to a minute."""
+    stay ``queued`` behind an API that still answers. Restarts back off up to a minute.
+    ``on_exit(pid, returncode)`` runs after each exit (before a restart, and after stop)."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
-        self.cmd, self.env = cmd, env
+    STOP_WAIT_S = 60.0  # SIGTERM: the job checkpoints and re-queues itself; then SIGKILL
+
+    def __init__(
+        self,
+        cmd: list[str],
+        env: dict[str, str],
+        on_exit: Callable[[int, int | None], None] | None = None,
+    ) -> None:
+        self.cmd, self.env, self.on_exit = cmd, env, on_exit
         self.proc: subprocess.Popen[bytes] | None = None
         self._stopping, self._lock = threading.Event(), threading.Lock()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        linux = sys.platform.startswith("linux")
+        return subprocess.Popen(
+            self.cmd, env=self.env, preexec_fn=_parent_death_signal if linux else None
+        )
+
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, env=self.env)
+        self.proc = self._spawn()
         self._thread.start()
 
     def _watch(self) -> None:
@@ -156,23 +222,37 @@ class Supervised:
             started, code = time.monotonic(), self.proc.wait()
             if self._stopping.is_set():
                 return
+            if self.on_exit is not None:
+                self.on_exit(self.proc.pid, code)
             delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 60.0)
             typer.echo(f"worker exited with code {code}; restarting in {delay:g} s", err=True)
             with self._lock:
                 if self._stopping.wait(delay):
                     return
-                self.proc = subprocess.Popen(self.cmd, env=self.env)
+                self.proc = self._spawn()
+
+    def kill(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def stop(self) -> None:
+        """SIGTERM (Celery's warm shutdown: the running job is interrupted and re-queued),
+        then SIGKILL after ``STOP_WAIT_S``; the worker's jobs are released either way."""
         self._stopping.set()
         with self._lock:  # not while a restart is under way
-            if self.proc is None or self.proc.poll() is not None:
+            if self.proc is None:
                 return
-            self.proc.terminate()
+            if self.proc.poll() is None:
+                self.proc.terminate()
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=self.STOP_WAIT_S)
         except subprocess.TimeoutExpired:
+            typer.echo(f"worker still running after {self.STOP_WAIT_S:g} s: killing it", err=True)
             self.proc.kill()
+            self.proc.wait()
+        if self.on_exit is not None:
+            self.on_exit(self.proc.pid, self.proc.returncode)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m api.cli`

@@ -2,6 +2,11 @@
 
 Every worker also runs the reaper (at start and then periodically), so a job whose worker died
 is re-queued or failed even when no beat scheduler is deployed.
+
+Shutdown: Celery's blocking loop (solo pool, SQLite broker) still fetches one more message after
+a warm shutdown was requested. A task that starts while :data:`SHUTTING_DOWN` is set therefore
+claims nothing and hands its token back; a job running when the signal comes stops at its next
+progress report and is re-queued at once, at its place (``workers.lifecycle``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,16 @@ from api.db.session import get_engine, get_sessionmaker
 from api.queue import enqueue
 from api.storage import get_storage
 from workers.celery_app import TASKS, app
-from workers.lifecycle import JobContext, JobStopped, claim, finish, reap
+from workers.lifecycle import (
+    SHUTTING_DOWN,
+    JobContext,
+    JobStopped,
+    claim,
+    claim_next,
+    finish,
+    reap,
+    requeue_interrupted,
+)
 
 log = logging.getLogger(__name__)
 _stop_reaper = threading.Event()
@@ -41,13 +55,36 @@ def _runner(kind: str) -> Callable[..., dict]:
     return run_sampling
 
 
+def _queue_kinds(kind: str) -> list[str]:
+    """The job kinds that share ``kind``'s queue: a token of that queue may run any of them."""
+    queue = TASKS[str(kind)][1]
+    return [k for k, (_name, q) in TASKS.items() if q == queue]
+
+
+def _hand_back(job_id: int) -> str:
+    """A task received while the worker shuts down: claim nothing and publish the token again,
+    so the job waits, queued and at its place, for the next worker."""
+    with get_sessionmaker()() as session:
+        job = session.get(Job, job_id)
+        if job is not None:
+            enqueue(job)
+    log.info("worker shutting down: job %s left queued", job_id)
+    return "deferred"
+
+
 def run_job(job_id: int, kind: str, worker: str) -> str:
-    """Run one job to its end; returns the final status (or ``skipped``)."""
+    """Run the first queued job of ``kind``'s queue (see ``claim_next``) to its end; returns
+    the final status (or ``skipped``/``deferred``/``requeued``)."""
+    if SHUTTING_DOWN.is_set():
+        return _hand_back(job_id)
     settings, storage = get_settings(), get_storage()
     with get_sessionmaker()() as session:
-        if not claim(session, job_id, worker, settings):
-            log.info("job %s not claimable (done, cancelled, or running elsewhere)", job_id)
+        claimed = claim_next(session, job_id, worker, settings, _queue_kinds(kind))
+        if claimed is None:
+            log.info("no claimable job for the token of job %s (done, cancelled, running)", job_id)
             return "skipped"
+        kind = str(session.get(Job, claimed).kind)
+    job_id = claimed
     long_job = kind in (JobKind.train, JobKind.evaluate)
     limit = settings.train_time_limit_s if long_job else settings.sample_time_limit_s
     is_train = kind == JobKind.train
@@ -59,6 +96,11 @@ def run_job(job_id: int, kind: str, worker: str) -> str:
         with JobContext(job_id, worker, settings, limit) as ctx:
             result = _runner(kind)(job_id, ctx, settings, storage)
     except JobStopped as exc:
+        if exc.interrupted:
+            if requeue_interrupted(job_id, worker, str(exc)):
+                with get_sessionmaker()() as session:
+                    enqueue(session.get(Job, job_id))
+            return "requeued"
         status = JobStatus.cancelled if exc.cancelled else JobStatus.failed
         model = ModelStatus.cancelled if exc.cancelled else ModelStatus.failed
         finish(
@@ -100,6 +142,8 @@ def review_sync(self: Any, job_id: int) -> str:
     database and every step is idempotent), up to ``review_sync_attempts`` times."""
     from workers.review_sync import LabelStudioUnavailable, sync_project
 
+    if SHUTTING_DOWN.is_set():
+        return _hand_back(job_id)
     settings = get_settings()
     with get_sessionmaker()() as session:
         if not claim(session, job_id, _worker_name(self), settings):
@@ -168,4 +212,7 @@ def _start_reaper(**_: Any) -> None:
 
 @worker_shutting_down.connect
 def _stop(**_: Any) -> None:
+    """Runs in the worker's signal handler: only set flags (the job sees them at its next
+    progress report; the next task start sees them before claiming)."""
+    SHUTTING_DOWN.set()
     _stop_reaper.set()

@@ -21,9 +21,12 @@ from api.db.models import Job, Model, ModelStatus
 from api.db.session import get_sessionmaker
 from api.storage import Storage
 from workers.lifecycle import JobContext, JobStopped
+from workers.progress import StagedProgress
 
 log = logging.getLogger(__name__)
-PROTOTYPE_SHARE = 0.05  # progress fraction shown for the prototype stage
+# Rough shares of a training job's time (cpu-small, ViT-L-14 embeddings on a CPU); they only
+# shape the progress bar and the ETA of stages not yet started (workers.progress).
+STAGES = {"data": 0.02, "embed": 0.2, "prototypes": 0.05, "train": 0.7, "upload": 0.03}
 
 
 def encoder_spec(settings: Settings) -> tuple[Any, bool]:
@@ -49,7 +52,9 @@ def _load(job_id: int) -> dict[str, Any]:
         }  # fmt: skip
 
 
-def _codebook(info: dict[str, Any], root: Path, run_dir: Path, settings: Settings) -> Any:
+def _codebook(
+    info: dict[str, Any], root: Path, run_dir: Path, settings: Settings, progress: StagedProgress
+) -> Any:
     from ml.encoder import EmbeddingCache
     from ml.pipeline import learn_prototypes
     from ml.prototypes import Codebook, CPLConfig
@@ -62,8 +67,9 @@ def _codebook(info: dict[str, Any], root: Path, run_dir: Path, settings: Setting
     cpl = CPLConfig(k=int(info["params"].get("k", 1)), seed=int(selection.get("seed", 0)))
     with EmbeddingCache(settings.work_dir / "embeddings.sqlite") as cache:
         run = learn_prototypes(
-            selection, book_dir, encoder_spec=spec, cpl=cpl, allow_untrained=untrained, cache=cache
-        )
+            selection, book_dir, encoder_spec=spec, cpl=cpl, allow_untrained=untrained,
+            cache=cache, on_progress=progress.update,
+        )  # fmt: skip
     return run.codebook
 
 
@@ -75,13 +81,13 @@ def processes(settings: Settings) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def _train_single(cfg: Any, book: Any, run_dir: Path, ctx: JobContext) -> Path:
+def _train_single(cfg: Any, book: Any, run_dir: Path, progress: StagedProgress) -> Path:
     from ml.pipeline import train_model
     from ml.train import Progress, TrainingCancelled
 
     def on_step(p: Progress) -> None:
         try:
-            ctx.report(PROTOTYPE_SHARE + (1 - PROTOTYPE_SHARE) * p.step / p.total_steps, p.eta_s)
+            progress.update("train", p.step, p.total_steps)
         except JobStopped as exc:  # the trainer checkpoints on TrainingCancelled, then re-raises
             raise TrainingCancelled(str(exc)) from exc
 
@@ -96,7 +102,9 @@ def _train_single(cfg: Any, book: Any, run_dir: Path, ctx: JobContext) -> Path:
         raise
 
 
-def _train_ddp(cfg: Any, book: Any, run_dir: Path, ctx: JobContext, nproc: int) -> Path:
+def _train_ddp(
+    cfg: Any, book: Any, run_dir: Path, ctx: JobContext, progress: StagedProgress, nproc: int
+) -> Path:
     """``torchrun`` over the machine's GPUs; progress from metrics.jsonl, cancel terminates."""
     from ml.train import steps_for
 
@@ -113,16 +121,14 @@ def _train_ddp(cfg: Any, book: Any, run_dir: Path, ctx: JobContext, nproc: int) 
         cmd += ["--resume", str(run_dir / "last.pt")]
     total = steps_for(cfg, len(book.assignments), nproc)
     proc = subprocess.Popen(cmd)
-    metrics, t0 = run_dir / "metrics.jsonl", time.monotonic()
+    metrics = run_dir / "metrics.jsonl"
     try:
         while proc.poll() is None:
             time.sleep(1.0)
             if metrics.is_file() and total:
                 lines = metrics.read_text().splitlines()
                 step = json.loads(lines[-1])["step"] if lines else 0
-                rate = step / max(time.monotonic() - t0, 1e-9)
-                eta = (total - step) / rate if rate else None
-                ctx.report(PROTOTYPE_SHARE + (1 - PROTOTYPE_SHARE) * min(step / total, 1), eta)
+                progress.update("train", min(step, total), total)
             else:
                 ctx.check()
     except JobStopped:
@@ -150,6 +156,8 @@ def run_training(job_id: int, ctx: JobContext, settings: Settings, storage: Stor
     """Train the job's model; returns the job result. The model row ends ready."""
     from ml.config import TrainConfig
 
+    progress = ctx.stages(STAGES)
+    progress.update("data", 0, 1)
     info = _load(job_id)
     model_id = info["model_id"]
     run_dir = settings.work_dir / "models" / str(model_id)
@@ -157,15 +165,15 @@ def run_training(job_id: int, ctx: JobContext, settings: Settings, storage: Stor
         info["root"], info["archive_key"], storage, settings.work_dir,
         max_bytes=settings.max_unpacked_bytes, max_files=settings.max_upload_files,
     )  # fmt: skip
-    ctx.report(0.0)
-    book = _codebook(info, root, run_dir, settings)
-    ctx.report(PROTOTYPE_SHARE)
+    progress.update("data", 1, 1)
+    book = _codebook(info, root, run_dir, settings, progress)
     cfg = TrainConfig(**info["config"])
     nproc = processes(settings)
     if nproc > 1:
-        _train_ddp(cfg, book, run_dir, ctx, nproc)
+        _train_ddp(cfg, book, run_dir, ctx, progress, nproc)
     else:
-        _train_single(cfg, book, run_dir, ctx)
+        _train_single(cfg, book, run_dir, progress)
+    progress.update("upload", 0, 1)
     keys = _upload(model_id, run_dir, storage)
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = {**summary, "prototypes": book.report}
@@ -175,4 +183,5 @@ def run_training(job_id: int, ctx: JobContext, settings: Settings, storage: Stor
         model.checkpoint_path, model.codebook_path = keys["checkpoint"], keys["codebook"]
         model.metrics, model.status = metrics, ModelStatus.ready
         session.commit()
+    progress.update("upload", 1, 1)
     return {"model_id": model_id, **keys, "steps": summary["steps"], "loss": summary["final_loss"]}

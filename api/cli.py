@@ -63,19 +63,39 @@ def create_key_cmd(
     typer.echo(token)
 
 
-def _admin_key(state: Path) -> str:
-    """The bootstrap admin key: PROTOMED_ADMIN_KEY, else one kept (mode 0600) in ``state``."""
-    from api.core.security import new_key
+def _admin_key(state: Path) -> tuple[str, str | None]:
+    """The bootstrap admin key and a note for the user: PROTOMED_ADMIN_KEY, else the one kept
+    (mode 0600) in ``state``, else a new one. A key that was revoked (``POST /keys/{id}/revoke``)
+    is never printed nor revived: the kept one is replaced by a new key, and a revoked
+    PROTOMED_ADMIN_KEY is refused (the operator set it on purpose and must choose another)."""
+    from api.core.security import new_key, revoked_key
+    from api.db.session import get_sessionmaker
+
+    def revoked(key: str) -> int | None:
+        with get_sessionmaker()() as session:
+            row = revoked_key(session, key)
+            return row.id if row is not None else None
 
     if os.environ.get("PROTOMED_ADMIN_KEY"):
-        return os.environ["PROTOMED_ADMIN_KEY"]
+        key_id = revoked(os.environ["PROTOMED_ADMIN_KEY"])
+        if key_id is not None:
+            _fail(
+                f"PROTOMED_ADMIN_KEY was revoked (API key id {key_id}); set a live admin key, or "
+                f"unset it to have serve create a new one in {state / KEY_FILE}"
+            )
+        return os.environ["PROTOMED_ADMIN_KEY"], None
     path = state / KEY_FILE
+    note = None
     if path.is_file():
-        return path.read_text().strip()
+        key = path.read_text().strip()
+        key_id = revoked(key)
+        if key_id is None:
+            return key, None
+        note = f"the admin key kept in {path} was revoked (API key id {key_id}): created a new one"
     key = new_key()
     path.touch(mode=0o600)
     path.write_text(key + "\n")
-    return key
+    return key, note
 
 
 def worker_command(queues: str, name: str, pool: str = "solo") -> list[str]:
@@ -117,13 +137,18 @@ def serve(
     SQLite database, SQLite-backed Celery queue, local storage (all under the current folder)."""
     import uvicorn
 
+    from api.core.config import get_settings
+
     state = Path.cwd()
     env = os.environ
     if "PROTOMED_DATA_ROOTS" not in env:
         roots = [str(p.resolve()) for p in (data_root or [state])]
         env["PROTOMED_DATA_ROOTS"] = __import__("json").dumps(roots)
-    env["PROTOMED_ADMIN_KEY"] = _admin_key(state)
     _migrate()
+    env["PROTOMED_ADMIN_KEY"], note = _admin_key(state)
+    get_settings.cache_clear()  # read again with the key (and data roots) set
+    if note:
+        typer.echo(note)
     typer.echo(f"admin key: {env['PROTOMED_ADMIN_KEY']}  (kept in {state / KEY_FILE})")
     typer.echo(f"datasets may be registered from: {env['PROTOMED_DATA_ROOTS']}")
     typer.echo(f"API docs: http://{host}:{port}/docs  dashboard: http://{host}:{port}/ui")

@@ -97,3 +97,46 @@ def test_ctrl_c_requeues_the_running_job_at_its_place(tmp_path: Path) -> None:
         assert _jobs(tmp_path)[ids[0]]["status"] == "queued"
     finally:
         again.close()
+
+
+def test_revoked_bootstrap_key_is_replaced_not_printed(tmp_path: Path) -> None:
+    """An admin revokes serve's bootstrap key (it leaked, say). The next serve must neither
+    print it nor bring it back: it creates a new admin key, keeps it in the key file and says
+    why. A revoked PROTOMED_ADMIN_KEY is refused with a clear error."""
+    (tmp_path / "data").mkdir()
+    serve = Serve(tmp_path, tmp_path / "serve1.log")
+    try:
+        serve.wait_ready()
+        old = (tmp_path / ".protomed-admin-key").read_text().strip()
+        with httpx.Client(base_url=serve.url, timeout=60) as http:
+            boot = {"Authorization": f"Bearer {old}"}
+            keys = http.get("/keys", headers=boot).json()
+            other = http.post("/keys", json={"name": "second admin", "role": "admin"}, headers=boot)
+            assert other.status_code == 201, other.text
+            second = {"Authorization": f"Bearer {other.json()['key']}"}
+            r = http.post(f"/keys/{keys[0]['id']}/revoke", headers=second)
+            assert r.status_code == 200 and r.json()["revoked_at"], r.text
+        _stop_and_check_no_orphans(serve, signal.SIGTERM)
+    finally:
+        serve.close()
+
+    again = Serve(tmp_path, tmp_path / "serve2.log")
+    try:
+        again.wait_ready()
+        new = (tmp_path / ".protomed-admin-key").read_text().strip()
+        assert new != old and old not in again.text(), again.tail()
+        assert f"admin key: {new}" in again.text() and "was revoked" in again.text()
+        with httpx.Client(base_url=again.url, timeout=60) as http:
+            assert http.get("/keys", headers={"Authorization": f"Bearer {new}"}).status_code == 200
+            assert http.get("/keys", headers={"Authorization": f"Bearer {old}"}).status_code == 401
+        _stop_and_check_no_orphans(again, signal.SIGTERM)
+    finally:
+        again.close()
+
+    refused = Serve(tmp_path, tmp_path / "serve3.log", PROTOMED_ADMIN_KEY=old)
+    try:
+        assert refused.wait() == 2
+        assert "error: PROTOMED_ADMIN_KEY was revoked" in refused.text(), refused.tail()
+        assert "Traceback" not in refused.text() and f"admin key: {old}" not in refused.text()
+    finally:
+        refused.close()

@@ -133,7 +133,12 @@ def requeue_interrupted(job_id: int, worker: str, reason: str) -> bool:
 
 
 class JobContext:
-    """What a running job uses to report progress and learn that it must stop."""
+    """What a running job uses to report progress and learn that it must stop.
+
+    The time limit counts from the run's ``started_at`` in the database (set by the claim) and
+    is checked by the heartbeat, as well as on this process's own clock: the row is the record
+    of when the run began, and a test can age it to make the limit pass at a moment it chooses
+    (a job known to be mid-training) instead of racing a short limit against the machine."""
 
     def __init__(self, job_id: int, worker: str, settings: Settings, time_limit_s: float) -> None:
         self.job_id, self.worker, self.settings = job_id, worker, settings
@@ -141,6 +146,7 @@ class JobContext:
         self.time_limit_s = time_limit_s
         self._progress: tuple[float, float | None] | None = None
         self._cancel = threading.Event()
+        self._over_time = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
@@ -168,7 +174,7 @@ class JobContext:
             raise JobStopped("cancelled by request", cancelled=True)
         if SHUTTING_DOWN.is_set():
             raise JobStopped(INTERRUPTED, cancelled=False, interrupted=True)
-        if time.monotonic() > self.deadline:
+        if self._over_time.is_set() or time.monotonic() > self.deadline:
             raise JobStopped(f"time limit of {self.time_limit_s:.0f} s exceeded", cancelled=False)
 
     def _flush(self) -> None:
@@ -181,8 +187,14 @@ class JobContext:
             session.execute(
                 update(Job).where(Job.id == self.job_id, Job.worker == self.worker).values(**values)
             )
-            if session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)):
+            began = utc_now() - timedelta(seconds=self.time_limit_s)
+            row = session.execute(
+                select(Job.cancel_requested, Job.started_at < began).where(Job.id == self.job_id)
+            ).first()
+            if row is not None and row[0]:
                 self._cancel.set()
+            if row is not None and row[1]:
+                self._over_time.set()
             session.commit()
 
     def _beat(self) -> None:

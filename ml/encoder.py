@@ -334,11 +334,9 @@ def embed(
     if on_batch is not None:
         on_batch(cached, len(first))
     if missing:
-        vecs = encoder.encode(
-            images[[first[h] for h in missing]],
-            batch_size=batch_size,
-            on_batch=None if on_batch is None else lambda d: on_batch(cached + d, len(first)),
-        )
+        # on_batch only when asked for: encoder stand-ins with the plain signature keep working
+        extra = {} if on_batch is None else {"on_batch": lambda d: on_batch(cached + d, len(first))}
+        vecs = encoder.encode(images[[first[h] for h in missing]], batch_size=batch_size, **extra)
         found.update(zip(missing, vecs.numpy(), strict=True))
         if cache is not None:
             cache.put_many(encoder.identity, missing, vecs)

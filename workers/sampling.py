@@ -100,4 +100,5 @@ def run_sampling(job_id: int, ctx: JobContext, settings: Settings, storage: Stor
     with get_sessionmaker()() as session:
         session.add_all(rows)
         session.commit()
+    progress.update("store", n, n)
     return {"batch_id": batch_id, "images": len(rows)}

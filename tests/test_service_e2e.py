@@ -255,6 +255,26 @@ def test_cancel_running_job_and_time_limit(prod, start_worker) -> None:
     print(json.dumps({"cancelled": slow["id"], "timed_out": over["id"]}))
 
 
+def test_sigterm_to_a_worker_requeues_its_job_at_once(prod, start_worker) -> None:
+    """``docker stop`` sends SIGTERM to the worker's main process only; the job runs in a
+    prefork child. The worker must stop without finishing the job, which is back in the queue
+    (checkpointed, no attempt used) when the worker has exited, not after the heartbeat
+    timeout; the next worker resumes it."""
+    body = toy_training(prod, max_steps=100_000)
+    worker = start_worker()
+    job = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
+    wait_job(prod.client, job["id"], until=("running",), worker=worker, timeout=600,
+             predicate=lambda j: j["progress"] > training_at(1, 100_000))  # fmt: skip
+    worker.proc.send_signal(signal.SIGTERM)
+    worker.proc.wait(timeout=300)  # a hang guard: it stops at its next training step
+    back = prod.client.get(f"/jobs/{job['id']}", headers=prod.admin).json()
+    assert back["status"] == "queued" and back["attempts"] == 0, (back, worker.tail())
+    assert "interrupted" in back["error"], back
+    second = start_worker()
+    wait_job(prod.client, job["id"], until=("running",), worker=second, timeout=600,
+             predicate=lambda _j: "resumed from" in second.log.read_text())  # fmt: skip
+
+
 def test_training_under_torchrun_when_several_processes(prod, start_worker) -> None:
     """The multi-GPU path on CPU: PROTOMED_TRAIN_PROCESSES=2 makes the worker launch DDP with
     torchrun (gloo here, NCCL on GPUs) and follow its progress from metrics.jsonl."""

@@ -6,13 +6,17 @@ is re-queued or failed even when no beat scheduler is deployed.
 Shutdown: Celery's blocking loop (solo pool, SQLite broker) still fetches one more message after
 a warm shutdown was requested. A task that starts while :data:`SHUTTING_DOWN` is set therefore
 claims nothing and hands its token back; a job running when the signal comes stops at its next
-progress report and is re-queued at once, at its place (``workers.lifecycle``).
+progress report and is re-queued at once, at its place (``workers.lifecycle``). With the
+prefork pool (``protomed worker``, compose) the job runs in a child process that Celery does not
+tell: the main process passes the shutdown on to its children with SIGUSR2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +43,8 @@ from workers.lifecycle import (
 
 log = logging.getLogger(__name__)
 _stop_reaper = threading.Event()
+_consumer: list[Any] = []  # the worker's consumer (set when ready): its pool's processes
+SHUTDOWN_SIGNAL = signal.SIGUSR2  # main process -> prefork children: "stop and re-queue"
 
 
 def _runner(kind: str) -> Callable[..., dict]:
@@ -200,14 +206,23 @@ def _periodic_loop() -> None:
 
 @worker_process_init.connect
 def _fresh_connections(**_: Any) -> None:
-    """A forked pool process must not share its parent's database connections."""
+    """A forked pool process must not share its parent's database connections, and learns of
+    its worker's shutdown from :data:`SHUTDOWN_SIGNAL`."""
     if get_engine.cache_info().currsize:
         get_engine().dispose(close=False)
+    signal.signal(SHUTDOWN_SIGNAL, lambda *_: SHUTTING_DOWN.set())
 
 
 @worker_ready.connect
-def _start_reaper(**_: Any) -> None:
+def _start_reaper(sender: Any = None, **_: Any) -> None:
+    _consumer[:] = [sender]
     threading.Thread(target=_periodic_loop, name="periodic", daemon=True).start()
+
+
+def _pool_pids() -> list[int]:
+    """The prefork pool's child processes (none for the solo pool)."""
+    pool = getattr(getattr(_consumer[0], "pool", None), "_pool", None) if _consumer else None
+    return [p.pid for p in getattr(pool, "_pool", None) or [] if getattr(p, "pid", None)]
 
 
 @worker_shutting_down.connect
@@ -216,3 +231,6 @@ def _stop(**_: Any) -> None:
     progress report; the next task start sees them before claiming)."""
     SHUTTING_DOWN.set()
     _stop_reaper.set()
+    for pid in _pool_pids():
+        with contextlib.suppress(OSError):
+            os.kill(pid, SHUTDOWN_SIGNAL)

@@ -67,13 +67,22 @@ def _queue_kinds(kind: str) -> list[str]:
     return [k for k, (_name, q) in TASKS.items() if q == queue]
 
 
+def _publish(job_id: int) -> None:
+    """One more token for a queued job. If the broker refuses, the job still waits, queued, at
+    its place: the next token of its queue (any job's) runs it first."""
+    try:
+        with get_sessionmaker()() as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                enqueue(job)
+    except Exception as exc:
+        log.warning("could not publish a token for job %s: %s", job_id, exc)
+
+
 def _hand_back(job_id: int) -> str:
     """A task received while the worker shuts down: claim nothing and publish the token again,
     so the job waits, queued and at its place, for the next worker."""
-    with get_sessionmaker()() as session:
-        job = session.get(Job, job_id)
-        if job is not None:
-            enqueue(job)
+    _publish(job_id)
     log.info("worker shutting down: job %s left queued", job_id)
     return "deferred"
 
@@ -104,8 +113,7 @@ def run_job(job_id: int, kind: str, worker: str) -> str:
     except JobStopped as exc:
         if exc.interrupted:
             if requeue_interrupted(job_id, worker, str(exc)):
-                with get_sessionmaker()() as session:
-                    enqueue(session.get(Job, job_id))
+                _publish(job_id)
             return "requeued"
         status = JobStatus.cancelled if exc.cancelled else JobStatus.failed
         model = ModelStatus.cancelled if exc.cancelled else ModelStatus.failed

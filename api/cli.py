@@ -8,11 +8,15 @@ nothing heavy until they run.
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -64,19 +68,39 @@ def create_key_cmd(
     typer.echo(token)
 
 
-def _admin_key(state: Path) -> str:
-    """The bootstrap admin key: PROTOMED_ADMIN_KEY, else one kept (mode 0600) in ``state``."""
-    from api.core.security import new_key
+def _admin_key(state: Path) -> tuple[str, str | None]:
+    """The bootstrap admin key and a note for the user: PROTOMED_ADMIN_KEY, else the one kept
+    (mode 0600) in ``state``, else a new one. A key that was revoked (``POST /keys/{id}/revoke``)
+    is never printed nor revived: the kept one is replaced by a new key, and a revoked
+    PROTOMED_ADMIN_KEY is refused (the operator set it on purpose and must choose another)."""
+    from api.core.security import new_key, revoked_key
+    from api.db.session import get_sessionmaker
+
+    def revoked(key: str) -> int | None:
+        with get_sessionmaker()() as session:
+            row = revoked_key(session, key)
+            return row.id if row is not None else None
 
     if os.environ.get("PROTOMED_ADMIN_KEY"):
-        return os.environ["PROTOMED_ADMIN_KEY"]
+        key_id = revoked(os.environ["PROTOMED_ADMIN_KEY"])
+        if key_id is not None:
+            _fail(
+                f"PROTOMED_ADMIN_KEY was revoked (API key id {key_id}); set a live admin key, or "
+                f"unset it to have serve create a new one in {state / KEY_FILE}"
+            )
+        return os.environ["PROTOMED_ADMIN_KEY"], None
     path = state / KEY_FILE
+    note = None
     if path.is_file():
-        return path.read_text().strip()
+        key = path.read_text().strip()
+        key_id = revoked(key)
+        if key_id is None:
+            return key, None
+        note = f"the admin key kept in {path} was revoked (API key id {key_id}): created a new one"
     key = new_key()
     path.touch(mode=0o600)
     path.write_text(key + "\n")
-    return key
+    return key, note
 
 
 def worker_command(queues: str, name: str, pool: str = "solo") -> list[str]:
@@ -118,14 +142,19 @@ def serve(
     SQLite database, SQLite-backed Celery queue, local storage (all under the current folder)."""
     import uvicorn
 
+    from api.core.config import get_settings
+
     state = Path.cwd()
     env = os.environ
     if "PROTOMED_DATA_ROOTS" not in env:
         roots = [str(p.resolve()) for p in (data_root or [state])]
         env["PROTOMED_DATA_ROOTS"] = __import__("json").dumps(roots)
-    env["PROTOMED_ADMIN_KEY"] = _admin_key(state)
     _choose_encoder(env)
     _migrate()
+    env["PROTOMED_ADMIN_KEY"], note = _admin_key(state)
+    get_settings.cache_clear()  # read again with the key (and data roots) set
+    if note:
+        typer.echo(note)
     typer.echo(f"admin key: {env['PROTOMED_ADMIN_KEY']}  (kept in {state / KEY_FILE})")
     typer.echo(f"datasets may be registered from: {env['PROTOMED_DATA_ROOTS']}")
     typer.echo(
@@ -134,13 +163,26 @@ def serve(
     )
     _prepare_broker()
     worker = None
-    if not no_worker:
-        worker = Supervised(worker_command("gpu,default", "embedded@%h"), env=dict(env))
-        worker.start()
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the default
+    # SIGTERM action that killed serve on the spot and left the worker running as an orphan.
+    # With these handlers SIGTERM and SIGINT both unwind through ``finally``.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_stop)
     try:
+        if not no_worker:
+            node = f"embedded-{os.getpid()}@{socket.gethostname()}"
+            worker = Supervised(
+                worker_command("gpu,default", node), env=dict(env),
+                on_exit=lambda pid, code: _release_worker(f"{node}:{pid}", code),
+            )  # fmt: skip
+            worker.start()
         uvicorn.run("api.main:app", host=host, port=port, log_level="info")
+    except _Stop as stop:
+        raise typer.Exit(128 + stop.signum) from None
     finally:
         if worker is not None:
+            for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal: no more waiting
+                signal.signal(sig, lambda *_: worker.kill())
             worker.stop()
 
 
@@ -180,18 +222,67 @@ def _choose_encoder(env: os._Environ[str] | dict[str, str]) -> None:
     typer.echo(f"encoder: {settings.encoder} {settings.encoder_weights}{untrained}{where}")
 
 
+class _Stop(BaseException):
+    """SIGTERM or SIGINT reached serve: stop the worker, then exit 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, _frame: FrameType | None) -> None:
+    raise _Stop(signum)
+
+
+def _release_worker(worker: str, code: int | None) -> None:
+    """Serve saw its worker process end: re-queue the jobs it was running now (at their place)
+    rather than after the heartbeat timeout. A worker that stopped cleanly has re-queued its
+    job itself; this covers one that was killed or crashed."""
+    from api.core.config import get_settings
+    from api.queue import enqueue
+    from workers.lifecycle import release_worker
+
+    why = f"exited (code {code})" if code is not None else "was killed"
+    try:
+        release_worker(get_settings(), worker, enqueue, why)
+    except Exception as exc:  # the reaper still catches these jobs later
+        typer.echo(f"could not re-queue the jobs of {worker}: {exc}", err=True)
+
+
+def _parent_death_signal() -> None:  # pragma: no cover - runs in the forked child
+    """Linux: the worker gets SIGTERM if serve dies without stopping it (SIGKILL, crash), so
+    it never outlives serve and keeps consuming the queue."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
 class Supervised:
     """The embedded worker process, restarted if it exits on its own: without it jobs would
-    stay ``queued`` behind an API that still answers. Restarts back off up to a minute."""
+    stay ``queued`` behind an API that still answers. Restarts back off up to a minute.
+    ``on_exit(pid, returncode)`` runs after each exit (before a restart, and after stop)."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
-        self.cmd, self.env = cmd, env
+    STOP_WAIT_S = 60.0  # SIGTERM: the job checkpoints and re-queues itself; then SIGKILL
+
+    def __init__(
+        self,
+        cmd: list[str],
+        env: dict[str, str],
+        on_exit: Callable[[int, int | None], None] | None = None,
+    ) -> None:
+        self.cmd, self.env, self.on_exit = cmd, env, on_exit
         self.proc: subprocess.Popen[bytes] | None = None
         self._stopping, self._lock = threading.Event(), threading.Lock()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        linux = sys.platform.startswith("linux")
+        return subprocess.Popen(
+            self.cmd, env=self.env, preexec_fn=_parent_death_signal if linux else None
+        )
+
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, env=self.env)
+        self.proc = self._spawn()
         self._thread.start()
 
     def _watch(self) -> None:
@@ -201,23 +292,37 @@ class Supervised:
             started, code = time.monotonic(), self.proc.wait()
             if self._stopping.is_set():
                 return
+            if self.on_exit is not None:
+                self.on_exit(self.proc.pid, code)
             delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 60.0)
             typer.echo(f"worker exited with code {code}; restarting in {delay:g} s", err=True)
             with self._lock:
                 if self._stopping.wait(delay):
                     return
-                self.proc = subprocess.Popen(self.cmd, env=self.env)
+                self.proc = self._spawn()
+
+    def kill(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def stop(self) -> None:
+        """SIGTERM (Celery's warm shutdown: the running job is interrupted and re-queued),
+        then SIGKILL after ``STOP_WAIT_S``; the worker's jobs are released either way."""
         self._stopping.set()
         with self._lock:  # not while a restart is under way
-            if self.proc is None or self.proc.poll() is not None:
+            if self.proc is None:
                 return
-            self.proc.terminate()
+            if self.proc.poll() is None:
+                self.proc.terminate()
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=self.STOP_WAIT_S)
         except subprocess.TimeoutExpired:
+            typer.echo(f"worker still running after {self.STOP_WAIT_S:g} s: killing it", err=True)
             self.proc.kill()
+            self.proc.wait()
+        if self.on_exit is not None:
+            self.on_exit(self.proc.pid, self.proc.returncode)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m api.cli`

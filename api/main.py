@@ -31,7 +31,12 @@ def bootstrap() -> None:
     with get_sessionmaker()() as session:
         ensure_defaults(session)
         if settings.admin_key:
-            ensure_key(session, "admin (bootstrap)", "admin", settings.admin_key)
+            row = ensure_key(session, "admin (bootstrap)", "admin", settings.admin_key)
+            if row.revoked_at is not None:
+                log.warning(
+                    "PROTOMED_ADMIN_KEY is revoked (key id %s) and stays revoked: set a live "
+                    "admin key", row.id,
+                )  # fmt: skip
         session.commit()
 
 

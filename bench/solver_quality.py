@@ -50,6 +50,10 @@ def main() -> None:
     ap.add_argument("--encoder", default="ViT-B-32")
     ap.add_argument("--pretrained", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "solver_quality.json")
+    ap.add_argument(
+        "--step-scale", type=float, default=1.0,
+        help="multiply every variant's steps (at least 2): the test's smoke run uses 0.1",
+    )  # fmt: skip
     args = ap.parse_args()
     import torch
 
@@ -66,7 +70,8 @@ def main() -> None:
     )
     real_emb = _embed(enc, real, None)
     rows, reference = {}, None
-    for name, (sched, steps, precision, seed) in VARIANTS.items():
+    for name, (sched, full_steps, precision, seed) in VARIANTS.items():
+        steps = max(2, round(full_steps * args.step_scale))
         scfg = SampleConfig(scheduler=sched, steps=steps, guidance=2.0, seed=seed,
                             batch_size=64, precision=precision)  # fmt: skip
         t0 = time.perf_counter()
@@ -88,7 +93,8 @@ def main() -> None:
     for r in rows.values():
         r["fd_vs_ddim50"] = r["fd"] / base - 1
     args.out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "encoder": enc.identity,
-                                    "n_per_class": args.n, "rows": rows}, indent=2))  # fmt: skip
+                                    "n_per_class": args.n, "step_scale": args.step_scale,
+                                    "rows": rows}, indent=2))  # fmt: skip
     print(json.dumps(rows, indent=2))
 
 

@@ -91,8 +91,13 @@ def real_split(
 
 
 def synthetic_set(
-    model: LoadedModel, counts: Mapping[str, int], cfg: EvalConfig, on_class: Callable[[], None]
+    model: LoadedModel,
+    counts: Mapping[str, int],
+    cfg: EvalConfig,
+    on_class: Callable[[], None],
+    on_step: Callable[[int, int], None] | None = None,
 ) -> ImageSet:
+    """``on_step(done, total)``: denoising steps within the class being generated."""
     scfg = SampleConfig(
         steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler, seed=cfg.seed,
         batch_size=cfg.batch_size,
@@ -101,7 +106,7 @@ def synthetic_set(
     images, labels = [], []
     for label, name in enumerate(classes):
         n = cfg.n_per_class or counts[name]
-        images.append(generate(model, name, n, scfg))
+        images.append(generate(model, name, n, scfg, on_step=on_step))
         labels += [label] * n
         on_class()
     return ImageSet(images=torch.cat(images), labels=torch.tensor(labels), classes=classes,
@@ -161,6 +166,11 @@ def evaluate(
         if progress is not None:
             progress(stage, done[0] / steps_total)
 
+    def within(stage: str, part: int, whole: int) -> None:
+        """Progress inside the current unit (denoising steps of one class)."""
+        if progress is not None:
+            progress(stage, (done[0] + part / max(whole, 1)) / steps_total)
+
     given = dict(synthetic or {})
     synthetic = {}
     for name, m in models.items():
@@ -169,7 +179,10 @@ def evaluate(
             for _ in classes:
                 tick(f"given {name}")
             continue
-        synthetic[name] = synthetic_set(m, counts, cfg, lambda n=name: tick(f"generate {n}"))
+        synthetic[name] = synthetic_set(
+            m, counts, cfg, lambda n=name: tick(f"generate {n}"),
+            on_step=lambda d, t, n=name: within(f"generate {n}", d, t),
+        )  # fmt: skip
     real_emb = _embed(encoder, split.train, cache)
     held_emb = _embed(encoder, split.heldout, cache)
     distribution = {"real held-out": distribution_report(

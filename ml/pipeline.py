@@ -7,7 +7,7 @@ exactly the same training split at the model's image size.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from ml.prototypes import Codebook, CPLConfig, PrototypeReport, fit_prototypes
 from ml.train import ProgressCallback, train
 
 log = logging.getLogger(__name__)
+StageCallback = Callable[[str, float, float], None]  # (stage, done, total): job progress
 
 
 def image_keys(data: ImageSet) -> list[str]:
@@ -48,6 +49,7 @@ def learn_prototypes(
     device: str | None = None,
     progress: bool = False,
     roots: Sequence[Path | str] | None = None,
+    on_progress: StageCallback | None = None,
 ) -> PrototypeRun:
     """Load a split, embed it with CLIP (cached), fit prototypes, save the codebook.
 
@@ -56,16 +58,36 @@ def learn_prototypes(
     read must resolve inside (default: the dataset folder). Inputs are checked cheapest first,
     so a missing folder, a link leaving the roots or missing weights fail at once: the folder is
     listed (nothing decoded), the weights located, then the encoder built and images decoded.
+    ``on_progress(stage, done, total)`` follows the two long stages, ``embed`` (images) and
+    ``prototypes`` (epochs).
     """
     selection = dict(data) if isinstance(data, dict) else {"root": data}
     root = selection.pop("root")
     scan(Path(root), selection.get("layout", "auto"), roots)
     encoder = ClipEncoder(encoder_spec, device=device, allow_untrained=allow_untrained)
     split = load_split(root, **selection, roots=roots)
-    train_emb = embed(encoder, split.train.images, split.train.hashes, cache)
+    n_train, n_all = len(split.train), len(split.train) + len(split.heldout)
+
+    def embedded(offset: int, share: int) -> Callable[[int, int], None] | None:
+        """One embed call's progress as images done out of train + held-out."""
+        if on_progress is None:
+            return None
+        return lambda done, total: on_progress(
+            "embed", offset + share * done / max(total, 1), n_all
+        )
+
+    train_emb = embed(
+        encoder, split.train.images, split.train.hashes, cache, on_batch=embedded(0, n_train)
+    )
     held_emb = held_y = None
     if len(split.heldout):
-        held_emb = embed(encoder, split.heldout.images, split.heldout.hashes, cache)
+        held_emb = embed(
+            encoder,
+            split.heldout.images,
+            split.heldout.hashes,
+            cache,
+            on_batch=embedded(n_train, n_all - n_train),
+        )
         held_y = split.heldout.labels
     codebook, report = fit_prototypes(
         train_emb,
@@ -77,6 +99,7 @@ def learn_prototypes(
         encoder_identity=encoder.identity,
         hashes=image_keys(split.train),
         progress=progress,
+        on_epoch=None if on_progress is None else lambda d, t: on_progress("prototypes", d, t),
     )
     codebook.selection = dict(split.selection)
     out_dir = Path(out_dir)

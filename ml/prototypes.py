@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -237,8 +237,11 @@ def fit_prototypes(
     encoder_identity: str,
     hashes: list[str] | None = None,
     progress: bool = False,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> tuple[Codebook, PrototypeReport]:
-    """Learn cfg.k prototypes per class (k-means init, Adam on DCE + lam * PL), seeded."""
+    """Learn cfg.k prototypes per class (k-means init, Adam on DCE + lam * PL), seeded.
+    ``on_epoch(done, epochs)`` is called before the first epoch and after each one (job
+    progress; it may raise to stop the fit)."""
     x = train_emb.detach().float().cpu()
     y = torch.as_tensor(train_labels, dtype=torch.long).cpu()
     n, dim = x.shape
@@ -271,13 +274,17 @@ def fit_prototypes(
 
     opt = torch.optim.Adam(params, lr=cfg.lr)
     bar = tqdm(range(cfg.epochs), desc="prototypes", disable=not progress)
-    for _ in bar:
+    if on_epoch is not None:
+        on_epoch(0, cfg.epochs)
+    for epoch in bar:
         for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
             loss = loss_fn(x[idx], y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if on_epoch is not None:
+            on_epoch(epoch + 1, cfg.epochs)
     with torch.no_grad():
         final_loss = loss_fn(x, y).item()
 

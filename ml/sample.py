@@ -51,8 +51,11 @@ def generate(
     scfg: SampleConfig,
     *,
     on_image: Callable[[int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """n images of one class as uint8 (n, C, H, W)."""
+    """n images of one class as uint8 (n, C, H, W). ``on_image(done)`` follows finished images;
+    ``on_step(done, total)`` every denoising step of every batch (a batch of 64 images can take
+    minutes on a CPU, so images alone would jump 0 -> 100%)."""
     if n < 1:
         raise ValueError(f"n must be at least 1 (got {n})")
     model, cfg, cond = loaded.model, loaded.cfg, loaded.cond
@@ -72,7 +75,12 @@ def generate(
     model = model.to(memory_format=layout)
     noise = noise.contiguous(memory_format=layout)
     out = []
-    for start in range(0, n, scfg.batch_size):
+    batches = range(0, n, scfg.batch_size)
+    per_batch = len(sampler(scfg.scheduler, train_sched, scfg.steps).timesteps)
+    total_steps = per_batch * len(batches)
+    if on_step is not None:
+        on_step(0, total_steps)
+    for b, start in enumerate(batches):
         sl = slice(start, start + scfg.batch_size)
         sched = sampler(scfg.scheduler, train_sched, scfg.steps)
         gens = [  # per image, for the stochastic samplers' noise
@@ -88,6 +96,9 @@ def generate(
             eta=scfg.eta,
             generator=gens,
             amp_dtype=amp,
+            on_step=None
+            if on_step is None
+            else (lambda i, _t, done=b * per_batch: on_step(done + i, total_steps)),
         )
         out.append(to_uint8(x).cpu())
         if on_image is not None:

@@ -177,3 +177,95 @@ def _pipe(src: Any, dst: Any) -> None:
     finally:
         with contextlib.suppress(OSError):
             dst.shutdown(1)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from /proc: no psutil needed)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, or a pid that no longer exists, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Serve:
+    """``protomed serve`` (``python -m api.cli serve``) in ``folder``, in its own session (so
+    the test can signal its whole process group, as Ctrl-C in a terminal does), with the
+    tests' tiny untrained encoder and no other PROTOMED_* settings from the environment."""
+
+    def __init__(self, folder: Path, log: Path, **extra: str) -> None:
+        self.folder, self.log, self.port = folder, log, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.family: list[int] = []  # its processes when it was ready (killed by close())
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROTOMED_")}
+        env |= {"PROTOMED_ENCODER": "protomed-tiny-vit", "PROTOMED_ENCODER_WEIGHTS": "untrained",
+                "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
+                **extra}  # fmt: skip
+        cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(self.port),
+               "--data-root", str(folder / "data")]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, cwd=folder, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def tail(self, chars: int = 6000) -> str:
+        """The log without the test's own polling lines, so the worker's output shows."""
+        lines = [ln for ln in self.text().splitlines() if '"GET /jobs/' not in ln]
+        return "\n".join(lines)[-chars:]
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        """The API answers /ready and the worker has said it is ready."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited ({self.proc.returncode}):\n{self.tail()}")
+            with contextlib.suppress(httpx.TransportError):
+                up = httpx.get(self.url + "/ready", timeout=5).status_code == 200
+                if up and " ready." in self.text():
+                    self.family = descendants(self.proc.pid)
+                    return
+            time.sleep(0.5)
+        raise TimeoutError(f"serve not ready after {timeout} s:\n{self.tail()}")
+
+    def signal(self, sig: int, *, group: bool = False) -> None:
+        (os.killpg if group else os.kill)(self.proc.pid, sig)
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"serve still running {timeout} s after the signal:\n"
+                               f"{self.tail()}") from None  # fmt: skip
+
+    def close(self) -> None:
+        """Whatever the test did: nothing of this serve is left running."""
+        pids = [self.proc.pid, *self.family, *descendants(self.proc.pid)]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)

@@ -8,7 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # benchmarks at a tiny size: not in the fast default lane
+# Each run takes seconds to a minute here; the subprocess limit only catches a hang, under any
+# load (a loaded CI machine ran 20x slower than a quiet one), and stays below pytest's 900 s.
+HANG_GUARD_S = 840
 
 
 def test_speed_harness_runs_both_models(tmp_path: Path) -> None:
@@ -16,7 +22,7 @@ def test_speed_harness_runs_both_models(tmp_path: Path) -> None:
     cmd = [sys.executable, "bench/speed.py", "--presets", "tiny", "--repeats", "1",
            "--sample-n", "2", "--steps", "2", "--train-steps", "1", "--no-memory",
            "--threads", "2", "--out", str(out)]  # fmt: skip
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr
     row = json.loads(out.read_text())["rows"][0]
     for key in ("ours_train_img_s", "diffusers_train_img_s", "ours_sample_img_s",
@@ -39,7 +45,7 @@ def test_whole_command_benchmark_runs_both_commands(tmp_path: Path) -> None:
     out = tmp_path / "command.json"
     cmd = [sys.executable, "bench/command.py", "--preset", "tiny", "--n", "2", "--steps", "2",
            "--repeats", "1", "--out", str(out)]  # fmt: skip
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr
     row = json.loads(out.read_text())["row"]
     for who in ("ours", "diffusers"):
@@ -50,7 +56,7 @@ def test_whole_command_benchmark_runs_both_commands(tmp_path: Path) -> None:
 def test_profile_groups_the_time_of_both_models(tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
     cmd = [sys.executable, "bench/breakdown.py", "--preset", "tiny", "--out", str(out)]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr
     ms = json.loads(out.read_text())["ms"]
     for task in ("train", "sample"):
@@ -65,7 +71,7 @@ def test_gpu_script_runs_on_the_cpu_at_a_tiny_size(tmp_path: Path) -> None:
              "TRAIN_STEPS": "1", "STEPS": "2"}  # fmt: skip
     env = {**os.environ, **small, "OUT": str(tmp_path), "PYTHON": sys.executable}
     r = subprocess.run(["bash", "bench/gpu.sh"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)  # fmt: skip
+                       text=True, timeout=HANG_GUARD_S)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads((tmp_path / "speed_gpu.json").read_text())["rows"]
     assert [(row["precision"], row["train_batch"], row["sample_n"]) for row in rows] == [
@@ -74,7 +80,10 @@ def test_gpu_script_runs_on_the_cpu_at_a_tiny_size(tmp_path: Path) -> None:
 
 
 def test_solver_quality_compares_every_variant(tmp_path: Path) -> None:
-    """A tiny baseline on the toy domain through the CLI, then the sampler comparison on it."""
+    """A tiny baseline on the toy domain through the CLI, then the sampler comparison on it, at
+    a tenth of the variants' steps: about 25 denoising steps per image in all instead of 240
+    (bf16 autocast is emulated, hence slow, on CPUs without native bf16), so the timeout is a
+    hang guard, not a race against the machine's load."""
     env = {**os.environ, "PROTOMED_NO_MALLOC_TUNING": "1"}
     protomed = [sys.executable, "-m", "ml.cli"]
     for cmd in (
@@ -87,8 +96,8 @@ def test_solver_quality_compares_every_variant(tmp_path: Path) -> None:
     out = tmp_path / "q.json"
     r = subprocess.run(
         [sys.executable, "bench/solver_quality.py", str(tmp_path / "run"), "--n", "2",
-         "--encoder", "protomed-tiny-vit", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+         "--encoder", "protomed-tiny-vit", "--step-scale", "0.1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]

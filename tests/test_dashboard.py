@@ -582,7 +582,7 @@ def test_in_a_real_browser(dash: Dash, tmp_path: Path) -> None:
             page.wait_for_function(
                 "(sel) => document.querySelector(sel).textContent === '75%'",
                 arg=f'tr[data-job-id="{ids.running_job}"] .pct',
-                timeout=8000,
+                timeout=120_000,  # the page polls every 2 s; only a hang guard
             )
             assert page.evaluate("() => window.notReloaded === true")  # updated in place
             eta = page.locator(f'tr[data-job-id="{ids.running_job}"] .eta')

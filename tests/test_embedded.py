@@ -63,7 +63,7 @@ def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> No
     try:
         with httpx.Client(base_url=base, timeout=30) as http:
             ready = wait_for(
-                lambda: http.get("/ready").status_code == 200, 120, "not ready", log, proc
+                lambda: http.get("/ready").status_code == 200, 600, "not ready", log, proc
             )
             assert ready
             key = (tmp_path / ".protomed-admin-key").read_text().strip()
@@ -98,7 +98,7 @@ def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> No
                 return job if job["status"] in ("succeeded", "failed", "cancelled") else None
 
             what = lambda: f"training (jobs as last seen: {seen})"  # noqa: E731
-            done = [wait_for(lambda j=j: finished(j["id"]), 300, what, log) for j in jobs]
+            done = [wait_for(lambda j=j: finished(j["id"]), 900, what, log) for j in jobs]
             assert [j["status"] for j in done] == ["succeeded", "succeeded"], done
             # a worker that dies is restarted by serve: the next job still runs
             children = subprocess.run(
@@ -111,7 +111,7 @@ def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> No
             params = {"class": classes[0], "n": 8, "steps": 10, "mode": "prototype"}
             r = http.post("/generate", params=params, headers=auth)
             assert r.status_code == 202, r.text
-            job = wait_for(lambda: finished(r.json()["job"]["id"]), 120, "sampling", log)
+            job = wait_for(lambda: finished(r.json()["job"]["id"]), 600, "sampling", log)
             assert job["status"] == "succeeded", job
             batch = http.get(f"/batches/{r.json()['batch']['id']}", headers=auth).json()
             assert len(batch["images"]) == 8 and batch["model_id"] == done[0]["model_id"]

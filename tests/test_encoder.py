@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 
 import open_clip
 import pytest
@@ -195,11 +194,9 @@ def test_cache_default_location(tmp_path, monkeypatch):
 
 
 def test_vit_l14_untrained_builds_and_encodes():
-    t0 = time.perf_counter()
     enc = ClipEncoder(
         EncoderSpec("ViT-L-14", None), device="cpu", allow_untrained=True, dtype="fp32"
     )
     assert enc.dim == 768 and enc.image_size == 224
     out = enc.encode(_images(1, size=64))
     assert out.shape == (1, 768) and torch.allclose(out.norm(), torch.tensor(1.0), atol=1e-5)
-    assert time.perf_counter() - t0 < 120  # ~10-17 s on 2 shared cores (fp32)

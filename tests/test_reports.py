@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -583,16 +582,14 @@ def test_report_csv_without_difference_and_empty_column():
 
 
 def test_import_is_light():
-    # The API imports this module at start: no scipy/sklearn/torch at import time.
+    # The API imports this module at start: no scipy/sklearn/torch at import time. (What is
+    # imported is the check; a wall-clock bound would only measure the machine's load.)
     code = (
-        "import sys, time; t = time.perf_counter(); import api.reports; "
-        "print(time.perf_counter() - t); "
+        "import sys; import api.reports; "
         "print(any(m.split('.')[0] in ('scipy', 'sklearn', 'torch') for m in sys.modules))"
     )
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo
     )
-    seconds, heavy = out.stdout.split()
-    assert heavy == "False"
-    assert math.isfinite(float(seconds)) and float(seconds) < 0.2
+    assert out.stdout.split() == ["False"]

@@ -18,6 +18,7 @@ import signal
 import time
 import zipfile
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ import redis
 from conftest import ADMIN_KEY, Service, migrate, reset_service_caches, service_env
 from PIL import Image
 from service_procs import Worker, wait_job
+
+from api.db.models import utc_now
 
 pytestmark = pytest.mark.slow
 FAST_BEATS = {
@@ -165,8 +168,16 @@ def test_train_both_modes_generate_and_fetch(prod, start_worker, real_data) -> N
     print(f"generate n=8 (10 DDIM steps) round trip: {time.perf_counter() - t0:.1f} s")
 
 
+def training_at(step: int, total: int) -> float:
+    """The job's progress once training has done ``step`` of ``total`` steps."""
+    from workers.training import STAGES
+
+    before = sum(STAGES.values()) - STAGES["train"] - STAGES["upload"]
+    return (before + STAGES["train"] * step / total) / sum(STAGES.values())
+
+
 def running_with_checkpoint(job: dict) -> bool:
-    return job["progress"] > 0.3  # past the prototype stage and at least one checkpoint
+    return job["progress"] >= training_at(6, 40)  # past the checkpoint at step 5
 
 
 def test_sigkilled_worker_job_is_rerun_and_resumes(prod, start_worker, tmp_path) -> None:
@@ -175,7 +186,7 @@ def test_sigkilled_worker_job_is_rerun_and_resumes(prod, start_worker, tmp_path)
     first = start_worker()
     running = wait_job(
         prod.client, job["id"], until=("running",), predicate=running_with_checkpoint,
-        worker=first, timeout=240,
+        worker=first, timeout=600,
     )  # fmt: skip
     t_kill = time.monotonic()
     first.kill(signal.SIGKILL)
@@ -201,24 +212,33 @@ def test_sigkilled_worker_out_of_attempts_fails(prod, start_worker) -> None:
     body = toy_training(prod, max_steps=400)
     job = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
     first = start_worker(PROTOMED_MAX_ATTEMPTS="1")
-    wait_job(prod.client, job["id"], until=("running",), worker=first, timeout=240)
+    wait_job(prod.client, job["id"], until=("running",), worker=first, timeout=600)
     first.kill(signal.SIGKILL)
     second = start_worker(PROTOMED_MAX_ATTEMPTS="1")
-    done = wait_job(prod.client, job["id"], worker=second, timeout=60)
+    done = wait_job(prod.client, job["id"], worker=second, timeout=300)
     assert done["status"] == "failed" and "stopped answering" in done["error"], done
     model = prod.client.get(f"/models/{done['model_id']}", headers=prod.admin).json()
     assert model["status"] == "failed"
 
 
 def test_cancel_running_job_and_time_limit(prod, start_worker) -> None:
-    body = toy_training(prod, max_steps=2000)
-    worker = start_worker(PROTOMED_TRAIN_TIME_LIMIT_S="20")
+    """Both stops happen while the job is known to be training, whatever the machine's speed:
+    the cancel is sent then, and the time limit is made to pass then, by moving the run's
+    recorded start (the limit counts from ``started_at``) a day into the past."""
+    from sqlalchemy import update
+
+    from api.db.models import Job
+    from api.db.session import get_sessionmaker
+
+    body = toy_training(prod, max_steps=100_000)
+    worker = start_worker(PROTOMED_TRAIN_TIME_LIMIT_S="3600")
+    mid_training = lambda j: j["progress"] > training_at(1, 100_000)  # noqa: E731
     slow = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
     wait_job(prod.client, slow["id"], until=("running",), worker=worker,
-             predicate=lambda j: j["progress"] > 0.05, timeout=240)  # fmt: skip
+             predicate=mid_training, timeout=600)  # fmt: skip
     r = prod.client.post(f"/jobs/{slow['id']}/cancel", headers=prod.admin)
     assert r.status_code == 200 and r.json()["cancel_requested"] is True
-    done = wait_job(prod.client, slow["id"], worker=worker, timeout=60)
+    done = wait_job(prod.client, slow["id"], worker=worker, timeout=300)
     assert done["status"] == "cancelled" and done["error"] is None, done
     assert (
         prod.client.get(f"/models/{done['model_id']}", headers=prod.admin).json()["status"]
@@ -226,9 +246,36 @@ def test_cancel_running_job_and_time_limit(prod, start_worker) -> None:
     )
 
     over = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
-    done = wait_job(prod.client, over["id"], worker=worker, timeout=240)
-    assert done["status"] == "failed" and "time limit" in done["error"], done
+    wait_job(prod.client, over["id"], until=("running",), worker=worker,
+             predicate=mid_training, timeout=600)  # fmt: skip
+    with get_sessionmaker()() as session:
+        session.execute(
+            update(Job).where(Job.id == over["id"]).values(started_at=utc_now() - timedelta(days=1))
+        )
+        session.commit()
+    done = wait_job(prod.client, over["id"], worker=worker, timeout=300)
+    assert done["status"] == "failed" and "time limit of 3600 s" in done["error"], done
     print(json.dumps({"cancelled": slow["id"], "timed_out": over["id"]}))
+
+
+def test_sigterm_to_a_worker_requeues_its_job_at_once(prod, start_worker) -> None:
+    """``docker stop`` sends SIGTERM to the worker's main process only; the job runs in a
+    prefork child. The worker must stop without finishing the job, which is back in the queue
+    (checkpointed, no attempt used) when the worker has exited, not after the heartbeat
+    timeout; the next worker resumes it."""
+    body = toy_training(prod, max_steps=100_000)
+    worker = start_worker()
+    job = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
+    wait_job(prod.client, job["id"], until=("running",), worker=worker, timeout=600,
+             predicate=lambda j: j["progress"] > training_at(1, 100_000))  # fmt: skip
+    worker.proc.send_signal(signal.SIGTERM)
+    worker.proc.wait(timeout=300)  # a hang guard: it stops at its next training step
+    back = prod.client.get(f"/jobs/{job['id']}", headers=prod.admin).json()
+    assert back["status"] == "queued" and back["attempts"] == 0, (back, worker.tail())
+    assert "interrupted" in back["error"], back
+    second = start_worker()
+    wait_job(prod.client, job["id"], until=("running",), worker=second, timeout=600,
+             predicate=lambda _j: "resumed from" in second.log.read_text())  # fmt: skip
 
 
 def test_training_under_torchrun_when_several_processes(prod, start_worker) -> None:

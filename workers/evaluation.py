@@ -84,6 +84,8 @@ def run_evaluation(job_id: int, ctx: JobContext, settings: Settings, storage: St
     from ml.encoder import ClipEncoder, EmbeddingCache
     from ml.evaluate import EvalConfig, evaluate
 
+    progress = ctx.stages({"load": 0.05, "evaluate": 0.95})  # rough shares of the job's time
+    progress.update("load", 0, 1)
     info = _load(job_id)
     device = resolve_device()
     models, book = {}, None
@@ -105,7 +107,7 @@ def run_evaluation(job_id: int, ctx: JobContext, settings: Settings, storage: St
         result = evaluate(
             models, encoder, cfg, codebook=book, cache=cache, synthetic=given, root=str(root),
             roots=read_roots(settings),
-            progress=lambda _stage, f: ctx.report(f),
+            progress=lambda _stage, f: progress.update("evaluate", f, 1),
         )  # fmt: skip
     with get_sessionmaker()() as session:
         for mode, (model_id, *_rest) in info["models"].items():

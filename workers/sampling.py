@@ -17,6 +17,8 @@ from api.db.session import get_sessionmaker
 from api.storage import Storage
 from workers.lifecycle import JobContext
 
+STAGES = {"load": 0.05, "sample": 0.85, "store": 0.1}  # rough shares of the job's time
+
 
 def _load(job_id: int) -> dict[str, Any]:
     with get_sessionmaker()() as session:
@@ -62,6 +64,8 @@ def run_sampling(job_id: int, ctx: JobContext, settings: Settings, storage: Stor
     from ml.config import SampleConfig, resolve_device
     from ml.sample import generate
 
+    progress = ctx.stages(STAGES)
+    progress.update("load", 0, 1)
     info = _load(job_id)
     batch_id, n = info["batch_id"], info["n"]
     prefix = f"batches/{batch_id}"
@@ -75,12 +79,12 @@ def run_sampling(job_id: int, ctx: JobContext, settings: Settings, storage: Stor
         steps=info["steps"], guidance=info["guidance"], scheduler=info["scheduler"],
         seed=info["seed"], batch_size=min(n, 64),
     )  # fmt: skip
-    ctx.report(0.0)
     images = generate(
-        loaded, info["class_name"], n, scfg, on_image=lambda done: ctx.report(done / n)
+        loaded, info["class_name"], n, scfg, on_step=lambda d, t: progress.update("sample", d, t)
     )
     rows = []
     for i, img in enumerate(images):
+        progress.update("store", i, n)
         data = png_bytes(img)
         key = f"{prefix}/{info['class_name']}_{i:04d}.png"
         storage.put_bytes(key, data, content_type="image/png")
@@ -96,4 +100,5 @@ def run_sampling(job_id: int, ctx: JobContext, settings: Settings, storage: Stor
     with get_sessionmaker()() as session:
         session.add_all(rows)
         session.commit()
+    progress.update("store", n, n)
     return {"batch_id": batch_id, "images": len(rows)}

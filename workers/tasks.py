@@ -2,12 +2,21 @@
 
 Every worker also runs the reaper (at start and then periodically), so a job whose worker died
 is re-queued or failed even when no beat scheduler is deployed.
+
+Shutdown: Celery's blocking loop (solo pool, SQLite broker) still fetches one more message after
+a warm shutdown was requested. A task that starts while :data:`SHUTTING_DOWN` is set therefore
+claims nothing and hands its token back; a job running when the signal comes stops at its next
+progress report and is re-queued at once, at its place (``workers.lifecycle``). With the
+prefork pool (``protomed worker``, compose) the job runs in a child process that Celery does not
+tell: the main process passes the shutdown on to its children with SIGUSR2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -21,10 +30,21 @@ from api.db.session import get_engine, get_sessionmaker
 from api.queue import enqueue
 from api.storage import get_storage
 from workers.celery_app import TASKS, app
-from workers.lifecycle import JobContext, JobStopped, claim, finish, reap
+from workers.lifecycle import (
+    SHUTTING_DOWN,
+    JobContext,
+    JobStopped,
+    claim,
+    claim_next,
+    finish,
+    reap,
+    requeue_interrupted,
+)
 
 log = logging.getLogger(__name__)
 _stop_reaper = threading.Event()
+_consumer: list[Any] = []  # the worker's consumer (set when ready): its pool's processes
+SHUTDOWN_SIGNAL = signal.SIGUSR2  # main process -> prefork children: "stop and re-queue"
 
 
 def _runner(kind: str) -> Callable[..., dict]:
@@ -41,13 +61,45 @@ def _runner(kind: str) -> Callable[..., dict]:
     return run_sampling
 
 
+def _queue_kinds(kind: str) -> list[str]:
+    """The job kinds that share ``kind``'s queue: a token of that queue may run any of them."""
+    queue = TASKS[str(kind)][1]
+    return [k for k, (_name, q) in TASKS.items() if q == queue]
+
+
+def _publish(job_id: int) -> None:
+    """One more token for a queued job. If the broker refuses, the job still waits, queued, at
+    its place: the next token of its queue (any job's) runs it first."""
+    try:
+        with get_sessionmaker()() as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                enqueue(job)
+    except Exception as exc:
+        log.warning("could not publish a token for job %s: %s", job_id, exc)
+
+
+def _hand_back(job_id: int) -> str:
+    """A task received while the worker shuts down: claim nothing and publish the token again,
+    so the job waits, queued and at its place, for the next worker."""
+    _publish(job_id)
+    log.info("worker shutting down: job %s left queued", job_id)
+    return "deferred"
+
+
 def run_job(job_id: int, kind: str, worker: str) -> str:
-    """Run one job to its end; returns the final status (or ``skipped``)."""
+    """Run the first queued job of ``kind``'s queue (see ``claim_next``) to its end; returns
+    the final status (or ``skipped``/``deferred``/``requeued``)."""
+    if SHUTTING_DOWN.is_set():
+        return _hand_back(job_id)
     settings, storage = get_settings(), get_storage()
     with get_sessionmaker()() as session:
-        if not claim(session, job_id, worker, settings):
-            log.info("job %s not claimable (done, cancelled, or running elsewhere)", job_id)
+        claimed = claim_next(session, job_id, worker, settings, _queue_kinds(kind))
+        if claimed is None:
+            log.info("no claimable job for the token of job %s (done, cancelled, running)", job_id)
             return "skipped"
+        kind = str(session.get(Job, claimed).kind)
+    job_id = claimed
     long_job = kind in (JobKind.train, JobKind.evaluate)
     limit = settings.train_time_limit_s if long_job else settings.sample_time_limit_s
     is_train = kind == JobKind.train
@@ -59,6 +111,10 @@ def run_job(job_id: int, kind: str, worker: str) -> str:
         with JobContext(job_id, worker, settings, limit) as ctx:
             result = _runner(kind)(job_id, ctx, settings, storage)
     except JobStopped as exc:
+        if exc.interrupted:
+            if requeue_interrupted(job_id, worker, str(exc)):
+                _publish(job_id)
+            return "requeued"
         status = JobStatus.cancelled if exc.cancelled else JobStatus.failed
         model = ModelStatus.cancelled if exc.cancelled else ModelStatus.failed
         finish(
@@ -100,6 +156,8 @@ def review_sync(self: Any, job_id: int) -> str:
     database and every step is idempotent), up to ``review_sync_attempts`` times."""
     from workers.review_sync import LabelStudioUnavailable, sync_project
 
+    if SHUTTING_DOWN.is_set():
+        return _hand_back(job_id)
     settings = get_settings()
     with get_sessionmaker()() as session:
         if not claim(session, job_id, _worker_name(self), settings):
@@ -156,16 +214,31 @@ def _periodic_loop() -> None:
 
 @worker_process_init.connect
 def _fresh_connections(**_: Any) -> None:
-    """A forked pool process must not share its parent's database connections."""
+    """A forked pool process must not share its parent's database connections, and learns of
+    its worker's shutdown from :data:`SHUTDOWN_SIGNAL`."""
     if get_engine.cache_info().currsize:
         get_engine().dispose(close=False)
+    signal.signal(SHUTDOWN_SIGNAL, lambda *_: SHUTTING_DOWN.set())
 
 
 @worker_ready.connect
-def _start_reaper(**_: Any) -> None:
+def _start_reaper(sender: Any = None, **_: Any) -> None:
+    _consumer[:] = [sender]
     threading.Thread(target=_periodic_loop, name="periodic", daemon=True).start()
+
+
+def _pool_pids() -> list[int]:
+    """The prefork pool's child processes (none for the solo pool)."""
+    pool = getattr(getattr(_consumer[0], "pool", None), "_pool", None) if _consumer else None
+    return [p.pid for p in getattr(pool, "_pool", None) or [] if getattr(p, "pid", None)]
 
 
 @worker_shutting_down.connect
 def _stop(**_: Any) -> None:
+    """Runs in the worker's signal handler: only set flags (the job sees them at its next
+    progress report; the next task start sees them before claiming)."""
+    SHUTTING_DOWN.set()
     _stop_reaper.set()
+    for pid in _pool_pids():
+        with contextlib.suppress(OSError):
+            os.kill(pid, SHUTDOWN_SIGNAL)

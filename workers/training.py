@@ -21,9 +21,12 @@ from api.db.models import Job, Model, ModelStatus
 from api.db.session import get_sessionmaker
 from api.storage import Storage
 from workers.lifecycle import JobContext, JobStopped
+from workers.progress import StagedProgress
 
 log = logging.getLogger(__name__)
-PROTOTYPE_SHARE = 0.05  # progress fraction shown for the prototype stage
+# Rough shares of a training job's time (cpu-small, ViT-L-14 embeddings on a CPU); they only
+# shape the progress bar and the ETA of stages not yet started (workers.progress).
+STAGES = {"data": 0.02, "embed": 0.2, "prototypes": 0.05, "train": 0.7, "upload": 0.03}
 
 
 def encoder_spec(settings: Settings) -> tuple[Any, bool]:
@@ -56,7 +59,9 @@ def _load(job_id: int) -> dict[str, Any]:
         }  # fmt: skip
 
 
-def _codebook(info: dict[str, Any], root: Path, run_dir: Path, settings: Settings) -> Any:
+def _codebook(
+    info: dict[str, Any], root: Path, run_dir: Path, settings: Settings, progress: StagedProgress
+) -> Any:
     from ml.encoder import EmbeddingCache
     from ml.pipeline import learn_prototypes
     from ml.prototypes import Codebook, CPLConfig
@@ -70,7 +75,7 @@ def _codebook(info: dict[str, Any], root: Path, run_dir: Path, settings: Setting
     with EmbeddingCache(settings.work_dir / "embeddings.sqlite") as cache:
         run = learn_prototypes(
             selection, book_dir, encoder_spec=spec, cpl=cpl, allow_untrained=untrained,
-            cache=cache, roots=read_roots(settings),
+            cache=cache, roots=read_roots(settings), on_progress=progress.update,
         )  # fmt: skip
     return run.codebook
 
@@ -83,13 +88,15 @@ def processes(settings: Settings) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def _train_single(cfg: Any, book: Any, run_dir: Path, ctx: JobContext, roots: list[Path]) -> Path:
+def _train_single(
+    cfg: Any, book: Any, run_dir: Path, progress: StagedProgress, roots: list[Path]
+) -> Path:
     from ml.pipeline import train_model
     from ml.train import Progress, TrainingCancelled
 
     def on_step(p: Progress) -> None:
         try:
-            ctx.report(PROTOTYPE_SHARE + (1 - PROTOTYPE_SHARE) * p.step / p.total_steps, p.eta_s)
+            progress.update("train", p.step, p.total_steps)
         except JobStopped as exc:  # the trainer checkpoints on TrainingCancelled, then re-raises
             raise TrainingCancelled(str(exc)) from exc
 
@@ -106,7 +113,13 @@ def _train_single(cfg: Any, book: Any, run_dir: Path, ctx: JobContext, roots: li
 
 
 def _train_ddp(
-    cfg: Any, book: Any, run_dir: Path, ctx: JobContext, nproc: int, roots: list[Path]
+    cfg: Any,
+    book: Any,
+    run_dir: Path,
+    ctx: JobContext,
+    progress: StagedProgress,
+    nproc: int,
+    roots: list[Path],
 ) -> Path:
     """``torchrun`` over the machine's GPUs; progress from metrics.jsonl, cancel terminates."""
     from ml.train import steps_for
@@ -126,16 +139,14 @@ def _train_ddp(
         cmd += ["--resume", str(run_dir / "last.pt")]
     total = steps_for(cfg, len(book.assignments), nproc)
     proc = subprocess.Popen(cmd)
-    metrics, t0 = run_dir / "metrics.jsonl", time.monotonic()
+    metrics = run_dir / "metrics.jsonl"
     try:
         while proc.poll() is None:
             time.sleep(1.0)
             if metrics.is_file() and total:
                 lines = metrics.read_text().splitlines()
                 step = json.loads(lines[-1])["step"] if lines else 0
-                rate = step / max(time.monotonic() - t0, 1e-9)
-                eta = (total - step) / rate if rate else None
-                ctx.report(PROTOTYPE_SHARE + (1 - PROTOTYPE_SHARE) * min(step / total, 1), eta)
+                progress.update("train", min(step, total), total)
             else:
                 ctx.check()
     except JobStopped:
@@ -163,6 +174,8 @@ def run_training(job_id: int, ctx: JobContext, settings: Settings, storage: Stor
     """Train the job's model; returns the job result. The model row ends ready."""
     from ml.config import TrainConfig
 
+    progress = ctx.stages(STAGES)
+    progress.update("data", 0, 1)
     info = _load(job_id)
     model_id = info["model_id"]
     run_dir = settings.work_dir / "models" / str(model_id)
@@ -170,15 +183,15 @@ def run_training(job_id: int, ctx: JobContext, settings: Settings, storage: Stor
         info["root"], info["archive_key"], storage, settings.work_dir,
         max_bytes=settings.max_unpacked_bytes, max_files=settings.max_upload_files,
     )  # fmt: skip
-    ctx.report(0.0)
-    book = _codebook(info, root, run_dir, settings)
-    ctx.report(PROTOTYPE_SHARE)
+    progress.update("data", 1, 1)
+    book = _codebook(info, root, run_dir, settings, progress)
     cfg = TrainConfig(**info["config"])
     nproc = processes(settings)
     if nproc > 1:
-        _train_ddp(cfg, book, run_dir, ctx, nproc, read_roots(settings))
+        _train_ddp(cfg, book, run_dir, ctx, progress, nproc, read_roots(settings))
     else:
-        _train_single(cfg, book, run_dir, ctx, read_roots(settings))
+        _train_single(cfg, book, run_dir, progress, read_roots(settings))
+    progress.update("upload", 0, 1)
     keys = _upload(model_id, run_dir, storage)
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = {**summary, "prototypes": book.report}
@@ -188,4 +201,5 @@ def run_training(job_id: int, ctx: JobContext, settings: Settings, storage: Stor
         model.checkpoint_path, model.codebook_path = keys["checkpoint"], keys["codebook"]
         model.metrics, model.status = metrics, ModelStatus.ready
         session.commit()
+    progress.update("upload", 1, 1)
     return {"model_id": model_id, **keys, "steps": summary["steps"], "loss": summary["final_loss"]}

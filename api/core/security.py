@@ -32,6 +32,12 @@ def find_key(session: Session, key: str) -> ApiKey | None:
     return row if row is not None and row.revoked_at is None else None
 
 
+def revoked_key(session: Session, key: str) -> ApiKey | None:
+    """The key row if this token was revoked: a bootstrap must neither reuse nor revive it."""
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+    return row if row is not None and row.revoked_at is not None else None
+
+
 def create_key(
     session: Session, name: str, role: ApiKeyRole | str, key: str | None = None
 ) -> tuple[ApiKey, str]:
@@ -45,7 +51,8 @@ def create_key(
 
 
 def ensure_key(session: Session, name: str, role: ApiKeyRole | str, key: str) -> ApiKey:
-    """Idempotent bootstrap: the key exists after this call (committed by the caller)."""
+    """Idempotent bootstrap: the key exists after this call (committed by the caller). A key
+    that was revoked stays revoked (see :func:`revoked_key`)."""
     row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
     if row is None:
         row, _ = create_key(session, name, role, key)

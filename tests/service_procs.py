@@ -59,10 +59,14 @@ def wait_job(client: Any, job_id: int, *, until: tuple[str, ...] = ("succeeded",
              predicate: Any = None,
              headers: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Poll ``GET /jobs/{id}`` until its status is in ``until`` (and ``predicate`` holds).
-    Reads need a key: ``headers`` default to the test services' bootstrap admin key."""
+    Reads need a key: ``headers``, else the client's own, else the test services' bootstrap
+    admin key."""
     from conftest import ADMIN_KEY
 
-    auth = headers if headers is not None else {"Authorization": f"Bearer {ADMIN_KEY}"}
+    auth = headers
+    if auth is None:
+        has_key = "authorization" in getattr(client, "headers", {})
+        auth = {} if has_key else {"Authorization": f"Bearer {ADMIN_KEY}"}
     deadline = time.monotonic() + timeout
     job: dict[str, Any] = {}
     while time.monotonic() < deadline:

@@ -81,3 +81,4 @@ def test_images_install_their_extras() -> None:
     assert "find_spec('torch') is None" in " ".join(commands)
     assert "p['dependencies'] + extras['ml'] + extras['service']" in worker
     assert "torch.version.cuda" in worker  # the worker keeps its CUDA build
+    assert "pip install '.[ml]'" in (REPO / "docker" / "Dockerfile").read_text()  # the core CLI

@@ -24,6 +24,14 @@ def project() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
 
+def entry_point() -> tuple[str, str]:
+    """The ``protomed`` console script's module and object (wherever the CLI lives)."""
+    module, _, attr = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"][
+        "protomed"
+    ].partition(":")
+    return module, attr
+
+
 def names(requirements: list[str]) -> set[str]:
     return {Requirement(r).name.lower().replace("_", "-") for r in requirements}
 
@@ -84,7 +92,7 @@ def test_service_runs_without_the_ml_stack(tmp_path: Path) -> None:
     timm impossible to import, the API, the CLI, the CPU worker's tasks and the API's encoder
     check (which reads open_clip's tables from its source) still import and work."""
     code = BLOCK_ML.format(blocked=ML_STACK) + (
-        "import api.main, api.cli, workers.tasks, workers.review_sync\n"
+        f"import api.main, {entry_point()[0]}, workers.tasks, workers.review_sync\n"
         "from ml.weights import find_weights\n"
         "assert api.main.app.openapi()['paths']\n"
         "assert find_weights('ViT-B-32', 'untrained').kind == 'untrained'\n"
@@ -135,12 +143,13 @@ def test_migrate_works_from_the_installed_wheel(wheel: Path, tmp_path: Path) -> 
     run_dir.mkdir()
     db = tmp_path / "fresh.db"
     env = {**os.environ, "PYTHONPATH": str(site), "PROTOMED_DATABASE_URL": f"sqlite:///{db}"}
+    module, attr = entry_point()
     code = (
-        "import sys, migrations, api.cli\n"
+        f"import importlib, sys, migrations\ncli = importlib.import_module({module!r})\n"
         f"assert migrations.__file__.startswith({str(site)!r}), migrations.__file__\n"
-        f"assert api.cli.__file__.startswith({str(site)!r}), api.cli.__file__\n"
+        f"assert cli.__file__.startswith({str(site)!r}), cli.__file__\n"
         "sys.argv = ['protomed', 'migrate']\n"
-        "api.cli.app()\n"
+        f"cli.{attr}()\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, cwd=run_dir, env=env)  # fmt: skip

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = [p for d in ("api", "workers", "ml") for p in sorted((REPO / d).rglob("*.py"))]
+PACKAGES = ("api", "service", "workers", "ml")  # service/: the shared core, where it exists
+SOURCES = [p for d in PACKAGES for p in sorted((REPO / d).rglob("*.py"))]
 ONCE = ("SECRET_HEADER", "VERDICTS", "CHUNK", "NAME_PATTERN", "Layout", "PresetName",
         "SchedulerName", "Backbone", "PRESETS", "DEFAULT_STEPS", "DEFAULT_SCHEDULER")  # fmt: skip
 

@@ -1,7 +1,8 @@
-"""HTTP service (FastAPI): datasets, training/sampling jobs, batches, reports.
+"""HTTP service (FastAPI): datasets, training, sampling and evaluation jobs, batches, reviews,
+reports, API keys and the dashboard, over typed settings (``api.core.config``), the ORM schema
+(``api.db``) and object storage (``api.storage``).
 
-Built on the core in ``ml`` through the Celery workers; it must start fast, so nothing here imports
-torch. In place so far (groundwork for issue #3): typed settings (``api.core.config``), the ORM
-schema (``api.db.models``) with its Alembic migrations, and sessions (``api.db.session``); the
-routes, workers and storage come with the rest of that issue.
+It queues work for the Celery workers (``workers``), which run the core (``ml``); it must start
+fast and install without the ML stack (``pip install '.[service]'``), so nothing here imports
+torch (tests/test_packaging.py).
 """

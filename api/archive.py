@@ -19,12 +19,13 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING
 
+from api.storage import CHUNK
+
 if TYPE_CHECKING:
     from api.storage import Storage
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1024 * 1024
 IGNORED_DIRS = ("__MACOSX",)  # resource forks added by macOS's Archive Utility
 _DRIVE = re.compile(r"^[A-Za-z]:")
 

@@ -23,20 +23,17 @@ import typer
 
 from ml.cli import _fail, app
 
-REPO = Path(__file__).resolve().parents[1]
 KEY_FILE = ".protomed-admin-key"
 
 
 def _migrate() -> None:
     from alembic import command
-    from alembic.config import Config
 
     from api.core.config import get_settings
+    from migrations import alembic_config, log_progress
 
-    cfg = Config(str(REPO / "alembic.ini"))
-    cfg.set_main_option("script_location", str(REPO / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", get_settings().database_url.replace("%", "%%"))
-    command.upgrade(cfg, "head")
+    log_progress()
+    command.upgrade(alembic_config(get_settings().database_url), "head")
 
 
 @app.command()

@@ -101,7 +101,6 @@ def require_any_reader(key: Caller) -> ApiKey:
     return key
 
 
-AnyKey = Annotated[ApiKey, Depends(require_key)]
 AdminKey = Annotated[ApiKey, Depends(require_admin)]
 Reader = Annotated[ApiKey, Depends(require_reader)]
 AnyReader = Annotated[ApiKey, Depends(require_any_reader)]

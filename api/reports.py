@@ -26,8 +26,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from api.criteria import VERDICTS
+
 Z95 = 1.959964  # two-sided 95% standard normal quantile
-VERDICTS = ("pass", "fail", "na")
 
 
 @dataclass(frozen=True)

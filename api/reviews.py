@@ -25,6 +25,9 @@ from api.db.models import (
     utc_now,
 )
 
+# Label Studio's webhook calls carry the shared secret in this header (set by review_sync).
+SECRET_HEADER = "X-Protomed-Secret"
+
 
 class ReviewError(ValueError):
     """A review request that cannot be served as asked (the message says why)."""

@@ -15,9 +15,11 @@ from pydantic import (
     field_validator,
 )
 
-from ml.config import MAX_PER_CLASS, allowed_range  # torch-free
+from ml.catalog import Layout
+from ml.config import MAX_PER_CLASS, PresetName, allowed_range  # torch-free
 
 MAX_ID = 2**31 - 1  # ids and seeds are PostgreSQL INTEGERs
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # dataset names (JSON body and upload form)
 
 
 class Out(BaseModel):
@@ -29,9 +31,9 @@ class DatasetIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN)
     path: str = Field(min_length=1, max_length=1024, description="Folder under a data root.")
-    layout: Literal["auto", "folder", "ham10000", "matek"] = "auto"
+    layout: Layout = "auto"
     domain: str | None = Field(
         default=None,
         max_length=64,
@@ -86,7 +88,7 @@ class TrainRequest(BaseModel):
 
     dataset_id: int = Field(ge=1, le=MAX_ID)
     mode: Literal["prototype", "baseline", "both"] = "both"
-    preset: Literal["paper", "cpu-small", "tiny"] = "paper"
+    preset: PresetName = "paper"
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="TrainConfig fields, e.g. {'steps': 2000}."
     )

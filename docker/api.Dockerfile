@@ -4,11 +4,10 @@
 #
 #   docker build -f docker/api.Dockerfile -t protomed-api .
 #
-# torch is a hard dependency of the package (pyproject pins torch==2.14.1), but the API never
-# imports torch at start-up (api/ keeps the ML core out of its import path; training and sampling
-# run in the workers). So the CPU wheels are installed first: they satisfy the pins
-# (2.14.1+cpu matches ==2.14.1) and keep the image small, without the CUDA libraries that the
-# PyPI build pulls in.
+# The API never imports torch (tests/test_packaging.py checks it), so the image installs the
+# `service` extra only: no torch, no CUDA libraries. open_clip's source is added without its
+# dependencies: the API reads its model and tag tables (ml/weights.py, torch-free) to refuse a
+# training request at once when the workers' encoder weights are missing.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -20,24 +19,23 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu \
-        torch==2.14.1+cpu torchvision==0.29.1+cpu
-
 # Dependencies in their own layer (rebuilt only when pyproject.toml changes), then the code.
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extras['service'])); print(next(r for r in extras['ml'] if r.startswith('open_clip')), file=open('/tmp/open_clip.txt', 'w'))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt \
-    && python -c "import torch; assert torch.version.cuda is None, 'a CUDA torch replaced the CPU wheel'"
+    && pip install --no-deps -r /tmp/open_clip.txt \
+    && rm /tmp/requirements.txt /tmp/open_clip.txt \
+    && python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch in the API image'"
 
 COPY ml ./ml
 COPY api ./api
 COPY workers ./workers
-RUN pip install --no-deps .
-# Migrations run from /app: alembic.ini sets script_location to ./migrations.
-COPY alembic.ini ./
 COPY migrations ./migrations
+RUN pip install --no-deps .
+# `protomed migrate` needs only the installed package; alembic.ini serves the compose file's
+# `alembic upgrade head` (run from /app, script_location ./migrations).
+COPY alembic.ini ./
 
 RUN useradd --create-home --uid 10001 protomed \
     && mkdir -p /work \

@@ -33,7 +33,7 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
 
 # Dependencies in their own layer (rebuilt only when pyproject.toml changes), then the code.
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extras['ml'] + extras['service']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt \
@@ -42,6 +42,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 COPY ml ./ml
 COPY api ./api
 COPY workers ./workers
+COPY migrations ./migrations
 RUN pip install --no-deps .
 
 RUN useradd --create-home --uid 10001 protomed \

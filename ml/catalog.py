@@ -12,11 +12,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 # Logged under "ml.data", the name users already configure (this module was split out of it).
 log = logging.getLogger("ml.data")
 
-LAYOUTS = ("auto", "folder", "ham10000", "matek")
+Layout = Literal["auto", "folder", "ham10000", "matek"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 HAM_CSV = "HAM10000_metadata.csv"
 

@@ -12,9 +12,24 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
+
+# Torch-free (pydantic only): the choices and defaults below come from the one place they live.
+from ml.catalog import Layout
+from ml.config import (
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    PRESETS,
+    Backbone,
+    Mode,
+    Precision,
+    PresetName,
+    SampleConfig,
+    SchedulerName,
+    TrainConfig,
+)
 
 app = typer.Typer(
     help="Prototype-guided class-conditional diffusion for plausible synthetic medical images.",
@@ -76,6 +91,30 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")
 Device = Annotated[
     str | None, typer.Option(help="torch device (default: cuda if present, else cpu).")
 ]
+Cache = Annotated[
+    bool,
+    typer.Option(
+        "--cache/--no-cache", help="Reuse image embeddings from the embedding cache (on disk)."
+    ),
+]
+PRESET_HELP = (
+    "paper: the seed's Table 2 (64x64, base 64 channels, 1500 epochs; a GPU's work); cpu-small: "
+    "32x32, 2.7M parameters, trains visibly on 2 CPU cores in minutes; tiny: a few thousand "
+    "parameters, for tests only."
+)
+assert all(f"{name}:" in PRESET_HELP for name in PRESETS), "PRESET_HELP must describe each preset"
+SET_HELP = (
+    "Override a training config field: field=value (repeatable; JSON values, e.g. "
+    "channel_mults=[1,2]). Fields: " + ", ".join(TrainConfig.model_fields) + "."
+)
+SCHEDULERS = {
+    "dpm++sde": "SDE-DPM-Solver++",
+    "ddim": "DDIM, the seed's",
+    "dpm++": "DPM-Solver++, deterministic",
+}
+STEPS_HELP = "Default: " + ", ".join(f"{DEFAULT_STEPS[s]} for {s}" for s in SCHEDULERS) + "."
+SAMPLE_DEFAULTS = SampleConfig()
+
 AllowRoot = Annotated[
     list[Path] | None,
     typer.Option(
@@ -92,7 +131,9 @@ def prototypes(
         Path, typer.Argument(help="Dataset folder (class folders, HAM10000 or Matek).")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the codebook.")],
-    layout: Annotated[str, typer.Option(help="auto, folder, ham10000 or matek.")] = "auto",
+    layout: Annotated[
+        Layout, typer.Option(help="auto: recognise the layout from the files.")
+    ] = "auto",
     n_per_class: Annotated[int | None, typer.Option(help="Training images per class.")] = 100,
     heldout: Annotated[int, typer.Option(help="Held-out images per class (for the report).")] = 20,
     image_size: Annotated[int, typer.Option(help="Size images are loaded at.")] = 64,
@@ -113,9 +154,11 @@ def prototypes(
     k: Annotated[int, typer.Option(help="Prototypes per class.")] = 1,
     gamma: Annotated[float, typer.Option(help="DCE hardness.")] = 10.0,
     lam: Annotated[float, typer.Option("--lambda", help="Prototype-loss weight.")] = 0.01,
-    head: Annotated[str | None, typer.Option(help="Learnable head f: linear, or none.")] = None,
+    head: Annotated[
+        Literal["none", "linear"], typer.Option(help="Learnable head f on the embeddings.")
+    ] = "none",
     epochs: int = 200,
-    no_cache: Annotated[bool, typer.Option(help="Do not use the embedding cache.")] = False,
+    cache: Cache = True,
     allow_root: AllowRoot = None,
     device: Device = None,
     verbose: Verbose = False,
@@ -130,7 +173,7 @@ def prototypes(
         from ml.prototypes import CPLConfig
 
         cpl = CPLConfig(
-            k=k, gamma=gamma, lam=lam, head=None if head in (None, "none") else head,
+            k=k, gamma=gamma, lam=lam, head=None if head == "none" else head,
             epochs=epochs, seed=seed,
         )  # fmt: skip
         spec = EncoderSpec(encoder, None if untrained else pretrained)
@@ -140,7 +183,7 @@ def prototypes(
         }  # fmt: skip
         result = learn_prototypes(
             selection, out, encoder_spec=spec, cpl=cpl, allow_untrained=untrained,
-            cache=None if no_cache else EmbeddingCache(), device=device, progress=True,
+            cache=EmbeddingCache() if cache else None, device=device, progress=True,
             roots=allow_root or None,
         )  # fmt: skip
         typer.echo(json.dumps(result.report.to_dict(), indent=2))
@@ -152,17 +195,17 @@ def prototypes(
 @app.command("train")
 def train_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoint, metrics).")],
-    mode: Annotated[str, typer.Option(help="prototype (frozen prototypes) or baseline.")],
+    mode: Annotated[
+        Mode, typer.Option(help="prototype: conditioned on frozen prototypes; baseline: on labels.")
+    ],
     codebook: Annotated[
         Path | None, typer.Option(help="Codebook folder; also fixes the training split.")
     ] = None,
     data: Annotated[
         Path | None, typer.Option(help="Dataset folder (baseline without a codebook).")
     ] = None,
-    preset: Annotated[str, typer.Option(help="paper or cpu-small.")] = "paper",
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a config field: key=value.")
-    ] = None,
+    preset: Annotated[PresetName, typer.Option(help=PRESET_HELP)] = "paper",
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     resume: Annotated[Path | None, typer.Option(help="Checkpoint to resume from.")] = None,
     allow_root: AllowRoot = None,
     device: Device = None,
@@ -197,36 +240,40 @@ def sample(
         list[str] | None, typer.Option("--class", "-c", help="Class to sample (repeatable).")
     ] = None,
     n: Annotated[int, typer.Option("-n", "--n", help="Images per class.")] = 16,
-    steps: Annotated[
-        int | None, typer.Option(help="Default: 50 for ddim, 20 for dpm++ and dpm++sde.")
-    ] = None,
-    guidance: Annotated[float, typer.Option(help="CFG scale (1 = none).")] = 2.0,
+    steps: Annotated[int | None, typer.Option(help=STEPS_HELP)] = None,
+    guidance: Annotated[
+        float, typer.Option(help="CFG scale (1 = none).")
+    ] = SAMPLE_DEFAULTS.guidance,
     scheduler: Annotated[
-        str, typer.Option(help="dpm++sde (SDE-DPM-Solver++), ddim (the seed's) or dpm++.")
-    ] = "dpm++sde",
-    seed: int = 0,
-    batch_size: int = 64,
+        SchedulerName,
+        typer.Option(help="; ".join(f"{k}: {v}" for k, v in SCHEDULERS.items()) + "."),
+    ] = DEFAULT_SCHEDULER,
+    seed: int = SAMPLE_DEFAULTS.seed,
+    batch_size: int = SAMPLE_DEFAULTS.batch_size,
     precision: Annotated[
-        str, typer.Option(help="auto (bf16 where the hardware has it natively), fp32 or bf16.")
-    ] = "auto",
+        Precision, typer.Option(help="auto: bf16 where the hardware has it natively, else fp32.")
+    ] = SAMPLE_DEFAULTS.precision,
     grid: Annotated[Path | None, typer.Option(help="Also write a grid PNG here.")] = None,
-    no_ema: Annotated[bool, typer.Option(help="Use raw instead of EMA weights.")] = False,
+    ema: Annotated[
+        bool, typer.Option("--ema/--no-ema", help="EMA weights (--no-ema: the raw weights).")
+    ] = SAMPLE_DEFAULTS.use_ema,
     device: Device = None,
     verbose: Verbose = False,
 ) -> None:
-    """Generate n images per class with DDIM (or DPM-Solver++) and classifier-free guidance."""
+    """Generate n images per class with classifier-free guidance; by default SDE-DPM-Solver++ in
+    20 steps (--scheduler ddim: the seed's DDIM, 50 steps)."""
     _setup_logging(verbose)
 
     def run() -> None:
         from ml.checkpoint import load_model
-        from ml.config import SampleConfig, resolve_device
+        from ml.config import resolve_device
         from ml.sample import sample_to_folder, save_grid
 
         scfg = SampleConfig(
             steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
-            batch_size=batch_size, use_ema=not no_ema, precision=precision,
+            batch_size=batch_size, use_ema=ema, precision=precision,
         )  # fmt: skip
-        loaded = load_model(checkpoint, use_ema=not no_ema, device=resolve_device(device))
+        loaded = load_model(checkpoint, use_ema=ema, device=resolve_device(device))
         result = sample_to_folder(loaded, out, n, scfg, class_ or None)
         if grid is not None:
             save_grid(result.images, grid)
@@ -306,9 +353,9 @@ def evaluate(
         Path | None, typer.Option(help="Codebook folder (adds prototype consistency).")
     ] = None,
     seeds: Annotated[str, typer.Option(help="Classifier seeds, comma-separated.")] = "0,1,2",
-    backbone: Annotated[str, typer.Option(help="resnext50 (the seed's), resnet18 or small.")] = (
-        "small"
-    ),
+    backbone: Annotated[
+        Backbone, typer.Option(help="resnext50: the seed's; small: a fast CNN for trials.")
+    ] = "small",
     weights: Annotated[
         Path | None, typer.Option(help="Local ImageNet weights for the ResNet backbones.")
     ] = None,
@@ -316,12 +363,12 @@ def evaluate(
     n_per_class: Annotated[
         int | None, typer.Option(help="Synthetic images per class (default: as real).")
     ] = None,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
+    steps: Annotated[int, typer.Option(help="Sampling steps (DDIM, the seed's protocol).")] = 50,
     guidance: float = 2.0,
     encoder: Annotated[str, typer.Option(help="open_clip model for the metrics.")] = "ViT-L-14",
     pretrained: Annotated[str | None, typer.Option(help="Weights tag or local file.")] = "openai",
     untrained: Annotated[bool, typer.Option(help="Untrained encoder (tests/demo only).")] = False,
-    no_cache: Annotated[bool, typer.Option(help="Do not use the embedding cache.")] = False,
+    cache: Cache = True,
     device: Device = None,
     verbose: Verbose = False,
 ) -> None:
@@ -358,18 +405,15 @@ def evaluate(
         enc = ClipEncoder(EncoderSpec(encoder, None if untrained else pretrained), device=str(dev),
                           allow_untrained=untrained)  # fmt: skip
         book = Codebook.load(codebook) if codebook is not None else None
-        cache = None if no_cache else EmbeddingCache()
-        result = run_evaluation(models, enc, cfg, codebook=book, cache=cache)
+        result = run_evaluation(
+            models, enc, cfg, codebook=book, cache=EmbeddingCache() if cache else None
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
         typer.echo(evaluation_table(result))
         typer.echo(f"results: {out} ({result['seconds']:.0f} s)")
 
     _guard(run)
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

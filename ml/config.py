@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,6 +20,9 @@ if TYPE_CHECKING:  # torch is imported where used: the API validates configs wit
 Mode = Literal["prototype", "baseline"]
 Precision = Literal["auto", "fp32", "bf16"]
 SchedulerName = Literal["ddim", "dpm++", "dpm++sde"]
+PresetName = Literal["paper", "cpu-small", "tiny"]  # the keys of PRESETS (checked below)
+# Classifiers of the downstream evaluation (ml.downstream): resnext50 is the seed's.
+Backbone = Literal["small", "resnet18", "resnext50"]
 # Steps when none are given: DDIM-50 is the seed's; SDE-DPM-Solver++ at 20 steps beat it on the
 # toy model by CLIP FD and by the rule-based checker (bench/README.md, "Fewer steps").
 DEFAULT_STEPS: dict[str, int] = {"ddim": 50, "dpm++": 20, "dpm++sde": 20}
@@ -148,6 +151,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "precision": "fp32",
     },
 }
+
+
+assert set(PRESETS) == set(get_args(PresetName)), "PresetName must name exactly the presets"
 
 
 def make_config(preset: str = "paper", overrides: dict[str, Any] | None = None) -> TrainConfig:

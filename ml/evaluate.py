@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ml.checkpoint import LoadedModel
-from ml.config import MAX_PER_CLASS, MAX_SEED, SampleConfig
+from ml.config import MAX_PER_CLASS, MAX_SEED, SampleConfig, SchedulerName
 from ml.data import DatasetSplit, ImageSet, load_selection
 from ml.downstream import DownstreamConfig, downstream_experiment, tables_5_6
 from ml.encoder import ClipEncoder, EmbeddingCache, embed
@@ -49,7 +49,7 @@ class EvalConfig(BaseModel):
     # and with earlier runs; scheduler="dpm++sde", steps=20 samples 2.5x faster.
     steps: int = Field(50, ge=1, le=1000)
     guidance: float = Field(2.0, ge=0, le=50.0)
-    scheduler: str = Field("ddim", pattern="^(ddim|dpm\\+\\+|dpm\\+\\+sde)$")
+    scheduler: SchedulerName = "ddim"
     seed: int = Field(0, ge=0, le=MAX_SEED)
     batch_size: int = Field(64, ge=1, le=1024)
     k: int = Field(3, ge=1, le=100, description="neighbours for precision/recall")

@@ -69,7 +69,11 @@ def is_untrained(weights: str | None) -> bool:
 def _open_clip_dir() -> Path:
     spec = importlib.util.find_spec("open_clip")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise WeightsNotFound("open_clip is not installed (pip install open_clip_torch)")
+        raise WeightsNotFound(
+            "open_clip is not installed: pip install open_clip_torch (an API installed with "
+            "'.[service]' only reads its model tables: add it with --no-deps, as the API image "
+            "does, or set PROTOMED_CHECK_ENCODER_WEIGHTS=false)"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -61,3 +61,24 @@ def test_commands_name_real_modules(compose: dict) -> None:
     for dockerfile in ("api.Dockerfile", "worker.Dockerfile"):
         assert (REPO / "docker" / dockerfile).is_file()
         assert "USER" in (REPO / "docker" / dockerfile).read_text()  # not root
+
+
+def test_images_install_their_extras() -> None:
+    """The API image installs the base and ``service`` dependencies only (no torch: the API
+    never imports it, tests/test_packaging.py) and checks that none came in; the worker image
+    installs ``ml`` and ``service``. The requirement lists are read from pyproject.toml."""
+    api = (REPO / "docker" / "api.Dockerfile").read_text()
+    worker = (REPO / "docker" / "worker.Dockerfile").read_text()
+    code = "\n".join(ln for ln in api.splitlines() if not ln.lstrip().startswith("#"))
+    runs = [ln[4:] for ln in code.replace("\\\n", " ").splitlines() if ln.startswith("RUN ")]
+    commands = [" ".join(c.split()) for run in runs for c in run.split("&&")]
+    pip = [c for c in commands if "pip install" in c]
+    assert pip and not [c for c in pip if "torch" in c], pip
+    (listing,) = [c for c in commands if "tomllib" in c]
+    assert "p['dependencies'] + extras['service']" in listing and "+ extras['ml']" not in listing
+    # open_clip's source only (the encoder check reads its tables), none of its dependencies
+    assert "pip install --no-deps -r /tmp/open_clip.txt" in pip
+    assert "find_spec('torch') is None" in " ".join(commands)
+    assert "p['dependencies'] + extras['ml'] + extras['service']" in worker
+    assert "torch.version.cuda" in worker  # the worker keeps its CUDA build
+    assert "pip install '.[ml]'" in (REPO / "docker" / "Dockerfile").read_text()  # the core CLI

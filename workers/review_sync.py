@@ -22,11 +22,10 @@ from api.core.config import Settings
 from api.criteria import label_config
 from api.db.models import ReviewProject
 from api.db.session import get_sessionmaker
-from api.reviews import reconcile, refresh_annotation, task_data
+from api.reviews import SECRET_HEADER, reconcile, refresh_annotation, task_data
 
 log = logging.getLogger(__name__)
 WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
-SECRET_HEADER = "X-Protomed-Secret"
 IMPORT_CHUNK = 500
 # A webhook's reads of Label Studio: short and not retried (the sdk would sleep 1 + 2 s on a
 # refused connection), since an unreachable Label Studio turns into a queued pull at once.

@@ -56,9 +56,11 @@ def _runner(kind: str) -> Callable[..., dict]:
         from workers.evaluation import run_evaluation
 
         return run_evaluation
-    from workers.sampling import run_sampling
+    if kind == JobKind.sample:
+        from workers.sampling import run_sampling
 
-    return run_sampling
+        return run_sampling
+    raise ValueError(f"no runner for job kind {kind!r}: the job fails instead of sampling")
 
 
 def _queue_kinds(kind: str) -> list[str]:

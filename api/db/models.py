@@ -92,6 +92,8 @@ class ModelStatus(enum.StrEnum):
 class JobKind(enum.StrEnum):
     train = "train"
     sample = "sample"
+    # Never created (prototypes are learnt inside a train job); kept only because removing it
+    # changes ck_jobs_kind (a migration). The worker refuses it: workers.tasks._runner.
     prototypes = "prototypes"
     evaluate = "evaluate"
     review_sync = "review_sync"  # images to Label Studio, verdicts back
@@ -206,7 +208,7 @@ class Job(TimestampMixin, Base):
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     requested_by: Mapped[str | None] = mapped_column(String(200))  # API key name, kept as text
-    # Optional: a prototypes job may precede its model. SET NULL keeps the job history.
+    # None for jobs of no model (review_sync); SET NULL keeps a deleted model's job history.
     model_id: Mapped[int | None] = mapped_column(
         ForeignKey("models.id", ondelete="SET NULL"), index=True
     )
@@ -252,8 +254,8 @@ class Batch(TimestampMixin, Base):
 
 
 class Image(TimestampMixin, Base):
-    """One generated image; its bytes are in storage under ``storage_key``. Reviews (later) will
-    reference this table."""
+    """One generated image; its bytes are in storage under ``storage_key``; review tasks
+    (``ReviewTask``) refer to it, and reviewers' verdicts to those."""
 
     __tablename__ = "images"
     __table_args__ = (UniqueConstraint("batch_id", "index"),)

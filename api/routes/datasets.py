@@ -12,7 +12,7 @@ import logging
 import shutil
 import uuid
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
 from fastapi.routing import APIRoute
@@ -27,16 +27,14 @@ from api.core.config import Settings, get_settings
 from api.criteria import known_domains
 from api.db.models import Dataset, DatasetSource
 from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, StorageDep
-from api.schemas import DatasetIn, DatasetOut, DatasetRegistered, SkippedFile
+from api.schemas import NAME_PATTERN, DatasetIn, DatasetOut, DatasetRegistered, SkippedFile
 from api.storage import Storage
-from ml.catalog import IMAGE_SUFFIXES, Catalog, scan
+from ml.catalog import IMAGE_SUFFIXES, Catalog, Layout, scan
 
 log = logging.getLogger(__name__)
 
 FORM_OVERHEAD = 1024 * 1024  # multipart boundaries and text fields on top of the zip itself
 UPLOAD_PREFIX = "datasets/uploads"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # as DatasetIn.name
-Layout = Literal["auto", "folder", "ham10000", "matek"]
 
 
 def _too_large(limit: int) -> HTTPException:

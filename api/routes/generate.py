@@ -16,7 +16,7 @@ from api.queue import submit
 from api.routes.jobs import job_out
 from api.schemas import MAX_ID, BatchOut, GenerateAccepted, ImageOut, ModelOut
 from api.storage import ObjectNotFound
-from ml.config import DEFAULT_SCHEDULER, DEFAULT_STEPS
+from ml.config import DEFAULT_SCHEDULER, DEFAULT_STEPS, SchedulerName
 
 router = APIRouter(tags=["generate"])
 
@@ -80,8 +80,7 @@ def generate(
     ] = None,
     seed: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     scheduler: Annotated[
-        str,
-        Query(pattern="^(ddim|dpm\\+\\+|dpm\\+\\+sde)$", description="dpm++sde: SDE-DPM-Solver++"),
+        SchedulerName, Query(description="dpm++sde: SDE-DPM-Solver++")
     ] = DEFAULT_SCHEDULER,
 ) -> GenerateAccepted:
     """Queue ``n`` images of one class; the job's result is a batch (PNGs, zip)."""

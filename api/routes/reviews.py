@@ -25,14 +25,13 @@ from api.db.models import (
 )
 from api.deps import MAX_ID, AdminKey, AnyReader, Reader, SessionDep, SettingsDep, StorageDep
 from api.queue import submit
-from api.reviews import ReviewError, judgements, pending_modes, stored_annotations
+from api.reviews import SECRET_HEADER, ReviewError, judgements, pending_modes, stored_annotations
 from api.reviews import request_review as add_tasks
 from api.routes.jobs import job_out
 from api.schemas import JobOut
 from api.storage import ObjectNotFound
 
 router = APIRouter(tags=["reviews"])
-SECRET_HEADER = "X-Protomed-Secret"
 
 
 class Criterion(BaseModel):

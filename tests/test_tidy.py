@@ -1,0 +1,74 @@
+"""Each constant is stated once (the others import it), and dead code stays gone: a value
+restated in a second module drifts from the first the day one of them changes."""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("api", "service", "workers", "ml")  # service/: the shared core, where it exists
+SOURCES = [p for d in PACKAGES for p in sorted((REPO / d).rglob("*.py"))]
+ONCE = ("SECRET_HEADER", "VERDICTS", "CHUNK", "NAME_PATTERN", "Layout", "PresetName",
+        "SchedulerName", "Backbone", "PRESETS", "DEFAULT_STEPS", "DEFAULT_SCHEDULER")  # fmt: skip
+
+
+def module_constants() -> dict[str, list[str]]:
+    """Name -> the modules that assign it at module level."""
+    found: dict[str, list[str]] = defaultdict(list)
+    for path in SOURCES:
+        for node in ast.parse(path.read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            if isinstance(node, ast.AnnAssign):
+                targets = [node.target]
+            for t in targets:
+                if isinstance(t, ast.Name):
+                    found[t.id].append(str(path.relative_to(REPO)))
+    return found
+
+
+@pytest.mark.parametrize("name", ONCE)
+def test_constant_defined_once(name: str) -> None:
+    assert len(module_constants()[name]) == 1, module_constants()[name]
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r'"X-Protomed-Secret"',  # SECRET_HEADER's value
+        r'\(\s*"pass",\s*"fail",\s*"na"\s*\)',  # VERDICTS
+        r"ddim\|dpm",  # the scheduler names as a regex beside SchedulerName
+        r'Literal\[\s*"paper"',  # the preset names
+        r'Literal\[\s*"auto",\s*"folder"',  # the dataset layouts
+        r"1024 \* 1024\n",  # CHUNK (other megabytes carry their own comment)
+        re.escape('"^[A-Za-z0-9][A-Za-z0-9._-]*$"'),  # NAME_PATTERN
+    ],
+)
+def test_value_written_once(pattern: str) -> None:
+    hits = [str(p.relative_to(REPO)) for p in SOURCES if re.search(pattern, p.read_text())]
+    assert len(hits) <= 1, hits
+
+
+def test_unknown_job_kinds_are_refused_not_sampled() -> None:
+    """``JobKind.prototypes`` is never created (kept in the enum: removing it would change the
+    CHECK constraint); a job of that or any unknown kind fails instead of sampling."""
+    from api.db.models import JobKind
+    from workers.sampling import run_sampling
+    from workers.tasks import _runner
+
+    assert _runner(JobKind.sample) is run_sampling
+    for kind in (JobKind.prototypes, "bogus"):
+        with pytest.raises(ValueError, match="no runner for job kind"):
+            _runner(kind)
+
+
+def test_dead_code_is_gone() -> None:
+    import api.deps
+    import ml.cli
+
+    assert not hasattr(api.deps, "AnyKey")
+    assert not hasattr(ml.cli, "main")

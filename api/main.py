@@ -15,7 +15,18 @@ from fastapi_offline import FastAPIOffline
 
 from api.core.config import get_settings
 from api.errors import install_handlers
-from api.routes import dashboard, datasets, evaluation, generate, health, jobs, keys, reviews
+from api.routes import (
+    batches,
+    dashboard,
+    datasets,
+    health,
+    images,
+    jobs,
+    keys,
+    models,
+    reports,
+    reviews,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +70,9 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
-    for module in (health, datasets, evaluation, jobs, generate, reviews, keys, dashboard):
+    for module in (
+        health, datasets, jobs, models, batches, images, reviews, reports, keys, dashboard,
+    ):  # fmt: skip
         app.include_router(module.router)
     return app
 

@@ -318,7 +318,7 @@ def text_of(page_html: str) -> str:
 
 
 def test_pages_show_the_seeded_numbers(dash: Dash) -> None:
-    from api.reports import _diff_cells, cohen_kappa
+    from api.reports import cohen_kappa, diff_cells
 
     client, ids = dash.service.client, dash.ids
     base, proto = ids.models["baseline"], ids.models["prototype"]
@@ -341,7 +341,7 @@ def test_pages_show_the_seeded_numbers(dash: Dash) -> None:
     assert row(["Pooled", "37.50 (16)", "81.25 (16)", "43.75"]) in text
     as_json = client.get("/reports/plausibility").json()
     for cls in as_json["classes"]:  # CI and p: the JSON report's numbers, printed as the CSV
-        assert row(_diff_cells(cls["difference"])) in text
+        assert row(diff_cells(cls["difference"])) in text
     assert row(["Granules", "62.50 (16)", "18.75 (16)"]) in text  # 10/16 and 3/16 failed
     assert row(["Cell size", "0.00 (8)", "0.00 (8)"]) in text  # bob said n/a
     alice = [v for key in VERDICTS for v in VERDICTS[key][0]]

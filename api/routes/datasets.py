@@ -26,7 +26,7 @@ from api.archive import ArchiveError, ArchiveTooLarge, copy_limited, safe_extrac
 from api.core.config import Settings, get_settings
 from api.criteria import known_domains
 from api.db.models import Dataset, DatasetSource
-from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, StorageDep
+from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, StorageDep, get_or_404
 from api.schemas import DatasetIn, DatasetOut, DatasetRegistered, SkippedFile
 from api.storage import Storage
 from ml.catalog import IMAGE_SUFFIXES, Catalog, scan
@@ -284,7 +284,4 @@ def list_datasets(session: SessionDep, _reader: Reader) -> list[DatasetOut]:
 @router.get("/{dataset_id}")
 def get_dataset(dataset_id: IdPath, session: SessionDep, _reader: Reader) -> DatasetOut:
     """One dataset (404 if there is none with this id)."""
-    row = session.get(Dataset, dataset_id)
-    if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset with id {dataset_id}")
-    return DatasetOut.model_validate(row)
+    return DatasetOut.model_validate(get_or_404(session, Dataset, dataset_id))

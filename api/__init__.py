@@ -1,7 +1,5 @@
-"""HTTP service (FastAPI): datasets, training/sampling jobs, batches, reports.
-
-Built on the core in ``ml`` through the Celery workers; it must start fast, so nothing here imports
-torch. In place so far (groundwork for issue #3): typed settings (``api.core.config``), the ORM
-schema (``api.db.models``) with its Alembic migrations, and sessions (``api.db.session``); the
-routes, workers and storage come with the rest of that issue.
+"""HTTP service (FastAPI): routes per resource (``api/routes``), their request and response
+models (``api/schemas.py``), dependencies (``api/deps.py``) and the HTML dashboard (``api/ui``,
+``api/templates``). The work itself lives in the service core (``service``) and the Celery
+workers; nothing here imports torch, so the API starts fast.
 """

@@ -15,12 +15,12 @@ from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api.core.config import Settings, get_settings
-from api.core.security import find_key, find_session
-from api.db.models import ApiKey, ApiKeyRole
-from api.db.session import get_session
 from api.schemas import MAX_ID
-from api.storage import Storage, get_storage
+from service.config import Settings, get_settings
+from service.db.models import ApiKey, ApiKeyRole
+from service.db.session import get_session
+from service.security import find_key, find_session
+from service.storage import Storage, get_storage
 
 # Ids larger than a PostgreSQL INTEGER cannot name a row: 422 here, not a database error.
 IdPath = Annotated[int, PathParam(ge=1, le=MAX_ID)]

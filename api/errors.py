@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
-from api.core.exceptions import RETRY_AFTER_S, ServiceUnavailable
+from service.exceptions import RETRY_AFTER_S, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 __all__ = ["RETRY_AFTER_S", "ServiceUnavailable", "install_handlers", "unavailable"]

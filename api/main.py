@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from api.core.config import get_settings
 from api.errors import install_handlers
 from api.routes import (
     batches,
@@ -27,6 +26,7 @@ from api.routes import (
     reports,
     reviews,
 )
+from service.config import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 def bootstrap() -> None:
     """Idempotent start-up writes: the default criteria sets, and the bootstrap admin key
     (``PROTOMED_ADMIN_KEY``) when one is configured."""
-    from api.core.security import ensure_key
-    from api.criteria import ensure_defaults
-    from api.db.session import get_sessionmaker
+    from service.criteria import ensure_defaults
+    from service.db.session import get_sessionmaker
+    from service.security import ensure_key
 
     settings = get_settings()
     with get_sessionmaker()() as session:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from fastapi import Request
 from sqlalchemy.orm import Session
 
-from api.core.config import Settings
-from api.db.models import Batch, Job, ReviewProject
-from api.reviews import project_counts
 from api.schemas import BatchOut, ImageOut, JobOut, ProjectOut
+from service.config import Settings
+from service.db.models import Batch, Job, ReviewProject
+from service.reviews import project_counts
 
 
 def job_out(job: Job, request: Request) -> JobOut:

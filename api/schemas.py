@@ -15,8 +15,8 @@ from pydantic import (
     field_validator,
 )
 
-from api.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
 from ml.config import MAX_PER_CLASS, allowed_range  # torch-free
+from service.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
 
 
 class Out(BaseModel):

@@ -34,6 +34,8 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 COPY ml ./ml
 COPY api ./api
 COPY workers ./workers
+COPY protomed_cli ./protomed_cli
+COPY service ./service
 RUN pip install --no-deps .
 # Migrations run from /app: alembic.ini sets script_location to ./migrations.
 COPY alembic.ini ./

@@ -42,6 +42,8 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 COPY ml ./ml
 COPY api ./api
 COPY workers ./workers
+COPY protomed_cli ./protomed_cli
+COPY service ./service
 RUN pip install --no-deps .
 
 RUN useradd --create-home --uid 10001 protomed \

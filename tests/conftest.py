@@ -103,9 +103,9 @@ def moto_endpoint() -> Iterator[str]:
 
 def reset_service_caches() -> None:
     """Forget the process-wide settings, engine, storage and Celery app (after env changes)."""
-    from api.core.config import get_settings
-    from api.db.session import get_engine, get_sessionmaker
-    from api.storage import get_storage
+    from service.config import get_settings
+    from service.db.session import get_engine, get_sessionmaker
+    from service.storage import get_storage
     from workers.celery_app import get_celery
 
     if get_engine.cache_info().currsize:

@@ -13,8 +13,8 @@ from functools import lru_cache
 from celery import Celery
 from sqlalchemy import create_engine
 
-from api.core.config import Settings, get_settings
 from ml.weights import force_offline
+from service.config import Settings, get_settings
 
 # Workers never download (open_clip would try the model hub for missing weights): offline mode
 # for the hub libraries before any job imports them (ml/__init__ does it too; explicit here).

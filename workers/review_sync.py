@@ -18,11 +18,11 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.core.config import Settings
-from api.criteria import label_config
-from api.db.models import ReviewProject
-from api.db.session import get_sessionmaker
-from api.reviews import reconcile, refresh_annotation, task_data
+from service.config import Settings
+from service.criteria import label_config
+from service.db.models import ReviewProject
+from service.db.session import get_sessionmaker
+from service.reviews import reconcile, refresh_annotation, task_data
 
 log = logging.getLogger(__name__)
 WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]

@@ -24,11 +24,11 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
-from api.core.config import get_settings
-from api.db.models import Job, JobKind, JobStatus, ModelStatus
-from api.db.session import get_engine, get_sessionmaker
-from api.queue import enqueue
-from api.storage import get_storage
+from service.config import get_settings
+from service.db.models import Job, JobKind, JobStatus, ModelStatus
+from service.db.session import get_engine, get_sessionmaker
+from service.queue import enqueue
+from service.storage import get_storage
 from workers.celery_app import TASKS, app
 from workers.lifecycle import (
     SHUTTING_DOWN,

@@ -10,7 +10,6 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
-from api.db.models import Batch, Dataset, Job, JobKind, Model, ModelMode, ModelStatus
 from api.deps import (
     AdminKey,
     IdPath,
@@ -21,10 +20,11 @@ from api.deps import (
     StorageDep,
     get_or_404,
 )
-from api.queue import submit
 from api.responses import batch_out, job_out
 from api.schemas import MAX_ID, BatchOut, GenerateAccepted
 from ml.config import DEFAULT_SCHEDULER, DEFAULT_STEPS
+from service.db.models import Batch, Dataset, Job, JobKind, Model, ModelMode, ModelStatus
+from service.queue import submit
 
 router = APIRouter()
 

@@ -16,18 +16,6 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlalchemy import select
 
-from api.core.security import close_session, find_key, open_session
-from api.db.models import (
-    ApiKey,
-    Batch,
-    CriteriaSet,
-    Dataset,
-    Job,
-    JobKind,
-    JobStatus,
-    Model,
-    ReviewProject,
-)
 from api.deps import (
     MAX_ID,
     READER_ROLES,
@@ -37,9 +25,7 @@ from api.deps import (
     SessionDep,
     SettingsDep,
 )
-from api.evaluations import latest_evaluation
 from api.responses import ls_public, project_out
-from api.reviews import FilterError, plausibility
 from api.schemas import ProjectOut
 from api.ui.templating import not_found, page, route_path
 from api.ui.views import (
@@ -53,6 +39,20 @@ from api.ui.views import (
     report_rows,
     toy_rows,
 )
+from service.db.models import (
+    ApiKey,
+    Batch,
+    CriteriaSet,
+    Dataset,
+    Job,
+    JobKind,
+    JobStatus,
+    Model,
+    ReviewProject,
+)
+from service.evaluations import latest_evaluation
+from service.reviews import FilterError, plausibility
+from service.security import close_session, find_key, open_session
 
 router = APIRouter(prefix="/ui", include_in_schema=False, default_response_class=HTMLResponse)
 

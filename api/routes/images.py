@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import Response
 
-from api.db.models import Image
 from api.deps import IdPath, Reader, SessionDep, StorageDep, get_or_404
-from api.storage import ObjectNotFound
+from service.db.models import Image
+from service.storage import ObjectNotFound
 
 router = APIRouter(tags=["batches"])
 

@@ -9,7 +9,10 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from api.db.models import (
+from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, get_or_404
+from api.responses import job_out
+from api.schemas import MAX_ID, EvaluateRequest, JobOut, ModelOut, TrainAccepted, TrainRequest
+from service.db.models import (
     Batch,
     Dataset,
     Job,
@@ -20,11 +23,8 @@ from api.db.models import (
     ModelStatus,
     utc_now,
 )
-from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, get_or_404
-from api.encoder import require_encoder_weights
-from api.queue import submit
-from api.responses import job_out
-from api.schemas import MAX_ID, EvaluateRequest, JobOut, ModelOut, TrainAccepted, TrainRequest
+from service.encoder import require_encoder_weights
+from service.queue import submit
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 

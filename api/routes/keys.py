@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlalchemy import select
 
-from api.core.security import create_key
-from api.db.models import ApiKey, utc_now
 from api.deps import AdminKey, IdPath, SessionDep, get_or_404
 from api.schemas import KeyIn, KeyOut
+from service.db.models import ApiKey, utc_now
+from service.security import create_key
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 

@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy import select
 
-from api.db.models import Model, ModelMode, ModelStatus
 from api.deps import IdPath, IdQuery, Reader, SessionDep, get_or_404
 from api.schemas import ModelOut
+from service.db.models import Model, ModelMode, ModelStatus
 
 router = APIRouter(prefix="/models", tags=["models"])
 

@@ -9,9 +9,9 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import PlainTextResponse
 
 from api.deps import MAX_ID, Reader, SessionDep
-from api.evaluations import evaluation_csv, latest_evaluation
-from api.reports import report_csv
-from api.reviews import FilterError, plausibility
+from service.evaluations import evaluation_csv, latest_evaluation
+from service.reports import report_csv
+from service.reviews import FilterError, plausibility
 
 router = APIRouter(prefix="/reports")
 

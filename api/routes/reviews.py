@@ -11,21 +11,8 @@ from fastapi import Path as PathParam
 from fastapi.responses import Response
 from sqlalchemy import select
 
-from api.blinding import NotAnImage, blind_png
-from api.criteria import add_version, latest
-from api.db.models import (
-    CriteriaSet,
-    Job,
-    JobKind,
-    JobStatus,
-    ReviewProject,
-    ReviewTask,
-)
 from api.deps import AdminKey, AnyReader, SessionDep, SettingsDep, StorageDep
-from api.queue import submit
 from api.responses import job_out, ls_public, project_out
-from api.reviews import ReviewError, pending_modes, stored_annotations
-from api.reviews import request_review as add_tasks
 from api.schemas import (
     AnnotationEvent,
     AnnotationsDeletedEvent,
@@ -38,7 +25,20 @@ from api.schemas import (
     WebhookEvent,
     WebhookOut,
 )
-from api.storage import ObjectNotFound
+from service.blinding import NotAnImage, blind_png
+from service.criteria import add_version, latest
+from service.db.models import (
+    CriteriaSet,
+    Job,
+    JobKind,
+    JobStatus,
+    ReviewProject,
+    ReviewTask,
+)
+from service.queue import submit
+from service.reviews import ReviewError, pending_modes, stored_annotations
+from service.reviews import request_review as add_tasks
+from service.storage import ObjectNotFound
 
 router = APIRouter(tags=["reviews"])
 SECRET_HEADER = "X-Protomed-Secret"
@@ -239,7 +239,7 @@ def review_image(
 ) -> Response:
     """The image behind a review token, for Label Studio's editor in the reviewer's browser
     (no protomed key: the random token is the capability). Blinded: re-encoded per token (see
-    :mod:`api.blinding`), so neither its bytes, its hash, its size nor any metadata chunk match
+    :mod:`service.blinding`), so neither its bytes, its hash, its size nor any metadata chunk match
     what ``/images`` or ``/batches`` show; no header echoes the stored object."""
     task = session.scalar(select(ReviewTask).where(ReviewTask.token == token))
     if task is None:

@@ -11,10 +11,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.db.models import Batch, Image, Model
-from api.reports import diff_cells, macro_difference, pct
 from api.ui.charts import BarValue, Chart, Series, grouped_bar_chart
 from api.ui.templating import is_number, percent
+from service.db.models import Batch, Image, Model
+from service.reports import diff_cells, macro_difference, pct
 
 IMAGES_PER_CLASS = 64  # on a model page; a batch page shows all of its images
 PALETTE = {  # by mode, then by the model's order within its mode

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
 
-from api.core.exceptions import ServiceUnavailable
-from api.db.models import Job
+from service.db.models import Job
+from service.exceptions import ServiceUnavailable
 from workers.celery_app import TASKS, get_celery
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.db.models import Job, JobKind, JobStatus
+from service.db.models import Job, JobKind, JobStatus
 
 
 def latest_evaluation(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import HTTPException, status
 
-from api.core.config import Settings
+from service.config import Settings
 
 
 def require_encoder_weights(settings: Settings) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from api.storage import Storage
+    from service.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.criteria import latest, parse_result
-from api.db.models import (
+from service.criteria import latest, parse_result
+from service.db.models import (
     MAX_ID,
     Batch,
     CriteriaSet,
@@ -247,7 +247,7 @@ def judgements(
 ) -> tuple[list[Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """The verdicts matching the filters as report input: (judgements, model columns,
     criteria). Columns: the models with verdicts (or those asked for), baseline first."""
-    from api.reports import Judgement
+    from service.reports import Judgement
 
     query = (
         select(Review, Image, Model, ReviewProject.criteria_set_id)
@@ -326,7 +326,7 @@ def plausibility(
 ) -> dict[str, Any]:
     """The plausibility report with its filters, as the JSON/CSV endpoint and the dashboard
     show it; :class:`FilterError` for malformed model ids."""
-    from api.reports import plausibility_report
+    from service.reports import plausibility_report
 
     found, columns, criteria = judgements(
         session, dataset_id=dataset_id, model_ids=parse_ids(models), reviewer=reviewer,

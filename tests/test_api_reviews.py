@@ -339,7 +339,7 @@ def test_label_studio_errors_are_told_without_its_headers() -> None:
     import httpx
     from label_studio_sdk.core.api_error import ApiError
 
-    from workers.review_sync import reason
+    from service.label_studio import reason
 
     exc = ApiError(status_code=502, headers={"set-cookie": "sessionid=s3cr3t"}, body="bad gw")
     assert reason(exc) == "Label Studio answered 502"

@@ -27,9 +27,9 @@ from celery.signals import worker_process_init, worker_ready, worker_shutting_do
 from service.config import get_settings
 from service.db.models import Job, JobKind, JobStatus, ModelStatus
 from service.db.session import get_engine, get_sessionmaker
-from service.queue import enqueue
+from service.queue import TASKS, enqueue
 from service.storage import get_storage
-from workers.celery_app import TASKS, app
+from workers.celery_app import app
 from workers.lifecycle import (
     SHUTTING_DOWN,
     JobContext,
@@ -154,7 +154,8 @@ def review_sync(self: Any, job_id: int) -> str:
     """Push tasks to Label Studio and pull verdicts. Label Studio down: the job goes back to
     ``queued`` with the reason and is retried later (nothing is lost: tasks are in the
     database and every step is idempotent), up to ``review_sync_attempts`` times."""
-    from workers.review_sync import LabelStudioUnavailable, sync_project
+    from service.label_studio import LabelStudioUnavailable
+    from workers.review_sync import sync_project
 
     if SHUTTING_DOWN.is_set():
         return _hand_back(job_id)

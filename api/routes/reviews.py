@@ -35,13 +35,13 @@ from service.db.models import (
     ReviewProject,
     ReviewTask,
 )
+from service.label_studio import SECRET_HEADER, LabelStudioError, refresh_annotations
 from service.queue import submit
 from service.reviews import ReviewError, pending_modes, stored_annotations
 from service.reviews import request_review as add_tasks
 from service.storage import ObjectNotFound
 
 router = APIRouter(tags=["reviews"])
-SECRET_HEADER = "X-Protomed-Secret"
 
 
 @router.get("/criteria")
@@ -195,8 +195,6 @@ def webhook(
     Studio confirms the annotation is gone or cancelled). If Label Studio cannot be read, a
     pull is queued and the answer is 202, so the event is not lost (Label Studio never resends
     a webhook). Idempotent: a repeated event changes nothing."""
-    from workers.review_sync import LabelStudioError, refresh_annotations
-
     if not settings.label_studio_url or not settings.label_studio_token:
         raise HTTPException(
             409, "Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL and _TOKEN"

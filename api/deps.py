@@ -8,25 +8,40 @@ review projects); no key reads nothing but /health, /ready, the API docs and rev
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api.core.config import Settings, get_settings
-from api.core.security import find_key, find_session
-from api.db.models import ApiKey, ApiKeyRole
-from api.db.session import get_session
 from api.schemas import MAX_ID
-from api.storage import Storage, get_storage
+from service.config import Settings, get_settings
+from service.db.models import ApiKey, ApiKeyRole
+from service.db.session import get_session
+from service.security import find_key, find_session
+from service.storage import Storage, get_storage
 
 # Ids larger than a PostgreSQL INTEGER cannot name a row: 422 here, not a database error.
 IdPath = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 IdQuery = Annotated[int | None, Query(ge=1, le=MAX_ID)]
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+Row = TypeVar("Row")
+
+
+def get_or_404(session: Session, model: type[Row], id_: int, noun: str | None = None,
+               hint: str = "") -> Row:  # fmt: skip
+    """The row of ``model`` with this primary key, else a 404 "no <noun> with id <id><hint>"
+    (the noun defaults to the class name in lower case), so every endpoint words it alike."""
+    row = session.get(model, id_)
+    if row is None:
+        name = noun or model.__name__.lower()
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {name} with id {id_}{hint}")
+    return row
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 

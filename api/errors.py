@@ -1,8 +1,7 @@
-"""Failures of the service's dependencies, mapped to HTTP 503 with a message and Retry-After.
-
-A request that fails this way has changed nothing (writes commit only after every dependency
-answered), so the client can simply retry.
-"""
+"""The service core's errors as HTTP answers: a dependency's failure is a 503 with a message and
+Retry-After (a request that fails this way has changed nothing: writes commit only after every
+dependency answered, so the client can simply retry); a job the workers could not run (their
+encoder's weights are missing) is a 422 saying what to set."""
 
 from __future__ import annotations
 
@@ -12,7 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
-from api.core.exceptions import RETRY_AFTER_S, ServiceUnavailable
+from service.encoder import EncoderUnavailable
+from service.exceptions import RETRY_AFTER_S, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 __all__ = ["RETRY_AFTER_S", "ServiceUnavailable", "install_handlers", "unavailable"]
@@ -34,6 +34,10 @@ def install_handlers(app: FastAPI) -> None:
     async def _service(_req: Request, exc: ServiceUnavailable) -> JSONResponse:
         log.warning("%s", exc)
         return unavailable(exc.component, exc.reason)
+
+    @app.exception_handler(EncoderUnavailable)
+    async def _encoder(_req: Request, exc: EncoderUnavailable) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
 
     @app.exception_handler(OperationalError)
     async def _database(_req: Request, exc: OperationalError) -> JSONResponse:

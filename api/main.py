@@ -13,9 +13,20 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from api.core.config import get_settings
 from api.errors import install_handlers
-from api.routes import dashboard, datasets, evaluation, generate, health, jobs, keys, reviews
+from api.routes import (
+    batches,
+    dashboard,
+    datasets,
+    health,
+    images,
+    jobs,
+    keys,
+    models,
+    reports,
+    reviews,
+)
+from service.config import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +34,9 @@ log = logging.getLogger(__name__)
 def bootstrap() -> None:
     """Idempotent start-up writes: the default criteria sets, and the bootstrap admin key
     (``PROTOMED_ADMIN_KEY``) when one is configured."""
-    from api.core.security import ensure_key
-    from api.criteria import ensure_defaults
-    from api.db.session import get_sessionmaker
+    from service.criteria import ensure_defaults
+    from service.db.session import get_sessionmaker
+    from service.security import ensure_key
 
     settings = get_settings()
     with get_sessionmaker()() as session:
@@ -59,7 +70,9 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
-    for module in (health, datasets, evaluation, jobs, generate, reviews, keys, dashboard):
+    for module in (
+        health, datasets, jobs, models, batches, images, reviews, reports, keys, dashboard,
+    ):  # fmt: skip
         app.include_router(module.router)
     return app
 

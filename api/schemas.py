@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -17,8 +17,8 @@ from pydantic import (
 
 from ml.catalog import Layout
 from ml.config import MAX_PER_CLASS, PresetName, allowed_range  # torch-free
+from service.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
 
-MAX_ID = 2**31 - 1  # ids and seeds are PostgreSQL INTEGERs
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # dataset names (JSON body and upload form)
 
 
@@ -178,3 +178,121 @@ class KeyOut(Out):
     created_at: datetime
     revoked_at: datetime | None
     key: str | None = Field(default=None, description="The token; returned once, at creation.")
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+
+class EvaluateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    baseline_model_id: Id
+    prototype_model_id: Id
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_ID)]] = Field([0, 1, 2], min_length=1,
+                                                                max_length=10)  # fmt: skip
+    backbone: Literal["small", "resnet18", "resnext50"] = "small"
+    epochs: int = Field(30, ge=1, le=1000)
+    n_per_class: int | None = Field(None, ge=1, le=10_000, description="default: as real")
+    steps: int = Field(50, ge=1, le=1000)
+    guidance: float = Field(2.0, ge=0, le=20)
+    baseline_batch_ids: list[Id] = Field(
+        default_factory=list, max_length=500, description="use these images instead of generating"
+    )
+    prototype_batch_ids: list[Id] = Field(default_factory=list, max_length=500)
+
+
+# --- reviews -------------------------------------------------------------------------------------
+
+
+class Criterion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
+    label: str = Field(min_length=1, max_length=120)
+    help: str = Field(default="", max_length=500)
+
+
+class CriteriaIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field(min_length=1, max_length=200)
+    criteria: list[Criterion] = Field(min_length=1, max_length=20)
+
+
+class CriteriaOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    domain: str
+    version: int
+    title: str
+    criteria: list[dict[str, Any]]
+
+
+class ReviewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] = Field(min_length=1, max_length=200)
+    domain: str | None = Field(default=None, max_length=64)
+
+
+class ProjectOut(BaseModel):
+    id: int
+    domain: str
+    criteria_set_id: int
+    version: int
+    ls_project_id: int | None
+    url: str | None
+    tasks: int
+    reviews: int
+
+
+class ReviewAccepted(BaseModel):
+    job: JobOut
+    project: ProjectOut
+    added: int
+    warning: str | None = Field(
+        default=None,
+        description="Set when every image waiting for import comes from one mode: reviewers "
+        "could then tell them apart by Label Studio's task order (send both modes together).",
+    )
+
+
+# --- the Label Studio webhook: a notification, never a source of verdicts ------------------------
+
+LsId = Annotated[int, Field(strict=True, ge=1, le=MAX_ID, description="A Label Studio id.")]
+
+
+class AnnotationRef(BaseModel):
+    """An annotation as a webhook names it. Label Studio sends the whole annotation; only its
+    id is read, the rest of the body is never trusted."""
+
+    id: LsId
+
+
+class AnnotationEvent(BaseModel):
+    action: Literal["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]
+    annotation: AnnotationRef
+
+
+class AnnotationsDeletedEvent(BaseModel):
+    action: Literal["ANNOTATIONS_DELETED"]
+    annotations: list[AnnotationRef] = Field(min_length=1, max_length=100_000)
+
+
+WebhookEvent = Annotated[AnnotationEvent | AnnotationsDeletedEvent, Field(discriminator="action")]
+
+
+class WebhookOut(BaseModel):
+    action: str
+    applied: int = Field(description="Verdicts stored or updated, equal to Label Studio's.")
+    removed: int = Field(description="Verdicts removed: Label Studio has no such annotation.")
+    ignored: int = Field(description="Annotations that are not protomed's, or not in Label Studio.")
+    queued: list[int] = Field(
+        default_factory=list,
+        description="review_sync jobs that will pull the verdicts instead (Label Studio could "
+        "not be read now, or the event names too many annotations).",
+    )
+    detail: str | None = None

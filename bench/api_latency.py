@@ -105,7 +105,7 @@ def seed(url: str) -> dict[str, int]:
     from seed import seed_rows  # the rows the API tests read, shared with them
     from sqlalchemy.orm import Session
 
-    from api.db.session import make_engine
+    from service.db.session import make_engine
 
     engine = make_engine(url)
     try:

@@ -25,7 +25,7 @@ DATASETS = {"cells64": (70, 50), "derm64": (65, 25)}
 
 
 def run(*args: object) -> str:
-    cmd = [sys.executable, "-m", "api.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "protomed_cli", *map(str, args)]
     print("+", " ".join(cmd[3:]), flush=True)
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:

@@ -45,8 +45,8 @@ def wait(api: httpx.Client, job_id: int, timeout: float = 3600) -> dict:
 
 def review_all(api: httpx.Client, ls: object, ls_project: int) -> int:
     """The rule-based reviewer: the toy checker's verdict per criterion, posted to Label Studio."""
-    from api.criteria import annotation_result
     from ml.toy import check_image
+    from service.criteria import annotation_result
 
     raw = ls.projects.exports.download_sync(ls_project, export_type="JSON", download_all_tasks=True)
     tasks = json.loads(b"".join(raw))

@@ -42,6 +42,8 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
 COPY ml ./ml
 COPY api ./api
 COPY workers ./workers
+COPY protomed_cli ./protomed_cli
+COPY service ./service
 COPY migrations ./migrations
 RUN pip install --no-deps .
 

@@ -12,9 +12,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection, pool
 
-from api.core.config import get_settings, normalize_database_url
-from api.db.models import Base
-from api.db.session import make_engine
+from service.config import get_settings, normalize_database_url
+from service.db.models import Base
+from service.db.session import make_engine
 
 config = context.config
 

@@ -102,15 +102,18 @@ def moto_endpoint() -> Iterator[str]:
 
 
 def reset_service_caches() -> None:
-    """Forget the process-wide settings, engine, storage and Celery app (after env changes)."""
-    from api.core.config import get_settings
-    from api.db.session import get_engine, get_sessionmaker
-    from api.storage import get_storage
+    """Forget the process-wide settings, engine, storage, queue producer and Celery app (after
+    env changes)."""
+    from service.config import get_settings
+    from service.db.session import get_engine, get_sessionmaker
+    from service.queue import get_producer
+    from service.storage import get_storage
     from workers.celery_app import get_celery
 
     if get_engine.cache_info().currsize:
         get_engine().dispose()
-    for cached in (get_settings, get_engine, get_sessionmaker, get_storage, get_celery):
+    for cached in (get_settings, get_engine, get_sessionmaker, get_storage, get_producer,
+                   get_celery):  # fmt: skip
         cached.cache_clear()
 
 

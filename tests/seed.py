@@ -12,7 +12,7 @@ from PIL import Image as PILImage
 from PIL.PngImagePlugin import PngInfo
 from sqlalchemy.orm import Session
 
-from api.db.models import Batch, Dataset, Image, Job, JobKind, Model, ModelMode, ModelStatus
+from service.db.models import Batch, Dataset, Image, Job, JobKind, Model, ModelMode, ModelStatus
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte"]
 
@@ -65,7 +65,7 @@ def sampler_png(rng: Any, mode: str, model_id: int, size: int = 16) -> bytes:
 def review_batches(session: Session, domain: str | None = "toy", images: int = 3) -> list[int]:
     """A dataset with a ready baseline and a ready prototype model, one batch of ``images``
     real PNGs each (class "a"), stored; returns the batch ids (baseline first)."""
-    from api.storage import get_storage
+    from service.storage import get_storage
 
     rng, ids = np.random.default_rng(len(domain or "")), []
     ds = Dataset(name=f"d-{domain}", root="/x", layout="folder", classes=["a", "b"],

@@ -210,7 +210,7 @@ def alive(pid: int) -> bool:
 
 
 class Serve:
-    """``protomed serve`` (``python -m api.cli serve``) in ``folder``, in its own session (so
+    """``protomed serve`` (``python -m protomed_cli serve``) in ``folder``, in its own session (so
     the test can signal its whole process group, as Ctrl-C in a terminal does), with the
     tests' tiny untrained encoder and no other PROTOMED_* settings from the environment."""
 
@@ -222,7 +222,7 @@ class Serve:
         env |= {"PROTOMED_ENCODER": "protomed-tiny-vit", "PROTOMED_ENCODER_WEIGHTS": "untrained",
                 "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
                 **extra}  # fmt: skip
-        cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "protomed_cli", "serve", "--port", str(self.port),
                "--data-root", str(folder / "data")]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd, cwd=folder, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,

@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 from conftest import ADMIN_KEY, Service, migrate, reset_service_caches, service_env
 
-from api import archive
-from api.archive import ArchiveError, ArchiveTooLarge, copy_limited, ensure_local, safe_extract
-from api.storage import LocalStorage, ObjectNotFound, get_storage
 from ml.catalog import scan
 from ml.toy import TOY_CLASSES, write_toy_dataset
+from service import archive
+from service.archive import ArchiveError, ArchiveTooLarge, copy_limited, ensure_local, safe_extract
+from service.storage import LocalStorage, ObjectNotFound, get_storage
 
 UPLOADS = "datasets/uploads"
 

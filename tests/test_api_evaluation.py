@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from api.db.models import Batch, Dataset, Image, Job, Model, ModelMode, ModelStatus
-from api.db.session import get_sessionmaker
+from service.db.models import Batch, Dataset, Image, Job, Model, ModelMode, ModelStatus
+from service.db.session import get_sessionmaker
 
 
 def seed() -> dict[str, int]:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from api.db.models import Batch, Dataset, Job, Model, ModelMode, ModelStatus
-from api.db.session import get_sessionmaker
+from service.db.models import Batch, Dataset, Job, Model, ModelMode, ModelStatus
+from service.db.session import get_sessionmaker
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte"]
 
@@ -159,7 +159,7 @@ def test_reads_need_an_admin_or_viewer_key(service) -> None:
     # the CLI makes viewer keys too, and names the roles when given another
     from typer.testing import CliRunner
 
-    from api.cli import app
+    from protomed_cli.main import app
 
     made = CliRunner().invoke(app, ["create-key", "lab", "--role", "viewer"])
     assert made.exit_code == 0, made.output
@@ -278,7 +278,7 @@ def test_database_down_is_503_then_retry_works(service, monkeypatch) -> None:
 def test_storage_down_is_503(service, monkeypatch) -> None:
     from conftest import reset_service_caches
 
-    from api.db.models import Image
+    from service.db.models import Image
 
     ds = add_dataset()
     model = add_model(ds)

@@ -10,10 +10,10 @@ import pytest
 from seed import review_batches
 from sqlalchemy import func, select
 
-from api.criteria import annotation_result, label_config, parse_result
-from api.db.models import ReviewTask
-from api.db.session import get_sessionmaker
 from ml.toy import CRITERIA
+from service.criteria import annotation_result, label_config, parse_result
+from service.db.models import ReviewTask
+from service.db.session import get_sessionmaker
 
 
 def test_default_criteria_sets_and_versions(service) -> None:
@@ -136,7 +136,9 @@ def test_review_requests(service, monkeypatch) -> None:
         tasks = s.scalars(select(ReviewTask).order_by(ReviewTask.position)).all()
         tokens = [t.token for t in tasks]
         first = tasks[0].image
-        png = __import__("api.storage", fromlist=["x"]).get_storage().get_bytes(first.storage_key)
+        png = (
+            __import__("service.storage", fromlist=["x"]).get_storage().get_bytes(first.storage_key)
+        )
     assert len(set(tokens)) == 6 and all(len(t) >= 32 for t in tokens)
     img = service.client.get(f"/review-images/{tokens[0]}")  # no key: Label Studio's editor
     assert img.status_code == 200 and img.content != png  # re-encoded (test_blinding.py)
@@ -234,7 +236,7 @@ def test_webhook_secret_is_checked_before_the_body(hooked) -> None:
 
 
 def job_count() -> int:
-    from api.db.models import Job
+    from service.db.models import Job
 
     with get_sessionmaker()() as s:
         return s.scalar(select(func.count(Job.id))) or 0
@@ -244,8 +246,8 @@ def reviewed_project() -> list[int]:
     """A project that has reached Label Studio (project 77, tasks 1000...) with two stored
     verdicts, annotations 5 (reviewer 7, alice) and 6 (reviewer 8, bob), on the same image
     of the baseline batch. Returns the two annotation ids."""
-    from api.db.models import Review
-    from api.reviews import request_review
+    from service.db.models import Review
+    from service.reviews import request_review
 
     batches = seed()
     with get_sessionmaker()() as s:
@@ -262,7 +264,7 @@ def reviewed_project() -> list[int]:
 
 
 def verdicts() -> dict[int, tuple]:
-    from api.db.models import Review
+    from service.db.models import Review
 
     with get_sessionmaker()() as s:
         rows = s.scalars(select(Review)).all()
@@ -273,7 +275,7 @@ def test_webhook_while_label_studio_is_unreachable_queues_a_pull(hooked) -> None
     """Label Studio never resends a webhook: when protomed cannot read the annotation back, it
     answers 202 with a review_sync job that pulls once Label Studio answers, changes nothing
     itself, and does not pile up jobs for a burst of events."""
-    from api.db.models import Job
+    from service.db.models import Job
 
     reviewed_project()
     before = verdicts()
@@ -337,7 +339,7 @@ def test_label_studio_errors_are_told_without_its_headers() -> None:
     import httpx
     from label_studio_sdk.core.api_error import ApiError
 
-    from workers.review_sync import reason
+    from service.label_studio import reason
 
     exc = ApiError(status_code=502, headers={"set-cookie": "sessionid=s3cr3t"}, body="bad gw")
     assert reason(exc) == "Label Studio answered 502"

@@ -22,8 +22,8 @@ from PIL import Image as PILImage
 from seed import review_batches
 from sqlalchemy import select
 
-from api.db.models import Image, ReviewTask
-from api.db.session import get_sessionmaker
+from service.db.models import Image, ReviewTask
+from service.db.session import get_sessionmaker
 
 IMAGES = 16  # per mode: a shuffle that keeps 16 of one mode together has odds 1 in 6e8
 # What a reviewer may read: nothing in these names a mode, model, batch or image.
@@ -202,7 +202,7 @@ def test_reencoding_keeps_every_pixel(mode: str) -> None:
     are expanded to the colours they show); only the bytes change, and stay put per token."""
     from PIL.PngImagePlugin import PngInfo
 
-    from api.blinding import blind_png
+    from service.blinding import blind_png
 
     rng = np.random.default_rng(1)
     rgba = PILImage.fromarray(rng.integers(0, 256, (24, 20, 4), dtype=np.uint8), "RGBA")

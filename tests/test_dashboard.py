@@ -30,7 +30,8 @@ from PIL import Image as PILImage
 from service_procs import ApiServer
 from sqlalchemy.orm import Session
 
-from api.db.models import (
+from ml.toy import draw_cell
+from service.db.models import (
     Batch,
     Dataset,
     Image,
@@ -45,7 +46,6 @@ from api.db.models import (
     ReviewTask,
     utc_now,
 )
-from ml.toy import draw_cell
 
 CLASSES = ("lymphocyte", "neutrophil")
 REVIEWERS = ("alice", "bob")
@@ -194,8 +194,8 @@ def evaluate_job(dataset: Dataset, models: dict[str, Model], result: dict) -> Jo
 
 def seed(session: Session) -> Seeded:
     """The rows of the module docstring, images in storage, plus jobs in several states."""
-    from api.criteria import ensure_defaults, latest
-    from api.storage import get_storage
+    from service.criteria import ensure_defaults, latest
+    from service.storage import get_storage
 
     ensure_defaults(session)
     criteria_set = latest(session, "toy")
@@ -276,8 +276,8 @@ def dash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Dash]:
     and the seeded rows."""
     from fastapi.testclient import TestClient
 
-    from api.db.session import get_sessionmaker
     from api.main import create_app
+    from service.db.session import get_sessionmaker
 
     env = service_env(
         tmp_path,
@@ -318,7 +318,7 @@ def text_of(page_html: str) -> str:
 
 
 def test_pages_show_the_seeded_numbers(dash: Dash) -> None:
-    from api.reports import _diff_cells, cohen_kappa
+    from service.reports import cohen_kappa, diff_cells
 
     client, ids = dash.service.client, dash.ids
     base, proto = ids.models["baseline"], ids.models["prototype"]
@@ -341,7 +341,7 @@ def test_pages_show_the_seeded_numbers(dash: Dash) -> None:
     assert row(["Pooled", "37.50 (16)", "81.25 (16)", "43.75"]) in text
     as_json = client.get("/reports/plausibility").json()
     for cls in as_json["classes"]:  # CI and p: the JSON report's numbers, printed as the CSV
-        assert row(_diff_cells(cls["difference"])) in text
+        assert row(diff_cells(cls["difference"])) in text
     assert row(["Granules", "62.50 (16)", "18.75 (16)"]) in text  # 10/16 and 3/16 failed
     assert row(["Cell size", "0.00 (8)", "0.00 (8)"]) in text  # bob said n/a
     alice = [v for key in VERDICTS for v in VERDICTS[key][0]]
@@ -521,7 +521,7 @@ def test_in_a_real_browser(dash: Dash, tmp_path: Path) -> None:
     require_chromium()
     from playwright.sync_api import sync_playwright
 
-    from api.db.session import get_sessionmaker
+    from service.db.session import get_sessionmaker
 
     ids = dash.ids
     mode_of = {str(v): k for k, v in ids.models.items()}
@@ -608,9 +608,9 @@ def test_login_gives_a_session_cookie_not_the_key(service: Service) -> None:
     revoking the key and expiry end it; reviewer and unknown keys get no cookie."""
     from sqlalchemy import select, update
 
-    from api.core.security import hash_key
-    from api.db.models import UiSession
-    from api.db.session import get_sessionmaker
+    from service.db.models import UiSession
+    from service.db.session import get_sessionmaker
+    from service.security import hash_key
 
     client = service.client
     r = client.get("/ui/models/1?x=1", follow_redirects=False)
@@ -670,7 +670,7 @@ def test_report_page_macro_difference_over_the_classes_both_models_have(dash: Da
     names the classes."""
     from sqlalchemy import delete, select
 
-    from api.db.session import get_sessionmaker
+    from service.db.session import get_sessionmaker
 
     batch = dash.ids.batches[("baseline", "neutrophil")]
     with get_sessionmaker()() as s:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from api.core.config import Settings
+from service.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 

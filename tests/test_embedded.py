@@ -53,7 +53,7 @@ def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> No
     env |= {"PROTOMED_ENCODER": "protomed-tiny-vit", "PROTOMED_ENCODER_WEIGHTS": "untrained",
             "OMP_NUM_THREADS": "2"}  # fmt: skip
     port, log = free_port(), tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "protomed_cli", "serve", "--port", str(port),
            "--data-root", str(tmp_path / "data")]  # fmt: skip
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, stdout=log.open("wb"),

@@ -72,8 +72,8 @@ def test_worker_shutting_down_takes_no_new_job(service: Service, shutdown_flags:
 def test_interrupted_job_is_requeued_at_its_place(service: Service) -> None:
     """Whatever message a worker receives, it runs the first queued job: an interrupted job,
     re-queued (same row), runs before the jobs submitted after it."""
-    from api.core.config import get_settings
-    from api.db.session import get_sessionmaker
+    from service.config import get_settings
+    from service.db.session import get_sessionmaker
 
     first, second, third = _toy_jobs(service, 3)
     settings = get_settings()

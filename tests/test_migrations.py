@@ -22,8 +22,8 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.db.models import Base, Dataset, Job, JobKind, JobStatus, Model, ModelMode, ModelStatus
-from api.db.session import make_engine
+from service.db.models import Base, Dataset, Job, JobKind, JobStatus, Model, ModelMode, ModelStatus
+from service.db.session import make_engine
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = {"datasets", "models", "jobs", "batches", "images", "api_keys", "criteria_sets",
@@ -96,7 +96,7 @@ def test_head_matches_models(db_url: str) -> None:
 def test_service_imports_without_torch() -> None:
     """The API must start fast: its settings and models load neither torch nor ``ml``."""
     code = (
-        "import sys, api.core.config, api.db.models, api.db.session\n"
+        "import sys, service.config, service.db.models, service.db.session\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m == 'ml' or m.startswith('ml.'))\n"
         "assert not bad, bad\n"
     )

@@ -98,7 +98,7 @@ def test_the_guard_records_network_attempts(tmp_path: Path) -> None:
 
 
 def _prototypes(tmp: Path, data: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "api.cli", "prototypes", str(data), "--out", str(tmp / "cb"),
+    cmd = [sys.executable, "-m", "protomed_cli", "prototypes", str(data), "--out", str(tmp / "cb"),
            "--encoder", "ViT-L-14", "--pretrained", "openai"]  # fmt: skip
     return subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
 
@@ -171,7 +171,7 @@ def test_train_request_without_weights_is_422(service: Service, monkeypatch) -> 
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("PROTOMED_ENCODER", "ViT-L-14")
     monkeypatch.setenv("PROTOMED_ENCODER_WEIGHTS", "openai")
-    from api.core.config import get_settings
+    from service.config import get_settings
 
     get_settings.cache_clear()
     body = {"dataset_id": r.json()["id"], "mode": "both", "preset": "tiny", "n_per_class": 2,
@@ -202,7 +202,7 @@ def test_serve_defaults_train_offline_with_an_untrained_encoder(tmp_path: Path) 
     write_toy_dataset(tmp_path / "data" / "toy", n_per_class=2, size=16, seed=0)
     env, net = offline_env(tmp_path)
     port, log = free_port(), tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "protomed_cli", "serve", "--port", str(port),
            "--data-root", str(tmp_path / "data")]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip

@@ -58,8 +58,8 @@ def _module_pg_url() -> Iterator[str]:
 
 def seed() -> dict[str, int]:
     """The shared seed rows, with one image really in storage."""
-    from api.db.session import get_sessionmaker
-    from api.storage import get_storage
+    from service.db.session import get_sessionmaker
+    from service.storage import get_storage
 
     key = "batches/seed/0000.png"
     get_storage().put_bytes(key, PNG, "image/png")

@@ -1,4 +1,4 @@
-"""api.reports: interval, test and kappa statistics against published or hand-computed values,
+"""service.reports: interval, test and kappa statistics against published or hand-computed values,
 and a full plausibility report on a small hand-made set of verdicts, every number worked by hand.
 
 z = 1.959964, z^2 = 3.841459 throughout. Wilson: d = 1 + z^2/n, centre c = (p + z^2/2n)/d,
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from api.reports import (
+from service.reports import (
     Judgement,
     agreement,
     cohen_kappa,
@@ -585,7 +585,7 @@ def test_import_is_light():
     # The API imports this module at start: no scipy/sklearn/torch at import time. (What is
     # imported is the check; a wall-clock bound would only measure the machine's load.)
     code = (
-        "import sys; import api.reports; "
+        "import sys; import service.reports; "
         "print(any(m.split('.')[0] in ('scipy', 'sklearn', 'torch') for m in sys.modules))"
     )
     repo = Path(__file__).resolve().parents[1]

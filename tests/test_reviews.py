@@ -72,10 +72,10 @@ def _png(arr: np.ndarray) -> bytes:
 def seed_batches(env: dict[str, str]) -> tuple[dict, dict]:
     """Toy-domain dataset, a ready baseline and prototype model, one 6-image batch per model
     and class; the prototype batches hold 5 right cells, the baseline ones 3."""
-    from api.db.models import Batch, Dataset, Image, Model, ModelMode, ModelStatus
-    from api.db.session import get_sessionmaker
-    from api.storage import get_storage
     from ml.toy import draw_cell
+    from service.db.models import Batch, Dataset, Image, Model, ModelMode, ModelStatus
+    from service.db.session import get_sessionmaker
+    from service.storage import get_storage
 
     rng = np.random.default_rng(0)
     storage, batches, truth = get_storage(), {}, {}
@@ -159,8 +159,8 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
 def checker_result(img_png: bytes, expected: str, lenient: bool) -> tuple[list[dict], bool]:
     """A reviewer's Label Studio result from the toy checker's verdict on the image; the
     lenient reviewer marks granules n/a."""
-    from api.criteria import annotation_result
     from ml.toy import check_image
+    from service.criteria import annotation_result
 
     verdict = check_image(PILImage.open(io.BytesIO(img_png)).convert("RGB"), expected)
     crits = {c.name: "pass" if c.passed else "fail" for c in verdict.criteria}
@@ -349,7 +349,7 @@ def test_forged_webhook_for_an_annotation_label_studio_does_not_have_changes_not
 
 
 def test_forged_result_for_a_real_annotation_keeps_label_studios_verdict(loop: Loop) -> None:
-    from api.criteria import parse_result
+    from service.criteria import parse_result
 
     before, stored = report(loop), stored_verdicts(loop)
     ann = loop.ls.annotations.get(STATE["posted"][0]).model_dump(mode="json")
@@ -446,7 +446,7 @@ def test_webhook_while_label_studio_is_unreachable_queues_a_pull(loop: Loop) -> 
         loop.proxy.start()
     for job in new:
         assert wait_job(loop.api, job["id"], worker=loop.worker)["status"] == "succeeded"
-    from api.criteria import parse_result
+    from service.criteria import parse_result
 
     now = stored_verdicts(loop)[ann_id]
     keys = [r["from_name"][5:] for r in ann.result if r["from_name"].startswith("crit_")]

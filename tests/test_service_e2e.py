@@ -27,7 +27,7 @@ from conftest import ADMIN_KEY, Service, migrate, reset_service_caches, service_
 from PIL import Image
 from service_procs import Worker, wait_job
 
-from api.db.models import utc_now
+from service.db.models import utc_now
 
 pytestmark = pytest.mark.slow
 FAST_BEATS = {
@@ -57,7 +57,7 @@ def redis_url() -> Iterator[str]:
 def prod(tmp_path, monkeypatch, pg_url, redis_url, moto_endpoint) -> Iterator[Service]:
     from fastapi.testclient import TestClient
 
-    from api.storage import S3Storage
+    from service.storage import S3Storage
 
     env = service_env(
         tmp_path,
@@ -227,8 +227,8 @@ def test_cancel_running_job_and_time_limit(prod, start_worker) -> None:
     recorded start (the limit counts from ``started_at``) a day into the past."""
     from sqlalchemy import update
 
-    from api.db.models import Job
-    from api.db.session import get_sessionmaker
+    from service.db.models import Job
+    from service.db.session import get_sessionmaker
 
     body = toy_training(prod, max_steps=100_000)
     worker = start_worker(PROTOMED_TRAIN_TIME_LIMIT_S="3600")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from api.errors import ServiceUnavailable
-from api.storage import (
+from service.storage import (
     CHUNK,
     LocalStorage,
     ObjectNotFound,
@@ -224,7 +224,7 @@ def test_local_ping_creates_root(tmp_path: Path) -> None:
 
 
 def test_make_and_get_storage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from api.core.config import Settings, get_settings
+    from service.config import Settings, get_settings
 
     monkeypatch.setenv("PROTOMED_STORAGE_DIR", str(tmp_path / "st"))
     monkeypatch.setenv("PROTOMED_STORAGE_BACKEND", "local")
@@ -255,7 +255,7 @@ def test_import_is_light() -> None:
     import subprocess
 
     code = (
-        "import sys, api.storage; "
+        "import sys, service.storage; "
         "print(sorted(m for m in ('torch', 'fastapi', 'boto3') if m in sys.modules))"
     )
     out = subprocess.run(

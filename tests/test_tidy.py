@@ -56,7 +56,7 @@ def test_value_written_once(pattern: str) -> None:
 def test_unknown_job_kinds_are_refused_not_sampled() -> None:
     """``JobKind.prototypes`` is never created (kept in the enum: removing it would change the
     CHECK constraint); a job of that or any unknown kind fails instead of sampling."""
-    from api.db.models import JobKind
+    from service.db.models import JobKind
     from workers.sampling import run_sampling
     from workers.tasks import _runner
 

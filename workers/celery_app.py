@@ -13,22 +13,13 @@ from functools import lru_cache
 from celery import Celery
 from sqlalchemy import create_engine
 
-from api.core.config import Settings, get_settings
 from ml.weights import force_offline
+from service.config import Settings, get_settings
+from service.queue import DEFAULT_QUEUE, GPU_QUEUE, transport_options
 
 # Workers never download (open_clip would try the model hub for missing weights): offline mode
 # for the hub libraries before any job imports them (ml/__init__ does it too; explicit here).
 force_offline()
-
-GPU_QUEUE = "gpu"
-DEFAULT_QUEUE = "default"
-# Task name per job kind, and the queue it runs on: heavy work on GPU workers only.
-TASKS: dict[str, tuple[str, str]] = {
-    "train": ("protomed.train", GPU_QUEUE),
-    "sample": ("protomed.sample", GPU_QUEUE),
-    "evaluate": ("protomed.evaluate", GPU_QUEUE),
-    "review_sync": ("protomed.review_sync", DEFAULT_QUEUE),
-}
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -45,14 +36,7 @@ def make_celery(settings: Settings) -> Celery:
         # A hard backstop for prefork pools; jobs enforce their own limits (workers.lifecycle).
         task_time_limit=int(max(settings.train_time_limit_s, settings.sample_time_limit_s)) + 600,
     )
-    if settings.broker_url.startswith(("redis://", "rediss://")):
-        # Redis redelivers an unacknowledged message after this long; long jobs are guarded by
-        # the database claim (a live heartbeat wins), so redelivering a running job is a no-op.
-        app.conf.broker_transport_options = {"visibility_timeout": 3600}
-    elif settings.broker_url.startswith("sqla+sqlite"):
-        # kombu passes these to create_engine: wait for the file lock (the API publishes while
-        # the worker polls) instead of failing after sqlite3's default 5 s.
-        app.conf.broker_transport_options = {"connect_args": {"timeout": 30}}
+    app.conf.broker_transport_options = transport_options(settings.broker_url)
     return app
 
 

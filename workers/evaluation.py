@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from api.archive import ensure_local
-from api.core.config import Settings
-from api.db.models import Batch, Job, Model
-from api.db.session import get_sessionmaker
-from api.storage import Storage
+from service.archive import ensure_local
+from service.config import Settings
+from service.db.models import Batch, Job, Model
+from service.db.session import get_sessionmaker
+from service.storage import Storage
 from workers.lifecycle import JobContext
 from workers.sampling import local_checkpoint
 from workers.training import encoder_spec, read_roots

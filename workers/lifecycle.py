@@ -32,9 +32,9 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from api.core.config import Settings
-from api.db.models import Job, JobKind, JobStatus, ModelStatus, utc_now
-from api.db.session import get_sessionmaker
+from service.config import Settings
+from service.db.models import Job, JobKind, JobStatus, ModelStatus, utc_now
+from service.db.session import get_sessionmaker
 from workers.progress import StagedProgress
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ from typing import Any
 
 from sqlalchemy import delete
 
-from api.core.config import Settings
-from api.db.models import Batch, Image
-from api.db.session import get_sessionmaker
-from api.storage import Storage
+from service.config import Settings
+from service.db.models import Batch, Image
+from service.db.session import get_sessionmaker
+from service.storage import Storage
 from workers.lifecycle import JobContext
 
 STAGES = {"load": 0.05, "sample": 0.85, "store": 0.1}  # rough shares of the job's time
@@ -35,7 +35,7 @@ def _load(job_id: int) -> dict[str, Any]:
 
 
 def _batch_id(session: Any, job_id: int) -> int:
-    from api.db.models import Job
+    from service.db.models import Job
 
     job = session.get(Job, job_id)
     if job is None or "batch_id" not in job.params:

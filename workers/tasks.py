@@ -24,12 +24,12 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
-from api.core.config import get_settings
-from api.db.models import Job, JobKind, JobStatus, ModelStatus
-from api.db.session import get_engine, get_sessionmaker
-from api.queue import enqueue
-from api.storage import get_storage
-from workers.celery_app import TASKS, app
+from service.config import get_settings
+from service.db.models import Job, JobKind, JobStatus, ModelStatus
+from service.db.session import get_engine, get_sessionmaker
+from service.queue import TASKS, enqueue
+from service.storage import get_storage
+from workers.celery_app import app
 from workers.lifecycle import (
     SHUTTING_DOWN,
     JobContext,
@@ -156,7 +156,8 @@ def review_sync(self: Any, job_id: int) -> str:
     """Push tasks to Label Studio and pull verdicts. Label Studio down: the job goes back to
     ``queued`` with the reason and is retried later (nothing is lost: tasks are in the
     database and every step is idempotent), up to ``review_sync_attempts`` times."""
-    from workers.review_sync import LabelStudioUnavailable, sync_project
+    from service.label_studio import LabelStudioUnavailable
+    from workers.review_sync import sync_project
 
     if SHUTTING_DOWN.is_set():
         return _hand_back(job_id)

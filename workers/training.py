@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from api.archive import ensure_local
-from api.core.config import Settings
-from api.db.models import Job, Model, ModelStatus
-from api.db.session import get_sessionmaker
-from api.storage import Storage
+from service.archive import ensure_local
+from service.config import Settings
+from service.db.models import Job, Model, ModelStatus
+from service.db.session import get_sessionmaker
+from service.storage import Storage
 from workers.lifecycle import JobContext, JobStopped
 from workers.progress import StagedProgress
 

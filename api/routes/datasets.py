@@ -1,7 +1,7 @@
 """Datasets: register a server-side folder or upload a zip, then list and inspect them.
 
 Folders must lie under ``Settings.data_roots`` so API clients cannot make the workers read
-arbitrary server paths; uploads are unpacked with the checks of :mod:`api.archive`. Both are
+arbitrary server paths; uploads are unpacked with the checks of :mod:`service.archive`. Both are
 scanned with :func:`ml.catalog.scan` (torch-free) so a dataset without labelled images is refused
 at registration, not at training time.
 """
@@ -22,14 +22,14 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
-from api.archive import ArchiveError, ArchiveTooLarge, copy_limited, safe_extract
-from api.core.config import Settings, get_settings
-from api.criteria import known_domains
-from api.db.models import Dataset, DatasetSource
-from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, StorageDep
+from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, StorageDep, get_or_404
 from api.schemas import NAME_PATTERN, DatasetIn, DatasetOut, DatasetRegistered, SkippedFile
-from api.storage import Storage
 from ml.catalog import IMAGE_SUFFIXES, Catalog, Layout, scan
+from service.archive import ArchiveError, ArchiveTooLarge, copy_limited, safe_extract
+from service.config import Settings, get_settings
+from service.criteria import known_domains
+from service.db.models import Dataset, DatasetSource
+from service.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,4 @@ def list_datasets(session: SessionDep, _reader: Reader) -> list[DatasetOut]:
 @router.get("/{dataset_id}")
 def get_dataset(dataset_id: IdPath, session: SessionDep, _reader: Reader) -> DatasetOut:
     """One dataset (404 if there is none with this id)."""
-    row = session.get(Dataset, dataset_id)
-    if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset with id {dataset_id}")
-    return DatasetOut.model_validate(row)
+    return DatasetOut.model_validate(get_or_404(session, Dataset, dataset_id))

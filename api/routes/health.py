@@ -8,10 +8,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.db.session import get_engine
 from api.errors import RETRY_AFTER_S
-from api.queue import ping_broker
-from api.storage import get_storage
+from service.db.session import get_engine
+from service.queue import ping_broker
+from service.storage import get_storage
 
 router = APIRouter(tags=["health"])
 

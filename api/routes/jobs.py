@@ -1,4 +1,5 @@
-"""Training jobs and the job queue: submit, list, inspect, cancel."""
+"""Jobs: submit training (``/jobs/train``) and evaluation (``/jobs/evaluate``); list, inspect,
+cancel. Sampling and review-sync jobs are submitted by ``/generate`` and ``/reviews``."""
 
 from __future__ import annotations
 
@@ -8,26 +9,26 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from api.db.models import Dataset, Job, JobKind, JobStatus, Model, ModelMode, ModelStatus, utc_now
-from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep
-from api.encoder import require_encoder_weights
-from api.queue import submit
-from api.schemas import MAX_ID, JobOut, ModelOut, TrainAccepted, TrainRequest
+from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, get_or_404
+from api.responses import job_out
+from api.schemas import MAX_ID, EvaluateRequest, JobOut, ModelOut, TrainAccepted, TrainRequest
+from service.db.models import (
+    Batch,
+    Dataset,
+    Job,
+    JobKind,
+    JobStatus,
+    Model,
+    ModelMode,
+    ModelStatus,
+    utc_now,
+)
+from service.encoder import require_encoder_weights
+from service.queue import submit
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
-
-
-def job_out(job: Job, request: Request) -> JobOut:
-    """A job with links to what it concerns and, once done, what it produced."""
-    links = {"self": str(request.url_for("get_job", job_id=job.id))}
-    if job.model_id is not None:
-        links["model"] = str(request.url_for("get_model", model_id=job.model_id))
-    for batch in job.batches:
-        links["batch"] = str(request.url_for("get_batch", batch_id=batch.id))
-        links["zip"] = str(request.url_for("batch_zip", batch_id=batch.id))
-    return JobOut.model_validate(job).model_copy(update={"links": links})
 
 
 def train_config(body: TrainRequest, mode: str) -> dict[str, Any]:
@@ -49,9 +50,7 @@ def submit_training(
 ) -> TrainAccepted:
     """Queue one training run per mode (``both``: prototype and baseline on the same split);
     422 if the encoder's weights (every run learns prototypes first) are not on this machine."""
-    dataset = session.get(Dataset, body.dataset_id)
-    if dataset is None:
-        raise HTTPException(404, f"no dataset with id {body.dataset_id}; see GET /datasets")
+    dataset = get_or_404(session, Dataset, body.dataset_id, hint="; see GET /datasets")
     classes = body.classes or list(dataset.classes)
     unknown = sorted(set(classes) - set(dataset.classes))
     if unknown or len(classes) < 2:
@@ -82,6 +81,67 @@ def submit_training(
     )
 
 
+def _model(session: SessionDep, model_id: int, mode: ModelMode) -> Model:
+    model = get_or_404(session, Model, model_id, hint="; see GET /models")
+    if model.mode != mode:
+        raise HTTPException(422, f"model {model_id} is a {model.mode} model, not {mode}")
+    if model.status != ModelStatus.ready:
+        raise HTTPException(409, f"model {model_id} is {model.status}, not ready")
+    return model
+
+
+def _batches(session: SessionDep, ids: list[int], model: Model, mode: str) -> list[int]:
+    for batch_id in ids:
+        batch = get_or_404(session, Batch, batch_id)
+        if batch.model.dataset_id != model.dataset_id:
+            raise HTTPException(
+                422, f"batch {batch_id} is from dataset {batch.model.dataset_id}, "
+                f"the models from dataset {model.dataset_id}",
+            )  # fmt: skip
+        if batch.model_id != model.id:
+            raise HTTPException(
+                422, f"batch {batch_id} was made by model {batch.model_id}, not the {mode} "
+                f"model {model.id}",
+            )  # fmt: skip
+    return ids
+
+
+@router.post("/evaluate", status_code=status.HTTP_202_ACCEPTED, tags=["evaluation"])
+def submit_evaluation(
+    body: EvaluateRequest,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: AdminKey,
+) -> JobOut:
+    """A classifier trained on real, baseline and prototype images of equal size per class and
+    tested on the held-out real images; CLIP-space FD, precision/recall, prototype
+    consistency. Runs on a GPU worker; the result is the job's and ``GET /reports/evaluation``."""
+    base = _model(session, body.baseline_model_id, ModelMode.baseline)
+    proto = _model(session, body.prototype_model_id, ModelMode.prototype)
+    if base.dataset_id != proto.dataset_id:
+        raise HTTPException(422, f"the models are from different datasets "
+                            f"({base.dataset_id} and {proto.dataset_id})")  # fmt: skip
+    require_encoder_weights(settings)  # the CLIP-space metrics embed with it
+    config = {
+        "n_per_class": body.n_per_class, "steps": body.steps, "guidance": body.guidance,
+        "seeds": body.seeds, "downstream": {"backbone": body.backbone, "epochs": body.epochs},
+    }  # fmt: skip
+    params = {
+        "dataset_id": proto.dataset_id,
+        "models": {"baseline": base.id, "prototype": proto.id},
+        "batches": {
+            "baseline": _batches(session, body.baseline_batch_ids, base, "baseline"),
+            "prototype": _batches(session, body.prototype_batch_ids, proto, "prototype"),
+        },
+        "config": config,
+    }
+    job = Job(kind=JobKind.evaluate, model=proto, params=params, requested_by=key.name)
+    session.add(job)
+    submit(session, [job])
+    return job_out(job, request)
+
+
 @router.get("")
 def list_jobs(
     request: Request,
@@ -101,22 +161,15 @@ def list_jobs(
     return [job_out(j, request) for j in session.scalars(query)]
 
 
-def get_or_404(session: SessionDep, job_id: int) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise HTTPException(404, f"no job with id {job_id}")
-    return job
-
-
 @router.get("/{job_id}")
 def get_job(job_id: IdPath, request: Request, session: SessionDep, _reader: Reader) -> JobOut:
-    return job_out(get_or_404(session, job_id), request)
+    return job_out(get_or_404(session, Job, job_id), request)
 
 
 @router.post("/{job_id}/cancel")
 def cancel_job(job_id: IdPath, request: Request, session: SessionDep, _admin: AdminKey) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next progress report."""
-    job = get_or_404(session, job_id)
+    job = get_or_404(session, Job, job_id)
     if job.status in TERMINAL:
         raise HTTPException(409, f"job {job_id} already finished ({job.status})")
     if job.status == JobStatus.queued:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlalchemy import select
 
-from api.core.security import create_key
-from api.db.models import ApiKey, utc_now
-from api.deps import AdminKey, IdPath, SessionDep
+from api.deps import AdminKey, IdPath, SessionDep, get_or_404
 from api.schemas import KeyIn, KeyOut
+from service.db.models import ApiKey, utc_now
+from service.security import create_key
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 
@@ -27,9 +27,7 @@ def list_keys(session: SessionDep, _admin: AdminKey) -> list[KeyOut]:
 
 @router.post("/{key_id}/revoke")
 def revoke_key(key_id: IdPath, session: SessionDep, admin: AdminKey) -> KeyOut:
-    row = session.get(ApiKey, key_id)
-    if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no API key with id {key_id}")
+    row = get_or_404(session, ApiKey, key_id, "API key")
     if row.id == admin.id:
         raise HTTPException(status.HTTP_409_CONFLICT, "a key cannot revoke itself")
     if row.revoked_at is None:

@@ -1,91 +1,47 @@
 """Expert review: criteria sets, sending batches to Label Studio, verdicts coming back (webhook
-and pull), the blinded images Label Studio shows, and the plausibility report."""
+and pull) and the blinded images Label Studio shows. The report is ``routes/reports.py``."""
 
 from __future__ import annotations
 
 import hmac
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request, status
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Request, status
 from fastapi import Path as PathParam
-from fastapi.responses import PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
+from fastapi.responses import Response
+from sqlalchemy import select
 
-from api.blinding import NotAnImage, blind_png
-from api.criteria import add_version, latest
-from api.db.models import (
+from api.deps import AdminKey, AnyReader, SessionDep, SettingsDep, StorageDep
+from api.responses import job_out, ls_public, project_out
+from api.schemas import (
+    AnnotationEvent,
+    AnnotationsDeletedEvent,
+    CriteriaIn,
+    CriteriaOut,
+    JobOut,
+    ProjectOut,
+    ReviewAccepted,
+    ReviewRequest,
+    WebhookEvent,
+    WebhookOut,
+)
+from service.blinding import NotAnImage, blind_png
+from service.criteria import add_version, latest
+from service.db.models import (
     CriteriaSet,
     Job,
     JobKind,
     JobStatus,
-    Review,
     ReviewProject,
     ReviewTask,
 )
-from api.deps import MAX_ID, AdminKey, AnyReader, Reader, SessionDep, SettingsDep, StorageDep
-from api.queue import submit
-from api.reviews import SECRET_HEADER, ReviewError, judgements, pending_modes, stored_annotations
-from api.reviews import request_review as add_tasks
-from api.routes.jobs import job_out
-from api.schemas import JobOut
-from api.storage import ObjectNotFound
+from service.label_studio import SECRET_HEADER, LabelStudioError, refresh_annotations
+from service.queue import submit
+from service.reviews import ReviewError, pending_modes, stored_annotations
+from service.reviews import request_review as add_tasks
+from service.storage import ObjectNotFound
 
 router = APIRouter(tags=["reviews"])
-
-
-class Criterion(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    key: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
-    label: str = Field(min_length=1, max_length=120)
-    help: str = Field(default="", max_length=500)
-
-
-class CriteriaIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    title: str = Field(min_length=1, max_length=200)
-    criteria: list[Criterion] = Field(min_length=1, max_length=20)
-
-
-class CriteriaOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    domain: str
-    version: int
-    title: str
-    criteria: list[dict[str, Any]]
-
-
-class ReviewRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    batch_ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] = Field(min_length=1, max_length=200)
-    domain: str | None = Field(default=None, max_length=64)
-
-
-class ProjectOut(BaseModel):
-    id: int
-    domain: str
-    criteria_set_id: int
-    version: int
-    ls_project_id: int | None
-    url: str | None
-    tasks: int
-    reviews: int
-
-
-class ReviewAccepted(BaseModel):
-    job: JobOut
-    project: ProjectOut
-    added: int
-    warning: str | None = Field(
-        default=None,
-        description="Set when every image waiting for import comes from one mode: reviewers "
-        "could then tell them apart by Label Studio's task order (send both modes together).",
-    )
 
 
 @router.get("/criteria")
@@ -120,27 +76,6 @@ def edit_criteria(
     return CriteriaOut.model_validate(row)
 
 
-def project_out(session: SessionDep, project: ReviewProject, public: str | None) -> ProjectOut:
-    tasks = session.scalar(
-        select(func.count(ReviewTask.id)).where(ReviewTask.project_id == project.id)
-    )
-    reviews = session.scalar(
-        select(func.count(Review.id)).join(ReviewTask).where(ReviewTask.project_id == project.id)
-    )
-    url = None
-    if public and project.ls_project_id:
-        url = f"{public.rstrip('/')}/projects/{project.ls_project_id}/data"
-    cs = project.criteria_set
-    return ProjectOut(
-        id=project.id, domain=cs.domain, criteria_set_id=cs.id, version=cs.version,
-        ls_project_id=project.ls_project_id, url=url, tasks=tasks or 0, reviews=reviews or 0,
-    )  # fmt: skip
-
-
-def _ls_public(settings: SettingsDep) -> str | None:
-    return settings.label_studio_public_url or settings.label_studio_url
-
-
 @router.post("/reviews", status_code=status.HTTP_202_ACCEPTED)
 def request_review(
     body: ReviewRequest,
@@ -173,7 +108,7 @@ def request_review(
         )
     return ReviewAccepted(
         job=job_out(job, request),
-        project=project_out(session, project, _ls_public(settings)),
+        project=project_out(session, project, ls_public(settings)),
         added=len(tasks),
         warning=warning,
     )
@@ -186,7 +121,7 @@ def list_projects(
     """Any key, reviewers' included: where to review and how far it got (no model, batch or
     mode is named)."""
     rows = session.scalars(select(ReviewProject).order_by(ReviewProject.id))
-    return [project_out(session, p, _ls_public(settings)) for p in rows]
+    return [project_out(session, p, ls_public(settings)) for p in rows]
 
 
 @router.post("/reviews/sync", status_code=status.HTTP_202_ACCEPTED)
@@ -203,43 +138,7 @@ def sync_now(request: Request, session: SessionDep, key: AdminKey) -> list[JobOu
 
 # --- the webhook: a notification, never a source of verdicts -----------------------------------
 
-LsId = Annotated[int, Field(strict=True, ge=1, le=MAX_ID, description="A Label Studio id.")]
-# An event naming more annotations than this (a bulk deletion) is not read one by one: a pull of
-# the projects (one export each) reconciles them instead.
 MAX_WEBHOOK_READS = 50
-
-
-class AnnotationRef(BaseModel):
-    """An annotation as a webhook names it. Label Studio sends the whole annotation; only its
-    id is read, the rest of the body is never trusted."""
-
-    id: LsId
-
-
-class AnnotationEvent(BaseModel):
-    action: Literal["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]
-    annotation: AnnotationRef
-
-
-class AnnotationsDeletedEvent(BaseModel):
-    action: Literal["ANNOTATIONS_DELETED"]
-    annotations: list[AnnotationRef] = Field(min_length=1, max_length=100_000)
-
-
-WebhookEvent = Annotated[AnnotationEvent | AnnotationsDeletedEvent, Field(discriminator="action")]
-
-
-class WebhookOut(BaseModel):
-    action: str
-    applied: int = Field(description="Verdicts stored or updated, equal to Label Studio's.")
-    removed: int = Field(description="Verdicts removed: Label Studio has no such annotation.")
-    ignored: int = Field(description="Annotations that are not protomed's, or not in Label Studio.")
-    queued: list[int] = Field(
-        default_factory=list,
-        description="review_sync jobs that will pull the verdicts instead (Label Studio could "
-        "not be read now, or the event names too many annotations).",
-    )
-    detail: str | None = None
 
 
 def webhook_secret(
@@ -296,8 +195,6 @@ def webhook(
     Studio confirms the annotation is gone or cancelled). If Label Studio cannot be read, a
     pull is queued and the answer is 202, so the event is not lost (Label Studio never resends
     a webhook). Idempotent: a repeated event changes nothing."""
-    from workers.review_sync import LabelStudioError, refresh_annotations
-
     if not settings.label_studio_url or not settings.label_studio_token:
         raise HTTPException(
             409, "Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL and _TOKEN"
@@ -340,7 +237,7 @@ def review_image(
 ) -> Response:
     """The image behind a review token, for Label Studio's editor in the reviewer's browser
     (no protomed key: the random token is the capability). Blinded: re-encoded per token (see
-    :mod:`api.blinding`), so neither its bytes, its hash, its size nor any metadata chunk match
+    :mod:`service.blinding`), so neither its bytes, its hash, its size nor any metadata chunk match
     what ``/images`` or ``/batches`` show; no header echoes the stored object."""
     task = session.scalar(select(ReviewTask).where(ReviewTask.token == token))
     if task is None:
@@ -361,63 +258,3 @@ def review_image(
         "Referrer-Policy": "no-referrer",
     }
     return Response(data, media_type="image/png", headers=headers)
-
-
-def parse_ids(models: str | None) -> list[int] | None:
-    if not models:
-        return None
-    try:
-        ids = [int(x) for x in models.split(",") if x.strip()]
-    except ValueError as exc:
-        raise HTTPException(422, f"models must be comma-separated ids (got {models!r})") from exc
-    if any(not 1 <= i <= MAX_ID for i in ids):
-        raise HTTPException(422, "model ids must be between 1 and 2147483647")
-    return ids
-
-
-def plausibility(
-    session: SessionDep,
-    dataset_id: int | None = None,
-    models: str | None = None,
-    reviewer: str | None = None,
-    criteria_set_id: int | None = None,
-) -> dict[str, Any]:
-    """The report as a dict (used by the JSON/CSV endpoint and the dashboard)."""
-    from api.reports import plausibility_report
-
-    found, columns, criteria = judgements(
-        session, dataset_id=dataset_id, model_ids=parse_ids(models), reviewer=reviewer,
-        criteria_set_id=criteria_set_id,
-    )  # fmt: skip
-    report = plausibility_report(found, columns, criteria)
-    report["filters"] = {
-        "dataset_id": dataset_id, "models": models, "reviewer": reviewer,
-        "criteria_set_id": criteria_set_id,
-    }  # fmt: skip
-    return report
-
-
-@router.get(
-    "/reports/plausibility",
-    responses={200: {"content": {"application/json": {}, "text/csv": {}}}},
-)
-def plausibility_endpoint(
-    session: SessionDep,
-    _reader: Reader,
-    dataset_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-    models: Annotated[str | None, Query(description="Comma-separated model ids.")] = None,
-    reviewer: Annotated[
-        str | None, Query(max_length=254, description="Label Studio user id or e-mail.")
-    ] = None,
-    criteria_set_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-    format: Literal["json", "csv"] = "json",
-) -> Any:
-    """Per class: images reviewed and % plausible per model, prototype minus baseline with a
-    95% interval (Newcombe/Wilson) and Fisher's exact p, averages, failure rate per criterion,
-    agreement between reviewers. ``format=csv``: the seed's Tables 3-4 layout."""
-    report = plausibility(session, dataset_id, models, reviewer, criteria_set_id)
-    if format == "csv":
-        from api.reports import report_csv
-
-        return PlainTextResponse(report_csv(report), media_type="text/csv")
-    return report

@@ -19,10 +19,10 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING
 
-from api.storage import CHUNK
+from service.storage import CHUNK
 
 if TYPE_CHECKING:
-    from api.storage import Storage
+    from service.storage import Storage
 
 log = logging.getLogger(__name__)
 

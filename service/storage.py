@@ -8,7 +8,7 @@ so this module imports neither torch nor fastapi; boto3 is imported only by :cla
 
 A missing key raises :class:`ObjectNotFound`; an unusable backend (unreachable, bucket missing,
 permission denied, disk full) raises ``ServiceUnavailable("storage", ...)``
-(``api.core.exceptions``), which the API answers with 503.
+(``service.exceptions``), which the API answers with 503.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
-from api.core.config import Settings, get_settings
-from api.core.exceptions import ServiceUnavailable
+from service.config import Settings, get_settings
+from service.exceptions import ServiceUnavailable
 
 CHUNK = 1024 * 1024  # stream and copy granularity
 _TMP = ".protomed-tmp-"  # in-flight local writes; never listed as keys
@@ -243,7 +243,7 @@ class S3Storage:
         prefix: str = "",
         client: Any = None,
     ) -> None:
-        import boto3  # lazy: keeps `import api.storage` fast
+        import boto3  # lazy: keeps `import service.storage` fast
         from botocore.config import Config
 
         self.bucket, self.endpoint_url, self.region = bucket, endpoint_url, region

@@ -29,8 +29,8 @@ KEY_FILE = ".protomed-admin-key"
 def _migrate() -> None:
     from alembic import command
 
-    from api.core.config import get_settings
     from migrations import alembic_config, log_progress
+    from service.config import get_settings
 
     log_progress()
     command.upgrade(alembic_config(get_settings().database_url), "head")
@@ -52,9 +52,9 @@ def create_key_cmd(
     ] = "reviewer",
 ) -> None:
     """Create an API key and print it (shown once; only its hash is stored)."""
-    from api.core.security import create_key
-    from api.db.models import ApiKeyRole
-    from api.db.session import get_sessionmaker
+    from service.db.models import ApiKeyRole
+    from service.db.session import get_sessionmaker
+    from service.security import create_key
 
     roles = [r.value for r in ApiKeyRole]
     if role not in roles:
@@ -70,8 +70,8 @@ def _admin_key(state: Path) -> tuple[str, str | None]:
     (mode 0600) in ``state``, else a new one. A key that was revoked (``POST /keys/{id}/revoke``)
     is never printed nor revived: the kept one is replaced by a new key, and a revoked
     PROTOMED_ADMIN_KEY is refused (the operator set it on purpose and must choose another)."""
-    from api.core.security import new_key, revoked_key
-    from api.db.session import get_sessionmaker
+    from service.db.session import get_sessionmaker
+    from service.security import new_key, revoked_key
 
     def revoked(key: str) -> int | None:
         with get_sessionmaker()() as session:
@@ -139,7 +139,7 @@ def serve(
     SQLite database, SQLite-backed Celery queue, local storage (all under the current folder)."""
     import uvicorn
 
-    from api.core.config import get_settings
+    from service.config import get_settings
 
     state = Path.cwd()
     env = os.environ
@@ -191,8 +191,8 @@ def _choose_encoder(env: os._Environ[str] | dict[str, str]) -> None:
     the default ones are not on this machine (protomed never downloads), use an untrained
     encoder for this serve (and its worker) and say so plainly; configured weights that are
     missing are reported too (training requests then answer 422 saying what to set)."""
-    from api.core.config import Settings
     from ml.weights import find_weights
+    from service.config import Settings
 
     settings = Settings()  # the environment and .env as they are now
     try:
@@ -235,8 +235,8 @@ def _release_worker(worker: str, code: int | None) -> None:
     """Serve saw its worker process end: re-queue the jobs it was running now (at their place)
     rather than after the heartbeat timeout. A worker that stopped cleanly has re-queued its
     job itself; this covers one that was killed or crashed."""
-    from api.core.config import get_settings
-    from api.queue import enqueue
+    from service.config import get_settings
+    from service.queue import enqueue
     from workers.lifecycle import release_worker
 
     why = f"exited (code {code})" if code is not None else "was killed"
@@ -322,5 +322,5 @@ class Supervised:
             self.on_exit(self.proc.pid, self.proc.returncode)
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m api.cli`
+if __name__ == "__main__":  # pragma: no cover - `python -m protomed_cli`
     app()

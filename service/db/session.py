@@ -1,4 +1,4 @@
-"""Engine and sessions built from :class:`api.core.config.Settings`.
+"""Engine and sessions built from :class:`service.config.Settings`.
 
 Created lazily, so importing this module (and the app) opens no connection and tests can point
 ``PROTOMED_DATABASE_URL`` elsewhere before first use.
@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.core.config import get_settings, normalize_database_url
+from service.config import get_settings, normalize_database_url
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

@@ -14,7 +14,7 @@ from xml.sax.saxutils import quoteattr
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.db.models import CriteriaSet
+from service.db.models import CriteriaSet
 
 VERDICTS = ("pass", "fail", "na")  # per criterion; "na" when it does not apply to the image
 OVERALL = ("plausible", "implausible")

@@ -1,4 +1,4 @@
-"""Sampling: ``POST /generate`` queues a batch; models, batches and images are read back here."""
+"""Batches: ``POST /generate`` queues one (a sampling job); read it back as JSON or a zip."""
 
 from __future__ import annotations
 
@@ -7,18 +7,26 @@ import zipfile
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
-from api.db.models import Batch, Dataset, Image, Job, JobKind, Model, ModelMode, ModelStatus
-from api.deps import AdminKey, IdPath, IdQuery, Reader, SessionDep, SettingsDep, StorageDep
-from api.queue import submit
-from api.routes.jobs import job_out
-from api.schemas import MAX_ID, BatchOut, GenerateAccepted, ImageOut, ModelOut
-from api.storage import ObjectNotFound
+from api.deps import (
+    AdminKey,
+    IdPath,
+    IdQuery,
+    Reader,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    get_or_404,
+)
+from api.responses import batch_out, job_out
+from api.schemas import MAX_ID, BatchOut, GenerateAccepted
 from ml.config import DEFAULT_SCHEDULER, DEFAULT_STEPS, SchedulerName
+from service.db.models import Batch, Dataset, Job, JobKind, Model, ModelMode, ModelStatus
+from service.queue import submit
 
-router = APIRouter(tags=["generate"])
+router = APIRouter()
 
 
 def pick_model(
@@ -26,9 +34,7 @@ def pick_model(
 ) -> Model:
     """The named model (must be ready), else the newest ready one of the dataset (and mode)."""
     if model_id is not None:
-        model = session.get(Model, model_id)
-        if model is None:
-            raise HTTPException(404, f"no model with id {model_id}; see GET /models")
+        model = get_or_404(session, Model, model_id, hint="; see GET /models")
         if model.status != ModelStatus.ready:
             raise HTTPException(409, f"model {model_id} is {model.status}, not ready")
         return model
@@ -39,8 +45,8 @@ def pick_model(
                 422, "give model_id or dataset_id (there is not exactly one dataset)"
             )
         dataset_id = ids[0]
-    elif session.get(Dataset, dataset_id) is None:
-        raise HTTPException(404, f"no dataset with id {dataset_id}; see GET /datasets")
+    else:
+        get_or_404(session, Dataset, dataset_id, hint="; see GET /datasets")
     query = select(Model).where(Model.dataset_id == dataset_id, Model.status == ModelStatus.ready)
     if mode is not None:
         query = query.where(Model.mode == mode)
@@ -50,17 +56,6 @@ def pick_model(
             409, f"dataset {dataset_id} has no ready {mode or ''} model yet; train one first"
         )
     return model
-
-
-def batch_out(batch: Batch, request: Request) -> BatchOut:
-    images = [
-        ImageOut.model_validate(i).model_copy(
-            update={"url": str(request.url_for("get_image", image_id=i.id))}
-        )
-        for i in sorted(batch.images, key=lambda i: i.index)
-    ]
-    zip_url = str(request.url_for("batch_zip", batch_id=batch.id))
-    return BatchOut.model_validate(batch).model_copy(update={"images": images, "zip_url": zip_url})
 
 
 @router.post("/generate", status_code=status.HTTP_202_ACCEPTED, tags=["generate"])
@@ -105,42 +100,9 @@ def generate(
     return GenerateAccepted(job=job_out(job, request), batch=batch_out(batch, request))
 
 
-@router.get("/models", tags=["models"])
-def list_models(
-    session: SessionDep,
-    _reader: Reader,
-    dataset_id: IdQuery = None,
-    status_: Annotated[ModelStatus | None, Query(alias="status")] = None,
-    mode: ModelMode | None = None,
-) -> list[ModelOut]:
-    query = select(Model).order_by(Model.id.desc())
-    if dataset_id is not None:
-        query = query.where(Model.dataset_id == dataset_id)
-    if status_ is not None:
-        query = query.where(Model.status == status_)
-    if mode is not None:
-        query = query.where(Model.mode == mode)
-    return [ModelOut.model_validate(m) for m in session.scalars(query)]
-
-
-@router.get("/models/{model_id}", tags=["models"])
-def get_model(model_id: IdPath, session: SessionDep, _reader: Reader) -> ModelOut:
-    model = session.get(Model, model_id)
-    if model is None:
-        raise HTTPException(404, f"no model with id {model_id}")
-    return ModelOut.model_validate(model)
-
-
-def batch_or_404(session: SessionDep, batch_id: int) -> Batch:
-    batch = session.get(Batch, batch_id)
-    if batch is None:
-        raise HTTPException(404, f"no batch with id {batch_id}")
-    return batch
-
-
 @router.get("/batches/{batch_id}", tags=["batches"])
 def get_batch(batch_id: IdPath, request: Request, session: SessionDep, _reader: Reader) -> BatchOut:
-    return batch_out(batch_or_404(session, batch_id), request)
+    return batch_out(get_or_404(session, Batch, batch_id), request)
 
 
 @router.get(
@@ -153,7 +115,7 @@ def batch_zip(
     batch_id: IdPath, session: SessionDep, storage: StorageDep, _reader: Reader
 ) -> StreamingResponse:
     """All images of a batch as ``<class>_<index>.png`` plus a manifest.csv."""
-    batch = batch_or_404(session, batch_id)
+    batch = get_or_404(session, Batch, batch_id)
     images = sorted(batch.images, key=lambda i: i.index)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
@@ -171,27 +133,4 @@ def batch_zip(
         buf,
         media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}.zip"'},
-    )
-
-
-@router.get(
-    "/images/{image_id}",
-    tags=["batches"],
-    response_class=Response,
-    responses={200: {"content": {"image/png": {}}}},
-)
-def get_image(
-    image_id: IdPath, session: SessionDep, storage: StorageDep, _reader: Reader
-) -> Response:
-    image = session.get(Image, image_id)
-    if image is None:
-        raise HTTPException(404, f"no image with id {image_id}")
-    try:
-        data = storage.get_bytes(image.storage_key)
-    except ObjectNotFound as exc:
-        raise HTTPException(404, f"image {image_id} is missing from storage") from exc
-    return Response(
-        data,
-        media_type="image/png",
-        headers={"ETag": f'"{image.sha256}"', "Cache-Control": "public, max-age=31536000"},
     )

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from api.criteria import VERDICTS
+from service.criteria import VERDICTS
 
 Z95 = 1.959964  # two-sided 95% standard normal quantile
 
@@ -358,7 +358,7 @@ def plausibility_report(
 # --- CSV -----------------------------------------------------------------------------------------
 
 
-def _pct(rate: float | None) -> str:
+def pct(rate: float | None) -> str:
     return "n/a" if rate is None else f"{100 * rate:.2f}"
 
 
@@ -369,7 +369,7 @@ def _p(p: float) -> str:
     return f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
 
 
-def _diff_cells(diff: dict[str, Any] | None) -> list[str]:
+def diff_cells(diff: dict[str, Any] | None) -> list[str]:
     if diff is None:
         return ["", "", ""]
     lo, hi = diff["ci"]
@@ -411,17 +411,17 @@ def report_csv(report: dict[str, Any]) -> str:
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["class", *(f"{m['label']} (%)" for m in models), "difference (pp)", "95% CI", "p"])
     for c in report["classes"]:
-        cols = [f"{_pct(c['models'][i]['rate'])} (n={c['models'][i]['reviews']})" for i in mids]
-        w.writerow([c["class"], *cols, *_diff_cells(c["difference"])])
+        cols = [f"{pct(c['models'][i]['rate'])} (n={c['models'][i]['reviews']})" for i in mids]
+        w.writerow([c["class"], *cols, *diff_cells(c["difference"])])
 
     avg = report["average"]
     macro = avg["macro"]
     w.writerow(
-        ["average (macro)", *(_pct(macro[i]) for i in mids), macro_difference(report), "", ""]
+        ["average (macro)", *(pct(macro[i]) for i in mids), macro_difference(report), "", ""]
     )
     pooled = avg["pooled"]
-    cols = [f"{_pct(pooled[i]['rate'])} (n={pooled[i]['reviews']})" for i in mids]
-    w.writerow(["pooled", *cols, *_diff_cells(avg["difference"])])
+    cols = [f"{pct(pooled[i]['rate'])} (n={pooled[i]['reviews']})" for i in mids]
+    w.writerow(["pooled", *cols, *diff_cells(avg["difference"])])
     note = macro_classes(report)
     if note is not None:
         w.writerow(note)
@@ -431,6 +431,6 @@ def report_csv(report: dict[str, Any]) -> str:
     failure = report["criteria_failure"]
     for crit in report["criteria"]:
         key = crit["key"]
-        cols = [f"{_pct(failure[i][key]['rate'])} (n={failure[i][key]['judged']})" for i in mids]
+        cols = [f"{pct(failure[i][key]['rate'])} (n={failure[i][key]['judged']})" for i in mids]
         w.writerow([crit.get("label", key), *cols])
     return out.getvalue()

@@ -13,8 +13,9 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.criteria import latest, parse_result
-from api.db.models import (
+from service.criteria import latest, parse_result
+from service.db.models import (
+    MAX_ID,
     Batch,
     CriteriaSet,
     Image,
@@ -24,9 +25,6 @@ from api.db.models import (
     ReviewTask,
     utc_now,
 )
-
-# Label Studio's webhook calls carry the shared secret in this header (set by review_sync).
-SECRET_HEADER = "X-Protomed-Secret"
 
 
 class ReviewError(ValueError):
@@ -249,7 +247,7 @@ def judgements(
 ) -> tuple[list[Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """The verdicts matching the filters as report input: (judgements, model columns,
     criteria). Columns: the models with verdicts (or those asked for), baseline first."""
-    from api.reports import Judgement
+    from service.reports import Judgement
 
     query = (
         select(Review, Image, Model, ReviewProject.criteria_set_id)
@@ -289,3 +287,54 @@ def judgements(
             if c["key"] not in {x["key"] for x in criteria}:
                 criteria.append({"key": c["key"], "label": c["label"]})
     return out, columns, criteria
+
+
+def project_counts(session: Session, project: ReviewProject) -> tuple[int, int]:
+    """(tasks, verdicts) of a review project: how far its review got."""
+    tasks = session.scalar(
+        select(func.count(ReviewTask.id)).where(ReviewTask.project_id == project.id)
+    )
+    reviews = session.scalar(
+        select(func.count(Review.id)).join(ReviewTask).where(ReviewTask.project_id == project.id)
+    )
+    return tasks or 0, reviews or 0
+
+
+class FilterError(ValueError):
+    """A report filter that names no valid ids (the message says what is allowed)."""
+
+
+def parse_ids(models: str | None) -> list[int] | None:
+    """Comma-separated model ids, or None for no filter."""
+    if not models:
+        return None
+    try:
+        ids = [int(x) for x in models.split(",") if x.strip()]
+    except ValueError as exc:
+        raise FilterError(f"models must be comma-separated ids (got {models!r})") from exc
+    if any(not 1 <= i <= MAX_ID for i in ids):
+        raise FilterError(f"model ids must be between 1 and {MAX_ID}")
+    return ids
+
+
+def plausibility(
+    session: Session,
+    dataset_id: int | None = None,
+    models: str | None = None,
+    reviewer: str | None = None,
+    criteria_set_id: int | None = None,
+) -> dict[str, Any]:
+    """The plausibility report with its filters, as the JSON/CSV endpoint and the dashboard
+    show it; :class:`FilterError` for malformed model ids."""
+    from service.reports import plausibility_report
+
+    found, columns, criteria = judgements(
+        session, dataset_id=dataset_id, model_ids=parse_ids(models), reviewer=reviewer,
+        criteria_set_id=criteria_set_id,
+    )  # fmt: skip
+    report = plausibility_report(found, columns, criteria)
+    report["filters"] = {
+        "dataset_id": dataset_id, "models": models, "reviewer": reviewer,
+        "criteria_set_id": criteria_set_id,
+    }  # fmt: skip
+    return report

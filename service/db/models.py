@@ -36,6 +36,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Deterministic constraint names: Alembic can only drop or alter (batch mode on SQLite) what it
 # can name, and names must match between the ORM and every migration.
+MAX_ID = 2**31 - 1  # ids and seeds are PostgreSQL INTEGERs
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",

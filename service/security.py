@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from api.db.models import ApiKey, ApiKeyRole, UiSession
+from service.db.models import ApiKey, ApiKeyRole, UiSession
 
 KEY_PREFIX = "pm_"
 

@@ -1,1 +1,0 @@
-"""Service-wide plumbing: settings."""

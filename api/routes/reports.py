@@ -1,0 +1,66 @@
+"""Reports: the plausibility of generated images as experts judged them (the seed's Tables 3-4)
+and the latest evaluation without experts (Tables 5-6, CLIP-space metrics); JSON or CSV."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import PlainTextResponse
+
+from api.deps import MAX_ID, Reader, SessionDep
+from service.evaluations import evaluation_csv, latest_evaluation
+from service.reports import report_csv
+from service.reviews import FilterError, plausibility
+
+router = APIRouter(prefix="/reports")
+
+
+@router.get(
+    "/plausibility",
+    tags=["reviews"],
+    responses={200: {"content": {"application/json": {}, "text/csv": {}}}},
+)
+def plausibility_endpoint(
+    session: SessionDep,
+    _reader: Reader,
+    dataset_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    models: Annotated[str | None, Query(description="Comma-separated model ids.")] = None,
+    reviewer: Annotated[
+        str | None, Query(max_length=254, description="Label Studio user id or e-mail.")
+    ] = None,
+    criteria_set_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    format: Literal["json", "csv"] = "json",
+) -> Any:
+    """Per class: images reviewed and % plausible per model, prototype minus baseline with a
+    95% interval (Newcombe/Wilson) and Fisher's exact p, averages, failure rate per criterion,
+    agreement between reviewers. ``format=csv``: the seed's Tables 3-4 layout."""
+    try:
+        report = plausibility(session, dataset_id, models, reviewer, criteria_set_id)
+    except FilterError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    if format == "csv":
+        return PlainTextResponse(report_csv(report), media_type="text/csv")
+    return report
+
+
+@router.get(
+    "/evaluation",
+    tags=["evaluation"],
+    responses={200: {"content": {"application/json": {}, "text/csv": {}}}},
+)
+def evaluation_report(
+    session: SessionDep,
+    _reader: Reader,
+    dataset_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    job_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    format: Literal["json", "csv"] = "json",
+) -> Any:
+    """The latest finished evaluation (of a dataset, or a given job)."""
+    job = latest_evaluation(session, dataset_id, job_id)
+    if job is None:
+        raise HTTPException(404, "no finished evaluation yet; POST /jobs/evaluate first")
+    if format == "csv":
+        return PlainTextResponse(evaluation_csv(job.result or {}), media_type="text/csv")
+    return {"job_id": job.id, "params": job.params, "finished_at": job.finished_at,
+            **(job.result or {})}  # fmt: skip

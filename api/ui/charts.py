@@ -1,0 +1,137 @@
+"""A grouped bar chart on a 0-100% axis (plausibility per class and model, F1 per class and
+training set), computed here as plain geometry so the template's ``bar_chart`` macro only draws
+SVG."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Series:
+    """One bar in every group, in one colour: a model, or a training set."""
+
+    key: str  # the bars' data-<series_attr> value
+    label: str
+    colour: str
+
+
+@dataclass(frozen=True)
+class BarValue:
+    """What one bar shows: a fraction (None: no data), an optional interval for the whisker,
+    and the tooltip."""
+
+    value: float | None
+    interval: tuple[float, float] | None
+    tooltip: str
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One series' bar in one group; y grows downwards as in SVG."""
+
+    group: str
+    series: str
+    colour: str
+    x: float
+    y: float
+    width: float
+    height: float
+    value: float | None
+    whisker: tuple[float, float] | None  # y of the interval's upper and lower ends
+    tooltip: str
+
+    @property
+    def centre(self) -> float:
+        return self.x + self.width / 2
+
+    @property
+    def text(self) -> str:
+        return "n/a" if self.value is None else f"{100 * self.value:.1f}%"
+
+    @property
+    def text_y(self) -> float:
+        """Just above the whisker, else above the bar (at the axis for no data)."""
+        return (self.whisker[0] if self.whisker else self.y) - 5
+
+
+@dataclass(frozen=True)
+class Chart:
+    """Geometry of a grouped bar chart on a 0-100% axis, computed here so the template (the
+    ``bar_chart`` macro) only draws."""
+
+    width: float
+    height: float
+    left: float
+    top: float
+    plot_width: float
+    plot_height: float
+    bars: list[Bar]
+    groups: list[tuple[str, float]]  # group (class) name, x of its centre
+    ticks: list[tuple[float, str]]  # y, label
+    legend: list[tuple[str, str, float]]  # label, colour, x
+    title: str
+    axis_title: str
+    series_attr: str  # data-* names on the bars, e.g. data-model / data-rate
+    value_attr: str
+
+
+def grouped_bar_chart(
+    groups: list[str],
+    series: list[Series],
+    values: dict[tuple[str, str], BarValue],
+    *,
+    title: str,
+    axis_title: str,
+    series_attr: str,
+    value_attr: str,
+) -> Chart | None:
+    """One bar per (group, series) from ``values[(group, series.key)]``, groups side by side,
+    whiskers where a value has an interval (clipped to the axis); None without groups or
+    series."""
+    if not groups or not series:
+        return None
+    bar_w, gap, pad = 40.0, 8.0, 56.0
+    bars_w = len(series) * (bar_w + gap) - gap
+    group_w = max(bars_w + pad, min(7.0 * max(len(g) for g in groups) + 12, 180.0))
+    left, top, plot_h, bottom = 56.0, 56.0, 240.0, 44.0
+    plot_w = group_w * len(groups)
+    legend_w = sum(28 + 7.5 * len(s.label) for s in series)
+    width = max(left + plot_w + 16, left + legend_w + 16)
+
+    def y_of(fraction: float) -> float:
+        return top + plot_h * (1 - min(max(fraction, 0.0), 1.0))
+
+    bars, centres = [], []
+    for g, name in enumerate(groups):
+        start = left + g * group_w + (group_w - bars_w) / 2
+        centres.append((name, left + g * group_w + group_w / 2))
+        for i, s in enumerate(series):
+            v = values[(name, s.key)]
+            height = plot_h * (v.value or 0.0)
+            whisker = None
+            if v.value is not None and v.interval is not None:
+                whisker = (y_of(v.interval[1]), y_of(v.interval[0]))
+            bars.append(
+                Bar(
+                    group=name,
+                    series=s.key,
+                    colour=s.colour,
+                    x=start + i * (bar_w + gap),
+                    y=top + plot_h - height,
+                    width=bar_w,
+                    height=height,
+                    value=v.value,
+                    whisker=whisker,
+                    tooltip=v.tooltip,
+                )
+            )
+    ticks = [(y_of(t / 100), f"{t}%") for t in range(0, 101, 25)]
+    legend, x = [], left
+    for s in series:
+        legend.append((s.label, s.colour, x))
+        x += 28 + 7.5 * len(s.label)
+    return Chart(
+        width, top + plot_h + bottom, left, top, plot_w, plot_h, bars, centres, ticks, legend,
+        title, axis_title, series_attr, value_attr,
+    )  # fmt: skip

@@ -1,0 +1,222 @@
+"""View models of the dashboard's pages: a model's image grids, and the plausibility and
+evaluation reports as table rows and charts, formatted as the reports' CSVs are."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.ui.charts import BarValue, Chart, Series, grouped_bar_chart
+from api.ui.templating import is_number, percent
+from service.db.models import Batch, Image, Model
+from service.reports import diff_cells, macro_difference, pct
+
+IMAGES_PER_CLASS = 64  # on a model page; a batch page shows all of its images
+PALETTE = {  # by mode, then by the model's order within its mode
+    "baseline": ("#94a3b8", "#64748b", "#cbd5e1"),
+    "prototype": ("#0f766e", "#14b8a6", "#115e59"),
+}
+OTHER_COLOURS = ("#a16207", "#7c3aed")
+
+
+def image_counts(session: Session, batch_ids: list[int]) -> dict[int, int]:
+    """Stored images per batch in one query (a queued batch has none yet)."""
+    if not batch_ids:
+        return {}
+    rows = session.execute(
+        select(Image.batch_id, func.count(Image.id))
+        .where(Image.batch_id.in_(batch_ids))
+        .group_by(Image.batch_id)
+    )
+    return {batch_id: count for batch_id, count in rows.tuples()}
+
+
+# --- models and batches --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassGrid:
+    """One class's batches of a model, with the images shown (capped) and the total."""
+
+    name: str
+    batches: list[tuple[Batch, list[Image]]]
+    total: int
+    shown: int
+
+
+def class_grids(model: Model, cap: int = IMAGES_PER_CLASS) -> list[ClassGrid]:
+    """The model's batches grouped by class (its class order first), newest batch first, with
+    at most ``cap`` images per class so a large model's page stays light."""
+    names = list(model.classes) + sorted({b.class_name for b in model.batches} - set(model.classes))
+    grids = []
+    for name in names:
+        batches = sorted((b for b in model.batches if b.class_name == name), key=lambda b: -b.id)
+        if not batches:
+            continue
+        left, shown_batches, total = cap, [], 0
+        for batch in batches:
+            images = sorted(batch.images, key=lambda i: i.index)
+            total += len(images)
+            shown_batches.append((batch, images[: max(0, left)]))
+            left -= len(images)
+        grids.append(ClassGrid(name, shown_batches, total, min(total, cap)))
+    return grids
+
+
+# --- the plausibility report ---------------------------------------------------------------------
+
+
+def column_colours(models: list[dict[str, Any]]) -> dict[int, str]:
+    """Baseline greys, prototype teals; several models of one mode get shades of its colour."""
+    seen: dict[str, int] = {}
+    colours = {}
+    for m in models:
+        mode = str(m.get("mode"))
+        palette = PALETTE.get(mode, OTHER_COLOURS)
+        colours[m["id"]] = palette[seen.get(mode, 0) % len(palette)]
+        seen[mode] = seen.get(mode, 0) + 1
+    return colours
+
+
+def bar_chart(report: dict[str, Any]) -> Chart | None:
+    """% plausible per class and model with Wilson 95% whiskers; None without reviews."""
+    models, classes = report["models"], report["classes"]
+    colours = column_colours(models)
+    series = [Series(str(m["id"]), m["label"], colours[m["id"]]) for m in models]
+    values = {}
+    for cls in classes:
+        for m in models:
+            entry = cls["models"][str(m["id"])]
+            rate, (lo, hi) = entry["rate"], entry["ci"]
+            tip = (
+                f"{cls['class']} · {m['label']}: {percent(rate)} plausible "
+                f"({entry['plausible']}/{entry['reviews']}), 95% CI {100 * lo:.1f}–{100 * hi:.1f}%"
+            )
+            values[(cls["class"], str(m["id"]))] = BarValue(rate, (lo, hi), tip)
+    return grouped_bar_chart(
+        [c["class"] for c in classes], series, values,
+        title="% plausible per class and model, with Wilson 95% intervals",
+        axis_title="% plausible", series_attr="model", value_attr="rate",
+    )  # fmt: skip
+
+
+def rate_cell(entry: dict[str, Any]) -> str:
+    """'% plausible (n)' as in the CSV: two decimals, n = reviews."""
+    return f"{pct(entry['rate'])} ({entry['reviews']})"
+
+
+def row(label: str, kind: str, cells: list[str], diff: dict[str, Any] | None) -> dict[str, Any]:
+    return {"label": label, "kind": kind, "cells": cells, "diff": diff_cells(diff)}
+
+
+def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table's rows: classes, then macro and pooled averages (the CSV's formatting)."""
+    mids = [str(m["id"]) for m in report["models"]]
+    rows = [
+        row(c["class"], "class", [rate_cell(c["models"][i]) for i in mids], c["difference"])
+        for c in report["classes"]
+    ]
+    if not rows:
+        return rows
+    avg = report["average"]
+    rows.append(row("Average (macro)", "avg", [pct(avg["macro"][i]) for i in mids], None))
+    rows[-1]["diff"][0] = macro_difference(report)  # the plain difference, no CI or p
+    pooled = [rate_cell(avg["pooled"][i]) for i in mids]
+    rows.append(row("Pooled", "avg", pooled, avg["difference"]))
+    return rows
+
+
+def failure_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Per criterion and model: '% failed (n judged)'."""
+    failure = report["criteria_failure"]
+    mids = [str(m["id"]) for m in report["models"]]
+
+    def cell(mid: str, key: str) -> str:
+        entry = failure[mid][key]
+        return f"{pct(entry['rate'])} ({entry['judged']})"
+
+    criteria = report["criteria"]
+    return [(c.get("label", c["key"]), [cell(i, c["key"]) for i in mids]) for c in criteria]
+
+
+# --- the evaluation report -----------------------------------------------------------------------
+
+SET_ORDER = ("real", "baseline", "prototype")  # the seed's Tables 5-6 rows, others after them
+SET_COLOURS = {"real": "#334e68", "baseline": PALETTE["baseline"][1],
+               "prototype": PALETTE["prototype"][0]}  # fmt: skip
+SCORES = ("precision", "recall", "f1")
+DISTANCES = ("fd", "precision", "recall", "consistency")
+
+
+def ordered(names: Iterable[str]) -> list[str]:
+    names = list(names)
+    return [n for n in SET_ORDER if n in names] + [n for n in names if n not in SET_ORDER]
+
+
+def fixed(value: Any, digits: int = 4) -> str:
+    """The CSV's formatting of a CLIP-space number; an absent statistic (a set too small for
+    it, or no codebook for consistency) is a dash."""
+    return f"{value:.{digits}f}" if is_number(value) else "—"
+
+
+def downstream_rows(down: dict[str, Any]) -> list[dict[str, Any]]:
+    """Tables 5-6: macro precision, recall and F1 as 'mean ± sd' in % (the CSV's two decimals)."""
+    rows = []
+    for name in ordered(down["sets"]):
+        entry = down["sets"][name]
+        mean, sd = entry["mean"], entry["std"]
+        cells = [f"{100 * mean[k]:.2f} ± {100 * sd[k]:.2f}" for k in SCORES]
+        rows.append({"name": name, "cells": cells, "n_train": entry["n_train"]})
+    return rows
+
+
+def class_f1(entry: dict[str, Any], cls: str) -> tuple[float, float | None]:
+    """A class's mean F1 over seeds and its sample sd (ddof=1, as the macro scores') from the
+    runs' per-class scores; no sd from a single seed or runs without per-class scores."""
+    runs = entry.get("runs") or []
+    scores = [r["per_class"][cls]["f1"] for r in runs if cls in (r.get("per_class") or {})]
+    sd = statistics.stdev(scores) if len(scores) > 1 and len(scores) == len(runs) else None
+    return entry["per_class_f1"][cls], sd
+
+
+def f1_chart(down: dict[str, Any]) -> Chart | None:
+    """Per-class F1 of the classifier trained on each set, whiskers ± 1 sd over seeds."""
+    names = ordered(down["sets"])
+    series = [
+        Series(n, n, SET_COLOURS.get(n, OTHER_COLOURS[i % len(OTHER_COLOURS)]))
+        for i, n in enumerate(names)
+    ]
+    values = {}
+    for cls in down["classes"]:
+        for name in names:
+            mean, sd = class_f1(down["sets"][name], cls)
+            spread = "" if sd is None else f" ± {100 * sd:.2f} (sd over seeds)"
+            values[(cls, name)] = BarValue(
+                mean, None if sd is None else (mean - sd, mean + sd),
+                f"{cls} · trained on {name}: F1 {100 * mean:.2f}%{spread}",
+            )  # fmt: skip
+    return grouped_bar_chart(
+        list(down["classes"]), series, values, title="F1 per class and training set",
+        axis_title="F1", series_attr="set", value_attr="f1",
+    )  # fmt: skip
+
+
+def distance_cells(entry: dict[str, Any]) -> list[str]:
+    return [fixed(entry.get(k)) for k in DISTANCES] + [str(entry["n_real"]), str(entry["n_fake"])]
+
+
+def toy_rows(
+    toy: dict[str, dict[str, float]] | None, classes: list[str]
+) -> list[tuple[str, list[str]]]:
+    """The rule-based checker's % plausible per class, then the mean over classes."""
+    rows = []
+    for name in ordered(toy or {}):
+        per = (toy or {})[name]
+        mean = sum(per.values()) / len(per) if per else None
+        rows.append((name, [pct(per.get(c)) for c in classes] + [pct(mean)]))
+    return rows

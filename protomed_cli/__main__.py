@@ -1,0 +1,5 @@
+"""``python -m protomed_cli``."""
+
+from protomed_cli.main import app
+
+app()

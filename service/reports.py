@@ -28,7 +28,7 @@ from typing import Any
 
 from service.criteria import VERDICTS
 
-Z95 = 1.959964  # two-sided 95% standard normal quantile
+CONFIDENCE = 0.95  # two-sided level of every interval in the report
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ def _check_counts(k: int, n: int) -> None:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
 
 
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials.
+def wilson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (scipy's ``binomtest``).
 
     Chosen over the Wald interval because review counts per class are small and rates often sit
     at 0 or 1, where Wald collapses to a point. With n = 0 nothing is known: (0.0, 1.0).
@@ -61,16 +61,15 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     _check_counts(k, n)
     if n == 0:
         return 0.0, 1.0
-    p = k / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    # Clamp: at k = 0 or k = n one limit is exactly 0 or 1 but rounding can stray past it.
-    return max(0.0, centre - half), min(1.0, centre + half)
+    from scipy.stats import binomtest  # slow import, kept out of the module's import
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
-def newcombe_difference(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tuple[float, float]:
+def newcombe_difference(
+    k1: int, n1: int, k2: int, n2: int, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
     """Interval for p2 - p1 by Newcombe's hybrid score method (method 10, Stat Med 1998).
 
     Built from the two Wilson intervals, so it keeps their good coverage for small n and never
@@ -82,8 +81,8 @@ def newcombe_difference(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> t
     if n1 == 0 or n2 == 0:
         return -1.0, 1.0
     p1, p2 = k1 / n1, k2 / n2
-    l1, u1 = wilson(k1, n1, z)
-    l2, u2 = wilson(k2, n2, z)
+    l1, u1 = wilson(k1, n1, confidence)
+    l2, u2 = wilson(k2, n2, confidence)
     d = p2 - p1
     lower = d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2)
     upper = d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///./protomed.db"
     # Celery's SQLAlchemy transport: an embedded broker, no Redis needed for development.
     broker_url: str = "sqla+sqlite:///./protomed-broker.db"
+    # Redis brokers: a prefix for every key of this installation's queues, so several
+    # installations (or test runs) can share one Redis database without taking, or flushing,
+    # each other's messages. Empty: kombu's plain key names.
+    broker_key_prefix: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.:-]*$")
     storage_backend: Literal["local", "s3"] = "local"
     storage_dir: Path = Path("./storage")
     s3_endpoint_url: str | None = None

@@ -29,12 +29,16 @@ TASKS: dict[str, tuple[str, str]] = {
 }
 
 
-def transport_options(broker_url: str) -> dict[str, Any]:
-    """Broker settings the producer and the workers' app share."""
+def transport_options(broker_url: str, key_prefix: str = "") -> dict[str, Any]:
+    """Broker settings the producer and the workers' app share (``key_prefix``: see
+    ``Settings.broker_key_prefix``)."""
     if broker_url.startswith(("redis://", "rediss://")):
         # Redis redelivers an unacknowledged message after this long; long jobs are guarded by
         # the database claim (a live heartbeat wins), so redelivering a running job is a no-op.
-        return {"visibility_timeout": 3600}
+        options: dict[str, Any] = {"visibility_timeout": 3600}
+        if key_prefix:
+            options["global_keyprefix"] = key_prefix
+        return options
     if broker_url.startswith("sqla+sqlite"):
         # kombu passes these to create_engine: wait for the file lock (the API publishes while
         # the worker polls) instead of failing after sqlite3's default 5 s.
@@ -45,14 +49,15 @@ def transport_options(broker_url: str) -> dict[str, Any]:
 @lru_cache(maxsize=1)
 def get_producer() -> Celery:
     """A broker-only Celery client for the current settings (tests clear the cache)."""
-    url = get_settings().broker_url
+    settings = get_settings()
+    url = settings.broker_url
     producer = Celery("protomed-producer", broker=url)
     producer.conf.update(
         task_default_queue=DEFAULT_QUEUE,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
-        broker_transport_options=transport_options(url),
+        broker_transport_options=transport_options(url, settings.broker_key_prefix),
     )
     return producer
 

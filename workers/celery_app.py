@@ -36,7 +36,9 @@ def make_celery(settings: Settings) -> Celery:
         # A hard backstop for prefork pools; jobs enforce their own limits (workers.lifecycle).
         task_time_limit=int(max(settings.train_time_limit_s, settings.sample_time_limit_s)) + 600,
     )
-    app.conf.broker_transport_options = transport_options(settings.broker_url)
+    app.conf.broker_transport_options = transport_options(
+        settings.broker_url, settings.broker_key_prefix
+    )
     return app
 
 

@@ -8,7 +8,6 @@ import uuid
 
 import pytest
 import redis
-
 from conftest import reset_service_caches
 
 URL = "redis://127.0.0.1:6379/0"

@@ -181,3 +181,10 @@ def fake_hub_cache(cache: Path, repo: str, filename: str, content: bytes = b"") 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """PROTOMED_TEST_REVERSE=1 runs the collected tests in reverse order: a check that no test
+    depends on what an earlier one left behind."""
+    if os.environ.get("PROTOMED_TEST_REVERSE"):
+        items.reverse()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 import pytest
-from seed import review_batches
+from factories import review_batches
 from sqlalchemy import func, select
 
 from api.criteria import annotation_result, label_config, parse_result

@@ -151,23 +151,31 @@ def migrate(url: str) -> None:
     command.upgrade(alembic_config(url), "head")
 
 
-@pytest.fixture
-def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+@contextmanager
+def make_service(tmp: Path, monkeypatch: pytest.MonkeyPatch, **extra: str) -> Iterator[Service]:
+    """The in-process API of the ``service`` fixture, with extra PROTOMED_* settings (smaller
+    limits...)."""
     from fastapi.testclient import TestClient
 
-    env = service_env(tmp_path)
-    (tmp_path / "data").mkdir()
+    env = service_env(tmp, **extra)
+    (tmp / "data").mkdir(exist_ok=True)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     reset_service_caches()
     migrate(env["PROTOMED_DATABASE_URL"])
     from api.main import create_app
 
-    with TestClient(create_app()) as client:
-        yield Service(
-            client, {"Authorization": f"Bearer {ADMIN_KEY}"}, tmp_path / "data", tmp_path, env
-        )
-    reset_service_caches()
+    try:
+        with TestClient(create_app()) as client:
+            yield Service(client, {"Authorization": f"Bearer {ADMIN_KEY}"}, tmp / "data", tmp, env)
+    finally:
+        reset_service_caches()
+
+
+@pytest.fixture
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+    with make_service(tmp_path, monkeypatch) as svc:
+        yield svc
 
 
 def fake_hub_cache(cache: Path, repo: str, filename: str, content: bytes = b"") -> Path:

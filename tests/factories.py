@@ -10,9 +10,11 @@ import hashlib
 import io
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image as PILImage
@@ -20,6 +22,9 @@ from PIL.PngImagePlugin import PngInfo
 from sqlalchemy.orm import Session
 
 from api.db.models import Batch, Dataset, Image, Job, JobKind, Model, ModelMode, ModelStatus
+
+if TYPE_CHECKING:
+    from conftest import Service
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte"]
 
@@ -42,6 +47,17 @@ def service_context(env: dict[str, str]) -> Iterator[None]:
             else:
                 os.environ[k] = v
         reset_service_caches()
+
+
+def create(builder: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """``builder(session, ...)`` in a session of the service's database, committed; the new
+    row's id (for tests that hold ids, not rows)."""
+    from api.db.session import get_sessionmaker
+
+    with get_sessionmaker()() as session:
+        row = builder(session, *args, **kwargs)
+        session.commit()
+        return row.id
 
 
 def add_dataset(
@@ -152,6 +168,37 @@ def sampler_png(rng: Any, mode: str, model_id: int, size: int = 16) -> bytes:
     info.add_text("protomed-mode", mode)
     info.add_text("protomed-model", str(model_id))
     return png_bytes(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), info)
+
+
+def zip_folder(folder: Path, dest: Path, top: str | None = "toy") -> Path:
+    """Zip ``folder`` (a toy dataset, say) with its files under ``top/`` (or at the top)."""
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(folder.rglob("*")):
+            rel = f.relative_to(folder).as_posix()
+            zf.write(f, f"{top}/{rel}" if top else rel)
+    return dest
+
+
+def upload(service: Service, name: str, data: bytes, headers=None, **form: str) -> Any:
+    """``POST /datasets/upload`` of the zip ``data`` (as the admin unless ``headers``)."""
+    return service.client.post(
+        "/datasets/upload",
+        data={"name": name, **form},
+        files={"file": ("data.zip", data, "application/zip")},
+        headers=service.admin if headers is None else headers,
+    )
+
+
+def state(service: Service) -> tuple[int, list[str], list[str]]:
+    """(datasets in the API, everything under work/datasets, every object in storage): what a
+    refused request must leave as it was."""
+    from api.storage import get_storage
+
+    listed = service.client.get("/datasets", headers=service.admin)
+    assert listed.status_code == 200
+    work = service.tmp / "work" / "datasets"
+    files = sorted(str(p.relative_to(work)) for p in work.rglob("*")) if work.exists() else []
+    return len(listed.json()), files, get_storage().list_keys("datasets/")
 
 
 def seed_rows(session: Session, *, image_key: str | None = None, png: bytes = b"") -> dict:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from conftest import ADMIN_KEY, REPO, Service, migrate, reset_service_caches, service_env
 from PIL import Image as PILImage
 from service_procs import ApiServer
@@ -77,12 +78,6 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 NASTY = "<script>alert('x')</script>"  # in names and errors: must come out escaped
 LS_PUBLIC = "https://review.example.org"
 LS_PROJECT = 7
-CHROMIUM = Path(os.environ.get("PROTOMED_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage",
-]  # fmt: skip
 
 
 @dataclass
@@ -447,21 +442,6 @@ def test_empty_database_renders_empty_states(service: Service) -> None:
     empty = text_of(html(service.client, "/ui/reports/evaluation"))
     assert "No finished evaluation yet. Start one with POST /jobs/evaluate" in empty
     assert "protomed evaluate --baseline" in empty and "for these filters" not in empty
-
-
-def require_chromium() -> None:
-    reason = None
-    if not CHROMIUM.is_file():
-        reason = f"no Chromium at {CHROMIUM} (apt-get install chromium, or set PROTOMED_CHROMIUM)"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            reason = "the playwright package is not installed (pip install -e .[dev])"
-    if reason and os.environ.get("PROTOMED_REQUIRE_SERVICES"):
-        pytest.fail(f"PROTOMED_REQUIRE_SERVICES is set but {reason}")
-    if reason:
-        pytest.skip(reason)
 
 
 def shot_path(tmp_path: Path, name: str) -> Path:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from conftest import REPO, Service, fake_hub_cache
 from service_procs import ApiServer, free_port, wait_serving
-from test_dashboard import CHROMIUM, CHROMIUM_ARGS, require_chromium
 
 from ml.toy import write_toy_dataset
 

@@ -21,7 +21,19 @@ from PIL import Image as PILImage
 from PIL.PngImagePlugin import PngInfo
 from sqlalchemy.orm import Session
 
-from api.db.models import Batch, Dataset, Image, Job, JobKind, Model, ModelMode, ModelStatus
+from api.db.models import (
+    Batch,
+    Dataset,
+    Image,
+    Job,
+    JobKind,
+    Model,
+    ModelMode,
+    ModelStatus,
+    Review,
+    ReviewProject,
+    ReviewTask,
+)
 
 if TYPE_CHECKING:
     from conftest import Service
@@ -152,6 +164,37 @@ def add_image(
     session.add(img)
     session.flush()
     return img
+
+
+def add_review_task(
+    session: Session, project: ReviewProject, image: Image, **extra: Any
+) -> ReviewTask:
+    """``image`` as a task of the review ``project`` (its own opaque token, in image order)."""
+    task = ReviewTask(project=project, image=image, token=uuid.uuid4().hex,
+                      position=extra.pop("position", image.id), **extra)  # fmt: skip
+    session.add(task)
+    session.flush()
+    return task
+
+
+def add_review(
+    session: Session,
+    task: ReviewTask,
+    *,
+    ls_annotation_id: int,
+    reviewer: str,
+    plausible: bool = True,
+    criteria: dict[str, str] | None = None,
+    **extra: Any,
+) -> Review:
+    """A stored verdict on ``task``, as a Label Studio annotation brings it in; its overall
+    choice follows ``plausible`` unless given."""
+    extra.setdefault("overall", "plausible" if plausible else "implausible")
+    review = Review(task=task, ls_annotation_id=ls_annotation_id, reviewer=reviewer,
+                    plausible=plausible, criteria=criteria or {}, **extra)  # fmt: skip
+    session.add(review)
+    session.flush()
+    return review
 
 
 def png_bytes(pixels: np.ndarray, info: PngInfo | None = None) -> bytes:

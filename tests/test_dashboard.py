@@ -14,7 +14,6 @@ import copy
 import os
 import re
 import statistics
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html import unescape
@@ -25,7 +24,15 @@ import numpy as np
 import pytest
 from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from conftest import ADMIN_KEY, REPO, Service, make_service
-from factories import add_batch, add_dataset, add_image, add_model, png_bytes
+from factories import (
+    add_batch,
+    add_dataset,
+    add_image,
+    add_model,
+    add_review,
+    add_review_task,
+    png_bytes,
+)
 from service_procs import ApiServer
 from sqlalchemy.orm import Session
 
@@ -94,20 +101,12 @@ def add_reviews(
     """Both reviewers judge every image; an implausible verdict fails 'granules' (the seed's
     rule), and bob leaves 'cell_size' not applicable so its n differs from the others'."""
     for image, *verdicts in zip(images, *VERDICTS[key], strict=True):
-        task = ReviewTask(project=project, image=image, token=uuid.uuid4().hex, position=image.id)
-        for reviewer, ok in zip(REVIEWERS, verdicts, strict=True):
+        task = add_review_task(session, project, image)
+        for n, (reviewer, ok) in enumerate(zip(REVIEWERS, verdicts, strict=True)):
             criteria = {"cell_size": "pass" if reviewer == "alice" else "na", "nc_ratio": "pass"}
             criteria["granules"] = "pass" if ok else "fail"
-            task.reviews.append(
-                Review(
-                    ls_annotation_id=image.id * 10 + len(task.reviews),
-                    reviewer=reviewer,
-                    plausible=bool(ok),
-                    overall="plausible" if ok else "implausible",
-                    criteria=criteria,
-                )
-            )
-        session.add(task)
+            add_review(session, task, ls_annotation_id=image.id * 10 + n, reviewer=reviewer,
+                       plausible=bool(ok), criteria=criteria)  # fmt: skip
 
 
 def distance(fd: float | None, p: float, r: float, cons: float | None, n: int) -> dict:

@@ -158,6 +158,10 @@ class TcpProxy:
         self._server: Any = None
         self._conns: list[Any] = []
 
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
     def start(self) -> None:
         import socketserver
 

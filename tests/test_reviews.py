@@ -221,8 +221,8 @@ def fresh(base: Base) -> Iterator[Sent]:
     try:
         yield sent
     finally:
-        base.proxy.stop()
-        base.proxy.start()
+        if not base.proxy.running:
+            base.proxy.start()
 
 
 def checker_result(img_png: bytes, expected: str, lenient: bool) -> tuple[list[dict], bool]:

@@ -83,6 +83,34 @@ def fresh_postgres() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+REDIS_URL = os.environ.get("PROTOMED_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@contextmanager
+def redis_broker() -> Iterator[dict[str, str]]:
+    """Broker settings for a Redis namespace of this test's own: a random key prefix, never a
+    database flush, so concurrent test runs on one Redis neither take nor delete each other's
+    messages; its keys are removed afterwards. Skips where Redis is unreachable, unless
+    PROTOMED_REQUIRE_SERVICES is set (CI), where it fails."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.ConnectionError as e:
+        reason = f"Redis unreachable at {REDIS_URL}: {e}"
+        if os.environ.get("PROTOMED_REQUIRE_SERVICES"):
+            pytest.fail(f"PROTOMED_REQUIRE_SERVICES is set but {reason}")
+        pytest.skip(f"{reason} (set PROTOMED_REQUIRE_SERVICES to make this a failure)")
+    prefix = f"pmtest-{uuid.uuid4().hex[:12]}:"
+    try:
+        yield {"PROTOMED_BROKER_URL": REDIS_URL, "PROTOMED_BROKER_KEY_PREFIX": prefix}
+    finally:
+        keys = list(client.scan_iter(f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+
+
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     with fresh_postgres() as url:
@@ -154,23 +182,31 @@ def migrate(url: str) -> None:
     command.upgrade(alembic_config(url), "head")
 
 
-@pytest.fixture
-def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+@contextmanager
+def make_service(tmp: Path, monkeypatch: pytest.MonkeyPatch, **extra: str) -> Iterator[Service]:
+    """The in-process API of the ``service`` fixture, with extra PROTOMED_* settings (smaller
+    limits...)."""
     from fastapi.testclient import TestClient
 
-    env = service_env(tmp_path)
-    (tmp_path / "data").mkdir()
+    env = service_env(tmp, **extra)
+    (tmp / "data").mkdir(exist_ok=True)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     reset_service_caches()
     migrate(env["PROTOMED_DATABASE_URL"])
     from api.main import create_app
 
-    with TestClient(create_app()) as client:
-        yield Service(
-            client, {"Authorization": f"Bearer {ADMIN_KEY}"}, tmp_path / "data", tmp_path, env
-        )
-    reset_service_caches()
+    try:
+        with TestClient(create_app()) as client:
+            yield Service(client, {"Authorization": f"Bearer {ADMIN_KEY}"}, tmp / "data", tmp, env)
+    finally:
+        reset_service_caches()
+
+
+@pytest.fixture
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+    with make_service(tmp_path, monkeypatch) as svc:
+        yield svc
 
 
 def fake_hub_cache(cache: Path, repo: str, filename: str, content: bytes = b"") -> Path:
@@ -184,3 +220,10 @@ def fake_hub_cache(cache: Path, repo: str, filename: str, content: bytes = b"") 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """PROTOMED_TEST_REVERSE=1 runs the collected tests in reverse order: a check that no test
+    depends on what an earlier one left behind."""
+    if os.environ.get("PROTOMED_TEST_REVERSE"):
+        items.reverse()

@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,14 +34,12 @@ class Worker:
         )  # fmt: skip
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited ({self.proc.returncode}):\n{self.tail()}")
-            if " ready." in self.log.read_text(errors="replace"):
-                return
-            time.sleep(0.3)
-        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.tail()}")
+            return " ready." in self.log.read_text(errors="replace")
+
+        wait_until(ready, timeout=timeout, what="worker ready", details=self.tail)
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -67,15 +67,42 @@ def wait_job(client: Any, job_id: int, *, until: tuple[str, ...] = ("succeeded",
     if auth is None:
         has_key = "authorization" in getattr(client, "headers", {})
         auth = {} if has_key else {"Authorization": f"Bearer {ADMIN_KEY}"}
-    deadline = time.monotonic() + timeout
-    job: dict[str, Any] = {}
-    while time.monotonic() < deadline:
+
+    def finished() -> dict[str, Any] | None:
         job = client.get(f"/jobs/{job_id}", headers=auth).json()
-        if job["status"] in until and (predicate is None or predicate(job)):
-            return job
-        time.sleep(0.5)
-    extra = f"\nworker log:\n{worker.tail()}" if worker else ""
-    raise TimeoutError(f"job {job_id} still {job.get('status')} after {timeout} s: {job}{extra}")
+        done = job["status"] in until and (predicate is None or predicate(job))
+        return job if done else None
+
+    return wait_until(
+        finished,
+        timeout=timeout,
+        interval=0.5,
+        what=f"job {job_id} {'/'.join(until)}",
+        details=(lambda: f"worker log:\n{worker.tail()}") if worker else None,
+    )
+
+
+def log_tail(log: Path, chars: int = 6000) -> str:
+    """A server's log without the test's own polling lines, so the worker's output shows."""
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if '"GET /jobs/' not in ln]
+    return "\n".join(lines)[-chars:]
+
+
+def wait_serving(fn: Callable[[], Any], timeout: float, what: str | Callable[[], str], log: Path,
+                 proc: subprocess.Popen | None = None) -> Any:  # fmt: skip
+    """``wait_until`` for a server started by the test: ``fn`` may meet a server that is not
+    listening yet; a server that exits ends the wait at once; a timeout shows its log."""
+
+    def check() -> Any:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"protomed serve exited ({proc.returncode}):\n{log_tail(log)}")
+        return fn()
+
+    import httpx
+
+    return wait_until(check, timeout=timeout, interval=0.5, what=what,
+                      ignore=(httpx.TransportError,),
+                      details=lambda: f"log:\n{log_tail(log)}")  # fmt: skip
 
 
 def free_port() -> int:
@@ -103,17 +130,13 @@ class ApiServer:
     def wait_ready(self, timeout: float = 60) -> None:
         import httpx
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def up() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"API exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"API not up after {timeout} s")
+            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+
+        wait_until(up, timeout=timeout, what="API /health", ignore=(httpx.TransportError,),
+                   details=lambda: self.log.read_text()[-3000:])  # fmt: skip
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -134,6 +157,10 @@ class TcpProxy:
         self._socket, self._threading = socket, threading
         self._server: Any = None
         self._conns: list[Any] = []
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
 
     def start(self) -> None:
         import socketserver
@@ -234,24 +261,21 @@ class Serve:
 
     def tail(self, chars: int = 6000) -> str:
         """The log without the test's own polling lines, so the worker's output shows."""
-        lines = [ln for ln in self.text().splitlines() if '"GET /jobs/' not in ln]
-        return "\n".join(lines)[-chars:]
+        return log_tail(self.log, chars)
 
     def wait_ready(self, timeout: float = 300) -> None:
         """The API answers /ready and the worker has said it is ready."""
         import httpx
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"serve exited ({self.proc.returncode}):\n{self.tail()}")
-            with contextlib.suppress(httpx.TransportError):
-                up = httpx.get(self.url + "/ready", timeout=5).status_code == 200
-                if up and " ready." in self.text():
-                    self.family = descendants(self.proc.pid)
-                    return
-            time.sleep(0.5)
-        raise TimeoutError(f"serve not ready after {timeout} s:\n{self.tail()}")
+            up = httpx.get(self.url + "/ready", timeout=5).status_code == 200
+            return up and " ready." in self.text()
+
+        wait_until(ready, timeout=timeout, interval=0.5, what="serve /ready and worker ready",
+                   ignore=(httpx.TransportError,), details=self.tail)  # fmt: skip
+        self.family = descendants(self.proc.pid)
 
     def signal(self, sig: int, *, group: bool = False) -> None:
         (os.killpg if group else os.kill)(self.proc.pid, sig)

@@ -13,13 +13,12 @@ import shutil
 import stat
 import warnings
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ADMIN_KEY, Service, migrate, reset_service_caches, service_env
+from conftest import Service, make_service
+from factories import state, upload, zip_folder
 
 from ml.catalog import scan
 from ml.toy import TOY_CLASSES, write_toy_dataset
@@ -31,26 +30,6 @@ UPLOADS = "datasets/uploads"
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-@contextmanager
-def make_service(tmp: Path, monkeypatch: pytest.MonkeyPatch, **extra: str) -> Iterator[Service]:
-    """Like the ``service`` fixture, with extra PROTOMED_* settings (smaller limits...)."""
-    from fastapi.testclient import TestClient
-
-    env = service_env(tmp, **extra)
-    (tmp / "data").mkdir(exist_ok=True)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    reset_service_caches()
-    migrate(env["PROTOMED_DATABASE_URL"])
-    from api.main import create_app
-
-    try:
-        with TestClient(create_app()) as client:
-            yield Service(client, {"Authorization": f"Bearer {ADMIN_KEY}"}, tmp / "data", tmp, env)
-    finally:
-        reset_service_caches()
 
 
 @pytest.fixture
@@ -65,15 +44,6 @@ def on_disk(root: Path) -> dict[str, int]:
         for d in sorted(root.iterdir())
         if d.is_dir()
     }
-
-
-def zip_folder(folder: Path, dest: Path, top: str | None = "toy") -> Path:
-    """Zip ``folder`` with its files under ``top/`` (or at the archive's top level)."""
-    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
-        for f in sorted(folder.rglob("*")):
-            rel = f.relative_to(folder).as_posix()
-            zf.write(f, f"{top}/{rel}" if top else rel)
-    return dest
 
 
 def zip_bytes(entries: dict[str, bytes], base: Path | None = None) -> bytes:
@@ -114,24 +84,6 @@ def corrupt_zip() -> bytes:
         zf.writestr("toy/a/x.png", b"A" * 1000)
         zf.writestr("toy/b/y.png", b"C" * 1000)
     return buf.getvalue().replace(b"A" * 10, b"B" * 10, 1)
-
-
-def state(service: Service) -> tuple[int, list[str], list[str]]:
-    """(datasets in the API, everything under work/datasets, every object in storage)."""
-    listed = service.client.get("/datasets", headers=service.admin)
-    assert listed.status_code == 200
-    work = service.tmp / "work" / "datasets"
-    files = sorted(str(p.relative_to(work)) for p in work.rglob("*")) if work.exists() else []
-    return len(listed.json()), files, get_storage().list_keys("datasets/")
-
-
-def upload(service: Service, name: str, data: bytes, headers=None, **form: str) -> Any:
-    return service.client.post(
-        "/datasets/upload",
-        data={"name": name, **form},
-        files={"file": ("data.zip", data, "application/zip")},
-        headers=service.admin if headers is None else headers,
-    )
 
 
 def same(a: dict[str, Any], b: dict[str, Any]) -> bool:

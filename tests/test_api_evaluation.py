@@ -4,9 +4,10 @@ clear 4xx that stores nothing (the run itself is in test_service_e2e)."""
 from __future__ import annotations
 
 import pytest
+from factories import add_batch, add_dataset, add_image, add_model
 from sqlalchemy import func, select
 
-from service.db.models import Batch, Dataset, Image, Job, Model, ModelMode, ModelStatus
+from service.db.models import Job
 from service.db.session import get_sessionmaker
 
 
@@ -14,17 +15,12 @@ def seed() -> dict[str, int]:
     ids: dict[str, int] = {}
     with get_sessionmaker()() as s:
         for name in ("a", "b"):
-            ds = Dataset(name=name, root="/x", layout="folder", classes=["x", "y"],
-                         counts={"x": 5, "y": 5})  # fmt: skip
+            ds = add_dataset(s, name=name, root="/x", classes=["x", "y"], counts={"x": 5, "y": 5})
             for mode, status in (("baseline", "ready"), ("prototype", "ready"),
                                  ("prototype", "training")):  # fmt: skip
-                m = Model(dataset=ds, mode=ModelMode(mode), preset="tiny", config={},
-                          classes=["x", "y"], status=ModelStatus(status))  # fmt: skip
-                b = Batch(model=m, class_name="x", n=1, guidance=2, steps=5, scheduler="ddim")
-                b.images.append(Image(class_name="x", index=0, storage_key=f"k/{name}{mode}"
-                                      f"{status}", sha256="0" * 64))  # fmt: skip
-                s.add(b)
-                s.flush()
+                m = add_model(s, ds, mode=mode, status=status)
+                b = add_batch(s, m, class_name="x", steps=5, seed=None)
+                add_image(s, b, key=f"k/{name}{mode}{status}")
                 ids[f"{name}-{mode}-{status}"] = m.id
                 ids[f"{name}-{mode}-{status}-batch"] = b.id
         s.commit()

@@ -7,36 +7,18 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from factories import add_batch, add_dataset, add_image, add_model, create
 from sqlalchemy import func, select
 
-from service.db.models import Batch, Dataset, Job, Model, ModelMode, ModelStatus
+from service.db.models import Batch, Job, Model, ModelStatus
 from service.db.session import get_sessionmaker
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte"]
 
 
-def add_dataset(**extra: Any) -> int:
-    with get_sessionmaker()() as s:
-        ds = Dataset(
-            name=extra.get("name", "cells"), root="/nowhere", layout="folder", classes=CLASSES,
-            counts=dict.fromkeys(CLASSES, 10),
-        )  # fmt: skip
-        s.add(ds)
-        s.commit()
-        return ds.id
-
-
-def add_model(
-    dataset_id: int, status: ModelStatus = ModelStatus.ready, mode: str = "prototype"
-) -> int:
-    with get_sessionmaker()() as s:
-        m = Model(
-            dataset_id=dataset_id, mode=ModelMode(mode), preset="tiny", config={},
-            classes=CLASSES, status=status, checkpoint_path="models/x/checkpoint.pt",
-        )  # fmt: skip
-        s.add(m)
-        s.commit()
-        return m.id
+def new_model(dataset_id: int, **extra: Any) -> int:
+    return create(add_model, dataset_id=dataset_id, checkpoint_path="models/x/checkpoint.pt",
+                  **extra)  # fmt: skip
 
 
 def counts() -> dict[str, int]:
@@ -47,7 +29,7 @@ def counts() -> dict[str, int]:
 
 
 def test_train_both_modes_queues_two_jobs_and_models(service) -> None:
-    ds = add_dataset()
+    ds = create(add_dataset)
     body = {"dataset_id": ds, "mode": "both", "preset": "tiny", "overrides": {"max_steps": 3}}
     r = service.client.post("/jobs/train", json=body, headers=service.admin)
     assert r.status_code == 202, r.text
@@ -83,7 +65,7 @@ def test_train_both_modes_queues_two_jobs_and_models(service) -> None:
     ],
 )
 def test_bad_training_requests_change_nothing(service, body, code, needle) -> None:
-    ds = add_dataset()
+    ds = create(add_dataset)
     before = counts()
     r = service.client.post(
         "/jobs/train", json={"dataset_id": ds, "preset": "tiny", **body}, headers=service.admin
@@ -94,7 +76,7 @@ def test_bad_training_requests_change_nothing(service, body, code, needle) -> No
 
 
 def test_malformed_json_and_missing_or_wrong_keys(service) -> None:
-    ds = add_dataset()
+    ds = create(add_dataset)
     before = counts()
     r = service.client.post(
         "/jobs/train",
@@ -127,8 +109,8 @@ def test_malformed_json_and_missing_or_wrong_keys(service) -> None:
 def test_reads_need_an_admin_or_viewer_key(service) -> None:
     """Reads are locked by default: nobody reads without a key, a viewer reads results but
     writes nothing, a reviewer reads only criteria and review projects (blinding)."""
-    ds = add_dataset()
-    model = add_model(ds)
+    ds = create(add_dataset)
+    model = new_model(ds)
 
     def make(role: str) -> dict[str, str]:
         r = service.client.post("/keys", json={"name": role, "role": role}, headers=service.admin)
@@ -170,10 +152,10 @@ def test_reads_need_an_admin_or_viewer_key(service) -> None:
 
 
 def test_generate_picks_latest_ready_model_and_validates(service) -> None:
-    ds = add_dataset()
-    add_model(ds)
-    newest = add_model(ds)
-    add_model(ds, status=ModelStatus.training)
+    ds = create(add_dataset)
+    new_model(ds)
+    newest = new_model(ds)
+    new_model(ds, status=ModelStatus.training)
     r = service.client.post(
         "/generate", params={"class": "eosinophil", "n": 8, "dataset_id": ds}, headers=service.admin
     )
@@ -205,7 +187,7 @@ def test_generate_picks_latest_ready_model_and_validates(service) -> None:
         r = service.client.post("/generate", params=params, headers=service.admin)
         assert r.status_code == code, (params, r.text)
         assert needle in r.text, (params, r.text)
-    training = add_model(ds, status=ModelStatus.training)
+    training = new_model(ds, status=ModelStatus.training)
     r = service.client.post(
         "/generate", params={"class": "eosinophil", "model_id": training}, headers=service.admin
     )
@@ -214,7 +196,7 @@ def test_generate_picks_latest_ready_model_and_validates(service) -> None:
 
 
 def test_cancel_queued_job_and_refuse_cancelling_twice(service) -> None:
-    ds = add_dataset()
+    ds = create(add_dataset)
     r = service.client.post(
         "/jobs/train", json={"dataset_id": ds, "mode": "baseline", "preset": "tiny"},
         headers=service.admin,
@@ -232,8 +214,8 @@ def test_cancel_queued_job_and_refuse_cancelling_twice(service) -> None:
 def test_broker_down_is_503_and_leaves_nothing(service, monkeypatch) -> None:
     from conftest import reset_service_caches
 
-    ds = add_dataset()
-    add_model(ds)
+    ds = create(add_dataset)
+    new_model(ds)
     before = counts()
     monkeypatch.setenv("PROTOMED_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens there
     reset_service_caches()
@@ -253,7 +235,7 @@ def test_broker_down_is_503_and_leaves_nothing(service, monkeypatch) -> None:
 def test_database_down_is_503_then_retry_works(service, monkeypatch) -> None:
     from conftest import reset_service_caches
 
-    ds = add_dataset()
+    ds = create(add_dataset)
     good = service.env["PROTOMED_DATABASE_URL"]
     monkeypatch.setenv("PROTOMED_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/gone")
     reset_service_caches()
@@ -278,19 +260,12 @@ def test_database_down_is_503_then_retry_works(service, monkeypatch) -> None:
 def test_storage_down_is_503(service, monkeypatch) -> None:
     from conftest import reset_service_caches
 
-    from service.db.models import Image
-
-    ds = add_dataset()
-    model = add_model(ds)
+    ds = create(add_dataset)
+    model = new_model(ds)
     with get_sessionmaker()() as s:
-        batch = Batch(model_id=model, class_name="basophil", n=1, guidance=2, steps=5,
-                      scheduler="ddim")  # fmt: skip
-        s.add(batch)
-        s.flush()
-        s.add(Image(batch_id=batch.id, class_name="basophil", index=0, sha256="0" * 64,
-                    storage_key=f"batches/{batch.id}/basophil_0000.png"))  # fmt: skip
+        batch = add_batch(s, model_id=model, class_name="basophil", steps=5, seed=None)
+        image_id = add_image(s, batch).id
         s.commit()
-        image_id = batch.images[0].id if batch.images else 1
     blocker = service.tmp / "not-a-folder"
     blocker.write_text("storage root is a file")
     monkeypatch.setenv("PROTOMED_STORAGE_DIR", str(blocker))
@@ -317,8 +292,8 @@ def test_storage_down_is_503(service, monkeypatch) -> None:
 )
 def test_values_the_database_cannot_hold_are_422(service, method, url, kwargs) -> None:
     """Found by the OpenAPI fuzzer: out-of-range ids, non-finite floats, over-long paths."""
-    add_dataset()
-    add_model(1)
+    create(add_dataset)
+    new_model(1)
     before = counts()
     headers = {**service.admin, "content-type": "application/json"}
     r = service.client.request(method, url, headers=headers, **kwargs)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 import pytest
-from seed import review_batches
+from factories import add_review, review_batches
 from sqlalchemy import func, select
 
 from ml.toy import CRITERIA
@@ -246,7 +246,6 @@ def reviewed_project() -> list[int]:
     """A project that has reached Label Studio (project 77, tasks 1000...) with two stored
     verdicts, annotations 5 (reviewer 7, alice) and 6 (reviewer 8, bob), on the same image
     of the baseline batch. Returns the two annotation ids."""
-    from service.db.models import Review
     from service.reviews import request_review
 
     batches = seed()
@@ -257,8 +256,7 @@ def reviewed_project() -> list[int]:
             task.ls_task_id = 1000 + i
         first = min(tasks, key=lambda t: t.image_id)
         for ann, user, email in ((5, "7", "Alice@Example.org"), (6, "8", "bob@example.org")):
-            s.add(Review(task=first, ls_annotation_id=ann, reviewer=user, reviewer_email=email,
-                         plausible=True, overall="plausible", criteria={}))  # fmt: skip
+            add_review(s, first, ls_annotation_id=ann, reviewer=user, reviewer_email=email)
         s.commit()
     return [5, 6]
 

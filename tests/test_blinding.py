@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import Service, reset_service_caches
+from factories import review_batches
 from PIL import Image as PILImage
-from seed import review_batches
 from sqlalchemy import select
 
 from service.db.models import Image, ReviewTask

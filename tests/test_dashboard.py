@@ -11,12 +11,9 @@ jobs whose results (``evaluation_result``) hold hand-made scores.
 from __future__ import annotations
 
 import copy
-import hashlib
-import io
 import os
 import re
 import statistics
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html import unescape
@@ -25,22 +22,28 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ADMIN_KEY, REPO, Service, migrate, reset_service_caches, service_env
-from PIL import Image as PILImage
+from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+from conftest import ADMIN_KEY, REPO, Service, make_service
+from factories import (
+    add_batch,
+    add_dataset,
+    add_image,
+    add_model,
+    add_review,
+    add_review_task,
+    png_bytes,
+)
 from service_procs import ApiServer
 from sqlalchemy.orm import Session
 
 from ml.toy import draw_cell
 from service.db.models import (
-    Batch,
     Dataset,
     Image,
     Job,
     JobKind,
     JobStatus,
     Model,
-    ModelMode,
-    ModelStatus,
     Review,
     ReviewProject,
     ReviewTask,
@@ -77,12 +80,6 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 NASTY = "<script>alert('x')</script>"  # in names and errors: must come out escaped
 LS_PUBLIC = "https://review.example.org"
 LS_PROJECT = 7
-CHROMIUM = Path(os.environ.get("PROTOMED_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage",
-]  # fmt: skip
 
 
 @dataclass
@@ -98,32 +95,18 @@ class Seeded:
     evaluation_means_only: int  # an older one: no per-seed runs, pretrained encoder, no toy
 
 
-def png(cls: str, rng: np.random.Generator) -> bytes:
-    buf = io.BytesIO()
-    PILImage.fromarray(draw_cell(cls, rng, 64)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def add_reviews(
     session: Session, project: ReviewProject, images: list[Image], key: tuple[str, str]
 ) -> None:
     """Both reviewers judge every image; an implausible verdict fails 'granules' (the seed's
     rule), and bob leaves 'cell_size' not applicable so its n differs from the others'."""
     for image, *verdicts in zip(images, *VERDICTS[key], strict=True):
-        task = ReviewTask(project=project, image=image, token=uuid.uuid4().hex, position=image.id)
-        for reviewer, ok in zip(REVIEWERS, verdicts, strict=True):
+        task = add_review_task(session, project, image)
+        for n, (reviewer, ok) in enumerate(zip(REVIEWERS, verdicts, strict=True)):
             criteria = {"cell_size": "pass" if reviewer == "alice" else "na", "nc_ratio": "pass"}
             criteria["granules"] = "pass" if ok else "fail"
-            task.reviews.append(
-                Review(
-                    ls_annotation_id=image.id * 10 + len(task.reviews),
-                    reviewer=reviewer,
-                    plausible=bool(ok),
-                    overall="plausible" if ok else "implausible",
-                    criteria=criteria,
-                )
-            )
-        session.add(task)
+            add_review(session, task, ls_annotation_id=image.id * 10 + n, reviewer=reviewer,
+                       plausible=bool(ok), criteria=criteria)  # fmt: skip
 
 
 def distance(fd: float | None, p: float, r: float, cons: float | None, n: int) -> dict:
@@ -195,49 +178,31 @@ def evaluate_job(dataset: Dataset, models: dict[str, Model], result: dict) -> Jo
 def seed(session: Session) -> Seeded:
     """The rows of the module docstring, images in storage, plus jobs in several states."""
     from service.criteria import ensure_defaults, latest
-    from service.storage import get_storage
 
     ensure_defaults(session)
     criteria_set = latest(session, "toy")
     assert criteria_set is not None
     project = ReviewProject(criteria_set=criteria_set, ls_project_id=LS_PROJECT)
-    dataset = Dataset(
-        name=f"toy {NASTY}", root="/nowhere", layout="folder", classes=list(CLASSES),
-        counts=dict.fromkeys(CLASSES, 40), domain="toy",
-    )  # fmt: skip
-    storage, rng = get_storage(), np.random.default_rng(0)
+    dataset = add_dataset(session, name=f"toy {NASTY}", classes=CLASSES,
+                          counts=dict.fromkeys(CLASSES, 40), domain="toy")  # fmt: skip
+    rng = np.random.default_rng(0)
     models, batches, rows = {}, {}, {}
     for mode in ("baseline", "prototype"):
-        model = Model(
-            dataset=dataset, mode=ModelMode(mode), preset="tiny", classes=list(CLASSES),
-            status=ModelStatus.ready, config={"mode": mode},
+        model = add_model(
+            session, dataset, mode=mode, config={"mode": mode},
             metrics={"steps": 2000, "final_loss": 0.0421 if mode == "baseline" else 0.0375},
         )  # fmt: skip
         train = Job(kind=JobKind.train, model=model, status=JobStatus.succeeded, progress=1.0)
-        session.add_all([model, train])
+        session.add(train)
         for cls in CLASSES:
             job = Job(kind=JobKind.sample, model=model, status=JobStatus.succeeded, progress=1.0)
-            batch = Batch(
-                model=model, class_name=cls, n=4, guidance=2.0, steps=50, seed=0,
-                scheduler="ddim", job=job,
-            )  # fmt: skip
-            session.add_all([job, batch])
-            session.flush()
-            images = []
-            for i in range(4):
-                data, key = png(cls, rng), f"batches/{batch.id}/{cls}_{i:04d}.png"
-                storage.put_bytes(key, data, content_type="image/png")
-                images.append(
-                    Image(
-                        batch=batch,
-                        class_name=cls,
-                        index=i,
-                        storage_key=key,
-                        sha256=hashlib.sha256(data).hexdigest(),
-                    )
-                )
-            session.add_all(images)
-            session.flush()
+            session.add(job)
+            batch = add_batch(session, model, class_name=cls, n=4, job=job)
+            pngs = [png_bytes(draw_cell(cls, rng, 64)) for _ in range(4)]
+            images = [
+                add_image(session, batch, index=i, data=data, store=True)
+                for i, data in enumerate(pngs)
+            ]
             add_reviews(session, project, images, (mode, cls))
             models[mode], batches[(mode, cls)] = model.id, batch.id
         rows[mode] = model
@@ -274,27 +239,17 @@ class Dash:
 def dash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Dash]:
     """The in-process service (as conftest's ``service``) with Label Studio links configured
     and the seeded rows."""
-    from fastapi.testclient import TestClient
-
-    from api.main import create_app
     from service.db.session import get_sessionmaker
 
-    env = service_env(
-        tmp_path,
-        PROTOMED_LABEL_STUDIO_URL="http://label-studio.internal:8080",
-        PROTOMED_LABEL_STUDIO_PUBLIC_URL=LS_PUBLIC,
-    )
-    (tmp_path / "data").mkdir()
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    reset_service_caches()
-    migrate(env["PROTOMED_DATABASE_URL"])
-    with get_sessionmaker()() as session:
-        ids = seed(session)
-    with TestClient(create_app()) as client:
-        login(client)  # pages and the JSON reads they link to go through the login cookie
-        yield Dash(Service(client, ADMIN, tmp_path / "data", tmp_path, env), ids)
-    reset_service_caches()
+    ls_links = {
+        "PROTOMED_LABEL_STUDIO_URL": "http://label-studio.internal:8080",
+        "PROTOMED_LABEL_STUDIO_PUBLIC_URL": LS_PUBLIC,
+    }
+    with make_service(tmp_path, monkeypatch, **ls_links) as service:
+        with get_sessionmaker()() as session:
+            ids = seed(session)
+        login(service.client)  # pages and the JSON reads they link to go through the login cookie
+        yield Dash(service, ids)
 
 
 def login(client, key: str = ADMIN_KEY, next_url: str = "/ui") -> Any:
@@ -447,21 +402,6 @@ def test_empty_database_renders_empty_states(service: Service) -> None:
     empty = text_of(html(service.client, "/ui/reports/evaluation"))
     assert "No finished evaluation yet. Start one with POST /jobs/evaluate" in empty
     assert "protomed evaluate --baseline" in empty and "for these filters" not in empty
-
-
-def require_chromium() -> None:
-    reason = None
-    if not CHROMIUM.is_file():
-        reason = f"no Chromium at {CHROMIUM} (apt-get install chromium, or set PROTOMED_CHROMIUM)"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            reason = "the playwright package is not installed (pip install -e .[dev])"
-    if reason and os.environ.get("PROTOMED_REQUIRE_SERVICES"):
-        pytest.fail(f"PROTOMED_REQUIRE_SERVICES is set but {reason}")
-    if reason:
-        pytest.skip(reason)
 
 
 def shot_path(tmp_path: Path, name: str) -> Path:

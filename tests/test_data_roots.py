@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, Service
+from factories import state, upload, zip_folder
 from service_procs import Worker, wait_job
-from test_api_datasets import state, upload, zip_folder
 
 from ml.catalog import OutsideRootsError, scan
 from ml.data import load_split

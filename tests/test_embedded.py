@@ -10,41 +10,17 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
-from service_procs import free_port
+from service_procs import free_port, wait_serving
 
 from ml.toy import write_toy_dataset
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-
-
-def wait_for(fn, timeout: float, what: str | Callable[[], str], log: Path, proc=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"protomed serve exited ({proc.returncode}):\n{_log_tail(log)}")
-        try:
-            value = fn()
-            if value:
-                return value
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    what = what() if callable(what) else what
-    raise TimeoutError(f"{what} after {timeout} s; log:\n{_log_tail(log)}")
-
-
-def _log_tail(log: Path, chars: int = 6000) -> str:
-    """The serve log without the test's own polling lines, so the worker's output shows."""
-    lines = [ln for ln in log.read_text().splitlines() if '"GET /jobs/' not in ln]
-    return "\n".join(lines)[-chars:]
 
 
 def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> None:
@@ -62,7 +38,7 @@ def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> No
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, timeout=30) as http:
-            ready = wait_for(
+            ready = wait_serving(
                 lambda: http.get("/ready").status_code == 200, 600, "not ready", log, proc
             )
             assert ready
@@ -98,7 +74,7 @@ def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> No
                 return job if job["status"] in ("succeeded", "failed", "cancelled") else None
 
             what = lambda: f"training (jobs as last seen: {seen})"  # noqa: E731
-            done = [wait_for(lambda j=j: finished(j["id"]), 900, what, log) for j in jobs]
+            done = [wait_serving(lambda j=j: finished(j["id"]), 900, what, log) for j in jobs]
             assert [j["status"] for j in done] == ["succeeded", "succeeded"], done
             # a worker that dies is restarted by serve: the next job still runs
             children = subprocess.run(
@@ -111,7 +87,7 @@ def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> No
             params = {"class": classes[0], "n": 8, "steps": 10, "mode": "prototype"}
             r = http.post("/generate", params=params, headers=auth)
             assert r.status_code == 202, r.text
-            job = wait_for(lambda: finished(r.json()["job"]["id"]), 600, "sampling", log)
+            job = wait_serving(lambda: finished(r.json()["job"]["id"]), 600, "sampling", log)
             assert job["status"] == "succeeded", job
             batch = http.get(f"/batches/{r.json()['batch']['id']}", headers=auth).json()
             assert len(batch["images"]) == 8 and batch["model_id"] == done[0]["model_id"]

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from conftest import REPO, Service, fake_hub_cache
-from service_procs import ApiServer, free_port
-from test_dashboard import CHROMIUM, CHROMIUM_ARGS, require_chromium
-from test_embedded import wait_for
+from service_procs import ApiServer, free_port, wait_serving
 
 from ml.toy import write_toy_dataset
 
@@ -208,7 +207,7 @@ def test_serve_defaults_train_offline_with_an_untrained_encoder(tmp_path: Path) 
                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            wait_for(lambda: http.get("/ready").status_code == 200, 300, "not ready", log, proc)
+            wait_serving(lambda: http.get("/ready").status_code == 200, 300, "not ready", log, proc)
             out = log.read_text()
             assert re.search(r"encoder: UNTRAINED ViT-B-32 \(random weights", out), out
             assert "PROTOMED_ENCODER_WEIGHTS" in out and "PROTOMED_ENCODER=" in out
@@ -226,7 +225,7 @@ def test_serve_defaults_train_offline_with_an_untrained_encoder(tmp_path: Path) 
                 job = http.get(f"/jobs/{job_id}", headers=auth).json()
                 return job if job["status"] in ("succeeded", "failed", "cancelled") else None
 
-            job = wait_for(done, 600, "training did not finish", log, proc)
+            job = wait_serving(done, 600, "training did not finish", log, proc)
             assert job["status"] == "succeeded", job
         assert "UNTRAINED encoder (ViT-B-32" in log.read_text()  # the worker's own warning
     finally:

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import schemathesis
 from conftest import ADMIN_KEY, fresh_postgres, migrate, reset_service_caches, service_env
+from factories import seed_rows
 from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
-from seed import seed_rows
 
 from api.main import bootstrap, create_app
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import signal
 import time
 import zipfile
@@ -22,8 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import redis
-from conftest import ADMIN_KEY, Service, migrate, reset_service_caches, service_env
+from conftest import ADMIN_KEY, Service, migrate, redis_broker, reset_service_caches, service_env
 from PIL import Image
 from service_procs import Worker, wait_job
 
@@ -37,24 +35,14 @@ FAST_BEATS = {
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A Redis database of its own (flushed before and after) as the broker."""
-    url = f"redis://127.0.0.1:6379/{random.randint(1, 15)}"
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=3)
-        client.flushdb()
-    except redis.ConnectionError as exc:
-        import os
-
-        if os.environ.get("PROTOMED_REQUIRE_SERVICES"):
-            pytest.fail(f"PROTOMED_REQUIRE_SERVICES is set but Redis is unreachable: {exc}")
-        pytest.skip(f"Redis unreachable at {url}: {exc}")
-    yield url
-    client.flushdb()
+def redis_env() -> Iterator[dict[str, str]]:
+    """A Redis broker namespace of its own (conftest's redis_broker)."""
+    with redis_broker() as env:
+        yield env
 
 
 @pytest.fixture
-def prod(tmp_path, monkeypatch, pg_url, redis_url, moto_endpoint) -> Iterator[Service]:
+def prod(tmp_path, monkeypatch, pg_url, redis_env, moto_endpoint) -> Iterator[Service]:
     from fastapi.testclient import TestClient
 
     from service.storage import S3Storage
@@ -62,7 +50,7 @@ def prod(tmp_path, monkeypatch, pg_url, redis_url, moto_endpoint) -> Iterator[Se
     env = service_env(
         tmp_path,
         PROTOMED_DATABASE_URL=pg_url,
-        PROTOMED_BROKER_URL=redis_url,
+        **redis_env,
         PROTOMED_STORAGE_BACKEND="s3",
         PROTOMED_S3_ENDPOINT_URL=moto_endpoint,
         PROTOMED_S3_BUCKET=f"protomed-{tmp_path.name[-12:].lower().replace('_', '-')}",

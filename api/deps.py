@@ -15,9 +15,8 @@ from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api.schemas import MAX_ID
 from service.config import Settings, get_settings
-from service.db.models import ApiKey, ApiKeyRole
+from service.db.models import MAX_ID, ApiKey, ApiKeyRole
 from service.db.session import get_session
 from service.security import find_key, find_session
 from service.storage import Storage, get_storage

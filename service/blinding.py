@@ -52,8 +52,9 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def _decoded(data: bytes) -> PILImage.Image:
     """The stored image's pixels in a fresh image object (no info, no metadata)."""
     try:
-        with PILImage.open(io.BytesIO(data)) as im:
-            im.load()
+        with PILImage.open(io.BytesIO(data)) as opened:
+            opened.load()
+            im: PILImage.Image = opened
             if im.mode not in LOSSLESS_MODES:
                 im = im.convert("RGBA" if "transparency" in im.info or "A" in im.mode else "RGB")
             return PILImage.frombytes(im.mode, im.size, im.tobytes())

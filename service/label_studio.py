@@ -38,7 +38,7 @@ def client(settings: Settings) -> Any:
 
     if not settings.label_studio_url or not settings.label_studio_token:
         raise RuntimeError("PROTOMED_LABEL_STUDIO_URL and PROTOMED_LABEL_STUDIO_TOKEN are not set")
-    return LabelStudio(
+    return LabelStudio(  # type: ignore[no-untyped-call]  # the SDK's constructor is unannotated
         base_url=settings.label_studio_url, api_key=settings.label_studio_token, timeout=30
     )
 
@@ -57,7 +57,8 @@ def current_annotation(
         if exc.status_code == 404:
             return None
         raise
-    return found.model_dump(mode="json")
+    record: dict[str, Any] = found.model_dump(mode="json")
+    return record
 
 
 def user_emails(

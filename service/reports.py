@@ -274,15 +274,15 @@ def _macro_difference(
             "left_out": left_out}  # fmt: skip
 
 
-def _only(models: Sequence[dict], mode: str) -> int | None:
+def _only(models: Sequence[dict[str, Any]], mode: str) -> int | None:
     ids = [m["id"] for m in models if m.get("mode") == mode]
     return ids[0] if len(ids) == 1 else None
 
 
 def plausibility_report(
     judgements: Sequence[Judgement],
-    models: Sequence[dict],
-    criteria: Sequence[dict],
+    models: Sequence[dict[str, Any]],
+    criteria: Sequence[dict[str, Any]],
     *,
     baseline_id: int | None = None,
     prototype_id: int | None = None,
@@ -318,7 +318,7 @@ def plausibility_report(
             return None
         return _difference(entries[str(baseline_id)], entries[str(prototype_id)])
 
-    classes = []
+    classes: list[dict[str, Any]] = []
     for cls in sorted({j.class_name for j in used}):
         entries = {str(mid): _rate_entry(cells[(cls, mid)]) for mid in ids}
         classes.append(

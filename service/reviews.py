@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import CursorResult, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -59,7 +59,7 @@ def request_review(
             raise ReviewError(
                 "give 'domain' (the batches' datasets have no single review domain set)"
             )
-        domain = next(iter(domains))
+        (domain,) = {d for d in domains if d is not None}
     criteria_set = latest(session, domain)
     if criteria_set is None:
         known = sorted(session.scalars(select(CriteriaSet.domain).distinct()))
@@ -73,11 +73,11 @@ def request_review(
     )
     images = [img for b in found for img in b.images if img.id not in have]
     secrets.SystemRandom().shuffle(images)
-    start = session.scalar(
+    start: int = session.execute(
         select(func.coalesce(func.max(ReviewTask.position), -1)).where(
             ReviewTask.project_id == project.id
         )
-    )
+    ).scalar_one()
     tasks = [
         ReviewTask(
             project=project, image=img, token=secrets.token_urlsafe(24), position=start + 1 + i
@@ -204,11 +204,17 @@ def stored_annotations(session: Session, ann_ids: Iterable[int]) -> list[int]:
 
 
 def remove_annotations(session: Session, ann_ids: Iterable[int]) -> int:
-    result = session.execute(delete(Review).where(Review.ls_annotation_id.in_(list(ann_ids))))
+    # DML executes to a CursorResult (which has rowcount); Session.execute is typed as Result
+    result = cast(
+        "CursorResult[Any]",
+        session.execute(delete(Review).where(Review.ls_annotation_id.in_(list(ann_ids)))),
+    )
     return result.rowcount or 0
 
 
-def reconcile(session: Session, project: ReviewProject, exported: list[dict[str, Any]]) -> dict:
+def reconcile(
+    session: Session, project: ReviewProject, exported: list[dict[str, Any]]
+) -> dict[str, int]:
     """Make the project's verdicts equal Label Studio's export (tasks with annotations): catches
     webhooks that never arrived, updates and deletions. Returns counts."""
     by_token = {t.token: t for t in project.tasks}
@@ -216,7 +222,7 @@ def reconcile(session: Session, project: ReviewProject, exported: list[dict[str,
     linked = applied = 0
     for item in exported:
         token = (item.get("data") or {}).get("ref")
-        task = by_token.get(token)
+        task = by_token.get(token) if isinstance(token, str) else None
         if task is None:
             continue
         if task.ls_task_id != item["id"]:

@@ -85,7 +85,7 @@ class Storage(Protocol):
     def presigned_url(self, key: str, expires_s: int = 3600) -> str | None: ...
 
 
-def _atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
+def _atomic_write(dest: Path, write: Callable[[Path], object]) -> None:
     """Write through a temp file in ``dest``'s folder and rename, so readers never see half."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=dest.parent)
@@ -301,7 +301,8 @@ class S3Storage:
     def get_bytes(self, key: str) -> bytes:
         k = self._key(key)
         with self._errors(key):
-            return self.client.get_object(Bucket=self.bucket, Key=k)["Body"].read()
+            body: bytes = self.client.get_object(Bucket=self.bucket, Key=k)["Body"].read()
+            return body
 
     def download(self, key: str, dest: Path) -> Path:
         k = self._key(key)
@@ -388,9 +389,10 @@ class S3Storage:
         """A GET URL clients fetch directly, sparing the API the bytes; existence not checked."""
         k = self._key(key)
         with self._errors():
-            return self.client.generate_presigned_url(
+            url: str = self.client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": k}, ExpiresIn=expires_s
             )
+            return url
 
 
 def make_storage(settings: Settings) -> Storage:

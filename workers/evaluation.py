@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from sqlalchemy.orm import Session
 
 from service.archive import ensure_local
 from service.config import Settings
@@ -18,6 +19,9 @@ from service.storage import Storage
 from workers.lifecycle import JobContext
 from workers.sampling import local_checkpoint
 from workers.training import encoder_spec, read_roots
+
+if TYPE_CHECKING:
+    from ml.data import ImageSet  # imports torch: only for the annotation
 
 
 def _stored_batches(session: Any, ids: list[int]) -> list[tuple[str, list[str]]]:
@@ -33,9 +37,10 @@ def _stored_batches(session: Any, ids: list[int]) -> list[tuple[str, list[str]]]
 def _load(job_id: int) -> dict[str, Any]:
     with get_sessionmaker()() as session:
         job = session.get(Job, job_id)
-        assert job is not None
+        if job is None:
+            raise RuntimeError(f"job {job_id} was deleted while it ran")
         p = dict(job.params)
-        rows = {m: session.get(Model, p["models"][m]) for m in ("baseline", "prototype")}
+        rows = {m: _model(session, p["models"][m]) for m in ("baseline", "prototype")}
         return {
             "params": p,
             "models": {m: (r.id, r.checkpoint_path, r.codebook_path) for m, r in rows.items()},
@@ -45,6 +50,14 @@ def _load(job_id: int) -> dict[str, Any]:
                 m: _stored_batches(session, ids) for m, ids in (p.get("batches") or {}).items()
             },
         }
+
+
+def _model(session: Session, model_id: int) -> Model:
+    """The model row an evaluation names; a clear error if it was deleted since the request."""
+    model = session.get(Model, model_id)
+    if model is None:
+        raise RuntimeError(f"model {model_id} was deleted before its evaluation ran")
+    return model
 
 
 def _codebook(prefix: str, model_id: int, storage: Storage, work_dir: Path) -> Any:
@@ -58,7 +71,9 @@ def _codebook(prefix: str, model_id: int, storage: Storage, work_dir: Path) -> A
     return Codebook.load(folder)
 
 
-def _batch_images(batches: list[tuple[str, list[str]]], classes: list[str], storage: Storage):
+def _batch_images(
+    batches: list[tuple[str, list[str]]], classes: list[str], storage: Storage
+) -> ImageSet:
     """An ImageSet from stored PNGs of given batches (labels from each batch's class)."""
     import torch
     from PIL import Image
@@ -78,7 +93,9 @@ def _batch_images(batches: list[tuple[str, list[str]]], classes: list[str], stor
                     paths=[""] * len(labels), hashes=[])  # fmt: skip
 
 
-def run_evaluation(job_id: int, ctx: JobContext, settings: Settings, storage: Storage) -> dict:
+def run_evaluation(
+    job_id: int, ctx: JobContext, settings: Settings, storage: Storage
+) -> dict[str, Any]:
     from ml.checkpoint import load_model
     from ml.config import resolve_device
     from ml.encoder import ClipEncoder, EmbeddingCache
@@ -111,7 +128,7 @@ def run_evaluation(job_id: int, ctx: JobContext, settings: Settings, storage: St
         )  # fmt: skip
     with get_sessionmaker()() as session:
         for mode, (model_id, *_rest) in info["models"].items():
-            model = session.get(Model, model_id)
+            model = _model(session, model_id)
             entry = {
                 "job_id": job_id,
                 "as": mode,

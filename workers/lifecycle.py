@@ -27,9 +27,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.config import Settings
@@ -67,18 +67,22 @@ def claim(session: Session, job_id: int, worker: str, settings: Settings) -> boo
             Job.attempts < settings.max_attempts,
         ),
     )
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, claimable)
-        .values(
-            status=JobStatus.running,
-            worker=worker,
-            heartbeat_at=now,
-            attempts=Job.attempts + 1,
-            started_at=now,
-            error=None,
-        )
-        .execution_options(synchronize_session=False)
+    # DML executes to a CursorResult (which has rowcount); Session.execute is typed as Result
+    result = cast(
+        "CursorResult[Any]",
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, claimable)
+            .values(
+                status=JobStatus.running,
+                worker=worker,
+                heartbeat_at=now,
+                attempts=Job.attempts + 1,
+                started_at=now,
+                error=None,
+            )
+            .execution_options(synchronize_session=False)
+        ),
     )
     session.commit()
     return result.rowcount == 1

@@ -56,7 +56,8 @@ def ensure_project(ls: Any, project: ReviewProject, settings: Settings) -> int:
             description=f"{cs.title}. Images are blinded and shuffled; judge each criterion.",
             label_config=label_config(cs.criteria),
         )
-    project.ls_project_id = found.id
+    ls_id: int = found.id
+    project.ls_project_id = ls_id
     if settings.review_webhook_secret:
         hook = ls.webhooks.create(
             url=f"{(settings.review_callback_url or settings.public_url).rstrip('/')}"
@@ -68,14 +69,15 @@ def ensure_project(ls: Any, project: ReviewProject, settings: Settings) -> int:
             headers={SECRET_HEADER: settings.review_webhook_secret},
         )
         project.ls_webhook_id = hook.id
-    return found.id
+    return ls_id
 
 
 def export(ls: Any, ls_project_id: int, *, all_tasks: bool) -> list[dict[str, Any]]:
     chunks = ls.projects.exports.download_sync(
         ls_project_id, export_type="JSON", download_all_tasks=all_tasks
     )
-    return json.loads(b"".join(chunks) or b"[]")
+    exported: list[dict[str, Any]] = json.loads(b"".join(chunks) or b"[]")
+    return exported
 
 
 def import_tasks(ls: Any, project: ReviewProject, settings: Settings) -> int:
@@ -83,9 +85,12 @@ def import_tasks(ls: Any, project: ReviewProject, settings: Settings) -> int:
     pending = sorted((t for t in project.tasks if t.ls_task_id is None), key=lambda t: t.position)
     if not pending:
         return 0
+    if project.ls_project_id is None:
+        raise RuntimeError(f"review project {project.id} has no Label Studio project yet")
     by_token = {t.token: t for t in pending}
     for item in export(ls, project.ls_project_id, all_tasks=True):  # imported before a crash
-        task = by_token.pop((item.get("data") or {}).get("ref"), None)
+        ref = (item.get("data") or {}).get("ref")
+        task = by_token.pop(ref, None) if isinstance(ref, str) else None
         if task is not None:
             task.ls_task_id = item["id"]
     todo = [t for t in pending if t.ls_task_id is None]

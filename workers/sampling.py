@@ -59,7 +59,9 @@ def png_bytes(img: Any) -> bytes:
     return buf.getvalue()
 
 
-def run_sampling(job_id: int, ctx: JobContext, settings: Settings, storage: Storage) -> dict:
+def run_sampling(
+    job_id: int, ctx: JobContext, settings: Settings, storage: Storage
+) -> dict[str, Any]:
     from ml.checkpoint import load_model
     from ml.config import SampleConfig, resolve_device
     from ml.sample import generate

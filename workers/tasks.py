@@ -47,7 +47,7 @@ _consumer: list[Any] = []  # the worker's consumer (set when ready): its pool's 
 SHUTDOWN_SIGNAL = signal.SIGUSR2  # main process -> prefork children: "stop and re-queue"
 
 
-def _runner(kind: str) -> Callable[..., dict]:
+def _runner(kind: str) -> Callable[..., dict[str, Any]]:
     if kind == JobKind.train:
         from workers.training import run_training
 
@@ -100,7 +100,10 @@ def run_job(job_id: int, kind: str, worker: str) -> str:
         if claimed is None:
             log.info("no claimable job for the token of job %s (done, cancelled, running)", job_id)
             return "skipped"
-        kind = str(session.get(Job, claimed).kind)
+        job = session.get(Job, claimed)
+        if job is None:
+            raise RuntimeError(f"job {claimed} was deleted right after it was claimed")
+        kind = str(job.kind)
     job_id = claimed
     long_job = kind in (JobKind.train, JobKind.evaluate)
     limit = settings.train_time_limit_s if long_job else settings.sample_time_limit_s
@@ -166,6 +169,8 @@ def review_sync(self: Any, job_id: int) -> str:
         if not claim(session, job_id, _worker_name(self), settings):
             return "skipped"
         job = session.get(Job, job_id)
+        if job is None:
+            raise RuntimeError(f"review sync job {job_id} was deleted right after it was claimed")
         project_id, attempts = int(job.params["project_id"]), job.attempts
     try:
         result = sync_project(project_id, settings)
@@ -176,6 +181,8 @@ def review_sync(self: Any, job_id: int) -> str:
         wait = settings.review_sync_retry_s
         with get_sessionmaker()() as session:
             job = session.get(Job, job_id)
+            if job is None:
+                raise RuntimeError(f"review sync job {job_id} was deleted while it ran") from exc
             job.status, job.worker = JobStatus.queued, None
             job.error = f"Label Studio unavailable ({exc}); attempt {attempts}, retry in {wait:g} s"
             session.commit()

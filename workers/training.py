@@ -170,7 +170,9 @@ def _upload(model_id: int, run_dir: Path, storage: Storage) -> dict[str, str]:
     return keys
 
 
-def run_training(job_id: int, ctx: JobContext, settings: Settings, storage: Storage) -> dict:
+def run_training(
+    job_id: int, ctx: JobContext, settings: Settings, storage: Storage
+) -> dict[str, Any]:
     """Train the job's model; returns the job result. The model row ends ready."""
     from ml.config import TrainConfig
 

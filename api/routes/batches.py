@@ -21,9 +21,9 @@ from api.deps import (
     get_or_404,
 )
 from api.responses import batch_out, job_out
-from api.schemas import MAX_ID, BatchOut, GenerateAccepted
+from api.schemas import BatchOut, GenerateAccepted
 from ml.config import DEFAULT_SCHEDULER, DEFAULT_STEPS, SchedulerName
-from service.db.models import Batch, Dataset, Job, JobKind, Model, ModelMode, ModelStatus
+from service.db.models import MAX_ID, Batch, Dataset, Job, JobKind, Model, ModelMode, ModelStatus
 from service.queue import submit
 
 router = APIRouter()
@@ -50,12 +50,12 @@ def pick_model(
     query = select(Model).where(Model.dataset_id == dataset_id, Model.status == ModelStatus.ready)
     if mode is not None:
         query = query.where(Model.mode == mode)
-    model = session.scalar(query.order_by(Model.id.desc()).limit(1))
-    if model is None:
+    newest = session.scalar(query.order_by(Model.id.desc()).limit(1))
+    if newest is None:
         raise HTTPException(
             409, f"dataset {dataset_id} has no ready {mode or ''} model yet; train one first"
         )
-    return model
+    return newest
 
 
 @router.post("/generate", status_code=status.HTTP_202_ACCEPTED, tags=["generate"])

@@ -9,7 +9,7 @@ JSON endpoints stay the API; these pages only read what they expose.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
@@ -17,7 +17,6 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlalchemy import select
 
 from api.deps import (
-    MAX_ID,
     READER_ROLES,
     SESSION_COOKIE,
     Caller,
@@ -40,6 +39,7 @@ from api.ui.views import (
     toy_rows,
 )
 from service.db.models import (
+    MAX_ID,
     ApiKey,
     Batch,
     CriteriaSet,
@@ -123,7 +123,7 @@ def login(
             "(it shows which model made each image, which reviewers must not see).",
             403,
         )
-    if error is not None:
+    if error is not None or row is None:  # row is None only with an error set
         return page(
             request, "login.html", code, title="Log in", error=error, next=safe_next(next),
             hours=settings.ui_session_hours,
@@ -287,7 +287,7 @@ def evaluation_page(
         return bad_filter(request, exc)
     filters = {k: v for k, v in ids.items() if v is not None}
     job = latest_evaluation(session, ids["dataset_id"], ids["job_id"])
-    common = {
+    common: dict[str, Any] = {
         "title": "Evaluation report", "filters": filters, "job": job,
         "datasets": session.scalars(select(Dataset).order_by(Dataset.id)).all(),
     }  # fmt: skip

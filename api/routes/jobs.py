@@ -11,8 +11,9 @@ from sqlalchemy import select
 
 from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, get_or_404
 from api.responses import job_out
-from api.schemas import MAX_ID, EvaluateRequest, JobOut, ModelOut, TrainAccepted, TrainRequest
+from api.schemas import EvaluateRequest, JobOut, ModelOut, TrainAccepted, TrainRequest
 from service.db.models import (
+    MAX_ID,
     Batch,
     Dataset,
     Job,

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import PlainTextResponse
 
-from api.deps import MAX_ID, Reader, SessionDep
+from api.deps import Reader, SessionDep
+from service.db.models import MAX_ID
 from service.evaluations import evaluation_csv, latest_evaluation
 from service.reports import report_csv
 from service.reviews import FilterError, plausibility

@@ -20,7 +20,8 @@ TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 def route_path(request: Request, name: str, /, **params: Any) -> str:
     """Root-relative link to a named route: works behind a proxy whatever its scheme or host
     (``request.url_for`` would bake in the scheme and host the proxy forwarded)."""
-    return request.scope.get("root_path", "") + str(request.app.url_path_for(name, **params))
+    root: str = request.scope.get("root_path", "")
+    return root + str(request.app.url_path_for(name, **params))
 
 
 @jinja2.pass_context

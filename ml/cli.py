@@ -352,6 +352,15 @@ def evaluate(
     codebook: Annotated[
         Path | None, typer.Option(help="Codebook folder (adds prototype consistency).")
     ] = None,
+    test_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="External test set: a folder of real images the models never saw (class "
+            "folders, manifest.csv, MATEK or HAM10000), classes matched by name; it must have "
+            "every model class, extra classes are ignored. Default: the held-out part of the "
+            "models' split."
+        ),
+    ] = None,
     seeds: Annotated[str, typer.Option(help="Classifier seeds, comma-separated.")] = "0,1,2",
     backbone: Annotated[
         Backbone, typer.Option(help="resnext50: the seed's; small: a fast CNN for trials.")
@@ -373,8 +382,8 @@ def evaluate(
     verbose: Verbose = False,
 ) -> None:
     """Without experts: a classifier trained on real / baseline / prototype images and tested on
-    held-out real ones (the seed's Tables 5-6), plus CLIP-space Frechet distance, k-NN
-    precision/recall and prototype consistency."""
+    held-out real ones or an external test set (the seed's Tables 5-6), plus CLIP-space
+    Frechet distance, k-NN precision/recall and prototype consistency."""
     _setup_logging(verbose)
 
     def run() -> None:
@@ -406,12 +415,17 @@ def evaluate(
                           allow_untrained=untrained)  # fmt: skip
         book = Codebook.load(codebook) if codebook is not None else None
         result = run_evaluation(
-            models, enc, cfg, codebook=book, cache=EmbeddingCache() if cache else None
-        )
+            models, enc, cfg, codebook=book, cache=EmbeddingCache() if cache else None,
+            test_data=test_data,
+        )  # fmt: skip
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        out.write_text(result.model_dump_json(indent=2))
         typer.echo(evaluation_table(result))
-        typer.echo(f"results: {out} ({result['seconds']:.0f} s)")
+        test = result.test_set
+        if test is not None and test.ignored_classes:
+            typer.echo(f"note: the test set's classes {test.ignored_classes} are not the models' "
+                       "and were ignored")  # fmt: skip
+        typer.echo(f"results: {out} ({result.seconds:.0f} s)")
 
     _guard(run)
 

@@ -17,35 +17,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from tqdm.auto import tqdm
 
-from ml.config import Backbone, resolve_device
+from ml.config import resolve_device
 from ml.data import ImageSet
+from ml.results import DownstreamConfig  # torch-free: the service reads it back
 
 ImagesLabels = tuple[torch.Tensor, torch.Tensor]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TABLE_ROWS = ("real", "baseline", "prototype")
 _EVAL_BATCH = 256
-
-
-class DownstreamConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    backbone: Backbone = "small"
-    epochs: int = Field(30, ge=1, le=1000)  # bounds: sizes that protect the machine
-    batch_size: int = Field(64, ge=1, le=1024)
-    lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate")
-    weight_decay: float = Field(1e-4, ge=0, le=10.0)
-    image_size: int = Field(64, ge=16, le=512, description="images are resized to this side")
-    augment: bool = Field(True, description="random horizontal and vertical flips")
-    seed: int = Field(0, ge=0)
-    device: str | None = None
-    weights: Path | None = Field(None, description="local ImageNet state dict for a ResNet")
-    progress: bool = False
 
 
 # ---------------------------------------------------------------- models
@@ -357,30 +340,6 @@ def downstream_experiment(
     }
 
 
-def _pm(mean: float, std: float) -> str:
-    return f"{100 * mean:5.1f} ± {100 * std:4.1f}"
-
-
-def tables_5_6(result: Mapping[str, Any]) -> str:
-    """The seed's Tables 5-6 as text: one row per training set (real, baseline, prototype,
-    then any others), macro precision / recall / F1 as mean ± std in percent over seeds."""
-    sets = result["sets"]
-    order = [n for n in TABLE_ROWS if n in sets] + [n for n in sets if n not in TABLE_ROWS]
-    width = max([len("training set"), *(len(n) for n in order)])
-    head = f"{'training set':<{width}}  {'precision (%)':>13}  {'recall (%)':>13}  {'F1 (%)':>13}"
-    lines = [
-        f"Downstream classifier on {result['n_test']} held-out real images, "
-        f"mean ± std over {len(result['seeds'])} seed(s)",
-        head,
-        "-" * len(head),
-    ]
-    for name in order:
-        m, s = sets[name]["mean"], sets[name]["std"]
-        cells = "  ".join(f"{_pm(m[k], s[k]):>13}" for k in ("precision", "recall", "f1"))
-        lines.append(f"{name:<{width}}  {cells}")
-    return "\n".join(lines)
-
-
 __all__ = [
     "DownstreamConfig",
     "ImageClassifier",
@@ -390,6 +349,5 @@ __all__ = [
     "make_classifier",
     "predict",
     "small_cnn",
-    "tables_5_6",
     "train_classifier",
 ]

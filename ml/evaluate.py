@@ -16,55 +16,43 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from ml.checkpoint import LoadedModel
-from ml.config import MAX_PER_CLASS, MAX_SEED, SampleConfig, SchedulerName
-from ml.data import DatasetSplit, ImageSet, load_selection
-from ml.downstream import DownstreamConfig, downstream_experiment, tables_5_6
+from ml.config import SampleConfig
+from ml.data import DataError, DatasetSplit, ImageSet, load_selection, load_split, scan
+from ml.downstream import downstream_experiment
 from ml.encoder import ClipEncoder, EmbeddingCache, embed
 from ml.metrics import distribution_report
 from ml.prototypes import Codebook
+from ml.results import (
+    DistributionReport,
+    DownstreamResult,
+    EvalConfig,
+    EvaluationResult,
+    ModelInfo,
+    TestSetInfo,
+    evaluation_tables,
+    tables_text,
+)
 from ml.sample import generate
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]  # (stage, fraction of the whole evaluation)
 
 
-class EvalConfig(BaseModel):
-    """What the evaluation generates and trains; defaults follow the seed (3 seeds)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # Upper bounds as the CLI's and the API's (EvaluateRequest in api/schemas.py): sizes that
-    # protect the machine, the same wherever the config comes from.
-    n_per_class: int | None = Field(
-        None, ge=1, le=MAX_PER_CLASS, description="synthetic images per class"
-    )
-    # The seed's protocol (DDIM-50) by default, so results stay comparable with its Tables 5-6
-    # and with earlier runs; scheduler="dpm++sde", steps=20 samples 2.5x faster.
-    steps: int = Field(50, ge=1, le=1000)
-    guidance: float = Field(2.0, ge=0, le=50.0)
-    scheduler: SchedulerName = "ddim"
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    batch_size: int = Field(64, ge=1, le=1024)
-    k: int = Field(3, ge=1, le=100, description="neighbours for precision/recall")
-    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)
-    downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
-
-
 def real_split(
     models: Mapping[str, LoadedModel],
     root: str | None = None,
     roots: Sequence[Path | str] | None = None,
+    need_heldout: bool = True,
 ) -> DatasetSplit:
     """The split both models were trained on, at their image size, with its held-out part
     (``root``: where the dataset is on this machine, if not where it was at training;
-    ``roots``: the folders its files must resolve inside, as for :func:`ml.data.load_split`)."""
+    ``roots``: the folders its files must resolve inside, as for :func:`ml.data.load_split`;
+    ``need_heldout``: False when an external test set replaces the held-out part)."""
     selections = {name: m.cond.extra.get("selection") for name, m in models.items()}
     if any(not s for s in selections.values()):
         raise ValueError("a model does not record its data selection (trained without a codebook)")
@@ -82,12 +70,67 @@ def real_split(
     split = load_selection(selection, roots)
     counts = split.heldout.per_class_counts() if len(split.heldout) else {}
     empty = [c for c in split.classes if not counts.get(c)]
-    if empty:
+    if empty and need_heldout:
         raise ValueError(
             f"no held-out real images for {', '.join(empty)}: train with n_heldout >= 1 "
-            "(the seed tests on 50 per class) so the classifier is tested on unseen images"
+            "(the seed tests on 50 per class) so the classifier is tested on unseen images, "
+            "or give an external test set"
         )
     return split
+
+
+def _in_model_order(data: ImageSet, classes: Sequence[str]) -> ImageSet:
+    """The same images with labels indexing ``classes`` (a folder's order may differ)."""
+    if list(data.classes) == list(classes):
+        return data
+    remap = torch.tensor([list(classes).index(c) for c in data.classes], dtype=torch.long)
+    return ImageSet(data.images, remap[data.labels], list(classes), data.paths, data.hashes)
+
+
+def external_test_set(
+    path: Path | str,
+    classes: Sequence[str],
+    image_size: int,
+    roots: Sequence[Path | str] | None = None,
+    name: str | None = None,
+) -> tuple[ImageSet, TestSetInfo]:
+    """Every image of the models' classes in a folder the models never saw (class folders,
+    manifest.csv, MATEK or HAM10000 layouts, as ``ml.data`` reads them), matched by class name.
+
+    Every model class must have images there: a classifier cannot be scored on a class it is
+    never shown, and scores over fewer classes are not the same measure. Extra classes of the
+    folder are ignored (a lab's external set often has more classes than were trained) and
+    listed in ``ignored_classes``. ``roots``: as for :func:`ml.data.load_split`."""
+    cat = scan(Path(path), "auto", roots)
+    present = {c for c, files in cat.items.items() if files}
+    missing = sorted(set(classes) - present)
+    if missing:
+        raise DataError(
+            f"the test set {cat.root} has no images of the models' class(es) {missing}: it must "
+            f"have every one of {sorted(classes)} (it has {sorted(present) or 'none'}; classes "
+            "the models do not know are ignored)"
+        )
+    split = load_split(cat.root, layout=cat.layout, n_per_class=None, n_heldout=0,
+                       image_size=image_size, classes=list(classes), roots=roots)  # fmt: skip
+    test = _in_model_order(split.train, classes)
+    counts = test.per_class_counts()
+    info = TestSetInfo(
+        source="external", name=name or cat.root.name, path=str(cat.root), layout=cat.layout,
+        n_per_class=counts, total=len(test), ignored_classes=sorted(set(cat.items) - set(classes)),
+    )  # fmt: skip
+    return test, info
+
+
+def _check_unseen(test: ImageSet, split: DatasetSplit) -> None:
+    """An external test set must not hold the models' own images (same pixels, any name)."""
+    seen = set(split.train.hashes) | set(split.heldout.hashes)
+    shared = [p for p, h in zip(test.paths, test.hashes, strict=True) if h in seen]
+    if shared:
+        raise DataError(
+            f"{len(shared)} image(s) of the test set are pixel-identical to images of the "
+            f"models' own split (e.g. {shared[0]}): an external test set must be images the "
+            "models never saw"
+        )
 
 
 def synthetic_set(
@@ -135,6 +178,27 @@ def _toy_plausibility(data: ImageSet) -> dict[str, float] | None:
     return out
 
 
+def _test_set(
+    split: DatasetSplit,
+    test_data: Path | str | None,
+    image_size: int,
+    roots: Sequence[Path | str] | None,
+    test_name: str | None,
+) -> tuple[ImageSet, TestSetInfo]:
+    """The images every score is measured on: the split's held-out part or an external set."""
+    if test_data is None:
+        held = split.heldout
+        root = Path(split.selection.get("root") or split.root)
+        info = TestSetInfo(
+            source="held-out", name=f"{test_name or root.name} (held-out)", path=str(root),
+            layout=split.layout, n_per_class=held.per_class_counts(), total=len(held),
+        )  # fmt: skip
+        return held, info
+    test, info = external_test_set(test_data, split.classes, image_size, roots, test_name)
+    _check_unseen(test, split)
+    return test, info
+
+
 def evaluate(
     models: Mapping[str, LoadedModel],
     encoder: ClipEncoder,
@@ -146,18 +210,26 @@ def evaluate(
     synthetic: Mapping[str, ImageSet] | None = None,
     root: str | None = None,
     roots: Sequence[Path | str] | None = None,
-) -> dict[str, Any]:
+    test_data: Path | str | None = None,
+    test_name: str | None = None,
+) -> EvaluationResult:
     """The whole comparison for named models (e.g. {"baseline": ..., "prototype": ...}).
 
     ``synthetic``: images already generated (e.g. reviewed batches) to use for some models
-    instead of generating new ones; they must cover every class."""
+    instead of generating new ones; they must cover every class. ``test_data``: a folder of
+    real images the models never saw (see :func:`external_test_set`; its files must resolve
+    inside ``roots`` too) to test on instead of the split's held-out part: the classifiers are
+    scored on it and the CLIP-space metrics compare every set with it (the real training
+    images then give the floor, as the held-out images do against the training images)."""
     t0 = time.perf_counter()
-    split = real_split(models, root, roots)
+    split = real_split(models, root, roots, need_heldout=test_data is None)
     counts = split.train.per_class_counts()
     classes = list(split.classes)
     for name, m in models.items():
         if list(m.cond.classes) != classes:
             raise ValueError(f"model {name} has classes {m.cond.classes}, the data {classes}")
+    image_size = next(iter(models.values())).cfg.image_size
+    test, test_info = _test_set(split, test_data, image_size, roots, test_name)
     steps_total = len(models) * len(classes) + len(models) + 2
     done = [0]
 
@@ -183,58 +255,52 @@ def evaluate(
             m, counts, cfg, lambda n=name: tick(f"generate {n}"),
             on_step=lambda d, t, n=name: within(f"generate {n}", d, t),
         )  # fmt: skip
-    real_emb = _embed(encoder, split.train, cache)
-    held_emb = _embed(encoder, split.heldout, cache)
-    distribution = {"real held-out": distribution_report(
-        real_emb, split.train.labels.numpy(), held_emb, split.heldout.labels.numpy(), classes,
-        codebook, cfg.k)}  # fmt: skip
+    # The reference the CLIP-space metrics measure against, and the real set giving the floor.
+    if test_info.source == "held-out":
+        ref, floor_name, floor = split.train, "real held-out", test
+        reference = "real training images"
+    else:
+        ref, floor_name, floor = test, "real train", split.train
+        reference = f"external test set {test_info.name}"
+    ref_emb, ref_labels = _embed(encoder, ref, cache), ref.labels.numpy()
+
+    def report(data: ImageSet) -> DistributionReport:
+        rep = distribution_report(ref_emb, ref_labels, _embed(encoder, data, cache),
+                                  data.labels.numpy(), classes, codebook, cfg.k)  # fmt: skip
+        return DistributionReport.model_validate(rep)
+
+    distribution = {floor_name: report(floor)}
     tick("embed real")
     for name, data in synthetic.items():
-        emb = _embed(encoder, data, cache)
-        distribution[name] = distribution_report(
-            real_emb, split.train.labels.numpy(), emb, data.labels.numpy(), classes, codebook, cfg.k
-        )
+        distribution[name] = report(data)
         tick(f"embed {name}")
     train_sets = {"real": split.train, **synthetic}
-    down = downstream_experiment(train_sets, split.heldout, classes, cfg.downstream, cfg.seeds)
+    down = downstream_experiment(train_sets, test, classes, cfg.downstream, cfg.seeds)
     tick("downstream")
     toy = {n: _toy_plausibility(d) for n, d in {"real": split.train, **synthetic}.items()}
-    return {
-        "classes": classes,
-        "selection": dict(split.selection),
-        "n_train": counts,
-        "n_heldout": split.heldout.per_class_counts(),
-        "encoder": encoder.identity,
-        "config": cfg.model_dump(mode="json"),
-        "models": {
-            n: {"path": str(m.path), "step": m.step, "mode": m.cond.mode} for n, m in models.items()
+    return EvaluationResult(
+        classes=classes,
+        selection=dict(split.selection),
+        n_train=counts,
+        n_heldout=split.heldout.per_class_counts(),
+        test_set=test_info,
+        reference=reference,
+        encoder=encoder.identity,
+        config=cfg,
+        models={
+            n: ModelInfo(path=str(m.path), step=m.step, mode=m.cond.mode) for n, m in models.items()
         },
-        "downstream": down,
-        "distribution": distribution,
-        "toy_plausibility": toy if all(v is not None for v in toy.values()) else None,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+        downstream=DownstreamResult.model_validate(down),
+        distribution=distribution,
+        toy_plausibility=(
+            {n: v for n, v in toy.items() if v is not None}
+            if all(v is not None for v in toy.values())
+            else None
+        ),
+        seconds=round(time.perf_counter() - t0, 1),
+    )
 
 
-def _fmt(v: float | None, spec: str = ".3f") -> str:
-    return format(v, spec) if v is not None else "-"
-
-
-def evaluation_table(result: Mapping[str, Any]) -> str:
-    """Tables 5-6 (downstream), then the CLIP-space table (overall FD, P, R, consistency)."""
-    lines = [tables_5_6(result["downstream"]), "", "CLIP space vs real training images:"]
-    lines.append(f"{'set':<16}{'FD':>10}{'precision':>11}{'recall':>9}{'consistency':>13}")
-    f = _fmt
-    for name, rep in result["distribution"].items():
-        o = rep["overall"]
-        lines.append(
-            f"{name:<16}{f(o['fd'], '.2f'):>10}{f(o['precision']):>11}{f(o['recall']):>9}"
-            f"{f(o.get('consistency')):>13}"
-        )
-    if result.get("toy_plausibility"):
-        lines += ["", "toy checker plausibility (%):"]
-        for name, per in result["toy_plausibility"].items():
-            mean = 100 * sum(per.values()) / len(per)
-            per_class = "  ".join(f"{c} {100 * v:.0f}" for c, v in per.items())
-            lines.append(f"{name:<16}{mean:6.1f}  {per_class}")
-    return "\n".join(lines)
+def evaluation_table(result: EvaluationResult) -> str:
+    """Every table of the result as fixed-width text (the CLI's output)."""
+    return tables_text(evaluation_tables(result))

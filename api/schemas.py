@@ -17,7 +17,9 @@ from pydantic import (
 
 from ml.catalog import Layout
 from ml.config import MAX_PER_CLASS, PresetName, allowed_range  # torch-free
+from ml.results import EvaluationResult  # torch-free
 from service.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
+from service.payloads import EvaluatePayload
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # dataset names (JSON body and upload form)
 
@@ -201,6 +203,22 @@ class EvaluateRequest(BaseModel):
         default_factory=list, max_length=500, description="use these images instead of generating"
     )
     prototype_batch_ids: list[Id] = Field(default_factory=list, max_length=500)
+    test_dataset_id: Id | None = Field(
+        default=None,
+        description="An external test set: another registered dataset whose images the models "
+        "never saw, classes matched by name (it must have every class of the models; its other "
+        "classes are ignored). Every score is then measured on it. Default: the held-out part "
+        "of the models' split.",
+    )
+
+
+class EvaluationReport(EvaluationResult):
+    """``GET /reports/evaluation``: the finished evaluate job (its id, what it was asked, when it
+    finished), then its whole result at the top level."""
+
+    job_id: int
+    params: EvaluatePayload
+    finished_at: datetime | None
 
 
 # --- reviews -------------------------------------------------------------------------------------

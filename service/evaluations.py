@@ -1,16 +1,14 @@
-"""Reading finished evaluations back: the latest one (of a dataset, or a given job) and its
-CSV, shared by ``GET /reports/evaluation`` and the dashboard's evaluation page."""
+"""Reading finished evaluations back: the latest one (of a dataset, or a given job), its typed
+result and payload, and its CSV, shared by ``GET /reports/evaluation`` and the dashboard."""
 
 from __future__ import annotations
-
-import csv
-import io
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ml.results import EvaluationResult, evaluation_tables, tables_csv  # torch-free
 from service.db.models import Job, JobKind, JobStatus
+from service.payloads import EvaluatePayload
 
 
 def latest_evaluation(
@@ -26,20 +24,12 @@ def latest_evaluation(
     return jobs[0] if jobs else None
 
 
-def evaluation_csv(result: dict[str, Any]) -> str:
-    """Tables 5-6 (mean and std over seeds, %), then the CLIP-space overall metrics."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["training set", "precision", "precision sd", "recall", "recall sd", "F1",
-                "F1 sd", "n train"])  # fmt: skip
-    for name, s in result["downstream"]["sets"].items():
-        m, sd = s["mean"], s["std"]
-        w.writerow([name, *(f"{100 * x:.2f}" for k in ("precision", "recall", "f1")
-                            for x in (m[k], sd[k])), s["n_train"]])  # fmt: skip
-    w.writerow([])
-    w.writerow(["set", "FD", "precision", "recall", "prototype consistency"])
-    for name, rep in result["distribution"].items():
-        o = rep["overall"]
-        w.writerow([name, *(("" if o.get(k) is None else f"{o[k]:.4f}")
-                            for k in ("fd", "precision", "recall", "consistency"))])  # fmt: skip
-    return buf.getvalue()
+def evaluation_of(job: Job) -> tuple[EvaluatePayload, EvaluationResult]:
+    """A finished evaluate job's request and result, as the worker stored them."""
+    return EvaluatePayload.model_validate(job.params), EvaluationResult.model_validate(job.result)
+
+
+def evaluation_csv(result: EvaluationResult) -> str:
+    """Every table of the result (Tables 5-6 in %, CLIP space overall and per class, the toy
+    checker), as the CLI prints and the dashboard shows them; a blank row between tables."""
+    return tables_csv(evaluation_tables(result))

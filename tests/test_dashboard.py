@@ -61,7 +61,7 @@ VERDICTS: dict[tuple[str, str], tuple[list[int], list[int]]] = {
 }
 RATES = {key: (sum(a) + sum(b)) / (len(a) + len(b)) for key, (a, b) in VERDICTS.items()}
 # The evaluation: each training set's per-seed F1 per class (seeds 0, 1, 2) and macro scores
-# as (mean, sd) fractions; the page prints the macro ones as "mean ± sd" in %.
+# as (mean, sd) fractions; the page prints the macro ones as mean and sd columns in %.
 EVAL_SEEDS = [0, 1, 2]
 EVAL_F1: dict[str, dict[str, list[float]]] = {
     "real": {"lymphocyte": [0.84, 0.82, 0.80], "neutrophil": [0.79, 0.77, 0.81]},
@@ -118,9 +118,12 @@ def evaluation_result() -> dict:
     sets = {}
     for name, per_class in EVAL_F1.items():
         runs = [
-            {"seed": seed, "per_class": {c: {"f1": f1[i]} for c, f1 in per_class.items()}}
+            {"seed": seed, "precision": 0.8, "recall": 0.8, "f1": 0.8, "accuracy": 0.8,
+             "per_class": {c: {"precision": f1[i], "recall": f1[i], "f1": f1[i], "support": 10}
+                           for c, f1 in per_class.items()},
+             "support": [10, 10], "confusion": [[8, 2], [2, 8]]}
             for i, seed in enumerate(EVAL_SEEDS)
-        ]
+        ]  # fmt: skip
         sets[name] = {
             "n_train": 80,
             "runs": runs,
@@ -321,7 +324,8 @@ def test_pages_show_the_seeded_numbers(dash: Dash) -> None:
 
 
 def pm(mean: float, sd: float) -> str:
-    return f"{100 * mean:.2f} ± {100 * sd:.2f}"
+    """A score's mean and sd cells, in %."""
+    return f"{100 * mean:.2f} {100 * sd:.2f}"
 
 
 def test_evaluation_page_shows_the_seeded_result(dash: Dash) -> None:
@@ -339,13 +343,13 @@ def test_evaluation_page_shows_the_seeded_result(dash: Dash) -> None:
     assert f"Evaluation report · job #{job}" in text  # the newest finished one
     m = EVAL_MACRO
     assert row(["real", *(pm(*m["real"][k]) for k in ("precision", "recall", "f1")), "80"]) in text
-    assert row(["baseline", f"model #{base}", "52.30 ± 4.10", "51.10 ± 3.80", "48.90 ± 4.50",
+    assert row(["baseline", f"model #{base}", "52.30", "4.10", "51.10", "3.80", "48.90", "4.50",
                 "80"]) in text  # fmt: skip
-    assert row(["prototype", f"model #{proto}", "72.50 ± 1.40", "71.80 ± 1.00",
-                "71.10 ± 1.20", "80"]) in text  # fmt: skip
+    assert row(["prototype", f"model #{proto}", "72.50", "1.40", "71.80", "1.00", "71.10",
+                "1.20", "80"]) in text  # fmt: skip
     assert text.index("real 81.20") < text.index("baseline model") < text.index("prototype model")
     assert "tested on the same 20 held-out real images" in text
-    assert "mean ± sd over 3 seeds (0, 1, 2)" in text
+    assert "as mean and sd over 3 seeds (0, 1, 2)" in text
     assert "lymphocyte: 40 train, 10 held out" in text and "small · 30 epochs" in text
     assert "Untrained encoder." in text and 'id="untrained-caveat"' in page
     assert UNTRAINED_ENCODER in text and "finished" in text and "12 min 34 s" in text
@@ -374,7 +378,7 @@ def test_evaluation_page_shows_the_seeded_result(dash: Dash) -> None:
     assert f"job #{ids.evaluation_means_only}" in text_of(older)
     assert older.count('class="bar"') == 6 and 'class="whisker"' not in older  # means only
     assert "no whiskers" in older and "untrained-caveat" not in older and 'id="toy"' not in older
-    assert "71.10 ± 1.20" in text_of(older)
+    assert "71.10 1.20" in text_of(older)
     given = ", ".join(f"#{ids.batches[('prototype', c)]}" for c in CLASSES)
     tight = re.sub(r" ([,)])", r"\1", text_of(older))  # no space where a link closed
     assert f"prototype #{proto} (given batches {given})" in tight
@@ -449,7 +453,7 @@ def check_evaluation_chart(page, url: str, tmp_path: Path) -> None:
     assert all(name in legend for name in EVAL_F1)
     ticks = page.locator("#f1-chart .tick text").all_text_contents()
     assert ticks[0] == "0%" and ticks[-1] == "100%"
-    assert "71.10 ± 1.20" in page.locator("#downstream").inner_text()
+    assert "71.10" in page.locator("#downstream").inner_text()
     assert page.locator("#untrained-caveat").is_visible()
     assert not page.locator("#distribution-per-class table").is_visible()  # collapsed
     page.locator("#distribution-per-class summary").click()

@@ -5,6 +5,7 @@ full result is the job's result; each model keeps a summary in its metrics."""
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,8 +14,9 @@ from sqlalchemy.orm import Session
 
 from service.archive import ensure_local
 from service.config import Settings
-from service.db.models import Batch, Job, Model
+from service.db.models import Batch, Dataset, Job, Model
 from service.db.session import get_sessionmaker
+from service.payloads import EvaluatePayload
 from service.storage import Storage
 from workers.lifecycle import JobContext
 from workers.sampling import local_checkpoint
@@ -34,22 +36,66 @@ def _stored_batches(session: Any, ids: list[int]) -> list[tuple[str, list[str]]]
     return out
 
 
-def _load(job_id: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class StoredModel:
+    id: int
+    checkpoint_key: str
+    codebook_key: str | None
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    """Where a dataset's images are: its folder, or the archive an upload was kept as."""
+
+    id: int
+    name: str
+    root: str
+    archive_key: str | None
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> DatasetFiles:
+        return cls(dataset.id, dataset.name, dataset.root, dataset.archive_key)
+
+
+@dataclass(frozen=True)
+class EvaluationInputs:
+    """Everything the job reads from the database, read once before the long work."""
+
+    payload: EvaluatePayload
+    models: dict[str, StoredModel]  # mode -> its checkpoint and codebook
+    dataset: DatasetFiles  # the models' own
+    test: DatasetFiles | None  # the external test set, if the request named one
+    batches: dict[str, list[tuple[str, list[str]]]] = field(default_factory=dict)
+
+
+def _load(job_id: int) -> EvaluationInputs:
     with get_sessionmaker()() as session:
         job = session.get(Job, job_id)
         if job is None:
             raise RuntimeError(f"job {job_id} was deleted while it ran")
-        p = dict(job.params)
-        rows = {m: _model(session, p["models"][m]) for m in ("baseline", "prototype")}
-        return {
-            "params": p,
-            "models": {m: (r.id, r.checkpoint_path, r.codebook_path) for m, r in rows.items()},
-            "root": rows["prototype"].dataset.root,
-            "archive_key": rows["prototype"].dataset.archive_key,
-            "batches": {
-                m: _stored_batches(session, ids) for m, ids in (p.get("batches") or {}).items()
-            },
-        }
+        p = EvaluatePayload.model_validate(job.params)
+        rows = {"baseline": _model(session, p.models.baseline),
+                "prototype": _model(session, p.models.prototype)}  # fmt: skip
+        test = None
+        if p.test_dataset_id is not None:
+            test_row = session.get(Dataset, p.test_dataset_id)
+            if test_row is None:
+                raise RuntimeError(f"test dataset {p.test_dataset_id} was deleted before the "
+                                   "evaluation ran")  # fmt: skip
+            test = DatasetFiles.of(test_row)
+        return EvaluationInputs(
+            payload=p,
+            models={m: StoredModel(r.id, _checkpoint(r), r.codebook_path) for m, r in rows.items()},
+            dataset=DatasetFiles.of(rows["prototype"].dataset),
+            test=test,
+            batches={m: _stored_batches(session, ids) for m, ids in p.batches},
+        )
+
+
+def _checkpoint(model: Model) -> str:
+    if not model.checkpoint_path:
+        raise RuntimeError(f"model {model.id} has no checkpoint")
+    return model.checkpoint_path
 
 
 def _model(session: Session, model_id: int) -> Model:
@@ -99,44 +145,52 @@ def run_evaluation(
     from ml.checkpoint import load_model
     from ml.config import resolve_device
     from ml.encoder import ClipEncoder, EmbeddingCache
-    from ml.evaluate import EvalConfig, evaluate
+    from ml.evaluate import evaluate
 
     progress = ctx.stages({"load": 0.05, "evaluate": 0.95})  # rough shares of the job's time
     progress.update("load", 0, 1)
     info = _load(job_id)
     device = resolve_device()
     models, book = {}, None
-    for mode, (model_id, ckpt_key, book_key) in info["models"].items():
-        path = local_checkpoint(ckpt_key, model_id, storage, settings.work_dir)
+    for mode, stored in info.models.items():
+        path = local_checkpoint(stored.checkpoint_key, stored.id, storage, settings.work_dir)
         models[mode] = load_model(path, device=device)
-        if mode == "prototype" and book_key:
-            book = _codebook(book_key, model_id, storage, settings.work_dir)
-    root = ensure_local(
-        info["root"], info["archive_key"], storage, settings.work_dir,
-        max_bytes=settings.max_unpacked_bytes, max_files=settings.max_upload_files,
-    )  # fmt: skip
+        if mode == "prototype" and stored.codebook_key:
+            book = _codebook(stored.codebook_key, stored.id, storage, settings.work_dir)
+
+    def local(files: DatasetFiles) -> Path:
+        return ensure_local(
+            files.root, files.archive_key, storage, settings.work_dir,
+            max_bytes=settings.max_unpacked_bytes, max_files=settings.max_upload_files,
+        )  # fmt: skip
+
+    root = local(info.dataset)
+    test_root = local(info.test) if info.test is not None else None
     classes = list(models["prototype"].cond.classes)
-    given = {m: _batch_images(b, classes, storage) for m, b in info["batches"].items() if b}
+    given = {m: _batch_images(b, classes, storage) for m, b in info.batches.items() if b}
     spec, untrained = encoder_spec(settings)
     encoder = ClipEncoder(spec, device=str(device), allow_untrained=untrained)
-    cfg = EvalConfig(**info["params"]["config"])
     with EmbeddingCache(settings.work_dir / "embeddings.sqlite") as cache:
         result = evaluate(
-            models, encoder, cfg, codebook=book, cache=cache, synthetic=given, root=str(root),
-            roots=read_roots(settings),
+            models, encoder, info.payload.config, codebook=book, cache=cache, synthetic=given,
+            root=str(root), roots=read_roots(settings), test_data=test_root,
+            test_name=info.test.name if info.test else info.dataset.name,
             progress=lambda _stage, f: progress.update("evaluate", f, 1),
         )  # fmt: skip
+    if result.test_set is not None:  # the registered dataset it was, not only its folder
+        dataset_id = info.test.id if info.test else info.dataset.id
+        result.test_set = result.test_set.model_copy(update={"dataset_id": dataset_id})
     with get_sessionmaker()() as session:
-        for mode, (model_id, *_rest) in info["models"].items():
-            model = _model(session, model_id)
+        for mode, stored in info.models.items():
+            model = _model(session, stored.id)
             entry = {
                 "job_id": job_id,
                 "as": mode,
-                "f1": result["downstream"]["sets"][mode]["mean"]["f1"],
-                "fd": result["distribution"][mode]["overall"]["fd"],
+                "f1": result.downstream.sets[mode].mean.f1,
+                "fd": result.distribution[mode].overall.fd,
             }
             metrics = dict(model.metrics or {})
             metrics["evaluations"] = [*metrics.get("evaluations", []), entry]
             model.metrics = metrics
         session.commit()
-    return result
+    return result.model_dump(mode="json")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,33 +15,53 @@ from sqlalchemy import delete
 from service.config import Settings
 from service.db.models import Batch, Image
 from service.db.session import get_sessionmaker
+from service.payloads import SamplePayload
 from service.storage import Storage
 from workers.lifecycle import JobContext
 
 STAGES = {"load": 0.05, "sample": 0.85, "store": 0.1}  # rough shares of the job's time
 
 
-def _load(job_id: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SamplingInputs:
+    """The batch to fill and the model to sample it with, read once from the database."""
+
+    batch_id: int
+    model_id: int
+    checkpoint: str  # storage key
+    class_name: str
+    n: int
+    guidance: float
+    steps: int
+    seed: int
+    scheduler: str
+
+
+def _load(job_id: int) -> SamplingInputs:
     with get_sessionmaker()() as session:
-        batch = session.get(Batch, int(_batch_id(session, job_id)))
-        assert batch is not None
+        batch = session.get(Batch, _batch_id(session, job_id))
+        if batch is None:
+            raise RuntimeError(f"the batch of sample job {job_id} was deleted")
         model = batch.model
         if not model.checkpoint_path:
             raise ValueError(f"model {model.id} has no checkpoint")
-        return {
-            "batch_id": batch.id, "model_id": model.id, "checkpoint": model.checkpoint_path,
-            "class_name": batch.class_name, "n": batch.n, "guidance": batch.guidance,
-            "steps": batch.steps, "seed": batch.seed or 0, "scheduler": batch.scheduler,
-        }  # fmt: skip
+        return SamplingInputs(
+            batch_id=batch.id, model_id=model.id, checkpoint=model.checkpoint_path,
+            class_name=batch.class_name, n=batch.n, guidance=batch.guidance, steps=batch.steps,
+            seed=batch.seed or 0, scheduler=batch.scheduler,
+        )  # fmt: skip
 
 
 def _batch_id(session: Any, job_id: int) -> int:
+    from pydantic import ValidationError
+
     from service.db.models import Job
 
     job = session.get(Job, job_id)
-    if job is None or "batch_id" not in job.params:
-        raise ValueError(f"sample job {job_id} names no batch")
-    return int(job.params["batch_id"])
+    try:
+        return SamplePayload.model_validate(job.params if job else {}).batch_id
+    except ValidationError:
+        raise ValueError(f"sample job {job_id} names no batch") from None
 
 
 def local_checkpoint(key: str, model_id: int, storage: Storage, work_dir: Path) -> Path:
@@ -69,31 +90,31 @@ def run_sampling(
     progress = ctx.stages(STAGES)
     progress.update("load", 0, 1)
     info = _load(job_id)
-    batch_id, n = info["batch_id"], info["n"]
+    batch_id, n = info.batch_id, info.n
     prefix = f"batches/{batch_id}"
     with get_sessionmaker()() as session:  # a re-run starts the batch afresh
         session.execute(delete(Image).where(Image.batch_id == batch_id))
         session.commit()
     storage.delete_prefix(prefix + "/")
-    ckpt = local_checkpoint(info["checkpoint"], info["model_id"], storage, settings.work_dir)
+    ckpt = local_checkpoint(info.checkpoint, info.model_id, storage, settings.work_dir)
     loaded = load_model(ckpt, use_ema=True, device=resolve_device())
     scfg = SampleConfig(
-        steps=info["steps"], guidance=info["guidance"], scheduler=info["scheduler"],
-        seed=info["seed"], batch_size=min(n, 64),
+        steps=info.steps, guidance=info.guidance, scheduler=info.scheduler, seed=info.seed,
+        batch_size=min(n, 64),
     )  # fmt: skip
     images = generate(
-        loaded, info["class_name"], n, scfg, on_step=lambda d, t: progress.update("sample", d, t)
+        loaded, info.class_name, n, scfg, on_step=lambda d, t: progress.update("sample", d, t)
     )
     rows = []
     for i, img in enumerate(images):
         progress.update("store", i, n)
         data = png_bytes(img)
-        key = f"{prefix}/{info['class_name']}_{i:04d}.png"
+        key = f"{prefix}/{info.class_name}_{i:04d}.png"
         storage.put_bytes(key, data, content_type="image/png")
         rows.append(
             Image(
                 batch_id=batch_id,
-                class_name=info["class_name"],
+                class_name=info.class_name,
                 index=i,
                 storage_key=key,
                 sha256=hashlib.sha256(data).hexdigest(),

@@ -12,6 +12,7 @@ import logging
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from service.archive import ensure_local
 from service.config import Settings
 from service.db.models import Job, Model, ModelStatus
 from service.db.session import get_sessionmaker
+from service.payloads import TrainPayload
 from service.storage import Storage
 from workers.lifecycle import JobContext, JobStopped
 from workers.progress import StagedProgress
@@ -44,7 +46,16 @@ def read_roots(settings: Settings) -> list[Path]:
     return [*settings.data_roots, settings.work_dir / "datasets"]
 
 
-def _load(job_id: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainingInputs:
+    model_id: int
+    config: dict[str, Any]  # the model's TrainConfig as JSON (validated when the API stored it)
+    payload: TrainPayload
+    root: str  # the dataset's folder, or where its archive unpacks
+    archive_key: str | None
+
+
+def _load(job_id: int) -> TrainingInputs:
     """Everything the job needs from the database, read once; marks the model as training."""
     with get_sessionmaker()() as session:
         job = session.get(Job, job_id)
@@ -53,14 +64,15 @@ def _load(job_id: int) -> dict[str, Any]:
         model: Model = job.model
         model.status = ModelStatus.training
         session.commit()
-        return {
-            "model_id": model.id, "config": dict(model.config), "params": dict(job.params),
-            "root": model.dataset.root, "archive_key": model.dataset.archive_key,
-        }  # fmt: skip
+        return TrainingInputs(
+            model_id=model.id, config=dict(model.config),
+            payload=TrainPayload.model_validate(job.params), root=model.dataset.root,
+            archive_key=model.dataset.archive_key,
+        )  # fmt: skip
 
 
 def _codebook(
-    info: dict[str, Any], root: Path, run_dir: Path, settings: Settings, progress: StagedProgress
+    info: TrainingInputs, root: Path, run_dir: Path, settings: Settings, progress: StagedProgress
 ) -> Any:
     from ml.encoder import EmbeddingCache
     from ml.pipeline import learn_prototypes
@@ -70,8 +82,8 @@ def _codebook(
     if (book_dir / "codebook.json").is_file():  # a re-run: same selection, same codebook
         return Codebook.load(book_dir)
     spec, untrained = encoder_spec(settings)
-    selection = {**info["params"]["selection"], "root": str(root)}
-    cpl = CPLConfig(k=int(info["params"].get("k", 1)), seed=int(selection.get("seed", 0)))
+    selection = info.payload.selection.for_ml(str(root))
+    cpl = CPLConfig(k=info.payload.k, seed=info.payload.selection.seed)
     with EmbeddingCache(settings.work_dir / "embeddings.sqlite") as cache:
         run = learn_prototypes(
             selection, book_dir, encoder_spec=spec, cpl=cpl, allow_untrained=untrained,
@@ -179,15 +191,15 @@ def run_training(
     progress = ctx.stages(STAGES)
     progress.update("data", 0, 1)
     info = _load(job_id)
-    model_id = info["model_id"]
+    model_id = info.model_id
     run_dir = settings.work_dir / "models" / str(model_id)
     root = ensure_local(
-        info["root"], info["archive_key"], storage, settings.work_dir,
+        info.root, info.archive_key, storage, settings.work_dir,
         max_bytes=settings.max_unpacked_bytes, max_files=settings.max_upload_files,
     )  # fmt: skip
     progress.update("data", 1, 1)
     book = _codebook(info, root, run_dir, settings, progress)
-    cfg = TrainConfig(**info["config"])
+    cfg = TrainConfig(**info.config)
     nproc = processes(settings)
     if nproc > 1:
         _train_ddp(cfg, book, run_dir, ctx, progress, nproc, read_roots(settings))

@@ -24,6 +24,7 @@ from api.responses import batch_out, job_out
 from api.schemas import BatchOut, GenerateAccepted
 from ml.config import DEFAULT_SCHEDULER, DEFAULT_STEPS, SchedulerName
 from service.db.models import MAX_ID, Batch, Dataset, Job, JobKind, Model, ModelMode, ModelStatus
+from service.payloads import SamplePayload
 from service.queue import submit
 
 router = APIRouter()
@@ -95,7 +96,7 @@ def generate(
     )  # fmt: skip
     session.add_all([job, batch])
     session.flush()
-    job.params = {"batch_id": batch.id}
+    job.params = SamplePayload(batch_id=batch.id).model_dump(mode="json")
     submit(session, [job])
     return GenerateAccepted(job=job_out(job, request), batch=batch_out(batch, request))
 

@@ -30,14 +30,12 @@ from api.ui.templating import not_found, page, route_path
 from api.ui.views import (
     bar_chart,
     class_grids,
-    distance_cells,
-    downstream_rows,
     f1_chart,
     failure_rows,
     image_counts,
     report_rows,
-    toy_rows,
 )
+from ml.results import evaluation_tables, test_set_label  # torch-free
 from service.db.models import (
     MAX_ID,
     ApiKey,
@@ -50,7 +48,7 @@ from service.db.models import (
     Model,
     ReviewProject,
 )
-from service.evaluations import latest_evaluation
+from service.evaluations import evaluation_of, latest_evaluation
 from service.reviews import FilterError, plausibility
 from service.security import close_session, find_key, open_session
 
@@ -298,20 +296,19 @@ def evaluation_page(
             .order_by(Job.id.desc())
         ).all()
         return page(request, "evaluation.html", **common, pending=pending)
-    result, params = job.result or {}, job.params or {}
-    down, dist, classes = result["downstream"], result["distribution"], result["classes"]
+    params, result = evaluation_of(job)
+    tables = {t.key: t for t in evaluation_tables(result)}
     api_url = route_path(request, "evaluation_report")
-    dataset_of_job = params.get("dataset_id")
+    test = result.test_set
+    test_dataset_id = test.dataset_id if test and test.source == "external" else None
     return page(
-        request, "evaluation.html", **common, result=result, down=down,
-        dataset=session.get(Dataset, dataset_of_job) if dataset_of_job else None,
-        model_ids=params.get("models") or {}, given=params.get("batches") or {},
-        rows=downstream_rows(down), chart=f1_chart(down),
-        overall=[(name, distance_cells(rep["overall"])) for name, rep in dist.items()],
-        per_class=[(cls, [(name, distance_cells(rep["per_class"][cls])) for name, rep in
-                          dist.items()]) for cls in classes],
-        toy=toy_rows(result.get("toy_plausibility"), classes),
-        untrained="untrained" in str(result.get("encoder", "")),
+        request, "evaluation.html", **common, result=result, down=result.downstream,
+        cfg=result.config, dataset=session.get(Dataset, params.dataset_id),
+        test_dataset=session.get(Dataset, test_dataset_id) if test_dataset_id else None,
+        test_label=test_set_label(result),
+        model_ids=params.models.model_dump(), given=params.batches.model_dump(),
+        tables=tables, chart=f1_chart(result.downstream),
+        untrained="untrained" in result.encoder,
         json_url=f"{api_url}?{urlencode({'job_id': job.id})}",
         csv_url=f"{api_url}?{urlencode({'job_id': job.id, 'format': 'csv'})}",
     )  # fmt: skip

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, get_or_404
 from api.responses import job_out
 from api.schemas import EvaluateRequest, JobOut, ModelOut, TrainAccepted, TrainRequest
+from ml.results import DownstreamConfig, EvalConfig  # torch-free
 from service.db.models import (
     MAX_ID,
     Batch,
@@ -25,6 +26,13 @@ from service.db.models import (
     utc_now,
 )
 from service.encoder import require_encoder_weights
+from service.payloads import (
+    EvaluatePayload,
+    GivenBatches,
+    ModelPair,
+    Selection,
+    TrainPayload,
+)
 from service.queue import submit
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -62,17 +70,18 @@ def submit_training(
     modes = ["prototype", "baseline"] if body.mode == "both" else [body.mode]
     configs = {m: train_config(body, m) for m in modes}
     require_encoder_weights(settings)
-    selection = {
-        "root": dataset.root, "layout": dataset.layout, "n_per_class": body.n_per_class,
-        "n_heldout": body.n_heldout, "seed": body.seed, "classes": classes,
-    }  # fmt: skip
+    selection = Selection(
+        root=dataset.root, layout=dataset.layout, n_per_class=body.n_per_class,
+        n_heldout=body.n_heldout, seed=body.seed, classes=classes,
+    )  # fmt: skip
     jobs = []
     for mode in modes:
         model = Model(
             dataset=dataset, mode=ModelMode(mode), preset=body.preset, config=configs[mode],
             classes=classes, status=ModelStatus.pending,
         )  # fmt: skip
-        params = {"dataset_id": dataset.id, "selection": selection, "k": body.k, "mode": mode}
+        payload = TrainPayload(dataset_id=dataset.id, selection=selection, k=body.k, mode=mode)
+        params = payload.model_dump(mode="json")
         jobs.append(Job(kind=JobKind.train, model=model, params=params, requested_by=key.name))
     session.add_all(jobs)
     submit(session, jobs)
@@ -107,6 +116,26 @@ def _batches(session: SessionDep, ids: list[int], model: Model, mode: str) -> li
     return ids
 
 
+def _test_dataset(session: SessionDep, dataset_id: int, model: Model) -> Dataset:
+    """An external test set: another dataset holding every class of the models (by name);
+    its other classes are ignored, as ``ml.evaluate.external_test_set`` does."""
+    dataset = get_or_404(session, Dataset, dataset_id, hint="; see GET /datasets")
+    if dataset.id == model.dataset_id:
+        raise HTTPException(
+            422, f"test_dataset_id {dataset.id} is the dataset the models were trained on: "
+            "give another dataset, or leave it out to test on the held-out part of their split",
+        )  # fmt: skip
+    have = {c for c in dataset.classes if (dataset.counts or {}).get(c, 1)}
+    missing = sorted(set(model.classes) - have)
+    if missing:
+        raise HTTPException(
+            422, f"test dataset {dataset.id} ({dataset.name}) has no images of the models' "
+            f"class(es) {missing}: a test set must have every one of {sorted(model.classes)} "
+            f"(it has {sorted(have) or 'none'}; its other classes are ignored)",
+        )  # fmt: skip
+    return dataset
+
+
 @router.post("/evaluate", status_code=status.HTTP_202_ACCEPTED, tags=["evaluation"])
 def submit_evaluation(
     body: EvaluateRequest,
@@ -117,26 +146,33 @@ def submit_evaluation(
 ) -> JobOut:
     """A classifier trained on real, baseline and prototype images of equal size per class and
     tested on the held-out real images; CLIP-space FD, precision/recall, prototype
-    consistency. Runs on a GPU worker; the result is the job's and ``GET /reports/evaluation``."""
+    consistency. ``test_dataset_id``: test on that dataset's images instead of the held-out ones
+    (an external set, classes matched by name; 422 names the missing classes). Runs on a GPU
+    worker; the result is the job's and ``GET /reports/evaluation``."""
     base = _model(session, body.baseline_model_id, ModelMode.baseline)
     proto = _model(session, body.prototype_model_id, ModelMode.prototype)
     if base.dataset_id != proto.dataset_id:
         raise HTTPException(422, f"the models are from different datasets "
                             f"({base.dataset_id} and {proto.dataset_id})")  # fmt: skip
+    if body.test_dataset_id is not None:
+        _test_dataset(session, body.test_dataset_id, proto)
     require_encoder_weights(settings)  # the CLIP-space metrics embed with it
-    config = {
-        "n_per_class": body.n_per_class, "steps": body.steps, "guidance": body.guidance,
-        "seeds": body.seeds, "downstream": {"backbone": body.backbone, "epochs": body.epochs},
-    }  # fmt: skip
-    params = {
-        "dataset_id": proto.dataset_id,
-        "models": {"baseline": base.id, "prototype": proto.id},
-        "batches": {
-            "baseline": _batches(session, body.baseline_batch_ids, base, "baseline"),
-            "prototype": _batches(session, body.prototype_batch_ids, proto, "prototype"),
-        },
-        "config": config,
-    }
+    config = EvalConfig(
+        n_per_class=body.n_per_class, steps=body.steps, guidance=body.guidance,
+        seeds=tuple(body.seeds), downstream=DownstreamConfig(backbone=body.backbone,
+                                                             epochs=body.epochs),
+    )  # fmt: skip
+    payload = EvaluatePayload(
+        dataset_id=proto.dataset_id,
+        models=ModelPair(baseline=base.id, prototype=proto.id),
+        batches=GivenBatches(
+            baseline=_batches(session, body.baseline_batch_ids, base, "baseline"),
+            prototype=_batches(session, body.prototype_batch_ids, proto, "prototype"),
+        ),
+        config=config,
+        test_dataset_id=body.test_dataset_id,
+    )
+    params = payload.model_dump(mode="json")
     job = Job(kind=JobKind.evaluate, model=proto, params=params, requested_by=key.name)
     session.add(job)
     submit(session, [job])

@@ -9,8 +9,9 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import PlainTextResponse
 
 from api.deps import Reader, SessionDep
+from api.schemas import EvaluationReport
 from service.db.models import MAX_ID
-from service.evaluations import evaluation_csv, latest_evaluation
+from service.evaluations import evaluation_csv, evaluation_of, latest_evaluation
 from service.reports import report_csv
 from service.reviews import FilterError, plausibility
 
@@ -48,7 +49,8 @@ def plausibility_endpoint(
 @router.get(
     "/evaluation",
     tags=["evaluation"],
-    responses={200: {"content": {"application/json": {}, "text/csv": {}}}},
+    response_model=EvaluationReport,
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},
 )
 def evaluation_report(
     session: SessionDep,
@@ -56,12 +58,16 @@ def evaluation_report(
     dataset_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     job_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     format: Literal["json", "csv"] = "json",
-) -> Any:
-    """The latest finished evaluation (of a dataset, or a given job)."""
+) -> EvaluationReport | PlainTextResponse:
+    """The latest finished evaluation (of a dataset, or a given job): the job's id, request and
+    finish time, then its result (``test_set`` says which real images every score is measured
+    on). ``format=csv``: every table, as the CLI prints them."""
     job = latest_evaluation(session, dataset_id, job_id)
     if job is None:
         raise HTTPException(404, "no finished evaluation yet; POST /jobs/evaluate first")
+    params, result = evaluation_of(job)
     if format == "csv":
-        return PlainTextResponse(evaluation_csv(job.result or {}), media_type="text/csv")
-    return {"job_id": job.id, "params": job.params, "finished_at": job.finished_at,
-            **(job.result or {})}  # fmt: skip
+        return PlainTextResponse(evaluation_csv(result), media_type="text/csv")
+    return EvaluationReport(
+        **dict(result), job_id=job.id, params=params, finished_at=job.finished_at
+    )

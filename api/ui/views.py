@@ -4,7 +4,6 @@ evaluation reports as table rows and charts, formatted as the reports' CSVs are.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +11,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.ui.charts import BarValue, Chart, Series, grouped_bar_chart
-from api.ui.templating import is_number, percent
+from api.ui.templating import percent
+from ml.results import DownstreamResult, SetScores, ordered  # torch-free
 from service.db.models import Batch, Image, Model
 from service.reports import diff_cells, macro_difference, pct
 
@@ -145,78 +145,39 @@ def failure_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
 
 
 # --- the evaluation report -----------------------------------------------------------------------
+# Its tables come from ml.results.evaluation_tables, as the CLI's text and the CSV do; only the
+# chart is the dashboard's own.
 
-SET_ORDER = ("real", "baseline", "prototype")  # the seed's Tables 5-6 rows, others after them
 SET_COLOURS = {"real": "#334e68", "baseline": PALETTE["baseline"][1],
                "prototype": PALETTE["prototype"][0]}  # fmt: skip
-SCORES = ("precision", "recall", "f1")
-DISTANCES = ("fd", "precision", "recall", "consistency")
 
 
-def ordered(names: Iterable[str]) -> list[str]:
-    names = list(names)
-    return [n for n in SET_ORDER if n in names] + [n for n in names if n not in SET_ORDER]
-
-
-def fixed(value: Any, digits: int = 4) -> str:
-    """The CSV's formatting of a CLIP-space number; an absent statistic (a set too small for
-    it, or no codebook for consistency) is a dash."""
-    return f"{value:.{digits}f}" if is_number(value) else "—"
-
-
-def downstream_rows(down: dict[str, Any]) -> list[dict[str, Any]]:
-    """Tables 5-6: macro precision, recall and F1 as 'mean ± sd' in % (the CSV's two decimals)."""
-    rows = []
-    for name in ordered(down["sets"]):
-        entry = down["sets"][name]
-        mean, sd = entry["mean"], entry["std"]
-        cells = [f"{100 * mean[k]:.2f} ± {100 * sd[k]:.2f}" for k in SCORES]
-        rows.append({"name": name, "cells": cells, "n_train": entry["n_train"]})
-    return rows
-
-
-def class_f1(entry: dict[str, Any], cls: str) -> tuple[float, float | None]:
+def class_f1(entry: SetScores, cls: str) -> tuple[float, float | None]:
     """A class's mean F1 over seeds and its sample sd (ddof=1, as the macro scores') from the
     runs' per-class scores; no sd from a single seed or runs without per-class scores."""
-    runs = entry.get("runs") or []
-    scores = [r["per_class"][cls]["f1"] for r in runs if cls in (r.get("per_class") or {})]
+    runs = entry.runs
+    scores = [r.per_class[cls].f1 for r in runs if cls in r.per_class]
     sd = statistics.stdev(scores) if len(scores) > 1 and len(scores) == len(runs) else None
-    return entry["per_class_f1"][cls], sd
+    return entry.per_class_f1[cls], sd
 
 
-def f1_chart(down: dict[str, Any]) -> Chart | None:
+def f1_chart(down: DownstreamResult) -> Chart | None:
     """Per-class F1 of the classifier trained on each set, whiskers ± 1 sd over seeds."""
-    names = ordered(down["sets"])
+    names = ordered(down.sets)
     series = [
         Series(n, n, SET_COLOURS.get(n, OTHER_COLOURS[i % len(OTHER_COLOURS)]))
         for i, n in enumerate(names)
     ]
     values = {}
-    for cls in down["classes"]:
+    for cls in down.classes:
         for name in names:
-            mean, sd = class_f1(down["sets"][name], cls)
+            mean, sd = class_f1(down.sets[name], cls)
             spread = "" if sd is None else f" ± {100 * sd:.2f} (sd over seeds)"
             values[(cls, name)] = BarValue(
                 mean, None if sd is None else (mean - sd, mean + sd),
                 f"{cls} · trained on {name}: F1 {100 * mean:.2f}%{spread}",
             )  # fmt: skip
     return grouped_bar_chart(
-        list(down["classes"]), series, values, title="F1 per class and training set",
+        list(down.classes), series, values, title="F1 per class and training set",
         axis_title="F1", series_attr="set", value_attr="f1",
     )  # fmt: skip
-
-
-def distance_cells(entry: dict[str, Any]) -> list[str]:
-    return [fixed(entry.get(k)) for k in DISTANCES] + [str(entry["n_real"]), str(entry["n_fake"])]
-
-
-def toy_rows(
-    toy: dict[str, dict[str, float]] | None, classes: list[str]
-) -> list[tuple[str, list[str]]]:
-    """The rule-based checker's % plausible per class, then the mean over classes."""
-    rows = []
-    for name in ordered(toy or {}):
-        per = (toy or {})[name]
-        mean = sum(per.values()) / len(per) if per else None
-        rows.append((name, [pct(per.get(c)) for c in classes] + [pct(mean)]))
-    return rows

@@ -1,0 +1,64 @@
+"""What each kind of job asks its worker to do, as stored in ``Job.params``.
+
+The API's request bodies (``api/schemas.py``) are what a caller may send; these are what the
+API resolved them to (ids checked, configs validated) and the workers read back, with the same
+models on both sides, so a field renamed on one side cannot silently go missing on the other.
+Torch-free: ``EvalConfig`` comes from ``ml.results``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from ml.results import EvalConfig
+
+
+class Selection(BaseModel):
+    """The split a training job draws (``ml.data.load_split``'s arguments but the image size,
+    which the model's config decides); the worker replaces ``root`` with the local folder."""
+
+    root: str
+    layout: str
+    n_per_class: int | None
+    n_heldout: int
+    seed: int
+    classes: list[str]
+
+    def for_ml(self, root: str) -> dict[str, Any]:
+        """As ``ml.pipeline.learn_prototypes`` takes it, read from ``root`` on this machine."""
+        return {**self.model_dump(), "root": root}
+
+
+class TrainPayload(BaseModel):
+    dataset_id: int
+    selection: Selection
+    k: int = Field(1, description="prototypes per class")
+    mode: Literal["prototype", "baseline"]
+
+
+class SamplePayload(BaseModel):
+    batch_id: int = Field(description="the batch row the job fills with images")
+
+
+class ModelPair(BaseModel):
+    baseline: int
+    prototype: int
+
+
+class GivenBatches(BaseModel):
+    """Batches to use instead of generating, per mode (empty: generate)."""
+
+    baseline: list[int] = Field(default_factory=list)
+    prototype: list[int] = Field(default_factory=list)
+
+
+class EvaluatePayload(BaseModel):
+    dataset_id: int = Field(description="the dataset both models were trained on")
+    models: ModelPair
+    batches: GivenBatches = Field(default_factory=GivenBatches)
+    config: EvalConfig
+    test_dataset_id: int | None = Field(
+        None, description="an external test set (another registered dataset); None: held-out"
+    )

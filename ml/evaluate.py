@@ -115,7 +115,8 @@ def external_test_set(
     test = _in_model_order(split.train, classes)
     counts = test.per_class_counts()
     info = TestSetInfo(
-        source="external", name=name or cat.root.name, path=str(cat.root), layout=cat.layout,
+        source="external", name=name or cat.root.name, path=str(cat.root.resolve()),
+        layout=cat.layout,
         n_per_class=counts, total=len(test), ignored_classes=sorted(set(cat.items) - set(classes)),
     )  # fmt: skip
     return test, info

@@ -1,17 +1,21 @@
 """``protomed evaluate`` end to end on the toy domain at a tiny size: synthetic sets of the real
 set's size per class, the downstream classifier on real/baseline/prototype over two seeds,
-CLIP-space metrics, the toy checker; and the clear error without held-out images."""
+CLIP-space metrics, the toy checker; the clear error without held-out images; an external test
+set (``--test-data``) used for every score, and the clear errors when its classes do not match
+or it holds the models' own images."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from ml.cli import app
-from ml.toy import write_toy_dataset
+from ml.results import EvaluationResult, evaluation_tables, tables_text
+from ml.toy import TOY_CLASSES, write_toy_dataset
 
 runner = CliRunner()
 TINY_ENCODER = ["--encoder", "protomed-tiny-vit", "--untrained", "--no-cache"]
@@ -65,6 +69,52 @@ def test_evaluate_on_the_toy_domain(tmp_path: Path) -> None:
     assert set(toy) == {"real", "baseline", "prototype"} and set(toy["real"]) == set(classes)
     assert toy["real"]["lymphocyte"] == 1.0  # real toy cells pass the checker
     assert "real" in r.output and "prototype" in r.output and "FD" in r.output
+    typed = EvaluationResult.model_validate(result)  # the JSON file is the typed result
+    assert typed.test_set is not None and typed.test_set.source == "held-out"
+    assert typed.test_set.total == 15 and typed.reference == "real training images"
+    assert tables_text(evaluation_tables(typed)) in r.output  # the printed table is the file's
+
+
+@pytest.mark.slow
+def test_evaluate_on_an_external_test_set(tmp_path: Path) -> None:
+    """Every score is measured on the external folder: its size (4 per class, not the 3
+    held out), the classifiers' test set, the CLIP-space reference; an extra class folder of
+    the test set is ignored and said so."""
+    tmp = trained_pair(tmp_path, heldout=3)
+    ext = write_toy_dataset(tmp / "external", n_per_class=4, size=32, seed=7)
+    shutil.copytree(ext / TOY_CLASSES[0], ext / "platelet")  # a class the models do not know
+    r = invoke(*evaluate_args(tmp), "--test-data", ext)
+    assert r.exit_code == 0, r.output
+    result = EvaluationResult.model_validate_json((tmp / "eval.json").read_text())
+    test = result.test_set
+    assert test is not None and test.source == "external" and test.path == str(ext.resolve())
+    assert test.n_per_class == dict.fromkeys(result.classes, 4) and test.total == 20
+    assert test.ignored_classes == ["platelet"] and "platelet" in r.output
+    assert result.n_heldout == dict.fromkeys(result.classes, 3)  # recorded, not tested on
+    assert result.downstream.n_test == 20
+    runs = result.downstream.sets["prototype"].runs
+    assert all(sum(run.support) == 20 for run in runs)  # the classifiers saw the 20
+    assert result.reference == "external test set external"
+    assert set(result.distribution) == {"real train", "baseline", "prototype"}
+    assert result.distribution["real train"].overall.n_real == 20  # the reference: external
+    assert result.distribution["real train"].overall.n_fake == 25  # the 5 x 5 training images
+    assert result.distribution["prototype"].overall.n_real == 20
+    assert "20 real images of the external test set external" in r.output
+
+
+def test_external_test_set_errors(tmp_path: Path) -> None:
+    """A test set lacking a model class, or holding the models' own images, is refused with one
+    clear line before anything is generated."""
+    tmp = trained_pair(tmp_path, heldout=3)
+    partial = write_toy_dataset(tmp / "partial", n_per_class=4, size=32, seed=7)
+    shutil.rmtree(partial / TOY_CLASSES[1])
+    r = invoke(*evaluate_args(tmp), "--test-data", partial)
+    assert r.exit_code == 2, r.output
+    assert "error:" in r.output and f"class(es) ['{TOY_CLASSES[1]}']" in r.output
+    assert "it must have every one of" in r.output and "Traceback" not in r.output
+    r = invoke(*evaluate_args(tmp), "--test-data", tmp / "data")  # the models' own folder
+    assert r.exit_code == 2 and "pixel-identical" in r.output, r.output
+    assert not (tmp / "eval.json").exists()
 
 
 def test_evaluate_without_heldout_images_is_a_clear_error(tmp_path: Path) -> None:

@@ -280,7 +280,8 @@ def test_training_under_torchrun_when_several_processes(prod, start_worker) -> N
 
 def test_evaluation_job_compares_both_modes(prod, start_worker) -> None:
     """Train both modes, then the evaluation job: real / baseline / prototype classifiers on the
-    held-out real images, CLIP-space metrics, stored with the job and summarised on the models."""
+    held-out real images, CLIP-space metrics, stored with the job and summarised on the models;
+    then again on an external test set (``test_dataset_id``)."""
     body = {**toy_training(prod, "both", max_steps=3), "n_per_class": 3, "n_heldout": 3}
     worker = start_worker()
     jobs = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"]
@@ -304,3 +305,39 @@ def test_evaluation_job_compares_both_modes(prod, start_worker) -> None:
     assert csv_text.startswith("training set,precision") and "\nprototype," in csv_text
     model = prod.client.get(f"/models/{ids['prototype']}", headers=prod.admin).json()
     assert model["metrics"]["evaluations"][0]["job_id"] == job["id"]
+    # the typed result went through the database unchanged: the JSON is the model's dump
+    from api.schemas import EvaluationReport
+    from service.evaluations import evaluation_csv
+
+    typed = EvaluationReport.model_validate(report)
+    assert typed.model_dump(mode="json") == report
+    assert typed.test_set is not None and typed.test_set.source == "held-out"
+    assert typed.test_set.total == 15 == typed.downstream.n_test
+    assert csv_text == evaluation_csv(typed)
+
+    # an external test set: another registered folder, 4 images per class, one extra class
+    from ml.toy import TOY_CLASSES, write_toy_dataset
+
+    ext = write_toy_dataset(prod.data_root / "site-b", n_per_class=4, size=32, seed=7)
+    (ext / "platelet").mkdir()
+    (ext / "platelet" / "p.png").write_bytes((ext / TOY_CLASSES[0] / "lymphocyte_0000.png")
+                                             .read_bytes())  # fmt: skip
+    r = prod.client.post("/datasets", json={"name": "site-b", "path": "site-b"},
+                         headers=prod.admin)  # fmt: skip
+    assert r.status_code == 201, r.text
+    test_id = r.json()["id"]
+    r = prod.client.post("/jobs/evaluate", json={**req, "test_dataset_id": test_id},
+                         headers=prod.admin)  # fmt: skip
+    assert r.status_code == 202, r.text
+    job = wait_job(prod.client, r.json()["id"], worker=worker)
+    assert job["status"] == "succeeded", job
+    external = EvaluationReport.model_validate(
+        prod.client.get("/reports/evaluation", params={"job_id": job["id"]},
+                        headers=prod.admin).json()
+    )  # fmt: skip
+    test = external.test_set
+    assert test is not None and test.source == "external" and test.dataset_id == test_id
+    assert test.name == "site-b" and test.ignored_classes == ["platelet"]
+    assert test.n_per_class == dict.fromkeys(external.classes, 4) and test.total == 20
+    assert external.downstream.n_test == 20 != typed.downstream.n_test
+    assert external.distribution["prototype"].overall.n_real == 20  # measured against it

@@ -11,6 +11,8 @@ jobs whose results (``evaluation_result``) hold hand-made scores.
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import os
 import re
 import statistics
@@ -390,6 +392,43 @@ def test_evaluation_page_shows_the_seeded_result(dash: Dash) -> None:
     not_one = html(client, f"/ui/reports/evaluation?job_id={ids.running_job}")
     assert "No finished evaluation yet for these filters" in text_of(not_one)
     assert "Bad filter" in html(client, "/ui/reports/evaluation?job_id=x", 422)
+
+
+def html_tables(page: str) -> dict[str, list[list[str]]]:
+    """Each table of the page by its id (the per-class one by its <details>' id) as rows of
+    cell texts, headers first."""
+    found = re.findall(r'<table id="([\w-]+)">(.*?)</table>', page, re.S)
+    found += re.findall(r'<details id="([\w-]+)">.*?<table>(.*?)</table>', page, re.S)
+    cell = r"<t[hd][^>]*>(.*?)</t[hd]>"
+    return {
+        key: [[text_of(c).strip() for c in re.findall(cell, row, re.S)]
+              for row in re.findall(r"<tr[^>]*>(.*?)</tr>", body, re.S)]
+        for key, body in found
+    }  # fmt: skip
+
+
+def test_evaluation_tables_agree_in_text_csv_and_html(dash: Dash) -> None:
+    """The dashboard's tables, the CSV and the CLI's text hold the same cells, because all three
+    render ml.results.evaluation_tables of the stored result."""
+    from ml.results import EvaluationResult, evaluation_tables, tables_text
+
+    client, job = dash.service.client, dash.ids.evaluation
+    tables = evaluation_tables(EvaluationResult.model_validate(evaluation_result()))
+    keys = ["downstream", "distribution", "distribution-per-class", "toy"]
+    assert [t.key for t in tables] == keys
+    csv_text = client.get(f"/reports/evaluation?job_id={job}&format=csv").text
+    csv_rows = list(csv.reader(io.StringIO(csv_text)))
+    text_rows = [re.split(r"\s{2,}", line.strip()) for line in tables_text(tables).splitlines()]
+    shown = html_tables(html(client, f"/ui/reports/evaluation?job_id={job}"))
+    for t in tables:
+        assert t.headers in csv_rows and t.headers in text_rows, t.key
+        assert shown[t.key][0] == t.headers and len(shown[t.key]) == len(t.rows) + 1, t.key
+        for row, cells in zip(t.rows, shown[t.key][1:], strict=True):
+            assert row in csv_rows and [c or "-" for c in row] in text_rows, (t.key, row)
+            label = cells[0].split(" model #")[0]  # a model's row links to its page
+            assert [label, *cells[1:]] == [c or "—" for c in row], (t.key, row)
+    assert ["baseline", "52.30", "4.10", "51.10", "3.80", "48.90", "4.50", "80"] in csv_rows
+    assert ["neutrophil", "baseline", "30.2500", "0.3000", "0.2000", "", "40", "40"] in csv_rows
 
 
 def test_unknown_ids_get_an_html_404(dash: Dash) -> None:

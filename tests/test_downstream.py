@@ -1,5 +1,5 @@
 """Downstream utility experiment: backbones, a learnable toy problem, determinism, scores
-checked against sklearn and by hand, input checks, the Tables 5-6 text."""
+checked against sklearn and by hand, input checks, the Tables 5-6 rows (ml.results)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from ml.downstream import (
     downstream_experiment,
     evaluate_classifier,
     make_classifier,
-    tables_5_6,
     train_classifier,
 )
+from ml.results import DownstreamResult, downstream_table, tables_text
 
 CLASSES = ["red", "blue"]
 
@@ -190,19 +190,21 @@ def test_experiment_summary_and_tables():
         assert entry["mean"]["f1"] == pytest.approx(np.mean(f1s))
         assert entry["std"]["f1"] == pytest.approx(np.std(f1s, ddof=1))
         assert set(entry["per_class_f1"]) == set(CLASSES)
-    text = tables_5_6(res)
-    rows = [line.split()[0] for line in text.splitlines()[3:]]
-    assert rows == ["real", "baseline", "prototype"]  # the paper's order, whatever the input's
+    table = downstream_table(DownstreamResult.model_validate(res))  # the result is typed
+    assert [row[0] for row in table.rows] == ["real", "baseline", "prototype"]  # the paper's
 
 
 def test_tables_5_6_formats_percent():
     def entry(m: float, s: float) -> dict:
-        keys = ("precision", "recall", "f1")
-        return {"mean": dict.fromkeys(keys, m), "std": dict.fromkeys(keys, s)}
+        keys = ("precision", "recall", "f1", "accuracy")
+        return {"n_train": 8, "runs": [], "per_class_f1": {}, "mean": dict.fromkeys(keys, m),
+                "std": dict.fromkeys(keys, s)}  # fmt: skip
 
-    res = {"n_test": 40, "seeds": [0, 1, 2],
+    res = {"classes": CLASSES, "n_test": 40, "seeds": [0, 1, 2], "config": {},
            "sets": {"prototype": entry(0.912, 0.0123), "real": entry(0.95, 0.0)}}  # fmt: skip
-    text = tables_5_6(res)
-    assert "40 held-out" in text and "3 seed(s)" in text
-    assert text.splitlines()[3].split()[0] == "real"
-    assert text.splitlines()[4].count("91.2 ±  1.2") == 3
+    table = downstream_table(DownstreamResult.model_validate(res), "40 held-out real images")
+    assert "40 held-out real images" in table.title and "3 seed(s)" in table.title
+    assert table.rows[0][0] == "real"
+    assert table.rows[1] == ["prototype", *["91.20", "1.23"] * 3, "8"]
+    text = tables_text([table])
+    assert text.splitlines()[-1].split() == table.rows[1]

@@ -59,3 +59,51 @@ def test_real_dataset_through_the_core(name, real_data, tmp_path):
         res = sample_to_folder(loaded, tmp_path / f"s_{mode}", 2, SampleConfig(steps=3))
         assert sorted(res.images) == classes
         assert all(v.shape == (2, 3, 32, 32) for v in res.images.values())
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_evaluate_on_an_external_set_of_unseen_real_images(real_data, tmp_path):
+    """An external test set built at test time from cells64 images the models never saw (not in
+    their split, neither trained on nor held out): every score is measured on it, at its size."""
+    import shutil
+
+    from ml.data import scan
+    from ml.encoder import ClipEncoder
+    from ml.evaluate import evaluate
+    from ml.results import DownstreamConfig, EvalConfig
+
+    classes = EXPECTED["cells64"]
+    run = learn_prototypes(
+        {"root": real_data / "cells64", "n_per_class": 12, "n_heldout": 3, "image_size": 64},
+        tmp_path / "cb", encoder_spec=EncoderSpec(TINY_MODEL, None), cpl=CPLConfig(epochs=5),
+        allow_untrained=True,
+    )  # fmt: skip
+    used = {str(p) for p in run.split.train.paths + run.split.heldout.paths}
+    external = tmp_path / "external"
+    per_class = 5
+    for cls, files in scan(real_data / "cells64").items.items():
+        unseen = [p for p in files if str(p) not in used][:per_class]
+        (external / cls).mkdir(parents=True)
+        for p in unseen:
+            shutil.copy(p, external / cls / p.name)  # copies: nothing committed, nothing linked
+    book = Codebook.load(tmp_path / "cb")
+    over = {"image_size": 32, "max_steps": 2, "batch_size": 8, "class_dim": book.dim}
+    models = {}
+    for mode in ("baseline", "prototype"):
+        cfg = make_config("tiny", {**over, "mode": mode})
+        models[mode] = load_model(train_model(cfg, tmp_path / mode, codebook=book,
+                                              show_progress=False))  # fmt: skip
+    cfg = EvalConfig(n_per_class=2, steps=2, seeds=(0,), batch_size=16,
+                     downstream=DownstreamConfig(epochs=1, batch_size=32))  # fmt: skip
+    encoder = ClipEncoder(EncoderSpec(TINY_MODEL, None), allow_untrained=True)
+    result = evaluate(models, encoder, cfg, codebook=book, test_data=external)
+    test = result.test_set
+    assert test is not None and test.source == "external" and test.path == str(external.resolve())
+    assert test.n_per_class == dict.fromkeys(classes, per_class) and test.ignored_classes == []
+    assert result.downstream.n_test == per_class * len(classes) == test.total
+    assert result.n_heldout == dict.fromkeys(classes, 3)  # not what was tested on
+    assert all(sum(r.support) == test.total for s in result.downstream.sets.values()
+               for r in s.runs)  # fmt: skip
+    assert result.distribution["real train"].overall.n_real == test.total
+    assert result.distribution["real train"].overall.n_fake == 12 * len(classes)

@@ -8,6 +8,11 @@ synthetic images are embedded with the CLIP encoder and compared with the real t
 (Frechet distance, k-NN precision and recall, prototype consistency); the real held-out images
 against the real training images give the floor those numbers should be read against. On the
 toy domain the rule-based checker's plausibility is added.
+
+With an external test set (another site or scanner; :func:`external_test_set`) every score is
+measured on it instead: the classifiers are tested on it, and the CLIP-space metrics compare
+each set with it, the real training images giving the floor. The result
+(:class:`ml.results.EvaluationResult`) records which test set it was.
 """
 
 from __future__ import annotations
@@ -116,8 +121,8 @@ def external_test_set(
     counts = test.per_class_counts()
     info = TestSetInfo(
         source="external", name=name or cat.root.name, path=str(cat.root.resolve()),
-        layout=cat.layout,
-        n_per_class=counts, total=len(test), ignored_classes=sorted(set(cat.items) - set(classes)),
+        layout=cat.layout, n_per_class=counts, total=len(test),
+        ignored_classes=sorted(set(cat.items) - set(classes)),
     )  # fmt: skip
     return test, info
 

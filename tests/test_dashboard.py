@@ -221,6 +221,12 @@ def seed(session: Session) -> Seeded:
     )  # fmt: skip
     means_only = copy.deepcopy(evaluation_result())
     means_only |= {"encoder": "ViT-L-14|openai|quickgelu|float16", "toy_plausibility": None}
+    means_only |= {  # tested on an external folder (by the CLI: no registered dataset)
+        "test_set": {"source": "external", "name": "site-b", "path": "/data/site-b",
+                     "layout": "folder", "n_per_class": dict.fromkeys(CLASSES, 10), "total": 20,
+                     "ignored_classes": ["basophil"]},
+        "reference": "external test set site-b",
+    }  # fmt: skip
     for entry in means_only["downstream"]["sets"].values():
         entry["runs"] = []
     older = evaluate_job(dataset, rows, means_only)
@@ -380,6 +386,12 @@ def test_evaluation_page_shows_the_seeded_result(dash: Dash) -> None:
     assert f"job #{ids.evaluation_means_only}" in text_of(older)
     assert older.count('class="bar"') == 6 and 'class="whisker"' not in older  # means only
     assert "no whiskers" in older and "untrained-caveat" not in older and 'id="toy"' not in older
+    assert "Test set external: site-b · 20 images (lymphocyte 10, neutrophil 10)" in text_of(older)
+    assert "ignored: basophil" in text_of(
+        older
+    ) and "tested on the same 20 real images of the external test set site-b" in text_of(older)
+    assert "CLIP space · against the external test set site-b" in text_of(older)
+    assert "Test set the held-out part of the models' split" not in text  # an old result
     assert "71.10 1.20" in text_of(older)
     given = ", ".join(f"#{ids.batches[('prototype', c)]}" for c in CLASSES)
     tight = re.sub(r" ([,)])", r"\1", text_of(older))  # no space where a link closed

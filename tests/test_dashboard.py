@@ -386,11 +386,11 @@ def test_evaluation_page_shows_the_seeded_result(dash: Dash) -> None:
     assert f"job #{ids.evaluation_means_only}" in text_of(older)
     assert older.count('class="bar"') == 6 and 'class="whisker"' not in older  # means only
     assert "no whiskers" in older and "untrained-caveat" not in older and 'id="toy"' not in older
-    assert "Test set external: site-b · 20 images (lymphocyte 10, neutrophil 10)" in text_of(older)
-    assert "ignored: basophil" in text_of(
-        older
-    ) and "tested on the same 20 real images of the external test set site-b" in text_of(older)
-    assert "CLIP space · against the external test set site-b" in text_of(older)
+    older_text = text_of(older)
+    assert "Test set external: site-b · 20 images (lymphocyte 10, neutrophil 10)" in older_text
+    assert "ignored: basophil" in older_text
+    assert "tested on the same 20 real images of the external test set site-b" in older_text
+    assert "CLIP space · against the external test set site-b" in older_text
     assert "Test set the held-out part of the models' split" not in text  # an old result
     assert "71.10 1.20" in text_of(older)
     given = ", ".join(f"#{ids.batches[('prototype', c)]}" for c in CLASSES)

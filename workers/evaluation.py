@@ -1,6 +1,8 @@
 """The evaluation job: both models' checkpoints and the codebook on this machine, the real split
-they were trained on, synthetic sets (generated, or given batches), then ``ml.evaluate``. The
-full result is the job's result; each model keeps a summary in its metrics."""
+they were trained on, an external test set if the request named one (another registered
+dataset, made local as a training set is), synthetic sets (generated, or given batches), then
+``ml.evaluate``. The typed result (``ml.results.EvaluationResult``, dumped as JSON) is the job's
+result; each model keeps a summary in its metrics."""
 
 from __future__ import annotations
 

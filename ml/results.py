@@ -185,6 +185,7 @@ class Table(BaseModel):
     title: str
     headers: list[str]
     rows: list[list[str]]
+    labels: int = Field(1, description="leading columns that name the row; numbers follow")
 
 
 def ordered(names: Any) -> list[str]:
@@ -244,7 +245,7 @@ def evaluation_tables(result: EvaluationResult) -> list[Table]:
         Table(
             key="distribution-per-class",
             title=f"CLIP space per class against the {result.reference}",
-            headers=["class", "set", *DISTANCE_HEADERS],
+            headers=["class", "set", *DISTANCE_HEADERS], labels=2,
             rows=[[cls, name, *_distance_cells(rep.per_class[cls])]
                   for cls in result.classes for name, rep in dist.items() if cls in rep.per_class],
         ),
@@ -262,14 +263,14 @@ def evaluation_tables(result: EvaluationResult) -> list[Table]:
 
 
 def tables_text(tables: list[Table], empty: str = "-") -> str:
-    """Fixed-width text (the CLI's): first column left, the others right-aligned."""
+    """Fixed-width text (the CLI's): label columns left-aligned, numbers right-aligned."""
     blocks = []
     for t in tables:
         grid = [t.headers, *([c or empty for c in row] for row in t.rows)]
         widths = [max(len(r[i]) for r in grid) for i in range(len(t.headers))]
         lines = [t.title + ":"]
         for n, row in enumerate(grid):
-            cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+            cells = [c.ljust(w) if i < t.labels else c.rjust(w) for i, (c, w) in
                      enumerate(zip(row, widths, strict=True))]  # fmt: skip
             lines.append("  ".join(cells).rstrip())
             if n == 0:

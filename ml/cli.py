@@ -416,5 +416,70 @@ def evaluate(
     _guard(run)
 
 
+@app.command()
+def audit(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file or run folder.")],
+    batch: Annotated[
+        Path, typer.Argument(help="Folder of generated images with manifest.csv (sample --out).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Also write the full report (JSON) here.")
+    ] = None,
+    quantile: Annotated[
+        float, typer.Option(help="Calibrated false-flag rate per space (threshold quantile).")
+    ] = 0.05,
+    space: Annotated[
+        list[str] | None, typer.Option(help="pixel and/or clip (repeatable; default: both).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="The dataset folder, if not where it was at training.")
+    ] = None,
+    encoder: Annotated[str, typer.Option(help="open_clip model (the prototypes' one).")] = (
+        "ViT-L-14"
+    ),
+    pretrained: Annotated[str | None, typer.Option(help="Weights tag or local file.")] = "openai",
+    untrained: Annotated[bool, typer.Option(help="Untrained encoder (tests/demo only).")] = False,
+    cache: Cache = True,
+    allow_root: AllowRoot = None,
+    device: Device = None,
+    verbose: Verbose = False,
+) -> None:
+    """Memorisation audit: each generated image's nearest training image (pixel and CLIP
+    space, over the flips the model trained with), near-copies flagged per class by a threshold
+    calibrated on held-out real images, checked on other held-out images. Not a formal privacy
+    guarantee."""
+    _setup_logging(verbose)
+
+    def run() -> None:
+        from ml.audit import audit_images, audit_table, model_split, read_batch_folder
+        from ml.audit_models import AuditConfig
+        from ml.checkpoint import load_model
+        from ml.encoder import ClipEncoder, EmbeddingCache, EncoderSpec
+        from ml.weights import find_weights
+
+        cfg = AuditConfig(quantile=quantile, spaces=tuple(space or ("pixel", "clip")))
+        weights = None if untrained else pretrained
+        if "clip" in cfg.spaces:
+            find_weights(encoder, weights)  # before anything heavy loads
+        loaded = load_model(checkpoint)
+        images, classes, files = read_batch_folder(batch)
+        enc = None
+        if "clip" in cfg.spaces:
+            enc = ClipEncoder(EncoderSpec(encoder, weights), device=device,
+                              allow_untrained=untrained)  # fmt: skip
+        split = model_split(loaded, str(data) if data else None, allow_root or None)
+        report = audit_images(
+            images, classes, split, enc, cfg, flips=loaded.cfg.flip, names=files,
+            cache=EmbeddingCache() if cache and enc is not None else None,
+        )  # fmt: skip
+        typer.echo(audit_table(report))
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(report.model_dump_json(indent=2))
+            typer.echo(f"report: {out}")
+
+    _guard(run)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

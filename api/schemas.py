@@ -15,6 +15,7 @@ from pydantic import (
     field_validator,
 )
 
+from ml.audit_models import AuditReport  # torch-free
 from ml.catalog import Layout
 from ml.config import MAX_PER_CLASS, PresetName, allowed_range  # torch-free
 from service.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
@@ -296,3 +297,26 @@ class WebhookOut(BaseModel):
         "not be read now, or the event names too many annotations).",
     )
     detail: str | None = None
+
+
+class AuditImageLinks(BaseModel):
+    """Where to see an audited image and the training image nearest to it (kept for flagged
+    images and the closest few)."""
+
+    index: int
+    image_id: int
+    image_url: str
+    nearest_url: str | None
+
+
+class AuditOut(BaseModel):
+    """A batch's newest finished memorisation audit (``ml.audit``): per image the nearest
+    training image in pixel and CLIP space, per class the thresholds calibrated on held-out
+    real images, the flag rates and the check on other held-out images. A nearest-neighbour
+    audit, not a formal privacy guarantee."""
+
+    batch_id: int
+    job_id: int
+    finished_at: datetime | None
+    report: AuditReport
+    links: list[AuditImageLinks]

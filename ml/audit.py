@@ -50,6 +50,7 @@ from ml.audit_models import (
     ImageAudit,
     Neighbour,
     Space,
+    nearest,
 )
 from ml.checkpoint import LoadedModel
 from ml.data import DatasetSplit, load_image, pixel_hash
@@ -239,23 +240,19 @@ def audit_images(
     audits = []
     for i, cls in enumerate(image_classes):
         cal_ = calibrations[cls]
-        neighbours = {}
-        for s in ("pixel", "clip"):
-            if s not in gen:
-                neighbours[s] = Neighbour(distance=math.nan, train_index=-1, train_path="",
-                                          flip="none", nndr=math.nan, ratio=math.nan)  # fmt: skip
-                continue
+        neighbours: dict[str, Neighbour] = {}
+        for s in spaces:
             d, j, f, r = (a[i] for a in gen[s])
             med = cal_.heldout_median[s]
             neighbours[s] = Neighbour(
                 distance=float(d), train_index=int(j), train_path=split.train.paths[int(j)],
-                flip=FLIP_NAMES[int(f)], nndr=float(r),
-                ratio=float(d) / med if med > 0 else math.inf,
+                flip=FLIP_NAMES[int(f)], nndr=float(r), ratio=float(d) / med if med > 0 else None,
             )  # fmt: skip
         by: list[Space] = [s for s in spaces if gen[s][0][i] <= cal_.thresholds[s]]
         audits.append(ImageAudit(
             index=i, class_name=cls, name=names[i] if names is not None else "",
-            pixel=neighbours["pixel"], clip=neighbours["clip"], flagged=bool(by), flagged_by=by,
+            pixel=neighbours.get("pixel"), clip=neighbours.get("clip"), flagged=bool(by),
+            flagged_by=by,
         ))  # fmt: skip
 
     per_class = []
@@ -265,7 +262,7 @@ def audit_images(
             continue
         cal_ = calibrations[name]
         n_flagged = sum(a.flagged for a in mine)
-        median_dcr = {s: _median(np.array([getattr(a, s).distance for a in mine])) for s in spaces}
+        median_dcr = {s: _median(gen[s][0][[a.index for a in mine]]) for s in spaces}
         per_class.append(ClassAudit(
             class_name=name, n_images=len(mine), n_flagged=n_flagged,
             flag_rate=n_flagged / len(mine),
@@ -352,11 +349,13 @@ def audit_table(report: AuditReport) -> str:
         f"({_f(t.check_rate, '.1%')}, 95% upper bound {_f(t.check_upper95, '.1%')})"
     )
     for a in report.flagged():
-        nn = a.pixel if "pixel" in a.flagged_by else a.clip
+        nn = nearest(a)
+        dists = ", ".join(
+            f"{s} {_f(getattr(a, s).distance, '.4f')}" for s in spaces if getattr(a, s)
+        )
         lines.append(
             f"  flagged: {a.name or a.index} ({a.class_name}) by {'+'.join(a.flagged_by)}: "
-            f"nearest training image {nn.train_path} (flip {nn.flip}), pixel RMS "
-            f"{_f(a.pixel.distance, '.4f')}, CLIP {_f(a.clip.distance, '.4f')}"
+            f"nearest training image {nn.train_path} (flip {nn.flip}); distances {dists}"
         )
     lines.append(
         "A nearest-neighbour audit finds (near-)copies of training images; it is no formal "

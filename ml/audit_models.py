@@ -50,15 +50,15 @@ class Neighbour(BaseModel):
     train_path: str  # the training file (relative to the dataset where known)
     flip: str  # none | h | v | hv: the flip of the audited image that matched
     nndr: float  # d1 / d2: nearest over second-nearest training distance (1 = no single match)
-    ratio: float  # distance / median held-out calibration distance of its class
+    ratio: float | None  # distance / median held-out calibration distance (None if that is 0)
 
 
 class ImageAudit(BaseModel):
     index: int  # position in the audited batch (or manifest order on the CLI)
     class_name: str
     name: str = ""  # file name or storage key
-    pixel: Neighbour
-    clip: Neighbour
+    pixel: Neighbour | None = None  # None: the space was not audited
+    clip: Neighbour | None = None
     flagged: bool
     flagged_by: list[Space] = Field(default_factory=list)
 
@@ -119,3 +119,12 @@ class AuditReport(BaseModel):
 
     def flagged(self) -> list[ImageAudit]:
         return [i for i in self.images if i.flagged]
+
+
+def nearest(image: ImageAudit) -> Neighbour:
+    """The neighbour to show beside an image: where it was flagged, pixel space first."""
+    for space in (*image.flagged_by, "pixel", "clip"):
+        found: Neighbour | None = getattr(image, space)
+        if found is not None:
+            return found
+    raise ValueError(f"image {image.index} was audited in no space")

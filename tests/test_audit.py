@@ -108,7 +108,7 @@ def test_fresh_real_images_are_flagged_at_the_calibrated_rate(
 
 
 def test_report_contents(report: tuple[AuditReport, list[str]], split: DatasetSplit) -> None:
-    rep, kinds = report
+    rep, _kinds = report
     assert rep.classes == CLASSES and rep.image_size == SIZE
     assert rep.flips == ["none", "h", "v", "hv"] and rep.encoder
     assert rep.n_train == dict.fromkeys(CLASSES, 40) and rep.n_heldout == dict.fromkeys(CLASSES, 60)

@@ -24,10 +24,12 @@ from api.deps import (
     SessionDep,
     SettingsDep,
 )
-from api.responses import ls_public, project_out
+from api.responses import audit_out, ls_public, project_out
 from api.schemas import ProjectOut
 from api.ui.templating import not_found, page, route_path
 from api.ui.views import (
+    audit_class_rows,
+    audit_pairs,
     bar_chart,
     class_grids,
     distance_cells,
@@ -38,6 +40,7 @@ from api.ui.views import (
     report_rows,
     toy_rows,
 )
+from service.audits import AuditUnavailable, audit_jobs, latest_audit
 from service.db.models import (
     MAX_ID,
     ApiKey,
@@ -314,4 +317,33 @@ def evaluation_page(
         untrained="untrained" in str(result.get("encoder", "")),
         json_url=f"{api_url}?{urlencode({'job_id': job.id})}",
         csv_url=f"{api_url}?{urlencode({'job_id': job.id, 'format': 'csv'})}",
+    )  # fmt: skip
+
+
+# --- memorisation audit of a batch ----------------------------------------------------------------
+
+
+@router.get("/batches/{batch_id}/audit", name="ui_batch_audit")
+def batch_audit_page(
+    batch_id: IdPath, request: Request, session: SessionDep, _reader: UiReader
+) -> HTMLResponse:
+    """A batch's newest audit: the per-class summary and each flagged image beside its
+    nearest training image (then the closest others); how to start one when there is none."""
+    batch = session.get(Batch, batch_id)
+    if batch is None:
+        return not_found(request, f"No batch with id {batch_id}.")
+    common: dict[str, Any] = {"title": f"Audit of batch #{batch.id}", "batch": batch}
+    try:
+        job, stored = latest_audit(session, batch_id)
+    except AuditUnavailable as exc:
+        jobs = audit_jobs(session, batch_id)
+        return page(request, "audit.html", **common, message=str(exc), last=jobs[0] if jobs
+                    else None)  # fmt: skip
+    out = audit_out(job, stored, request)
+    report = out.report
+    return page(
+        request, "audit.html", **common, job=job, report=report, spaces=list(report.config.spaces),
+        rows=audit_class_rows(report), pairs=audit_pairs(report, out.links),
+        untrained="untrained" in report.encoder,
+        json_url=route_path(request, "get_batch_audit", batch_id=batch_id),
     )  # fmt: skip

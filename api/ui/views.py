@@ -11,8 +11,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api.schemas import AuditImageLinks
 from api.ui.charts import BarValue, Chart, Series, grouped_bar_chart
 from api.ui.templating import is_number, percent
+from ml.audit_models import AuditReport, nearest  # torch-free
 from service.db.models import Batch, Image, Model
 from service.reports import diff_cells, macro_difference, pct
 
@@ -220,3 +222,58 @@ def toy_rows(
         mean = sum(per.values()) / len(per) if per else None
         rows.append((name, [pct(per.get(c)) for c in classes] + [pct(mean)]))
     return rows
+
+
+# --- memorisation audit --------------------------------------------------------------------------
+
+
+@dataclass
+class AuditPair:
+    """A generated image beside its nearest training image, with why it is shown."""
+
+    index: int
+    class_name: str
+    flagged_by: list[str]
+    image_url: str
+    nearest_url: str | None
+    nearest_path: str
+    flip: str
+    distances: str  # "pixel 0.0000 · clip 0.0123"
+
+
+def audit_class_rows(report: AuditReport) -> list[tuple[str, list[str]]]:
+    """Per class: images, flagged, rate, DCR ratio per space, calibration n, expected and
+    measured false-flag rate on the held-out check images."""
+    spaces = list(report.config.spaces)
+    rows = []
+    for c in report.per_class:
+        cal = c.calibration
+        check = f"{cal.check_flagged}/{cal.n_check}"
+        if cal.check_upper95 is not None:
+            check += f" ({percent(cal.check_rate)}, ≤ {percent(cal.check_upper95)})"
+        cells = [str(c.n_images), str(c.n_flagged), percent(c.flag_rate)]
+        cells += ["—" if c.dcr_ratio.get(s) is None else f"{c.dcr_ratio[s]:.3f}" for s in spaces]
+        cells += [str(cal.n_calibration), percent(cal.expected_false_flag_rate), check]
+        rows.append((c.class_name, cells))
+    return rows
+
+
+def audit_pairs(report: AuditReport, links: Iterable[AuditImageLinks]) -> list[AuditPair]:
+    """Flagged images first, then the closest others whose nearest training image was kept."""
+    by_index = {link.index: link for link in links}
+    pairs = []
+    for a in report.images:
+        link = by_index[a.index]
+        if link.nearest_url is None and not a.flagged:
+            continue
+        nn = nearest(a)
+        dist = " · ".join(
+            f"{s} {n.distance:.4f}" for s in ("pixel", "clip") if (n := getattr(a, s)) is not None
+        )
+        pairs.append(AuditPair(
+            index=a.index, class_name=a.class_name, flagged_by=list(a.flagged_by),
+            image_url=link.image_url, nearest_url=link.nearest_url,
+            nearest_path="/".join(nn.train_path.split("/")[-2:]),
+            flip=nn.flip, distances=dist,
+        ))  # fmt: skip
+    return sorted(pairs, key=lambda p: (not p.flagged_by, p.index))

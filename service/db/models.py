@@ -99,6 +99,7 @@ class JobKind(enum.StrEnum):
     prototypes = "prototypes"
     evaluate = "evaluate"
     review_sync = "review_sync"  # images to Label Studio, verdicts back
+    audit = "audit"  # memorisation audit of one batch (params: batch_id, config)
 
 
 class JobStatus(enum.StrEnum):

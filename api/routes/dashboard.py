@@ -337,8 +337,8 @@ def batch_audit_page(
         job, stored = latest_audit(session, batch_id)
     except AuditUnavailable as exc:
         jobs = audit_jobs(session, batch_id)
-        return page(request, "audit.html", **common, message=str(exc), last=jobs[0] if jobs
-                    else None)  # fmt: skip
+        return page(request, "audit.html", **common, report=None, message=str(exc),
+                    last=jobs[0] if jobs else None)  # fmt: skip
     out = audit_out(job, stored, request)
     report = out.report
     return page(

@@ -105,3 +105,12 @@ def test_solver_quality_compares_every_variant(tmp_path: Path) -> None:
     assert {"dpm++sde-20", "ddim-50 bf16", "ddim-50 seed 1"} <= rows.keys()
     assert rows["ddim-50 seed 1"]["mean_abs_vs_ddim50"] > 0
     assert all(row["toy_plausible"] is not None for row in rows.values())
+
+
+def test_audit_planted_runs(tmp_path: Path) -> None:
+    out = tmp_path / "audit.json"
+    cmd = [sys.executable, "bench/audit_planted.py", "--toy-only", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["toy 32 px"]
+    assert row["exact"] == [30, 30] and row["check"][1] == 150

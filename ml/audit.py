@@ -272,8 +272,10 @@ def audit_images(
             calibration=cal_,
         ))  # fmt: skip
     n_flagged = sum(a.flagged for a in audits)
-    n_check = sum(c.n_check for c in calibrations.values())
-    check_flagged = sum(c.check_flagged for c in calibrations.values())
+    # the check over the classes audited (all of them for an empty batch)
+    audited = [calibrations[c.class_name] for c in per_class] or list(calibrations.values())
+    n_check = sum(c.n_check for c in audited)
+    check_flagged = sum(c.check_flagged for c in audited)
     totals = AuditTotals(
         n_images=len(audits), n_flagged=n_flagged,
         flag_rate=n_flagged / len(audits) if audits else None,

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from test_blinding import key
 
+from ml.audit_models import AuditConfig
 from service.db.models import Dataset, Job, JobKind, JobStatus, Model, ModelMode
 from service.db.session import get_sessionmaker, make_engine
 
@@ -182,3 +183,72 @@ def test_a_worker_audits_a_batch_with_a_planted_training_image(service: Service)
     assert "flagged (pixel" in page.text and source.name in page.text
     assert link["nearest_url"].split("testserver")[-1] in page.text
     assert "no formal privacy guarantee" in page.text
+
+
+def test_the_audit_page_in_a_real_browser(service: Service, tmp_path: Path) -> None:
+    """A stored audit (``ml.audit`` on toy images, kept as the worker keeps it) in Chromium:
+    the per-class table, each flagged image beside its nearest training image (served to the
+    logged-in browser by its session cookie), the caveat."""
+    from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+
+    require_chromium()
+    import torch
+    from playwright.sync_api import sync_playwright
+    from service_procs import ApiServer
+    from test_dashboard import all_images_loaded, shot_path
+
+    from ml.audit import audit_images
+    from ml.data import load_split
+    from ml.toy import make_toy_images, write_toy_dataset
+    from service.db.models import utc_now
+    from service.storage import get_storage
+    from workers.audit import store_audit
+
+    classes = ["lymphocyte", "neutrophil"]
+    root = write_toy_dataset(service.data_root / "toy", n_per_class=40, size=32, seed=0)
+    split = load_split(root, n_per_class=20, n_heldout=20, image_size=32, classes=classes)
+    fresh, labels = make_toy_images(4, size=32, seed=5)
+    fresh = fresh[[i for i, c in enumerate(labels) if c == "lymphocyte"]]
+    copies = split.train.images[:3].permute(0, 2, 3, 1).numpy()  # lymphocytes (class 0)
+    pixels = np.concatenate([fresh, copies, copies[:1, :, ::-1]])  # + a flipped copy
+    report = audit_images(
+        torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2).contiguous(),
+        ["lymphocyte"] * len(pixels), split, None, AuditConfig(spaces=("pixel",)), flips=True,
+    )  # fmt: skip
+    with get_sessionmaker()() as s:
+        ds = add_dataset(s, name="toy-audit", root=str(root), classes=classes)
+        model = add_model(s, ds, checkpoint_path="models/x/checkpoint.pt")
+        batch = add_batch(s, model, class_name="lymphocyte", n=len(pixels))
+        ids = [add_image(s, batch, index=i, data=png_bytes(p), store=True).id
+               for i, p in enumerate(pixels)]  # fmt: skip
+        job = Job(kind=JobKind.audit, model=model, status=JobStatus.succeeded,
+                  params={"batch_id": batch.id}, finished_at=utc_now())  # fmt: skip
+        s.add(job)
+        s.flush()
+        stored = store_audit(job.id, batch.id, report, split.train.images, ids, get_storage())
+        job.result = stored.model_dump(mode="json")
+        s.commit()
+        batch_id, flagged = batch.id, report.totals.n_flagged
+    # the three copies and the flipped one; a fresh cell may be too (k = 1 of 10: 1 in 11)
+    assert all(a.flagged for a in report.images[len(fresh) :]) and flagged >= 4
+
+    server = ApiServer(service.env, tmp_path / "api.log")
+    try:
+        server.wait_ready()
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(server.url + f"/ui/batches/{batch_id}/audit")
+            page.fill("#key", service.env["PROTOMED_ADMIN_KEY"])
+            page.click("form.login button")
+            page.wait_for_url(f"**/ui/batches/{batch_id}/audit")
+            assert page.locator("#audit-classes tbody tr").count() == 1
+            assert page.locator("figure.pair.flagged").count() == flagged
+            assert all_images_loaded(page)  # generated and nearest training images
+            total = page.locator("#flagged-total").inner_text()
+            assert f"{flagged} of {len(pixels)} generated images" in total
+            assert "no formal privacy guarantee" in page.locator("#audit-caveat").inner_text()
+            page.screenshot(path=shot_path(tmp_path, "dashboard_audit.png"), full_page=True)
+            browser.close()
+    finally:
+        server.stop()

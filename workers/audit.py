@@ -6,10 +6,12 @@ closest few, so the page always shows the closest pairs) is stored for the dashb
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from ml.audit_models import AuditReport, nearest  # torch-free
 from service.archive import ensure_local
 from service.audits import AuditStored
 from service.config import Settings
@@ -50,7 +52,7 @@ def run_audit(job_id: int, ctx: JobContext, settings: Settings, storage: Storage
     from PIL import Image
 
     from ml.audit import audit_images, model_split
-    from ml.audit_models import AuditConfig, nearest
+    from ml.audit_models import AuditConfig
     from ml.checkpoint import load_model
     from ml.encoder import ClipEncoder, EmbeddingCache
 
@@ -80,17 +82,33 @@ def run_audit(job_id: int, ctx: JobContext, settings: Settings, storage: Storage
             flips=loaded.cfg.flip, cache=cache, names=[k for _i, _c, k in info["images"]],
             progress=lambda _stage, f: progress.update("audit", f, 1),
         )  # fmt: skip
+    ids = [i for i, _c, _k in info["images"]]
+    stored = store_audit(
+        job_id, info["batch_id"], report, split.train.images, ids, storage,
+        progress=lambda done, total: progress.update("store", done, total),
+    )  # fmt: skip
+    return stored.model_dump(mode="json")
+
+
+def store_audit(
+    job_id: int,
+    batch_id: int,
+    report: AuditReport,
+    train_images: Any,
+    image_ids: list[int],
+    storage: Storage,
+    progress: Callable[[int, int], None] | None = None,
+) -> AuditStored:
+    """The job's result: the report with the batch's image ids, and the nearest training image
+    (uint8 tensors ``train_images``) of every flagged image and of the closest few others put
+    into storage for the dashboard."""
     closest = sorted(report.images, key=lambda a: nearest(a).ratio or 0.0)[:CLOSEST_SHOWN]
     shown = [*report.flagged(), *(a for a in closest if not a.flagged)][:MAX_SHOWN]
     keys = {}
     for n, a in enumerate(shown):
-        progress.update("store", n, len(shown))
-        nn = nearest(a)
+        if progress is not None:
+            progress(n, len(shown))
         key = f"audits/{job_id}/nearest_{a.index:04d}.png"
-        storage.put_bytes(key, png_bytes(split.train.images[nn.train_index]), "image/png")
+        storage.put_bytes(key, png_bytes(train_images[nearest(a).train_index]), "image/png")
         keys[str(a.index)] = key
-    stored = AuditStored(
-        batch_id=info["batch_id"], report=report, image_ids=[i for i, _c, _k in info["images"]],
-        nearest_keys=keys,
-    )  # fmt: skip
-    return stored.model_dump(mode="json")
+    return AuditStored(batch_id=batch_id, report=report, image_ids=image_ids, nearest_keys=keys)

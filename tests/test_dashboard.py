@@ -542,6 +542,28 @@ def test_in_a_real_browser(dash: Dash, tmp_path: Path) -> None:
         server.stop()
 
 
+def test_login_and_logout_refuse_posts_from_other_sites(service: Service) -> None:
+    """Login CSRF: another site's page posting an attacker's key to /ui/login must not plant a
+    session in the victim's browser; the same goes for logging a victim out. Browsers name the
+    requesting site in Origin and Sec-Fetch-Site; this API's own form passes."""
+    client = service.client
+    own = "http://testserver"  # the test client's origin
+    for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Origin": own, "Sec-Fetch-Site": "cross-site"}):  # fmt: skip
+        r = client.post("/ui/login", data={"key": ADMIN_KEY}, headers=headers,
+                        follow_redirects=False)  # fmt: skip
+        assert r.status_code == 403 and "refused" in r.text, headers
+        assert "set-cookie" not in r.headers and "protomed_session" not in client.cookies
+    r = client.post("/ui/login", data={"key": ADMIN_KEY}, follow_redirects=False,
+                    headers={"Origin": own, "Sec-Fetch-Site": "same-origin"})  # fmt: skip
+    assert r.status_code == 303 and "protomed_session" in client.cookies
+    r = client.post("/ui/logout", headers={"Origin": "https://evil.example"},
+                    follow_redirects=False)  # fmt: skip
+    assert r.status_code == 403
+    assert client.get("/ui", follow_redirects=False).status_code == 200  # still logged in
+
+
 def test_login_gives_a_session_cookie_not_the_key(service: Service) -> None:
     """The dashboard's login: an admin or viewer key buys an HttpOnly, SameSite=Strict cookie
     holding a random token (stored hashed), which reads accept and writes never do; logout,

@@ -27,7 +27,7 @@ def _check_counts(k: int, n: int) -> None:
 def wilson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Wilson score interval for k successes in n trials (scipy's ``binomtest``).
 
-    Chosen over the Wald interval because review counts per class are small and rates often sit
+    Chosen over the Wald interval because image counts per class are small and rates often sit
     at 0 or 1, where Wald collapses to a point. With n = 0 nothing is known: (0.0, 1.0).
     """
     _check_counts(k, n)

@@ -304,7 +304,7 @@ def test_pages_show_the_seeded_numbers(dash: Dash) -> None:
     as_json = PlausibilityReport.model_validate(client.get("/reports/plausibility").json())
     for cls in as_json.classes:  # CI, p and Holm's p: the JSON report's, printed as the CSV
         assert row(diff_cells(cls.difference)) in text
-    assert "p (Holm-adjusted over 2 classes)" in text
+    assert "p (Holm, 2 classes)" in text and "Holm-adjusted over the 2 classes compared" in text
     stratified = as_json.average.stratified
     assert stratified is not None and stratified.strata == list(CLASSES)
     assert row(["Pooled, stratified by class (CMH)", stratified_cells(as_json)[2]]) in text

@@ -51,7 +51,7 @@ from service.db.models import (
     ReviewProject,
 )
 from service.evaluations import latest_evaluation
-from service.reports import holm_header, odds_ratio_text
+from service.reports import odds_ratio_text
 from service.reviews import FilterError, plausibility
 from service.security import close_session, find_key, open_session
 
@@ -260,7 +260,7 @@ def report_page(
     return page(
         request, "report.html", title="Plausibility report", report=report,
         rows=report_rows(report), failures=failure_rows(report), chart=bar_chart(report),
-        filters=filters, holm_header=holm_header(report), odds_ratio=odds_ratio_text(report),
+        filters=filters, odds_ratio=odds_ratio_text(report),
         json_url=f"{api_url}?{urlencode(filters)}" if filters else api_url,
         csv_url=f"{api_url}?{urlencode({**filters, 'format': 'csv'})}",
         projects=report_projects(session, ls_public(settings), set_id),

@@ -51,6 +51,7 @@ from service.db.models import (
     ReviewProject,
 )
 from service.evaluations import latest_evaluation
+from service.reports import odds_ratio_text
 from service.reviews import FilterError, plausibility
 from service.security import close_session, find_key, open_session
 
@@ -284,12 +285,12 @@ def report_page(
         return bad_filter(request, exc)
     except FilterError as exc:
         return bad_filter(request, HTTPException(422, str(exc)))
-    filters = {k: v for k, v in report["filters"].items() if v is not None}
+    filters = report.filters.model_dump(exclude_none=True) if report.filters else {}
     api_url = route_path(request, "plausibility_endpoint")
     return page(
         request, "report.html", title="Plausibility report", report=report,
         rows=report_rows(report), failures=failure_rows(report), chart=bar_chart(report),
-        filters=filters,
+        filters=filters, odds_ratio=odds_ratio_text(report),
         json_url=f"{api_url}?{urlencode(filters)}" if filters else api_url,
         csv_url=f"{api_url}?{urlencode({**filters, 'format': 'csv'})}",
         projects=report_projects(session, ls_public(settings), set_id),

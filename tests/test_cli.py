@@ -116,7 +116,7 @@ def test_help_has_no_double_negatives_and_matches_the_defaults():
         (["train", "--out", "x", "--mode", "sideways", "--data", "."],
          "'sideways' is not one of 'prototype', 'baseline'"),
         (["train", "--out", "x", "--mode", "baseline", "--preset", "huge", "--data", "."],
-         "'huge' is not one of 'paper', 'cpu-small', 'tiny'"),
+         "'huge' is not one of 'paper', 'paper-legacy', 'cpu-small', 'tiny'"),
         (["sample", "x.pt", "--out", "x", "--scheduler", "euler"],
          "'euler' is not one of 'ddim', 'dpm++', 'dpm++sde'"),
     ],

@@ -80,7 +80,7 @@ def wide_help(*command: str) -> str:
         ("prototypes", "--layout", "auto|folder|ham10000|matek"),
         ("prototypes", "--head", "none|linear"),
         ("train", "--mode", "prototype|baseline"),
-        ("train", "--preset", "paper|cpu-small|tiny"),
+        ("train", "--preset", "paper|paper-legacy|cpu-small|tiny"),
         ("sample", "--scheduler", "ddim|dpm++|dpm++sde"),
         ("sample", "--precision", "auto|fp32|bf16"),
         ("evaluate", "--backbone", "small|resnet18|resnext50"),

@@ -169,6 +169,23 @@ def make_lr_scheduler(
     )
 
 
+# The fields that shape the network: a resumed run must match its checkpoint in each.
+MODEL_FIELDS = ("image_size", "in_channels", "base_channels", "channel_mults", "num_res_blocks",
+                "norm_groups", "attention_resolutions", "attention_heads")  # fmt: skip
+
+
+def _check_same_model(cfg: TrainConfig, stored: TrainConfig, path: Path | str) -> None:
+    """A clear error instead of a state-dict mismatch, e.g. a checkpoint of ``paper`` from
+    before issue 13 resumed with today's ``paper`` (which has attention)."""
+    differ = [f for f in MODEL_FIELDS if getattr(cfg, f) != getattr(stored, f)]
+    if differ:
+        got = ", ".join(f"{f}={getattr(stored, f)!r} (config: {getattr(cfg, f)!r})" for f in differ)
+        raise ValueError(
+            f"{path} holds a different model: {got}; resume with its settings "
+            f"(a paper checkpoint without attention: --preset paper-legacy)"
+        )
+
+
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     torch._foreach_lerp_(
@@ -226,6 +243,7 @@ def train(
     total = steps_for(cfg, len(data.images), world)
     if resume is not None:
         ckpt = read_checkpoint(resume)
+        _check_same_model(cfg, TrainConfig.from_stored(ckpt["args"]), resume)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])

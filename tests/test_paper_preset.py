@@ -249,3 +249,15 @@ def test_every_preset_builds_and_cpu_presets_stay_attention_free() -> None:
         assert (cfg.weight_decay, cfg.grad_clip, cfg.flip, cfg.lr_schedule) == (
             0.0, 1.0, True, "constant",
         ), name  # fmt: skip
+
+
+def test_resuming_with_a_different_model_names_the_difference(tmp_path: Path) -> None:
+    """An old ``paper`` checkpoint resumed under today's ``paper`` (attention) is refused with
+    the fields that differ and the preset to use, not a state-dict traceback."""
+    cfg = make_config("tiny", {"mode": "baseline", "max_steps": 1, "batch_size": 4})
+    train(cfg, random_set(), tmp_path, show_progress=False)
+    attn = cfg.model_copy(update={"attention_resolutions": (16,), "max_steps": 2})
+    with pytest.raises(
+        ValueError, match=r"attention_resolutions=\(\) \(config: \(16,\)\).*paper-legacy"
+    ):
+        train(attn, random_set(), tmp_path, resume=tmp_path / "last.pt", show_progress=False)

@@ -31,12 +31,38 @@ def test_speed_harness_runs_both_models(tmp_path: Path) -> None:
     assert "ours/peer" in r.stdout
 
 
+def test_speed_harness_runs_both_models_with_attention(tmp_path: Path) -> None:
+    """The faithful ``paper`` layout (self-attention where [3] puts it) against diffusers'
+    attention blocks, at the tiny size: both have attention at both sizes, parameters agree."""
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, "bench/speed.py", "--presets", "tiny", "--repeats", "1",
+           "--sample-n", "2", "--steps", "2", "--train-steps", "1", "--threads", "2",
+           "--precisions", "fp32", "--set", "attention_resolutions=[16,8]",
+           "--out", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["ours_train_img_s"] > 0 and row["diffusers_sample_img_s"] > 0
+    assert row["ours_train_peak_mib"] > 10 and row["diffusers_sample_peak_mib"] > 10
+    assert abs(row["param_ratio"] - 1) < 0.05  # tiny: the class input's share is larger
+    sys.path.insert(0, str(REPO))
+    from bench.peer import build
+    from ml.unet import AttnBlock
+
+    ours, _ = build("ours", "tiny", "fp32", {"attention_resolutions": [16, 8]})
+    peer, _ = build("diffusers", "tiny", "fp32", {"attention_resolutions": [16, 8]})
+    n_peer = sum(type(m).__name__ == "Attention" for m in peer.modules())
+    assert (
+        sum(isinstance(m, AttnBlock) for m in ours.modules()) == n_peer == 7
+    )  # 1 + 2 per level, 1 middle
+
+
 def test_same_architecture_within_one_percent() -> None:
     sys.path.insert(0, str(REPO))
     from bench.peer import build
     from ml.unet import count_parameters
 
-    for preset in ("cpu-small", "paper"):
+    for preset in ("cpu-small", "paper-legacy", "paper"):
         ours, peer = (count_parameters(build(w, preset, "fp32")[0]) for w in ("ours", "diffusers"))
         assert abs(ours / peer - 1) < 0.01, (preset, ours, peer)
 

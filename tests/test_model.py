@@ -26,19 +26,27 @@ def test_paper_preset_is_table2():
     assert (cfg.image_size, cfg.base_channels, cfg.channel_mults) == (64, 64, (1, 2, 4, 8))
     assert (cfg.num_res_blocks, cfg.dropout, cfg.timesteps) == (2, 0.1, 1000)
     assert (cfg.lr, cfg.batch_size) == (1e-4, 16)
-    model = build_model(cfg, Conditioning(list("abcdefg"), "baseline"))
+    with torch.device("meta"):  # shapes only
+        model = build_model(cfg, Conditioning(list("abcdefg"), "baseline"))
+        legacy = build_model(make_config("paper-legacy"), Conditioning(list("abcdefg"), "baseline"))
     # Same order of size as diffusers' UNet2DModel of Table 2 (55.5M) plus FiLM and the
-    # concatenated class input.
-    assert 50e6 < count_parameters(model) < 60e6
+    # concatenated class input; [3]'s self-attention adds 8.0M (tests/test_paper_preset.py).
+    assert 50e6 < count_parameters(legacy) < 60e6
+    assert 60e6 < count_parameters(model) < 70e6
 
 
 @pytest.mark.parametrize(
     "preset,n_keys,digest",
-    [("paper", 274, "d1d0504eab13209e"), ("cpu-small", 146, "c61dfa64d1ee3ab5")],
+    [
+        ("paper-legacy", 274, "d1d0504eab13209e"),
+        ("cpu-small", 146, "c61dfa64d1ee3ab5"),
+        ("paper", 400, "5df73371153b1f3d"),
+    ],
 )
 def test_state_dict_layout_is_stable(preset: str, n_keys: int, digest: str) -> None:
-    """Checkpoints written earlier keep loading: the parameter names and shapes of both presets
-    are those of the model before its fast kernels moved to ml.ops (a cache is not state)."""
+    """Checkpoints written earlier keep loading: the parameter names and shapes of paper-legacy
+    (``paper`` before issue 13 added attention) and cpu-small are those of the model before its
+    fast kernels moved to ml.ops (a cache is not state); ``paper``'s as issue 13 made it."""
     with torch.device("meta"):  # shapes only, no memory or init time
         model = build_model(make_config(preset), Conditioning(list("abc"), "baseline"))
     state = model.state_dict()

@@ -187,7 +187,7 @@ def run_training(
     )  # fmt: skip
     progress.update("data", 1, 1)
     book = _codebook(info, root, run_dir, settings, progress)
-    cfg = TrainConfig(**info["config"])
+    cfg = TrainConfig.from_stored(info["config"])  # a job queued before an upgrade runs as it was
     nproc = processes(settings)
     if nproc > 1:
         _train_ddp(cfg, book, run_dir, ctx, progress, nproc, read_roots(settings))

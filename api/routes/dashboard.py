@@ -10,7 +10,7 @@ JSON endpoints stay the API; these pages only read what they expose.
 from __future__ import annotations
 
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -54,6 +54,7 @@ from service.db.models import (
     ReviewProject,
 )
 from service.evaluations import latest_evaluation
+from service.reports import odds_ratio_text
 from service.reviews import FilterError, plausibility
 from service.security import close_session, find_key, open_session
 
@@ -94,6 +95,36 @@ def ui_reader(key: Caller, request: Request) -> ApiKey:
 UiReader = Annotated[ApiKey, Depends(ui_reader)]
 
 
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def same_origin(request: Request, settings: SettingsDep) -> None:
+    """Login and logout forms: refuse posts made by another site's page (login CSRF).
+
+    SameSite=Strict keeps the cookie off cross-site requests, but a cross-site form could still
+    post an attacker's key to /ui/login and plant the attacker's session in a victim's browser
+    (who would then read, and act on, the attacker's data). Browsers name the requesting site in
+    ``Sec-Fetch-Site`` and ``Origin``; a post is refused when either says it came from elsewhere
+    (``Origin: null`` included). Clients that send neither (curl, scripts) hold the key anyway.
+    """
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        raise HTTPException(403, f"cross-site form post refused (Sec-Fetch-Site: {fetch_site})")
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    allowed = {_origin(str(request.base_url)), _origin(settings.public_url)}
+    if origin.lower() not in allowed:
+        raise HTTPException(
+            403, f"form post from origin {origin!r} refused; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+SameOrigin = Depends(same_origin)
+
+
 @router.get("/login", name="ui_login")
 def login_page(
     request: Request,
@@ -107,7 +138,7 @@ def login_page(
     )  # fmt: skip
 
 
-@router.post("/login", name="ui_login_submit", response_model=None)
+@router.post("/login", name="ui_login_submit", response_model=None, dependencies=[SameOrigin])
 def login(
     request: Request,
     session: SessionDep,
@@ -142,7 +173,7 @@ def login(
     return response
 
 
-@router.post("/logout", name="ui_logout")
+@router.post("/logout", name="ui_logout", dependencies=[SameOrigin])
 def logout(request: Request, session: SessionDep) -> RedirectResponse:
     """End the browser's session (the cookie's token stops working at once)."""
     token = request.cookies.get(SESSION_COOKIE)
@@ -257,12 +288,12 @@ def report_page(
         return bad_filter(request, exc)
     except FilterError as exc:
         return bad_filter(request, HTTPException(422, str(exc)))
-    filters = {k: v for k, v in report["filters"].items() if v is not None}
+    filters = report.filters.model_dump(exclude_none=True) if report.filters else {}
     api_url = route_path(request, "plausibility_endpoint")
     return page(
         request, "report.html", title="Plausibility report", report=report,
         rows=report_rows(report), failures=failure_rows(report), chart=bar_chart(report),
-        filters=filters,
+        filters=filters, odds_ratio=odds_ratio_text(report),
         json_url=f"{api_url}?{urlencode(filters)}" if filters else api_url,
         csv_url=f"{api_url}?{urlencode({**filters, 'format': 'csv'})}",
         projects=report_projects(session, ls_public(settings), set_id),

@@ -11,6 +11,7 @@ from fastapi.responses import PlainTextResponse
 from api.deps import Reader, SessionDep
 from service.db.models import MAX_ID
 from service.evaluations import evaluation_csv, latest_evaluation
+from service.report_models import PlausibilityReport
 from service.reports import report_csv
 from service.reviews import FilterError, plausibility
 
@@ -20,7 +21,14 @@ router = APIRouter(prefix="/reports")
 @router.get(
     "/plausibility",
     tags=["reviews"],
-    responses={200: {"content": {"application/json": {}, "text/csv": {}}}},
+    response_model=PlausibilityReport,
+    responses={
+        200: {
+            "description": "The report as JSON (schema below) or, with ``format=csv``, as CSV "
+            "in the seed's Tables 3-4 layout.",
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+        }
+    },
 )
 def plausibility_endpoint(
     session: SessionDep,
@@ -32,10 +40,12 @@ def plausibility_endpoint(
     ] = None,
     criteria_set_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     format: Literal["json", "csv"] = "json",
-) -> Any:
-    """Per class: images reviewed and % plausible per model, prototype minus baseline with a
-    95% interval (Newcombe/Wilson) and Fisher's exact p, averages, failure rate per criterion,
-    agreement between reviewers. ``format=csv``: the seed's Tables 3-4 layout."""
+) -> PlausibilityReport | PlainTextResponse:
+    """Per class and model, % of images judged plausible (the image is the unit: its
+    reviewers' majority, a tie counting as implausible), prototype minus baseline with a 95%
+    interval (Newcombe/Wilson), Fisher's exact p raw and Holm-adjusted over the classes; macro
+    and pooled averages with a Cochran-Mantel-Haenszel test stratified by class; failure rate
+    per criterion; agreement between reviewers. ``format=csv``: the seed's Tables 3-4 layout."""
     try:
         report = plausibility(session, dataset_id, models, reviewer, criteria_set_id)
     except FilterError as exc:

@@ -19,7 +19,7 @@ from service.db.models import Batch, Job
 from service.db.session import get_sessionmaker
 from service.storage import Storage
 from workers.lifecycle import JobContext
-from workers.sampling import local_checkpoint, png_bytes
+from workers.sampling import local_checkpoint
 from workers.training import encoder_spec, read_roots
 
 STAGES = {"load": 0.15, "audit": 0.8, "store": 0.05}  # rough shares of the job's time
@@ -102,6 +102,8 @@ def store_audit(
     """The job's result: the report with the batch's image ids, and the nearest training image
     (uint8 tensors ``train_images``) of every flagged image and of the closest few others put
     into storage for the dashboard."""
+    from ml.sample import png_bytes  # no provenance record: these are real training images
+
     closest = sorted(report.images, key=lambda a: nearest(a).ratio or 0.0)[:CLOSEST_SHOWN]
     shown = [*report.flagged(), *(a for a in closest if not a.flagged)][:MAX_SHOWN]
     keys = {}

@@ -21,6 +21,10 @@ from ml.config import MAX_PER_CLASS, PresetName, allowed_range  # torch-free
 from service.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # dataset names (JSON body and upload form)
+LICENCE_HELP = (
+    "The licence the images were published under, e.g. 'CC BY-NC-SA 4.0' (HAM10000): model "
+    "cards and everything generated from the dataset carry it."
+)
 
 
 class Out(BaseModel):
@@ -40,6 +44,7 @@ class DatasetIn(BaseModel):
         max_length=64,
         description="Review domain (GET /criteria): toy, blood, bone-marrow, dermatoscopy, ...",
     )
+    licence: str | None = Field(default=None, max_length=200, description=LICENCE_HELP)
 
 
 class DatasetOut(Out):
@@ -49,6 +54,7 @@ class DatasetOut(Out):
     layout: str
     source: str
     domain: str | None
+    licence: str | None
     classes: list[str]
     counts: dict[str, int]
     created_at: datetime

@@ -184,6 +184,19 @@ def test_a_worker_audits_a_batch_with_a_planted_training_image(service: Service)
     assert link["nearest_url"].split("testserver")[-1] in page.text
     assert "no formal privacy guarantee" in page.text
 
+    # the model card gathers it: the worker recorded the encoder and the checkpoint's hash, the
+    # one the generated PNG's provenance names, and the audit appears per class
+    from ml.provenance import read_provenance
+
+    card = service.client.get(f"/models/{trained['model_id']}/card", headers=admin).json()
+    first = service.client.get(f"/batches/{batch_id}", headers=admin).json()["images"][0]
+    record = read_provenance(service.client.get(first["url"], headers=admin).content)
+    assert record is not None and card["training"]["checkpoint_sha256"] == record.checkpoint_sha256
+    assert "untrained" in (card["training"]["encoder"] or "").lower()
+    assert card["training"]["seconds"] > 0 and card["training_data"]["n_heldout"] == 8
+    assert [(a["batch_id"], a["class_name"], a["n_images"]) for a in card["audits"]] == [
+        (batch_id, "lymphocyte", 4)]  # fmt: skip
+
 
 def test_the_audit_page_in_a_real_browser(service: Service, tmp_path: Path) -> None:
     """A stored audit (``ml.audit`` on toy images, kept as the worker keeps it) in Chromium:

@@ -37,6 +37,7 @@ from api.ui.views import (
     f1_chart,
     failure_rows,
     image_counts,
+    markdown_html,
     report_rows,
     toy_rows,
 )
@@ -54,6 +55,7 @@ from service.db.models import (
     ReviewProject,
 )
 from service.evaluations import latest_evaluation
+from service.model_cards import build_card, card_markdown
 from service.reports import odds_ratio_text
 from service.reviews import FilterError, plausibility
 from service.security import close_session, find_key, open_session
@@ -222,6 +224,18 @@ def model_page(
     return page(
         request, "model.html", title=f"Model #{model.id}", model=model, grids=class_grids(model)
     )
+
+
+@router.get("/models/{model_id}/card", name="ui_model_card")
+def model_card_page(
+    model_id: IdPath, request: Request, session: SessionDep, _reader: UiReader
+) -> HTMLResponse:
+    """The model card (the same Markdown GET /models/{id}/card?format=markdown gives)."""
+    model = session.get(Model, model_id)
+    if model is None:
+        return not_found(request, f"No model with id {model_id}.")
+    body = markdown_html(card_markdown(build_card(session, model)))
+    return page(request, "card.html", title=f"Model card #{model.id}", model=model, body=body)
 
 
 @router.get("/batches/{batch_id}", name="ui_batch")

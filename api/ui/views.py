@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from markdown_it import MarkdownIt
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -283,3 +284,11 @@ def audit_pairs(report: AuditReport, links: Iterable[AuditImageLinks]) -> list[A
             flip=nn.flip, distances=dist,
         ))  # fmt: skip
     return sorted(pairs, key=lambda p: (not p.flagged_by, p.index))
+
+
+_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
+
+
+def markdown_html(text: str) -> str:
+    """Markdown to HTML with raw HTML disabled (escaped), so stored text cannot inject markup."""
+    return str(_MARKDOWN.render(text))

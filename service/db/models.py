@@ -163,6 +163,9 @@ class Dataset(TimestampMixin, Base):
     archive_key: Mapped[str | None] = mapped_column(String(1024))
     # Review domain (criteria sets, issue 4): e.g. toy, blood, bone-marrow, dermatoscopy.
     domain: Mapped[str | None] = mapped_column(String(64))
+    # The licence the images were published under (e.g. "CC BY-NC-SA 4.0"); model cards carry
+    # it to everything made from them. None: not recorded.
+    licence: Mapped[str | None] = mapped_column(String(200))
 
     models: Mapped[list[Model]] = relationship(back_populates="dataset")
 

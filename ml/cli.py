@@ -317,9 +317,9 @@ def check(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo_out"),
-    steps: Annotated[int, typer.Option(help="Training steps per mode.")] = 500,
+    steps: Annotated[int, typer.Option(help="Training steps per mode.")] = 600,
     n_per_class: Annotated[int, typer.Option(help="Training images per class.")] = 100,
-    n_sample: Annotated[int, typer.Option(help="Images sampled per class and mode.")] = 8,
+    n_sample: Annotated[int, typer.Option(help="Images sampled per class and mode.")] = 32,
     encoder: Annotated[str, typer.Option(help="open_clip model for the prototypes.")] = "ViT-B-32",
     pretrained: Annotated[
         str | None, typer.Option(help="Weights tag or file; default: untrained encoder.")
@@ -334,12 +334,10 @@ def demo(
     def run() -> dict[str, Any]:
         from ml.demo import run_demo
 
-        summary = run_demo(
+        return run_demo(
             out, steps=steps, n_per_class=n_per_class, n_sample=n_sample,
-            encoder=encoder, pretrained=pretrained, device=device,
+            encoder=encoder, pretrained=pretrained, device=device, say=typer.echo,
         )  # fmt: skip
-        typer.echo(summary["text"])
-        return summary
 
     _guard(run)
 

@@ -212,3 +212,16 @@ def test_grid_has_one_row_per_class_with_blank_padding(tmp_path):
     assert torch.equal(grid[:, 2:18, 2:18], a[0])  # row "a", first tile
     assert torch.equal(grid[:, 20:36, 38:54], b[2])  # row "b", third tile
     assert bool((grid[:, 2:18, 38:54] == 255).all()), "a short row is padded with white"
+
+
+def test_min_snr_weighting_reaches_the_training_loss(tmp_path):
+    """Same seed, same noise and timesteps: the min-SNR loss (weights <= 1) is the smaller."""
+    data = random_set()
+    first = {}
+    for weighting in ("none", "min_snr"):
+        cfg = make_config("tiny", {"mode": "baseline", "max_steps": 1, "loss_weighting": weighting})
+        train(cfg, data, tmp_path / weighting, show_progress=False)
+        first[weighting] = losses_of(tmp_path / weighting)[0]
+        saved = json.loads((tmp_path / weighting / "config.json").read_text())
+        assert saved["loss_weighting"] == weighting
+    assert first["min_snr"] < first["none"]

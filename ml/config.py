@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # torch is imported where used: the API validates configs wit
 
 Mode = Literal["prototype", "baseline"]
 Precision = Literal["auto", "fp32", "bf16"]
+LossWeighting = Literal["none", "min_snr"]
 SchedulerName = Literal["ddim", "dpm++", "dpm++sde"]
 PresetName = Literal["paper", "paper-legacy", "cpu-small", "tiny"]  # PRESETS' keys (checked below)
 LrSchedule = Literal["constant", "cosine"]
@@ -59,12 +60,23 @@ class TrainConfig(BaseModel):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     norm_groups: int = Field(32, ge=1, le=128)
     class_dim: int = Field(
-        768, ge=1, le=4096, description="class-embedding width; a codebook overrides it"
+        768,
+        ge=1,
+        le=4096,
+        description=(
+            "class-embedding width; training with a codebook sets it to the codebook's width "
+            "in both modes (768 = ViT-L-14's, for a baseline trained without one)"
+        ),
     )
     # diffusion
     timesteps: int = Field(1000, ge=10, le=10_000)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     p_uncond: float = Field(0.1, ge=0.0, le=1.0, description="condition dropped (CFG training)")
+    # Min-SNR-gamma (Hang et al. 2023): each timestep's loss weighted by min(SNR, gamma)/SNR
+    # (epsilon prediction), so the easy low-noise steps stop dominating the gradient; "none" is
+    # the seed's plain MSE.
+    loss_weighting: LossWeighting = "none"
+    snr_gamma: float = Field(5.0, gt=0, le=1000.0, description="gamma of min-SNR weighting")
     # optimisation
     lr: float = Field(1e-4, gt=0, le=1.0)
     weight_decay: float = Field(1e-4, ge=0, le=10.0)  # [3]: AdamW(weight_decay=1e-4)

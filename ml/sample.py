@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
 from ml.checkpoint import LoadedModel
@@ -235,8 +235,17 @@ def sample_to_folder(
     return SampleResult(out_dir, manifest, files, images)
 
 
-def save_grid(images: dict[str, torch.Tensor], path: Path | str, per_row: int = 8) -> Path:
-    """One row of up to ``per_row`` images per class, in class order."""
+def save_grid(
+    images: dict[str, torch.Tensor],
+    path: Path | str,
+    per_row: int = 8,
+    *,
+    labels: bool = False,
+    scale: int = 1,
+) -> Path:
+    """One row of up to ``per_row`` images per class, in class order. ``labels`` adds a white
+    strip on the left naming each row's class; ``scale`` enlarges the tiles (nearest neighbour),
+    so small images stay readable."""
     rows = []
     for imgs in images.values():
         take = imgs[:per_row]
@@ -244,8 +253,28 @@ def save_grid(images: dict[str, torch.Tensor], path: Path | str, per_row: int = 
             blank = torch.full((per_row - len(take), *take.shape[1:]), 255, dtype=take.dtype)
             take = torch.cat([take, blank])
         rows.append(take)
-    grid = make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=255)
+    tiles = torch.cat(rows)
+    if scale > 1:
+        tiles = tiles.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    grid = make_grid(tiles, nrow=per_row, padding=2, pad_value=255)
+    image = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    if labels:
+        image = label_rows(image, list(images), row_height=tiles.shape[2] + 2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    image.save(path)
     return path
+
+
+def label_rows(grid: Image.Image, names: list[str], row_height: int) -> Image.Image:
+    """``grid`` with a white strip on its left holding each row's name, vertically centred."""
+    font = ImageFont.load_default(size=max(8, min(14, row_height // 3)))
+    measure = ImageDraw.Draw(grid)
+    width = int(max(measure.textlength(n, font=font) for n in names)) + 8
+    out = Image.new("RGB", (grid.width + width, grid.height), "white")
+    out.paste(grid, (width, 0))
+    draw = ImageDraw.Draw(out)
+    for r, name in enumerate(names):
+        y = 2 + r * row_height + (row_height - 2) / 2
+        draw.text((4, y), name, fill="black", font=font, anchor="lm")
+    return out

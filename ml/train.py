@@ -83,6 +83,21 @@ def conditioning_for(
     raise ValueError(f"unknown mode {mode!r}; choose prototype or baseline")
 
 
+def class_width(cfg: TrainConfig, codebook: Codebook | None) -> TrainConfig:
+    """The config with the class table's true width: a codebook's, in both modes.
+
+    The modes must differ only in the class table (frozen prototypes vs learnable rows), so the
+    baseline's learnable table takes the codebook's width too, and the config saved with the run
+    records the width the model has. Without a codebook (a baseline from a dataset folder) the
+    configured ``class_dim`` is used (768 by default, ViT-L-14's width).
+    """
+    if codebook is None or cfg.class_dim == codebook.dim:
+        return cfg
+    if "class_dim" in cfg.model_fields_set:
+        log.info("class_dim %d replaced by the codebook's width %d", cfg.class_dim, codebook.dim)
+    return cfg.model_copy(update={"class_dim": codebook.dim})
+
+
 def table_rows(data: ImageSet, cond: Conditioning, codebook: Codebook | None) -> torch.Tensor:
     """Row of the class table each training image is conditioned on.
 
@@ -228,6 +243,10 @@ def train(
     device = resolve_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    ckpt = read_checkpoint(resume) if resume is not None else None
+    cfg = class_width(cfg, codebook)
+    if ckpt is not None and cfg.mode == "baseline":  # a run from before the width fix resumes
+        cfg = cfg.model_copy(update={"class_dim": int(ckpt["args"]["class_dim"])})
     cond, table = conditioning_for(cfg.mode, list(data.classes), codebook)
     if extra:
         cond.extra.update(extra)
@@ -241,19 +260,19 @@ def train(
     opt = make_optimizer(model, cfg)
     start = 0
     total = steps_for(cfg, len(data.images), world)
-    if resume is not None:
-        ckpt = read_checkpoint(resume)
-        _check_same_model(cfg, TrainConfig.from_stored(ckpt["args"]), resume)
+    if ckpt is not None:
+        _check_same_model(cfg, TrainConfig.from_stored(ckpt["args"]), resume or "")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         start = int(ckpt["step"])
         log.info("resumed from %s at step %d", resume, start)
     lr_sched = make_lr_scheduler(opt, cfg, total, start)
-    if resume is not None and "lr_sched" in ckpt:
+    if ckpt is not None and "lr_sched" in ckpt:
         lr_sched.load_state_dict(ckpt["lr_sched"])
     net = DistributedDataParallel(model) if world > 1 else model
     sched = noise_scheduler(cfg)
+    gamma = cfg.snr_gamma if cfg.loss_weighting == "min_snr" else None
     images = data.images.to(device)
     rows = rows.to(device)
     steps_per_epoch = max(1, len(images) // (cfg.batch_size * world))
@@ -288,7 +307,7 @@ def train(
                 x0 = torch.where(flip_h[:, None, None, None], x0.flip(3), x0)
                 x0 = torch.where(flip_v[:, None, None, None], x0.flip(2), x0)
             x0 = x0.contiguous(memory_format=layout)
-            loss = diffusion_loss(net, x0, rows[idx.to(device)], sched, cfg.p_uncond, amp)
+            loss = diffusion_loss(net, x0, rows[idx.to(device)], sched, cfg.p_uncond, amp, gamma)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

@@ -139,7 +139,8 @@ def run_dataset(name: str, args: Any) -> dict[str, Any]:
     classes = list(split.classes)
     test = load_test_set(out / "test", classes, size)
     parts = {"validation": split.heldout, "test": test}
-    sizes = {"train": split.train.per_class_counts(), "validation": split.heldout.per_class_counts(),
+    sizes = {"train": split.train.per_class_counts(),
+             "validation": split.heldout.per_class_counts(),
              "test": test.per_class_counts()}  # fmt: skip
     print(f"== {name}: {sizes}", flush=True)
 
@@ -161,6 +162,8 @@ def run_dataset(name: str, args: Any) -> dict[str, Any]:
                 synth = synthetic_set(model, split.train.per_class_counts(), ecfg, lambda: None)
                 records += classifier_scores(synth, parts, classes, args, mode=mode, gseed=g,
                                              budget=b)  # fmt: skip
+                if args.partial is not None:  # a run cut short still leaves its records
+                    args.partial.write_text(json.dumps(records))
                 print(f"  {mode} seed {g} step {b}: validation F1 "
                       f"{_mean_f1(records, mode, g, b, 'validation'):.3f}", flush=True)  # fmt: skip
             times[f"evaluate_{mode}_{g}_s"] = time.perf_counter() - t1
@@ -232,20 +235,36 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(os.environ.get(
         "PROTOMED_DATA_DIR", REPO.parent / "shared" / "data")))  # fmt: skip
     ap.add_argument("--datasets", default="derm64")
-    ap.add_argument("--sizes", type=_ints, default=None,
-                    help="train,validation,test images per class (default: per dataset)")
+    ap.add_argument(
+        "--sizes",
+        type=_ints,
+        default=None,
+        help="train,validation,test images per class (default: per dataset)",
+    )
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--gen-seeds", type=_ints, default=[0, 1, 2],
                     help="diffusion training and sampling seeds, per mode")  # fmt: skip
     ap.add_argument("--clf-seeds", type=_ints, default=[0, 1, 2])
-    ap.add_argument("--budgets", type=_ints, default=[300, 600, 1200],
-                    help="candidate training steps (one run per seed to the largest)")
+    ap.add_argument(
+        "--budgets",
+        type=_ints,
+        default=[300, 600, 1200],
+        help="candidate training steps (one run per seed to the largest)",
+    )
     ap.add_argument("--preset", default="cpu-small")
-    ap.add_argument("--set", type=lambda s: json.loads(s), default={},
-                    help='extra TrainConfig overrides as JSON, e.g. \'{"batch_size": 8}\'')
+    ap.add_argument(
+        "--set",
+        type=lambda s: json.loads(s),
+        default={},
+        help="extra TrainConfig overrides as JSON, e.g. '{\"batch_size\": 8}'",
+    )
     ap.add_argument("--image-size", type=int, default=32, help="the models' image size")
-    ap.add_argument("--n-synthetic", type=int, default=None,
-                    help="synthetic images per class (default: as many as real training)")
+    ap.add_argument(
+        "--n-synthetic",
+        type=int,
+        default=None,
+        help="synthetic images per class (default: as many as real training)",
+    )
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--scheduler", default="ddim")
     ap.add_argument("--backbone", default="small", help="small, resnet18 or resnext50 (seed's)")
@@ -254,12 +273,26 @@ def main() -> None:
     ap.add_argument("--encoder", default="ViT-B-32")
     ap.add_argument("--pretrained", default=None, help="CLIP weights (default: untrained)")
     ap.add_argument("--device", default=None)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (1 on a machine shared with other jobs: two threads "
+        "waiting on each other there ran 10x slower than one)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "compare_replicated")
-    ap.add_argument("--results", type=Path,
-                    default=REPO / "bench" / "results" / "compare_real_replicated.json")
+    ap.add_argument(
+        "--results", type=Path, default=REPO / "bench" / "results" / "compare_real_replicated.json"
+    )
     args = ap.parse_args()
     if sorted(set(args.budgets)) != args.budgets:
         ap.error("--budgets must be increasing and distinct")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    args.partial = args.out / "records_partial.json"
+    args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "protocol": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "load_avg_start": os.getloadavg(),

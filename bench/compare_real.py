@@ -16,9 +16,11 @@ Per dataset:
 5. The budget (one for both modes) is chosen on validation F1 only; test scores are reported
    for that budget alone, with the paired prototype-minus-baseline difference over seeds.
 
-    .venv/bin/python bench/compare_real.py --datasets derm64           # this CPU: ~1 hour
+    # the README's run (2 shared cores, about an hour):
+    .venv/bin/python bench/compare_real.py --datasets derm64 --sizes 40,20,25 --budgets 200,400 \
+        --epochs 20 --sample-steps 10 --threads 1
     .venv/bin/python bench/compare_real.py --budgets 5000,10000,20000 --backbone resnext50 \\
-        --n-synthetic 100 --clf-image-size 64 --device cuda               # the seed's protocol
+        --preset paper --n-synthetic 100 --clf-image-size 64 --device cuda  # the seed's protocol
 
 Writes ``bench/results/compare_real_replicated.json`` after each dataset and prints the tables.
 """
@@ -124,8 +126,10 @@ def run_dataset(name: str, args: Any) -> dict[str, Any]:
     out = args.out / name
     t0, times = time.perf_counter(), {}
     counts = split_three(args.data / name, out, n_test, seed=args.split_seed)
-    # the models' image size: the codebook's selection is rebuilt at it for training
-    size = args.image_size
+    # the models' image size (the preset's): real images are loaded at it everywhere
+    from ml.config import make_config
+
+    size = make_config(args.preset, args.set).image_size
     spec = EncoderSpec(args.encoder, args.pretrained)
     selection = {"root": out / "trainval", "n_per_class": n_train, "n_heldout": n_val,
                  "image_size": size, "seed": args.split_seed}  # fmt: skip
@@ -258,7 +262,6 @@ def main() -> None:
         default={},
         help="extra TrainConfig overrides as JSON, e.g. '{\"batch_size\": 8}'",
     )
-    ap.add_argument("--image-size", type=int, default=32, help="the models' image size")
     ap.add_argument(
         "--n-synthetic",
         type=int,

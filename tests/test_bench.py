@@ -119,7 +119,7 @@ def test_replicated_real_comparison_runs_at_a_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "replicated.json"
     cmd = [sys.executable, "bench/compare_real.py", "--data", str(tmp_path / "data"),
            "--datasets", "toy", "--sizes", "5,3,3", "--budgets", "2,4", "--gen-seeds", "0,1",
-           "--clf-seeds", "0", "--preset", "tiny", "--image-size", "16", "--epochs", "1",
+           "--clf-seeds", "0", "--preset", "tiny", "--epochs", "1",
            "--clf-image-size", "16", "--sample-steps", "2", "--encoder", "protomed-tiny-vit",
            "--threads", "1", "--out", str(tmp_path / "runs"), "--results", str(out)]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,

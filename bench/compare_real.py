@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -219,7 +220,13 @@ def markdown(results: dict[str, Any]) -> str:
     for name, r in results["datasets"].items():
         b = r["chosen_budget"]
         real = r["real"]["test"]
-        lines.append(f"| {name} | - | real | - | {100 * real['f1']:.1f} | "
+        clf = [x["f1"] for x in r["real_runs"] if x["split"] == "test"]
+        sd = (
+            f" ± {100 * statistics.stdev(clf):.1f} (sd over classifier seeds)"
+            if len(clf) > 1
+            else ""
+        )
+        lines.append(f"| {name} | - | real | - | {100 * real['f1']:.1f}{sd} | "
                      f"{100 * real['precision']:.1f} | {100 * real['recall']:.1f} |")  # fmt: skip
         for mode in MODES:
             m = r["test"]["modes"][mode]

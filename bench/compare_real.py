@@ -198,7 +198,7 @@ def run_dataset(name: str, args: Any) -> dict[str, Any]:
 
 
 def _mean_f1(records: list[dict[str, Any]], mode: str, g: int, b: int, split: str) -> float:
-    xs = [r["f1"] for r in records if (r["mode"], r["gseed"], r["budget"], r["split"])
+    xs = [float(r["f1"]) for r in records if (r["mode"], r["gseed"], r["budget"], r["split"])
           == (mode, g, b, split)]  # fmt: skip
     return sum(xs) / len(xs)
 

@@ -33,7 +33,7 @@ SCORES = ("precision", "recall", "f1")
 # ---------------------------------------------------------------- the split
 
 
-def _class_order(seed: int, name: str, n: int) -> np.ndarray:
+def _class_order(seed: int, name: str, n: int) -> np.ndarray[Any, np.dtype[np.int64]]:
     """A permutation per class, stable across processes (hash() is salted per process)."""
     offset = int.from_bytes(hashlib.sha256(f"split_three:{name}".encode()).digest()[:4], "big")
     return np.random.default_rng(seed + offset).permutation(n)

@@ -140,3 +140,32 @@ def test_audit_planted_runs(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     row = json.loads(out.read_text())["toy 32 px"]
     assert row["exact"] == [30, 30] and row["check"][1] == 150
+
+
+def test_replicated_real_comparison_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    """bench/compare_real.py end to end on a toy dataset: the split, one codebook, two
+    generative seeds per mode with a checkpoint per candidate budget, the budget chosen on
+    validation and the paired test summary over the seeds."""
+    env = {**os.environ, "PROTOMED_NO_MALLOC_TUNING": "1"}
+    r = subprocess.run([sys.executable, "-m", "ml.cli", "toy", str(tmp_path / "data" / "toy"),
+                        "--n-per-class", "12", "--size", "16"], cwd=REPO, env=env,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "replicated.json"
+    cmd = [sys.executable, "bench/compare_real.py", "--data", str(tmp_path / "data"),
+           "--datasets", "toy", "--sizes", "5,3,3", "--budgets", "2,4", "--gen-seeds", "0,1",
+           "--clf-seeds", "0", "--preset", "tiny", "--epochs", "1",
+           "--clf-image-size", "16", "--sample-steps", "2", "--encoder", "protomed-tiny-vit",
+           "--threads", "1", "--out", str(tmp_path / "runs"), "--results", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=HANG_GUARD_S)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())["datasets"]["toy"]
+    assert res["chosen_budget"] in (2, 4)
+    assert set(res["validation_f1_by_budget"]) == {"2", "4"}
+    assert {r["budget"] for r in res["runs"] if r["split"] == "test"} == {res["chosen_budget"]}
+    for mode in ("baseline", "prototype"):
+        assert res["test"]["modes"][mode]["f1"]["n"] == 2
+    assert res["test"]["paired"]["f1"]["seeds"] == [0, 1]
+    assert res["sizes_per_class"]["test"] == dict.fromkeys(res["sizes_per_class"]["train"], 3)
+    assert "prototype - baseline (paired)" in r.stdout

@@ -6,7 +6,8 @@ from __future__ import annotations
 from fastapi import Request
 from sqlalchemy.orm import Session
 
-from api.schemas import BatchOut, ImageOut, JobOut, ProjectOut
+from api.schemas import AuditImageLinks, AuditOut, BatchOut, ImageOut, JobOut, ProjectOut
+from service.audits import AuditStored
 from service.config import Settings
 from service.db.models import Batch, Job, ReviewProject
 from service.reviews import project_counts
@@ -51,3 +52,21 @@ def project_out(session: Session, project: ReviewProject, public: str | None) ->
         id=project.id, domain=cs.domain, criteria_set_id=cs.id, version=cs.version,
         ls_project_id=project.ls_project_id, url=url, tasks=tasks, reviews=reviews,
     )  # fmt: skip
+
+
+def audit_out(job: Job, stored: AuditStored, request: Request) -> AuditOut:
+    """The stored audit with links to each image and, where kept, its nearest training image."""
+    links = []
+    for a, image_id in zip(stored.report.images, stored.image_ids, strict=True):
+        kept = str(a.index) in stored.nearest_keys
+        nearest = request.url_for("audit_nearest", batch_id=stored.batch_id, image_id=image_id)
+        links.append(
+            AuditImageLinks(
+                index=a.index,
+                image_id=image_id,
+                image_url=str(request.url_for("get_image", image_id=image_id)),
+                nearest_url=str(nearest) if kept else None,
+            )
+        )
+    return AuditOut(batch_id=stored.batch_id, job_id=job.id, finished_at=job.finished_at,
+                    report=stored.report, links=links)  # fmt: skip

@@ -15,6 +15,7 @@ from pydantic import (
     field_validator,
 )
 
+from ml.audit_models import AuditReport  # torch-free
 from ml.catalog import Layout
 from ml.config import MAX_PER_CLASS, PresetName, allowed_range  # torch-free
 from ml.results import EvaluationResult  # torch-free
@@ -22,6 +23,10 @@ from service.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
 from service.payloads import EvaluatePayload
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # dataset names (JSON body and upload form)
+LICENCE_HELP = (
+    "The licence the images were published under, e.g. 'CC BY-NC-SA 4.0' (HAM10000): model "
+    "cards and everything generated from the dataset carry it."
+)
 
 
 class Out(BaseModel):
@@ -41,6 +46,7 @@ class DatasetIn(BaseModel):
         max_length=64,
         description="Review domain (GET /criteria): toy, blood, bone-marrow, dermatoscopy, ...",
     )
+    licence: str | None = Field(default=None, max_length=200, description=LICENCE_HELP)
 
 
 class DatasetOut(Out):
@@ -50,6 +56,7 @@ class DatasetOut(Out):
     layout: str
     source: str
     domain: str | None
+    licence: str | None
     classes: list[str]
     counts: dict[str, int]
     created_at: datetime
@@ -314,3 +321,26 @@ class WebhookOut(BaseModel):
         "not be read now, or the event names too many annotations).",
     )
     detail: str | None = None
+
+
+class AuditImageLinks(BaseModel):
+    """Where to see an audited image and the training image nearest to it (kept for flagged
+    images and the closest few)."""
+
+    index: int
+    image_id: int
+    image_url: str
+    nearest_url: str | None
+
+
+class AuditOut(BaseModel):
+    """A batch's newest finished memorisation audit (``ml.audit``): per image the nearest
+    training image in pixel and CLIP space, per class the thresholds calibrated on held-out
+    real images, the flag rates and the check on other held-out images. A nearest-neighbour
+    audit, not a formal privacy guarantee."""
+
+    batch_id: int
+    job_id: int
+    finished_at: datetime | None
+    report: AuditReport
+    links: list[AuditImageLinks]

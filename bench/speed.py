@@ -1,18 +1,20 @@
 """Ours against diffusers' UNet2DModel built the same way, in one run, interleaved.
 
-The peer (``bench/peer.py``) is diffusers' ``UNet2DModel`` with the same layout and class input,
-parameter counts within 1%. Both run through the same loss and the same sampling loop (diffusers'
-DDIM scheduler, conditional and unconditional passes in one batch): only the network, its
-memory layout and its optimiser differ, each as its project ships it (ours: channels-last and
-fused AdamW, as ``protomed train``/``sample`` run; the peer: NCHW and ``torch.optim.AdamW``, as
-diffusers' examples do). Measured per preset, precision and batch size:
+The peer (``bench/peer.py``) is diffusers' ``UNet2DModel`` with the same layout and class input
+(attention blocks where ours has self-attention: ``paper``), parameter counts within 1%. Both
+run through the same loss and the same sampling loop (diffusers' DDIM scheduler, conditional
+and unconditional passes in one batch): only the network, its memory layout and its optimiser
+differ, each as its project ships it (ours: channels-last and fused AdamW, as ``protomed
+train``/``sample`` run; the peer: NCHW and ``torch.optim.AdamW``, as diffusers' examples do).
+Measured per preset, precision and batch size:
 
 - training images/s (forward, backward, AdamW step),
 - sampling images/s for DDIM-50 with guidance,
 - peak memory: resident memory of a fresh child process (CPU) or ``max_memory_allocated`` (CUDA).
 
-    .venv/bin/python bench/speed.py                          # cpu-small and paper, fp32 and bf16
+    .venv/bin/python bench/speed.py              # cpu-small, paper-legacy and paper, fp32 and bf16
     .venv/bin/python bench/speed.py --presets tiny --repeats 1 --sample-n 2 --steps 3   # smoke
+    .venv/bin/python bench/speed.py --presets tiny --set attention_resolutions=[16,8]   # attention
     python bench/speed.py --device cuda --presets paper --precisions bf16 --batch-sizes 16 256
 """
 
@@ -35,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peer import N_CLASSES, DiffusersPeer, build  # noqa: E402
-from ml.config import SampleConfig, TrainConfig  # noqa: E402
+from ml.config import SampleConfig, TrainConfig, parse_overrides  # noqa: E402
 from ml.diffusion import diffusion_loss, guided_sample, noise_scheduler, sampler  # noqa: E402
 from ml.runtime import tune_allocator  # noqa: E402
 from ml.train import make_optimizer, memory_format  # noqa: E402
@@ -102,9 +104,11 @@ def sample_rate(model: nn.Module, cfg: TrainConfig, precision: str, n: int, step
     return n / (time.perf_counter() - t0)
 
 
-def setup(which: str, preset: str, precision: str, batch: int | None, device: str):
-    """A model and the config it trains with (``batch`` overriding the preset's batch size)."""
-    model, cfg = build(which, preset, precision)
+def setup(which: str, preset: str, precision: str, batch: int | None, device: str,
+          overrides: dict | None = None):  # fmt: skip
+    """A model and the config it trains with (``batch`` overriding the preset's batch size,
+    ``overrides`` any other config field)."""
+    model, cfg = build(which, preset, precision, overrides)
     if batch is not None:
         cfg = cfg.model_copy(update={"batch_size": batch})
     return model.to(device), cfg
@@ -116,7 +120,7 @@ def child_peak_rss(which: str, preset: str, precision: str, task: str, batch: in
     code = (
         "import sys; sys.argv=['x']; import bench.speed as s, torch; "
         f"torch.set_num_threads({args.threads}); s.tune_allocator(); "
-        f"m, c = s.setup({which!r}, {preset!r}, {precision!r}, {batch!r}, 'cpu'); "
+        f"m, c = s.setup({which!r}, {preset!r}, {precision!r}, {batch!r}, 'cpu', {args.set!r}); "
         + (f"s.train_rate(m, c, {precision!r}, 1)" if task == "train" else
            f"s.sample_rate(m, c, {precision!r}, {batch or args.sample_n}, 2)")
         # VmHWM, not ru_maxrss: Linux carries a forked parent's ru_maxrss into the child.
@@ -137,7 +141,9 @@ def cuda_peak(fn: Callable[[], object]) -> float:
 
 
 def measure(preset: str, precision: str, batch: int | None, args: argparse.Namespace) -> dict:
-    models = {w: setup(w, preset, precision, batch, args.device) for w in ("ours", "diffusers")}
+    models = {
+        w: setup(w, preset, precision, batch, args.device, args.set) for w in ("ours", "diffusers")
+    }
     n = batch or args.sample_n
     row: dict = {"preset": preset, "precision": precision, "device": args.device,
                  "train_batch": models["ours"][1].batch_size, "sample_n": n}  # fmt: skip
@@ -167,7 +173,7 @@ def measure(preset: str, precision: str, batch: int | None, args: argparse.Names
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'preset':<10}{'prec':<6}{'batch':>6}{'params ours/peer':>18}"
+    head = (f"{'preset':<13}{'prec':<6}{'batch':>6}{'params ours/peer':>18}"
             f"{'train img/s ours/peer':>24}{'x':>6}{'sample img/s ours/peer':>25}{'x':>6}"
             f"{'peak MiB train':>17}{'sample':>13}")  # fmt: skip
     lines = [head]
@@ -179,7 +185,7 @@ def table(rows: list[dict]) -> str:
             )
             mem = f"{ours[0]:>9.0f}/{peer[0]:<7.0f}{ours[1]:>6.0f}/{peer[1]:<6.0f}"
         lines.append(
-            f"{r['preset']:<10}{r['precision']:<6}{r['train_batch']:>6}"
+            f"{r['preset']:<13}{r['precision']:<6}{r['train_batch']:>6}"
             f"{r['ours_params'] / 1e6:>8.2f}M/{r['diffusers_params'] / 1e6:.2f}M"
             f"{r['ours_train_img_s']:>13.2f}/{r['diffusers_train_img_s']:<10.2f}"
             f"{r['train_ratio']:>6.2f}"
@@ -191,7 +197,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--presets", nargs="+", default=["cpu-small", "paper"])
+    ap.add_argument("--presets", nargs="+", default=["cpu-small", "paper-legacy", "paper"])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[None],
                     help="training batch and sampled images per run (default: the preset's "
@@ -203,8 +209,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-memory", dest="memory", action="store_false")
+    ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                    help="config overrides for every preset (as protomed train --set)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "speed.json")
     args = ap.parse_args()
+    args.set = parse_overrides(args.set)
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True  # CUDA: both pick their fastest convolutions
     tune_allocator()  # as the `protomed` CLI does; one process, so the peer gets it too

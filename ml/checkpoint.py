@@ -102,6 +102,8 @@ def build_model(
         num_res_blocks=cfg.num_res_blocks,
         dropout=cfg.dropout,
         norm_groups=cfg.norm_groups,
+        attention_resolutions=tuple(cfg.attention_resolutions),
+        attention_heads=cfg.attention_heads,
         prototypes=prototypes if cond.mode == "prototype" else None,
     )
 
@@ -160,7 +162,7 @@ def load_model(
 ) -> LoadedModel:
     """Rebuild the UNet from a checkpoint (EMA weights by default) in eval mode."""
     ckpt = read_checkpoint(path)
-    cfg = TrainConfig(**ckpt["args"])
+    cfg = TrainConfig.from_stored(ckpt["args"])
     cond = Conditioning.from_dict(ckpt["cond"])
     state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     table = state["class_embed.weight"]

@@ -19,8 +19,10 @@ if TYPE_CHECKING:  # torch is imported where used: the API validates configs wit
 
 Mode = Literal["prototype", "baseline"]
 Precision = Literal["auto", "fp32", "bf16"]
+LossWeighting = Literal["none", "min_snr"]
 SchedulerName = Literal["ddim", "dpm++", "dpm++sde"]
-PresetName = Literal["paper", "cpu-small", "tiny"]  # the keys of PRESETS (checked below)
+PresetName = Literal["paper", "paper-legacy", "cpu-small", "tiny"]  # PRESETS' keys (checked below)
+LrSchedule = Literal["constant", "cosine"]
 # Classifiers of the downstream evaluation (ml.downstream): resnext50 is the seed's.
 Backbone = Literal["small", "resnet18", "resnext50"]
 # Steps when none are given: DDIM-50 is the seed's; SDE-DPM-Solver++ at 20 steps beat it on the
@@ -34,7 +36,11 @@ MAX_PER_CLASS = 10_000
 
 
 class TrainConfig(BaseModel):
-    """One diffusion training run. Defaults are the seed's Table 2 (the ``paper`` preset)."""
+    """One diffusion training run. Defaults are the ``paper`` preset: the seed's Table 2 where it
+    gives a value, else its reference [3], ProtoDiffusion (Baykal et al. 2024, code at
+    github.com/ituvisionlab/ProtoDiffusion, ``unet.py``/``train.py``). How each field was decided
+    is the comment beside it ("Table 2", "[3]", or why neither); the README's "The paper preset
+    against the seed and [3]" table lists what still differs."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -54,30 +60,58 @@ class TrainConfig(BaseModel):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     norm_groups: int = Field(32, ge=1, le=128)
     class_dim: int = Field(
-        768, ge=1, le=4096, description="class-embedding width; a codebook overrides it"
+        768,
+        ge=1,
+        le=4096,
+        description=(
+            "class-embedding width; training with a codebook sets it to the codebook's width "
+            "in both modes (768 = ViT-L-14's, for a baseline trained without one)"
+        ),
     )
     # diffusion
     timesteps: int = Field(1000, ge=10, le=10_000)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     p_uncond: float = Field(0.1, ge=0.0, le=1.0, description="condition dropped (CFG training)")
+    # Min-SNR-gamma (Hang et al. 2023): each timestep's loss weighted by min(SNR, gamma)/SNR
+    # (epsilon prediction), so the easy low-noise steps stop dominating the gradient; "none" is
+    # the seed's plain MSE.
+    loss_weighting: LossWeighting = "none"
+    snr_gamma: float = Field(5.0, gt=0, le=1000.0, description="gamma of min-SNR weighting")
     # optimisation
     lr: float = Field(1e-4, gt=0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0, le=10.0)
+    weight_decay: float = Field(1e-4, ge=0, le=10.0)  # [3]: AdamW(weight_decay=1e-4)
     batch_size: int = Field(16, ge=1, le=1024, description="per process (per GPU under DDP)")
     epochs: int = Field(1500, ge=1, le=100_000)
     max_steps: int | None = Field(
         None, ge=1, le=10_000_000, description="stop after this many steps if set"
     )
-    grad_clip: float | None = Field(1.0, gt=0, le=1e6)
-    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0, le=1e6)  # [3] clips no gradients
+    # [3] keeps no EMA (it trains, saves and samples the raw weights); 0 makes the EMA copy equal
+    # the weights, so sampling "EMA weights" samples those. 0.9999 was paper-legacy's.
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     precision: Precision = "auto"
-    flip: bool = Field(True, description="random horizontal/vertical flips (cells, lesions)")
+    flip: bool = Field(  # [3]'s data loaders flip nothing (ToTensor and Normalize only)
+        False, description="random horizontal/vertical flips (cells, lesions)"
+    )
     # NHWC activations (the layout tensor cores and oneDNN's convolutions prefer); None = NHWC
     # except bf16 training on a CPU, where PyTorch's NHWC GroupNorm costs more than the
     # convolutions gain (ml.train.memory_format, bench/README.md).
     channels_last: bool | None = None
     seed: int = Field(0, ge=0, le=MAX_SEED)
     checkpoint_every: int = Field(500, ge=1, le=10_000_000, description="steps between checkpoints")
+    # --- Self-attention and the learning-rate schedule, as [3] (issue 13). A stored config
+    # without these fields predates them and loads with PRE_ATTENTION's values (from_stored).
+    # [3]'s AttnBlock (GroupNorm, 1x1 q/k/v/out projections, one head, residual) follows every
+    # res block at every level and sits between the two middle res blocks; listed here by
+    # feature-map size (the middle block has it when the smallest size is listed). () = none.
+    attention_resolutions: tuple[Annotated[int, Field(ge=1, le=512)], ...] = Field(
+        (64, 32, 16, 8), max_length=6
+    )
+    attention_heads: int = Field(1, ge=1, le=64)  # [3]: one head over all channels
+    # [3]: linear warm-up over epochs // 20, then cosine annealing (diffusers' schedulers, per
+    # optimiser step; README table for how they differ from [3]'s per-epoch GradualWarmup).
+    lr_schedule: LrSchedule = "cosine"
+    lr_warmup: float = Field(0.05, ge=0.0, lt=1.0, description="warm-up share of all steps")
 
     def check_image_size(self) -> None:
         """The UNet halves the size len(mults)-1 times, so it must divide evenly."""
@@ -93,6 +127,27 @@ class TrainConfig(BaseModel):
                     f"base_channels*mult={self.base_channels * m} is not divisible by "
                     f"norm_groups={self.norm_groups}"
                 )
+        sizes = [self.image_size // 2**i for i in range(len(self.channel_mults))]
+        stray = [r for r in self.attention_resolutions if r not in sizes]
+        if stray:
+            raise ValueError(
+                f"attention_resolutions {stray} are not feature-map sizes of this model "
+                f"({sizes}); use [] for no attention"
+            )
+        for r in self.attention_resolutions:
+            ch = self.base_channels * self.channel_mults[sizes.index(r)]
+            if ch % self.attention_heads:
+                raise ValueError(
+                    f"{ch} channels at size {r} do not split into "
+                    f"attention_heads={self.attention_heads} heads"
+                )
+
+    @classmethod
+    def from_stored(cls, values: dict[str, Any]) -> TrainConfig:
+        """A config read back from a checkpoint or a queued job: fields it lacks because it was
+        written before they existed take the values that reproduce that older model and
+        schedule (PRE_ATTENTION), not today's defaults."""
+        return cls(**{**PRE_ATTENTION, **values})
 
 
 class SampleConfig(BaseModel):
@@ -122,11 +177,33 @@ class SampleConfig(BaseModel):
         return self
 
 
+# The fields issue 13 added, at the values of the model and schedule before them: no attention,
+# a constant rate. A stored config without them loads with these (TrainConfig.from_stored).
+PRE_ATTENTION: dict[str, Any] = {
+    "attention_resolutions": (),
+    "attention_heads": 1,
+    "lr_schedule": "constant",
+    "lr_warmup": 0.0,
+}
+# The training recipe before issue 13 (on top of PRE_ATTENTION): no weight decay, gradient
+# clipping at norm 1, random flips, EMA 0.9999.
+LEGACY_RECIPE: dict[str, Any] = {
+    **PRE_ATTENTION,
+    "weight_decay": 0.0,
+    "grad_clip": 1.0,
+    "flip": True,
+    "ema_decay": 0.9999,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # The seed's Table 2, exactly.
+    # The seed's Table 2, and its reference [3] where the seed is silent (TrainConfig's fields).
     "paper": {},
+    # `paper` as it was before issue 13: Table 2 without attention, a constant rate, no weight
+    # decay, clipping, flips and EMA 0.9999 (checkpoints of that time load as they were).
+    "paper-legacy": {**LEGACY_RECIPE},
     # Trains visibly on 2 CPU cores in minutes (2.5M parameters at 32x32, as issue 6's peer).
     "cpu-small": {
+        **LEGACY_RECIPE,
         "image_size": 32,
         "base_channels": 32,
         "channel_mults": (1, 2, 4),
@@ -139,6 +216,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # For unit tests only: a few thousand parameters.
     "tiny": {
+        **LEGACY_RECIPE,
         "image_size": 16,
         "base_channels": 8,
         "channel_mults": (1, 2),

@@ -48,6 +48,14 @@ def sampler(name: SchedulerName, train_sched: DDPMScheduler, steps: int) -> Samp
     return s
 
 
+def min_snr_weight(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weight for epsilon prediction (Hang et al. 2023): min(SNR_t, gamma) /
+    SNR_t with SNR_t = alpha_bar_t / (1 - alpha_bar_t); 1 at noisy steps, smaller at clean ones."""
+    abar = sched.alphas_cumprod.to(t.device)[t].float()
+    snr = abar / (1.0 - abar)
+    return snr.clamp(max=gamma) / snr
+
+
 def diffusion_loss(
     model: torch.nn.Module,
     x0: torch.Tensor,
@@ -55,8 +63,10 @@ def diffusion_loss(
     sched: DDPMScheduler,
     p_uncond: float,
     amp_dtype: torch.dtype | None = None,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """MSE between true and predicted noise at a uniform random t; labels dropped with p_uncond.
+    With ``snr_gamma`` each image's MSE is weighted by :func:`min_snr_weight`.
 
     Randomness comes from the global RNG so that the trainer can seed each step (exact resume).
     """
@@ -70,7 +80,10 @@ def diffusion_loss(
     ctx = torch.autocast(x0.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     with ctx:
         eps = model(xt, t, labels)
-    return F.mse_loss(eps.float(), noise)
+    if snr_gamma is None:
+        return F.mse_loss(eps.float(), noise)
+    per_image = F.mse_loss(eps.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+    return (min_snr_weight(sched, t, snr_gamma) * per_image).mean()
 
 
 @torch.inference_mode()

@@ -140,3 +140,23 @@ def upsample_conv(
     """
     w = (cache or KernelCache()).kernel(conv.weight, x)
     return F.conv_transpose2d(x, w, conv.bias, stride=2, padding=1)
+
+
+def self_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Spec: ``qkv`` (N, 3C, H, W) holds q, k and v (N, C, H, W each, in that order along the
+    channels); per head of d = C / heads channels (head j: channels j*d to (j+1)*d - 1 of each)
+    and per image, over the L = H*W positions, ``softmax(q^T k / sqrt(d)) v``; returned as
+    (N, C, H, W), the heads concatenated along the channels.
+
+    Faster: ``F.scaled_dot_product_attention`` picks a fused kernel (flash or memory-efficient
+    attention on CUDA, a blocked kernel on CPUs) that never holds the L x L weights in memory,
+    which the written-out product does (4096 x 4096 per head and image at 64x64). The result
+    is returned as a channels-last view, the layout the following 1x1 conv prefers.
+    """
+    n, c3, h, w = qkv.shape
+    c = c3 // 3
+    # (N, H, W, 3, heads, d) -> three (N, heads, L, d) views
+    tokens = qkv.permute(0, 2, 3, 1).reshape(n, h * w, 3, heads, c // heads)
+    q, k, v = tokens.permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, d)
+    return out.transpose(1, 2).reshape(n, h, w, c).permute(0, 3, 1, 2)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from diffusers.optimization import get_scheduler
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -80,6 +81,21 @@ def conditioning_for(
     if mode == "baseline":
         return Conditioning(classes, mode, 1, None, codebook.encoder if codebook else None), None
     raise ValueError(f"unknown mode {mode!r}; choose prototype or baseline")
+
+
+def class_width(cfg: TrainConfig, codebook: Codebook | None) -> TrainConfig:
+    """The config with the class table's true width: a codebook's, in both modes.
+
+    The modes must differ only in the class table (frozen prototypes vs learnable rows), so the
+    baseline's learnable table takes the codebook's width too, and the config saved with the run
+    records the width the model has. Without a codebook (a baseline from a dataset folder) the
+    configured ``class_dim`` is used (768 by default, ViT-L-14's width).
+    """
+    if codebook is None or cfg.class_dim == codebook.dim:
+        return cfg
+    if "class_dim" in cfg.model_fields_set:
+        log.info("class_dim %d replaced by the codebook's width %d", cfg.class_dim, codebook.dim)
+    return cfg.model_copy(update={"class_dim": codebook.dim})
 
 
 def table_rows(data: ImageSet, cond: Conditioning, codebook: Codebook | None) -> torch.Tensor:
@@ -146,6 +162,45 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
+def make_lr_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, total: int, start: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The rate for each optimiser step, from diffusers' schedules (stepped once per step):
+    ``cosine`` rises linearly from 0 over the first ``lr_warmup`` share of the ``total`` steps,
+    then falls along a half cosine to 0 at ``total`` ([3]: warm-up over epochs // 20, then
+    cosine annealing); ``constant`` holds ``cfg.lr`` after its warm-up, if any.
+
+    ``start`` > 0 (a resume) builds it at that step, so a checkpoint saved before schedules
+    existed resumes on the right rate too; a saved scheduler state is then loaded on top.
+    """
+    warmup = round(cfg.lr_warmup * total)
+    name = "cosine" if cfg.lr_schedule == "cosine" else "constant"
+    if warmup and name == "constant":
+        name = "constant_with_warmup"
+    for group in opt.param_groups:  # what a resumed schedule scales; the optimiser's own lr
+        group.setdefault("initial_lr", cfg.lr)
+    return get_scheduler(
+        name, opt, num_warmup_steps=warmup, num_training_steps=total, last_epoch=start - 1
+    )
+
+
+# The fields that shape the network: a resumed run must match its checkpoint in each.
+MODEL_FIELDS = ("image_size", "in_channels", "base_channels", "channel_mults", "num_res_blocks",
+                "norm_groups", "attention_resolutions", "attention_heads")  # fmt: skip
+
+
+def _check_same_model(cfg: TrainConfig, stored: TrainConfig, path: Path | str) -> None:
+    """A clear error instead of a state-dict mismatch, e.g. a checkpoint of ``paper`` from
+    before issue 13 resumed with today's ``paper`` (which has attention)."""
+    differ = [f for f in MODEL_FIELDS if getattr(cfg, f) != getattr(stored, f)]
+    if differ:
+        got = ", ".join(f"{f}={getattr(stored, f)!r} (config: {getattr(cfg, f)!r})" for f in differ)
+        raise ValueError(
+            f"{path} holds a different model: {got}; resume with its settings "
+            f"(a paper checkpoint without attention: --preset paper-legacy)"
+        )
+
+
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     torch._foreach_lerp_(
@@ -188,6 +243,10 @@ def train(
     device = resolve_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    ckpt = read_checkpoint(resume) if resume is not None else None
+    cfg = class_width(cfg, codebook)
+    if ckpt is not None and cfg.mode == "baseline":  # a run from before the width fix resumes
+        cfg = cfg.model_copy(update={"class_dim": int(ckpt["args"]["class_dim"])})
     cond, table = conditioning_for(cfg.mode, list(data.classes), codebook)
     if extra:
         cond.extra.update(extra)
@@ -200,18 +259,22 @@ def train(
     ema = deepcopy(model).requires_grad_(False).eval()
     opt = make_optimizer(model, cfg)
     start = 0
-    if resume is not None:
-        ckpt = read_checkpoint(resume)
+    total = steps_for(cfg, len(data.images), world)
+    if ckpt is not None:
+        _check_same_model(cfg, TrainConfig.from_stored(ckpt["args"]), resume or "")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         start = int(ckpt["step"])
         log.info("resumed from %s at step %d", resume, start)
+    lr_sched = make_lr_scheduler(opt, cfg, total, start)
+    if ckpt is not None and "lr_sched" in ckpt:
+        lr_sched.load_state_dict(ckpt["lr_sched"])
     net = DistributedDataParallel(model) if world > 1 else model
     sched = noise_scheduler(cfg)
+    gamma = cfg.snr_gamma if cfg.loss_weighting == "min_snr" else None
     images = data.images.to(device)
     rows = rows.to(device)
-    total = steps_for(cfg, len(images), world)
     steps_per_epoch = max(1, len(images) // (cfg.batch_size * world))
     is_main = rank == 0
 
@@ -220,6 +283,7 @@ def train(
             "model": model.state_dict(),
             "ema": ema.state_dict(),
             "opt": opt.state_dict(),
+            "lr_sched": lr_sched.state_dict(),
             "step": step,
             "args": cfg.model_dump(mode="json"),
             "cond": cond.to_dict(),
@@ -243,12 +307,14 @@ def train(
                 x0 = torch.where(flip_h[:, None, None, None], x0.flip(3), x0)
                 x0 = torch.where(flip_v[:, None, None, None], x0.flip(2), x0)
             x0 = x0.contiguous(memory_format=layout)
-            loss = diffusion_loss(net, x0, rows[idx.to(device)], sched, cfg.p_uncond, amp)
+            loss = diffusion_loss(net, x0, rows[idx.to(device)], sched, cfg.p_uncond, amp, gamma)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr = opt.param_groups[0]["lr"]  # the rate this step used
             opt.step()
+            lr_sched.step()
             _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
             loss_value = loss.item()
             done = step + 1
@@ -264,7 +330,7 @@ def train(
                     (total - done) / rate,
                     rate * cfg.batch_size * world,
                 )
-                metrics.write(json.dumps({"step": done, "loss": loss_value}) + "\n")
+                metrics.write(json.dumps({"step": done, "loss": loss_value, "lr": lr}) + "\n")
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 bar.update(1)
                 if done % cfg.checkpoint_every == 0 and done < total:

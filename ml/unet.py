@@ -3,7 +3,11 @@
 Layout follows the common DDPM UNet (and diffusers' ``UNet2DModel``, so the two can be compared
 like for like): conv in, per level ``num_res_blocks`` residual blocks then a strided-conv
 downsample, a two-block middle, per level ``num_res_blocks + 1`` blocks with skip connections
-then a nearest-neighbour upsample, norm/SiLU/conv out. No attention (Table 2 has none).
+then a nearest-neighbour upsample, norm/SiLU/conv out. Self-attention as the seed's reference
+[3] (ProtoDiffusion's ``unet.py``) places it: an :class:`AttnBlock` after every residual block of
+each level whose feature-map size is in ``attention_resolutions``, and between the two middle
+blocks when the smallest size is listed (the ``paper`` preset lists every size; ``()`` gives
+the attention-free model of ``paper-legacy``, with the same parameter names as before).
 
 Conditioning: the sinusoidal time embedding is **concatenated** with the class embedding, and an
 MLP turns that into one vector that every residual block applies as a FiLM scale/shift.
@@ -19,8 +23,9 @@ embedding, so the conditional and unconditional passes can share one batch.
 
 This file is only the model. Where a layer is computed faster than written (SiLU and residual
 adds in place while sampling, FiLM folded into GroupNorm's affine, the CPU dropout mask, the
-upsampling as one transposed conv), it calls a kernel in ``ml.ops`` whose docstring states the
-plain formula it equals; ``tests/test_fast_paths.py`` holds each to that formula.
+upsampling as one transposed conv, attention through ``F.scaled_dot_product_attention``), it
+calls a kernel in ``ml.ops`` whose docstring states the plain formula it equals;
+``tests/test_fast_paths.py`` holds each to that formula.
 """
 
 from __future__ import annotations
@@ -84,6 +89,28 @@ class ResBlock(nn.Module):
         return ops.add_residual(h, self.skip(x))
 
 
+class AttnBlock(nn.Module):
+    """Self-attention over the H*W positions, as [3]'s ``AttnBlock`` (there with one head):
+
+        q, k, v = 1x1 convs of norm(x)
+        out = x + proj(softmax(q^T k / sqrt(d)) v)        per head of d = C / heads channels
+
+    q, k and v come from one 1x1 conv of 3C outputs (the same parameters as three separate
+    ones); the attention itself is ``ops.self_attention``.
+    """
+
+    def __init__(self, ch: int, *, heads: int = 1, groups: int = 32) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = ops.self_attention(self.qkv(self.norm(x)), self.heads)
+        return ops.add_residual(self.proj(h), x)
+
+
 class Downsample(nn.Module):
     """A 3x3 conv with stride 2: half the resolution, same channels."""
 
@@ -126,6 +153,8 @@ class UNet(nn.Module):
         num_res_blocks: int = 2,
         dropout: float = 0.1,
         norm_groups: int = 32,
+        attention_resolutions: tuple[int, ...] = (),
+        attention_heads: int = 1,
         prototypes: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
@@ -160,11 +189,21 @@ class UNet(nn.Module):
         def block(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout=dropout, groups=norm_groups)
 
+        def attn(ch: int) -> AttnBlock:
+            return AttnBlock(ch, heads=attention_heads, groups=norm_groups)
+
+        attend = [image_size // 2**level in attention_resolutions for level in range(len(chans))]
+        # A block's index in these lists stays what it was without attention (attention blocks
+        # live in ModuleDicts keyed by that index), so an attention-free model's parameter names
+        # are those of checkpoints written before attention existed.
         self.down = nn.ModuleList()
+        self.down_attn = nn.ModuleDict()
         skip_chans = [chans[0]]
         ch = chans[0]
         for level, cout in enumerate(chans):
             for _ in range(num_res_blocks):
+                if attend[level]:
+                    self.down_attn[str(len(self.down))] = attn(cout)
                 self.down.append(block(ch, cout))
                 ch = cout
                 skip_chans.append(ch)
@@ -173,10 +212,14 @@ class UNet(nn.Module):
                 skip_chans.append(ch)
 
         self.mid = nn.ModuleList([block(ch, ch), block(ch, ch)])
+        self.mid_attn = attn(ch) if attend[-1] else None
 
         self.up = nn.ModuleList()
+        self.up_attn = nn.ModuleDict()
         for level, cout in reversed(list(enumerate(chans))):
             for _ in range(num_res_blocks + 1):
+                if attend[level]:
+                    self.up_attn[str(len(self.up))] = attn(cout)
                 self.up.append(block(ch + skip_chans.pop(), cout))
                 ch = cout
             if level > 0:
@@ -206,16 +249,22 @@ class UNet(nn.Module):
         emb = self.condition(t, labels)
         h = self.conv_in(x)
         skips = [h]
-        for layer in self.down:
+        for i, layer in enumerate(self.down):
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            if str(i) in self.down_attn:
+                h = self.down_attn[str(i)](h)
             skips.append(h)
-        for layer in self.mid:
-            h = layer(h, emb)
-        for layer in self.up:
+        h = self.mid[0](h, emb)
+        if self.mid_attn is not None:
+            h = self.mid_attn(h)
+        h = self.mid[1](h, emb)
+        for i, layer in enumerate(self.up):
             if isinstance(layer, ResBlock):
                 h = layer(torch.cat([h, skips.pop()], dim=1), emb)
             else:
                 h = layer(h)
+            if str(i) in self.up_attn:
+                h = self.up_attn[str(i)](h)
         return self.conv_out(ops.silu(self.norm_out(h)))
 
 

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -63,6 +64,40 @@ def create_key_cmd(
         _, token = create_key(session, name, role)
         session.commit()
     typer.echo(token)
+
+
+class CardFormat(StrEnum):
+    markdown = "markdown"
+    json = "json"
+
+
+@app.command()
+def card(
+    model_id: Annotated[int, typer.Argument(help="The model's id (GET /models lists them).")],
+    format: Annotated[CardFormat, typer.Option(help="Markdown or JSON.")] = CardFormat.markdown,
+) -> None:
+    """Print a model's card from the service's database: training data and licence, encoder,
+    configuration, evaluation, expert plausibility, audits, intended use and limits."""
+    from service.db.models import Model
+    from service.db.session import get_sessionmaker
+    from service.model_cards import build_card, card_markdown
+
+    with get_sessionmaker()() as session:
+        model = session.get(Model, model_id)
+        if model is None:
+            _fail(f"no model with id {model_id} in {_database_name()}")
+            return
+        built = build_card(session, model)
+    typer.echo(
+        card_markdown(built) if format is CardFormat.markdown else built.model_dump_json(indent=2)
+    )
+
+
+def _database_name() -> str:
+    from service.config import get_settings
+
+    url = get_settings().database_url
+    return url.rsplit("@", 1)[-1]  # never print a password
 
 
 def _admin_key(state: Path) -> tuple[str, str | None]:

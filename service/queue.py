@@ -26,6 +26,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "sample": ("protomed.sample", GPU_QUEUE),
     "evaluate": ("protomed.evaluate", GPU_QUEUE),
     "review_sync": ("protomed.review_sync", DEFAULT_QUEUE),
+    "audit": ("protomed.audit", GPU_QUEUE),  # CLIP embeddings: where the ml stack is
 }
 
 

@@ -2,33 +2,71 @@
 
 Per class, the share of generated images that reviewers judged plausible, for each model column
 (baseline vs prototype-guided), with Wilson intervals, the prototype-minus-baseline difference
-(Newcombe's hybrid score interval, Fisher's exact test), per-criterion failure rates and
-inter-reviewer agreement (Cohen's or Fleiss' kappa).
+(Newcombe's hybrid score interval, Fisher's exact test, Holm-adjusted over the classes), a
+pooled comparison stratified by class (Cochran-Mantel-Haenszel), per-criterion failure rates and
+inter-reviewer agreement (Cohen's or Fleiss' kappa). The result is a typed
+:class:`~service.report_models.PlausibilityReport`.
 
-Pure and torch-free, with no web code, so the API and the CLI can both use it and it is cheap to
-test. scipy is imported only inside :func:`fisher_p` (importing ``scipy.stats`` takes about half a
-second, too slow for the API's start).
+**The image is the unit.** The models generated images; reviewers are repeated measurements of
+each image, not more images. Counting every verdict as a sample (as this module did before)
+multiplies n by the number of reviewers: three reviewers giving identical verdicts on 20 images
+per model turned p = 0.11 into p = 0.0017. So each image gets one verdict, its reviewers'
+**majority** (a reviewer judging it twice counts once, with the later verdict), and rates,
+intervals and tests count images. A **tie counts as implausible**: an image is called plausible
+only when more of its reviewers accepted it than rejected it, the same strict reading as "one
+failed criterion makes an image implausible"; with two reviewers that means both. The rule is
+the same for both models, so it favours neither. Why majority rather than the mean verdict or a
+mixed model: a binary per-image outcome keeps the exact small-sample methods (Wilson, Newcombe,
+Fisher, CMH) that per-class counts of a few dozen images need, it reduces to the plain verdict
+with one reviewer per image, and unanimous extra reviewers leave every number unchanged. What
+it gives up: a split image counts as fully implausible; ``ties`` says how many there were.
+Reviewer disagreement itself is reported as agreement (kappa), over verdicts.
 
-Unit of counting: one :class:`Judgement`, i.e. one reviewer's verdict on one image; ``images``
-counts distinct images. Rates and interval limits are fractions in [0, 1] and are left unrounded
-(rounding is the presentation's job, see :func:`report_csv`); ``percent_agreement`` alone is a
-percentage, as its name says. Dict keys naming models are ``str(model_id)`` so a report survives a
-JSON round trip unchanged.
+**Several classes.** Each class's Fisher p is reported raw and Holm-adjusted over the k classes
+compared (``p_holm``). The pooled row pools images over classes (rates, Newcombe interval and an
+unstratified Fisher p, descriptive); the pooled *test* is ``average.stratified``: the
+Cochran-Mantel-Haenszel test stratified by class with the Mantel-Haenszel common odds ratio, so
+a model that merely had more images of an easy class does not look better.
+
+Per-criterion failure rates count verdicts (each reviewer's reading of each criterion) and carry
+no test. Pure and torch-free, with no web code, so the API and the CLI can both use it; scipy is
+imported only inside :mod:`service.statistics`' functions.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from service.criteria import VERDICTS
-
-CONFIDENCE = 0.95  # two-sided level of every interval in the report
+from service.report_models import (
+    Agreement,
+    Average,
+    ClassDifference,
+    ClassRow,
+    Criterion,
+    CriterionFailure,
+    Difference,
+    MacroDifference,
+    Methods,
+    ModelColumn,
+    PlausibilityReport,
+    RateEntry,
+    Stratified,
+)
+from service.statistics import (
+    cohen_kappa,
+    fisher_p,
+    fleiss_kappa,
+    holm,
+    mantel_haenszel,
+    newcombe_difference,
+    wilson,
+)
 
 
 @dataclass(frozen=True)
@@ -44,125 +82,25 @@ class Judgement:
     criteria: dict[str, str]  # criterion key -> "pass" | "fail" | "na"
 
 
-# --- proportions ---------------------------------------------------------------------------------
+def _by_image(judgements: Iterable[Judgement]) -> dict[int, dict[str, bool]]:
+    """Image -> reviewer -> verdict; a reviewer judging an image twice counts once, with the
+    later verdict."""
+    by_image: dict[int, dict[str, bool]] = defaultdict(dict)
+    for j in judgements:
+        by_image[j.image_id][j.reviewer] = bool(j.plausible)
+    return by_image
 
 
-def _check_counts(k: int, n: int) -> None:
-    if n < 0 or k < 0 or k > n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-
-
-def wilson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (scipy's ``binomtest``).
-
-    Chosen over the Wald interval because review counts per class are small and rates often sit
-    at 0 or 1, where Wald collapses to a point. With n = 0 nothing is known: (0.0, 1.0).
-    """
-    _check_counts(k, n)
-    if n == 0:
-        return 0.0, 1.0
-    from scipy.stats import binomtest  # slow import, kept out of the module's import
-
-    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
-    return float(ci.low), float(ci.high)
-
-
-def newcombe_difference(
-    k1: int, n1: int, k2: int, n2: int, confidence: float = CONFIDENCE
-) -> tuple[float, float]:
-    """Interval for p2 - p1 by Newcombe's hybrid score method (method 10, Stat Med 1998).
-
-    Built from the two Wilson intervals, so it keeps their good coverage for small n and never
-    leaves [-1, 1]. Side 2 is the prototype model, so a positive difference favours it. With
-    n = 0 on either side the difference is unknown: (-1.0, 1.0), as :func:`wilson` gives (0, 1).
-    """
-    _check_counts(k1, n1)
-    _check_counts(k2, n2)
-    if n1 == 0 or n2 == 0:
-        return -1.0, 1.0
-    p1, p2 = k1 / n1, k2 / n2
-    l1, u1 = wilson(k1, n1, confidence)
-    l2, u2 = wilson(k2, n2, confidence)
-    d = p2 - p1
-    lower = d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2)
-    upper = d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)
-    return max(-1.0, lower), min(1.0, upper)
-
-
-def fisher_p(k1: int, n1: int, k2: int, n2: int) -> float:
-    """Two-sided Fisher exact p for k1/n1 vs k2/n2: exact, as counts per class are small."""
-    _check_counts(k1, n1)
-    _check_counts(k2, n2)
-    from scipy.stats import fisher_exact  # slow import, kept out of the module's import
-
-    _, p = fisher_exact([[k1, n1 - k1], [k2, n2 - k2]], alternative="two-sided")
-    return min(1.0, float(p))
-
-
-# --- agreement -----------------------------------------------------------------------------------
-
-
-def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> float:
-    """Cohen's kappa for two raters' binary verdicts on the same items.
-
-    Degenerate case: when both raters give one and the same verdict to every item, chance
-    agreement is 1 and kappa is 0/0; we return 1.0 (they agree perfectly) rather than NaN, which
-    would not survive JSON. (sklearn returns NaN there.) This is the only case with chance
-    agreement 1, so every other input has the usual value.
-    """
-    if len(a) != len(b):
-        raise ValueError(f"raters rated different numbers of items: {len(a)} vs {len(b)}")
-    n = len(a)
-    if n == 0:
-        raise ValueError("no items")
-    observed = sum(bool(x) == bool(y) for x, y in zip(a, b, strict=True)) / n
-    pa, pb = sum(map(bool, a)) / n, sum(map(bool, b)) / n
-    chance = pa * pb + (1 - pa) * (1 - pb)
-    if chance >= 1.0:
-        return 1.0
-    return (observed - chance) / (1 - chance)
-
-
-def fleiss_kappa(counts: Sequence[Sequence[int]]) -> float:
-    """Fleiss' kappa (1971) from an items x categories table of rating counts.
-
-    Every item must have the same number (>= 2) of ratings, as the statistic assumes; raters may
-    differ between items. Degenerate case as in :func:`cohen_kappa`: all ratings in one category
-    gives 1.0.
-    """
-    rows = [list(r) for r in counts]
-    if not rows:
-        raise ValueError("no items")
-    k = len(rows[0])
-    if k < 1 or any(len(r) != k for r in rows):
-        raise ValueError("every item needs the same, non-zero, number of categories")
-    if any(c < 0 for r in rows for c in r):
-        raise ValueError("counts must be non-negative")
-    m = sum(rows[0])
-    if m < 2 or any(sum(r) != m for r in rows):
-        raise ValueError("every item needs the same number (>= 2) of ratings")
-    n_items = len(rows)
-    observed = sum((sum(c * c for c in r) - m) / (m * (m - 1)) for r in rows) / n_items
-    shares = [sum(r[j] for r in rows) / (n_items * m) for j in range(k)]
-    chance = sum(p * p for p in shares)
-    if chance >= 1.0:
-        return 1.0
-    return (observed - chance) / (1 - chance)
-
-
-def agreement(judgements: Sequence[Judgement]) -> dict[str, Any] | None:
+def agreement(judgements: Sequence[Judgement]) -> Agreement | None:
     """Inter-reviewer agreement on the plausible/implausible verdict.
 
     None with fewer than 2 reviewers or no image rated by >= 2 of them. Exactly 2 reviewers:
     Cohen's kappa on the images both rated. More: Fleiss' kappa on the images rated by the most
     common number m >= 2 of reviewers (ties: the larger m, more raters per item), since Fleiss
-    needs the same number of ratings per item. A reviewer judging one image twice counts once,
-    with the later verdict. ``percent_agreement`` is the observed pairwise agreement in percent;
-    ``reviewers`` are those who rated the items used.
+    needs the same number of ratings per item. ``percent_agreement`` is the observed pairwise
+    agreement in percent; ``reviewers`` are those who rated the items used.
     """
-    by_image: dict[int, dict[str, bool]] = defaultdict(dict)
-    for j in judgements:
-        by_image[j.image_id][j.reviewer] = bool(j.plausible)
+    by_image = _by_image(judgements)
     all_reviewers = {r for verdicts in by_image.values() for r in verdicts}
     if len(all_reviewers) < 2:
         return None
@@ -173,14 +111,10 @@ def agreement(judgements: Sequence[Judgement]) -> dict[str, Any] | None:
             return None
         a, b = [v[first] for v in both], [v[second] for v in both]
         same = sum(x == y for x, y in zip(a, b, strict=True))
-        return {
-            "method": "cohen",
-            "kappa": cohen_kappa(a, b),
-            "items": len(both),
-            "raters": 2,
-            "reviewers": [first, second],
-            "percent_agreement": 100.0 * same / len(both),
-        }
+        return Agreement(
+            method="cohen", kappa=cohen_kappa(a, b), items=len(both), raters=2,
+            reviewers=[first, second], percent_agreement=100.0 * same / len(both),
+        )  # fmt: skip
     sizes = Counter(len(v) for v in by_image.values() if len(v) >= 2)
     if not sizes:
         return None
@@ -188,48 +122,59 @@ def agreement(judgements: Sequence[Judgement]) -> dict[str, Any] | None:
     items = [v for v in by_image.values() if len(v) == m]
     table = [[sum(v.values()), m - sum(v.values())] for v in items]
     pairwise = sum((y * y + n * n - m) / (m * (m - 1)) for y, n in table) / len(table)
-    return {
-        "method": "fleiss",
-        "kappa": fleiss_kappa(table),
-        "items": len(items),
-        "raters": m,
-        "reviewers": sorted({r for v in items for r in v}),
-        "percent_agreement": 100.0 * pairwise,
-    }
+    return Agreement(
+        method="fleiss", kappa=fleiss_kappa(table), items=len(items), raters=m,
+        reviewers=sorted({r for v in items for r in v}), percent_agreement=100.0 * pairwise,
+    )  # fmt: skip
 
 
 # --- the report ----------------------------------------------------------------------------------
 
 
-def _rate_entry(js: Sequence[Judgement]) -> dict[str, Any]:
-    """Counts, rate and Wilson interval for one model over some judgements."""
-    n = len(js)
-    k = sum(bool(j.plausible) for j in js)
-    lo, hi = wilson(k, n)
-    return {
-        "images": len({j.image_id for j in js}),
-        "reviews": n,
-        "plausible": k,
-        "rate": k / n if n else None,
-        "ci": [lo, hi],
-    }
+def _rate_entry(js: Sequence[Judgement]) -> RateEntry:
+    """Images, their majority verdicts, rate and Wilson interval for one model: the image is the
+    unit (module docstring); ``reviews`` counts the verdicts behind them."""
+    votes = [(sum(v.values()), len(v)) for v in _by_image(js).values()]
+    n = len(votes)
+    k = sum(2 * yes > m for yes, m in votes)
+    return RateEntry(
+        images=n, reviews=len(js), plausible=k, ties=sum(2 * yes == m for yes, m in votes),
+        rate=k / n if n else None, ci=wilson(k, n),
+    )  # fmt: skip
 
 
-def _difference(base: dict[str, Any], proto: dict[str, Any]) -> dict[str, Any] | None:
-    """Prototype minus baseline rate, with interval and exact p; None if a side has no reviews."""
-    k1, n1, k2, n2 = base["plausible"], base["reviews"], proto["plausible"], proto["reviews"]
+def _difference(base: RateEntry, proto: RateEntry) -> Difference | None:
+    """Prototype minus baseline rate over images, with interval and exact p; None if a side has
+    no images."""
+    k1, n1, k2, n2 = base.plausible, base.images, proto.plausible, proto.images
     if n1 == 0 or n2 == 0:
         return None
-    lo, hi = newcombe_difference(k1, n1, k2, n2)
-    return {
-        "value": k2 / n2 - k1 / n1,
-        "ci": [lo, hi],
-        "p_value": fisher_p(k1, n1, k2, n2),
-        "test": "fisher-exact",
+    return Difference(
+        value=k2 / n2 - k1 / n1, ci=newcombe_difference(k1, n1, k2, n2),
+        p_value=fisher_p(k1, n1, k2, n2),
+    )  # fmt: skip
+
+
+def _stratified(
+    classes: Mapping[str, tuple[RateEntry, RateEntry]],
+) -> Stratified | None:
+    """CMH over the classes both models were judged on, rows (prototype, baseline), so an odds
+    ratio above 1 favours the prototype; None where the test is undefined."""
+    strata = {
+        name: ((p.plausible, p.images - p.plausible), (b.plausible, b.images - b.plausible))
+        for name, (b, p) in classes.items()
+        if b.images and p.images
     }
+    result = mantel_haenszel(list(strata.values()))
+    if result is None:
+        return None
+    return Stratified(
+        statistic=result.statistic, p_value=result.p_value, odds_ratio=result.odds_ratio,
+        odds_ratio_ci=result.odds_ratio_ci, strata=list(strata),
+    )  # fmt: skip
 
 
-def _criteria_failure(js: Iterable[Judgement], keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+def _criteria_failure(js: Iterable[Judgement], keys: Sequence[str]) -> dict[str, CriterionFailure]:
     """Per criterion, failures among the judgements that judged it ("na" or absent: not judged)."""
     fail = dict.fromkeys(keys, 0)
     judged = dict.fromkeys(keys, 0)
@@ -241,19 +186,15 @@ def _criteria_failure(js: Iterable[Judgement], keys: Sequence[str]) -> dict[str,
             if verdict != "na":
                 judged[key] += 1
                 fail[key] += verdict == "fail"
+    rates = {key: fail[key] / judged[key] if judged[key] else None for key in keys}
     return {
-        key: {
-            "fail": fail[key],
-            "judged": judged[key],
-            "rate": fail[key] / judged[key] if judged[key] else None,
-        }
-        for key in keys
+        key: CriterionFailure(fail=fail[key], judged=judged[key], rate=rates[key]) for key in keys
     }
 
 
 def _macro_difference(
-    classes: Sequence[dict[str, Any]], baseline_id: int | None, prototype_id: int | None
-) -> dict[str, Any] | None:
+    classes: Sequence[ClassRow], baseline_id: int | None, prototype_id: int | None
+) -> MacroDifference | None:
     """Prototype minus baseline of the macro averages, both taken over the classes that both
     models were judged on: each model's own macro (``average.macro``) may cover other classes
     (one model unreviewed on a class), and a difference of averages over different class sets
@@ -262,49 +203,58 @@ def _macro_difference(
     if baseline_id is None or prototype_id is None:
         return None
     b, p = str(baseline_id), str(prototype_id)
-    both = [c for c in classes if None not in (c["models"][b]["rate"], c["models"][p]["rate"])]
-    names = [c["class"] for c in both]
-    left_out = [c["class"] for c in classes if c["class"] not in names]
+    both = [
+        (c.class_name, rb, rp)
+        for c in classes
+        if (rb := c.models[b].rate) is not None and (rp := c.models[p].rate) is not None
+    ]
+    names = [name for name, _, _ in both]
+    left_out = [c.class_name for c in classes if c.class_name not in names]
     if not both:
-        return {"value": None, "baseline": None, "prototype": None, "classes": [],
-                "left_out": left_out}  # fmt: skip
-    mb = sum(c["models"][b]["rate"] for c in both) / len(both)
-    mp = sum(c["models"][p]["rate"] for c in both) / len(both)
-    return {"value": mp - mb, "baseline": mb, "prototype": mp, "classes": names,
-            "left_out": left_out}  # fmt: skip
+        return MacroDifference(
+            value=None, baseline=None, prototype=None, classes=[], left_out=left_out
+        )
+    mb = sum(rb for _, rb, _ in both) / len(both)
+    mp = sum(rp for _, _, rp in both) / len(both)
+    return MacroDifference(
+        value=mp - mb, baseline=mb, prototype=mp, classes=names, left_out=left_out
+    )
 
 
-def _only(models: Sequence[dict[str, Any]], mode: str) -> int | None:
-    ids = [m["id"] for m in models if m.get("mode") == mode]
+def _only(models: Sequence[ModelColumn], mode: str) -> int | None:
+    ids = [m.id for m in models if m.mode == mode]
     return ids[0] if len(ids) == 1 else None
 
 
 def plausibility_report(
     judgements: Sequence[Judgement],
-    models: Sequence[dict[str, Any]],
-    criteria: Sequence[dict[str, Any]],
+    models: Sequence[ModelColumn | Mapping[str, Any]],
+    criteria: Sequence[Criterion | Mapping[str, Any]],
     *,
     baseline_id: int | None = None,
     prototype_id: int | None = None,
-) -> dict[str, Any]:
-    """The Tables 3-4 report as a JSON-serialisable dict (shape: see the module and the API).
+) -> PlausibilityReport:
+    """The Tables 3-4 report (shape: :mod:`service.report_models`; statistics: the module).
 
     ``models`` are the columns, in order; judgements of other models are left out (of the
     agreement too). Without explicit ids, the baseline/prototype is the only model of that mode
     among ``models``, else None, and then there is no difference. Classes are those judged for
     these models, sorted by name. Criterion keys not in ``criteria`` are ignored.
     """
-    ids = [m["id"] for m in models]
+    columns = [ModelColumn.model_validate(m) for m in models]
+    crits = [Criterion.model_validate(c) for c in criteria]
+    ids = [m.id for m in columns]
     if len(set(ids)) != len(ids):
         raise ValueError(f"model ids repeat: {ids}")
     for name, given in (("baseline_id", baseline_id), ("prototype_id", prototype_id)):
         if given is not None and given not in ids:
             raise ValueError(f"{name}={given} is not among the models {ids}")
     if baseline_id is None:
-        baseline_id = _only(models, "baseline")
+        baseline_id = _only(columns, "baseline")
     if prototype_id is None:
-        prototype_id = _only(models, "prototype")
-    keys = [c["key"] for c in criteria]
+        prototype_id = _only(columns, "prototype")
+    compared = baseline_id is not None and prototype_id is not None
+    keys = [c.key for c in crits]
     wanted = set(ids)
     used = [j for j in judgements if j.model_id in wanted]
 
@@ -313,45 +263,47 @@ def plausibility_report(
         cells[(j.class_name, j.model_id)].append(j)
     by_model = {mid: [j for j in used if j.model_id == mid] for mid in ids}
 
-    def difference(entries: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-        if baseline_id is None or prototype_id is None:
-            return None
-        return _difference(entries[str(baseline_id)], entries[str(prototype_id)])
+    def pair(entries: Mapping[str, RateEntry]) -> tuple[RateEntry, RateEntry]:
+        return entries[str(baseline_id)], entries[str(prototype_id)]
 
-    classes: list[dict[str, Any]] = []
-    for cls in sorted({j.class_name for j in used}):
-        entries = {str(mid): _rate_entry(cells[(cls, mid)]) for mid in ids}
-        classes.append(
-            {
-                "class": cls,
-                "models": entries,
-                "difference": difference(entries),
-                "criteria": {str(mid): _criteria_failure(cells[(cls, mid)], keys) for mid in ids},
-            }
+    names = sorted({j.class_name for j in used})
+    entries = {cls: {str(mid): _rate_entry(cells[(cls, mid)]) for mid in ids} for cls in names}
+    diffs = {cls: _difference(*pair(entries[cls])) if compared else None for cls in names}
+    tested = [cls for cls in names if diffs[cls] is not None]
+    adjusted = dict(zip(tested, holm([d.p_value for d in diffs.values() if d]), strict=True))
+    classes = [
+        ClassRow(
+            class_name=cls,
+            models=entries[cls],
+            difference=None if d is None else ClassDifference(**dict(d), p_holm=adjusted[cls]),
+            criteria={str(mid): _criteria_failure(cells[(cls, mid)], keys) for mid in ids},
         )
+        for cls, d in diffs.items()
+    ]
 
     macro: dict[str, float | None] = {}
     for mid in ids:
-        rates = [c["models"][str(mid)]["rate"] for c in classes]
-        rates = [r for r in rates if r is not None]
+        rates = [r for c in classes if (r := c.models[str(mid)].rate) is not None]
         macro[str(mid)] = sum(rates) / len(rates) if rates else None
     pooled = {str(mid): _rate_entry(by_model[mid]) for mid in ids}
 
-    return {
-        "models": [dict(m) for m in models],
-        "baseline_id": baseline_id,
-        "prototype_id": prototype_id,
-        "classes": classes,
-        "average": {
-            "macro": macro,
-            "macro_difference": _macro_difference(classes, baseline_id, prototype_id),
-            "pooled": pooled,
-            "difference": difference(pooled),
-        },
-        "criteria": [dict(c) for c in criteria],
-        "criteria_failure": {str(mid): _criteria_failure(by_model[mid], keys) for mid in ids},
-        "agreement": agreement(used),
-    }
+    return PlausibilityReport(
+        methods=Methods(holm_classes=len(tested)),
+        models=columns,
+        baseline_id=baseline_id,
+        prototype_id=prototype_id,
+        classes=classes,
+        average=Average(
+            macro=macro,
+            macro_difference=_macro_difference(classes, baseline_id, prototype_id),
+            pooled=pooled,
+            difference=_difference(*pair(pooled)) if compared else None,
+            stratified=_stratified({c: pair(entries[c]) for c in names}) if compared else None,
+        ),
+        criteria=crits,
+        criteria_failure={str(mid): _criteria_failure(by_model[mid], keys) for mid in ids},
+        agreement=agreement(used),
+    )
 
 
 # --- CSV -----------------------------------------------------------------------------------------
@@ -368,68 +320,113 @@ def _p(p: float) -> str:
     return f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
 
 
-def diff_cells(diff: dict[str, Any] | None) -> list[str]:
+def diff_cells(diff: Difference | None) -> list[str]:
+    """Difference (pp), its 95% CI, p and, for a class, the Holm-adjusted p ('' where none)."""
     if diff is None:
-        return ["", "", ""]
-    lo, hi = diff["ci"]
-    return [f"{100 * diff['value']:.2f}", f"[{100 * lo:.1f}; {100 * hi:.1f}]", _p(diff["p_value"])]
+        return ["", "", "", ""]
+    lo, hi = diff.ci
+    holm_p = _p(diff.p_holm) if isinstance(diff, ClassDifference) else ""
+    ci = f"[{100 * lo:.1f}; {100 * hi:.1f}]"
+    return [f"{100 * diff.value:.2f}", ci, _p(diff.p_value), holm_p]
 
 
-def macro_difference(report: dict[str, Any]) -> str:
+def holm_header(report: PlausibilityReport) -> str:
+    return f"p (Holm-adjusted over {report.methods.holm_classes} classes)"
+
+
+def stratified_cells(report: PlausibilityReport) -> list[str]:
+    """The stratified pooled test as a row's difference cells: only its p ('' without one)."""
+    s = report.average.stratified
+    return ["", "", "" if s is None else _p(s.p_value), ""]
+
+
+def odds_ratio_text(report: PlausibilityReport) -> str | None:
+    """The Mantel-Haenszel common odds ratio with its 95% interval, in words; None without."""
+    s = report.average.stratified
+    if s is None:
+        return None
+    if s.odds_ratio is None:
+        return (
+            "Mantel-Haenszel common odds ratio: not finite (no class has both a plausible "
+            "baseline image and an implausible prototype image)"
+        )
+    text = f"Mantel-Haenszel common odds ratio, prototype vs baseline: {s.odds_ratio:.2f}"
+    if s.odds_ratio_ci is not None:
+        lo, hi = s.odds_ratio_ci
+        text += f", 95% CI [{lo:.2f}; {hi:.2f}]"
+    return text
+
+
+def macro_difference(report: PlausibilityReport) -> str:
     """Prototype minus baseline of the macro rates over the classes both were judged on, in
     points ("" without both)."""
-    diff = report["average"].get("macro_difference")
-    return "" if diff is None or diff["value"] is None else f"{100 * diff['value']:.2f}"
+    diff = report.average.macro_difference
+    return "" if diff is None or diff.value is None else f"{100 * diff.value:.2f}"
 
 
-def macro_classes(report: dict[str, Any]) -> list[str] | None:
+def macro_classes(report: PlausibilityReport) -> list[str] | None:
     """The CSV's (and dashboard's) note on the macro difference: the classes it averages over,
     and those left out because one of the two models was not judged on them; None without a
     difference."""
-    diff = report["average"].get("macro_difference")
+    diff = report.average.macro_difference
     if diff is None:
         return None
-    note = ["macro difference over classes", "; ".join(diff["classes"]) or "none"]
-    if diff["left_out"]:
-        note.append(f"left out (not judged for both): {'; '.join(diff['left_out'])}")
+    note = ["macro difference over classes", "; ".join(diff.classes) or "none"]
+    if diff.left_out:
+        note.append(f"left out (not judged for both): {'; '.join(diff.left_out)}")
     return note
 
 
-def report_csv(report: dict[str, Any]) -> str:
+STRATIFIED_LABEL = "pooled, stratified by class (Cochran-Mantel-Haenszel)"
+
+
+def rate_text(entry: RateEntry) -> str:
+    return f"{pct(entry.rate)} (n={entry.images}; {entry.reviews} reviews)"
+
+
+def report_csv(report: PlausibilityReport) -> str:
     """The report laid out as the paper's Tables 3-4, for spreadsheets and the appendix.
 
-    Rates in percent to 2 decimals with the number of reviews, the difference in percentage
-    points, its 95% CI to 1 decimal, then macro-average and pooled rows; after a blank line, the
-    per-criterion failure rates (n = verdicts that judged the criterion). The macro row's
-    difference is the plain difference of the two models' macro rates over the classes both
-    were judged on, with no CI or p; the row after the pooled one names those classes.
+    Rates in percent to 2 decimals with n (images, the unit) and the reviews behind them, the
+    difference in percentage points, its 95% CI to 1 decimal, Fisher's p and the Holm-adjusted
+    p, then macro-average, pooled and stratified rows; after a blank line, the per-criterion
+    failure rates (n = verdicts that judged the criterion). The macro row's difference is the
+    plain difference of the two models' macro rates over the classes both were judged on, with
+    no CI or p; a note row names those classes. The pooled row's p is Fisher's over pooled
+    images; the stratified row's is the CMH test's, with its common odds ratio in a note.
     """
-    models = report["models"]
-    mids = [str(m["id"]) for m in models]
+    models = report.models
+    mids = [str(m.id) for m in models]
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(["class", *(f"{m['label']} (%)" for m in models), "difference (pp)", "95% CI", "p"])
-    for c in report["classes"]:
-        cols = [f"{pct(c['models'][i]['rate'])} (n={c['models'][i]['reviews']})" for i in mids]
-        w.writerow([c["class"], *cols, *diff_cells(c["difference"])])
-
-    avg = report["average"]
-    macro = avg["macro"]
     w.writerow(
-        ["average (macro)", *(pct(macro[i]) for i in mids), macro_difference(report), "", ""]
-    )
-    pooled = avg["pooled"]
-    cols = [f"{pct(pooled[i]['rate'])} (n={pooled[i]['reviews']})" for i in mids]
-    w.writerow(["pooled", *cols, *diff_cells(avg["difference"])])
-    note = macro_classes(report)
-    if note is not None:
-        w.writerow(note)
+        ["class", *(f"{m.label} (%)" for m in models), "difference (pp)", "95% CI", "p",
+         holm_header(report)]
+    )  # fmt: skip
+    for c in report.classes:
+        cols = [rate_text(c.models[i]) for i in mids]
+        w.writerow([c.class_name, *cols, *diff_cells(c.difference)])
+
+    avg = report.average
+    w.writerow(
+        ["average (macro)", *(pct(avg.macro[i]) for i in mids), macro_difference(report), "", "",
+         ""]
+    )  # fmt: skip
+    w.writerow(["pooled", *(rate_text(avg.pooled[i]) for i in mids), *diff_cells(avg.difference)])
+    if avg.stratified is not None:
+        w.writerow([STRATIFIED_LABEL, *("" for _ in mids), *stratified_cells(report)])
+    macro_note, odds_ratio = macro_classes(report), odds_ratio_text(report)
+    if macro_note is not None:
+        w.writerow(macro_note)
+    if odds_ratio is not None:
+        w.writerow([odds_ratio])
+    w.writerow(["n", f"images; {report.methods.consensus}"])
 
     w.writerow([])
-    w.writerow(["criterion", *(f"{m['label']} fail %" for m in models)])
-    failure = report["criteria_failure"]
-    for crit in report["criteria"]:
-        key = crit["key"]
-        cols = [f"{pct(failure[i][key]['rate'])} (n={failure[i][key]['judged']})" for i in mids]
-        w.writerow([crit.get("label", key), *cols])
+    w.writerow(["criterion", *(f"{m.label} fail %" for m in models)])
+    failure = report.criteria_failure
+    for crit in report.criteria:
+        key = crit.key
+        cols = [f"{pct(failure[i][key].rate)} (n={failure[i][key].judged})" for i in mids]
+        w.writerow([crit.label or key, *cols])
     return out.getvalue()

@@ -25,6 +25,8 @@ from service.db.models import (
     ReviewTask,
     utc_now,
 )
+from service.report_models import Criterion, Filters, ModelColumn, PlausibilityReport
+from service.reports import Judgement, plausibility_report
 
 
 class ReviewError(ValueError):
@@ -250,11 +252,9 @@ def judgements(
     model_ids: list[int] | None = None,
     reviewer: str | None = None,
     criteria_set_id: int | None = None,
-) -> tuple[list[Any], list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[list[Judgement], list[ModelColumn], list[Criterion]]:
     """The verdicts matching the filters as report input: (judgements, model columns,
     criteria). Columns: the models with verdicts (or those asked for), baseline first."""
-    from service.reports import Judgement
-
     query = (
         select(Review, Image, Model, ReviewProject.criteria_set_id)
         .join(ReviewTask, Review.task_id == ReviewTask.id)
@@ -282,16 +282,16 @@ def judgements(
     ids = list(model_ids or sorted({m.id for _, _, m, _ in rows}))
     models = [session.get(Model, i) for i in ids]
     columns = sorted(
-        ({"id": m.id, "mode": str(m.mode), "label": f"{m.mode} #{m.id}"} for m in models if m),
-        key=lambda c: (c["mode"] != "baseline", c["id"]),
+        (ModelColumn(id=m.id, mode=str(m.mode), label=f"{m.mode} #{m.id}") for m in models if m),
+        key=lambda c: (c.mode != "baseline", c.id),
     )
     set_ids = {criteria_set_id} if criteria_set_id else {s for *_, s in rows}
-    criteria: list[dict[str, Any]] = []
+    criteria: list[Criterion] = []
     for set_id in sorted(set_ids):
         cs = session.get(CriteriaSet, set_id)
         for c in cs.criteria if cs else []:
-            if c["key"] not in {x["key"] for x in criteria}:
-                criteria.append({"key": c["key"], "label": c["label"]})
+            if c["key"] not in {x.key for x in criteria}:
+                criteria.append(Criterion(key=c["key"], label=c["label"]))
     return out, columns, criteria
 
 
@@ -329,18 +329,14 @@ def plausibility(
     models: str | None = None,
     reviewer: str | None = None,
     criteria_set_id: int | None = None,
-) -> dict[str, Any]:
+) -> PlausibilityReport:
     """The plausibility report with its filters, as the JSON/CSV endpoint and the dashboard
     show it; :class:`FilterError` for malformed model ids."""
-    from service.reports import plausibility_report
-
     found, columns, criteria = judgements(
         session, dataset_id=dataset_id, model_ids=parse_ids(models), reviewer=reviewer,
         criteria_set_id=criteria_set_id,
     )  # fmt: skip
-    report = plausibility_report(found, columns, criteria)
-    report["filters"] = {
-        "dataset_id": dataset_id, "models": models, "reviewer": reviewer,
-        "criteria_set_id": criteria_set_id,
-    }  # fmt: skip
-    return report
+    filters = Filters(
+        dataset_id=dataset_id, models=models, reviewer=reviewer, criteria_set_id=criteria_set_id
+    )
+    return plausibility_report(found, columns, criteria).model_copy(update={"filters": filters})

@@ -31,12 +31,38 @@ def test_speed_harness_runs_both_models(tmp_path: Path) -> None:
     assert "ours/peer" in r.stdout
 
 
+def test_speed_harness_runs_both_models_with_attention(tmp_path: Path) -> None:
+    """The faithful ``paper`` layout (self-attention where [3] puts it) against diffusers'
+    attention blocks, at the tiny size: both have attention at both sizes, parameters agree."""
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, "bench/speed.py", "--presets", "tiny", "--repeats", "1",
+           "--sample-n", "2", "--steps", "2", "--train-steps", "1", "--threads", "2",
+           "--precisions", "fp32", "--set", "attention_resolutions=[16,8]",
+           "--out", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["ours_train_img_s"] > 0 and row["diffusers_sample_img_s"] > 0
+    assert row["ours_train_peak_mib"] > 10 and row["diffusers_sample_peak_mib"] > 10
+    assert abs(row["param_ratio"] - 1) < 0.05  # tiny: the class input's share is larger
+    sys.path.insert(0, str(REPO))
+    from bench.peer import build
+    from ml.unet import AttnBlock
+
+    ours, _ = build("ours", "tiny", "fp32", {"attention_resolutions": [16, 8]})
+    peer, _ = build("diffusers", "tiny", "fp32", {"attention_resolutions": [16, 8]})
+    n_peer = sum(type(m).__name__ == "Attention" for m in peer.modules())
+    assert (
+        sum(isinstance(m, AttnBlock) for m in ours.modules()) == n_peer == 7
+    )  # 1 + 2 per level, 1 middle
+
+
 def test_same_architecture_within_one_percent() -> None:
     sys.path.insert(0, str(REPO))
     from bench.peer import build
     from ml.unet import count_parameters
 
-    for preset in ("cpu-small", "paper"):
+    for preset in ("cpu-small", "paper-legacy", "paper"):
         ours, peer = (count_parameters(build(w, preset, "fp32")[0]) for w in ("ours", "diffusers"))
         assert abs(ours / peer - 1) < 0.01, (preset, ours, peer)
 
@@ -105,3 +131,41 @@ def test_solver_quality_compares_every_variant(tmp_path: Path) -> None:
     assert {"dpm++sde-20", "ddim-50 bf16", "ddim-50 seed 1"} <= rows.keys()
     assert rows["ddim-50 seed 1"]["mean_abs_vs_ddim50"] > 0
     assert all(row["toy_plausible"] is not None for row in rows.values())
+
+
+def test_audit_planted_runs(tmp_path: Path) -> None:
+    out = tmp_path / "audit.json"
+    cmd = [sys.executable, "bench/audit_planted.py", "--toy-only", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["toy 32 px"]
+    assert row["exact"] == [30, 30] and row["check"][1] == 150
+
+
+def test_replicated_real_comparison_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    """bench/compare_real.py end to end on a toy dataset: the split, one codebook, two
+    generative seeds per mode with a checkpoint per candidate budget, the budget chosen on
+    validation and the paired test summary over the seeds."""
+    env = {**os.environ, "PROTOMED_NO_MALLOC_TUNING": "1"}
+    r = subprocess.run([sys.executable, "-m", "ml.cli", "toy", str(tmp_path / "data" / "toy"),
+                        "--n-per-class", "12", "--size", "16"], cwd=REPO, env=env,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "replicated.json"
+    cmd = [sys.executable, "bench/compare_real.py", "--data", str(tmp_path / "data"),
+           "--datasets", "toy", "--sizes", "5,3,3", "--budgets", "2,4", "--gen-seeds", "0,1",
+           "--clf-seeds", "0", "--preset", "tiny", "--epochs", "1",
+           "--clf-image-size", "16", "--sample-steps", "2", "--encoder", "protomed-tiny-vit",
+           "--threads", "1", "--out", str(tmp_path / "runs"), "--results", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=HANG_GUARD_S)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())["datasets"]["toy"]
+    assert res["chosen_budget"] in (2, 4)
+    assert set(res["validation_f1_by_budget"]) == {"2", "4"}
+    assert {r["budget"] for r in res["runs"] if r["split"] == "test"} == {res["chosen_budget"]}
+    for mode in ("baseline", "prototype"):
+        assert res["test"]["modes"][mode]["f1"]["n"] == 2
+    assert res["test"]["paired"]["f1"]["seeds"] == [0, 1]
+    assert res["sizes_per_class"]["test"] == dict.fromkeys(res["sizes_per_class"]["train"], 3)
+    assert "prototype - baseline (paired)" in r.stdout

@@ -62,7 +62,8 @@ def get_paths(service: Service, ids: dict[str, int]) -> list[str]:
     """Every GET route of the API (OpenAPI) and the dashboard, with real ids filled in."""
     paths = [p for p, ops in service.client.app.openapi()["paths"].items() if "get" in ops]
     paths += ["/ui", "/ui/models/{model_id}", "/ui/batches/{batch_id}",
-              "/ui/reports/plausibility", "/ui/reports/evaluation"]  # fmt: skip
+              "/ui/reports/plausibility", "/ui/reports/evaluation",
+              "/ui/batches/{batch_id}/audit"]  # fmt: skip
     return [re.sub(r"\{(\w+)\}", lambda m: str(ids.get(m.group(1), "toy")), p) for p in paths]
 
 

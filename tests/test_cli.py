@@ -80,7 +80,7 @@ def wide_help(*command: str) -> str:
         ("prototypes", "--layout", "auto|folder|ham10000|matek"),
         ("prototypes", "--head", "none|linear"),
         ("train", "--mode", "prototype|baseline"),
-        ("train", "--preset", "paper|cpu-small|tiny"),
+        ("train", "--preset", "paper|paper-legacy|cpu-small|tiny"),
         ("sample", "--scheduler", "ddim|dpm++|dpm++sde"),
         ("sample", "--precision", "auto|fp32|bf16"),
         ("evaluate", "--backbone", "small|resnet18|resnext50"),
@@ -116,7 +116,7 @@ def test_help_has_no_double_negatives_and_matches_the_defaults():
         (["train", "--out", "x", "--mode", "sideways", "--data", "."],
          "'sideways' is not one of 'prototype', 'baseline'"),
         (["train", "--out", "x", "--mode", "baseline", "--preset", "huge", "--data", "."],
-         "'huge' is not one of 'paper', 'cpu-small', 'tiny'"),
+         "'huge' is not one of 'paper', 'paper-legacy', 'cpu-small', 'tiny'"),
         (["sample", "x.pt", "--out", "x", "--scheduler", "euler"],
          "'euler' is not one of 'ddim', 'dpm++', 'dpm++sde'"),
     ],
@@ -184,6 +184,24 @@ def test_core_end_to_end_on_the_toy_domain(tmp_path):
         assert (tmp_path / f"{mode}.png").stat().st_size > 0
     manifest = (tmp_path / "s_prototype" / "manifest.csv").read_text()
     assert ",prototype,2.0,3,dpm++sde," in manifest
+    # the modes differ only in the class table: both take the codebook's width (32 here, not
+    # the config's default 768), record it, and have the same number of parameters
+    from ml.checkpoint import load_model, read_checkpoint
+    from ml.config import make_config
+    from ml.prototypes import Codebook
+
+    width = Codebook.load(tmp_path / "cb").dim
+    assert width != make_config("cpu-small").class_dim
+    sizes = {}
+    for mode in ("prototype", "baseline"):
+        assert json.loads((tmp_path / mode / "config.json").read_text())["class_dim"] == width
+        assert read_checkpoint(tmp_path / mode)["args"]["class_dim"] == width
+        model = load_model(tmp_path / mode).model
+        assert model.class_embed.weight.shape[1] == width
+        sizes[mode] = sum(
+            p.numel() for n, p in model.named_parameters() if n != "class_embed.weight"
+        )
+    assert sizes["prototype"] == sizes["baseline"], "everything but the class table is the same"
 
     r = invoke("check", tmp_path / "s_prototype")
     assert r.exit_code == 0, r.output

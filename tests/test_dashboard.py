@@ -54,14 +54,19 @@ from service.db.models import (
 
 CLASSES = ("lymphocyte", "neutrophil")
 REVIEWERS = ("alice", "bob")
-# (mode, class) -> each reviewer's verdict per image (4 images per batch; 1 = plausible).
+# (mode, class) -> each reviewer's verdict per image (4 images per batch; 1 = plausible). The
+# report counts images: plausible when most of its reviewers say so, a tie counting as
+# implausible, so with two reviewers an image is plausible when both say so.
 VERDICTS: dict[tuple[str, str], tuple[list[int], list[int]]] = {
-    ("baseline", "lymphocyte"): ([1, 1, 0, 0], [1, 0, 1, 0]),  # 4/8 = 50%
-    ("prototype", "lymphocyte"): ([1, 1, 1, 1], [1, 1, 1, 0]),  # 7/8 = 87.5%
-    ("baseline", "neutrophil"): ([1, 0, 0, 0], [1, 0, 0, 0]),  # 2/8 = 25%
-    ("prototype", "neutrophil"): ([1, 1, 1, 0], [1, 1, 0, 1]),  # 6/8 = 75%
+    ("baseline", "lymphocyte"): ([1, 1, 0, 0], [1, 0, 1, 0]),  # images 1/4 = 25%
+    ("prototype", "lymphocyte"): ([1, 1, 1, 1], [1, 1, 1, 0]),  # 3/4 = 75%
+    ("baseline", "neutrophil"): ([1, 0, 0, 0], [1, 0, 0, 0]),  # 1/4 = 25%
+    ("prototype", "neutrophil"): ([1, 1, 1, 0], [1, 1, 0, 1]),  # 2/4 = 50%
 }
-RATES = {key: (sum(a) + sum(b)) / (len(a) + len(b)) for key, (a, b) in VERDICTS.items()}
+RATES = {
+    key: sum(2 * (x + y) > 2 for x, y in zip(a, b, strict=True)) / len(a)  # majority of 2
+    for key, (a, b) in VERDICTS.items()
+}
 # The evaluation: each training set's per-seed F1 per class (seeds 0, 1, 2) and macro scores
 # as (mean, sd) fractions; the page prints the macro ones as mean and sd columns in %.
 EVAL_SEEDS = [0, 1, 2]
@@ -284,7 +289,9 @@ def text_of(page_html: str) -> str:
 
 
 def test_pages_show_the_seeded_numbers(dash: Dash) -> None:
-    from service.reports import cohen_kappa, diff_cells
+    from service.report_models import PlausibilityReport
+    from service.reports import diff_cells, stratified_cells
+    from service.statistics import cohen_kappa
 
     client, ids = dash.service.client, dash.ids
     base, proto = ids.models["baseline"], ids.models["prototype"]
@@ -301,13 +308,18 @@ def test_pages_show_the_seeded_numbers(dash: Dash) -> None:
     report = html(client, "/ui/reports/plausibility")
     text = text_of(report)
     row = " ".join
-    assert row(["lymphocyte", "50.00 (8)", "87.50 (8)", "37.50"]) in text
-    assert row(["neutrophil", "25.00 (8)", "75.00 (8)", "50.00"]) in text
-    assert row(["Average (macro)", "37.50", "81.25", "43.75"]) in text
-    assert row(["Pooled", "37.50 (16)", "81.25 (16)", "43.75"]) in text
-    as_json = client.get("/reports/plausibility").json()
-    for cls in as_json["classes"]:  # CI and p: the JSON report's numbers, printed as the CSV
-        assert row(diff_cells(cls["difference"])) in text
+    assert row(["lymphocyte", "25.00 (4)", "75.00 (4)", "50.00"]) in text  # n = images
+    assert row(["neutrophil", "25.00 (4)", "50.00 (4)", "25.00"]) in text
+    assert row(["Average (macro)", "25.00", "62.50", "37.50"]) in text
+    assert row(["Pooled", "25.00 (8)", "62.50 (8)", "37.50"]) in text
+    as_json = PlausibilityReport.model_validate(client.get("/reports/plausibility").json())
+    for cls in as_json.classes:  # CI, p and Holm's p: the JSON report's, printed as the CSV
+        assert row(diff_cells(cls.difference)) in text
+    assert "p (Holm, 2 classes)" in text and "Holm-adjusted over the 2 classes compared" in text
+    stratified = as_json.average.stratified
+    assert stratified is not None and stratified.strata == list(CLASSES)
+    assert row(["Pooled, stratified by class (CMH)", stratified_cells(as_json)[2]]) in text
+    assert "Mantel-Haenszel common odds ratio" in text and "n = images" in text
     assert row(["Granules", "62.50 (16)", "18.75 (16)"]) in text  # 10/16 and 3/16 failed
     assert row(["Cell size", "0.00 (8)", "0.00 (8)"]) in text  # bob said n/a
     alice = [v for key in VERDICTS for v in VERDICTS[key][0]]
@@ -319,9 +331,9 @@ def test_pages_show_the_seeded_numbers(dash: Dash) -> None:
     assert f"{LS_PUBLIC}/projects/{LS_PROJECT}/data" in report
 
     filtered = text_of(html(client, f"/ui/reports/plausibility?models={proto}&reviewer=alice"))
-    assert row(["lymphocyte", "100.00 (4)"]) in filtered and "50.00 (8)" not in filtered
+    assert row(["lymphocyte", "100.00 (4)"]) in filtered and "25.00 (4)" not in filtered
     empty_form = html(client, "/ui/reports/plausibility?dataset_id=&models=&criteria_set_id=")
-    assert "87.50 (8)" in empty_form  # the form's empty "all" fields mean no filter
+    assert "75.00 (4)" in empty_form  # the form's empty "all" fields mean no filter
     assert "Bad filter" in html(client, "/ui/reports/plausibility?models=x", 422)
 
     batch = html(client, f"/ui/batches/{ids.batches[('prototype', 'neutrophil')]}")
@@ -560,7 +572,7 @@ def test_in_a_real_browser(dash: Dash, tmp_path: Path) -> None:
                 assert f"{mode} #{mid}" in legend
             ticks = page.locator("#chart .tick text").all_text_contents()
             assert ticks[0] == "0%" and ticks[-1] == "100%"
-            assert "87.50 (8)" in page.locator("#plausibility").inner_text()
+            assert "75.00 (4)" in page.locator("#plausibility").inner_text()
             page.screenshot(path=shot_path(tmp_path, "dashboard_report.png"), full_page=True)
 
             check_evaluation_chart(page, server.url, tmp_path)
@@ -595,6 +607,28 @@ def test_in_a_real_browser(dash: Dash, tmp_path: Path) -> None:
             browser.close()
     finally:
         server.stop()
+
+
+def test_login_and_logout_refuse_posts_from_other_sites(service: Service) -> None:
+    """Login CSRF: another site's page posting an attacker's key to /ui/login must not plant a
+    session in the victim's browser; the same goes for logging a victim out. Browsers name the
+    requesting site in Origin and Sec-Fetch-Site; this API's own form passes."""
+    client = service.client
+    own = "http://testserver"  # the test client's origin
+    for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Origin": own, "Sec-Fetch-Site": "cross-site"}):  # fmt: skip
+        r = client.post("/ui/login", data={"key": ADMIN_KEY}, headers=headers,
+                        follow_redirects=False)  # fmt: skip
+        assert r.status_code == 403 and "refused" in r.text, headers
+        assert "set-cookie" not in r.headers and "protomed_session" not in client.cookies
+    r = client.post("/ui/login", data={"key": ADMIN_KEY}, follow_redirects=False,
+                    headers={"Origin": own, "Sec-Fetch-Site": "same-origin"})  # fmt: skip
+    assert r.status_code == 303 and "protomed_session" in client.cookies
+    r = client.post("/ui/logout", headers={"Origin": "https://evil.example"},
+                    follow_redirects=False)  # fmt: skip
+    assert r.status_code == 403
+    assert client.get("/ui", follow_redirects=False).status_code == 200  # still logged in
 
 
 def test_login_gives_a_session_cookie_not_the_key(service: Service) -> None:
@@ -661,7 +695,7 @@ def test_login_gives_a_session_cookie_not_the_key(service: Service) -> None:
 
 def test_report_page_macro_difference_over_the_classes_both_models_have(dash: Dash) -> None:
     """Without baseline verdicts on neutrophil, the macro difference averages lymphocyte only
-    (87.50 - 50.00), not the prototype's two classes against the baseline's one, and the page
+    (75.00 - 25.00), not the prototype's two classes against the baseline's one, and the page
     names the classes."""
     from sqlalchemy import delete, select
 
@@ -673,7 +707,7 @@ def test_report_page_macro_difference_over_the_classes_both_models_have(dash: Da
         s.execute(delete(Review).where(Review.task_id.in_(tasks)))
         s.commit()
     text = text_of(html(dash.service.client, "/ui/reports/plausibility"))
-    assert " ".join(["Average (macro)", "50.00", "81.25", "37.50"]) in text
+    assert " ".join(["Average (macro)", "25.00", "62.50", "50.00"]) in text
     assert (
         "Macro difference over the classes both models were judged on: lymphocyte "
         "(left out: neutrophil)." in text

@@ -13,7 +13,7 @@ from ml.checkpoint import Conditioning, build_model
 from ml.config import make_config
 from ml.ops import dropout
 from ml.train import make_optimizer
-from ml.unet import ResBlock, UNet, Upsample
+from ml.unet import AttnBlock, ResBlock, UNet, Upsample
 
 
 def _reference_block(block: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -26,6 +26,27 @@ def _reference_block(block: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> tor
 
 def _reference_upsample(up: Upsample, x: torch.Tensor) -> torch.Tensor:
     return up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _reference_attention(block: AttnBlock, x: torch.Tensor) -> torch.Tensor:
+    """[3]'s ``AttnBlock.forward`` (ProtoDiffusion ``unet.py``, one head, written out with
+    ``bmm``), with its q, k, v 1x1 convs read out of our fused one; several heads as
+    ``nn.MultiheadAttention`` computes them (its functional form), our convs as projections."""
+    b, c, hh, ww = x.shape
+    h = block.norm(x)
+    if block.heads == 1:
+        q, k, v = block.qkv(h).chunk(3, dim=1)
+        q = q.permute(0, 2, 3, 1).reshape(b, hh * ww, c)
+        w = torch.softmax(torch.bmm(q, k.reshape(b, c, hh * ww)) * c**-0.5, dim=-1)
+        out = torch.bmm(w, v.permute(0, 2, 3, 1).reshape(b, hh * ww, c))
+        return x + block.proj(out.reshape(b, hh, ww, c).permute(0, 3, 1, 2))
+    tokens = h.flatten(2).permute(2, 0, 1)  # (L, N, C), as nn.MultiheadAttention's functional
+    out, _ = F.multi_head_attention_forward(
+        tokens, tokens, tokens, c, block.heads, block.qkv.weight.reshape(3 * c, c),
+        block.qkv.bias, None, None, False, 0.0, block.proj.weight.reshape(c, c),
+        block.proj.bias, need_weights=False,
+    )  # fmt: skip
+    return x + out.permute(1, 2, 0).reshape(b, c, hh, ww)
 
 
 def _randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -41,25 +62,34 @@ def _reference_unet(model: UNet, x: torch.Tensor, t: torch.Tensor, y: torch.Tens
     emb = model.condition(t, y)
     h = model.conv_in(x)
     skips = [h]
-    for layer in model.down:
+    for i, layer in enumerate(model.down):
         h = _reference_block(layer, h, emb) if isinstance(layer, ResBlock) else layer(h)
+        if str(i) in model.down_attn:
+            h = _reference_attention(model.down_attn[str(i)], h)
         skips.append(h)
-    for layer in model.mid:
-        h = _reference_block(layer, h, emb)
-    for layer in model.up:
+    h = _reference_block(model.mid[0], h, emb)
+    if model.mid_attn is not None:
+        h = _reference_attention(model.mid_attn, h)
+    h = _reference_block(model.mid[1], h, emb)
+    for i, layer in enumerate(model.up):
         if isinstance(layer, ResBlock):
             h = _reference_block(layer, torch.cat([h, skips.pop()], dim=1), emb)
         elif isinstance(layer, Upsample):
             h = _reference_upsample(layer, h)
         else:
             h = layer(h)
+        if str(i) in model.up_attn:
+            h = _reference_attention(model.up_attn[str(i)], h)
     return model.conv_out(F.silu(model.norm_out(h)))
 
 
+@pytest.mark.parametrize(
+    "attention", [{}, {"attention_resolutions": (16, 8), "attention_heads": 2}]
+)  # tiny as it ships (no attention), and with attention at both of its sizes
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
-def test_unet_matches_the_plain_formula(channels_last: bool, grad: bool) -> None:
-    cfg = make_config("tiny")
+def test_unet_matches_the_plain_formula(channels_last: bool, grad: bool, attention: dict) -> None:
+    cfg = make_config("tiny", attention)
     model = _randomised(build_model(cfg, Conditioning(["a", "b", "c"], "baseline"))).eval()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(6, 3, cfg.image_size, cfg.image_size, generator=gen)
@@ -73,6 +103,33 @@ def test_unet_matches_the_plain_formula(channels_last: bool, grad: bool) -> None
         out = model(x.contiguous(memory_format=fmt), t, y)
     assert ref.abs().max() > 0.1
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_attention_block_is_protodiffusions_with_the_same_gradients(
+    heads: int, channels_last: bool, grad: bool
+) -> None:
+    """AttnBlock (through ops.self_attention) against [3]'s AttnBlock written out (one head)
+    and nn.MultiheadAttention (four heads): outputs, and gradients for the input and weights;
+    without autograd (sampling) the residual add runs in place and must give the same."""
+    torch.manual_seed(0)
+    block = _randomised(AttnBlock(16, heads=heads, groups=4))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 16, 5, 6).contiguous(memory_format=fmt).requires_grad_()
+    ref = _reference_attention(block, x)
+    with torch.set_grad_enabled(grad):
+        out = block(x)
+    assert out.shape == x.shape and ref.abs().max() > 0.1
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    if grad:
+        g = torch.randn_like(ref)
+        wrt = [x, block.qkv.weight, block.qkv.bias, block.proj.weight, block.norm.weight]
+        for a, b in zip(
+            torch.autograd.grad(out, wrt, g), torch.autograd.grad(ref, wrt, g), strict=True
+        ):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -26,19 +26,27 @@ def test_paper_preset_is_table2():
     assert (cfg.image_size, cfg.base_channels, cfg.channel_mults) == (64, 64, (1, 2, 4, 8))
     assert (cfg.num_res_blocks, cfg.dropout, cfg.timesteps) == (2, 0.1, 1000)
     assert (cfg.lr, cfg.batch_size) == (1e-4, 16)
-    model = build_model(cfg, Conditioning(list("abcdefg"), "baseline"))
+    with torch.device("meta"):  # shapes only
+        model = build_model(cfg, Conditioning(list("abcdefg"), "baseline"))
+        legacy = build_model(make_config("paper-legacy"), Conditioning(list("abcdefg"), "baseline"))
     # Same order of size as diffusers' UNet2DModel of Table 2 (55.5M) plus FiLM and the
-    # concatenated class input.
-    assert 50e6 < count_parameters(model) < 60e6
+    # concatenated class input; [3]'s self-attention adds 8.0M (tests/test_paper_preset.py).
+    assert 50e6 < count_parameters(legacy) < 60e6
+    assert 60e6 < count_parameters(model) < 70e6
 
 
 @pytest.mark.parametrize(
     "preset,n_keys,digest",
-    [("paper", 274, "d1d0504eab13209e"), ("cpu-small", 146, "c61dfa64d1ee3ab5")],
+    [
+        ("paper-legacy", 274, "d1d0504eab13209e"),
+        ("cpu-small", 146, "c61dfa64d1ee3ab5"),
+        ("paper", 400, "5df73371153b1f3d"),
+    ],
 )
 def test_state_dict_layout_is_stable(preset: str, n_keys: int, digest: str) -> None:
-    """Checkpoints written earlier keep loading: the parameter names and shapes of both presets
-    are those of the model before its fast kernels moved to ml.ops (a cache is not state)."""
+    """Checkpoints written earlier keep loading: the parameter names and shapes of paper-legacy
+    (``paper`` before issue 13 added attention) and cpu-small are those of the model before its
+    fast kernels moved to ml.ops (a cache is not state); ``paper``'s as issue 13 made it."""
     with torch.device("meta"):  # shapes only, no memory or init time
         model = build_model(make_config(preset), Conditioning(list("abc"), "baseline"))
     state = model.state_dict()
@@ -150,6 +158,54 @@ def test_dce_of_diffusion_loss_is_finite_and_positive():
         0.5,
     )
     assert torch.isfinite(loss) and loss > 0
+
+
+def _reference_min_snr(t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR, gamma) / SNR (Hang et al. 2023, epsilon prediction), from the linear schedule's
+    betas (DDPM: 1e-4 to 0.02 over T=1000), computed here without diffusers."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1.0 - betas, dim=0)[t]
+    snr = abar / (1.0 - abar)
+    return (torch.minimum(snr, torch.full_like(snr, gamma)) / snr).float()
+
+
+def test_min_snr_weight_matches_the_reference_formula():
+    from ml.diffusion import min_snr_weight
+
+    sched = noise_scheduler(make_config("tiny"))
+    t = torch.tensor([0, 10, 50, 100, 200, 500, 999])
+    got = min_snr_weight(sched, t, 5.0)
+    assert torch.allclose(got, _reference_min_snr(t, 5.0), rtol=1e-3)  # float32 schedule
+    assert got[0] < 0.01 and got[-1] == 1.0  # clean steps down-weighted, noisy ones kept
+
+
+class _Zero(torch.nn.Module):
+    """Predicts zero noise: the per-image loss is then the mean square of the drawn noise."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def test_min_snr_loss_weights_each_image_by_its_timestep():
+    x0 = torch.zeros(6, 3, 8, 8)
+    sched = noise_scheduler(make_config("tiny"))
+    torch.manual_seed(3)
+    noise = torch.randn_like(x0)  # the loss draws noise, then t, from the global RNG
+    t = torch.randint(0, 1000, (6,))
+    expected = (_reference_min_snr(t, 5.0) * noise.pow(2).mean(dim=(1, 2, 3))).mean()
+    torch.manual_seed(3)
+    got = diffusion_loss(_Zero(), x0, torch.zeros(6, dtype=torch.long), sched, 0.0, snr_gamma=5.0)
+    assert torch.allclose(got, expected, rtol=1e-4)
+    torch.manual_seed(3)
+    plain = diffusion_loss(_Zero(), x0, torch.zeros(6, dtype=torch.long), sched, 0.0)
+    assert torch.allclose(plain, noise.pow(2).mean(), rtol=1e-5)
+
+
+def test_loss_weighting_is_a_config_choice_off_by_default():
+    assert make_config("paper").loss_weighting == "none"
+    assert make_config("tiny", {"loss_weighting": "min_snr"}).snr_gamma == 5.0
+    with pytest.raises(ValueError, match="loss_weighting"):
+        make_config("tiny", {"loss_weighting": "p2"})
 
 
 def test_config_errors_name_the_field():

@@ -83,7 +83,8 @@ class Sent:
     known: set[int]  # Label Studio task ids of the project before
     tasks: list[dict]  # the Label Studio tasks this sync made
     posted: list[int] = field(default_factory=list)  # annotations posted on them
-    expected: dict[tuple[str, str], list[bool]] = field(default_factory=dict)
+    # (mode, class) -> image id -> the verdicts posted on it
+    expected: dict[tuple[str, str], dict[int, list[bool]]] = field(default_factory=dict)
 
 
 def seed_batches(env: dict[str, str]) -> tuple[int, dict, dict]:
@@ -195,7 +196,7 @@ def annotate(base: Base, sent: Sent, pairs: list[tuple[dict, int]]) -> list[int]
             task["id"], result=result, completed_by=base.reviewers[who]
         )
         posted.append(ann.id)
-        sent.expected.setdefault((mode, cls), []).append(plausible)
+        sent.expected.setdefault((mode, cls), {}).setdefault(image_id, []).append(plausible)
     sent.posted += posted
     wait_reviews(base, sent, start + len(pairs))  # every verdict arrived by webhook
     return posted
@@ -315,17 +316,25 @@ def test_reviewers_verdicts_make_the_report(base: Base, reviewed: Sent) -> None:
     expected = reviewed.expected
     rep = wait_reviews(base, reviewed, 48)  # every verdict arrived by webhook
     cols = {m["mode"]: str(m["id"]) for m in rep["models"]}
+
+    def majority(mode: str, cls: str) -> list[bool]:
+        """Each image's verdict: most of its reviewers', a tie (1 of 2) implausible."""
+        return [2 * sum(v) > len(v) for v in expected[(mode, cls)].values()]
+
     for row in rep["classes"]:
         for mode in ("baseline", "prototype"):
             got = row["models"][cols[mode]]
             want = expected[(mode, row["class"])]
-            assert got["reviews"] == len(want) == 12 and got["images"] == 6
-            assert got["plausible"] == sum(want), (mode, row["class"])
-            assert got["rate"] == pytest.approx(sum(want) / len(want))
+            assert got["reviews"] == sum(map(len, want.values())) == 12
+            assert got["images"] == len(want) == 6  # the image is the unit
+            assert got["plausible"] == sum(majority(mode, row["class"])), (mode, row["class"])
+            assert got["ties"] == sum(2 * sum(v) == len(v) for v in want.values())
+            assert got["rate"] == pytest.approx(got["plausible"] / 6)
         diff = row["difference"]["value"]
-        p_base = sum(expected[("baseline", row["class"])]) / 12
-        p_proto = sum(expected[("prototype", row["class"])]) / 12
+        p_base = sum(majority("baseline", row["class"])) / 6
+        p_proto = sum(majority("prototype", row["class"])) / 6
         assert diff == pytest.approx(p_proto - p_base)
+        assert row["difference"]["p_holm"] >= row["difference"]["p_value"]
     assert rep["agreement"]["method"] == "cohen" and rep["agreement"]["items"] == 24
     params = {"format": "csv", "dataset_id": str(reviewed.dataset)}
     csv_text = base.api.get("/reports/plausibility", params=params, headers=AUTH).text

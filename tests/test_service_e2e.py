@@ -25,6 +25,7 @@ from conftest import ADMIN_KEY, Service, migrate, redis_broker, reset_service_ca
 from PIL import Image
 from service_procs import Worker, wait_job
 
+from ml.provenance import read_provenance
 from service.db.models import utc_now
 
 pytestmark = pytest.mark.slow
@@ -151,6 +152,11 @@ def test_train_both_modes_generate_and_fetch(prod, start_worker, real_data) -> N
         png = prod.client.get(img["url"], headers=prod.admin)
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(png.content)).size == (32, 32)
+        record = read_provenance(png.content)  # the stored PNG says who made it and how
+        assert record is not None and (record.model_id, record.batch_id, record.index) == (
+            models[0]["id"], batch["id"], img["index"])  # fmt: skip
+        assert (record.class_name, record.steps, record.n, record.mode) == (
+            "eosinophil", 10, 8, "prototype")  # fmt: skip
     zf = zipfile.ZipFile(io.BytesIO(prod.client.get(batch["zip_url"], headers=prod.admin).content))
     assert len(zf.namelist()) == 9 and "manifest.csv" in zf.namelist()
     print(f"generate n=8 (10 DDIM steps) round trip: {time.perf_counter() - t0:.1f} s")

@@ -212,3 +212,36 @@ def test_grid_has_one_row_per_class_with_blank_padding(tmp_path):
     assert torch.equal(grid[:, 2:18, 2:18], a[0])  # row "a", first tile
     assert torch.equal(grid[:, 20:36, 38:54], b[2])  # row "b", third tile
     assert bool((grid[:, 2:18, 38:54] == 255).all()), "a short row is padded with white"
+
+
+def test_min_snr_weighting_reaches_the_training_loss(tmp_path):
+    """Same seed, same noise and timesteps: the min-SNR loss (weights <= 1) is the smaller."""
+    data = random_set()
+    first = {}
+    for weighting in ("none", "min_snr"):
+        cfg = make_config("tiny", {"mode": "baseline", "max_steps": 1, "loss_weighting": weighting})
+        train(cfg, data, tmp_path / weighting, show_progress=False)
+        first[weighting] = losses_of(tmp_path / weighting)[0]
+        saved = json.loads((tmp_path / weighting / "config.json").read_text())
+        assert saved["loss_weighting"] == weighting
+    assert first["min_snr"] < first["none"]
+
+
+def test_both_modes_take_the_codebook_width_and_record_it(tmp_path):
+    """With K=1 the modes differ only in whether the table learns: same size, same width, and
+    the saved configs say the width the models have (not the config's default)."""
+    from ml.prototypes import Codebook
+
+    data = random_set()
+    width = 12  # neither the tiny preset's class_dim (16) nor the default (768)
+    book = Codebook(list(data.classes), torch.randn(3, 1, width), torch.ones(3, 1), "test-enc")
+    sizes = {}
+    for mode in ("prototype", "baseline"):
+        cfg = make_config("tiny", {"mode": mode, "max_steps": 1, "batch_size": 4})
+        assert cfg.class_dim != width
+        res = train(cfg, data, tmp_path / mode, codebook=book, show_progress=False)
+        assert json.loads((tmp_path / mode / "config.json").read_text())["class_dim"] == width
+        assert load_model(res.checkpoint).cfg.class_dim == width
+        sizes[mode] = sum(p.numel() for p in res.model.parameters())
+        assert res.model.class_embed.weight.shape == (3, width)
+    assert sizes["prototype"] == sizes["baseline"]

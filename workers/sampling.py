@@ -1,11 +1,10 @@
 """The sampling job: load the model's checkpoint (cached per machine), generate the batch's
-images, store each PNG and record it. A re-run replaces a partial batch, so images are never
-duplicated."""
+images, store each PNG (carrying its provenance, :mod:`ml.provenance`) and record it. A re-run
+replaces a partial batch, so images are never duplicated."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,20 +71,13 @@ def local_checkpoint(key: str, model_id: int, storage: Storage, work_dir: Path) 
     return path
 
 
-def png_bytes(img: Any) -> bytes:
-    from PIL import Image as PILImage
-
-    buf = io.BytesIO()
-    PILImage.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def run_sampling(
     job_id: int, ctx: JobContext, settings: Settings, storage: Storage
 ) -> dict[str, Any]:
     from ml.checkpoint import load_model
     from ml.config import SampleConfig, resolve_device
-    from ml.sample import generate
+    from ml.provenance import file_sha256
+    from ml.sample import generate, png_bytes, provenance
 
     progress = ctx.stages(STAGES)
     progress.update("load", 0, 1)
@@ -106,9 +98,14 @@ def run_sampling(
         loaded, info.class_name, n, scfg, on_step=lambda d, t: progress.update("sample", d, t)
     )
     rows = []
+    digest = file_sha256(ckpt)
     for i, img in enumerate(images):
         progress.update("store", i, n)
-        data = png_bytes(img)
+        record = provenance(
+            loaded, scfg, info.class_name, i, n, checkpoint_sha256=digest,
+            model_id=info.model_id, batch_id=batch_id,
+        )  # fmt: skip
+        data = png_bytes(img, record)
         key = f"{prefix}/{info.class_name}_{i:04d}.png"
         storage.put_bytes(key, data, content_type="image/png")
         rows.append(

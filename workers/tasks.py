@@ -60,6 +60,10 @@ def _runner(kind: str) -> Callable[..., dict[str, Any]]:
         from workers.sampling import run_sampling
 
         return run_sampling
+    if kind == JobKind.audit:
+        from workers.audit import run_audit
+
+        return run_audit
     raise ValueError(f"no runner for job kind {kind!r}: the job fails instead of sampling")
 
 
@@ -152,6 +156,11 @@ def sample(self: Any, job_id: int) -> str:
 @app.task(name=TASKS["evaluate"][0], bind=True)
 def evaluate(self: Any, job_id: int) -> str:
     return run_job(job_id, JobKind.evaluate, _worker_name(self))
+
+
+@app.task(name=TASKS["audit"][0], bind=True)
+def audit(self: Any, job_id: int) -> str:
+    return run_job(job_id, JobKind.audit, _worker_name(self))
 
 
 @app.task(name=TASKS["review_sync"][0], bind=True)

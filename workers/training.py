@@ -187,6 +187,7 @@ def run_training(
 ) -> dict[str, Any]:
     """Train the job's model; returns the job result. The model row ends ready."""
     from ml.config import TrainConfig
+    from ml.provenance import file_sha256
 
     progress = ctx.stages(STAGES)
     progress.update("data", 0, 1)
@@ -199,7 +200,7 @@ def run_training(
     )  # fmt: skip
     progress.update("data", 1, 1)
     book = _codebook(info, root, run_dir, settings, progress)
-    cfg = TrainConfig(**info.config)
+    cfg = TrainConfig.from_stored(info.config)  # a job queued before an upgrade runs as it was
     nproc = processes(settings)
     if nproc > 1:
         _train_ddp(cfg, book, run_dir, ctx, progress, nproc, read_roots(settings))
@@ -208,7 +209,13 @@ def run_training(
     progress.update("upload", 0, 1)
     keys = _upload(model_id, run_dir, storage)
     summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = {**summary, "prototypes": book.report}
+    # What a model card (service.model_cards) needs and only training knows: the encoder the
+    # codebook came from, the data selection with its held-out part, and the checkpoint's hash
+    # (the one every generated PNG's provenance names).
+    metrics = {
+        **summary, "prototypes": book.report, "encoder": book.encoder,
+        "selection": book.selection, "checkpoint_sha256": file_sha256(run_dir / "last.pt"),
+    }  # fmt: skip
     with get_sessionmaker()() as session:
         model = session.get(Model, model_id)
         assert model is not None

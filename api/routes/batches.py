@@ -7,7 +7,7 @@ import zipfile
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import select
 
 from api.deps import (
@@ -20,12 +20,16 @@ from api.deps import (
     StorageDep,
     get_or_404,
 )
-from api.responses import batch_out, job_out
-from api.schemas import BatchOut, GenerateAccepted
+from api.responses import audit_out, batch_out, job_out
+from api.schemas import AuditOut, BatchOut, GenerateAccepted, JobOut
+from ml.audit_models import AuditConfig
 from ml.config import DEFAULT_SCHEDULER, DEFAULT_STEPS, SchedulerName
+from service.audits import AuditStored, AuditUnavailable, latest_audit, start_audit
 from service.db.models import MAX_ID, Batch, Dataset, Job, JobKind, Model, ModelMode, ModelStatus
+from service.encoder import require_encoder_weights
 from service.payloads import SamplePayload
 from service.queue import submit
+from service.storage import ObjectNotFound
 
 router = APIRouter()
 
@@ -135,3 +139,76 @@ def batch_zip(
         media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}.zip"'},
     )
+
+
+# --- memorisation audit ---------------------------------------------------------------------------
+
+
+def _latest(session: SessionDep, batch_id: int) -> tuple[Job, AuditStored]:
+    get_or_404(session, Batch, batch_id, hint="; see GET /batches")
+    try:
+        return latest_audit(session, batch_id)
+    except AuditUnavailable as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
+
+
+@router.post("/batches/{batch_id}/audit", status_code=status.HTTP_202_ACCEPTED, tags=["batches"])
+def start_batch_audit(
+    batch_id: IdPath,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: AdminKey,
+    config: AuditConfig | None = None,
+) -> JobOut:
+    """Queue a memorisation audit of a generated batch: each image's nearest training image
+    (pixel and CLIP space), near-copies flagged per class by thresholds calibrated on held-out
+    real images. Read it with ``GET /batches/{id}/audit`` once the job has succeeded."""
+    batch = get_or_404(session, Batch, batch_id, hint="; see GET /batches")
+    config = config or AuditConfig()
+    if "clip" in config.spaces:
+        require_encoder_weights(settings)
+    try:
+        job = start_audit(session, batch, config, key.name)
+    except AuditUnavailable as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
+    submit(session, [job])
+    return job_out(job, request)
+
+
+@router.get("/batches/{batch_id}/audit", tags=["batches"])
+def get_batch_audit(
+    batch_id: IdPath, request: Request, session: SessionDep, _reader: Reader
+) -> AuditOut:
+    """The batch's newest finished audit; 404 if none was started (start one with
+    ``POST /batches/{id}/audit``), 409 while one is queued or running, or if the last failed."""
+    job, stored = _latest(session, batch_id)
+    return audit_out(job, stored, request)
+
+
+@router.get(
+    "/batches/{batch_id}/audit/nearest/{image_id}",
+    name="audit_nearest",
+    tags=["batches"],
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def audit_nearest(
+    batch_id: IdPath, image_id: IdPath, session: SessionDep, storage: StorageDep, _reader: Reader
+) -> Response:
+    """The training image nearest to one of the batch's images in its newest audit (kept for
+    flagged images and the closest few)."""
+    _job, stored = _latest(session, batch_id)
+    if image_id not in stored.image_ids:
+        raise HTTPException(404, f"image {image_id} is not in batch {batch_id}'s audit")
+    key_ = stored.nearest_keys.get(str(stored.image_ids.index(image_id)))
+    if key_ is None:
+        raise HTTPException(
+            404, f"the audit kept no nearest training image for image {image_id} (only for "
+            "flagged images and the closest few)",
+        )  # fmt: skip
+    try:
+        data = storage.get_bytes(key_)
+    except ObjectNotFound as exc:
+        raise HTTPException(404, f"image {image_id}'s nearest image is not in storage") from exc
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private, no-store"})

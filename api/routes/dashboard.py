@@ -10,7 +10,7 @@ JSON endpoints stay the API; these pages only read what they expose.
 from __future__ import annotations
 
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -24,18 +24,22 @@ from api.deps import (
     SessionDep,
     SettingsDep,
 )
-from api.responses import ls_public, project_out
+from api.responses import audit_out, ls_public, project_out
 from api.schemas import ProjectOut
 from api.ui.templating import not_found, page, route_path
 from api.ui.views import (
+    audit_class_rows,
+    audit_pairs,
     bar_chart,
     class_grids,
     f1_chart,
     failure_rows,
     image_counts,
+    markdown_html,
     report_rows,
 )
 from ml.results import evaluation_tables, test_set_label  # torch-free
+from service.audits import AuditUnavailable, audit_jobs, latest_audit
 from service.db.models import (
     MAX_ID,
     ApiKey,
@@ -49,6 +53,8 @@ from service.db.models import (
     ReviewProject,
 )
 from service.evaluations import evaluation_of, latest_evaluation
+from service.model_cards import build_card, card_markdown
+from service.reports import odds_ratio_text
 from service.reviews import FilterError, plausibility
 from service.security import close_session, find_key, open_session
 
@@ -89,6 +95,36 @@ def ui_reader(key: Caller, request: Request) -> ApiKey:
 UiReader = Annotated[ApiKey, Depends(ui_reader)]
 
 
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def same_origin(request: Request, settings: SettingsDep) -> None:
+    """Login and logout forms: refuse posts made by another site's page (login CSRF).
+
+    SameSite=Strict keeps the cookie off cross-site requests, but a cross-site form could still
+    post an attacker's key to /ui/login and plant the attacker's session in a victim's browser
+    (who would then read, and act on, the attacker's data). Browsers name the requesting site in
+    ``Sec-Fetch-Site`` and ``Origin``; a post is refused when either says it came from elsewhere
+    (``Origin: null`` included). Clients that send neither (curl, scripts) hold the key anyway.
+    """
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        raise HTTPException(403, f"cross-site form post refused (Sec-Fetch-Site: {fetch_site})")
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    allowed = {_origin(str(request.base_url)), _origin(settings.public_url)}
+    if origin.lower() not in allowed:
+        raise HTTPException(
+            403, f"form post from origin {origin!r} refused; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+SameOrigin = Depends(same_origin)
+
+
 @router.get("/login", name="ui_login")
 def login_page(
     request: Request,
@@ -102,7 +138,7 @@ def login_page(
     )  # fmt: skip
 
 
-@router.post("/login", name="ui_login_submit", response_model=None)
+@router.post("/login", name="ui_login_submit", response_model=None, dependencies=[SameOrigin])
 def login(
     request: Request,
     session: SessionDep,
@@ -137,7 +173,7 @@ def login(
     return response
 
 
-@router.post("/logout", name="ui_logout")
+@router.post("/logout", name="ui_logout", dependencies=[SameOrigin])
 def logout(request: Request, session: SessionDep) -> RedirectResponse:
     """End the browser's session (the cookie's token stops working at once)."""
     token = request.cookies.get(SESSION_COOKIE)
@@ -186,6 +222,18 @@ def model_page(
     return page(
         request, "model.html", title=f"Model #{model.id}", model=model, grids=class_grids(model)
     )
+
+
+@router.get("/models/{model_id}/card", name="ui_model_card")
+def model_card_page(
+    model_id: IdPath, request: Request, session: SessionDep, _reader: UiReader
+) -> HTMLResponse:
+    """The model card (the same Markdown GET /models/{id}/card?format=markdown gives)."""
+    model = session.get(Model, model_id)
+    if model is None:
+        return not_found(request, f"No model with id {model_id}.")
+    body = markdown_html(card_markdown(build_card(session, model)))
+    return page(request, "card.html", title=f"Model card #{model.id}", model=model, body=body)
 
 
 @router.get("/batches/{batch_id}", name="ui_batch")
@@ -252,12 +300,12 @@ def report_page(
         return bad_filter(request, exc)
     except FilterError as exc:
         return bad_filter(request, HTTPException(422, str(exc)))
-    filters = {k: v for k, v in report["filters"].items() if v is not None}
+    filters = report.filters.model_dump(exclude_none=True) if report.filters else {}
     api_url = route_path(request, "plausibility_endpoint")
     return page(
         request, "report.html", title="Plausibility report", report=report,
         rows=report_rows(report), failures=failure_rows(report), chart=bar_chart(report),
-        filters=filters,
+        filters=filters, odds_ratio=odds_ratio_text(report),
         json_url=f"{api_url}?{urlencode(filters)}" if filters else api_url,
         csv_url=f"{api_url}?{urlencode({**filters, 'format': 'csv'})}",
         projects=report_projects(session, ls_public(settings), set_id),
@@ -311,4 +359,33 @@ def evaluation_page(
         untrained="untrained" in result.encoder,
         json_url=f"{api_url}?{urlencode({'job_id': job.id})}",
         csv_url=f"{api_url}?{urlencode({'job_id': job.id, 'format': 'csv'})}",
+    )  # fmt: skip
+
+
+# --- memorisation audit of a batch ----------------------------------------------------------------
+
+
+@router.get("/batches/{batch_id}/audit", name="ui_batch_audit")
+def batch_audit_page(
+    batch_id: IdPath, request: Request, session: SessionDep, _reader: UiReader
+) -> HTMLResponse:
+    """A batch's newest audit: the per-class summary and each flagged image beside its
+    nearest training image (then the closest others); how to start one when there is none."""
+    batch = session.get(Batch, batch_id)
+    if batch is None:
+        return not_found(request, f"No batch with id {batch_id}.")
+    common: dict[str, Any] = {"title": f"Audit of batch #{batch.id}", "batch": batch}
+    try:
+        job, stored = latest_audit(session, batch_id)
+    except AuditUnavailable as exc:
+        jobs = audit_jobs(session, batch_id)
+        return page(request, "audit.html", **common, report=None, message=str(exc),
+                    last=jobs[0] if jobs else None)  # fmt: skip
+    out = audit_out(job, stored, request)
+    report = out.report
+    return page(
+        request, "audit.html", **common, job=job, report=report, spaces=list(report.config.spaces),
+        rows=audit_class_rows(report), pairs=audit_pairs(report, out.links),
+        untrained="untrained" in report.encoder,
+        json_url=route_path(request, "get_batch_audit", batch_id=batch_id),
     )  # fmt: skip

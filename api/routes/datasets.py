@@ -23,7 +23,14 @@ from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
 from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, StorageDep, get_or_404
-from api.schemas import NAME_PATTERN, DatasetIn, DatasetOut, DatasetRegistered, SkippedFile
+from api.schemas import (
+    LICENCE_HELP,
+    NAME_PATTERN,
+    DatasetIn,
+    DatasetOut,
+    DatasetRegistered,
+    SkippedFile,
+)
 from ml.catalog import IMAGE_SUFFIXES, Catalog, Layout, scan
 from service.archive import ArchiveError, ArchiveTooLarge, copy_limited, safe_extract
 from service.config import Settings, get_settings
@@ -232,7 +239,8 @@ def register_folder(
     _check_name_free(session, body.name)
     check_domain(session, body.domain)
     catalog = scan_dataset(folder, body.layout, settings.data_roots)
-    return _insert(session, _row(body.name, folder, catalog, body.domain), catalog)
+    row = _row(body.name, folder, catalog, body.domain, licence=body.licence)
+    return _insert(session, row, catalog)
 
 
 @router.post("/upload", status_code=status.HTTP_201_CREATED)
@@ -245,6 +253,7 @@ def upload_dataset(
     file: Annotated[UploadFile, File(description="The dataset as a .zip archive.")],
     layout: Annotated[Layout, Form()] = "auto",
     domain: Annotated[str | None, Form(max_length=64)] = None,
+    licence: Annotated[str | None, Form(max_length=200, description=LICENCE_HELP)] = None,
 ) -> DatasetRegistered:
     """Upload a zip (413 over the size limits, 422 if refused or without images); it is kept
     in storage so workers on other machines can fetch it."""
@@ -261,7 +270,8 @@ def upload_dataset(
         catalog = scan_dataset(root, layout, [unpacked])
         storage.put_file(key, zip_path, "application/zip")
         stored = True
-        row = _row(name, root, catalog, domain, source=DatasetSource.upload, archive_key=key)
+        row = _row(name, root, catalog, domain, source=DatasetSource.upload, archive_key=key,
+                   licence=licence)  # fmt: skip
         return _insert(session, row, catalog)
     except BaseException:
         shutil.rmtree(unpacked, ignore_errors=True)

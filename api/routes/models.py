@@ -1,15 +1,17 @@
-"""Trained models: list (filter by dataset, status, mode) and inspect."""
+"""Trained models: list (filter by dataset, status, mode), inspect, and their model cards."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
+from fastapi.responses import PlainTextResponse
 from sqlalchemy import select
 
 from api.deps import IdPath, IdQuery, Reader, SessionDep, get_or_404
 from api.schemas import ModelOut
 from service.db.models import Model, ModelMode, ModelStatus
+from service.model_cards import ModelCard, build_card, card_markdown
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -35,3 +37,23 @@ def list_models(
 @router.get("/{model_id}")
 def get_model(model_id: IdPath, session: SessionDep, _reader: Reader) -> ModelOut:
     return ModelOut.model_validate(get_or_404(session, Model, model_id))
+
+
+@router.get(
+    "/{model_id}/card",
+    response_model=ModelCard,
+    responses={200: {"content": {"application/json": {}, "text/markdown": {}}}},
+)
+def model_card(
+    model_id: IdPath,
+    session: SessionDep,
+    _reader: Reader,
+    format: Literal["json", "markdown"] = "json",
+) -> ModelCard | PlainTextResponse:
+    """The model card: training data and its licence, encoder, configuration, training time,
+    evaluation, expert plausibility (with intervals), memorisation audits, intended use and
+    limits. ``format=markdown`` for a repository or a paper's supplement."""
+    card = build_card(session, get_or_404(session, Model, model_id))
+    if format == "markdown":
+        return PlainTextResponse(card_markdown(card), media_type="text/markdown")
+    return card

@@ -3,7 +3,7 @@ and the latest evaluation without experts (Tables 5-6, CLIP-space metrics); JSON
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import PlainTextResponse
@@ -12,6 +12,7 @@ from api.deps import Reader, SessionDep
 from api.schemas import EvaluationReport
 from service.db.models import MAX_ID
 from service.evaluations import evaluation_csv, evaluation_of, latest_evaluation
+from service.report_models import PlausibilityReport
 from service.reports import report_csv
 from service.reviews import FilterError, plausibility
 
@@ -21,7 +22,14 @@ router = APIRouter(prefix="/reports")
 @router.get(
     "/plausibility",
     tags=["reviews"],
-    responses={200: {"content": {"application/json": {}, "text/csv": {}}}},
+    response_model=PlausibilityReport,
+    responses={
+        200: {
+            "description": "The report as JSON (schema below) or, with ``format=csv``, as CSV "
+            "in the seed's Tables 3-4 layout.",
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+        }
+    },
 )
 def plausibility_endpoint(
     session: SessionDep,
@@ -33,10 +41,12 @@ def plausibility_endpoint(
     ] = None,
     criteria_set_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     format: Literal["json", "csv"] = "json",
-) -> Any:
-    """Per class: images reviewed and % plausible per model, prototype minus baseline with a
-    95% interval (Newcombe/Wilson) and Fisher's exact p, averages, failure rate per criterion,
-    agreement between reviewers. ``format=csv``: the seed's Tables 3-4 layout."""
+) -> PlausibilityReport | PlainTextResponse:
+    """Per class and model, % of images judged plausible (the image is the unit: its
+    reviewers' majority, a tie counting as implausible), prototype minus baseline with a 95%
+    interval (Newcombe/Wilson), Fisher's exact p raw and Holm-adjusted over the classes; macro
+    and pooled averages with a Cochran-Mantel-Haenszel test stratified by class; failure rate
+    per criterion; agreement between reviewers. ``format=csv``: the seed's Tables 3-4 layout."""
     try:
         report = plausibility(session, dataset_id, models, reviewer, criteria_set_id)
     except FilterError as exc:

@@ -4,17 +4,22 @@ evaluation reports as table rows and charts, formatted as the reports' CSVs are.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from markdown_it import MarkdownIt
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api.schemas import AuditImageLinks
 from api.ui.charts import BarValue, Chart, Series, grouped_bar_chart
 from api.ui.templating import percent
+from ml.audit_models import AuditReport, nearest  # torch-free
 from ml.results import DownstreamResult, SetScores, ordered  # torch-free
 from service.db.models import Batch, Image, Model
-from service.reports import diff_cells, macro_difference, pct
+from service.report_models import ModelColumn, PlausibilityReport, RateEntry
+from service.reports import diff_cells, macro_difference, pct, stratified_cells
 
 IMAGES_PER_CLASS = 64  # on a model page; a batch page shows all of its images
 PALETTE = {  # by mode, then by the model's order within its mode
@@ -71,77 +76,82 @@ def class_grids(model: Model, cap: int = IMAGES_PER_CLASS) -> list[ClassGrid]:
 # --- the plausibility report ---------------------------------------------------------------------
 
 
-def column_colours(models: list[dict[str, Any]]) -> dict[int, str]:
+def column_colours(models: list[ModelColumn]) -> dict[int, str]:
     """Baseline greys, prototype teals; several models of one mode get shades of its colour."""
     seen: dict[str, int] = {}
     colours = {}
     for m in models:
-        mode = str(m.get("mode"))
-        palette = PALETTE.get(mode, OTHER_COLOURS)
-        colours[m["id"]] = palette[seen.get(mode, 0) % len(palette)]
-        seen[mode] = seen.get(mode, 0) + 1
+        palette = PALETTE.get(m.mode, OTHER_COLOURS)
+        colours[m.id] = palette[seen.get(m.mode, 0) % len(palette)]
+        seen[m.mode] = seen.get(m.mode, 0) + 1
     return colours
 
 
-def bar_chart(report: dict[str, Any]) -> Chart | None:
-    """% plausible per class and model with Wilson 95% whiskers; None without reviews."""
-    models, classes = report["models"], report["classes"]
+def bar_chart(report: PlausibilityReport) -> Chart | None:
+    """% of images plausible per class and model with Wilson 95% whiskers; None without
+    reviews."""
+    models, classes = report.models, report.classes
     colours = column_colours(models)
-    series = [Series(str(m["id"]), m["label"], colours[m["id"]]) for m in models]
+    series = [Series(str(m.id), m.label, colours[m.id]) for m in models]
     values = {}
     for cls in classes:
         for m in models:
-            entry = cls["models"][str(m["id"])]
-            rate, (lo, hi) = entry["rate"], entry["ci"]
+            entry = cls.models[str(m.id)]
+            lo, hi = entry.ci
             tip = (
-                f"{cls['class']} · {m['label']}: {percent(rate)} plausible "
-                f"({entry['plausible']}/{entry['reviews']}), 95% CI {100 * lo:.1f}–{100 * hi:.1f}%"
+                f"{cls.class_name} · {m.label}: {percent(entry.rate)} of images plausible "
+                f"({entry.plausible}/{entry.images}; {entry.reviews} reviews), "
+                f"95% CI {100 * lo:.1f}–{100 * hi:.1f}%"
             )
-            values[(cls["class"], str(m["id"]))] = BarValue(rate, (lo, hi), tip)
+            values[(cls.class_name, str(m.id))] = BarValue(entry.rate, (lo, hi), tip)
     return grouped_bar_chart(
-        [c["class"] for c in classes], series, values,
-        title="% plausible per class and model, with Wilson 95% intervals",
+        [c.class_name for c in classes], series, values,
+        title="% of images plausible per class and model, with Wilson 95% intervals",
         axis_title="% plausible", series_attr="model", value_attr="rate",
     )  # fmt: skip
 
 
-def rate_cell(entry: dict[str, Any]) -> str:
-    """'% plausible (n)' as in the CSV: two decimals, n = reviews."""
-    return f"{pct(entry['rate'])} ({entry['reviews']})"
+def rate_cell(entry: RateEntry) -> str:
+    """'% plausible (n)' as in the CSV: two decimals, n = images (the unit)."""
+    return f"{pct(entry.rate)} ({entry.images})"
 
 
-def row(label: str, kind: str, cells: list[str], diff: dict[str, Any] | None) -> dict[str, Any]:
-    return {"label": label, "kind": kind, "cells": cells, "diff": diff_cells(diff)}
+def row(label: str, kind: str, cells: list[str], diff: list[str]) -> dict[str, Any]:
+    return {"label": label, "kind": kind, "cells": cells, "diff": diff}
 
 
-def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The table's rows: classes, then macro and pooled averages (the CSV's formatting)."""
-    mids = [str(m["id"]) for m in report["models"]]
+def report_rows(report: PlausibilityReport) -> list[dict[str, Any]]:
+    """The table's rows: classes, then macro, pooled and stratified averages (the CSV's
+    formatting)."""
+    mids = [str(m.id) for m in report.models]
     rows = [
-        row(c["class"], "class", [rate_cell(c["models"][i]) for i in mids], c["difference"])
-        for c in report["classes"]
+        row(c.class_name, "class", [rate_cell(c.models[i]) for i in mids], diff_cells(c.difference))
+        for c in report.classes
     ]
     if not rows:
         return rows
-    avg = report["average"]
-    rows.append(row("Average (macro)", "avg", [pct(avg["macro"][i]) for i in mids], None))
-    rows[-1]["diff"][0] = macro_difference(report)  # the plain difference, no CI or p
-    pooled = [rate_cell(avg["pooled"][i]) for i in mids]
-    rows.append(row("Pooled", "avg", pooled, avg["difference"]))
+    avg = report.average
+    macro = ["", "", "", ""]
+    macro[0] = macro_difference(report)  # the plain difference, no CI or p
+    rows.append(row("Average (macro)", "avg", [pct(avg.macro[i]) for i in mids], macro))
+    pooled = [rate_cell(avg.pooled[i]) for i in mids]
+    rows.append(row("Pooled", "avg", pooled, diff_cells(avg.difference)))
+    if avg.stratified is not None:
+        label = "Pooled, stratified by class (CMH)"
+        rows.append(row(label, "avg", ["" for _ in mids], stratified_cells(report)))
     return rows
 
 
-def failure_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
+def failure_rows(report: PlausibilityReport) -> list[tuple[str, list[str]]]:
     """Per criterion and model: '% failed (n judged)'."""
-    failure = report["criteria_failure"]
-    mids = [str(m["id"]) for m in report["models"]]
+    failure = report.criteria_failure
+    mids = [str(m.id) for m in report.models]
 
     def cell(mid: str, key: str) -> str:
         entry = failure[mid][key]
-        return f"{pct(entry['rate'])} ({entry['judged']})"
+        return f"{pct(entry.rate)} ({entry.judged})"
 
-    criteria = report["criteria"]
-    return [(c.get("label", c["key"]), [cell(i, c["key"]) for i in mids]) for c in criteria]
+    return [(c.label or c.key, [cell(i, c.key) for i in mids]) for c in report.criteria]
 
 
 # --- the evaluation report -----------------------------------------------------------------------
@@ -181,3 +191,66 @@ def f1_chart(down: DownstreamResult) -> Chart | None:
         list(down.classes), series, values, title="F1 per class and training set",
         axis_title="F1", series_attr="set", value_attr="f1",
     )  # fmt: skip
+
+
+# --- memorisation audit --------------------------------------------------------------------------
+
+
+@dataclass
+class AuditPair:
+    """A generated image beside its nearest training image, with why it is shown."""
+
+    index: int
+    class_name: str
+    flagged_by: list[str]
+    image_url: str
+    nearest_url: str | None
+    nearest_path: str
+    flip: str
+    distances: str  # "pixel 0.0000 · clip 0.0123"
+
+
+def audit_class_rows(report: AuditReport) -> list[tuple[str, list[str]]]:
+    """Per class: images, flagged, rate, DCR ratio per space, calibration n, expected and
+    measured false-flag rate on the held-out check images."""
+    spaces = list(report.config.spaces)
+    rows = []
+    for c in report.per_class:
+        cal = c.calibration
+        check = f"{cal.check_flagged}/{cal.n_check}"
+        if cal.check_upper95 is not None:
+            check += f" ({percent(cal.check_rate)}, ≤ {percent(cal.check_upper95)})"
+        cells = [str(c.n_images), str(c.n_flagged), percent(c.flag_rate)]
+        cells += ["—" if c.dcr_ratio.get(s) is None else f"{c.dcr_ratio[s]:.3f}" for s in spaces]
+        cells += [str(cal.n_calibration), percent(cal.expected_false_flag_rate), check]
+        rows.append((c.class_name, cells))
+    return rows
+
+
+def audit_pairs(report: AuditReport, links: Iterable[AuditImageLinks]) -> list[AuditPair]:
+    """Flagged images first, then the closest others whose nearest training image was kept."""
+    by_index = {link.index: link for link in links}
+    pairs = []
+    for a in report.images:
+        link = by_index[a.index]
+        if link.nearest_url is None and not a.flagged:
+            continue
+        nn = nearest(a)
+        dist = " · ".join(
+            f"{s} {n.distance:.4f}" for s in ("pixel", "clip") if (n := getattr(a, s)) is not None
+        )
+        pairs.append(AuditPair(
+            index=a.index, class_name=a.class_name, flagged_by=list(a.flagged_by),
+            image_url=link.image_url, nearest_url=link.nearest_url,
+            nearest_path="/".join(nn.train_path.split("/")[-2:]),
+            flip=nn.flip, distances=dist,
+        ))  # fmt: skip
+    return sorted(pairs, key=lambda p: (not p.flagged_by, p.index))
+
+
+_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
+
+
+def markdown_html(text: str) -> str:
+    """Markdown to HTML with raw HTML disabled (escaped), so stored text cannot inject markup."""
+    return str(_MARKDOWN.render(text))

@@ -99,6 +99,7 @@ class JobKind(enum.StrEnum):
     prototypes = "prototypes"
     evaluate = "evaluate"
     review_sync = "review_sync"  # images to Label Studio, verdicts back
+    audit = "audit"  # memorisation audit of one batch (params: batch_id, config)
 
 
 class JobStatus(enum.StrEnum):
@@ -162,6 +163,9 @@ class Dataset(TimestampMixin, Base):
     archive_key: Mapped[str | None] = mapped_column(String(1024))
     # Review domain (criteria sets, issue 4): e.g. toy, blood, bone-marrow, dermatoscopy.
     domain: Mapped[str | None] = mapped_column(String(64))
+    # The licence the images were published under (e.g. "CC BY-NC-SA 4.0"); model cards carry
+    # it to everything made from them. None: not recorded.
+    licence: Mapped[str | None] = mapped_column(String(200))
 
     models: Mapped[list[Model]] = relationship(back_populates="dataset")
 

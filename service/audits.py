@@ -1,0 +1,94 @@
+"""Memorisation audits of batches, the service side: start one (an ``audit`` job on the gpu
+queue, where the CLIP encoder and the training images are) and read the newest one back, shared
+by ``/batches/{id}/audit`` and the dashboard. The audit itself is ``ml.audit``; its result is
+stored as the job's result (``AuditStored``), so no table of its own is needed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ml.audit_models import AuditConfig, AuditReport  # torch-free
+from service.db.models import Batch, Job, JobKind, JobStatus
+
+UNFINISHED = (JobStatus.queued, JobStatus.running)
+
+
+class AuditStored(BaseModel):
+    """What an audit job stores: the report, the batch's image ids in report order, and the
+    storage keys of the nearest training images kept for display (report index -> key)."""
+
+    batch_id: int
+    report: AuditReport
+    image_ids: list[int]
+    nearest_keys: dict[str, str]
+
+
+class AuditUnavailable(Exception):
+    """No finished audit to show; ``status`` is the HTTP code that fits (404 none, 409
+    pending or failed) and the message says how to get one."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def audit_jobs(session: Session, batch_id: int) -> list[Job]:
+    """The batch's audit jobs, newest first."""
+    jobs = session.scalars(
+        select(Job).where(Job.kind == JobKind.audit).order_by(Job.id.desc())
+    ).all()
+    return [j for j in jobs if (j.params or {}).get("batch_id") == batch_id]
+
+
+def latest_audit(session: Session, batch_id: int) -> tuple[Job, AuditStored]:
+    """The newest succeeded audit of the batch, else AuditUnavailable saying what to do."""
+    jobs = audit_jobs(session, batch_id)
+    done = next((j for j in jobs if j.status == JobStatus.succeeded and j.result), None)
+    if done is not None:
+        return done, AuditStored.model_validate(done.result)
+    start = f"start one with POST /batches/{batch_id}/audit (admin key)"
+    if not jobs:
+        raise AuditUnavailable(404, f"batch {batch_id} has no audit yet; {start}")
+    last = jobs[0]
+    if last.status in UNFINISHED:
+        raise AuditUnavailable(
+            409, f"the audit of batch {batch_id} is {last.status} (job {last.id}); poll "
+            f"GET /jobs/{last.id}",
+        )  # fmt: skip
+    raise AuditUnavailable(
+        409, f"the last audit of batch {batch_id} (job {last.id}) {last.status}: "
+        f"{last.error or 'no result'}; {start}",
+    )  # fmt: skip
+
+
+def start_audit(session: Session, batch: Batch, config: AuditConfig, requested_by: str) -> Job:
+    """A queued audit job of a finished batch (the caller submits it). Refuses (409) a batch
+    whose images are not all there yet, and one with an audit already waiting or running."""
+    if batch.job is not None and batch.job.status != JobStatus.succeeded:
+        raise AuditUnavailable(
+            409, f"batch {batch.id} is not generated yet (its job {batch.job.id} is "
+            f"{batch.job.status}); audit it once that job has succeeded",
+        )  # fmt: skip
+    if not batch.images:
+        raise AuditUnavailable(409, f"batch {batch.id} has no images to audit")
+    pending = [j for j in audit_jobs(session, batch.id) if j.status in UNFINISHED]
+    if pending:
+        raise AuditUnavailable(
+            409, f"an audit of batch {batch.id} is already {pending[0].status} "
+            f"(job {pending[0].id}); poll GET /jobs/{pending[0].id}",
+        )  # fmt: skip
+    job = Job(kind=JobKind.audit, model_id=batch.model_id, requested_by=requested_by,
+              params={"batch_id": batch.id, "config": config.model_dump(mode="json")})  # fmt: skip
+    session.add(job)
+    session.flush()
+    return job
+
+
+def audit_summary(stored: AuditStored) -> dict[str, Any]:
+    """A few numbers for lists (the batch page's link)."""
+    t = stored.report.totals
+    return {"flagged": t.n_flagged, "images": t.n_images, "flag_rate": t.flag_rate}

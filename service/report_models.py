@@ -1,0 +1,159 @@
+"""The plausibility report's shape: pydantic models built by
+:func:`service.reports.plausibility_report`, read by its CSV, returned by
+``GET /reports/plausibility`` (so OpenAPI publishes the schema) and shown by the dashboard.
+Torch-free and web-free, like the rest of the service core.
+
+Rates and interval limits are fractions in [0, 1], left unrounded; ``percent_agreement`` alone is
+a percentage. Dict keys naming models are ``str(model_id)`` so a report survives a JSON round
+trip unchanged. Field names are the JSON keys, except a class row's ``class_name``, which is
+``class`` in JSON (a Python keyword).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Interval = tuple[float, float]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+
+class ModelColumn(_Model):
+    """A model the report has a column for."""
+
+    id: int
+    mode: str  # "baseline" | "prototype"
+    label: str
+
+
+class Criterion(_Model):
+    key: str
+    label: str | None = None
+
+
+class RateEntry(_Model):
+    """One model's plausibility over some images, the image being the unit."""
+
+    images: int = Field(description="n: images with at least one verdict (the unit of the rate)")
+    reviews: int = Field(description="verdicts on those images (several reviewers per image)")
+    plausible: int = Field(description="images whose reviewers' majority said plausible")
+    ties: int = Field(description="images whose reviewers split evenly (counted implausible)")
+    rate: float | None = Field(description="plausible / images; null without images")
+    ci: Interval = Field(description="Wilson score 95% interval of the rate, over images")
+
+
+class Difference(_Model):
+    """Prototype minus baseline rate over images: Newcombe's interval and Fisher's exact p."""
+
+    value: float
+    ci: Interval
+    p_value: float
+    test: Literal["fisher-exact"] = "fisher-exact"
+
+
+class ClassDifference(Difference):
+    p_holm: float = Field(
+        description="p_value Holm-adjusted over the classes compared (those with a difference)"
+    )
+
+
+class CriterionFailure(_Model):
+    """Failures among the verdicts that judged a criterion ("na" or absent: not judged)."""
+
+    fail: int
+    judged: int
+    rate: float | None
+
+
+class ClassRow(_Model):
+    class_name: str = Field(alias="class")
+    models: dict[str, RateEntry]
+    difference: ClassDifference | None
+    criteria: dict[str, dict[str, CriterionFailure]]
+
+
+class MacroDifference(_Model):
+    """Prototype minus baseline macro rate over the classes both models were judged on."""
+
+    value: float | None
+    baseline: float | None
+    prototype: float | None
+    classes: list[str]
+    left_out: list[str]
+
+
+class Stratified(_Model):
+    """The pooled comparison stratified by class: Cochran-Mantel-Haenszel test (continuity-
+    corrected) and the Mantel-Haenszel common odds ratio, prototype vs baseline (> 1 favours
+    the prototype), with the Robins-Breslow-Greenland 95% interval; null where undefined."""
+
+    test: Literal["cochran-mantel-haenszel"] = "cochran-mantel-haenszel"
+    statistic: float
+    p_value: float
+    odds_ratio: float | None
+    odds_ratio_ci: Interval | None
+    strata: list[str] = Field(description="the classes both models were judged on")
+
+
+class Average(_Model):
+    macro: dict[str, float | None]
+    macro_difference: MacroDifference | None
+    pooled: dict[str, RateEntry]
+    difference: Difference | None = Field(description="pooled images, not stratified")
+    stratified: Stratified | None
+
+
+class Agreement(_Model):
+    """Inter-reviewer agreement on the plausible/implausible verdict (see
+    :func:`service.reports.agreement`)."""
+
+    method: Literal["cohen", "fleiss"]
+    kappa: float
+    items: int
+    raters: int
+    reviewers: list[str]
+    percent_agreement: float
+
+
+class Methods(_Model):
+    """What the numbers mean, stated in the report itself."""
+
+    unit: Literal["image"] = "image"
+    consensus: str = (
+        "plausible iff more of the image's reviewers said plausible than not; a tie counts as "
+        "implausible"
+    )
+    intervals: str = "Wilson score 95% per rate; Newcombe hybrid score 95% per difference"
+    class_test: str = "Fisher's exact, two-sided, over images; Holm-adjusted over k classes"
+    pooled_test: str = (
+        "Cochran-Mantel-Haenszel stratified by class (continuity-corrected), with the "
+        "Mantel-Haenszel common odds ratio; unstratified Fisher over pooled images alongside"
+    )
+    criteria: str = "failure rates per verdict (descriptive, no test)"
+    holm_classes: int = Field(0, description="k: the classes in the Holm adjustment")
+
+
+class Filters(_Model):
+    dataset_id: int | None = None
+    models: str | None = None
+    reviewer: str | None = None
+    criteria_set_id: int | None = None
+
+
+class PlausibilityReport(_Model):
+    """The seed paper's Tables 3-4: per class and model, the share of images judged plausible."""
+
+    methods: Methods
+    models: list[ModelColumn]
+    baseline_id: int | None
+    prototype_id: int | None
+    classes: list[ClassRow]
+    average: Average
+    criteria: list[Criterion]
+    criteria_failure: dict[str, dict[str, CriterionFailure]]
+    agreement: Agreement | None
+    filters: Filters | None = None

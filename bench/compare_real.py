@@ -61,16 +61,6 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def load_test_set(test_dir: Path, classes: list[str], image_size: int) -> Any:
-    """ADAPTER (switch to evalx's ``test_data`` when it is merged): the external test images as
-    an ImageSet with the models' classes, read by the ordinary loader (all images, nothing
-    held out). ``protomed evaluate --test-data DIR`` / ``ml.evaluate.evaluate(test_data=...)``
-    do the same for the whole evaluation, classes matched by name."""
-    from ml.data import load_split
-
-    return load_split(test_dir, n_per_class=None, image_size=image_size, classes=classes).train
-
-
 def train_runs(
     codebook_dir: Path, out: Path, mode: str, gseed: int, budgets: list[int], args: Any
 ) -> dict[int, Path]:
@@ -142,7 +132,11 @@ def run_dataset(name: str, args: Any) -> dict[str, Any]:
 
     split = load_selection({**Codebook.load(out / "codebook").selection, "image_size": size})
     classes = list(split.classes)
-    test = load_test_set(out / "test", classes, size)
+    # the test part as an external test set, read as `protomed evaluate --test-data` reads one
+    # (every model class required, classes matched by name)
+    from ml.evaluate import external_test_set
+
+    test, _info = external_test_set(out / "test", classes, size)
     parts = {"validation": split.heldout, "test": test}
     sizes = {"train": split.train.per_class_counts(),
              "validation": split.heldout.per_class_counts(),

@@ -50,8 +50,13 @@ class Worker:
         self.proc.wait(timeout=60)
 
     def stop(self) -> None:
+        """SIGTERM (a warm shutdown), then SIGKILL if the worker is still busy after a minute,
+        so a test's own failure is never hidden behind a stuck shutdown."""
         if self.proc.poll() is None:
-            self.kill(signal.SIGTERM)
+            try:
+                self.kill(signal.SIGTERM)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
 
 
 def wait_job(client: Any, job_id: int, *, until: tuple[str, ...] = ("succeeded", "failed",

@@ -234,6 +234,18 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _section(
+    title: str, header: list[str], rows: list[list[str]], empty: str, note: str | None = None
+) -> list[str]:
+    """A card section: a Markdown table of ``rows``, or ``empty`` when there are none."""
+    lines = ["", f"## {title}", ""]
+    if not rows:
+        return [*lines, empty]
+    lines += [note, ""] if note else []
+    table = [header, ["---"] * len(header), *rows]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in table]
+
+
 def card_markdown(card: ModelCard) -> str:
     """The card as Markdown, for a model's repository or a paper's supplement."""
     d, t = card.training_data, card.training
@@ -271,43 +283,25 @@ def card_markdown(card: ModelCard) -> str:
         f"- Checkpoint sha256: {t.checkpoint_sha256 or 'not recorded'}",
         "- Configuration: "
         + ", ".join(f"{k}={v}" for k, v in sorted(t.config.items()) if k != "preset"),
-        "",
-        "## Evaluation without experts",
-        "",
     ]
-    if card.evaluations:
-        lines += ["| job | as | downstream F1 | CLIP FD |", "|---|---|---|---|"]
-        lines += [
-            f"| {e.job_id} | {e.role} | {_pct(e.f1)} | {'n/a' if e.fd is None else f'{e.fd:.4f}'} |"
-            for e in card.evaluations
-        ]
-    else:
-        lines.append("No evaluation yet (POST /jobs/evaluate).")
-    lines += ["", "## Expert plausibility", ""]
-    if card.plausibility:
-        lines += [
-            f"Unit: the image ({card.plausibility_method}); Wilson 95% intervals.",
-            "",
-            "| class | images | plausible | rate | 95% CI |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {p.class_name} | {p.images} | {p.plausible} | {_pct(p.rate)} | "
-            f"{_pct(p.ci[0])} - {_pct(p.ci[1])} |"
-            for p in card.plausibility
-        ]
-    else:
-        lines.append("No expert verdicts yet.")
-    lines += ["", "## Memorisation audits", ""]
-    if card.audits:
-        lines += ["| batch | class | images | flagged | expected on real images |"]
-        lines += ["|---|---|---|---|---|"]
-        lines += [
-            f"| {a.batch_id} | {a.class_name} | {a.n_images} | {a.n_flagged} | "
-            f"{_pct(a.expected_false_flag_rate)} |"
-            for a in card.audits
-        ]
-    else:
-        lines.append("No audit yet (POST /batches/{id}/audit).")
+    fd = [("n/a" if e.fd is None else f"{e.fd:.4f}") for e in card.evaluations]
+    lines += _section(
+        "Evaluation without experts", ["job", "as", "downstream F1", "CLIP FD"],
+        [[str(e.job_id), e.role, _pct(e.f1), d] for e, d in zip(card.evaluations, fd, strict=True)],
+        "No evaluation yet (POST /jobs/evaluate).",
+    )  # fmt: skip
+    lines += _section(
+        "Expert plausibility", ["class", "images", "plausible", "rate", "95% CI"],
+        [[p.class_name, str(p.images), str(p.plausible), _pct(p.rate),
+          f"{_pct(p.ci[0])} - {_pct(p.ci[1])}"] for p in card.plausibility],
+        "No expert verdicts yet.",
+        note=f"Unit: the image ({card.plausibility_method}); Wilson 95% intervals.",
+    )  # fmt: skip
+    lines += _section(
+        "Memorisation audits", ["batch", "class", "images", "flagged", "expected on real images"],
+        [[str(a.batch_id), a.class_name, str(a.n_images), str(a.n_flagged),
+          _pct(a.expected_false_flag_rate)] for a in card.audits],
+        "No audit yet (POST /batches/{id}/audit).",
+    )  # fmt: skip
     lines += ["", "## Limits", "", *(f"- {x}" for x in card.limits), ""]
     return "\n".join(lines)

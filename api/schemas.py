@@ -19,6 +19,7 @@ from ml.audit_models import AuditReport  # torch-free
 from ml.catalog import Layout
 from ml.config import MAX_PER_CLASS, PresetName, allowed_range  # torch-free
 from ml.results import EvaluationResult  # torch-free
+from ml.scorer_models import ScorerMetrics  # torch-free
 from service.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
 from service.payloads import EvaluatePayload
 
@@ -150,6 +151,7 @@ class ImageOut(Out):
     index: int
     class_name: str
     sha256: str
+    score: float | None = None  # the batch's scorer's probability that experts accept it
     url: str = ""
 
 
@@ -164,6 +166,9 @@ class BatchOut(Out):
     scheduler: str
     job_id: int | None
     created_at: datetime
+    filter: dict[str, Any] | None = None  # {"kind": "plausible", "oversample", "threshold"}
+    drawn: int | None = None  # images drawn to keep n (None until generated)
+    scorer_id: int | None = None  # the scorer version its images were scored with
     images: list[ImageOut] = Field(default_factory=list)
     zip_url: str = ""
 
@@ -344,3 +349,26 @@ class AuditOut(BaseModel):
     finished_at: datetime | None
     report: AuditReport
     links: list[AuditImageLinks]
+
+
+class ScorerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    domain: str = Field(min_length=1, max_length=64, description="the review domain")
+
+
+class ScorerOut(Out):
+    """A scorer version: on how many reviewed images it was trained and how well it separates
+    verdicts it did not see (nested cross-validation; ``metrics``: AUC with its interval,
+    Brier score, calibration bins)."""
+
+    id: int
+    domain: str
+    version: int
+    encoder: str
+    n_images: int
+    n_plausible: int
+    job_id: int | None
+    created_at: datetime
+    metrics: ScorerMetrics
+    latest: bool = False  # the domain's newest version: the one new batches are scored with

@@ -84,6 +84,15 @@ class Settings(BaseSettings):
     # on a machine without the workers' weights.
     check_encoder_weights: bool = True
 
+    # Plausibility scorers (service/scorers.py): a domain's scorer is retrained once it has
+    # this many more reviewed images than its newest scorer was trained on; none is trained on
+    # fewer than scorer_min_images. A filtered batch draws n * oversample images (default
+    # scorer_oversample, at most scorer_max_oversample, and at most max_images_per_request).
+    scorer_retrain_after: int = Field(default=50, ge=1)
+    scorer_min_images: int = Field(default=20, ge=6)
+    scorer_oversample: int = Field(default=3, ge=1)
+    scorer_max_oversample: int = Field(default=10, ge=1)
+
     @field_validator("database_url")
     @classmethod
     def _driver(cls, url: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ml.results import EvalConfig
 
@@ -40,6 +40,24 @@ class TrainPayload(BaseModel):
 
 class SamplePayload(BaseModel):
     batch_id: int = Field(description="the batch row the job fills with images")
+
+
+class BatchFilter(BaseModel):
+    """``Batch.filter``: keep the images the domain's scorer rates most plausible. The job
+    draws ``n * oversample`` and keeps the ``n`` highest-scored, or with ``threshold`` those
+    scored at least that (the highest first, at most ``n``; fewer when not enough reach it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["plausible"] = "plausible"
+    oversample: int = Field(ge=1, description="images drawn per image kept")
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class ScorePayload(BaseModel):
+    """Train the next version of a review domain's plausibility scorer from its verdicts."""
+
+    domain: str = Field(min_length=1, max_length=64)
 
 
 class ModelPair(BaseModel):

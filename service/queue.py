@@ -27,6 +27,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "evaluate": ("protomed.evaluate", GPU_QUEUE),
     "review_sync": ("protomed.review_sync", DEFAULT_QUEUE),
     "audit": ("protomed.audit", GPU_QUEUE),  # CLIP embeddings: where the ml stack is
+    "score": ("protomed.score", GPU_QUEUE),  # CLIP embeddings too
 }
 
 

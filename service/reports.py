@@ -91,6 +91,13 @@ def _by_image(judgements: Iterable[Judgement]) -> dict[int, dict[str, bool]]:
     return by_image
 
 
+def image_verdicts(judgements: Iterable[Judgement]) -> dict[int, bool]:
+    """Each image's one verdict, as the report counts it (module docstring): plausible when
+    more of its reviewers accepted it than rejected it (a tie is implausible). The scorer
+    (``service/scorers.py``) learns these."""
+    return {i: 2 * sum(v.values()) > len(v) for i, v in _by_image(judgements).items()}
+
+
 def agreement(judgements: Sequence[Judgement]) -> Agreement | None:
     """Inter-reviewer agreement on the plausible/implausible verdict.
 

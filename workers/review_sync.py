@@ -29,6 +29,7 @@ from service.label_studio import (
     with_email,
 )
 from service.reviews import reconcile, task_data
+from service.scorers import retrain_due
 
 log = logging.getLogger(__name__)
 WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
@@ -132,6 +133,7 @@ def sync_project(project_id: int, settings: Settings, *, push: bool = True) -> d
                 item["annotations"] = [with_email(a, emails) for a in item.get("annotations") or []]
             counts = reconcile(session, project, exported)
             session.commit()
+            retrain_due(session, settings)  # enough new verdicts: the domain's scorer again
             return {"imported": imported, "ls_project_id": project.ls_project_id, **counts}
     except Exception as exc:
         if unavailable(exc):

@@ -64,6 +64,10 @@ def _runner(kind: str) -> Callable[..., dict[str, Any]]:
         from workers.audit import run_audit
 
         return run_audit
+    if kind == JobKind.score:
+        from workers.scoring import run_scoring
+
+        return run_scoring
     raise ValueError(f"no runner for job kind {kind!r}: the job fails instead of sampling")
 
 
@@ -161,6 +165,11 @@ def evaluate(self: Any, job_id: int) -> str:
 @app.task(name=TASKS["audit"][0], bind=True)
 def audit(self: Any, job_id: int) -> str:
     return run_job(job_id, JobKind.audit, _worker_name(self))
+
+
+@app.task(name=TASKS["score"][0], bind=True)
+def score(self: Any, job_id: int) -> str:
+    return run_job(job_id, JobKind.score, _worker_name(self))
 
 
 @app.task(name=TASKS["review_sync"][0], bind=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import Response, StreamingResponse
@@ -27,8 +27,9 @@ from ml.config import DEFAULT_SCHEDULER, DEFAULT_STEPS, SchedulerName
 from service.audits import AuditStored, AuditUnavailable, latest_audit, start_audit
 from service.db.models import MAX_ID, Batch, Dataset, Job, JobKind, Model, ModelMode, ModelStatus
 from service.encoder import require_encoder_weights
-from service.payloads import SamplePayload
+from service.payloads import BatchFilter, SamplePayload
 from service.queue import submit
+from service.scorers import latest_scorer
 from service.storage import ObjectNotFound
 
 router = APIRouter()
@@ -63,6 +64,43 @@ def pick_model(
     return newest
 
 
+def batch_filter(
+    settings: SettingsDep, n: int, kind: str, threshold: float | None, oversample: int | None
+) -> BatchFilter | None:
+    """The filter a generate request asks for, checked against the limits (422 naming them)."""
+    if kind == "none":
+        if threshold is not None or oversample is not None:
+            raise HTTPException(422, "threshold and oversample apply only with filter=plausible")
+        return None
+    most = settings.scorer_max_oversample
+    factor = settings.scorer_oversample if oversample is None else oversample
+    if not 1 <= factor <= most:
+        raise HTTPException(422, f"oversample must be between 1 and {most} (got {factor})")
+    limit = settings.max_images_per_request
+    if n * factor > limit:
+        raise HTTPException(
+            422, f"n * oversample = {n * factor} images to draw; at most {limit} per request "
+            f"(lower n or oversample)",
+        )  # fmt: skip
+    return BatchFilter(oversample=factor, threshold=threshold)
+
+
+def require_scorer(session: SessionDep, model: Model) -> None:
+    """409 unless the model's review domain has a plausibility scorer, saying how to get one."""
+    domain = model.dataset.domain
+    if domain is None:
+        raise HTTPException(
+            409, f"dataset {model.dataset_id} has no review domain, so no plausibility scorer: "
+            "filter=plausible needs one (set the dataset's domain, review its images)",
+        )  # fmt: skip
+    if latest_scorer(session, domain) is None:
+        raise HTTPException(
+            409, f"review domain {domain!r} has no plausibility scorer yet; train one with "
+            f'POST /scorers {{"domain": "{domain}"}} or `protomed scorer train {domain}` once '
+            "enough of its images are reviewed",
+        )  # fmt: skip
+
+
 @router.post("/generate", status_code=status.HTTP_202_ACCEPTED, tags=["generate"])
 def generate(
     request: Request,
@@ -82,21 +120,44 @@ def generate(
     scheduler: Annotated[
         SchedulerName, Query(description="dpm++sde: SDE-DPM-Solver++")
     ] = DEFAULT_SCHEDULER,
+    filter_: Annotated[
+        Literal["none", "plausible"],
+        Query(
+            alias="filter",
+            description="plausible: keep the images the domain's scorer rates most plausible",
+        ),
+    ] = "none",
+    threshold: Annotated[
+        float | None,
+        Query(ge=0.0, le=1.0, description="filter=plausible: keep only images scored >= this"),
+    ] = None,
+    oversample: Annotated[
+        int | None,
+        Query(ge=1, description="filter=plausible: images drawn per image kept (default 3)"),
+    ] = None,
 ) -> GenerateAccepted:
-    """Queue ``n`` images of one class; the job's result is a batch (PNGs, zip)."""
+    """Queue ``n`` images of one class; the job's result is a batch (PNGs, zip). With
+    ``filter=plausible`` the job draws ``n * oversample`` and keeps the ``n`` the review
+    domain's plausibility scorer rates highest (with ``threshold``: those scored at least that,
+    fewer if not enough are); the batch records ``drawn`` and the scorer version."""
     limit = settings.max_images_per_request
     if not 1 <= n <= limit:
         raise HTTPException(422, f"n must be between 1 and {limit} (got {n})")
+    wanted = batch_filter(settings, n, filter_, threshold, oversample)
     model = pick_model(session, model_id, dataset_id, mode)
     if class_name not in model.classes:
         raise HTTPException(
             422, f"unknown class {class_name!r}; model {model.id} knows: {', '.join(model.classes)}"
         )
+    if wanted is not None:
+        require_scorer(session, model)
+        require_encoder_weights(settings)
     steps = steps or DEFAULT_STEPS[scheduler]
     job = Job(kind=JobKind.sample, model=model, requested_by=key.name)
     batch = Batch(
         model=model, class_name=class_name, n=n, guidance=guidance, steps=steps, seed=seed,
         scheduler=scheduler, job=job,
+        filter=wanted.model_dump(mode="json") if wanted is not None else None,
     )  # fmt: skip
     session.add_all([job, batch])
     session.flush()

@@ -39,6 +39,7 @@ from service.label_studio import SECRET_HEADER, LabelStudioError, refresh_annota
 from service.queue import submit
 from service.reviews import ReviewError, pending_modes, stored_annotations
 from service.reviews import request_review as add_tasks
+from service.scorers import retrain_due
 from service.storage import ObjectNotFound
 
 router = APIRouter(tags=["reviews"])
@@ -219,6 +220,8 @@ def webhook(
             out.detail = f"Label Studio could not be read ({exc}); a pull is queued"
         else:
             session.commit()
+            if counts["stored"] or counts["removed"]:
+                retrain_due(session, settings)  # enough new verdicts: the domain's scorer again
             out.applied, out.removed = counts["stored"], counts["removed"]
             out.ignored += counts["ignored"]
             return out

@@ -77,7 +77,7 @@ def calibration_bins(
     if n_bins is None:
         n_bins = int(min(10, max(2, len(p) // 10)))
     edges = np.percentile(p, np.linspace(0, 100, n_bins + 1))
-    which = np.searchsorted(edges[1:-1], p, side="right")  # calibration_curve's assignment
+    which = np.searchsorted(edges[1:-1], p)  # calibration_curve's assignment (left side)
     out = []
     for b in range(n_bins):
         mask = which == b

@@ -93,6 +93,103 @@ def card(
     )
 
 
+scorer_app = typer.Typer(
+    help="Plausibility scorers learnt from expert verdicts (train one, show its report).",
+    no_args_is_help=True,
+)
+app.add_typer(scorer_app, name="scorer")
+
+
+@scorer_app.command("train")
+def scorer_train(
+    domain: Annotated[str, typer.Argument(help="The review domain (GET /criteria lists them).")],
+) -> None:
+    """Queue a ``score`` job: the domain's next scorer version on all its reviewed images (a
+    worker runs it: ``protomed serve`` or ``protomed worker``)."""
+    from service.config import get_settings
+    from service.db.session import get_sessionmaker
+    from service.exceptions import ServiceUnavailable
+    from service.queue import submit
+    from service.scorers import ScorerUnavailable, start_scoring
+
+    with get_sessionmaker()() as session:
+        try:
+            job = start_scoring(session, domain, "cli", get_settings())
+            submit(session, [job])
+        except (ScorerUnavailable, ServiceUnavailable) as exc:
+            _fail(str(exc))
+            return
+        typer.echo(f"queued score job {job.id} for domain {domain!r}")
+
+
+@scorer_app.command("list")
+def scorer_list(
+    domain: Annotated[str | None, typer.Option(help="Only this review domain.")] = None,
+) -> None:
+    """Every scorer version: domain, version, images, cross-validated AUC."""
+    from sqlalchemy import select
+
+    from service.db.models import Scorer
+    from service.db.session import get_sessionmaker
+    from service.scorers import metrics_of
+
+    with get_sessionmaker()() as session:
+        query = select(Scorer).order_by(Scorer.domain, Scorer.version)
+        if domain is not None:
+            query = query.where(Scorer.domain == domain)
+        rows = session.scalars(query).all()
+        typer.echo(f"{'id':>4}  {'domain':<16} {'version':>7} {'images':>7} {'AUC (95% CI)':<22}")
+        for row in rows:
+            cv = metrics_of(row).cv
+            typer.echo(
+                f"{row.id:>4}  {row.domain:<16} {row.version:>7} {row.n_images:>7} "
+                f"{_auc_text(cv.auc, cv.auc_ci):<22}"
+            )
+
+
+def _auc_text(auc: float | None, ci: tuple[float, float] | None) -> str:
+    if auc is None or ci is None:
+        return "n/a (one verdict only)"
+    return f"{auc:.3f} ({ci[0]:.3f}-{ci[1]:.3f})"
+
+
+@scorer_app.command("show")
+def scorer_show(
+    scorer_id: Annotated[int, typer.Argument(help="The scorer's id (protomed scorer list).")],
+) -> None:
+    """A scorer's report: on how many reviewed images, cross-validated AUC with its interval,
+    Brier score and the calibration curve as a table."""
+    from service.db.models import Scorer
+    from service.db.session import get_sessionmaker
+    from service.scorers import metrics_of
+
+    with get_sessionmaker()() as session:
+        row = session.get(Scorer, scorer_id)
+        if row is None:
+            _fail(f"no scorer with id {scorer_id} in {_database_name()}")
+            return
+        m = metrics_of(row)
+        cv = m.cv
+        lines = [
+            f"scorer {row.id}: domain {row.domain!r}, version {row.version}, trained "
+            f"{row.created_at:%Y-%m-%d %H:%M} (job {row.job_id})",
+            f"encoder: {row.encoder}",
+            f"trained on {row.n_images} reviewed images, {row.n_plausible} plausible "
+            f"(base rate {cv.base_rate:.3f})",
+            f"cross-validated ({m.folds}-fold, nested) AUC: {_auc_text(cv.auc, cv.auc_ci)}",
+            f"Brier score {cv.brier:.4f} (base rate alone: {cv.brier_base:.4f}); L2 C = {m.c:g}",
+            "calibration (predicted vs observed plausible share):",
+            f"  {'predicted range':<17} {'n':>5} {'mean predicted':>15} {'observed':>9} "
+            f"{'95% CI':>15}",
+        ]
+        for b in cv.calibration:
+            lines.append(
+                f"  {b.low:.3f}-{b.high:.3f}       {b.count:>5} {b.mean_predicted:>15.3f} "
+                f"{b.observed:>9.3f} {b.observed_ci[0]:>7.3f}-{b.observed_ci[1]:.3f}"
+            )
+    typer.echo("\n".join(lines))
+
+
 def _database_name() -> str:
     from service.config import get_settings
 

@@ -26,6 +26,7 @@ from api.deps import (
 )
 from api.responses import audit_out, ls_public, project_out
 from api.schemas import ProjectOut
+from api.ui.charts import calibration_chart
 from api.ui.templating import not_found, page, route_path
 from api.ui.views import (
     audit_class_rows,
@@ -51,11 +52,13 @@ from service.db.models import (
     JobStatus,
     Model,
     ReviewProject,
+    Scorer,
 )
 from service.evaluations import evaluation_of, latest_evaluation
 from service.model_cards import build_card, card_markdown
 from service.reports import odds_ratio_text
 from service.reviews import FilterError, plausibility
+from service.scorers import latest_scorer, metrics_of
 from service.security import close_session, find_key, open_session
 
 router = APIRouter(prefix="/ui", include_in_schema=False, default_response_class=HTMLResponse)
@@ -201,10 +204,11 @@ def overview(
         project_out(session, p, public)
         for p in session.scalars(select(ReviewProject).order_by(ReviewProject.id))
     ]
+    scorers = session.scalars(select(Scorer).order_by(Scorer.domain, Scorer.version.desc())).all()
     return page(
         request, "overview.html", title="Overview", jobs=jobs, jobs_shown=JOBS_SHOWN,
         models=models, batches=batches, counts=image_counts(session, [b.id for b in batches]),
-        projects=projects,
+        projects=projects, scorers=[(s, metrics_of(s).cv) for s in scorers],
     )  # fmt: skip
 
 
@@ -245,7 +249,12 @@ def batch_page(
     if batch is None:
         return not_found(request, f"No batch with id {batch_id}.")
     images = sorted(batch.images, key=lambda i: i.index)
-    return page(request, "batch.html", title=f"Batch #{batch.id}", batch=batch, images=images)
+    scores = [i.score for i in images if i.score is not None]
+    mean_score = sum(scores) / len(scores) if scores else None
+    return page(
+        request, "batch.html", title=f"Batch #{batch.id}", batch=batch, images=images,
+        mean_score=mean_score,
+    )  # fmt: skip
 
 
 # --- the plausibility report ---------------------------------------------------------------------
@@ -388,4 +397,30 @@ def batch_audit_page(
         rows=audit_class_rows(report), pairs=audit_pairs(report, out.links),
         untrained="untrained" in report.encoder,
         json_url=route_path(request, "get_batch_audit", batch_id=batch_id),
+    )  # fmt: skip
+
+
+# --- plausibility scorers -------------------------------------------------------------------------
+
+
+@router.get("/scorers/{scorer_id}", name="ui_scorer")
+def scorer_page(
+    scorer_id: IdPath,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    _reader: UiReader,
+) -> HTMLResponse:
+    """A scorer version: AUC with its interval, on how many images, the calibration curve."""
+    scorer = session.get(Scorer, scorer_id)
+    if scorer is None:
+        return not_found(request, f"No scorer with id {scorer_id}.")
+    m = metrics_of(scorer)
+    newest = latest_scorer(session, scorer.domain)
+    bins = [(b.mean_predicted, b.observed, b.observed_ci, b.count) for b in m.cv.calibration]
+    return page(
+        request, "scorer.html", title=f"Scorer #{scorer.id}", scorer=scorer, m=m,
+        latest=newest is not None and newest.id == scorer.id,
+        chart=calibration_chart(bins, m.cv.base_rate), untrained="untrained" in scorer.encoder,
+        retrain_after=settings.scorer_retrain_after,
     )  # fmt: skip

@@ -135,3 +135,55 @@ def grouped_bar_chart(
         width, top + plot_h + bottom, left, top, plot_w, plot_h, bars, centres, ticks, legend,
         title, axis_title, series_attr, value_attr,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CalibrationPoint:
+    """One calibration bin drawn at (mean predicted, observed) with its interval's whisker."""
+
+    x: float
+    y: float
+    whisker: tuple[float, float]  # y of the interval's upper and lower ends
+    tooltip: str
+
+
+@dataclass(frozen=True)
+class CalibrationChart:
+    """A reliability diagram on [0, 1] x [0, 1]: the bins, the diagonal (perfect calibration)
+    and the base rate as a horizontal line; the template only draws it."""
+
+    size: float
+    left: float
+    top: float
+    plot: float
+    points: list[CalibrationPoint]
+    ticks: list[tuple[float, str]]  # position along either axis, label
+    base_y: float
+
+
+def calibration_chart(
+    bins: list[tuple[float, float, tuple[float, float], int]], base_rate: float
+) -> CalibrationChart | None:
+    """Geometry of a calibration curve from bins (mean predicted, observed, observed interval,
+    count); None without bins."""
+    if not bins:
+        return None
+    left, top, plot = 56.0, 16.0, 240.0
+
+    def x_of(v: float) -> float:
+        return left + plot * min(max(v, 0.0), 1.0)
+
+    def y_of(v: float) -> float:
+        return top + plot * (1 - min(max(v, 0.0), 1.0))
+
+    points = [
+        CalibrationPoint(
+            x_of(pred),
+            y_of(obs),
+            (y_of(ci[1]), y_of(ci[0])),
+            f"predicted {pred:.2f}, observed {obs:.2f} ({ci[0]:.2f}-{ci[1]:.2f}), {count} images",
+        )
+        for pred, obs, ci, count in bins
+    ]
+    ticks = [(t / 4, f"{t * 25}%") for t in range(5)]
+    return CalibrationChart(left + plot + 16, left, top, plot, points, ticks, y_of(base_rate))

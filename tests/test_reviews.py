@@ -584,3 +584,14 @@ def test_label_studio_down_during_sync_is_retried_and_nothing_lost(base: Base, f
     tasks = ls_tasks(base, fresh.project["ls_project_id"])
     refs = [t["data"]["ref"] for t in tasks if t["id"] not in fresh.known]
     assert len(refs) == len(set(refs)) == 30  # this test's 24 earlier + 6 new, none twice
+
+
+def test_enough_verdicts_queue_the_domains_scorer_once(base: Base, reviewed: Sent) -> None:
+    """Verdicts arriving by webhook retrain the domain's plausibility scorer once the domain
+    has enough reviewed images (24 here, at least ``scorer_min_images``): one ``score`` job,
+    however many webhooks came in after it was queued (this module's worker serves only the
+    default queue, so it waits, queued)."""
+    jobs = base.api.get("/jobs", params={"kind": "score", "limit": 50}, headers=AUTH).json()
+    assert [(j["params"], j["requested_by"], j["status"]) for j in jobs] == [
+        ({"domain": "toy"}, "retrain", "queued")
+    ], jobs

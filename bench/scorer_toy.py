@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ml.intervals import newcombe_difference, wilson  # noqa: E402
-from ml.scorer import assess, fit_scorer, keep  # noqa: E402
+from ml.scorer import ScorerError, assess, fit_scorer, keep  # noqa: E402
 
 
 def rate(k: int, n: int) -> dict[str, Any]:
@@ -111,8 +111,15 @@ def main() -> None:
         train_idx += list(members[:half])
         held_idx += list(members[half:])
     train, held = np.array(sorted(train_idx)), np.array(sorted(held_idx))
-    scorer, metrics = fit_scorer(x[train], y[train], list(cs_arr[train]), encoder.identity,
-                                 seed=args.seed)  # fmt: skip
+    try:
+        scorer, metrics = fit_scorer(x[train], y[train], list(cs_arr[train]), encoder.identity,
+                                     seed=args.seed)  # fmt: skip
+    except ScorerError as exc:  # a model trained too briefly draws no plausible image
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"refused": str(exc), "pool_plausible": int(y.sum()),
+                                         "pool": len(y)}) + "\n")  # fmt: skip
+        print(f"no scorer: {exc}")
+        return
     held_p = scorer.score(x[held], list(cs_arr[held]))
     held_report = assess(y[held], held_p)
     per_class_held = {}

@@ -169,3 +169,19 @@ def test_replicated_real_comparison_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert res["test"]["paired"]["f1"]["seeds"] == [0, 1]
     assert res["sizes_per_class"]["test"] == dict.fromkeys(res["sizes_per_class"]["train"], 3)
     assert "prototype - baseline (paired)" in r.stdout
+
+
+def test_scorer_toy_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    """bench/scorer_toy.py end to end at a tiny size: a 2-step model draws nothing plausible,
+    so the scorer is refused (and says why) unless some cell came out right; either way the
+    harness runs through and writes its JSON."""
+    out = tmp_path / "scorer.json"
+    cmd = [sys.executable, "bench/scorer_toy.py", "--out", str(tmp_path / "run"), "--json",
+           str(out), "--steps", "2", "--pool", "6", "--n", "2", "--oversample", "2",
+           "--encoder", "protomed-tiny-vit"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S,
+                       env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert "refused" in result or result["filter"]["pooled"]["filtered"]["n"] == 10

@@ -6,6 +6,8 @@ values, the filter recorded on the batch), the dashboard page and the CLI."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import Service
@@ -47,7 +49,7 @@ def reviewed(n: int, domain: str = "toy", votes: list[list[bool]] | None = None)
         return model.id
 
 
-def add_scorer(domain: str = "toy", n_images: int = 30, version: int = 1) -> int:
+def add_scorer(domain: str = "toy", n_images: int = 60, version: int = 1) -> int:
     """A scorer row with a real report (fitted on synthetic embeddings), no worker needed."""
     rng = np.random.default_rng(version)
     x = rng.normal(size=(60, 8))
@@ -56,7 +58,7 @@ def add_scorer(domain: str = "toy", n_images: int = 30, version: int = 1) -> int
     with get_sessionmaker()() as s:
         row = Scorer(domain=domain, version=version, encoder="tiny|untrained",
                      artefact_key=f"scorers/{domain}/v{version}.safetensors", n_images=n_images,
-                     n_plausible=n_images // 2,
+                     n_plausible=metrics.cv.n_plausible,
                      metrics=metrics.model_dump(mode="json"))  # fmt: skip
         s.add(row)
         s.commit()
@@ -192,7 +194,7 @@ def test_scorer_reads_dashboard_and_cli(service: Service) -> None:
     one = service.client.get(f"/scorers/{old}", headers=viewer).json()
     cv = one["metrics"]["cv"]
     assert cv["auc"] > 0.9 and len(cv["auc_ci"]) == 2 and cv["n"] == 60
-    assert sum(b["count"] for b in cv["calibration"]) == 60 and one["n_images"] == 30
+    assert sum(b["count"] for b in cv["calibration"]) == 60 and one["n_images"] == 60
 
     page = service.client.get(f"/ui/scorers/{old}", headers=admin)
     assert page.status_code == 200
@@ -207,7 +209,7 @@ def test_scorer_reads_dashboard_and_cli(service: Service) -> None:
     runner = CliRunner()
     r = runner.invoke(app, ["scorer", "show", str(old)])
     assert r.exit_code == 0, r.output
-    assert f"AUC: {cv['auc']:.3f}" in r.output and "trained on 30 reviewed images" in r.output
+    assert f"AUC: {cv['auc']:.3f}" in r.output and "trained on 60 reviewed images" in r.output
     rows = [ln for ln in r.output.splitlines() if ln.startswith("  0.")]
     assert len(rows) == len(cv["calibration"])
     r = runner.invoke(app, ["scorer", "list"])
@@ -227,3 +229,38 @@ def test_batch_filter_refuses_unknown_fields(missing: str) -> None:
     with pytest.raises(ValidationError):
         BatchFilter.model_validate({"kind": "plausible", "oversample": 2, "top": 3})
     assert BatchFilter(oversample=2).model_dump()[missing] is None
+
+
+def test_the_scorer_page_in_a_real_browser(service: Service, tmp_path: Path) -> None:
+    """The scorer page in Chromium after logging in: the AUC, one point per calibration bin
+    placed at its observed share (SVG y grows downwards), the diagonal, the bins table."""
+    from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+    from service_procs import ApiServer
+    from test_dashboard import shot_path
+
+    scorer_id = add_scorer()
+    cv = service.client.get(f"/scorers/{scorer_id}", headers=service.admin).json()["metrics"]["cv"]
+    server = ApiServer(service.env, tmp_path / "api.log")
+    try:
+        server.wait_ready()
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(server.url + f"/ui/scorers/{scorer_id}")
+            page.fill("#key", service.env["PROTOMED_ADMIN_KEY"])
+            page.click("form.login button")
+            page.wait_for_url(f"**/ui/scorers/{scorer_id}")
+            assert f"{cv['auc']:.3f}" in page.locator("#scorer-auc").inner_text()
+            assert "Untrained encoder" in page.locator("#untrained-caveat").inner_text()
+            ys = [float(c.get_attribute("cy") or "nan")
+                  for c in page.locator("#calibration-chart circle").all()]  # fmt: skip
+            observed = [b["observed"] for b in cv["calibration"]]
+            assert ys == pytest.approx([16 + 240 * (1 - o) for o in observed])
+            assert page.locator("#calibration-bins tbody tr").count() == len(observed)
+            page.screenshot(path=shot_path(tmp_path, "dashboard_scorer.png"), full_page=True)
+            browser.close()
+    finally:
+        server.stop()

@@ -160,6 +160,11 @@ class CalibrationChart:
     ticks: list[tuple[float, str]]  # position along either axis, label
     base_y: float
 
+    @property
+    def height(self) -> float:
+        """Room for the plot, the x ticks and the axis title below it."""
+        return self.top + self.plot + 40
+
 
 def calibration_chart(
     bins: list[tuple[float, float, tuple[float, float], int]], base_rate: float

@@ -94,6 +94,10 @@ def test_a_worker_trains_a_scorer_and_filters_a_batch(service: Service) -> None:
         filtered = generate(service, worker, n=3, seed=5, filter="plausible", oversample=3,
                             **common)  # fmt: skip
         full = generate(service, worker, n=9, seed=5, **common)
+        # a threshold that only the two best of the same draw reach: two images, and it says so
+        second = sorted((i["score"] for i in full["batch"]["images"]), reverse=True)[1]
+        few = generate(service, worker, n=3, seed=5, filter="plausible", oversample=3,
+                       threshold=second - 1e-6, **common)  # fmt: skip
     finally:
         worker.stop()
 
@@ -123,5 +127,7 @@ def test_a_worker_trains_a_scorer_and_filters_a_batch(service: Service) -> None:
         assert record is not None and (record.index, record.n) == (draw, 9)
         again = regenerate(ckpt, record).permute(1, 2, 0).numpy()
         assert (again == shown).all()  # the kept image's record draws it again exactly
+    assert len(few["batch"]["images"]) == 2 and few["batch"]["drawn"] == 9
+    assert "2 of the 3 images asked for" in few["job"]["result"]["short"]
     page = service.client.get(f"/ui/batches/{batch['id']}", headers=admin).text
     assert "most plausible of 9 drawn" in page and f"/ui/scorers/{scorer['id']}" in page

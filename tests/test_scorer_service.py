@@ -49,14 +49,19 @@ def reviewed(n: int, domain: str = "toy", votes: list[list[bool]] | None = None)
         return model.id
 
 
-def add_scorer(domain: str = "toy", n_images: int = 60, version: int = 1) -> int:
+TINY = "protomed-tiny-vit|untrained-seed0|gelu|float32"  # the test settings' encoder
+
+
+def add_scorer(
+    domain: str = "toy", n_images: int = 60, version: int = 1, encoder: str = TINY
+) -> int:
     """A scorer row with a real report (fitted on synthetic embeddings), no worker needed."""
     rng = np.random.default_rng(version)
     x = rng.normal(size=(60, 8))
     y = (x[:, 0] > 0).astype(int)
     _fitted, metrics = fit_scorer(x, y, ["lymphocyte", "neutrophil"] * 30, "tiny|untrained")
     with get_sessionmaker()() as s:
-        row = Scorer(domain=domain, version=version, encoder="tiny|untrained",
+        row = Scorer(domain=domain, version=version, encoder=encoder,
                      artefact_key=f"scorers/{domain}/v{version}.safetensors", n_images=n_images,
                      n_plausible=metrics.cv.n_plausible,
                      metrics=metrics.model_dump(mode="json"))  # fmt: skip
@@ -172,7 +177,10 @@ def test_generate_with_the_plausible_filter(service: Service) -> None:
     with get_sessionmaker()() as s:
         assert s.query(Batch).count() == 1  # nothing was created by a refused request
 
-    scorer = add_scorer()
+    add_scorer(encoder="ViT-L-14|openai|quickgelu|float16")
+    r = service.client.post(url, params={**base, "filter": "plausible"}, headers=admin)
+    assert r.status_code == 409 and "trained on ViT-L-14 embeddings" in r.text, r.text
+    scorer = add_scorer(version=2)  # the newest version counts
     r = service.client.post(url, params={**base, "filter": "plausible", "threshold": 0.6},
                             headers=admin)  # fmt: skip
     assert r.status_code == 202, r.text

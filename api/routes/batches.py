@@ -85,19 +85,28 @@ def batch_filter(
     return BatchFilter(oversample=factor, threshold=threshold)
 
 
-def require_scorer(session: SessionDep, model: Model) -> None:
-    """409 unless the model's review domain has a plausibility scorer, saying how to get one."""
+def require_scorer(session: SessionDep, settings: SettingsDep, model: Model) -> None:
+    """409 unless the model's review domain has a plausibility scorer on the configured
+    encoder's embeddings, saying how to get one."""
     domain = model.dataset.domain
     if domain is None:
         raise HTTPException(
             409, f"dataset {model.dataset_id} has no review domain, so no plausibility scorer: "
             "filter=plausible needs one (set the dataset's domain, review its images)",
         )  # fmt: skip
-    if latest_scorer(session, domain) is None:
+    scorer = latest_scorer(session, domain)
+    if scorer is None:
         raise HTTPException(
             409, f"review domain {domain!r} has no plausibility scorer yet; train one with "
             f'POST /scorers {{"domain": "{domain}"}} or `protomed scorer train {domain}` once '
             "enough of its images are reviewed",
+        )  # fmt: skip
+    trained_on = scorer.encoder.split("|")[0]
+    if trained_on != settings.encoder:
+        raise HTTPException(
+            409, f"the newest scorer of {domain!r} (#{scorer.id}) was trained on {trained_on} "
+            f"embeddings, the service's encoder is now {settings.encoder}: train a new one "
+            f'with POST /scorers {{"domain": "{domain}"}}',
         )  # fmt: skip
 
 
@@ -150,7 +159,7 @@ def generate(
             422, f"unknown class {class_name!r}; model {model.id} knows: {', '.join(model.classes)}"
         )
     if wanted is not None:
-        require_scorer(session, model)
+        require_scorer(session, settings, model)
         require_encoder_weights(settings)
     steps = steps or DEFAULT_STEPS[scheduler]
     job = Job(kind=JobKind.sample, model=model, requested_by=key.name)

@@ -25,6 +25,7 @@ from api.routes import (
     models,
     reports,
     reviews,
+    sweeps,
 )
 from service.config import get_settings
 
@@ -71,7 +72,7 @@ def create_app() -> FastAPI:
     )
     install_handlers(app)
     for module in (
-        health, datasets, jobs, models, batches, images, reviews, reports, keys, dashboard,
+        health, datasets, jobs, models, batches, images, reviews, reports, keys, sweeps, dashboard,
     ):  # fmt: skip
         app.include_router(module.router)
     return app

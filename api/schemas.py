@@ -163,6 +163,7 @@ class BatchOut(Out):
     seed: int | None
     scheduler: str
     job_id: int | None
+    sweep_id: int | None = None
     created_at: datetime
     images: list[ImageOut] = Field(default_factory=list)
     zip_url: str = ""
@@ -171,6 +172,10 @@ class BatchOut(Out):
 class GenerateAccepted(BaseModel):
     job: JobOut
     batch: BatchOut
+    guidance_source: Literal["query", "model default", "global default"] = Field(
+        description="where the batch's guidance came from: the request's ``guidance``, the "
+        "model's default for the class (GET /models/{id}/guidance), or the global default"
+    )
 
 
 class KeyIn(BaseModel):
@@ -344,3 +349,77 @@ class AuditOut(BaseModel):
     finished_at: datetime | None
     report: AuditReport
     links: list[AuditImageLinks]
+
+
+# --- guidance sweeps ------------------------------------------------------------------------------
+
+
+class SweepBatchOut(BaseModel):
+    """One (class, scale) cell of a sweep: its batch and how far its sample job got."""
+
+    class_name: str
+    scale: float
+    batch_id: int
+    job_id: int | None
+    status: str | None
+    images: int
+
+
+class SweepOut(BaseModel):
+    id: int
+    model_id: int
+    classes: list[str]
+    scales: list[float]
+    n: int
+    seed: int
+    steps: int
+    scheduler: str
+    requested_by: str | None
+    created_at: datetime
+    batches: list[SweepBatchOut]
+    report_url: str
+    page_url: str
+
+
+class SweepAccepted(BaseModel):
+    sweep: SweepOut
+    jobs: list[JobOut]
+
+
+class SweepReviewAccepted(BaseModel):
+    job: JobOut = Field(description="the review_sync job importing the tasks into Label Studio")
+    project: ProjectOut
+    added: int
+
+
+class GuidanceDefaults(BaseModel):
+    """Per-class guidance defaults (class -> scale); PUT replaces them all ({} clears them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    defaults: dict[Annotated[str, Field(min_length=1, max_length=200)],
+                   Annotated[float, Field(ge=0.0, le=20.0)]] = Field(max_length=1000)  # fmt: skip
+
+
+class GuidanceOut(BaseModel):
+    model_id: int
+    defaults: dict[str, float] = Field(description="class -> scale POST /generate uses")
+    fallback: float = Field(description="the global default, for classes without one")
+
+
+class ApplyRequest(BaseModel):
+    """Explicit scales instead of the sweep's recommendations (omit for the recommendations)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scales: (
+        dict[Annotated[str, Field(min_length=1, max_length=200)],
+             Annotated[float, Field(ge=0.0, le=20.0)]] | None
+    ) = Field(None, max_length=1000)  # fmt: skip
+
+
+class ApplyOut(BaseModel):
+    model_id: int
+    set: dict[str, float] = Field(description="the classes written, with their scales")
+    unchanged: dict[str, str] = Field(description="classes left as they were, and why")
+    defaults: dict[str, float] = Field(description="the model's defaults after")

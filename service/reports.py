@@ -143,6 +143,12 @@ def _rate_entry(js: Sequence[Judgement]) -> RateEntry:
     )  # fmt: skip
 
 
+def image_rate(js: Sequence[Judgement]) -> RateEntry:
+    """Plausibility over some images, the image being the unit (public: the guidance sweep's
+    report counts each (class, scale) cell exactly as this report counts a model's class)."""
+    return _rate_entry(js)
+
+
 def _difference(base: RateEntry, proto: RateEntry) -> Difference | None:
     """Prototype minus baseline rate over images, with interval and exact p; None if a side has
     no images."""

@@ -190,7 +190,10 @@ def diversity(batch: Batch, storage: Storage) -> float | None:
             found.append(pixels(storage.get_bytes(img.storage_key)))
         except (ObjectNotFound, OSError):
             continue
-    return mean_pairwise_distance(found)
+    try:
+        return mean_pairwise_distance(found)
+    except ValueError:  # images of different sizes (never from one sampler run): no figure
+        return None
 
 
 def report(session: Session, sweep: Sweep, storage: Storage, settings: Settings) -> SweepReport:

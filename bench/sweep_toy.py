@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16, help="images per class and scale")
     ap.add_argument("--sample-steps", type=int, default=10)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "sweep-toy")
+    ap.add_argument("--threads", type=int, default=1, help="the worker's torch threads")
     ap.add_argument("--screenshot", type=Path, default=None, help="default: OUT/sweep.png")
     args = ap.parse_args()
     if not args.ls_url or not args.ls_token:
@@ -80,7 +81,9 @@ def main() -> None:
     )  # fmt: skip
     os.environ.update(env)
     migrate(env["PROTOMED_DATABASE_URL"])
-    api_proc, worker = ApiServer(env, out / "api.log", port), Worker(env, out / "worker.log")
+    # one torch thread: on a loaded 2-core machine two threads waiting on each other run slower
+    api_proc = ApiServer(env, out / "api.log", port)
+    worker = Worker(env, out / "worker.log", threads=args.threads)
     t0 = time.perf_counter()
     try:
         api_proc.wait_ready()

@@ -311,6 +311,9 @@ def test_report_apply_and_generate_with_the_class_defaults(service: Service) -> 
     assert page.text.count('class="chart scale-chart"') == 2
     assert page.text.count('class="rate-point recommended"') == 2
     assert "Wilson 95% lower bound" in page.text and "6/6" in page.text
+    batch_page = service.client.get(f"/ui/batches/{rows['lymphocyte']['scales'][0]['batch_id']}",
+                                    headers=admin).text  # fmt: skip
+    assert f"guidance sweep #{sweep_id}" in batch_page
     model_page = service.client.get(f"/ui/models/{model}", headers=admin).text
     assert f"/ui/sweeps/{sweep_id}" in model_page and "lymphocyte 1.5" in model_page
 

@@ -119,14 +119,10 @@ def choose(
             f"the project's random sample, {r} asked for (per_batch {m} x random_share "
             f"{selection.random_share})"
         )
-    drawn = (rng or random.SystemRandom()).sample(drawable, r)
     k = m - r
-    if k == 0:
-        return BatchChoice(batch.id, random=drawn)
-    taken = {img.id for img in drawn}
-    pool = [img for img in images if img.id not in tasks and img.id not in taken]
-    unscored = [img for img in pool if img.score is None]
-    if unscored:
+    # every image must be scored (checked before the draw, so the answer does not depend on it)
+    unscored = [img for img in images if img.score is None]
+    if k and unscored:
         why = (
             "it was generated before its domain had a scorer"
             if batch.scorer_id is None
@@ -137,12 +133,19 @@ def choose(
             "send it with select 'all', or with random_share 1 (a random subset only), or "
             "generate a new batch once the domain has a scorer"
         )
-    if k > len(pool):
+    # enough images for the picks whatever the draw takes (checked before it, for the same reason)
+    new = sum(img.id not in tasks for img in images)
+    if k > max(0, new - r):
         raise SelectionError(
-            f"batch {batch.id}: {len(pool)} of its images are neither in the project nor in "
-            f"this random draw, {k} uncertain picks asked for; lower per_batch or raise "
-            "random_share"
+            f"batch {batch.id}: {new} of its {len(images)} images are not in the project yet; "
+            f"{r} random and {k} uncertain picks may need {r + k} of them; lower per_batch or "
+            "raise random_share"
         )
+    drawn = (rng or random.SystemRandom()).sample(drawable, r)
+    if k == 0:
+        return BatchChoice(batch.id, random=drawn)
+    taken = {img.id for img in drawn}
+    pool = [img for img in images if img.id not in tasks and img.id not in taken]
     # most uncertain first; equal uncertainty: the batch's order (any fixed rule would do)
     picks = sorted(pool, key=lambda img: (distance_from_half(img), img.index))[:k]
     return BatchChoice(batch.id, random=drawn, uncertain=picks)

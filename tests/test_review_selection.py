@@ -114,7 +114,7 @@ def test_refusals() -> None:
     with pytest.raises(SelectionError, match="only 1 of its 6 images are not yet in"):
         choose(batch_of([0.5] * 6), full, Selection("uncertain", 4, 0.5))
     some = {100 + i: task(ReviewSample.uncertain) for i in range(4)}
-    with pytest.raises(SelectionError, match="of its images are neither in the project"):
+    with pytest.raises(SelectionError, match="2 of its 6 images are not in the project yet"):
         choose(batch_of([0.5] * 6), some, Selection("uncertain", 6, 0.5), random.Random(0))
     with pytest.raises(SelectionError, match="needs per_batch"):
         Selection("uncertain", None)
@@ -281,9 +281,15 @@ def test_sending_a_batch_whole_later_makes_every_task_random(reviews_on) -> None
     body = {"batch_ids": ids, "select": "uncertain", "per_batch": 4}
     assert post(reviews_on, body).json()["added"] == 8
     again = post(reviews_on, body).json()  # a second budget: drawn from what is not random yet
-    assert again["added"] + sum(s["random"] for s in again["selected"]) >= 8
+    assert again["selected"] == [{"batch_id": b, "random": 2, "uncertain": 2} for b in ids]
+    tasks = tasks_by_position()
+    # the earlier picks the second draw took are random now, and no image has two tasks
+    assert len(tasks) == 8 + again["added"] == len({t.image_id for t in tasks})
+    # random: 4 + 4 drawn; uncertain: 4 earlier, less those drawn, + 4 new (= the new tasks)
+    assert Counter(t.sample for t in tasks) == {"random": 8, "uncertain": again["added"]}
     whole = post(reviews_on, {"batch_ids": ids})
     assert whole.status_code == 202, whole.text
+    assert whole.json()["added"] == 16 - len(tasks)
     tasks = tasks_by_position()
     assert len(tasks) == 16 and {t.sample for t in tasks} == {ReviewSample.random}
     assert sorted(t.position for t in tasks) == list(range(16))

@@ -77,7 +77,17 @@ def edit_criteria(
     return CriteriaOut.model_validate(row)
 
 
-@router.post("/reviews", status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/reviews",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={
+        404: {"description": "a batch does not exist"},
+        409: {
+            "description": "Label Studio is not configured, or select 'uncertain' names a "
+            "batch without scorer probabilities"
+        },
+    },
+)
 def request_review(
     body: ReviewRequest,
     request: Request,

@@ -13,6 +13,7 @@ from pydantic import (
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_validator,
 )
 
 from ml.audit_models import AuditReport  # torch-free
@@ -21,6 +22,7 @@ from ml.config import MAX_PER_CLASS, PresetName, allowed_range  # torch-free
 from ml.results import EvaluationResult  # torch-free
 from service.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
 from service.payloads import EvaluatePayload
+from service.selection import DEFAULT_RANDOM_SHARE, Selection
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # dataset names (JSON body and upload form)
 LICENCE_HELP = (
@@ -262,10 +264,47 @@ class CriteriaOut(BaseModel):
 
 
 class ReviewRequest(BaseModel):
+    """Batches to review, whole (``select: all``) or a budget per batch that puts the images
+    the domain's scorer is least sure about before the others (``select: uncertain``): see
+    ``service/selection.py`` for how the report's rates stay unbiased."""
+
     model_config = ConfigDict(extra="forbid")
 
     batch_ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] = Field(min_length=1, max_length=200)
     domain: str | None = Field(default=None, max_length=64)
+    select: Literal["all", "uncertain"] = Field(
+        default="all",
+        description="all: every image of each batch (all count in the plausibility rates). "
+        "uncertain: per_batch images of each batch, a simple random sample of "
+        "round(per_batch x random_share) (at least 1; they count in the rates) and the rest "
+        "the images whose scorer probability is closest to 0.5 (their verdicts train the "
+        "scorer and are kept out of the rates); needs scored batches. Either way all chosen "
+        "images are shuffled together and nothing tells a reviewer which is which.",
+    )
+    per_batch: int | None = Field(
+        default=None, ge=1, le=MAX_PER_CLASS,
+        description="select 'uncertain' only (required there): images to send per batch.",
+    )  # fmt: skip
+    random_share: float | None = Field(
+        default=None, gt=0, le=1,
+        description=f"select 'uncertain' only: the random sample's share of per_batch, in "
+        f"(0, 1] (default {DEFAULT_RANDOM_SHARE}; 1: a random subset, no scorer needed).",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _selection_fields(self) -> ReviewRequest:
+        if self.select == "uncertain" and self.per_batch is None:
+            raise ValueError("select 'uncertain' needs per_batch (images to send per batch)")
+        if self.select == "all" and (self.per_batch is not None or self.random_share is not None):
+            raise ValueError(
+                "per_batch and random_share apply to select 'uncertain' only (select 'all' "
+                "sends every image)"
+            )
+        return self
+
+    def selection(self) -> Selection:
+        share = DEFAULT_RANDOM_SHARE if self.random_share is None else self.random_share
+        return Selection(self.select, self.per_batch, share)
 
 
 class ProjectOut(BaseModel):
@@ -279,10 +318,22 @@ class ProjectOut(BaseModel):
     reviews: int
 
 
+class BatchSelected(BaseModel):
+    """What one batch sent to review: images newly in its random sample (new tasks, or earlier
+    uncertain picks that the draw moved into it) and new uncertain picks."""
+
+    batch_id: int
+    random: int
+    uncertain: int
+
+
 class ReviewAccepted(BaseModel):
     job: JobOut
     project: ProjectOut
-    added: int
+    added: int = Field(description="new tasks (images not in the project before)")
+    selected: list[BatchSelected] = Field(
+        default_factory=list, description="per batch: what the selection chose"
+    )
     warning: str | None = Field(
         default=None,
         description="Set when every image waiting for import comes from one mode: reviewers "

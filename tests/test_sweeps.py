@@ -30,7 +30,7 @@ from sqlalchemy import inspect, select, text
 from test_blinding import key
 from typer.testing import CliRunner
 
-from service.db.models import Batch, Job, JobStatus, ReviewTask, Sweep
+from service.db.models import Batch, Job, JobStatus, ReviewSample, ReviewTask, Sweep
 from service.db.session import get_sessionmaker, make_engine
 from service.reports import Judgement
 from service.sweep_report import (
@@ -467,7 +467,7 @@ AFTER = [
 
 def test_migration_0009_adds_sweeps_and_removes_them(db_url: str) -> None:
     cfg = alembic_config(db_url)
-    command.upgrade(cfg, "0007")
+    command.upgrade(cfg, "0008")
     engine = make_engine(db_url)
     try:
         with engine.begin() as conn:  # raw SQL before head: the ORM describes the newest schema
@@ -480,7 +480,7 @@ def test_migration_0009_adds_sweeps_and_removes_them(db_url: str) -> None:
                 conn.execute(text(sql))
         cols = {c["name"] for c in inspect(engine).get_columns("batches")}
         assert "sweep_id" in cols
-        command.downgrade(cfg, "0007")
+        command.downgrade(cfg, "0008")
         insp = inspect(engine)
         assert "sweeps" not in insp.get_table_names()
         assert "sweep_id" not in {c["name"] for c in insp.get_columns("batches")}
@@ -489,3 +489,24 @@ def test_migration_0009_adds_sweeps_and_removes_them(db_url: str) -> None:
             assert conn.execute(text("SELECT count(*) FROM batches")).scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_only_the_random_sample_counts(service: Service) -> None:
+    """An image reviewed because a scorer was unsure of it (``uncertain``) stays out of the
+    sweep's rates, as it stays out of the plausibility report's."""
+    sweep_id = reviewed_sweep(service, OUTCOMES)
+    with get_sessionmaker()() as s:
+        sweep = s.get(Sweep, sweep_id)
+        assert sweep is not None
+        batch = next(b for b in sweep.batches if (b.class_name, b.guidance) == ("lymphocyte", 1.0))
+        project = s.scalars(select(ReviewTask)).first()
+        assert project is not None
+        data = png_bytes(np.zeros((8, 8, 3), np.uint8))
+        img = add_image(s, batch, index=99, data=data, store=True)
+        task = add_review_task(s, project.project, img, sample=ReviewSample.uncertain)
+        add_review(s, task, ls_annotation_id=next(ANNOTATIONS), reviewer="7", plausible=True)
+        s.commit()
+    rep = service.client.get(f"/sweeps/{sweep_id}/report", headers=service.admin).json()
+    (row,) = [c for c in rep["classes"] if c["class"] == "lymphocyte"]
+    low = row["scales"][0]["plausibility"]
+    assert (low["images"], low["plausible"], low["reviews"]) == (6, 2, 6)

@@ -57,7 +57,7 @@ from service.db.models import (
 )
 from service.evaluations import evaluation_of, latest_evaluation
 from service.model_cards import build_card, card_markdown
-from service.reports import odds_ratio_text
+from service.reports import kept_apart_text, odds_ratio_text
 from service.reviews import FilterError, plausibility
 from service.security import close_session, find_key, open_session
 from service.sweeps import report as sweep_report
@@ -315,7 +315,7 @@ def report_page(
     return page(
         request, "report.html", title="Plausibility report", report=report,
         rows=report_rows(report), failures=failure_rows(report), chart=bar_chart(report),
-        filters=filters, odds_ratio=odds_ratio_text(report),
+        filters=filters, odds_ratio=odds_ratio_text(report), kept_apart=kept_apart_text(report),
         json_url=f"{api_url}?{urlencode(filters)}" if filters else api_url,
         csv_url=f"{api_url}?{urlencode({**filters, 'format': 'csv'})}",
         projects=report_projects(session, ls_public(settings), set_id),

@@ -113,8 +113,10 @@ def bar_chart(report: PlausibilityReport) -> Chart | None:
 
 
 def rate_cell(entry: RateEntry) -> str:
-    """'% plausible (n)' as in the CSV: two decimals, n = images (the unit)."""
-    return f"{pct(entry.rate)} ({entry.images})"
+    """'% plausible (n)' as in the CSV: two decimals, n = images (the unit); and the images
+    kept out of the rate (the scorer's uncertain picks), where any."""
+    apart = f"; {entry.kept_apart} kept apart" if entry.kept_apart else ""
+    return f"{pct(entry.rate)} ({entry.images}{apart})"
 
 
 def row(label: str, kind: str, cells: list[str], diff: list[str]) -> dict[str, Any]:

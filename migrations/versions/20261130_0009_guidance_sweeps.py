@@ -1,7 +1,7 @@
 """guidance sweeps: the ``sweeps`` table, ``batches.sweep_id`` and ``models.guidance_defaults``
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-11-30 23:30:00
 
 A sweep is one batch per (class, guidance scale) of a model, reviewed together; the scale each
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009"
-down_revision: str | Sequence[str] | None = "0007"
+down_revision: str | Sequence[str] | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

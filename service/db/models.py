@@ -100,6 +100,7 @@ class JobKind(enum.StrEnum):
     evaluate = "evaluate"
     review_sync = "review_sync"  # images to Label Studio, verdicts back
     audit = "audit"  # memorisation audit of one batch (params: batch_id, config)
+    score = "score"  # train a review domain's plausibility scorer from its verdicts
 
 
 class JobStatus(enum.StrEnum):
@@ -113,6 +114,17 @@ class JobStatus(enum.StrEnum):
 class DatasetSource(enum.StrEnum):
     folder = "folder"  # a server-side folder under one of Settings.data_roots
     upload = "upload"  # a zip uploaded through the API, kept in storage
+
+
+class ReviewSample(enum.StrEnum):
+    """Why an image was put before reviewers. ``random``: it belongs to a simple random sample
+    of its batch (every image of a batch sent whole is one), so its verdicts estimate the
+    batch's plausibility without bias. ``uncertain``: the scorer was least sure about it; its
+    verdicts train the scorer but stay out of the plausibility rates (the choice depends on
+    the image, so such images are not representative of the batch)."""
+
+    random = "random"
+    uncertain = "uncertain"
 
 
 class ApiKeyRole(enum.StrEnum):
@@ -254,12 +266,21 @@ class Batch(TimestampMixin, Base):
     job_id: Mapped[int | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="SET NULL"), index=True
     )
+    # The scorer version that scored the batch's images (None: no scorer for the domain then),
+    # the filter asked for (None: keep every image drawn) and how many images were drawn to
+    # keep ``n`` (None until the job ran; ``n`` when nothing was filtered out).
+    scorer_id: Mapped[int | None] = mapped_column(
+        ForeignKey("scorers.id", ondelete="SET NULL"), index=True
+    )
+    filter: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    drawn: Mapped[int | None] = mapped_column(Integer)
     # The guidance sweep this batch is one (class, scale) cell of; None for plain batches.
     sweep_id: Mapped[int | None] = mapped_column(
         ForeignKey("sweeps.id", ondelete="SET NULL"), index=True
     )
 
     model: Mapped[Model] = relationship(back_populates="batches")
+    scorer: Mapped[Scorer | None] = relationship()
     job: Mapped[Job | None] = relationship(back_populates="batches")
     sweep: Mapped[Sweep | None] = relationship(back_populates="batches")
     images: Mapped[list[Image]] = relationship(
@@ -305,6 +326,8 @@ class Image(TimestampMixin, Base):
     index: Mapped[int] = mapped_column(Integer)  # position within the batch
     storage_key: Mapped[str] = mapped_column(String(1024), unique=True)
     sha256: Mapped[str] = mapped_column(String(64))
+    # The batch's scorer's probability that an expert finds the image plausible (None: unscored).
+    score: Mapped[float | None] = mapped_column(Float)
 
     batch: Mapped[Batch] = relationship(back_populates="images")
 
@@ -383,6 +406,9 @@ class ReviewTask(TimestampMixin, Base):
     token: Mapped[str] = mapped_column(String(64), unique=True)
     position: Mapped[int] = mapped_column(Integer)
     ls_task_id: Mapped[int | None] = mapped_column(Integer, unique=True)
+    sample: Mapped[ReviewSample] = mapped_column(
+        str_enum(ReviewSample, "sample"), default=ReviewSample.random, server_default="random"
+    )
 
     project: Mapped[ReviewProject] = relationship(back_populates="tasks")
     image: Mapped[Image] = relationship()
@@ -414,3 +440,23 @@ class Review(TimestampMixin, Base):
     updated_at: Mapped[datetime] = mapped_column(default=utc_now, onupdate=utc_now)
 
     task: Mapped[ReviewTask] = relationship(back_populates="reviews")
+
+
+class Scorer(TimestampMixin, Base):
+    """One version of a review domain's plausibility scorer: a small classifier on the images'
+    CLIP embeddings, trained on the images experts reviewed (an image's label: most of its
+    reviewers found it plausible). Its weights are in storage under ``artefact_key``; the
+    newest version of a domain scores new batches."""
+
+    __tablename__ = "scorers"
+    __table_args__ = (UniqueConstraint("domain", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    domain: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    encoder: Mapped[str] = mapped_column(String(300))  # open_clip name and weights identity
+    artefact_key: Mapped[str] = mapped_column(String(1024))
+    n_images: Mapped[int] = mapped_column(Integer)  # reviewed images it was trained on
+    n_plausible: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)  # CV AUC, calibration, ...
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))

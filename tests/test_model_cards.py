@@ -93,11 +93,18 @@ def test_a_dataset_licence_is_recorded_and_carried_into_the_card(service: Servic
     assert row["ci"] == pytest.approx([ci.low, ci.high])  # images, not 9 verdicts
     assert any("UNTRAINED" in limit for limit in card["limits"])
     assert "diagnosis" in " ".join(card["limits"]) and "synthetic" in card["intended_use"]
+    assert card["guidance"] == {} and card["sweeps"] == []
+    put = service.client.put(f"/models/{model_id}/guidance", json={"defaults": {"lymphocyte": 3.5}},
+                             headers=service.admin)  # fmt: skip
+    assert put.status_code == 200, put.text
+    card = service.client.get(f"/models/{model_id}/card", headers=service.admin).json()
+    assert card["guidance"] == {"lymphocyte": 3.5}  # the scale /generate now uses
 
     md = service.client.get(f"/models/{model_id}/card?format=markdown", headers=service.admin)
     assert md.status_code == 200 and md.headers["content-type"].startswith("text/markdown")
     for needle in ("## Training data", f"- Licence: {LICENCE}", "## Expert plausibility",
                    "| lymphocyte | 3 | 2 | 66.7% |", "## Limits", f"Checkpoint sha256: {SHA}",
+                   "- Per-class defaults: lymphocyte 3.5",
                    "Training time: 1.5 min", "No audit yet"):  # fmt: skip
         assert needle in md.text, needle
 

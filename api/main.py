@@ -26,6 +26,7 @@ from api.routes import (
     reports,
     reviews,
     scorers,
+    sweeps,
 )
 from service.config import get_settings
 
@@ -72,7 +73,7 @@ def create_app() -> FastAPI:
     )
     install_handlers(app)
     for module in (
-        health, datasets, jobs, models, batches, images, reviews, reports, keys, scorers,
+        health, datasets, jobs, models, batches, images, reviews, reports, keys, sweeps, scorers,
         dashboard,
     ):  # fmt: skip
         app.include_router(module.router)

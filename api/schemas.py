@@ -13,6 +13,7 @@ from pydantic import (
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_validator,
 )
 
 from ml.audit_models import AuditReport  # torch-free
@@ -22,6 +23,7 @@ from ml.results import EvaluationResult  # torch-free
 from ml.scorer_models import ScorerMetrics  # torch-free
 from service.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
 from service.payloads import EvaluatePayload
+from service.selection import DEFAULT_RANDOM_SHARE, Selection
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # dataset names (JSON body and upload form)
 LICENCE_HELP = (
@@ -165,6 +167,7 @@ class BatchOut(Out):
     seed: int | None
     scheduler: str
     job_id: int | None
+    sweep_id: int | None = None
     created_at: datetime
     filter: dict[str, Any] | None = None  # {"kind": "plausible", "oversample", "threshold"}
     drawn: int | None = None  # images drawn to keep n (None until generated)
@@ -176,6 +179,10 @@ class BatchOut(Out):
 class GenerateAccepted(BaseModel):
     job: JobOut
     batch: BatchOut
+    guidance_source: Literal["query", "model default", "global default"] = Field(
+        description="where the batch's guidance came from: the request's ``guidance``, the "
+        "model's default for the class (GET /models/{id}/guidance), or the global default"
+    )
 
 
 class KeyIn(BaseModel):
@@ -262,10 +269,47 @@ class CriteriaOut(BaseModel):
 
 
 class ReviewRequest(BaseModel):
+    """Batches to review, whole (``select: all``) or a budget per batch that puts the images
+    the domain's scorer is least sure about before the others (``select: uncertain``): see
+    ``service/selection.py`` for how the report's rates stay unbiased."""
+
     model_config = ConfigDict(extra="forbid")
 
     batch_ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] = Field(min_length=1, max_length=200)
     domain: str | None = Field(default=None, max_length=64)
+    select: Literal["all", "uncertain"] = Field(
+        default="all",
+        description="all: every image of each batch (all count in the plausibility rates). "
+        "uncertain: per_batch images of each batch, a simple random sample of "
+        "round(per_batch x random_share) (at least 1; they count in the rates) and the rest "
+        "the images whose scorer probability is closest to 0.5 (their verdicts train the "
+        "scorer and are kept out of the rates); needs scored batches. Either way all chosen "
+        "images are shuffled together and nothing tells a reviewer which is which.",
+    )
+    per_batch: int | None = Field(
+        default=None, ge=1, le=MAX_PER_CLASS,
+        description="select 'uncertain' only (required there): images to send per batch.",
+    )  # fmt: skip
+    random_share: float | None = Field(
+        default=None, gt=0, le=1,
+        description=f"select 'uncertain' only: the random sample's share of per_batch, in "
+        f"(0, 1] (default {DEFAULT_RANDOM_SHARE}; 1: a random subset, no scorer needed).",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _selection_fields(self) -> ReviewRequest:
+        if self.select == "uncertain" and self.per_batch is None:
+            raise ValueError("select 'uncertain' needs per_batch (images to send per batch)")
+        if self.select == "all" and (self.per_batch is not None or self.random_share is not None):
+            raise ValueError(
+                "per_batch and random_share apply to select 'uncertain' only (select 'all' "
+                "sends every image)"
+            )
+        return self
+
+    def selection(self) -> Selection:
+        share = DEFAULT_RANDOM_SHARE if self.random_share is None else self.random_share
+        return Selection(self.select, self.per_batch, share)
 
 
 class ProjectOut(BaseModel):
@@ -279,10 +323,22 @@ class ProjectOut(BaseModel):
     reviews: int
 
 
+class BatchSelected(BaseModel):
+    """What one batch sent to review: images newly in its random sample (new tasks, or earlier
+    uncertain picks that the draw moved into it) and new uncertain picks."""
+
+    batch_id: int
+    random: int
+    uncertain: int
+
+
 class ReviewAccepted(BaseModel):
     job: JobOut
     project: ProjectOut
-    added: int
+    added: int = Field(description="new tasks (images not in the project before)")
+    selected: list[BatchSelected] = Field(
+        default_factory=list, description="per batch: what the selection chose"
+    )
     warning: str | None = Field(
         default=None,
         description="Set when every image waiting for import comes from one mode: reviewers "
@@ -372,3 +428,77 @@ class ScorerOut(Out):
     created_at: datetime
     metrics: ScorerMetrics
     latest: bool = False  # the domain's newest version: the one new batches are scored with
+
+
+# --- guidance sweeps ------------------------------------------------------------------------------
+
+
+class SweepBatchOut(BaseModel):
+    """One (class, scale) cell of a sweep: its batch and how far its sample job got."""
+
+    class_name: str
+    scale: float
+    batch_id: int
+    job_id: int | None
+    status: str | None
+    images: int
+
+
+class SweepOut(BaseModel):
+    id: int
+    model_id: int
+    classes: list[str]
+    scales: list[float]
+    n: int
+    seed: int
+    steps: int
+    scheduler: str
+    requested_by: str | None
+    created_at: datetime
+    batches: list[SweepBatchOut]
+    report_url: str
+    page_url: str
+
+
+class SweepAccepted(BaseModel):
+    sweep: SweepOut
+    jobs: list[JobOut]
+
+
+class SweepReviewAccepted(BaseModel):
+    job: JobOut = Field(description="the review_sync job importing the tasks into Label Studio")
+    project: ProjectOut
+    added: int
+
+
+class GuidanceDefaults(BaseModel):
+    """Per-class guidance defaults (class -> scale); PUT replaces them all ({} clears them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    defaults: dict[Annotated[str, Field(min_length=1, max_length=200)],
+                   Annotated[float, Field(ge=0.0, le=20.0)]] = Field(max_length=1000)  # fmt: skip
+
+
+class GuidanceOut(BaseModel):
+    model_id: int
+    defaults: dict[str, float] = Field(description="class -> scale POST /generate uses")
+    fallback: float = Field(description="the global default, for classes without one")
+
+
+class ApplyRequest(BaseModel):
+    """Explicit scales instead of the sweep's recommendations (omit for the recommendations)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scales: (
+        dict[Annotated[str, Field(min_length=1, max_length=200)],
+             Annotated[float, Field(ge=0.0, le=20.0)]] | None
+    ) = Field(None, max_length=1000)  # fmt: skip
+
+
+class ApplyOut(BaseModel):
+    model_id: int
+    set: dict[str, float] = Field(description="the classes written, with their scales")
+    unchanged: dict[str, str] = Field(description="classes left as they were, and why")
+    defaults: dict[str, float] = Field(description="the model's defaults after")

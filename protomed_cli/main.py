@@ -18,11 +18,16 @@ from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ml.cli import _fail, app
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from service.db.models import Sweep
 
 KEY_FILE = ".protomed-admin-key"
 
@@ -188,6 +193,181 @@ def scorer_show(
                 f"{b.observed:>9.3f} {b.observed_ci[0]:>7.3f}-{b.observed_ci[1]:.3f}"
             )
     typer.echo("\n".join(lines))
+
+
+# --- guidance sweeps (service.sweeps) ------------------------------------------------------------
+
+sweep_app = typer.Typer(
+    help="Guidance per class from expert verdicts: start a sweep, send it to review, read the "
+    "report, apply the recommended scales as the model's per-class defaults.",
+    no_args_is_help=True,
+)
+app.add_typer(sweep_app, name="sweep")
+
+
+class ReportFormat(StrEnum):
+    text = "text"
+    json = "json"
+    csv = "csv"
+
+
+def _scales(value: str | None) -> list[float] | None:
+    if not value:
+        return None
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--scales must be comma-separated numbers (got {value!r})")
+        raise
+
+
+@sweep_app.command("start")
+def sweep_start(
+    model_id: Annotated[int, typer.Argument(help="A ready model's id (GET /models).")],
+    classes: Annotated[
+        str | None, typer.Option(help="Comma-separated classes (default: every class).")
+    ] = None,
+    scales: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated guidance scales, 2 to 8 (default 1,2,3.5,5)."),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", "-n", help="Images per class and scale.")] = 8,
+    seed: Annotated[int, typer.Option(help="The same at every scale (paired design).")] = 0,
+    steps: Annotated[
+        int | None, typer.Option(help="Sampler steps (default per scheduler).")
+    ] = None,
+    scheduler: Annotated[str, typer.Option(help="ddim, dpm++ or dpm++sde.")] = "dpm++sde",
+) -> None:
+    """Queue a guidance sweep: one sample job per (class, scale) on the service's workers."""
+    from ml.cli import _classes, _guard
+    from service.config import get_settings
+    from service.db.models import Model
+    from service.db.session import get_sessionmaker
+    from service.exceptions import ServiceUnavailable
+    from service.queue import submit
+    from service.sweeps import SweepRequest, discard, start_sweep
+
+    body: dict[str, object] = {"n": n, "seed": seed, "steps": steps, "scheduler": scheduler}
+    if classes:
+        body["classes"] = _classes(classes)
+    if scales:
+        body["scales"] = _scales(scales)
+    request = _guard(lambda: SweepRequest.model_validate(body))
+    with get_sessionmaker()() as session:
+        model = session.get(Model, model_id)
+        if model is None:
+            _fail(f"no model with id {model_id} in {_database_name()}")
+            return
+        sweep, jobs = _guard(lambda: start_sweep(session, model, request, get_settings(), "cli"))
+        try:
+            submit(session, jobs)
+        except ServiceUnavailable as exc:
+            discard(session, sweep)
+            _fail(f"the job queue did not answer ({exc}); nothing was queued")
+        typer.echo(
+            f"sweep {sweep.id}: {len(sweep.classes)} classes x {len(sweep.scales)} scales "
+            f"({', '.join(f'{s:g}' for s in sweep.scales)}) x {sweep.n} images, "
+            f"{len(jobs)} sample jobs queued; then: protomed sweep review {sweep.id}"
+        )
+
+
+def _sweep(session: Session, sweep_id: int) -> Sweep:
+    from service.db.models import Sweep
+
+    sweep = session.get(Sweep, sweep_id)
+    if sweep is None:
+        _fail(f"no sweep with id {sweep_id} in {_database_name()}")
+        raise AssertionError("unreachable")
+    return sweep
+
+
+@sweep_app.command("review")
+def sweep_review(
+    sweep_id: Annotated[int, typer.Argument(help="The sweep's id.")],
+    domain: Annotated[
+        str | None, typer.Option(help="Review domain (default: the dataset's).")
+    ] = None,
+) -> None:
+    """Send every batch of the sweep to blinded review in Label Studio (scales shuffled
+    together; tasks never show the scale)."""
+    from ml.cli import _guard
+    from service.config import get_settings
+    from service.db.models import Job, JobKind
+    from service.db.session import get_sessionmaker
+    from service.queue import submit
+    from service.sweeps import review
+
+    if not get_settings().label_studio_url:
+        _fail("Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL")
+    with get_sessionmaker()() as session:
+        sweep = _sweep(session, sweep_id)
+        project, tasks = _guard(lambda: review(session, sweep, domain))
+        job = Job(kind=JobKind.review_sync, params={"project_id": project.id}, requested_by="cli")
+        session.add(job)
+        submit(session, [job])
+        typer.echo(f"{len(tasks)} images added to review project {project.id}; sync job {job.id}")
+
+
+@sweep_app.command("report")
+def sweep_report_cmd(
+    sweep_id: Annotated[int, typer.Argument(help="The sweep's id.")],
+    format: Annotated[ReportFormat, typer.Option(help="text, json or csv.")] = ReportFormat.text,
+) -> None:
+    """Plausibility against guidance per class (image as unit, Wilson 95% intervals), the
+    diversity of each batch and the recommended scale per class with the rule."""
+    from service.config import get_settings
+    from service.db.session import get_sessionmaker
+    from service.storage import get_storage
+    from service.sweep_report import sweep_csv, sweep_text
+    from service.sweeps import report
+
+    with get_sessionmaker()() as session:
+        sweep = _sweep(session, sweep_id)
+        rep = report(session, sweep, get_storage(), get_settings())
+    if format is ReportFormat.json:
+        typer.echo(rep.model_dump_json(indent=2))
+    else:
+        typer.echo(sweep_csv(rep) if format is ReportFormat.csv else sweep_text(rep), nl=False)
+        if format is ReportFormat.text:
+            typer.echo()
+
+
+@sweep_app.command("apply")
+def sweep_apply(
+    sweep_id: Annotated[int, typer.Argument(help="The sweep's id.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="CLASS=SCALE instead of the recommendation (repeatable)."),
+    ] = None,
+) -> None:
+    """Write the sweep's recommended scales (or --set ones) into the model's per-class
+    guidance defaults, which POST /generate uses when given no guidance."""
+    from ml.cli import _guard
+    from service.config import get_settings
+    from service.db.session import get_sessionmaker
+    from service.storage import get_storage
+    from service.sweeps import apply
+
+    overrides: dict[str, float] = {}
+    for item in set_ or []:
+        name, sep, value = item.partition("=")
+        try:
+            overrides[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            _fail(f"--set takes CLASS=SCALE (got {item!r})")
+    with get_sessionmaker()() as session:
+        sweep = _sweep(session, sweep_id)
+        chosen, skipped = _guard(
+            lambda: apply(session, sweep, get_storage(), get_settings(), overrides or None)
+        )
+        session.commit()
+        for name, scale in chosen.items():
+            typer.echo(f"{name}: guidance {scale:g}")
+        for name, why in skipped.items():
+            typer.echo(f"{name}: unchanged ({why})")
+        typer.echo(f"model {sweep.model_id}'s defaults: {sweep.model.guidance_defaults}")
 
 
 def _database_name() -> str:

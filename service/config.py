@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     # the workers read arbitrary server paths. Empty: no dataset can be registered.
     data_roots: list[Path] = Field(default_factory=list)
     max_images_per_request: int = Field(default=1000, ge=1)
+    # Guidance: what POST /generate uses for a class without a per-class default (a guidance
+    # sweep's, service.sweeps); a sweep's report recommends a scale for a class only where at
+    # least two of its scales have this many reviewed images.
+    default_guidance: float = Field(default=2.0, ge=0, le=20)
+    sweep_min_images: int = Field(default=5, ge=1)
     max_upload_bytes: int = Field(default=512 * 1024**2, ge=1)  # a dataset zip as uploaded
     max_unpacked_bytes: int = Field(default=4 * 1024**3, ge=1)  # ...and once unpacked
     max_upload_files: int = Field(default=200_000, ge=1)

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from service.audits import AuditUnavailable, latest_audit
 from service.db.models import Batch, Job, JobKind, JobStatus, Model
 from service.reviews import plausibility
+from service.sweeps import sweeps_of
 
 NON_COMMERCIAL = ("NC", "NON-COMMERCIAL", "NONCOMMERCIAL")
 INTENDED_USE = (
@@ -100,6 +101,12 @@ class ModelCard(BaseModel):
     plausibility: list[PlausibilityEntry] = Field(description="image as unit, Wilson 95%")
     plausibility_method: str
     audits: list[AuditEntry]
+    guidance: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-class guidance defaults POST /generate uses (from a sweep or set by "
+        "hand); classes absent use the service's default",
+    )
+    sweeps: list[int] = Field(default_factory=list, description="the model's guidance sweeps")
     intended_use: str = INTENDED_USE
     licence_notice: str
     limits: list[str]
@@ -225,6 +232,8 @@ def build_card(session: Session, model: Model) -> ModelCard:
         plausibility=rates,
         plausibility_method=report.methods.consensus,
         audits=_audits(session, model.id),
+        guidance={c: float(v) for c, v in (model.guidance_defaults or {}).items()},
+        sweeps=[sw.id for sw in sweeps_of(session, model.id)],
         licence_notice=licence_notice(ds.licence),
         limits=limits,
     )
@@ -303,5 +312,10 @@ def card_markdown(card: ModelCard) -> str:
           _pct(a.expected_false_flag_rate)] for a in card.audits],
         "No audit yet (POST /batches/{id}/audit).",
     )  # fmt: skip
+    chosen = ", ".join(f"{c} {v:g}" for c, v in sorted(card.guidance.items()))
+    swept = ", ".join(f"#{i}" for i in card.sweeps) or "none"
+    lines += ["", "## Guidance", "",
+              f"- Per-class defaults: {chosen or 'none'} (other classes: the service default)",
+              f"- Guidance sweeps: {swept}"]  # fmt: skip
     lines += ["", "## Limits", "", *(f"- {x}" for x in card.limits), ""]
     return "\n".join(lines)

@@ -44,6 +44,12 @@ class RateEntry(_Model):
     ties: int = Field(description="images whose reviewers split evenly (counted implausible)")
     rate: float | None = Field(description="plausible / images; null without images")
     ci: Interval = Field(description="Wilson score 95% interval of the rate, over images")
+    kept_apart: int = Field(
+        0,
+        description="reviewed images left out of this rate (and of every test): sent because "
+        "the scorer was least sure about them (review sample 'uncertain'), so not a random "
+        "sample of the batch",
+    )
 
 
 class Difference(_Model):
@@ -134,6 +140,12 @@ class Methods(_Model):
         "Mantel-Haenszel common odds ratio; unstratified Fisher over pooled images alongside"
     )
     criteria: str = "failure rates per verdict (descriptive, no test)"
+    sample: str = (
+        "every number counts only images of a simple random sample of their batch (review "
+        "sample 'random'; a batch sent whole is one); images sent because the scorer was "
+        "least sure about them (sample 'uncertain') are kept apart: counted in kept_apart, "
+        "in no rate, test, failure rate or agreement"
+    )
     holm_classes: int = Field(0, description="k: the classes in the Holm adjustment")
 
 
@@ -156,4 +168,9 @@ class PlausibilityReport(_Model):
     criteria: list[Criterion]
     criteria_failure: dict[str, dict[str, CriterionFailure]]
     agreement: Agreement | None
+    kept_apart: int = Field(
+        0,
+        description="reviewed images kept out of every number (the scorer's uncertain picks; "
+        "methods.sample); per class and model in each rate entry's kept_apart",
+    )
     filters: Filters | None = None

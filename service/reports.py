@@ -28,6 +28,17 @@ unstratified Fisher p, descriptive); the pooled *test* is ``average.stratified``
 Cochran-Mantel-Haenszel test stratified by class with the Mantel-Haenszel common odds ratio, so
 a model that merely had more images of an easy class does not look better.
 
+**Only the random sample counts.** A review task is ``random`` (its image belongs to a simple
+random sample of its batch; a batch sent whole is one) or ``uncertain`` (the domain's scorer was
+least sure about it: ``service/selection.py``). A simple random sample's rate estimates its
+batch's without bias; the uncertain picks are chosen by a function of the image, so they lean
+towards borderline images and would pull a model's rate towards however its borderline images
+were judged. So every number here (rates, intervals, tests, failure rates, agreement) is over
+the random sample's verdicts alone, and the uncertain picks appear only as ``kept_apart`` counts
+(per class and model, per model, in all). Agreement too: kappa depends on how hard the items
+are, so borderline picks would make the reported reliability depend on the share an admin
+chose. Their verdicts still train the scorer, which reads the reviews, not this report.
+
 Per-criterion failure rates count verdicts (each reviewer's reading of each criterion) and carry
 no test. Pure and torch-free, with no web code, so the API and the CLI can both use it; scipy is
 imported only inside :mod:`service.statistics`' functions.
@@ -80,6 +91,12 @@ class Judgement:
     reviewer: str
     plausible: bool  # already derived: any failed criterion => False
     criteria: dict[str, str]  # criterion key -> "pass" | "fail" | "na"
+    # Why the image was reviewed (ReviewSample): "random" (a simple random sample of its batch)
+    # counts; "uncertain" (the scorer's pick) is kept apart from every number but a count.
+    sample: str = "random"
+
+
+COUNTED = "random"
 
 
 def _by_image(judgements: Iterable[Judgement]) -> dict[int, dict[str, bool]]:
@@ -138,16 +155,28 @@ def agreement(judgements: Sequence[Judgement]) -> Agreement | None:
 # --- the report ----------------------------------------------------------------------------------
 
 
-def _rate_entry(js: Sequence[Judgement]) -> RateEntry:
+def _rate_entry(js: Sequence[Judgement], kept_apart: int = 0) -> RateEntry:
     """Images, their majority verdicts, rate and Wilson interval for one model: the image is the
-    unit (module docstring); ``reviews`` counts the verdicts behind them."""
+    unit (module docstring); ``reviews`` counts the verdicts behind them; ``js`` are counted
+    verdicts only, ``kept_apart`` the images left out beside them."""
     votes = [(sum(v.values()), len(v)) for v in _by_image(js).values()]
     n = len(votes)
     k = sum(2 * yes > m for yes, m in votes)
     return RateEntry(
         images=n, reviews=len(js), plausible=k, ties=sum(2 * yes == m for yes, m in votes),
-        rate=k / n if n else None, ci=wilson(k, n),
+        rate=k / n if n else None, ci=wilson(k, n), kept_apart=kept_apart,
     )  # fmt: skip
+
+
+def image_rate(js: Sequence[Judgement]) -> RateEntry:
+    """Plausibility over some images, the image being the unit (public: the guidance sweep's
+    report counts each (class, scale) cell exactly as this report counts a model's class)."""
+    return _rate_entry(js)
+
+
+def _kept_apart(apart: Iterable[Judgement], counted: set[int]) -> int:
+    """Reviewed images of ``apart`` (uncertain picks) that no counted verdict covers."""
+    return len({j.image_id for j in apart} - counted)
 
 
 def _difference(base: RateEntry, proto: RateEntry) -> Difference | None:
@@ -246,7 +275,9 @@ def plausibility_report(
     ``models`` are the columns, in order; judgements of other models are left out (of the
     agreement too). Without explicit ids, the baseline/prototype is the only model of that mode
     among ``models``, else None, and then there is no difference. Classes are those judged for
-    these models, sorted by name. Criterion keys not in ``criteria`` are ignored.
+    these models, sorted by name (a class whose verdicts are all kept apart has a row with no
+    rate). Criterion keys not in ``criteria`` are ignored. Only ``random`` judgements are
+    counted; the others are counted as ``kept_apart`` images (module docstring).
     """
     columns = [ModelColumn.model_validate(m) for m in models]
     crits = [Criterion.model_validate(c) for c in criteria]
@@ -263,18 +294,28 @@ def plausibility_report(
     compared = baseline_id is not None and prototype_id is not None
     keys = [c.key for c in crits]
     wanted = set(ids)
-    used = [j for j in judgements if j.model_id in wanted]
+    judged = [j for j in judgements if j.model_id in wanted]
+    used = [j for j in judged if j.sample == COUNTED]
+    apart = [j for j in judged if j.sample != COUNTED]
+    counted_images = {j.image_id for j in used}
 
     cells: dict[tuple[str, int], list[Judgement]] = defaultdict(list)
+    apart_cells: dict[tuple[str, int], list[Judgement]] = defaultdict(list)
     for j in used:
         cells[(j.class_name, j.model_id)].append(j)
+    for j in apart:
+        apart_cells[(j.class_name, j.model_id)].append(j)
     by_model = {mid: [j for j in used if j.model_id == mid] for mid in ids}
 
     def pair(entries: Mapping[str, RateEntry]) -> tuple[RateEntry, RateEntry]:
         return entries[str(baseline_id)], entries[str(prototype_id)]
 
-    names = sorted({j.class_name for j in used})
-    entries = {cls: {str(mid): _rate_entry(cells[(cls, mid)]) for mid in ids} for cls in names}
+    def cell_entry(cls: str, mid: int) -> RateEntry:
+        left_out = _kept_apart(apart_cells[(cls, mid)], counted_images)
+        return _rate_entry(cells[(cls, mid)], left_out)
+
+    names = sorted({j.class_name for j in judged})
+    entries = {cls: {str(mid): cell_entry(cls, mid) for mid in ids} for cls in names}
     diffs = {cls: _difference(*pair(entries[cls])) if compared else None for cls in names}
     tested = [cls for cls in names if diffs[cls] is not None]
     adjusted = dict(zip(tested, holm([d.p_value for d in diffs.values() if d]), strict=True))
@@ -292,7 +333,12 @@ def plausibility_report(
     for mid in ids:
         rates = [r for c in classes if (r := c.models[str(mid)].rate) is not None]
         macro[str(mid)] = sum(rates) / len(rates) if rates else None
-    pooled = {str(mid): _rate_entry(by_model[mid]) for mid in ids}
+    pooled = {
+        str(mid): _rate_entry(
+            by_model[mid], _kept_apart((j for j in apart if j.model_id == mid), counted_images)
+        )
+        for mid in ids
+    }
 
     return PlausibilityReport(
         methods=Methods(holm_classes=len(tested)),
@@ -310,6 +356,7 @@ def plausibility_report(
         criteria=crits,
         criteria_failure={str(mid): _criteria_failure(by_model[mid], keys) for mid in ids},
         agreement=agreement(used),
+        kept_apart=_kept_apart(apart, counted_images),
     )
 
 
@@ -388,7 +435,19 @@ STRATIFIED_LABEL = "pooled, stratified by class (Cochran-Mantel-Haenszel)"
 
 
 def rate_text(entry: RateEntry) -> str:
-    return f"{pct(entry.rate)} (n={entry.images}; {entry.reviews} reviews)"
+    apart = f"; {entry.kept_apart} kept apart" if entry.kept_apart else ""
+    return f"{pct(entry.rate)} (n={entry.images}; {entry.reviews} reviews{apart})"
+
+
+def kept_apart_text(report: PlausibilityReport) -> str | None:
+    """The one line saying how many reviewed images no number counts; None when none."""
+    if not report.kept_apart:
+        return None
+    return (
+        f"{report.kept_apart} reviewed images kept apart: sent because the scorer was least sure "
+        "about them, they are in no rate, test, failure rate or agreement (only a simple random "
+        "sample of each batch is); 'kept apart' in a rate's cell says where"
+    )
 
 
 def report_csv(report: PlausibilityReport) -> str:
@@ -396,11 +455,13 @@ def report_csv(report: PlausibilityReport) -> str:
 
     Rates in percent to 2 decimals with n (images, the unit) and the reviews behind them, the
     difference in percentage points, its 95% CI to 1 decimal, Fisher's p and the Holm-adjusted
-    p, then macro-average, pooled and stratified rows; after a blank line, the per-criterion
-    failure rates (n = verdicts that judged the criterion). The macro row's difference is the
-    plain difference of the two models' macro rates over the classes both were judged on, with
-    no CI or p; a note row names those classes. The pooled row's p is Fisher's over pooled
-    images; the stratified row's is the CMH test's, with its common odds ratio in a note.
+    p, then macro-average, pooled and stratified rows (a rate's cell also names the images kept
+    apart, where any, and a row after the notes says how many in all); after a blank line, the
+    per-criterion failure rates (n = verdicts that judged the criterion). The macro row's
+    difference is the plain difference of the two models' macro rates over the classes both
+    were judged on, with no CI or p; a note row names those classes. The pooled row's p is
+    Fisher's over pooled images; the stratified row's is the CMH test's, with its common odds
+    ratio in a note.
     """
     models = report.models
     mids = [str(m.id) for m in models]
@@ -428,6 +489,9 @@ def report_csv(report: PlausibilityReport) -> str:
     if odds_ratio is not None:
         w.writerow([odds_ratio])
     w.writerow(["n", f"images; {report.methods.consensus}"])
+    apart = kept_apart_text(report)
+    if apart is not None:
+        w.writerow(["kept apart", apart])
 
     w.writerow([])
     w.writerow(["criterion", *(f"{m.label} fail %" for m in models)])

@@ -5,8 +5,10 @@ built from. Label Studio calls live in ``workers/review_sync.py``; routes in
 
 from __future__ import annotations
 
+import random
 import secrets
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, delete, func, or_, select
@@ -22,11 +24,13 @@ from service.db.models import (
     Model,
     Review,
     ReviewProject,
+    ReviewSample,
     ReviewTask,
     utc_now,
 )
 from service.report_models import Criterion, Filters, ModelColumn, PlausibilityReport
 from service.reports import Judgement, plausibility_report
+from service.selection import BatchChoice, Selection, choose_all
 
 
 class ReviewError(ValueError):
@@ -44,12 +48,39 @@ def project_for(session: Session, criteria_set: CriteriaSet) -> ReviewProject:
     return project
 
 
+@dataclass
+class SentForReview:
+    """What a review request did: the project, its new tasks (shuffled in with the others not
+    yet imported) and each batch's chosen images (``service.selection``)."""
+
+    project: ReviewProject
+    tasks: list[ReviewTask]
+    choices: list[BatchChoice]
+
+
 def request_review(
     session: Session, batch_ids: list[int], domain: str | None
 ) -> tuple[ReviewProject, list[ReviewTask]]:
-    """New tasks for the batches' images in the domain's current project, in one shuffled
-    order across all batches (so baseline and prototype images are mixed). Images already in
-    the project are not added twice."""
+    """Every image of the batches not yet in the domain's project, as new tasks (see
+    :func:`send_for_review`)."""
+    sent = send_for_review(session, batch_ids, domain)
+    return sent.project, sent.tasks
+
+
+def send_for_review(
+    session: Session,
+    batch_ids: list[int],
+    domain: str | None,
+    selection: Selection | None = None,
+    rng: random.Random | None = None,
+) -> SentForReview:
+    """New tasks for the batches' chosen images (``selection``; default: all of them) in the
+    domain's current project, in one shuffled order across all batches (so baseline and
+    prototype images, random and uncertain picks, are mixed). Images already in the project
+    are not added twice; an earlier uncertain pick that joins the random sample keeps its task,
+    whose ``sample`` turns to ``random``. Every batch is checked before anything changes
+    (:class:`ReviewError`, :class:`~service.selection.SelectionError`)."""
+    selection = selection or Selection()
     batches = [session.get(Batch, i) for i in dict.fromkeys(batch_ids)]
     missing = [i for i, b in zip(dict.fromkeys(batch_ids), batches, strict=True) if b is None]
     if missing:
@@ -70,10 +101,25 @@ def request_review(
     if not_done:
         raise ReviewError(f"batch {', '.join(map(str, not_done))} has no images yet")
     project = project_for(session, criteria_set)
-    have = set(
-        session.scalars(select(ReviewTask.image_id).where(ReviewTask.project_id == project.id))
-    )
-    images = [img for b in found for img in b.images if img.id not in have]
+    have = {
+        t.image_id: t
+        for t in session.scalars(select(ReviewTask).where(ReviewTask.project_id == project.id))
+    }
+    choices = choose_all(found, have, selection, rng)
+    for choice in choices:  # earlier uncertain picks drawn into the random sample
+        for img in choice.random:
+            if img.id in have:
+                have[img.id].sample = ReviewSample.random
+    images = [
+        (img, sample)
+        for c in choices
+        for sample, chosen in (
+            (ReviewSample.random, c.random),
+            (ReviewSample.uncertain, c.uncertain),
+        )
+        for img in chosen
+        if img.id not in have
+    ]
     secrets.SystemRandom().shuffle(images)
     start: int = session.execute(
         select(func.coalesce(func.max(ReviewTask.position), -1)).where(
@@ -82,10 +128,11 @@ def request_review(
     ).scalar_one()
     tasks = [
         ReviewTask(
-            project=project, image=img, token=secrets.token_urlsafe(24), position=start + 1 + i
+            project=project, image=img, token=secrets.token_urlsafe(24), position=start + 1 + i,
+            sample=sample,
         )
-        for i, img in enumerate(images)
-    ]
+        for i, (img, sample) in enumerate(images)
+    ]  # fmt: skip
     session.add_all(tasks)
     # Tasks not yet imported into Label Studio are shuffled again with the new ones: Label
     # Studio numbers tasks in import order, so batches sent in separate requests before one
@@ -96,7 +143,7 @@ def request_review(
     for task, place in zip(pending, places, strict=True):
         task.position = place
     session.flush()
-    return project, tasks
+    return SentForReview(project, tasks, choices)
 
 
 def pending_modes(session: Session, project: ReviewProject) -> set[str]:
@@ -256,7 +303,7 @@ def judgements(
     """The verdicts matching the filters as report input: (judgements, model columns,
     criteria). Columns: the models with verdicts (or those asked for), baseline first."""
     query = (
-        select(Review, Image, Model, ReviewProject.criteria_set_id)
+        select(Review, Image, Model, ReviewProject.criteria_set_id, ReviewTask.sample)
         .join(ReviewTask, Review.task_id == ReviewTask.id)
         .join(Image, ReviewTask.image_id == Image.id)
         .join(Batch, Image.batch_id == Batch.id)
@@ -276,16 +323,17 @@ def judgements(
         query = query.where(ReviewProject.criteria_set_id == criteria_set_id)
     rows = session.execute(query).all()
     out = [
-        Judgement(img.id, img.class_name, m.id, str(m.mode), r.reviewer, r.plausible, r.criteria)
-        for r, img, m, _ in rows
-    ]
-    ids = list(model_ids or sorted({m.id for _, _, m, _ in rows}))
+        Judgement(img.id, img.class_name, m.id, str(m.mode), r.reviewer, r.plausible, r.criteria,
+                  sample=str(sample))
+        for r, img, m, _, sample in rows
+    ]  # fmt: skip
+    ids = list(model_ids or sorted({m.id for _, _, m, *_ in rows}))
     models = [session.get(Model, i) for i in ids]
     columns = sorted(
         (ModelColumn(id=m.id, mode=str(m.mode), label=f"{m.mode} #{m.id}") for m in models if m),
         key=lambda c: (c.mode != "baseline", c.id),
     )
-    set_ids = {criteria_set_id} if criteria_set_id else {s for *_, s in rows}
+    set_ids = {criteria_set_id} if criteria_set_id else {s for *_, s, _ in rows}
     criteria: list[Criterion] = []
     for set_id in sorted(set_ids):
         cs = session.get(CriteriaSet, set_id)

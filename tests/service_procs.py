@@ -20,14 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 class Worker:
     """``celery worker`` in its own process group (so SIGKILL takes the pool child too)."""
 
-    def __init__(self, env: dict[str, str], log: Path, queues: str = "gpu,default") -> None:
+    def __init__(
+        self, env: dict[str, str], log: Path, queues: str = "gpu,default", threads: int = 2
+    ) -> None:
         self.log = log
         cmd = [
             sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queues,
             "--concurrency", "1", "--pool", "prefork", "-n", f"test-{uuid.uuid4().hex[:6]}@%h",
             "--loglevel", "INFO", "--without-gossip", "--without-mingle",
         ]  # fmt: skip
-        full_env = {**os.environ, **env, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+        full_env = {**os.environ, **env, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             cmd, env=full_env, cwd=REPO, stdout=log.open("ab"), stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -63,7 +63,8 @@ def get_paths(service: Service, ids: dict[str, int]) -> list[str]:
     paths = [p for p, ops in service.client.app.openapi()["paths"].items() if "get" in ops]
     paths += ["/ui", "/ui/models/{model_id}", "/ui/batches/{batch_id}",
               "/ui/reports/plausibility", "/ui/reports/evaluation",
-              "/ui/batches/{batch_id}/audit", "/ui/scorers/{scorer_id}"]  # fmt: skip
+              "/ui/batches/{batch_id}/audit", "/ui/sweeps/{sweep_id}",
+              "/ui/scorers/{scorer_id}"]  # fmt: skip
     return [re.sub(r"\{(\w+)\}", lambda m: str(ids.get(m.group(1), "toy")), p) for p in paths]
 
 
@@ -88,7 +89,7 @@ def test_a_reviewer_cannot_link_review_images_to_modes(study: Service) -> None:
         img = s.get(Image, first["image"])
         assert img is not None
         ids = {"batch_id": img.batch_id, "model_id": img.batch.model_id, "image_id": img.id,
-               "dataset_id": img.batch.model.dataset_id, "job_id": 1,
+               "dataset_id": img.batch.model.dataset_id, "job_id": 1, "sweep_id": 1,
                "scorer_id": 1}  # fmt: skip
 
     # What the admin side shows about batches, models, images, jobs and reports.

@@ -27,7 +27,7 @@ from service.db.session import make_engine
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = {"datasets", "models", "jobs", "batches", "images", "api_keys", "criteria_sets", "scorers",
-          "review_projects", "review_tasks", "reviews", "ui_sessions"}  # fmt: skip
+          "review_projects", "review_tasks", "reviews", "ui_sessions", "sweeps"}  # fmt: skip
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from conftest import REPO, Service
 from factories import add_batch, add_image, add_model, add_review, add_review_task, create
 
 from ml.toy import write_toy_dataset
-from service.db.models import Job, JobKind, JobStatus, Model, ReviewProject, utc_now
+from service.db.models import Job, JobKind, JobStatus, Model, utc_now
 from service.db.session import get_sessionmaker
 
 LICENCE = "CC BY-NC-SA 4.0"
@@ -26,8 +26,8 @@ SHA = "ab" * 32
 EVALUATION = {"job_id": 99, "as": "prototype", "f1": 0.42, "fd": 0.031}
 
 
-def register(service: Service, name: str, licence: str | None) -> dict:
-    write_toy_dataset(service.data_root / name, n_per_class=2, size=16, seed=0)
+def register(service: Service, name: str, licence: str | None, n_per_class: int = 2) -> dict:
+    write_toy_dataset(service.data_root / name, n_per_class=n_per_class, size=16, seed=0)
     body = {"name": name, "path": name, **({"licence": licence} if licence else {})}
     r = service.client.post("/datasets", json=body, headers=service.admin)
     assert r.status_code == 201, r.text
@@ -52,14 +52,15 @@ def trained_model(dataset_id: int, verdicts: list[list[bool]]) -> int:
                         started_at=start, finished_at=start + timedelta(seconds=90)))  # fmt: skip
         batch = add_batch(session, model, class_name="lymphocyte", n=max(1, len(verdicts)))
         from service.criteria import ensure_defaults, latest
+        from service.reviews import project_for
 
         ensure_defaults(session)
-        project = ReviewProject(criteria_set=latest(session, "toy"), ls_project_id=1)
-        session.add(project)
+        project = project_for(session, latest(session, "toy"))  # one per criteria set
         for i, votes in enumerate(verdicts):
             task = add_review_task(session, project, add_image(session, batch, index=i))
             for r, ok in enumerate(votes):
-                add_review(session, task, ls_annotation_id=100 * i + r, reviewer=f"r{r}",
+                add_review(session, task, ls_annotation_id=10_000 * model.id + 100 * i + r,
+                           reviewer=f"r{r}",
                            plausible=ok)  # fmt: skip
         return model
 
@@ -92,11 +93,18 @@ def test_a_dataset_licence_is_recorded_and_carried_into_the_card(service: Servic
     assert row["ci"] == pytest.approx([ci.low, ci.high])  # images, not 9 verdicts
     assert any("UNTRAINED" in limit for limit in card["limits"])
     assert "diagnosis" in " ".join(card["limits"]) and "synthetic" in card["intended_use"]
+    assert card["guidance"] == {} and card["sweeps"] == []
+    put = service.client.put(f"/models/{model_id}/guidance", json={"defaults": {"lymphocyte": 3.5}},
+                             headers=service.admin)  # fmt: skip
+    assert put.status_code == 200, put.text
+    card = service.client.get(f"/models/{model_id}/card", headers=service.admin).json()
+    assert card["guidance"] == {"lymphocyte": 3.5}  # the scale /generate now uses
 
     md = service.client.get(f"/models/{model_id}/card?format=markdown", headers=service.admin)
     assert md.status_code == 200 and md.headers["content-type"].startswith("text/markdown")
     for needle in ("## Training data", f"- Licence: {LICENCE}", "## Expert plausibility",
                    "| lymphocyte | 3 | 2 | 66.7% |", "## Limits", f"Checkpoint sha256: {SHA}",
+                   "- Per-class defaults: lymphocyte 3.5",
                    "Training time: 1.5 min", "No audit yet"):  # fmt: skip
         assert needle in md.text, needle
 
@@ -149,3 +157,42 @@ def test_cli_prints_the_card(service: Service) -> None:
     assert "Traceback" not in missing.stderr
     with get_sessionmaker()() as s:  # nothing was written by reading a card
         assert s.get(Model, model_id) is not None
+
+
+@pytest.mark.slow
+def test_card_page_in_a_browser_runs_no_stored_markup(service: Service, tmp_path) -> None:
+    """In Chromium: a licence string that would run script if rendered as HTML shows as text
+    and runs nothing; a plain card renders its tables (the README's picture)."""
+    from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+    from service_procs import ApiServer
+    from test_dashboard import shot_path
+
+    attack = '<img src=x onerror="window.pwned=1">'
+    nasty = trained_model(register(service, "attack", attack)["id"], [[True]])
+    votes = [[True, True], [True, False], [False, False], [True, True], [True], [False, True]]
+    plain = trained_model(register(service, "cells-demo", LICENCE, 40)["id"], votes)
+    server = ApiServer(service.env, tmp_path / "api.log")
+    try:
+        server.wait_ready()
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(server.url + f"/ui/models/{nasty}/card")
+            page.fill("#key", service.env["PROTOMED_ADMIN_KEY"])
+            page.click("form.login button")
+            page.wait_for_url(f"**/ui/models/{nasty}/card")
+            page.wait_for_load_state("load")
+            assert page.evaluate("window.pwned") is None  # the onerror never ran
+            assert page.locator("main img, article img").count() == 0
+            assert attack in page.locator("body").inner_text()  # shown as the text it is
+            page.goto(server.url + f"/ui/models/{plain}/card")
+            assert page.locator("h2", has_text="Training data").count() == 1
+            body = page.locator("body").inner_text()
+            assert "non-commercial" in body and "lymphocyte" in body
+            page.screenshot(path=shot_path(tmp_path, "dashboard_card.png"), full_page=True)
+            browser.close()
+    finally:
+        server.stop()

@@ -415,10 +415,12 @@ def crit(fail: int, judged: int) -> dict[str, Any]:
     return {"fail": fail, "judged": judged, "rate": fail / judged if judged else None}
 
 
-def entry(images: int, reviews: int, plausible: int, ties: int, ci: list[float]) -> dict:
+def entry(
+    images: int, reviews: int, plausible: int, ties: int, ci: list[float], kept_apart: int = 0
+) -> dict:
     rate = plausible / images if images else None
     return {"images": images, "reviews": reviews, "plausible": plausible, "ties": ties,
-            "rate": rate, "ci": ci}  # fmt: skip
+            "rate": rate, "ci": ci, "kept_apart": kept_apart}  # fmt: skip
 
 
 # Counts of images: basophil 1/2 vs 1/2, neutrophil 0/2 vs 2/3, pooled 1/4 vs 3/5.
@@ -467,6 +469,10 @@ EXPECTED: dict[str, Any] = {
         "pooled_test": "Cochran-Mantel-Haenszel stratified by class (continuity-corrected), with "
         "the Mantel-Haenszel common odds ratio; unstratified Fisher over pooled images alongside",
         "criteria": "failure rates per verdict (descriptive, no test)",
+        "sample": "every number counts only images of a simple random sample of their batch "
+        "(review sample 'random'; a batch sent whole is one); images sent because the scorer "
+        "was least sure about them (sample 'uncertain') are kept apart: counted in kept_apart, "
+        "in no rate, test, failure rate or agreement",
         "holm_classes": 2,
     },
     "models": MODELS,
@@ -560,6 +566,7 @@ EXPECTED: dict[str, Any] = {
         "reviewers": ["ann", "bob"],
         "percent_agreement": 75.0,
     },
+    "kept_apart": 0,
     "filters": None,
 }
 
@@ -793,12 +800,16 @@ def test_openapi_publishes_the_report_schema():
     report = schemas[ref.rsplit("/", 1)[-1]]
     assert set(report["properties"]) >= {
         "methods", "models", "baseline_id", "prototype_id", "classes", "average", "criteria",
-        "criteria_failure", "agreement", "filters",
+        "criteria_failure", "agreement", "kept_apart", "filters",
     }  # fmt: skip
     assert set(schemas["ClassRow"]["properties"]) == {"class", "models", "difference", "criteria"}
-    assert {"images", "reviews", "plausible", "ties", "rate", "ci"} == set(
+    assert {"images", "reviews", "plausible", "ties", "rate", "ci", "kept_apart"} == set(
         schemas["RateEntry"]["properties"]
     )
+    assert "sample" in schemas["Methods"]["properties"]
+    review = schemas["ReviewRequest"]["properties"]  # the selection is published too
+    assert {"select", "per_batch", "random_share"} <= set(review)
+    assert "selected" in schemas["ReviewAccepted"]["properties"]
     assert "p_holm" in schemas["ClassDifference"]["properties"]
     assert "stratified" in schemas["Average"]["properties"]
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -595,3 +597,62 @@ def test_enough_verdicts_queue_the_domains_scorer_once(base: Base, reviewed: Sen
     assert [(j["params"], j["requested_by"], j["status"]) for j in jobs] == [
         ({"domain": "toy"}, "retrain", "queued")
     ], jobs
+
+
+def test_uncertain_selection_reaches_label_studio_blinded(base: Base) -> None:
+    """A budget of 5 images per batch (2 random, 3 the scorer's least sure): exactly those
+    reach Label Studio, as tasks that look alike (the same three data keys, nothing naming the
+    selection), in an order that mixes the two kinds."""
+    from sqlalchemy import create_engine, text
+
+    dataset, batches, truth = seed_batches(base.env)
+    engine = create_engine(base.env["PROTOMED_DATABASE_URL"])
+    with engine.begin() as conn:  # scored as the sampling job would (index i: 0.1 + 0.15 i)
+        for image_id in truth:
+            conn.execute(
+                text('UPDATE images SET score = 0.1 + 0.15 * "index" WHERE id = :i'),
+                {"i": image_id},
+            )
+    before = toy_project(base)
+    known = {t["id"] for t in ls_tasks(base, before["ls_project_id"])} if before else set()
+    body = {"batch_ids": list(batches.values()), "select": "uncertain", "per_batch": 5,
+            "random_share": 0.4}  # fmt: skip
+    r = base.api.post("/reviews", json=body, headers=AUTH)
+    assert r.status_code == 202, r.text
+    assert r.json()["added"] == 20
+    assert all(s["random"] == 2 and s["uncertain"] == 3 for s in r.json()["selected"])
+    job = wait_job(base.api, r.json()["job"]["id"], worker=base.worker, timeout=120)
+    assert job["status"] == "succeeded", (job, base.worker.tail())
+    project = toy_project(base)
+    tasks = [t for t in ls_tasks(base, project["ls_project_id"]) if t["id"] not in known]
+    sql = (
+        "SELECT t.token, t.sample, i.batch_id, i.id, i.score FROM review_tasks t "
+        "JOIN images i ON i.id = t.image_id JOIN batches b ON b.id = i.batch_id "
+        "JOIN models m ON m.id = b.model_id WHERE m.dataset_id = :d"
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(text(sql), {"d": dataset}).all()
+        scores = dict(conn.execute(text("SELECT id, score FROM images")).all())
+    engine.dispose()
+    ours = {token: sample for token, sample, *_ in rows}
+    assert len(tasks) == 20 and {t["data"]["ref"] for t in tasks} == set(ours)
+    for t in tasks:
+        assert set(t["data"]) == {"image", "expected_class", "ref"}
+        assert "uncertain" not in json.dumps(t) and "random" not in json.dumps(t["data"])
+    for batch in batches.values():  # the picks: closest to 0.5 among the images not drawn
+        drawn = {i for _, sample, b, i, _ in rows if b == batch and sample == "random"}
+        picks = {i for _, sample, b, i, _ in rows if b == batch and sample == "uncertain"}
+        rest = sorted((i for i in truth if i not in drawn and scores[i] is not None
+                       and _batch_of(truth, batches, i) == batch),
+                      key=lambda i: (abs(scores[i] - 0.5), i))  # fmt: skip
+        assert len(drawn) == 2 and picks == set(rest[:3]), (batch, drawn, picks)
+    kinds = [ours[t["data"]["ref"]] for t in sorted(tasks, key=lambda t: t["id"])]
+    assert Counter(kinds) == {"random": 8, "uncertain": 12}
+    # P(one kind entirely before the other | shuffled) = 2 / C(20, 8), about 1.6e-5
+    assert 1 + sum(a != b for a, b in itertools.pairwise(kinds)) > 2, kinds
+
+
+def _batch_of(truth: dict, batches: dict, image_id: int) -> int:
+    """The batch of a seeded image: its (mode, class) from ``truth``."""
+    mode, cls, _ = truth[image_id]
+    return batches[(mode, cls)]

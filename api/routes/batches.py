@@ -31,6 +31,7 @@ from service.payloads import BatchFilter, SamplePayload
 from service.queue import submit
 from service.scorers import latest_scorer
 from service.storage import ObjectNotFound
+from service.sweeps import resolve_guidance
 
 router = APIRouter()
 
@@ -121,7 +122,15 @@ def generate(
     model_id: IdQuery = None,
     dataset_id: IdQuery = None,
     mode: ModelMode | None = None,
-    guidance: Annotated[float, Query(ge=0.0, le=20.0)] = 2.0,
+    guidance: Annotated[
+        float | None,
+        Query(
+            ge=0.0,
+            le=20.0,
+            description="Default: the model's default for the class (GET /models/{id}/guidance,"
+            " set from a guidance sweep), else the global default (2.0).",
+        ),
+    ] = None,
     steps: Annotated[
         int | None, Query(ge=1, le=1000, description="Default: ddim 50, dpm++/dpm++sde 20.")
     ] = None,
@@ -162,9 +171,10 @@ def generate(
         require_scorer(session, settings, model)
         require_encoder_weights(settings)
     steps = steps or DEFAULT_STEPS[scheduler]
+    scale, source = resolve_guidance(model, class_name, guidance, settings)
     job = Job(kind=JobKind.sample, model=model, requested_by=key.name)
     batch = Batch(
-        model=model, class_name=class_name, n=n, guidance=guidance, steps=steps, seed=seed,
+        model=model, class_name=class_name, n=n, guidance=scale, steps=steps, seed=seed,
         scheduler=scheduler, job=job,
         filter=wanted.model_dump(mode="json") if wanted is not None else None,
     )  # fmt: skip
@@ -172,7 +182,9 @@ def generate(
     session.flush()
     job.params = SamplePayload(batch_id=batch.id).model_dump(mode="json")
     submit(session, [job])
-    return GenerateAccepted(job=job_out(job, request), batch=batch_out(batch, request))
+    return GenerateAccepted(
+        job=job_out(job, request), batch=batch_out(batch, request), guidance_source=source
+    )
 
 
 @router.get("/batches/{batch_id}", tags=["batches"])

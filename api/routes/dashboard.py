@@ -23,6 +23,7 @@ from api.deps import (
     IdPath,
     SessionDep,
     SettingsDep,
+    StorageDep,
 )
 from api.responses import audit_out, ls_public, project_out
 from api.schemas import ProjectOut
@@ -38,6 +39,7 @@ from api.ui.views import (
     image_counts,
     markdown_html,
     report_rows,
+    sweep_charts,
 )
 from ml.results import evaluation_tables, test_set_label  # torch-free
 from service.audits import AuditUnavailable, audit_jobs, latest_audit
@@ -53,13 +55,16 @@ from service.db.models import (
     Model,
     ReviewProject,
     Scorer,
+    Sweep,
 )
 from service.evaluations import evaluation_of, latest_evaluation
 from service.model_cards import build_card, card_markdown
-from service.reports import odds_ratio_text
+from service.reports import kept_apart_text, odds_ratio_text
 from service.reviews import FilterError, plausibility
 from service.scorers import latest_scorer, metrics_of
 from service.security import close_session, find_key, open_session
+from service.sweeps import report as sweep_report
+from service.sweeps import sweep_batches, sweeps_of
 
 router = APIRouter(prefix="/ui", include_in_schema=False, default_response_class=HTMLResponse)
 
@@ -217,15 +222,20 @@ def overview(
 
 @router.get("/models/{model_id}", name="ui_model")
 def model_page(
-    model_id: IdPath, request: Request, session: SessionDep, _reader: UiReader
+    model_id: IdPath,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    _reader: UiReader,
 ) -> HTMLResponse:
     """A model's settings, training metrics and its batches as image grids per class."""
     model = session.get(Model, model_id)
     if model is None:
         return not_found(request, f"No model with id {model_id}.")
     return page(
-        request, "model.html", title=f"Model #{model.id}", model=model, grids=class_grids(model)
-    )
+        request, "model.html", title=f"Model #{model.id}", model=model, grids=class_grids(model),
+        sweeps=sweeps_of(session, model.id), fallback=settings.default_guidance,
+    )  # fmt: skip
 
 
 @router.get("/models/{model_id}/card", name="ui_model_card")
@@ -314,7 +324,7 @@ def report_page(
     return page(
         request, "report.html", title="Plausibility report", report=report,
         rows=report_rows(report), failures=failure_rows(report), chart=bar_chart(report),
-        filters=filters, odds_ratio=odds_ratio_text(report),
+        filters=filters, odds_ratio=odds_ratio_text(report), kept_apart=kept_apart_text(report),
         json_url=f"{api_url}?{urlencode(filters)}" if filters else api_url,
         csv_url=f"{api_url}?{urlencode({**filters, 'format': 'csv'})}",
         projects=report_projects(session, ls_public(settings), set_id),
@@ -423,4 +433,32 @@ def scorer_page(
         latest=newest is not None and newest.id == scorer.id,
         chart=calibration_chart(bins, m.cv.base_rate), untrained="untrained" in scorer.encoder,
         retrain_after=settings.scorer_retrain_after,
+    )  # fmt: skip
+
+
+# --- guidance sweeps ------------------------------------------------------------------------------
+
+
+@router.get("/sweeps/{sweep_id}", name="ui_sweep")
+def sweep_page(
+    sweep_id: IdPath,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    _reader: UiReader,
+) -> HTMLResponse:
+    """A guidance sweep: per class, plausibility against guidance with intervals, diversity,
+    the recommended scale and why; the model's defaults now."""
+    sweep = session.get(Sweep, sweep_id)
+    if sweep is None:
+        return not_found(request, f"No sweep with id {sweep_id}.")
+    report = sweep_report(session, sweep, storage, settings)
+    api_url = route_path(request, "sweep_report", sweep_id=sweep.id)
+    batches = sweep_batches(sweep)
+    return page(
+        request, "sweep.html", title=f"Guidance sweep #{sweep.id}", sweep=sweep, report=report,
+        charts=sweep_charts(report), batches=batches,
+        generating=[b for b in batches if b.job is not None and b.job.status in UNFINISHED],
+        json_url=api_url, csv_url=f"{api_url}?format=csv", fallback=settings.default_guidance,
     )  # fmt: skip

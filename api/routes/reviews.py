@@ -16,6 +16,7 @@ from api.responses import job_out, ls_public, project_out
 from api.schemas import (
     AnnotationEvent,
     AnnotationsDeletedEvent,
+    BatchSelected,
     CriteriaIn,
     CriteriaOut,
     JobOut,
@@ -37,9 +38,9 @@ from service.db.models import (
 )
 from service.label_studio import SECRET_HEADER, LabelStudioError, refresh_annotations
 from service.queue import submit
-from service.reviews import ReviewError, pending_modes, stored_annotations
-from service.reviews import request_review as add_tasks
+from service.reviews import ReviewError, pending_modes, send_for_review, stored_annotations
 from service.scorers import retrain_due
+from service.selection import NotScored, SelectionError
 from service.storage import ObjectNotFound
 
 router = APIRouter(tags=["reviews"])
@@ -77,7 +78,17 @@ def edit_criteria(
     return CriteriaOut.model_validate(row)
 
 
-@router.post("/reviews", status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/reviews",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={
+        404: {"description": "a batch does not exist"},
+        409: {
+            "description": "Label Studio is not configured, or select 'uncertain' names a "
+            "batch without scorer probabilities"
+        },
+    },
+)
 def request_review(
     body: ReviewRequest,
     request: Request,
@@ -87,15 +98,21 @@ def request_review(
 ) -> ReviewAccepted:
     """Send batches to Label Studio for blinded review: images of all batches are shuffled
     together into the domain's project; a sync job imports them (retried if Label Studio is
-    down)."""
+    down). ``select: uncertain`` sends ``per_batch`` images of each batch, a simple random
+    sample (counted in the report) and the scorer's least certain images (kept out of the
+    report's rates), mixed so no reviewer can tell them apart; 409 if a batch is not scored,
+    422 if the batch has too few images left for the budget."""
     if not settings.label_studio_url:
         raise HTTPException(409, "Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL")
     try:
-        project, tasks = add_tasks(session, body.batch_ids, body.domain)
+        sent = send_for_review(session, body.batch_ids, body.domain, body.selection())
     except LookupError as exc:
         raise HTTPException(404, str(exc).strip("'\"")) from exc
-    except ReviewError as exc:
+    except NotScored as exc:
+        raise HTTPException(409, str(exc)) from exc
+    except (ReviewError, SelectionError) as exc:
         raise HTTPException(422, str(exc)) from exc
+    project, tasks = sent.project, sent.tasks
     job = Job(kind=JobKind.review_sync, params={"project_id": project.id}, requested_by=key.name)
     session.add(job)
     submit(session, [job])
@@ -111,6 +128,10 @@ def request_review(
         job=job_out(job, request),
         project=project_out(session, project, ls_public(settings)),
         added=len(tasks),
+        selected=[
+            BatchSelected(batch_id=c.batch_id, random=len(c.random), uncertain=len(c.uncertain))
+            for c in sent.choices
+        ],
         warning=warning,
     )
 

@@ -137,6 +137,93 @@ def grouped_bar_chart(
     )  # fmt: skip
 
 
+# --- plausibility against guidance (one class of a sweep) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class ScalePoint:
+    """One guidance scale's plausibility: a dot (None: no image judged), its interval's
+    whisker, and whether it is the recommended scale."""
+
+    scale: float
+    x: float
+    y: float | None
+    whisker: tuple[float, float] | None  # y of the interval's upper and lower ends
+    value: float | None
+    recommended: bool
+    tooltip: str
+
+
+@dataclass(frozen=True)
+class ScaleChart:
+    """Geometry of plausibility (left axis, 0-100%, dots with whiskers, joined) and diversity
+    (right axis, dashed) against the guidance scale (x, to scale); the template only draws."""
+
+    width: float
+    height: float
+    left: float
+    top: float
+    plot_width: float
+    plot_height: float
+    points: list[ScalePoint]
+    line: str  # SVG polyline points of the judged scales
+    diversity: list[tuple[float, float]]  # (x, y) of the scales with a diversity figure
+    diversity_line: str
+    x_ticks: list[tuple[float, str]]
+    y_ticks: list[tuple[float, str]]
+    d_ticks: list[tuple[float, str]]  # right axis
+    title: str
+
+
+def scale_chart(
+    rates: list[tuple[float, float | None, tuple[float, float], bool, str]],
+    diversity: list[tuple[float, float | None]],
+    diversity_max: float | None,
+    *,
+    title: str,
+) -> ScaleChart | None:
+    """``rates``: (scale, rate or None, interval, recommended, tooltip) per scale, ascending;
+    ``diversity``: (scale, value or None), drawn against 0..``diversity_max`` (shared by the
+    sweep's classes, so their lines compare). None without scales."""
+    if not rates:
+        return None
+    left, top, plot_w, plot_h, right, bottom = 52.0, 28.0, 300.0, 170.0, 52.0, 40.0
+    lo_s, hi_s = rates[0][0], rates[-1][0]
+    span = hi_s - lo_s or 1.0
+
+    def x_of(scale: float) -> float:
+        return left + 14 + (plot_w - 28) * (scale - lo_s) / span
+
+    def y_of(fraction: float) -> float:
+        return top + plot_h * (1 - min(max(fraction, 0.0), 1.0))
+
+    points = []
+    for scale, rate, (lo, hi), best, tip in rates:
+        points.append(
+            ScalePoint(
+                scale=scale,
+                x=x_of(scale),
+                y=None if rate is None else y_of(rate),
+                whisker=None if rate is None else (y_of(hi), y_of(lo)),
+                value=rate,
+                recommended=best,
+                tooltip=tip,
+            )
+        )
+    line = " ".join(f"{p.x:.2f},{p.y:.2f}" for p in points if p.y is not None)
+    top_d = diversity_max or 0.0
+    div = [(x_of(s), y_of(v / top_d)) for s, v in diversity if v is not None and top_d > 0]
+    d_ticks = [(y_of(f), f"{f * top_d:.2f}") for f in (0.0, 0.5, 1.0)] if top_d > 0 else []
+    return ScaleChart(
+        width=left + plot_w + right, height=top + plot_h + bottom, left=left, top=top,
+        plot_width=plot_w, plot_height=plot_h, points=points, line=line, diversity=div,
+        diversity_line=" ".join(f"{x:.2f},{y:.2f}" for x, y in div),
+        x_ticks=[(x_of(s), f"{s:g}") for s, *_ in rates],
+        y_ticks=[(y_of(t / 100), f"{t}%") for t in range(0, 101, 25)], d_ticks=d_ticks,
+        title=title,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class CalibrationPoint:
     """One calibration bin drawn at (mean predicted, observed) with its interval's whisker."""

@@ -13,13 +13,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.schemas import AuditImageLinks
-from api.ui.charts import BarValue, Chart, Series, grouped_bar_chart
+from api.ui.charts import BarValue, Chart, ScaleChart, Series, grouped_bar_chart, scale_chart
 from api.ui.templating import percent
 from ml.audit_models import AuditReport, nearest  # torch-free
 from ml.results import DownstreamResult, SetScores, ordered  # torch-free
 from service.db.models import Batch, Image, Model
 from service.report_models import ModelColumn, PlausibilityReport, RateEntry
 from service.reports import diff_cells, macro_difference, pct, stratified_cells
+from service.sweep_report import SweepReport
 
 IMAGES_PER_CLASS = 64  # on a model page; a batch page shows all of its images
 PALETTE = {  # by mode, then by the model's order within its mode
@@ -112,8 +113,10 @@ def bar_chart(report: PlausibilityReport) -> Chart | None:
 
 
 def rate_cell(entry: RateEntry) -> str:
-    """'% plausible (n)' as in the CSV: two decimals, n = images (the unit)."""
-    return f"{pct(entry.rate)} ({entry.images})"
+    """'% plausible (n)' as in the CSV: two decimals, n = images (the unit); and the images
+    kept out of the rate (the scorer's uncertain picks), where any."""
+    apart = f"; {entry.kept_apart} kept apart" if entry.kept_apart else ""
+    return f"{pct(entry.rate)} ({entry.images}{apart})"
 
 
 def row(label: str, kind: str, cells: list[str], diff: list[str]) -> dict[str, Any]:
@@ -254,3 +257,30 @@ _MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
 def markdown_html(text: str) -> str:
     """Markdown to HTML with raw HTML disabled (escaped), so stored text cannot inject markup."""
     return str(_MARKDOWN.render(text))
+
+
+# --- guidance sweeps -----------------------------------------------------------------------------
+
+
+def sweep_charts(report: SweepReport) -> dict[str, ScaleChart | None]:
+    """Per class, plausibility and diversity against guidance; diversity on one axis for the
+    whole sweep."""
+    found = [e.diversity for c in report.classes for e in c.scales if e.diversity is not None]
+    top = max(found) * 1.1 if found else None
+    charts = {}
+    for c in report.classes:
+        rates = []
+        for e in c.scales:
+            p = e.plausibility
+            lo, hi = p.ci
+            tip = (
+                f"{c.class_name} at guidance {e.scale:g}: {percent(p.rate)} plausible "
+                f"({p.plausible}/{p.images} images; {p.reviews} reviews), "
+                f"95% CI {100 * lo:.1f}–{100 * hi:.1f}%"
+            )
+            rates.append((e.scale, p.rate, (lo, hi), c.recommended == e.scale, tip))
+        charts[c.class_name] = scale_chart(
+            rates, [(e.scale, e.diversity) for e in c.scales], top,
+            title=f"{c.class_name}: % plausible (Wilson 95%) and diversity against guidance",
+        )  # fmt: skip
+    return charts

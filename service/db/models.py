@@ -203,6 +203,9 @@ class Model(TimestampMixin, Base):
     status: Mapped[ModelStatus] = mapped_column(
         str_enum(ModelStatus, "status"), default=ModelStatus.pending, index=True
     )
+    # Classifier-free guidance per class (class -> scale), set from a guidance sweep's
+    # verdicts or by hand; POST /generate uses it when no guidance is given. None: not set.
+    guidance_defaults: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     dataset: Mapped[Dataset] = relationship(back_populates="models")
     jobs: Mapped[list[Job]] = relationship(back_populates="model")
@@ -271,13 +274,43 @@ class Batch(TimestampMixin, Base):
     )
     filter: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     drawn: Mapped[int | None] = mapped_column(Integer)
+    # The guidance sweep this batch is one (class, scale) cell of; None for plain batches.
+    sweep_id: Mapped[int | None] = mapped_column(
+        ForeignKey("sweeps.id", ondelete="SET NULL"), index=True
+    )
 
     model: Mapped[Model] = relationship(back_populates="batches")
     scorer: Mapped[Scorer | None] = relationship()
     job: Mapped[Job | None] = relationship(back_populates="batches")
+    sweep: Mapped[Sweep | None] = relationship(back_populates="batches")
     images: Mapped[list[Image]] = relationship(
         back_populates="batch", cascade="all, delete-orphan", passive_deletes=True
     )
+
+
+class Sweep(TimestampMixin, Base):
+    """A guidance sweep: one batch per (class, scale) of one model, the same seed at every
+    scale of a class (paired: only the guidance differs), reviewed blinded together so the
+    verdicts say which scale each class looks most plausible at (``service.sweeps``)."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (
+        CheckConstraint("n >= 1", name="n_positive"),
+        CheckConstraint("steps >= 1", name="steps_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), index=True)
+    classes: Mapped[list[str]] = mapped_column(JSON)
+    scales: Mapped[list[float]] = mapped_column(JSON)  # ascending
+    n: Mapped[int] = mapped_column(Integer)  # images per (class, scale)
+    seed: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int] = mapped_column(Integer)
+    scheduler: Mapped[str] = mapped_column(String(32))  # ml.config.SchedulerName
+    requested_by: Mapped[str | None] = mapped_column(String(200))
+
+    model: Mapped[Model] = relationship()
+    batches: Mapped[list[Batch]] = relationship(back_populates="sweep")
 
 
 class Image(TimestampMixin, Base):

@@ -142,6 +142,17 @@ def test_audit_planted_runs(tmp_path: Path) -> None:
     assert row["exact"] == [30, 30] and row["check"][1] == 150
 
 
+def test_audit_memorised_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    out = tmp_path / "memorised.json"
+    cmd = [sys.executable, "bench/audit_memorised.py", "--datasets", "toy", "--steps", "2,4",
+           "--samples-per-class", "3", "--heldout-per-class", "6", "--out", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["toy"]["rows"]
+    assert set(rows) == {"2 ddim-50", "2 dpm++sde-20", "4 ddim-50", "4 dpm++sde-20"}
+    assert all(row["flagged"][1] == 9 and row["check"][1] == 9 for row in rows.values())
+
+
 def test_replicated_real_comparison_runs_at_a_tiny_size(tmp_path: Path) -> None:
     """bench/compare_real.py end to end on a toy dataset: the split, one codebook, two
     generative seeds per mode with a checkpoint per candidate budget, the budget chosen on

@@ -25,6 +25,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from browser import screenshot  # noqa: E402
 from conftest import ADMIN_KEY, migrate, service_env  # noqa: E402
 from service_procs import ApiServer, Worker, free_port  # noqa: E402
 
@@ -58,24 +59,6 @@ def review_all(api: httpx.Client, ls: object, ls_project: int) -> int:
         crits = {c.name: "pass" if c.passed else "fail" for c in verdict.criteria}
         ls.annotations.create(task["id"], result=annotation_result(crits))
     return len(tasks)
-
-
-def screenshots(base: str, out: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(base + "/ui/login")  # reads are locked: log in with the admin key first
-        page.fill("#key", ADMIN_KEY)
-        page.click("form.login button")
-        page.wait_for_url("**/ui")
-        for path, name in (("/ui/reports/plausibility", "report.png"), ("/ui", "jobs.png")):
-            page.goto(base + path)
-            page.wait_for_load_state("networkidle")
-            page.screenshot(path=str(out / name), full_page=True)
-        browser.close()
 
 
 def main() -> None:
@@ -138,7 +121,8 @@ def main() -> None:
             (out / "report.json").write_text(json.dumps(report, indent=2))
             csv_text = api.get("/reports/plausibility", params={"format": "csv"}, headers=AUTH).text
             (out / "report.csv").write_text(csv_text)
-            screenshots(api_proc.url, out)
+            for path, name in (("/ui/reports/plausibility", "report.png"), ("/ui", "jobs.png")):
+                screenshot(api_proc.url, ADMIN_KEY, path, out / name, width=1280)
             print(csv_text)
             print(f"{n} images reviewed; whole run {time.perf_counter() - t0:.0f} s; in {out}")
     finally:

@@ -25,28 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
+from browser import screenshot  # noqa: E402
 from conftest import ADMIN_KEY, migrate, service_env  # noqa: E402
 from review_toy import review_all, wait  # noqa: E402
 from service_procs import ApiServer, Worker, free_port  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-
-def screenshot(base: str, path: str, out: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.goto(base + "/ui/login")
-        page.fill("#key", ADMIN_KEY)
-        page.click("form.login button")
-        page.wait_for_url("**/ui")
-        page.goto(base + path)
-        page.wait_for_load_state("networkidle")
-        page.screenshot(path=str(out), full_page=True)
-        browser.close()
 
 
 def main() -> None:
@@ -130,9 +114,8 @@ def main() -> None:
             (out / "sweep.json").write_text(json.dumps(rep, indent=2))
             csv_text = api.get(f"/sweeps/{sweep['id']}/report", params={"format": "csv"}).text
             (out / "sweep.csv").write_text(csv_text)
-            screenshot(
-                api_proc.url, f"/ui/sweeps/{sweep['id']}", args.screenshot or out / "sweep.png"
-            )
+            shot = args.screenshot or out / "sweep.png"
+            screenshot(api_proc.url, ADMIN_KEY, f"/ui/sweeps/{sweep['id']}", shot)
             print(csv_text)
             print(f"{n} images reviewed; whole run {time.perf_counter() - t0:.0f} s; in {out}")
     finally:

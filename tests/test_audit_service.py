@@ -199,12 +199,10 @@ def test_the_audit_page_in_a_real_browser(service: Service, tmp_path: Path) -> N
     """A stored audit (``ml.audit`` on toy images, kept as the worker keeps it) in Chromium:
     the per-class table, each flagged image beside its nearest training image (served to the
     logged-in browser by its session cookie), the caveat."""
-    from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+    from browser import dashboard, require_chromium
 
-    require_chromium()
+    require_chromium()  # before the work below
     import torch
-    from playwright.sync_api import sync_playwright
-    from service_procs import ApiServer
     from test_dashboard import all_images_loaded, shot_path
 
     from ml.audit import audit_images
@@ -242,23 +240,12 @@ def test_the_audit_page_in_a_real_browser(service: Service, tmp_path: Path) -> N
     # the three copies and the flipped one; a fresh cell may be too (k = 1 of 10: 1 in 11)
     assert all(a.flagged for a in report.images[len(fresh) :]) and flagged >= 4
 
-    server = ApiServer(service.env, tmp_path / "api.log")
-    try:
-        server.wait_ready()
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(server.url + f"/ui/batches/{batch_id}/audit")
-            page.fill("#key", service.env["PROTOMED_ADMIN_KEY"])
-            page.click("form.login button")
-            page.wait_for_url(f"**/ui/batches/{batch_id}/audit")
-            assert page.locator("#audit-classes tbody tr").count() == 1
-            assert page.locator("figure.pair.flagged").count() == flagged
-            assert all_images_loaded(page)  # generated and nearest training images
-            total = page.locator("#flagged-total").inner_text()
-            assert f"{flagged} of {len(pixels)} generated images" in total
-            assert "no formal privacy guarantee" in page.locator("#audit-caveat").inner_text()
-            page.screenshot(path=shot_path(tmp_path, "dashboard_audit.png"), full_page=True)
-            browser.close()
-    finally:
-        server.stop()
+    path = f"/ui/batches/{batch_id}/audit"
+    with dashboard(service.env, tmp_path / "api.log", path, width=1280) as page:
+        assert page.locator("#audit-classes tbody tr").count() == 1
+        assert page.locator("figure.pair.flagged").count() == flagged
+        assert all_images_loaded(page)  # generated and nearest training images
+        total = page.locator("#flagged-total").inner_text()
+        assert f"{flagged} of {len(pixels)} generated images" in total
+        assert "no formal privacy guarantee" in page.locator("#audit-caveat").inner_text()
+        page.screenshot(path=shot_path(tmp_path, "dashboard_audit.png"), full_page=True)

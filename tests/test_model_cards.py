@@ -163,36 +163,20 @@ def test_cli_prints_the_card(service: Service) -> None:
 def test_card_page_in_a_browser_runs_no_stored_markup(service: Service, tmp_path) -> None:
     """In Chromium: a licence string that would run script if rendered as HTML shows as text
     and runs nothing; a plain card renders its tables (the README's picture)."""
-    from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
-
-    require_chromium()
-    from playwright.sync_api import sync_playwright
-    from service_procs import ApiServer
+    from browser import dashboard
     from test_dashboard import shot_path
 
     attack = '<img src=x onerror="window.pwned=1">'
     nasty = trained_model(register(service, "attack", attack)["id"], [[True]])
     votes = [[True, True], [True, False], [False, False], [True, True], [True], [False, True]]
     plain = trained_model(register(service, "cells-demo", LICENCE, 40)["id"], votes)
-    server = ApiServer(service.env, tmp_path / "api.log")
-    try:
-        server.wait_ready()
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(server.url + f"/ui/models/{nasty}/card")
-            page.fill("#key", service.env["PROTOMED_ADMIN_KEY"])
-            page.click("form.login button")
-            page.wait_for_url(f"**/ui/models/{nasty}/card")
-            page.wait_for_load_state("load")
-            assert page.evaluate("window.pwned") is None  # the onerror never ran
-            assert page.locator("main img, article img").count() == 0
-            assert attack in page.locator("body").inner_text()  # shown as the text it is
-            page.goto(server.url + f"/ui/models/{plain}/card")
-            assert page.locator("h2", has_text="Training data").count() == 1
-            body = page.locator("body").inner_text()
-            assert "non-commercial" in body and "lymphocyte" in body
-            page.screenshot(path=shot_path(tmp_path, "dashboard_card.png"), full_page=True)
-            browser.close()
-    finally:
-        server.stop()
+    with dashboard(service.env, tmp_path / "api.log", f"/ui/models/{nasty}/card") as page:
+        page.wait_for_load_state("load")
+        assert page.evaluate("window.pwned") is None  # the onerror never ran
+        assert page.locator("main img, article img").count() == 0
+        assert attack in page.locator("body").inner_text()  # shown as the text it is
+        page.goto(f"/ui/models/{plain}/card")
+        assert page.locator("h2", has_text="Training data").count() == 1
+        body = page.locator("body").inner_text()
+        assert "non-commercial" in body and "lymphocyte" in body
+        page.screenshot(path=shot_path(tmp_path, "dashboard_card.png"), full_page=True)

@@ -242,33 +242,17 @@ def test_batch_filter_refuses_unknown_fields(missing: str) -> None:
 def test_the_scorer_page_in_a_real_browser(service: Service, tmp_path: Path) -> None:
     """The scorer page in Chromium after logging in: the AUC, one point per calibration bin
     placed at its observed share (SVG y grows downwards), the diagonal, the bins table."""
-    from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
-
-    require_chromium()
-    from playwright.sync_api import sync_playwright
-    from service_procs import ApiServer
+    from browser import dashboard
     from test_dashboard import shot_path
 
     scorer_id = add_scorer()
     cv = service.client.get(f"/scorers/{scorer_id}", headers=service.admin).json()["metrics"]["cv"]
-    server = ApiServer(service.env, tmp_path / "api.log")
-    try:
-        server.wait_ready()
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(server.url + f"/ui/scorers/{scorer_id}")
-            page.fill("#key", service.env["PROTOMED_ADMIN_KEY"])
-            page.click("form.login button")
-            page.wait_for_url(f"**/ui/scorers/{scorer_id}")
-            assert f"{cv['auc']:.3f}" in page.locator("#scorer-auc").inner_text()
-            assert "Untrained encoder" in page.locator("#untrained-caveat").inner_text()
-            ys = [float(c.get_attribute("cy") or "nan")
-                  for c in page.locator("#calibration-chart circle").all()]  # fmt: skip
-            observed = [b["observed"] for b in cv["calibration"]]
-            assert ys == pytest.approx([16 + 240 * (1 - o) for o in observed])
-            assert page.locator("#calibration-bins tbody tr").count() == len(observed)
-            page.screenshot(path=shot_path(tmp_path, "dashboard_scorer.png"), full_page=True)
-            browser.close()
-    finally:
-        server.stop()
+    with dashboard(service.env, tmp_path / "api.log", f"/ui/scorers/{scorer_id}") as page:
+        assert f"{cv['auc']:.3f}" in page.locator("#scorer-auc").inner_text()
+        assert "Untrained encoder" in page.locator("#untrained-caveat").inner_text()
+        ys = [float(c.get_attribute("cy") or "nan")
+              for c in page.locator("#calibration-chart circle").all()]  # fmt: skip
+        observed = [b["observed"] for b in cv["calibration"]]
+        assert ys == pytest.approx([16 + 240 * (1 - o) for o in observed])
+        assert page.locator("#calibration-bins tbody tr").count() == len(observed)
+        page.screenshot(path=shot_path(tmp_path, "dashboard_scorer.png"), full_page=True)

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from browser import screenshot
 from conftest import ADMIN_KEY, migrate, service_env
 from factories import png_bytes, service_context
 from service_procs import ApiServer, Worker, free_port, wait_job
@@ -71,23 +72,6 @@ def image_cells(env: dict[str, str]) -> dict[str, tuple[str, float]]:
         rows = {tok: (cls, float(g)) for tok, cls, g in conn.execute(text(sql)).all()}
     engine.dispose()
     return rows
-
-
-def screenshot(base: str, path: str, out: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.goto(base + "/ui/login")
-        page.fill("#key", ADMIN_KEY)
-        page.click("form.login button")
-        page.wait_for_url("**/ui")
-        page.goto(base + path)
-        page.wait_for_load_state("networkidle")
-        page.screenshot(path=str(out), full_page=True)
-        browser.close()
 
 
 def test_a_guidance_sweep_reviewed_in_label_studio_sets_the_class_defaults(
@@ -209,7 +193,7 @@ def test_a_guidance_sweep_reviewed_in_label_studio_sets_the_class_defaults(
             assert page.status_code == 200 and page.text.count("rate-point recommended") == 2
             if os.environ.get("PROTOMED_SWEEP_SCREENSHOT"):
                 out = Path(os.environ["PROTOMED_SWEEP_SCREENSHOT"])
-                screenshot(api_proc.url, f"/ui/sweeps/{sweep['id']}", out)
+                screenshot(api_proc.url, ADMIN_KEY, f"/ui/sweeps/{sweep['id']}", out)
                 (out.with_suffix(".json")).write_text(json.dumps(rep, indent=2))
     finally:
         worker.stop()

@@ -304,3 +304,18 @@ class Serve:
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=30)
+
+
+def train_tiny(client: Any, headers: dict[str, str], dataset_id: int, worker: Worker, *,
+               mode: str = "prototype", n_heldout: int = 8) -> dict[str, Any]:  # fmt: skip
+    """A two-step cpu-small model of two toy classes (8 images each) trained by ``worker``
+    through ``POST /jobs/train`` (its finished job): for tests that need a real checkpoint, not a
+    good one."""
+    body = {"dataset_id": dataset_id, "mode": mode, "preset": "cpu-small",
+            "n_per_class": 8, "n_heldout": n_heldout, "classes": ["lymphocyte", "neutrophil"],
+            "overrides": {"max_steps": 2, "batch_size": 4}}  # fmt: skip
+    r = client.post("/jobs/train", json=body, headers=headers)
+    assert r.status_code == 202, r.text
+    trained = wait_job(client, r.json()["jobs"][0]["id"], worker=worker, headers=headers)
+    assert trained["status"] == "succeeded", (trained, worker.tail())
+    return trained

@@ -14,7 +14,7 @@ from alembic import command
 from conftest import Service, alembic_config
 from factories import add_batch, add_dataset, add_image, add_model, png_bytes
 from PIL import Image as PILImage
-from service_procs import Worker, wait_job
+from service_procs import Worker, train_tiny, wait_job
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -118,16 +118,11 @@ def test_a_worker_audits_a_batch_with_a_planted_training_image(service: Service)
     admin = service.admin
     r = service.client.post("/datasets", json={"name": "toy", "path": "toy"}, headers=admin)
     assert r.status_code == 201, r.text
-    body = {"dataset_id": r.json()["id"], "mode": "prototype", "preset": "cpu-small",
-            "n_per_class": 8, "n_heldout": 8, "classes": ["lymphocyte", "neutrophil"],
-            "overrides": {"max_steps": 2, "batch_size": 4}}  # fmt: skip
+    dataset_id = r.json()["id"]
     worker = Worker(service.env, service.tmp / "worker.log")
     try:
         worker.wait_ready()
-        r = service.client.post("/jobs/train", json=body, headers=admin)
-        assert r.status_code == 202, r.text
-        trained = wait_job(service.client, r.json()["jobs"][0]["id"], worker=worker)
-        assert trained["status"] == "succeeded", trained
+        trained = train_tiny(service.client, admin, dataset_id, worker)
         r = service.client.post("/generate", params={"class": "lymphocyte", "n": 3, "steps": 2,
                                 "model_id": trained["model_id"]}, headers=admin)  # fmt: skip
         assert r.status_code == 202, r.text

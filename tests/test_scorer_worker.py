@@ -14,7 +14,7 @@ import pytest
 from conftest import Service
 from factories import add_review, add_review_task
 from PIL import Image as PILImage
-from service_procs import Worker, wait_job
+from service_procs import Worker, train_tiny, wait_job
 
 from service.criteria import latest
 from service.db.models import Image
@@ -49,17 +49,12 @@ def test_a_worker_trains_a_scorer_and_filters_a_batch(service: Service) -> None:
     r = service.client.post("/datasets", json={"name": "toy", "path": "toy", "domain": "toy"},
                             headers=admin)  # fmt: skip
     assert r.status_code == 201, r.text
-    body = {"dataset_id": r.json()["id"], "mode": "baseline", "preset": "cpu-small",
-            "n_per_class": 8, "n_heldout": 4, "classes": ["lymphocyte", "neutrophil"],
-            "overrides": {"max_steps": 2, "batch_size": 4}}  # fmt: skip
+    dataset_id = r.json()["id"]
     worker = Worker(service.env, service.tmp / "worker.log")
     try:
         worker.wait_ready()
-        r = service.client.post("/jobs/train", json=body, headers=admin)
-        assert r.status_code == 202, r.text
-        trained = wait_job(service.client, r.json()["jobs"][0]["id"], worker=worker)
-        assert trained["status"] == "succeeded", (trained, worker.tail())
-        model_id = trained["model_id"]
+        model_id = train_tiny(service.client, admin, dataset_id, worker, mode="baseline",
+                              n_heldout=4)["model_id"]  # fmt: skip
         common = {"class": "lymphocyte", "steps": 2, "model_id": model_id}
         pool = generate(service, worker, n=24, seed=1, **common)["batch"]
         assert pool["scorer_id"] is None and all(i["score"] is None for i in pool["images"])

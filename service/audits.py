@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from ml.audit_models import AuditConfig, AuditReport  # torch-free
 from service.db.models import Batch, Job, JobKind, JobStatus
+from service.payloads import AuditPayload
 
 UNFINISHED = (JobStatus.queued, JobStatus.running)
 
@@ -41,7 +42,7 @@ def audit_jobs(session: Session, batch_id: int) -> list[Job]:
     jobs = session.scalars(
         select(Job).where(Job.kind == JobKind.audit).order_by(Job.id.desc())
     ).all()
-    return [j for j in jobs if (j.params or {}).get("batch_id") == batch_id]
+    return [j for j in jobs if AuditPayload.model_validate(j.params).batch_id == batch_id]
 
 
 def latest_audit(session: Session, batch_id: int) -> tuple[Job, AuditStored]:
@@ -81,8 +82,8 @@ def start_audit(session: Session, batch: Batch, config: AuditConfig, requested_b
             409, f"an audit of batch {batch.id} is already {pending[0].status} "
             f"(job {pending[0].id}); poll GET /jobs/{pending[0].id}",
         )  # fmt: skip
-    job = Job(kind=JobKind.audit, model_id=batch.model_id, requested_by=requested_by,
-              params={"batch_id": batch.id, "config": config.model_dump(mode="json")})  # fmt: skip
+    params = AuditPayload(batch_id=batch.id, config=config).model_dump(mode="json")
+    job = Job(kind=JobKind.audit, model_id=batch.model_id, requested_by=requested_by, params=params)
     session.add(job)
     session.flush()
     return job

@@ -20,7 +20,9 @@ def latest_evaluation(
         query = query.where(Job.id == job_id)
     jobs = session.scalars(query.order_by(Job.id.desc())).all()
     if dataset_id is not None:
-        jobs = [j for j in jobs if j.params.get("dataset_id") == dataset_id]
+        jobs = [
+            j for j in jobs if EvaluatePayload.model_validate(j.params).dataset_id == dataset_id
+        ]
     return jobs[0] if jobs else None
 
 

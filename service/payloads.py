@@ -3,7 +3,7 @@
 The API's request bodies (``api/schemas.py``) are what a caller may send; these are what the
 API resolved them to (ids checked, configs validated) and the workers read back, with the same
 models on both sides, so a field renamed on one side cannot silently go missing on the other.
-Torch-free: ``EvalConfig`` comes from ``ml.results``.
+Torch-free: ``EvalConfig`` comes from ``ml.results``, ``AuditConfig`` from ``ml.audit_models``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ml.audit_models import AuditConfig
 from ml.results import EvalConfig
 
 
@@ -52,6 +53,15 @@ class BatchFilter(BaseModel):
     kind: Literal["plausible"] = "plausible"
     oversample: int = Field(ge=1, description="images drawn per image kept")
     threshold: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class AuditPayload(BaseModel):
+    batch_id: int = Field(description="the generated batch to audit")
+    config: AuditConfig = Field(default_factory=AuditConfig)
+
+
+class ReviewSyncPayload(BaseModel):
+    project_id: int = Field(description="the review project to push to / pull from Label Studio")
 
 
 class ScorePayload(BaseModel):

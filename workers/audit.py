@@ -17,6 +17,7 @@ from service.audits import AuditStored
 from service.config import Settings
 from service.db.models import Batch, Job
 from service.db.session import get_sessionmaker
+from service.payloads import AuditPayload
 from service.storage import Storage
 from workers.lifecycle import JobContext
 from workers.sampling import local_checkpoint
@@ -32,15 +33,16 @@ def _load(job_id: int) -> dict[str, Any]:
         job = session.get(Job, job_id)
         if job is None:
             raise RuntimeError(f"audit job {job_id} was deleted while it ran")
-        batch = session.get(Batch, int(job.params["batch_id"]))
+        params = AuditPayload.model_validate(job.params)
+        batch = session.get(Batch, params.batch_id)
         if batch is None:
-            raise ValueError(f"batch {job.params['batch_id']} was deleted before its audit ran")
+            raise ValueError(f"batch {params.batch_id} was deleted before its audit ran")
         model = batch.model
         if not model.checkpoint_path:
             raise ValueError(f"model {model.id} has no checkpoint")
         images = sorted(batch.images, key=lambda i: i.index)
         return {
-            "batch_id": batch.id, "config": dict(job.params.get("config") or {}),
+            "batch_id": batch.id, "config": params.config,
             "model_id": model.id, "checkpoint": model.checkpoint_path,
             "root": model.dataset.root, "archive_key": model.dataset.archive_key,
             "images": [(i.id, i.class_name, i.storage_key) for i in images],
@@ -52,14 +54,13 @@ def run_audit(job_id: int, ctx: JobContext, settings: Settings, storage: Storage
     from PIL import Image
 
     from ml.audit import audit_images, model_split
-    from ml.audit_models import AuditConfig
     from ml.checkpoint import load_model
     from ml.encoder import ClipEncoder, EmbeddingCache
 
     progress = ctx.stages(STAGES)
     progress.update("load", 0, 1)
     info = _load(job_id)
-    cfg = AuditConfig(**info["config"])
+    cfg = info["config"]
     ckpt = local_checkpoint(info["checkpoint"], info["model_id"], storage, settings.work_dir)
     loaded = load_model(ckpt)
     root = ensure_local(

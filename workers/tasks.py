@@ -27,6 +27,7 @@ from celery.signals import worker_process_init, worker_ready, worker_shutting_do
 from service.config import get_settings
 from service.db.models import Job, JobKind, JobStatus, ModelStatus
 from service.db.session import get_engine, get_sessionmaker
+from service.payloads import ReviewSyncPayload
 from service.queue import TASKS, enqueue
 from service.storage import get_storage
 from workers.celery_app import app
@@ -189,7 +190,8 @@ def review_sync(self: Any, job_id: int) -> str:
         job = session.get(Job, job_id)
         if job is None:
             raise RuntimeError(f"review sync job {job_id} was deleted right after it was claimed")
-        project_id, attempts = int(job.params["project_id"]), job.attempts
+        project_id = ReviewSyncPayload.model_validate(job.params).project_id
+        attempts = job.attempts
     try:
         result = sync_project(project_id, settings)
     except LabelStudioUnavailable as exc:

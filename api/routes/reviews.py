@@ -37,6 +37,7 @@ from service.db.models import (
     ReviewTask,
 )
 from service.label_studio import SECRET_HEADER, LabelStudioError, refresh_annotations
+from service.payloads import ReviewSyncPayload
 from service.queue import submit
 from service.reviews import ReviewError, pending_modes, send_for_review, stored_annotations
 from service.scorers import retrain_due
@@ -44,6 +45,11 @@ from service.selection import NotScored, SelectionError
 from service.storage import ObjectNotFound
 
 router = APIRouter(tags=["reviews"])
+
+
+def _sync(project_id: int) -> dict[str, int]:
+    """A review_sync job's params."""
+    return ReviewSyncPayload(project_id=project_id).model_dump(mode="json")
 
 
 @router.get("/criteria")
@@ -113,7 +119,7 @@ def request_review(
     except (ReviewError, SelectionError) as exc:
         raise HTTPException(422, str(exc)) from exc
     project, tasks = sent.project, sent.tasks
-    job = Job(kind=JobKind.review_sync, params={"project_id": project.id}, requested_by=key.name)
+    job = Job(kind=JobKind.review_sync, params=_sync(project.id), requested_by=key.name)
     session.add(job)
     submit(session, [job])
     modes = pending_modes(session, project)
@@ -150,9 +156,7 @@ def list_projects(
 def sync_now(request: Request, session: SessionDep, key: AdminKey) -> list[JobOut]:
     """Reconcile every project with Label Studio now (a pull also runs periodically)."""
     ids = session.scalars(select(ReviewProject.id).order_by(ReviewProject.id)).all()
-    jobs = [
-        Job(kind=JobKind.review_sync, params={"project_id": i}, requested_by=key.name) for i in ids
-    ]
+    jobs = [Job(kind=JobKind.review_sync, params=_sync(i), requested_by=key.name) for i in ids]
     session.add_all(jobs)
     submit(session, jobs)
     return [job_out(j, request) for j in jobs]
@@ -184,9 +188,9 @@ def queue_pulls(session: SessionDep) -> list[int]:
     waiting = session.scalars(
         select(Job).where(Job.kind == JobKind.review_sync, Job.status == JobStatus.queued)
     ).all()
-    pending = {int(j.params.get("project_id", 0)): j.id for j in waiting}
+    pending = {ReviewSyncPayload.model_validate(j.params).project_id: j.id for j in waiting}
     jobs = [
-        Job(kind=JobKind.review_sync, params={"project_id": p}, requested_by="webhook")
+        Job(kind=JobKind.review_sync, params=_sync(p), requested_by="webhook")
         for p in projects
         if p not in pending
     ]

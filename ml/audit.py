@@ -75,7 +75,7 @@ def pixel_distances(views: Sequence[torch.Tensor], train: torch.Tensor) -> torch
     scale = math.sqrt(ref.shape[1])
     out = []
     for v in views:
-        q = v.reshape(len(v), -1).double() / 255.0
+        q = v.flatten(1).double() / 255.0  # flatten, not reshape(-1): a batch may be empty
         # differences, not the |a|^2 + |b|^2 - 2ab expansion, whose rounding makes copies > 0
         out.append(torch.cdist(q, ref, compute_mode="donot_use_mm_for_euclid_dist") / scale)
     return torch.stack(out)

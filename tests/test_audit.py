@@ -133,6 +133,15 @@ def test_pixel_distance_is_rms_of_unit_pixels() -> None:
     assert d.shape == (1, 1, 2) and d[0, 0].tolist() == [0.0, 1.0]
 
 
+def test_an_empty_batch_is_an_empty_audit(split: DatasetSplit) -> None:
+    """No generated image: nothing flagged, the calibration still reported (the pixel space
+    reshaped an empty tensor with -1 and failed before)."""
+    empty = torch.zeros(0, *split.train.images.shape[1:], dtype=torch.uint8)
+    assert pixel_distances(flip_views(empty, True), split.train.images).shape[1] == 0
+    rep = audit_images(empty, [], split, None, AuditConfig(spaces=("pixel",)), flips=True)
+    assert rep.images == [] and rep.totals.n_images == 0 and rep.totals.n_flagged == 0
+
+
 def test_pixel_only_audit_needs_no_encoder(split: DatasetSplit) -> None:
     copies, classes, _ = planted(split)
     rep = audit_images(copies, classes, split, None, AuditConfig(spaces=("pixel",)), flips=False)

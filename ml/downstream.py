@@ -21,6 +21,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from tqdm.auto import tqdm
 
+from ml.chance import chance_levels
 from ml.config import resolve_device
 from ml.data import ImageSet
 from ml.results import DownstreamConfig  # torch-free: the service reads it back
@@ -320,7 +321,8 @@ def downstream_experiment(
     """Train one classifier per (training set, seed) and test each on the same real images.
 
     Returns {"classes", "seeds", "n_test", "config", "sets": {name: {"n_train", "runs",
-    "mean", "std", "per_class_f1"}}}; each run holds :func:`evaluate_classifier`'s scores.
+    "mean", "std", "per_class_f1"}}, "chance"}; each run holds :func:`evaluate_classifier`'s
+    scores, ``chance`` what learning nothing scores on the same images (``ml.chance``).
     Everything is checked before any training, so a bad set fails in seconds, not hours.
     """
     if not seeds:
@@ -337,6 +339,9 @@ def downstream_experiment(
         "n_test": len(test_labels),
         "config": cfg.model_dump(mode="json"),
         "sets": sets,
+        "chance": chance_levels(
+            np.bincount(test_labels.numpy(), minlength=len(classes)).tolist()
+        ).model_dump(),
     }
 
 

@@ -96,6 +96,25 @@ class SetScores(BaseModel):
     per_class_f1: dict[str, float] = Field(description="each class's F1, mean over seeds")
 
 
+class ChanceLevel(BaseModel):
+    """Macro scores (fractions) of a classifier that learnt nothing; for the uniform guess the
+    mean over simulated guessers and the central 95% range of their macro F1."""
+
+    precision: float
+    recall: float
+    f1: float
+    f1_low: float | None = None
+    f1_high: float | None = None
+
+
+class ChanceLevels(BaseModel):
+    """The levels every macro F1 on this test set is read against (``ml.chance``)."""
+
+    uniform: ChanceLevel = Field(description="each image given a uniformly random class")
+    majority: ChanceLevel = Field(description="every image given the most frequent class")
+    draws: int = Field(description="simulated uniform guessers")
+
+
 class DownstreamResult(BaseModel):
     """The seed's Tables 5-6: a classifier per (training set, seed), all on one test set."""
 
@@ -104,6 +123,9 @@ class DownstreamResult(BaseModel):
     n_test: int
     config: DownstreamConfig
     sets: dict[str, SetScores]
+    chance: ChanceLevels | None = Field(
+        None, description="absent only in results stored before chance levels were recorded"
+    )
 
 
 class Distances(BaseModel):
@@ -217,6 +239,7 @@ def downstream_table(down: DownstreamResult, test: str | None = None) -> Table:
         s = down.sets[name]
         mean, sd = s.mean.model_dump(), s.std.model_dump()
         rows.append([name, *(_pct(x[k]) for k in SCORES for x in (mean, sd)), str(s.n_train)])
+    rows += chance_rows(down.chance)
     seeds = ", ".join(map(str, down.seeds))
     return Table(
         key="downstream",
@@ -225,6 +248,19 @@ def downstream_table(down: DownstreamResult, test: str | None = None) -> Table:
         headers=["training set", *heads, "n train"],
         rows=rows,
     )
+
+
+def chance_rows(chance: ChanceLevels | None) -> list[list[str]]:
+    """The two rows that say what learning nothing scores on the same test set, laid out as
+    the sets' rows (no sd, no training images)."""
+    if chance is None:
+        return []
+    u, m = chance.uniform, chance.majority
+    label = f"chance: uniform guess (F1 95% range {_pct(u.f1_low)}-{_pct(u.f1_high)})"
+    return [
+        [name, *(c for k in SCORES for c in (_pct(getattr(lvl, k)), "")), ""]
+        for name, lvl in ((label, u), ("chance: majority class", m))
+    ]
 
 
 def _distance_cells(d: Distances) -> list[str]:

@@ -191,7 +191,10 @@ def test_experiment_summary_and_tables():
         assert entry["std"]["f1"] == pytest.approx(np.std(f1s, ddof=1))
         assert set(entry["per_class_f1"]) == set(CLASSES)
     table = downstream_table(DownstreamResult.model_validate(res))  # the result is typed
-    assert [row[0] for row in table.rows] == ["real", "baseline", "prototype"]  # the paper's
+    labels = [row[0] for row in table.rows]
+    assert labels[:3] == ["real", "baseline", "prototype"]  # the paper's order
+    assert labels[3].startswith("chance: uniform guess") and labels[4] == "chance: majority class"
+    assert res["chance"]["majority"]["f1"] == pytest.approx((2 * 0.5 / 1.5) / 2)  # 3 + 3 test
 
 
 def test_tables_5_6_formats_percent():

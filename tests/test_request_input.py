@@ -130,13 +130,16 @@ def _nothing_created(svc: Service) -> None:
         assert r.status_code == 200 and r.json() == [], (listing, r.text)
 
 
+CLASS_6 = f"class {TOY_CLASSES[0]!r} has 6 images"
+
+
 @pytest.mark.parametrize(
     ("request_", "needles"),
     [
-        ({}, ["has 6 images", "120", "n_per_class=100", "n_heldout=20"]),  # the defaults
-        ({"n_per_class": 4, "n_heldout": 3}, ["has 6 images", "7", "n_per_class=4"]),
-        ({"n_per_class": None, "n_heldout": 6}, ["has 6 images", "n_heldout=6"]),
-        ({"n_per_class": None, "n_heldout": 4, "k": 3}, ["has 6 images", "k=3"]),
+        ({}, [CLASS_6, "120", "n_per_class=100", "n_heldout=20"]),  # the defaults
+        ({"n_per_class": 4, "n_heldout": 3}, [CLASS_6, "7 were asked", "n_per_class=4"]),
+        ({"n_per_class": None, "n_heldout": 6}, [CLASS_6, "n_heldout=6"]),
+        ({"n_per_class": None, "n_heldout": 4, "k": 3}, [CLASS_6, "k=3"]),
         ({"n_per_class": 2, "n_heldout": 0, "k": 3}, ["k=3", "n_per_class=2"]),
     ],
 )
@@ -149,7 +152,6 @@ def test_training_more_images_than_the_dataset_holds_is_refused(
                         headers=svc.admin)  # fmt: skip
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
-    assert TOY_CLASSES[0] in detail, detail
     for needle in needles:
         assert needle in detail, (needle, detail)
     _nothing_created(svc)
@@ -246,14 +248,17 @@ def pixel_bomb(path: Path, side: int = 13000) -> Path:
         data += deflate.compress(rows if start + 500 <= side else bytes(side + 1) * (side - start))
     data += deflate.flush()
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+    png = (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+    )
     path.write_bytes(png)
     return path
 
 
-def test_the_bomb_is_a_real_png(tmp_path: Path) -> None:
+def test_the_bomb_is_a_real_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import Image
 
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # ml.data sets PIL's guard
     bomb = pixel_bomb(tmp_path / "bomb.png")
     assert bomb.stat().st_size < 1_000_000
     with Image.open(bomb) as im:  # the header only
@@ -267,7 +272,9 @@ def test_registration_skips_an_image_over_the_pixel_limit(svc: Service) -> None:
     assert ds["counts"][TOY_CLASSES[0]] == 3, ds["counts"]
     reasons = {s["path"]: s["reason"] for s in ds["skipped"]}
     reason = reasons[str(bomb.relative_to(toy))]
-    assert "13000x13000" in reason and "PROTOMED_MAX_IMAGE_PIXELS" in reason, reason
+    # 13000x13000 = 169000000 pixels (named by us, or by PIL's own guard that ml.data sets
+    # from the same limit once it is imported in this process)
+    assert "169000000" in reason and "PROTOMED_MAX_IMAGE_PIXELS" in reason, reason
     assert str(4096 * 4096) in reason, reason
 
 
@@ -286,7 +293,7 @@ def test_the_training_reader_refuses_to_decode_a_bomb(tmp_path: Path) -> None:
     """The file may change after registration: the loader checks the header again and never
     decodes the pixels (the split skips it, recorded, and takes the next image)."""
     toy = write_toy_dataset(tmp_path / "toy", n_per_class=4, size=16, seed=0)
-    with pytest.raises(DataError, match="13000x13000"):
+    with pytest.raises(DataError, match="169000000"):
         load_image(pixel_bomb(tmp_path / "bomb.png"), 16)
     cat = scan(toy)
     victim = cat.items[TOY_CLASSES[0]][0]
@@ -317,9 +324,7 @@ def test_registration_and_training_use_one_set_of_roots(svc: Service) -> None:
     load_split(toy, n_per_class=1, roots=read_roots(settings), image_size=16)
 
 
-def test_an_upload_stores_an_absolute_root(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_upload_stores_an_absolute_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a relative work dir, the stored root must not depend on the process's folder."""
     monkeypatch.chdir(tmp_path)
     toy = write_toy_dataset(tmp_path / "src", n_per_class=2, size=16, seed=0)

@@ -69,9 +69,9 @@ def submit_training(
             422,
             f"classes {unknown or classes} not usable: choose at least two of {dataset.classes}",
         )
-    check_split(dataset.counts, classes, body.n_per_class, body.n_heldout, body.k)
     modes = ["prototype", "baseline"] if body.mode == "both" else [body.mode]
     configs = {m: train_config(body, m) for m in modes}
+    check_split(dataset.counts, classes, body.n_per_class, body.n_heldout, body.k)
     require_encoder_weights(settings)
     selection = Selection(
         root=dataset.root, layout=dataset.layout, n_per_class=body.n_per_class,

@@ -58,6 +58,8 @@ __all__ = [
     "load_image",
     "load_selection",
     "load_split",
+    "max_image_pixels",
+    "nfc",
     "pixel_hash",
     "scan",
 ]

@@ -105,6 +105,48 @@ def test_non_finite_numbers_are_refused_naming_the_field(
                 assert "finite" in r.text, r.text  # says what is allowed
 
 
+def _number_query_params() -> list[tuple[str, str, str]]:
+    found = []
+    for path, ops in SPEC["paths"].items():
+        for method, op in ops.items():
+            for param in op.get("parameters", []):
+                schema = param.get("schema", {})
+                types = [schema.get("type"), *(s.get("type") for s in schema.get("anyOf", []))]
+                if param["in"] == "query" and "number" in types:
+                    found.append((method, path, param["name"]))
+    return found
+
+
+@pytest.mark.parametrize(("method", "path", "name"), _number_query_params())
+def test_non_finite_query_numbers_are_refused_naming_the_parameter(
+    svc: Service, method: str, path: str, name: str
+) -> None:
+    url = "/".join("1" if s.startswith("{") else s for s in path.split("/"))
+    for number in ["nan", "NaN", "inf", "-Infinity", "1e400"]:
+        r = svc.client.request(method.upper(), url, params={name: number}, headers=svc.admin)
+        assert r.status_code == 422, f"{method} {url}?{name}={number}: {r.status_code} {r.text}"
+        assert name in json.dumps(_strict_json(r.text)), r.text
+
+
+def test_validation_errors_echoing_nan_are_still_json() -> None:
+    """The 422 handler itself: an error whose echoed input is NaN is written as JSON (FastAPI's
+    default handler raised 'Out of range float values are not JSON compliant', a 500)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.testclient import TestClient
+
+    app = create_app()
+
+    @app.get("/probe-nan")
+    def probe() -> None:
+        raise RequestValidationError(
+            [{"type": "x", "loc": ("body", "weight"), "msg": "bad", "input": float("nan")}]
+        )
+
+    r = TestClient(app, raise_server_exceptions=False).get("/probe-nan")
+    assert r.status_code == 422, r.text
+    assert _strict_json(r.text)["detail"][0]["loc"] == ["body", "weight"]
+
+
 def test_a_nan_in_a_validated_float_field_names_the_field(svc: Service) -> None:
     """The shared request base refuses non-finite floats itself (a body built in Python, or a
     route that reads JSON another way, never reaches the database with them)."""
@@ -314,14 +356,15 @@ def test_registration_and_training_use_one_set_of_roots(svc: Service) -> None:
     from workers.training import read_roots
 
     settings = get_settings()
-    assert read_roots(settings) == settings.dataset_roots()
-    assert all(r.is_absolute() and r == r.resolve() for r in settings.dataset_roots())
     unpacked = write_toy_dataset(settings.work_dir / "datasets" / "x", n_per_class=2, size=16)
     toy = write_toy_dataset(svc.data_root / "toy", n_per_class=2, size=16, seed=1)
     (toy / "linked").symlink_to(unpacked / TOY_CLASSES[0], target_is_directory=True)
     ds = _register(svc, "toy")
     assert ds["counts"]["linked"] == 2
     load_split(toy, n_per_class=1, roots=read_roots(settings), image_size=16)
+    # ...because they are one list, absolute and resolved
+    assert read_roots(settings) == settings.dataset_roots()
+    assert all(r.is_absolute() and r == r.resolve() for r in settings.dataset_roots())
 
 
 def test_an_upload_stores_an_absolute_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,11 +8,15 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
+from api.finite_json import json_safe
 from service.encoder import EncoderUnavailable
 from service.exceptions import RETRY_AFTER_S, ServiceUnavailable
+from service.splits import SplitTooLarge
 
 log = logging.getLogger(__name__)
 __all__ = ["RETRY_AFTER_S", "ServiceUnavailable", "install_handlers", "unavailable"]
@@ -30,6 +34,18 @@ def unavailable(component: str, reason: str) -> JSONResponse:
 
 
 def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422, but one that can always be written: the input echoed in each error
+        may hold NaN (a query string's ``nan``), which JSON cannot carry."""
+        return JSONResponse(
+            status_code=422, content={"detail": json_safe(jsonable_encoder(exc.errors()))}
+        )
+
+    @app.exception_handler(SplitTooLarge)
+    async def _split(_req: Request, exc: SplitTooLarge) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
+
     @app.exception_handler(ServiceUnavailable)
     async def _service(_req: Request, exc: ServiceUnavailable) -> JSONResponse:
         log.warning("%s", exc)

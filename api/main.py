@@ -10,10 +10,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from api.errors import install_handlers
+from api.finite_json import refuse_non_finite
 from api.routes import (
     batches,
     dashboard,
@@ -70,6 +71,8 @@ def create_app() -> FastAPI:
         version="0.1.0",
         summary="Prototype-guided class-conditional diffusion: train, generate, review.",
         lifespan=lifespan,
+        # Every JSON body: NaN, Infinity and 1e400 are a 422 naming the field (finite_json).
+        dependencies=[Depends(refuse_non_finite)],
     )
     install_handlers(app)
     for module in (

@@ -22,6 +22,7 @@ from ml.config import MAX_PER_CLASS, PresetName, allowed_range  # torch-free
 from ml.results import EvaluationResult  # torch-free
 from ml.scorer_models import ScorerMetrics  # torch-free
 from service.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
+from service.inputs import ClassName, RequestModel
 from service.payloads import EvaluatePayload
 from service.selection import DEFAULT_RANDOM_SHARE, Selection
 
@@ -36,10 +37,8 @@ class Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
-class DatasetIn(BaseModel):
+class DatasetIn(RequestModel):
     """Register a server-side folder (under one of the configured data roots)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN)
     path: str = Field(min_length=1, max_length=1024, description="Folder under a data root.")
@@ -95,9 +94,7 @@ class JobOut(Out):
     links: dict[str, str] = Field(default_factory=dict)
 
 
-class TrainRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TrainRequest(RequestModel):
     dataset_id: int = Field(ge=1, le=MAX_ID)
     mode: Literal["prototype", "baseline", "both"] = "both"
     preset: PresetName = "paper"
@@ -112,7 +109,7 @@ class TrainRequest(BaseModel):
         default=20, ge=0, le=MAX_PER_CLASS, description=f"Held-out images per class, 0 to "
         f"{MAX_PER_CLASS}.",
     )  # fmt: skip
-    classes: list[str] | None = Field(
+    classes: list[ClassName] | None = Field(
         default=None, max_length=1000, description="Subset of the dataset's classes."
     )
     seed: int = Field(default=0, ge=0, le=MAX_ID)
@@ -185,9 +182,7 @@ class GenerateAccepted(BaseModel):
     )
 
 
-class KeyIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class KeyIn(RequestModel):
     name: str = Field(min_length=1, max_length=200)
     role: Literal["admin", "viewer", "reviewer"] = "reviewer"
 
@@ -206,9 +201,7 @@ class KeyOut(Out):
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 
 
-class EvaluateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EvaluateRequest(RequestModel):
     baseline_model_id: Id
     prototype_model_id: Id
     seeds: list[Annotated[int, Field(ge=0, le=MAX_ID)]] = Field([0, 1, 2], min_length=1,
@@ -243,17 +236,13 @@ class EvaluationReport(EvaluationResult):
 # --- reviews -------------------------------------------------------------------------------------
 
 
-class Criterion(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Criterion(RequestModel):
     key: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
     label: str = Field(min_length=1, max_length=120)
     help: str = Field(default="", max_length=500)
 
 
-class CriteriaIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class CriteriaIn(RequestModel):
     title: str = Field(min_length=1, max_length=200)
     criteria: list[Criterion] = Field(min_length=1, max_length=20)
 
@@ -268,12 +257,10 @@ class CriteriaOut(BaseModel):
     criteria: list[dict[str, Any]]
 
 
-class ReviewRequest(BaseModel):
+class ReviewRequest(RequestModel):
     """Batches to review, whole (``select: all``) or a budget per batch that puts the images
     the domain's scorer is least sure about before the others (``select: uncertain``): see
     ``service/selection.py`` for how the report's rates stay unbiased."""
-
-    model_config = ConfigDict(extra="forbid")
 
     batch_ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] = Field(min_length=1, max_length=200)
     domain: str | None = Field(default=None, max_length=64)
@@ -407,9 +394,7 @@ class AuditOut(BaseModel):
     links: list[AuditImageLinks]
 
 
-class ScorerIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ScorerIn(RequestModel):
     domain: str = Field(min_length=1, max_length=64, description="the review domain")
 
 
@@ -471,13 +456,10 @@ class SweepReviewAccepted(BaseModel):
     added: int
 
 
-class GuidanceDefaults(BaseModel):
+class GuidanceDefaults(RequestModel):
     """Per-class guidance defaults (class -> scale); PUT replaces them all ({} clears them)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    defaults: dict[Annotated[str, Field(min_length=1, max_length=200)],
-                   Annotated[float, Field(ge=0.0, le=20.0)]] = Field(max_length=1000)  # fmt: skip
+    defaults: dict[ClassName, Annotated[float, Field(ge=0.0, le=20.0)]] = Field(max_length=1000)
 
 
 class GuidanceOut(BaseModel):
@@ -486,15 +468,12 @@ class GuidanceOut(BaseModel):
     fallback: float = Field(description="the global default, for classes without one")
 
 
-class ApplyRequest(BaseModel):
+class ApplyRequest(RequestModel):
     """Explicit scales instead of the sweep's recommendations (omit for the recommendations)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    scales: (
-        dict[Annotated[str, Field(min_length=1, max_length=200)],
-             Annotated[float, Field(ge=0.0, le=20.0)]] | None
-    ) = Field(None, max_length=1000)  # fmt: skip
+    scales: dict[ClassName, Annotated[float, Field(ge=0.0, le=20.0)]] | None = Field(
+        None, max_length=1000
+    )
 
 
 class ApplyOut(BaseModel):

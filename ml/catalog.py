@@ -1,7 +1,8 @@
 """Dataset catalog: find labelled images in three on-disk layouts without decoding them.
 
-Torch- and PIL-free, so the API can validate a dataset folder without loading the ML stack;
-:mod:`ml.data` re-exports everything here and adds decoding and balanced splits.
+Torch-free, so the API can validate a dataset folder without loading the ML stack (PIL is
+imported only to read image headers); :mod:`ml.data` re-exports everything here and adds
+decoding and balanced splits.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import unicodedata
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +73,11 @@ IMAGE_SIGNATURES = (
     b"MM\x00*",  # TIFF, big-endian
 )
 MAX_SHOWN = 10  # offending files named in one message
+#: Default of ``PROTOMED_MAX_IMAGE_PIXELS``: the most pixels (width x height) an image's header
+#: may declare. Real datasets hold images of at most a few megapixels; a tiny PNG can declare
+#: 13000x13000 and cost over a gigabyte and half a minute of CPU each time it is decoded.
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+PIXELS_ENV = "PROTOMED_MAX_IMAGE_PIXELS"
 
 
 class DataError(ValueError):
@@ -85,6 +93,37 @@ def data_dir() -> Path:
     """Shared real-data folder: ``PROTOMED_DATA_DIR``, else ``<repo>/../shared/data``."""
     default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
     return Path(os.environ.get("PROTOMED_DATA_DIR", default))
+
+
+def max_image_pixels() -> int:
+    """The pixel limit: ``PROTOMED_MAX_IMAGE_PIXELS`` (the service's setting of that name), else
+    :data:`DEFAULT_MAX_IMAGE_PIXELS`. Read from the environment because the workers' training
+    processes (torchrun included) run the ML core without the service's settings."""
+    value = os.environ.get(PIXELS_ENV, "")
+    return int(value) if value.strip().isdigit() and int(value) > 0 else DEFAULT_MAX_IMAGE_PIXELS
+
+
+def nfc(name: str) -> str:
+    """A class name in Unicode NFC: ``café`` typed on one system and read from a folder on
+    another (macOS writes NFD) must be one class, as reviewers see one name."""
+    return unicodedata.normalize("NFC", name)
+
+
+def too_many_pixels(size: tuple[int, int], limit: int) -> str | None:
+    """Why an image of ``size`` (width, height) is refused, or None if it is within ``limit``."""
+    width, height = size
+    if width * height <= limit:
+        return None
+    return (
+        f"too large: {width}x{height} pixels ({width * height}) is over the limit of {limit} "
+        f"pixels ({PIXELS_ENV}); it is not decoded"
+    )
+
+
+def bomb_refusal(exc: Exception, limit: int) -> str:
+    """Why an image PIL itself refused to open as a decompression bomb is refused (PIL refuses
+    above twice its ``MAX_IMAGE_PIXELS``, which :mod:`ml.data` sets to ``limit``)."""
+    return f"too large: {exc} (limit {limit} pixels, {PIXELS_ENV}); it is not decoded"
 
 
 def _visible_dirs(root: Path) -> list[Path]:
@@ -238,27 +277,68 @@ def check_inside(paths: Sequence[Path], roots: list[Path], root: Path) -> None:
     )
 
 
-def _is_image(path: Path) -> str | None:
-    """None if ``path`` starts like an image file, else why not."""
+def _is_image(path: Path, max_pixels: int) -> str | None:
+    """None if ``path`` is an image within ``max_pixels``, else why not. Reads the first bytes,
+    then the header (PIL's ``open`` decodes no pixels)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
     except OSError as exc:
         return f"unreadable: {exc.strerror or exc}"
-    if any(head.startswith(sig) for sig in IMAGE_SIGNATURES):
-        return None
-    return "unreadable: not an image (its content is not PNG, JPEG, BMP or TIFF)"
+    if not any(head.startswith(sig) for sig in IMAGE_SIGNATURES):
+        return "unreadable: not an image (its content is not PNG, JPEG, BMP or TIFF)"
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return too_many_pixels(im.size, max_pixels)
+    except Image.DecompressionBombError as exc:  # PIL's own guard, at twice its limit
+        return bomb_refusal(exc, max_pixels)
+    except Exception as exc:  # PIL raises many types for a bad header
+        return f"unreadable: {exc}"
 
 
-def scan(root: Path, layout: str = "auto", roots: Sequence[Path | str] | None = None) -> Catalog:
+def _normalise(
+    items: dict[str, list[Path]], names: dict[str, str], what: str
+) -> tuple[dict[str, list[Path]], dict[str, str]]:
+    """``items`` and ``names`` keyed by NFC class names (the paths keep the names on disk);
+    :class:`DataError` if two spellings on disk are one name after normalising."""
+    spelled: dict[str, str] = {}
+    for raw in sorted(items):
+        key = nfc(raw)
+        if key in spelled:
+            raise DataError(
+                f"{what} {spelled[key]!a} and {raw!a} are the same class name "
+                f"{key!r} in two Unicode spellings (class names are compared in NFC); rename "
+                "or merge one of them"
+            )
+        spelled[key] = raw
+    return (
+        {key: items[raw] for key, raw in spelled.items()},
+        {key: nfc(names[raw]) for key, raw in spelled.items()},
+    )
+
+
+def scan(
+    root: Path,
+    layout: str = "auto",
+    roots: Sequence[Path | str] | None = None,
+    max_pixels: int | None = None,
+) -> Catalog:
     """List every labelled image under ``root`` without decoding any of them.
 
     ``roots``: the folders every file read must resolve inside (default: ``root`` itself).
     Symbolic links are allowed as long as their targets stay inside; any class folder, image,
     metadata CSV or manifest leading outside raises :class:`OutsideRootsError`, so a dataset
     folder cannot make the service read (or count) files it was not allowed to. Files named
-    like images whose first bytes are no image are left out and listed in ``not_images``.
+    like images whose first bytes are no image, or whose header declares more than
+    ``max_pixels`` pixels (default :func:`max_image_pixels`), are left out and listed in
+    ``not_images``. Class names are NFC (:func:`nfc`); two spellings of one name on disk raise
+    :class:`DataError`.
     """
+    limit = max_image_pixels() if max_pixels is None else max_pixels
     root = _check_root(root)
     allowed = _resolved_roots(root, roots)
     check_inside([root, *(p for p in (root / HAM_CSV, root / "manifest.csv") if p.exists())],
@@ -285,12 +365,15 @@ def scan(root: Path, layout: str = "auto", roots: Sequence[Path | str] | None = 
         [*(root / c for c in items if (root / c).is_dir()),  # class folders, even empty ones
          *(p for ps in items.values() for p in ps)], allowed, root,
     )  # fmt: skip
+    items, names = _normalise(
+        items, names, "class folders" if layout != "ham10000" else "dx values"
+    )
     not_images: list[tuple[str, str]] = []
     per_class: dict[str, int] = {}
     for c, paths in items.items():
         keep = []
         for p in paths:
-            reason = _is_image(p)
+            reason = _is_image(p, limit)
             if reason is None:
                 keep.append(p)
             else:

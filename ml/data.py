@@ -30,9 +30,13 @@ from ml.catalog import (
     Catalog,
     DataError,
     OutsideRootsError,
+    bomb_refusal,
     data_dir,
     detect_layout,
+    max_image_pixels,
+    nfc,
     scan,
+    too_many_pixels,
 )
 from ml.config import MAX_PER_CLASS
 
@@ -54,6 +58,8 @@ __all__ = [
     "load_image",
     "load_selection",
     "load_split",
+    "max_image_pixels",
+    "nfc",
     "pixel_hash",
     "scan",
 ]
@@ -61,14 +67,28 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MIN_IMAGE_SIZE = 8
+# PIL's own decompression-bomb guard from the same limit (it warns above it, refuses above
+# twice it); load_image refuses anything above it itself, before decoding.
+Image.MAX_IMAGE_PIXELS = max_image_pixels()
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
+def load_image(path: Path, size: int, max_pixels: int | None = None) -> torch.Tensor:
     """Decode to uint8 (3, size, size): RGB, centre square crop, LANCZOS resize.
 
-    The same steps as the shared data processing, so a 64x64 PNG loads bit-exactly.
+    The same steps as the shared data processing, so a 64x64 PNG loads bit-exactly. An image
+    whose header declares more than ``max_pixels`` pixels (default :func:`max_image_pixels`)
+    raises :class:`DataError` before any pixel is decoded: the file may have changed since the
+    dataset was registered.
     """
-    with Image.open(path) as im:
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    try:
+        opened = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: {bomb_refusal(exc, limit)}") from None
+    with opened as im:
+        refused = too_many_pixels(im.size, limit)
+        if refused:
+            raise DataError(f"{path}: {refused}")
         im = im.convert("RGB")
     w, h = im.size
     side = min(w, h)
@@ -233,6 +253,7 @@ def load_split(
     _check_args(n_per_class, n_heldout, image_size, seed)
     cat = scan(Path(root), layout, roots)
     if classes is not None:
+        classes = [nfc(c) for c in classes]  # as scan names them
         unknown = sorted(set(classes) - set(cat.items))
         if unknown:
             raise DataError(f"unknown classes {unknown} in {cat.root}; valid: {cat.classes}")

@@ -27,7 +27,7 @@ import torch
 
 from ml.checkpoint import LoadedModel
 from ml.config import SampleConfig
-from ml.data import DataError, DatasetSplit, ImageSet, load_selection, load_split, scan
+from ml.data import DataError, DatasetSplit, ImageSet, load_selection, load_split, nfc, scan
 from ml.downstream import downstream_experiment
 from ml.encoder import ClipEncoder, EmbeddingCache, embed
 from ml.metrics import distribution_report
@@ -105,7 +105,9 @@ def external_test_set(
     Every model class must have images there: a classifier cannot be scored on a class it is
     never shown, and scores over fewer classes are not the same measure. Extra classes of the
     folder are ignored (a lab's external set often has more classes than were trained) and
-    listed in ``ignored_classes``. ``roots``: as for :func:`ml.data.load_split`."""
+    listed in ``ignored_classes``. ``roots``: as for :func:`ml.data.load_split`. Names are
+    matched in NFC, as :func:`ml.catalog.scan` registers them."""
+    classes = [nfc(c) for c in classes]
     cat = scan(Path(path), "auto", roots)
     present = {c for c, files in cat.items.items() if files}
     missing = sorted(set(classes) - present)

@@ -189,7 +189,7 @@ def ensure_local(
             f"dataset folder {root} does not exist on this machine and the dataset has no "
             "uploaded archive in storage to fetch it from"
         )
-    dest = work_dir / "datasets" / PurePosixPath(archive_key).stem
+    dest = work_dir.expanduser().resolve() / "datasets" / PurePosixPath(archive_key).stem
     if dest.is_dir():
         return find_root(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ml.catalog import DEFAULT_MAX_IMAGE_PIXELS  # torch- and PIL-free
+
 
 class Settings(BaseSettings):
     """Every knob of the service; read once per process through :func:`get_settings`."""
@@ -46,6 +48,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024**2, ge=1)  # a dataset zip as uploaded
     max_unpacked_bytes: int = Field(default=4 * 1024**3, ge=1)  # ...and once unpacked
     max_upload_files: int = Field(default=200_000, ge=1)
+    # Images whose header declares more pixels (width x height) than this are left out of a
+    # dataset at registration (listed in its ``skipped``) and never decoded by the workers: a
+    # 20 KB PNG can declare 13000x13000 pixels and cost gigabytes once decoded. The ML core
+    # reads the same variable, PROTOMED_MAX_IMAGE_PIXELS, from its environment.
+    max_image_pixels: int = Field(default=DEFAULT_MAX_IMAGE_PIXELS, ge=1)
     # Bootstrap admin key (compose, CI): ensured to exist at start-up; its hash is stored.
     admin_key: str | None = None
     # Every read of datasets, models, batches, images, jobs and reports needs a key (admin or
@@ -97,6 +104,18 @@ class Settings(BaseSettings):
     scorer_min_images: int = Field(default=20, ge=6)
     scorer_oversample: int = Field(default=3, ge=1)
     scorer_max_oversample: int = Field(default=10, ge=1)
+
+    def uploads_dir(self) -> Path:
+        """Where uploaded dataset zips are unpacked (absolute, so a stored dataset root does
+        not depend on the folder the process was started in)."""
+        return self.work_dir.expanduser().resolve() / "datasets"
+
+    def dataset_roots(self) -> list[Path]:
+        """Where a dataset's files may resolve, symbolic links included: the data roots
+        folders are registered from, and the unpacked uploads. Registration and every job
+        that reads a dataset check this same list (absolute, resolved)."""
+        roots = [r.expanduser().resolve() for r in self.data_roots] + [self.uploads_dir()]
+        return list(dict.fromkeys(roots))
 
     @field_validator("database_url")
     @classmethod

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -34,6 +34,7 @@ from service.db.models import (
     ReviewTask,
     Sweep,
 )
+from service.inputs import ClassName, RequestModel
 from service.payloads import SamplePayload
 from service.reports import Judgement
 from service.reviews import request_review
@@ -61,12 +62,10 @@ class SweepError(ValueError):
         self.status = status
 
 
-class SweepRequest(BaseModel):
+class SweepRequest(RequestModel):
     """What a sweep generates: every class asked for at every scale, ``n`` images each."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    classes: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+    classes: list[ClassName] | None = Field(
         None, min_length=1, max_length=100, description="default: every class of the model"
     )
     scales: list[Scale] = Field(

@@ -82,10 +82,12 @@ def add_dataset(
     layout: str = "folder",
     **extra: Any,
 ) -> Dataset:
-    """A registered dataset (no files behind it); ``name`` defaults to a unique one."""
+    """A registered dataset (no files behind it); ``name`` defaults to a unique one. Its
+    default counts hold the default training split (100 + 20 held out per class), which
+    POST /jobs/train checks."""
     ds = Dataset(
         name=name or f"ds-{uuid.uuid4().hex[:8]}", root=root, layout=layout,
-        classes=list(classes), counts=dict.fromkeys(classes, 10) if counts is None else counts,
+        classes=list(classes), counts=dict.fromkeys(classes, 120) if counts is None else counts,
         **extra,
     )  # fmt: skip
     session.add(ds)

@@ -8,11 +8,13 @@ never runs a job twice (``workers.lifecycle``). Importing this module does not i
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 from celery import Celery
 from sqlalchemy import create_engine
 
+from ml.catalog import PIXELS_ENV
 from ml.weights import force_offline
 from service.config import Settings, get_settings
 from service.queue import DEFAULT_QUEUE, GPU_QUEUE, transport_options
@@ -23,6 +25,9 @@ force_offline()
 
 
 def make_celery(settings: Settings) -> Celery:
+    # The ML core reads its image pixel limit from the environment (training under torchrun
+    # has no settings object): hand it the setting, .env included, before any job runs.
+    os.environ[PIXELS_ENV] = str(settings.max_image_pixels)
     app = Celery("protomed", broker=settings.broker_url, include=["workers.tasks"])
     app.conf.update(
         task_default_queue=DEFAULT_QUEUE,

@@ -40,10 +40,10 @@ def encoder_spec(settings: Settings) -> tuple[Any, bool]:
 
 
 def read_roots(settings: Settings) -> list[Path]:
-    """Where a job's dataset files may resolve: the data roots folders are registered from,
-    and the work dir's ``datasets/`` where uploaded zips are unpacked. Checked again on every
-    read because a registered folder can change (gain a link to /etc) after registration."""
-    return [*settings.data_roots, settings.work_dir / "datasets"]
+    """Where a job's dataset files may resolve: :meth:`Settings.dataset_roots`, the same list
+    registration checked. Checked again on every read because a registered folder can change
+    (gain a link to /etc) after registration."""
+    return settings.dataset_roots()
 
 
 @dataclass(frozen=True)

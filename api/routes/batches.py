@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import Response, StreamingResponse
+from pydantic import AfterValidator
 from sqlalchemy import select
 
 from api.deps import (
@@ -27,6 +28,7 @@ from ml.config import DEFAULT_SCHEDULER, DEFAULT_STEPS, SchedulerName
 from service.audits import AuditStored, AuditUnavailable, latest_audit, start_audit
 from service.db.models import MAX_ID, Batch, Dataset, Job, JobKind, Model, ModelMode, ModelStatus
 from service.encoder import require_encoder_weights
+from service.inputs import nfc
 from service.payloads import BatchFilter, SamplePayload
 from service.queue import submit
 from service.scorers import latest_scorer
@@ -117,7 +119,9 @@ def generate(
     session: SessionDep,
     settings: SettingsDep,
     key: AdminKey,
-    class_name: Annotated[str, Query(alias="class", min_length=1, max_length=200)],
+    class_name: Annotated[
+        str, Query(alias="class", min_length=1, max_length=200), AfterValidator(nfc)
+    ],
     n: Annotated[int, Query(description="Images to generate (1 to the configured limit).")] = 16,
     model_id: IdQuery = None,
     dataset_id: IdQuery = None,

@@ -132,11 +132,13 @@ def _resolve_folder(path: str, data_roots: list[Path]) -> Path:
     return folder
 
 
-def scan_dataset(root: Path, layout: str, roots: list[Path]) -> Catalog:
-    """Scan ``root``; 422 if it cannot be read, holds no labelled images, or links to files
-    outside ``roots`` (the workers check the same again whenever they read it)."""
+def scan_dataset(root: Path, layout: str, settings: Settings) -> Catalog:
+    """Scan ``root``; 422 if it cannot be read, holds no labelled images (images over
+    ``max_image_pixels`` are left out and reported), has two Unicode spellings of one class
+    name, or links to files outside :meth:`Settings.dataset_roots` (the list the workers check
+    again whenever they read it)."""
     try:
-        catalog = scan(root, layout, roots)
+        catalog = scan(root, layout, settings.dataset_roots(), settings.max_image_pixels)
     except (ValueError, OSError) as exc:  # DataError is a ValueError
         raise _unprocessable(f"cannot read the dataset: {exc}") from exc
     if not catalog.classes or not any(catalog.counts().values()):
@@ -238,7 +240,7 @@ def register_folder(
     folder = resolve_folder(body.path, settings.data_roots)
     _check_name_free(session, body.name)
     check_domain(session, body.domain)
-    catalog = scan_dataset(folder, body.layout, settings.data_roots)
+    catalog = scan_dataset(folder, body.layout, settings)
     row = _row(body.name, folder, catalog, body.domain, licence=body.licence)
     return _insert(session, row, catalog)
 
@@ -260,14 +262,14 @@ def upload_dataset(
     _check_name_free(session, name)
     check_domain(session, domain)
     uid = uuid.uuid4().hex
-    work = settings.work_dir / "datasets"
+    work = settings.uploads_dir()
     work.mkdir(parents=True, exist_ok=True)
     zip_path, unpacked = work / f".upload-{uid}.zip", work / uid
     key, stored = f"{UPLOAD_PREFIX}/{uid}.zip", False
     try:
         _receive_zip(file, zip_path, settings.max_upload_bytes)
         root = _unpack(zip_path, unpacked, settings)
-        catalog = scan_dataset(root, layout, [unpacked])
+        catalog = scan_dataset(root, layout, settings)
         storage.put_file(key, zip_path, "application/zip")
         stored = True
         row = _row(name, root, catalog, domain, source=DatasetSource.upload, archive_key=key,

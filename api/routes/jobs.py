@@ -34,6 +34,7 @@ from service.payloads import (
     TrainPayload,
 )
 from service.queue import submit
+from service.splits import check_split
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -58,7 +59,8 @@ def submit_training(
     body: TrainRequest, request: Request, session: SessionDep, settings: SettingsDep, key: AdminKey
 ) -> TrainAccepted:
     """Queue one training run per mode (``both``: prototype and baseline on the same split);
-    422 if the encoder's weights (every run learns prototypes first) are not on this machine."""
+    422 if the encoder's weights (every run learns prototypes first) are not on this machine,
+    or if a class holds fewer images than the split asks (``service.splits``)."""
     dataset = get_or_404(session, Dataset, body.dataset_id, hint="; see GET /datasets")
     classes = body.classes or list(dataset.classes)
     unknown = sorted(set(classes) - set(dataset.classes))
@@ -69,6 +71,7 @@ def submit_training(
         )
     modes = ["prototype", "baseline"] if body.mode == "both" else [body.mode]
     configs = {m: train_config(body, m) for m in modes}
+    check_split(dataset.counts, classes, body.n_per_class, body.n_heldout, body.k)
     require_encoder_weights(settings)
     selection = Selection(
         root=dataset.root, layout=dataset.layout, n_per_class=body.n_per_class,

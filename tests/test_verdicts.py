@@ -36,7 +36,7 @@ def choice(name: str, value: str) -> dict[str, Any]:
          None),
         ([choice("crit_a", "pass"), choice("crit_b", "pass")], None),  # no overall verdict
         ([choice("crit_a", "pass"), choice("crit_b", "na"), choice("overall", "plausible")], True),
-        ([choice("crit_a", "fail"), choice("overall", "plausible")], False),  # one failure is enough
+        ([choice("crit_a", "fail"), choice("overall", "plausible")], False),  # one failure
         ([choice("crit_a", "pass"), choice("overall", "implausible")], False),
         ([choice("crit_b", "fail")], False),
     ],
@@ -62,7 +62,10 @@ def judgement(image: int, mode: str, who: str, plausible: bool | None, **kw: Any
     return Judgement(image, "x", model, mode, who, plausible, crits, **kw)
 
 
-COLUMNS = [{"id": 1, "mode": "baseline", "label": "b"}, {"id": 2, "mode": "prototype", "label": "p"}]
+COLUMNS = [
+    {"id": 1, "mode": "baseline", "label": "b"},
+    {"id": 2, "mode": "prototype", "label": "p"},
+]
 
 
 def test_incomplete_verdicts_are_counted_apart_from_every_number() -> None:
@@ -123,7 +126,8 @@ def item(task_id: int, task: ReviewTask, annotations: list[dict], **data: Any) -
 def stored(session: Any) -> dict[int, tuple[int, bool | None]]:
     session.expire_all()
     return {
-        r.ls_annotation_id: (r.task.ls_task_id, r.plausible) for r in session.scalars(select(Review))
+        r.ls_annotation_id: (r.task.ls_task_id, r.plausible)
+        for r in session.scalars(select(Review))
     }
 
 

@@ -702,7 +702,8 @@ def odd_tasks(base: Base) -> dict[int | None, dict]:
     return {o["ls_task_id"]: o for o in project["odd_tasks"]}
 
 
-def verdict_result(base: Base, task: dict, plausible: bool) -> list[dict]:
+def verdict_result(base: Base, plausible: bool) -> list[dict]:
+    """Every criterion of the toy set passed (or failed), as a Label Studio result."""
     from service.criteria import annotation_result
 
     keys = [c["key"] for c in base.api.get("/criteria/toy").json()["criteria"]]
@@ -720,7 +721,7 @@ def test_a_task_protomed_did_not_create_is_reported_not_adopted(
     target = fresh.tasks[0]
     forged = {
         "data": {**target["data"], "image": fresh.tasks[1]["data"]["image"]},
-        "annotations": [{"result": verdict_result(base, target, False), "completed_by": who}
+        "annotations": [{"result": verdict_result(base, False), "completed_by": who}
                         for who in base.reviewers],
     }  # fmt: skip
     r = member.api.post(f"/api/projects/{ls_project}/import?return_task_ids=true", json=[forged])
@@ -766,10 +767,10 @@ def test_verdicts_written_in_another_members_name_are_flagged(
     and the project, left out with ``flagged=exclude``."""
     first, second = fresh.tasks[0], fresh.tasks[1]
     own = member.api.post(f"/api/tasks/{first['id']}/annotations/",
-                          json={"result": verdict_result(base, first, True)}).json()  # fmt: skip
+                          json={"result": verdict_result(base, True)}).json()  # fmt: skip
     forged = member.api.post(
         f"/api/tasks/{second['id']}/annotations/",
-        json={"result": verdict_result(base, second, False), "completed_by": base.reviewers[0],
+        json={"result": verdict_result(base, False), "completed_by": base.reviewers[0],
               "updated_by": base.reviewers[0]},
     ).json()  # fmt: skip
     assert (forged["completed_by"], forged["updated_by"]) == (base.reviewers[0], member.id)
@@ -778,10 +779,17 @@ def test_verdicts_written_in_another_members_name_are_flagged(
     assert total(report(base, fresh, flagged="exclude")) == 1
     assert report(base, fresh, flagged="only")["flagged"] == 1
     # someone else rewrites the member's own verdict: flagged too
-    base.ls.annotations.update(own["id"], result=verdict_result(base, first, False))
+    base.ls.annotations.update(own["id"], result=verdict_result(base, False))
     wait_until(lambda: report(base, fresh)["flagged"] == 2, what="the rewrite flagged")
     assert total(report(base, fresh, flagged="exclude")) == 0
     assert toy_project(base)["flagged"] >= 2
+
+
+def forgery(base: Base, ref: str) -> dict:
+    """A task carrying ``ref`` with a verdict in a reviewer's name, as any member can import
+    it (the pull exports annotated tasks only: one without verdicts changes nothing)."""
+    verdict = {"result": verdict_result(base, True), "completed_by": base.reviewers[0]}
+    return {"data": {"ref": ref, "image": "x", "expected_class": "x"}, "annotations": [verdict]}
 
 
 def test_import_recovery_adopts_only_what_protomed_sent(
@@ -789,8 +797,9 @@ def test_import_recovery_adopts_only_what_protomed_sent(
 ) -> None:
     """A crash between Label Studio's import and protomed's commit: the next sync recovers the
     ids from an export, but only for tasks whose import protomed had sent, and only its own
-    (the lowest-numbered) task per ref; a task a member imported with a ref, whether before
-    protomed sent it (a leaked token) or copied after, is never adopted."""
+    task per ref (the first numbered after the import was sent); a task a member imported with
+    a ref, whether before protomed sent it (a leaked token) or copied after, is never adopted
+    (on main the leaked one was adopted before anything was imported)."""
     from sqlalchemy import select
 
     from service.config import get_settings
@@ -806,7 +815,7 @@ def test_import_recovery_adopts_only_what_protomed_sent(
         s.commit()
         leaked, copied = sorted(tasks, key=lambda t: t.position)[:2]
         early = member.api.post(f"/api/projects/{ls_project}/import?return_task_ids=true",
-                                json=[{"ref": leaked.token, "image": "x"}]).json()  # fmt: skip
+                                json=[forgery(base, leaked.token)]).json()  # fmt: skip
         ls, answered = base.ls, []
 
         class Crash(Exception):
@@ -814,7 +823,7 @@ def test_import_recovery_adopts_only_what_protomed_sent(
 
         class CrashAfterImport:  # Label Studio imports; the worker dies before its commit
             def __init__(self) -> None:
-                self.projects, self.exports = self, ls.projects.exports
+                self.projects, self.exports, self.tasks = self, ls.projects.exports, ls.tasks
 
             def import_tasks(self, *args: Any, **kwargs: Any) -> Any:
                 answered.extend(ls.projects.import_tasks(*args, **kwargs).task_ids)
@@ -825,7 +834,7 @@ def test_import_recovery_adopts_only_what_protomed_sent(
         s.rollback()
         assert all(t.ls_task_id is None for t in tasks) and len(answered) == len(tasks)
         copy = member.api.post(f"/api/projects/{ls_project}/import?return_task_ids=true",
-                               json=[{"ref": copied.token, "image": "y"}]).json()  # fmt: skip
+                               json=[forgery(base, copied.token)]).json()  # fmt: skip
         assert import_tasks(ls, project, get_settings()) == 0  # nothing imported twice
         s.expire_all()
         order = sorted(tasks, key=lambda t: t.position)
@@ -835,5 +844,6 @@ def test_import_recovery_adopts_only_what_protomed_sent(
         refs = {t.token for t in tasks}
         claims = [t for t in export(ls, ls_project, all_tasks=True) if t["data"].get("ref") in refs]
         assert len(claims) == len(tasks) + 2
-    pull(base)
-    assert foreign <= set(odd_tasks(base))
+    jobs = pull(base)
+    assert all(j["status"] == "succeeded" for j in jobs), jobs
+    assert foreign <= set(odd_tasks(base)), (jobs, toy_project(base))

@@ -19,7 +19,7 @@ from sqlalchemy.orm import object_session
 
 from service.config import Settings
 from service.criteria import label_config
-from service.db.models import ReviewProject, ReviewTask, utc_now
+from service.db.models import ReviewProject, ReviewTask
 from service.db.session import get_sessionmaker
 from service.label_studio import (
     SECRET_HEADER,
@@ -83,32 +83,45 @@ def export(ls: Any, ls_project_id: int, *, all_tasks: bool) -> list[dict[str, An
     return exported
 
 
+def last_task_id(ls: Any, ls_project_id: int) -> int:
+    """The highest task id of the Label Studio project (0 without tasks): one task, read
+    through the data manager's ordering."""
+    ordering = json.dumps({"ordering": ["-tasks:id"]})
+    page = ls.tasks.list(project=ls_project_id, page_size=1, fields="task_only", query=ordering)
+    last = next(iter(page), None)
+    return int(last.id) if last is not None else 0
+
+
 def recover_imported(
     pending: list[ReviewTask], exported: list[dict[str, Any]], known: set[int]
 ) -> int:
     """Give back their Label Studio ids to the pending tasks whose import was sent but whose
-    answer never came back (a crash between the import and the commit). Only a task with
-    ``import_sent_at`` may be adopted: until that import its token was secret, so every Label
-    Studio task carrying it was made after protomed's own, which Label Studio numbered lowest
-    (its ids only grow). The lowest-numbered claimant not already one of ours is adopted; any
-    later one stays foreign (the next pull reports it). Returns how many were recovered."""
-    sent = {t.token: t for t in pending if t.import_sent_at is not None}
+    answer never came back (a crash between the import and the commit). Only a task whose
+    import was sent (``import_after`` set) may be adopted, and only by a Label Studio task
+    numbered above the project's highest task before that import (Label Studio's ids only
+    grow): any member can import a task with one of protomed's refs, but only once protomed's
+    own import has shown it, so the lowest-numbered such task is protomed's. Any other
+    claimant stays foreign (the next pull reports it). Returns how many were recovered."""
+    sent = {t.token: t for t in pending if t.import_after is not None}
     claims: dict[str, int] = {}
     for item in exported:
         data, ls_id = item.get("data"), item.get("id")
         ref = data.get("ref") if isinstance(data, dict) else None
-        if ref in sent and isinstance(ls_id, int) and ls_id not in known:
-            claims[ref] = min(ls_id, claims.get(ref, ls_id))
-    for ref, ls_id in claims.items():
-        sent[ref].ls_task_id = ls_id
+        task = sent.get(ref) if isinstance(ref, str) else None
+        if task is None or not isinstance(ls_id, int) or ls_id in known:
+            continue
+        if ls_id > (task.import_after or 0):
+            claims[task.token] = min(ls_id, claims.get(task.token, ls_id))
+    for token, ls_id in claims.items():
+        sent[token].ls_task_id = ls_id
     return len(claims)
 
 
 def import_tasks(ls: Any, project: ReviewProject, settings: Settings) -> int:
     """Import the tasks Label Studio does not have yet, in their shuffled order. Each chunk's
-    intent is committed before it is sent (``import_sent_at``) and its ids right after, so
-    only tasks protomed itself sent can be recovered from an export (:func:`recover_imported`):
-    a task any member imports with one of protomed's refs is never adopted."""
+    intent is committed before it is sent (``import_after``) and its ids right after, so only
+    tasks protomed itself sent can be recovered from an export (:func:`recover_imported`): a
+    task any member imports with one of protomed's refs is never adopted."""
     pending = sorted((t for t in project.tasks if t.ls_task_id is None), key=lambda t: t.position)
     if not pending:
         return 0
@@ -117,15 +130,16 @@ def import_tasks(ls: Any, project: ReviewProject, settings: Settings) -> int:
     session = object_session(project)
     if session is None:
         raise RuntimeError(f"review project {project.id} is not in a session")
-    if any(t.import_sent_at is not None for t in pending):  # sent before a crash
+    if any(t.import_after is not None for t in pending):  # sent before a crash
         known = {t.ls_task_id for t in project.tasks if t.ls_task_id is not None}
         recover_imported(pending, export(ls, project.ls_project_id, all_tasks=True), known)
         session.commit()
     todo = [t for t in pending if t.ls_task_id is None]
     for start in range(0, len(todo), IMPORT_CHUNK):
         chunk = todo[start : start + IMPORT_CHUNK]
+        last = last_task_id(ls, project.ls_project_id)
         for task in chunk:
-            task.import_sent_at = utc_now()
+            task.import_after = last
         session.commit()
         resp = ls.projects.import_tasks(
             project.ls_project_id,

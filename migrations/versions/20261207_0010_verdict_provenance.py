@@ -9,8 +9,8 @@ incomplete (None) and never counted, instead of plausible. ``reviews.written_by`
 ``reviews.flagged`` keep who Label Studio says wrote the annotation and whether that is someone
 other than its named author (verdicts stored before have no writer recorded and are not
 flagged: the next pull sets both). ``review_projects.odd_tasks`` lists the Label Studio tasks
-the last pull did not count; ``review_tasks.import_sent_at`` records that an import of the task
-was sent, so a crash between the import and its commit can be recovered without adopting a task
+the last pull did not count; ``review_tasks.import_after`` records that an import of the task
+was sent (and the highest Label Studio task id before it), so a crash between the import and its commit can be recovered without adopting a task
 protomed did not create.
 """
 
@@ -35,12 +35,12 @@ def upgrade() -> None:
     with op.batch_alter_table("review_projects") as batch:
         batch.add_column(sa.Column("odd_tasks", sa.JSON(), nullable=True))
     with op.batch_alter_table("review_tasks") as batch:
-        batch.add_column(sa.Column("import_sent_at", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("import_after", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("review_tasks") as batch:
-        batch.drop_column("import_sent_at")
+        batch.drop_column("import_after")
     with op.batch_alter_table("review_projects") as batch:
         batch.drop_column("odd_tasks")
     # an incomplete verdict has no plausible/implausible value to go back to: it goes

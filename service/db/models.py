@@ -410,10 +410,11 @@ class ReviewTask(TimestampMixin, Base):
     token: Mapped[str] = mapped_column(String(64), unique=True)
     position: Mapped[int] = mapped_column(Integer)
     ls_task_id: Mapped[int | None] = mapped_column(Integer, unique=True)
-    # Set (and committed) just before the task is sent to Label Studio's import: a task whose
-    # id never came back was maybe imported, and only then may an export adopt it (its token
-    # was secret until that import; ``workers/review_sync.import_tasks``).
-    import_sent_at: Mapped[datetime | None] = mapped_column()
+    # Set (and committed) just before the task is sent to Label Studio's import: the highest
+    # task id the Label Studio project had then. A task whose id never came back was maybe
+    # imported, and only then may an export adopt it, and only a task numbered above this
+    # (``workers/review_sync.recover_imported``).
+    import_after: Mapped[int | None] = mapped_column(Integer)
     sample: Mapped[ReviewSample] = mapped_column(
         str_enum(ReviewSample, "sample"), default=ReviewSample.random, server_default="random"
     )

@@ -252,3 +252,28 @@ def test_scorer_and_sweep_labels_leave_incomplete_verdicts_out(service) -> None:
         assert reviewed_count(s, "toy") == 1
         by_batch = judgements_by_batch(s, [t.image.batch_id for t in tasks])
         assert [j.image_id for js in by_batch.values() for j in js] == [tasks[0].image_id]
+
+
+def test_dashboard_report_shows_incomplete_flagged_and_odd_tasks(service) -> None:
+    from test_dashboard import login, text_of
+
+    from service.reviews import reconcile
+
+    with get_sessionmaker()() as s:
+        project, tasks = linked_project(s)
+        exported = [
+            item(1000, tasks[0], [ann(1, 7), ann(2, 8, writer=7)]),
+            item(1001, tasks[1], [{**ann(3, 7), "result": []}]),
+            item(5000, tasks[0], [ann(4, 8)]),
+        ]
+        reconcile(s, project, exported)
+        s.commit()
+    login(service.client)
+    page = text_of(service.client.get("/ui/reports/plausibility").text)
+    assert "1 verdicts incomplete" in page and "1 flagged verdicts" in page
+    assert "task 5000 (carries the ref of task 1000): claims the ref" in page
+    page = text_of(service.client.get("/ui/reports/plausibility?flagged=exclude").text)
+    assert "are left out (filter flagged=exclude)" in page
+    projects = service.client.get("/reviews/projects", headers=service.admin).json()
+    assert (projects[0]["incomplete"], projects[0]["flagged"]) == (1, 1)
+    assert [o["ls_task_id"] for o in projects[0]["odd_tasks"]] == [5000]

@@ -6,7 +6,15 @@ from __future__ import annotations
 from fastapi import Request
 from sqlalchemy.orm import Session
 
-from api.schemas import AuditImageLinks, AuditOut, BatchOut, ImageOut, JobOut, ProjectOut
+from api.schemas import (
+    AuditImageLinks,
+    AuditOut,
+    BatchOut,
+    ImageOut,
+    JobOut,
+    OddTask,
+    ProjectOut,
+)
 from service.audits import AuditStored
 from service.config import Settings
 from service.db.models import Batch, Job, ReviewProject
@@ -43,14 +51,16 @@ def ls_public(settings: Settings) -> str | None:
 
 def project_out(session: Session, project: ReviewProject, public: str | None) -> ProjectOut:
     """A review project: where to review it and how far it got (no model or mode named)."""
-    tasks, reviews = project_counts(session, project)
+    counts = project_counts(session, project)
     url = None
     if public and project.ls_project_id:
         url = f"{public.rstrip('/')}/projects/{project.ls_project_id}/data"
     cs = project.criteria_set
     return ProjectOut(
         id=project.id, domain=cs.domain, criteria_set_id=cs.id, version=cs.version,
-        ls_project_id=project.ls_project_id, url=url, tasks=tasks, reviews=reviews,
+        ls_project_id=project.ls_project_id, url=url, tasks=counts.tasks, reviews=counts.reviews,
+        incomplete=counts.incomplete, flagged=counts.flagged,
+        odd_tasks=[OddTask.model_validate(o) for o in project.odd_tasks or []],
     )  # fmt: skip
 
 

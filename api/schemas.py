@@ -299,6 +299,17 @@ class ReviewRequest(RequestModel):
         return Selection(self.select, self.per_batch, share)
 
 
+class OddTask(BaseModel):
+    """A Label Studio task of the project that the last pull did not count."""
+
+    ls_task_id: int | None = Field(description="the task in Label Studio")
+    claims: int | None = Field(
+        description="the Label Studio id of protomed's task whose ref it carries (itself for a "
+        "task of protomed's whose data was edited)"
+    )
+    reason: str
+
+
 class ProjectOut(BaseModel):
     id: int
     domain: str
@@ -308,6 +319,15 @@ class ProjectOut(BaseModel):
     url: str | None
     tasks: int
     reviews: int
+    incomplete: int = Field(0, description="verdicts stored as incomplete (counted nowhere)")
+    flagged: int = Field(
+        0, description="verdicts Label Studio says someone other than their reviewer wrote"
+    )
+    odd_tasks: list[OddTask] = Field(
+        default_factory=list,
+        description="tasks the last pull did not count: a task protomed did not create that "
+        "claims one of its refs, or one of protomed's whose data was edited in Label Studio",
+    )
 
 
 class BatchSelected(BaseModel):

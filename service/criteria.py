@@ -1,7 +1,9 @@
 """Criteria sets: what experts judge each domain's images by, and the Label Studio labelling
 interface built from them.
 
-The seed's rule holds everywhere: one failed criterion makes an image implausible. Defaults are
+The seed's rule holds everywhere: one failed criterion makes an image implausible; an image is
+plausible only when the reviewer said so and judged every criterion (else the verdict is
+incomplete and not counted). Defaults are
 written on first start (one per domain, version 1); editing a set through the API stores a new
 version, and each version has its own Label Studio project, so old verdicts keep their meaning.
 """
@@ -127,12 +129,24 @@ def label_config(criteria: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
-def parse_result(result: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
-    """An annotation's result -> {criteria, overall, comment, plausible}. Plausible only if the
-    overall verdict is not 'implausible' and no criterion failed (the seed's rule).
+def verdict(criteria: dict[str, str], overall: str | None, keys: list[str]) -> bool | None:
+    """The seed's rule on what was given: False (implausible) if any criterion failed or the
+    overall verdict is implausible, one failure being enough; True (plausible) only with an
+    overall "plausible" and every criterion of the set given (pass or n/a), which is what the
+    labelling interface requires; None (incomplete) otherwise. A verdict not given is never a
+    yes: Label Studio stores whatever its API is sent (``{"result": []}`` included)."""
+    if overall == "implausible" or "fail" in criteria.values():
+        return False
+    if overall == "plausible" and all(k in criteria for k in keys):
+        return True
+    return None
 
-    Label Studio stores whatever its API is sent, not only what the labelling interface offers,
-    so only the interface's own choices count: any other value or shape is taken as not given
+
+def parse_result(result: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
+    """An annotation's result -> {criteria, overall, comment, plausible}; ``plausible`` is
+    :func:`verdict`'s True, False or None (incomplete).
+
+    Only the interface's own choices count: any other value or shape is taken as not given
     (it can neither break the verdict nor the report)."""
     criteria: dict[str, str] = {}
     overall: str | None = None
@@ -152,8 +166,7 @@ def parse_result(result: list[dict[str, Any]], keys: list[str]) -> dict[str, Any
         elif name == "comment" and isinstance(value.get("text"), list):
             lines = [t for t in value["text"] if isinstance(t, str)]
             comment = "\n".join(lines) if lines else None
-    failed = any(v == "fail" for v in criteria.values())
-    plausible = not failed and overall != "implausible"
+    plausible = verdict(criteria, overall, keys)
     return {"criteria": criteria, "overall": overall, "comment": comment, "plausible": plausible}
 
 

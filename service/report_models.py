@@ -16,6 +16,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Interval = tuple[float, float]
+# Which verdicts a report reads by authorship: all, those written by their named author alone,
+# or only those Label Studio says someone else (or nobody it knows) wrote.
+Flagged = Literal["include", "exclude", "only"]
 
 
 class _Model(BaseModel):
@@ -49,6 +52,12 @@ class RateEntry(_Model):
         description="reviewed images left out of this rate (and of every test): sent because "
         "the scorer was least sure about them (review sample 'uncertain'), so not a random "
         "sample of the batch",
+    )
+    incomplete: int = Field(
+        0,
+        description="verdicts on this class and model left out of every number: the reviewer "
+        "gave no overall verdict or left a criterion unjudged, so they are neither plausible "
+        "nor implausible",
     )
 
 
@@ -146,6 +155,12 @@ class Methods(_Model):
         "least sure about them (sample 'uncertain') are kept apart: counted in kept_apart, "
         "in no rate, test, failure rate or agreement"
     )
+    verdicts: str = (
+        "a verdict is implausible if a criterion failed or the overall choice is implausible, "
+        "plausible only with an overall 'plausible' and every criterion judged; any other "
+        "verdict is incomplete: counted in 'incomplete', in no rate, test, failure rate, "
+        "agreement or scorer label"
+    )
     holm_classes: int = Field(0, description="k: the classes in the Holm adjustment")
 
 
@@ -154,6 +169,7 @@ class Filters(_Model):
     models: str | None = None
     reviewer: str | None = None
     criteria_set_id: int | None = None
+    flagged: Flagged = "include"
 
 
 class PlausibilityReport(_Model):
@@ -172,5 +188,16 @@ class PlausibilityReport(_Model):
         0,
         description="reviewed images kept out of every number (the scorer's uncertain picks; "
         "methods.sample); per class and model in each rate entry's kept_apart",
+    )
+    incomplete: int = Field(
+        0,
+        description="verdicts read but counted nowhere (no overall verdict, or a criterion "
+        "left unjudged); per class and model in each rate entry's incomplete",
+    )
+    flagged: int = Field(
+        0,
+        description="verdicts read that Label Studio says were written by someone other than "
+        "their named reviewer, or by nobody it knows (any member can write in another's name "
+        "in Label Studio Community); filters.flagged=exclude leaves them out, only shows them",
     )
     filters: Filters | None = None

@@ -89,11 +89,14 @@ class Judgement:
     model_id: int
     mode: str  # "baseline" | "prototype"
     reviewer: str
-    plausible: bool  # already derived: any failed criterion => False
+    # already derived (service.criteria.verdict): any failed criterion => False; None: the
+    # verdict is incomplete, counted in ``incomplete`` and nowhere else
+    plausible: bool | None
     criteria: dict[str, str]  # criterion key -> "pass" | "fail" | "na"
     # Why the image was reviewed (ReviewSample): "random" (a simple random sample of its batch)
     # counts; "uncertain" (the scorer's pick) is kept apart from every number but a count.
     sample: str = "random"
+    flagged: bool = False  # written by someone other than ``reviewer`` (service.reviews)
 
 
 COUNTED = "random"
@@ -103,9 +106,14 @@ def _by_image(judgements: Iterable[Judgement]) -> dict[int, dict[str, bool]]:
     """Image -> reviewer -> verdict; a reviewer judging an image twice counts once, with the
     later verdict."""
     by_image: dict[int, dict[str, bool]] = defaultdict(dict)
-    for j in judgements:
+    for j in complete(judgements):
         by_image[j.image_id][j.reviewer] = bool(j.plausible)
     return by_image
+
+
+def complete(judgements: Iterable[Judgement]) -> list[Judgement]:
+    """The judgements with a verdict (plausible or not): an incomplete one counts nowhere."""
+    return [j for j in judgements if j.plausible is not None]
 
 
 def image_verdicts(judgements: Iterable[Judgement]) -> dict[int, bool]:
@@ -155,23 +163,24 @@ def agreement(judgements: Sequence[Judgement]) -> Agreement | None:
 # --- the report ----------------------------------------------------------------------------------
 
 
-def _rate_entry(js: Sequence[Judgement], kept_apart: int = 0) -> RateEntry:
+def _rate_entry(js: Sequence[Judgement], kept_apart: int = 0, incomplete: int = 0) -> RateEntry:
     """Images, their majority verdicts, rate and Wilson interval for one model: the image is the
     unit (module docstring); ``reviews`` counts the verdicts behind them; ``js`` are counted
-    verdicts only, ``kept_apart`` the images left out beside them."""
+    verdicts only, ``kept_apart`` the images and ``incomplete`` the verdicts left out beside
+    them."""
     votes = [(sum(v.values()), len(v)) for v in _by_image(js).values()]
     n = len(votes)
     k = sum(2 * yes > m for yes, m in votes)
     return RateEntry(
         images=n, reviews=len(js), plausible=k, ties=sum(2 * yes == m for yes, m in votes),
-        rate=k / n if n else None, ci=wilson(k, n), kept_apart=kept_apart,
+        rate=k / n if n else None, ci=wilson(k, n), kept_apart=kept_apart, incomplete=incomplete,
     )  # fmt: skip
 
 
 def image_rate(js: Sequence[Judgement]) -> RateEntry:
     """Plausibility over some images, the image being the unit (public: the guidance sweep's
     report counts each (class, scale) cell exactly as this report counts a model's class)."""
-    return _rate_entry(js)
+    return _rate_entry(complete(js))
 
 
 def _kept_apart(apart: Iterable[Judgement], counted: set[int]) -> int:
@@ -294,7 +303,9 @@ def plausibility_report(
     compared = baseline_id is not None and prototype_id is not None
     keys = [c.key for c in crits]
     wanted = set(ids)
-    judged = [j for j in judgements if j.model_id in wanted]
+    read = [j for j in judgements if j.model_id in wanted]
+    judged = complete(read)
+    not_given = Counter((j.class_name, j.model_id) for j in read if j.plausible is None)
     used = [j for j in judged if j.sample == COUNTED]
     apart = [j for j in judged if j.sample != COUNTED]
     counted_images = {j.image_id for j in used}
@@ -312,9 +323,9 @@ def plausibility_report(
 
     def cell_entry(cls: str, mid: int) -> RateEntry:
         left_out = _kept_apart(apart_cells[(cls, mid)], counted_images)
-        return _rate_entry(cells[(cls, mid)], left_out)
+        return _rate_entry(cells[(cls, mid)], left_out, not_given[(cls, mid)])
 
-    names = sorted({j.class_name for j in judged})
+    names = sorted({j.class_name for j in read})
     entries = {cls: {str(mid): cell_entry(cls, mid) for mid in ids} for cls in names}
     diffs = {cls: _difference(*pair(entries[cls])) if compared else None for cls in names}
     tested = [cls for cls in names if diffs[cls] is not None]
@@ -335,7 +346,9 @@ def plausibility_report(
         macro[str(mid)] = sum(rates) / len(rates) if rates else None
     pooled = {
         str(mid): _rate_entry(
-            by_model[mid], _kept_apart((j for j in apart if j.model_id == mid), counted_images)
+            by_model[mid],
+            _kept_apart((j for j in apart if j.model_id == mid), counted_images),
+            sum(n for (_, m), n in not_given.items() if m == mid),
         )
         for mid in ids
     }
@@ -357,6 +370,8 @@ def plausibility_report(
         criteria_failure={str(mid): _criteria_failure(by_model[mid], keys) for mid in ids},
         agreement=agreement(used),
         kept_apart=_kept_apart(apart, counted_images),
+        incomplete=sum(not_given.values()),
+        flagged=sum(j.flagged for j in read),
     )
 
 
@@ -436,7 +451,33 @@ STRATIFIED_LABEL = "pooled, stratified by class (Cochran-Mantel-Haenszel)"
 
 def rate_text(entry: RateEntry) -> str:
     apart = f"; {entry.kept_apart} kept apart" if entry.kept_apart else ""
+    apart += f"; {entry.incomplete} incomplete" if entry.incomplete else ""
     return f"{pct(entry.rate)} (n={entry.images}; {entry.reviews} reviews{apart})"
+
+
+def incomplete_text(report: PlausibilityReport) -> str | None:
+    """The line saying how many verdicts were incomplete (None when none)."""
+    if not report.incomplete:
+        return None
+    return (
+        f"{report.incomplete} verdicts incomplete (no overall verdict, or a criterion left "
+        "unjudged): neither plausible nor implausible, they are in no rate, test, failure rate "
+        "or agreement; 'incomplete' in a rate's cell says where"
+    )
+
+
+def flagged_text(report: PlausibilityReport) -> str | None:
+    """The line saying how many verdicts Label Studio says someone else wrote (None when none
+    and all were read)."""
+    how = report.filters.flagged if report.filters else "include"
+    if not report.flagged and how == "include":
+        return None
+    what = "verdicts that Label Studio says someone other than the named reviewer (or nobody it "
+    what += "knows) wrote"
+    if how == "exclude":
+        return f"{what} are left out (filter flagged=exclude)"
+    read = "counted" if how == "include" else "the only ones read"
+    return f"{report.flagged} flagged {what}: {read} (filter flagged=include|exclude|only)"
 
 
 def kept_apart_text(report: PlausibilityReport) -> str | None:
@@ -489,9 +530,13 @@ def report_csv(report: PlausibilityReport) -> str:
     if odds_ratio is not None:
         w.writerow([odds_ratio])
     w.writerow(["n", f"images; {report.methods.consensus}"])
-    apart = kept_apart_text(report)
-    if apart is not None:
-        w.writerow(["kept apart", apart])
+    for label, note in (
+        ("kept apart", kept_apart_text(report)),
+        ("incomplete", incomplete_text(report)),
+        ("flagged", flagged_text(report)),
+    ):
+        if note is not None:
+            w.writerow([label, note])
 
     w.writerow([])
     w.writerow(["criterion", *(f"{m.label} fail %" for m in models)])

@@ -9,7 +9,7 @@ import random
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import CursorResult, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -28,7 +28,7 @@ from service.db.models import (
     ReviewTask,
     utc_now,
 )
-from service.report_models import Criterion, Filters, ModelColumn, PlausibilityReport
+from service.report_models import Criterion, Filters, Flagged, ModelColumn, PlausibilityReport
 from service.reports import Judgement, plausibility_report
 from service.selection import BatchChoice, Selection, choose_all
 
@@ -181,6 +181,17 @@ def _reviewer(completed_by: Any) -> tuple[str, str | None]:
     return str(completed_by), None
 
 
+def _writer(updated_by: Any) -> str | None:
+    """Who Label Studio says last wrote an annotation: its ``updated_by``, the user of the token
+    that created or changed it (a request cannot set it, unlike ``completed_by``); None where
+    Label Studio records none (annotations imported along with a task)."""
+    if isinstance(updated_by, dict):
+        updated_by = updated_by.get("id", updated_by.get("user_id"))
+    if isinstance(updated_by, int) and not isinstance(updated_by, bool):
+        return str(updated_by)
+    return None
+
+
 def our_task(session: Session, ls_task_id: Any, ls_project_id: Any) -> ReviewTask | None:
     """Protomed's task behind a Label Studio task id, only if it belongs to the project Label
     Studio names: an annotation of any other task (another project, another installation on the
@@ -199,7 +210,9 @@ def our_task(session: Session, ls_task_id: Any, ls_project_id: Any) -> ReviewTas
 def apply_annotation(session: Session, annotation: dict[str, Any]) -> Review | None:
     """Create or replace the verdict of one annotation as Label Studio holds it (read with
     protomed's own token, never taken from a webhook body); a cancelled (skipped) annotation
-    removes it. Annotations of tasks that are not ours in that project are ignored. Idempotent."""
+    removes it. Annotations of tasks that are not ours in that project are ignored. The verdict
+    is flagged when Label Studio says someone other than its named author wrote it (or names
+    no writer). Idempotent."""
     ann_id = int(annotation["id"])
     task = our_task(session, annotation.get("task"), annotation.get("project"))
     if task is None:
@@ -210,10 +223,12 @@ def apply_annotation(session: Session, annotation: dict[str, Any]) -> Review | N
     keys = [c["key"] for c in task.project.criteria_set.criteria]
     parsed = parse_result(annotation.get("result") or [], keys)
     reviewer, email = _reviewer(annotation.get("completed_by"))
+    writer = _writer(annotation.get("updated_by"))
     values = {
         "task_id": task.id, "reviewer": reviewer, "reviewer_email": email,
         "plausible": parsed["plausible"], "overall": parsed["overall"],
         "criteria": parsed["criteria"], "comment": parsed["comment"], "updated_at": utc_now(),
+        "written_by": writer, "flagged": writer != reviewer,
     }  # fmt: skip
     for _ in range(2):  # a webhook and a pull may insert the same annotation at once
         review = session.scalar(select(Review).where(Review.ls_annotation_id == ann_id))
@@ -261,35 +276,98 @@ def remove_annotations(session: Session, ann_ids: Iterable[int]) -> int:
     return result.rowcount or 0
 
 
+def _odd(ls_task_id: int | None, claims: ReviewTask | None, reason: str) -> dict[str, Any]:
+    """One task a pull did not count, as the project's JSON and the dashboard show it: never
+    the ref itself (a review token) nor the image behind it."""
+    return {
+        "ls_task_id": ls_task_id,
+        "claims": claims.ls_task_id if claims is not None else None,
+        "reason": reason,
+    }
+
+
+def edited(task: ReviewTask, data: Any) -> str | None:
+    """What of the task's data in Label Studio is no longer as protomed imported it (any member
+    can PATCH it), or None. The image URL's host is not compared (the public address may have
+    changed since the import), only the token it names."""
+    if not isinstance(data, dict):
+        return "its data"
+    wrong = [
+        name
+        for name, ok in (
+            ("ref", data.get("ref") == task.token),
+            ("image", str(data.get("image", "")).endswith(f"/review-images/{task.token}")),
+            ("expected_class", data.get("expected_class") == task.image.class_name),
+        )
+        if not ok
+    ]
+    return ", ".join(wrong) or None
+
+
 def reconcile(
     session: Session, project: ReviewProject, exported: list[dict[str, Any]]
 ) -> dict[str, int]:
     """Make the project's verdicts equal Label Studio's export (tasks with annotations): catches
-    webhooks that never arrived, updates and deletions. Returns counts."""
+    webhooks that never arrived, updates and deletions. Returns counts.
+
+    Only the tasks protomed created count, known by the ids Label Studio's import answered
+    (``ReviewTask.ls_task_id``, never changed here). Any member can import a task whose
+    ``ref`` is one of protomed's tokens, with annotations in other users' names, or edit a
+    task's data: such a task is skipped and listed in ``project.odd_tasks`` (replaced by every
+    pull), a skipped task of protomed's keeps the verdicts stored before, and the pull goes on
+    with the rest, whatever the task data holds."""
+    ours = {t.ls_task_id: t for t in project.tasks if t.ls_task_id is not None}
     by_token = {t.token: t for t in project.tasks}
     seen: set[int] = set()
-    linked = applied = 0
+    kept: set[int] = set()  # our tasks skipped: their stored verdicts stay as they are
+    odd: list[dict[str, Any]] = []
+    applied = 0
     for item in exported:
-        token = (item.get("data") or {}).get("ref")
-        task = by_token.get(token) if isinstance(token, str) else None
-        if task is None:
+        ls_id = item.get("id") if isinstance(item, dict) else None
+        data = item.get("data") if isinstance(item, dict) else None
+        if not isinstance(ls_id, int) or isinstance(ls_id, bool):
+            odd.append(_odd(None, None, "a task without a task id: skipped"))
             continue
-        if task.ls_task_id != item["id"]:
-            task.ls_task_id, linked = item["id"], linked + 1
-            session.flush()
-        for ann in item.get("annotations") or []:
-            ann = {**ann, "task": item["id"], "project": project.ls_project_id}
+        task = ours.get(ls_id)
+        if task is None:
+            ref = data.get("ref") if isinstance(data, dict) else None
+            claimed = by_token.get(ref) if isinstance(ref, str) else None
+            if claimed is not None:
+                odd.append(_odd(ls_id, claimed, NOT_OURS))
+            continue
+        changed = edited(task, data)
+        if changed is not None:
+            kept.add(task.id)
+            odd.append(_odd(ls_id, task, f"{changed} edited in Label Studio: {SKIPPED}"))
+            continue
+        annotations = item.get("annotations")
+        for ann in annotations if isinstance(annotations, list) else []:
+            if not isinstance(ann, dict) or not isinstance(ann.get("id"), int):
+                continue
+            ann = {**ann, "task": ls_id, "project": project.ls_project_id}
             if apply_annotation(session, ann) is not None:
                 seen.add(int(ann["id"]))
                 applied += 1
     stale = session.scalars(
         select(Review.ls_annotation_id)
         .join(ReviewTask)
-        .where(ReviewTask.project_id == project.id, Review.ls_annotation_id.not_in(seen))
+        .where(
+            ReviewTask.project_id == project.id,
+            Review.ls_annotation_id.not_in(seen),
+            ReviewTask.id.not_in(kept),
+        )
     ).all()
     removed = remove_annotations(session, stale)
+    project.odd_tasks = odd
     project.last_pulled_at = utc_now()
-    return {"linked": linked, "applied": applied, "removed": removed}
+    foreign = sum(o["reason"] == NOT_OURS for o in odd)
+    return {
+        "applied": applied, "removed": removed, "foreign": foreign, "skipped": len(odd) - foreign,
+    }  # fmt: skip
+
+
+NOT_OURS = "claims the ref of one of protomed's tasks but was not created by protomed: not counted"
+SKIPPED = "its verdicts are not counted until it is restored (those stored before are kept)"
 
 
 def judgements(
@@ -299,9 +377,12 @@ def judgements(
     model_ids: list[int] | None = None,
     reviewer: str | None = None,
     criteria_set_id: int | None = None,
+    flagged: Flagged = "include",
 ) -> tuple[list[Judgement], list[ModelColumn], list[Criterion]]:
     """The verdicts matching the filters as report input: (judgements, model columns,
-    criteria). Columns: the models with verdicts (or those asked for), baseline first."""
+    criteria). Columns: the models with verdicts (or those asked for), baseline first.
+    ``flagged``: keep the verdicts written by someone other than their named author
+    (``include``), leave them out (``exclude``) or keep only them (``only``)."""
     query = (
         select(Review, Image, Model, ReviewProject.criteria_set_id, ReviewTask.sample)
         .join(ReviewTask, Review.task_id == ReviewTask.id)
@@ -321,10 +402,12 @@ def judgements(
         )
     if criteria_set_id is not None:
         query = query.where(ReviewProject.criteria_set_id == criteria_set_id)
+    if flagged != "include":
+        query = query.where(Review.flagged.is_(flagged == "only"))
     rows = session.execute(query).all()
     out = [
         Judgement(img.id, img.class_name, m.id, str(m.mode), r.reviewer, r.plausible, r.criteria,
-                  sample=str(sample))
+                  sample=str(sample), flagged=r.flagged)
         for r, img, m, _, sample in rows
     ]  # fmt: skip
     ids = list(model_ids or sorted({m.id for _, _, m, *_ in rows}))
@@ -343,15 +426,30 @@ def judgements(
     return out, columns, criteria
 
 
-def project_counts(session: Session, project: ReviewProject) -> tuple[int, int]:
-    """(tasks, verdicts) of a review project: how far its review got."""
+class ProjectCounts(NamedTuple):
+    """How far a review project got: its tasks, the verdicts stored, and of those the
+    incomplete ones (counted nowhere) and the flagged ones (written in another's name)."""
+
+    tasks: int
+    reviews: int
+    incomplete: int
+    flagged: int
+
+
+def project_counts(session: Session, project: ReviewProject) -> ProjectCounts:
     tasks = session.scalar(
         select(func.count(ReviewTask.id)).where(ReviewTask.project_id == project.id)
     )
-    reviews = session.scalar(
-        select(func.count(Review.id)).join(ReviewTask).where(ReviewTask.project_id == project.id)
-    )
-    return tasks or 0, reviews or 0
+    reviews, incomplete, flagged = session.execute(
+        select(
+            func.count(Review.id),
+            func.count(Review.id).filter(Review.plausible.is_(None)),
+            func.count(Review.id).filter(Review.flagged.is_(True)),
+        )
+        .join(ReviewTask)
+        .where(ReviewTask.project_id == project.id)
+    ).one()
+    return ProjectCounts(tasks or 0, reviews or 0, incomplete or 0, flagged or 0)
 
 
 class FilterError(ValueError):
@@ -377,14 +475,16 @@ def plausibility(
     models: str | None = None,
     reviewer: str | None = None,
     criteria_set_id: int | None = None,
+    flagged: Flagged = "include",
 ) -> PlausibilityReport:
     """The plausibility report with its filters, as the JSON/CSV endpoint and the dashboard
     show it; :class:`FilterError` for malformed model ids."""
     found, columns, criteria = judgements(
         session, dataset_id=dataset_id, model_ids=parse_ids(models), reviewer=reviewer,
-        criteria_set_id=criteria_set_id,
+        criteria_set_id=criteria_set_id, flagged=flagged,
     )  # fmt: skip
     filters = Filters(
-        dataset_id=dataset_id, models=models, reviewer=reviewer, criteria_set_id=criteria_set_id
-    )
+        dataset_id=dataset_id, models=models, reviewer=reviewer, criteria_set_id=criteria_set_id,
+        flagged=flagged,
+    )  # fmt: skip
     return plausibility_report(found, columns, criteria).model_copy(update={"filters": filters})

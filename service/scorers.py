@@ -70,7 +70,7 @@ def _domain_reviews(session: Session, domain: str) -> list[tuple[Review, Image, 
         .join(Model, Batch.model_id == Model.id)
         .join(ReviewProject, ReviewTask.project_id == ReviewProject.id)
         .join(CriteriaSet, ReviewProject.criteria_set_id == CriteriaSet.id)
-        .where(CriteriaSet.domain == domain)
+        .where(CriteriaSet.domain == domain, Review.plausible.is_not(None))  # incomplete: no label
         .order_by(Review.updated_at, Review.id)  # a reviewer's later verdict wins
     )
     return [(r, i, m) for r, i, m in session.execute(query).all()]
@@ -105,7 +105,7 @@ def reviewed_count(session: Session, domain: str) -> int:
         .join(ReviewTask, Review.task_id == ReviewTask.id)
         .join(ReviewProject, ReviewTask.project_id == ReviewProject.id)
         .join(CriteriaSet, ReviewProject.criteria_set_id == CriteriaSet.id)
-        .where(CriteriaSet.domain == domain)
+        .where(CriteriaSet.domain == domain, Review.plausible.is_not(None))
     )
     return int(found or 0)
 

@@ -169,13 +169,17 @@ def judgements_by_batch(session: Session, batch_ids: Sequence[int]) -> dict[int,
     """Every stored verdict on the batches' images, in any review project, per batch; only
     verdicts on images of a random sample of their batch (a batch sent whole is one), as the
     plausibility report counts them (``service.reports``): an image picked because a scorer
-    was unsure of it says nothing unbiased about its batch."""
+    was unsure of it says nothing unbiased about its batch. Incomplete verdicts are left out."""
     rows = session.execute(
         select(Review, Image, Batch)
         .join(ReviewTask, Review.task_id == ReviewTask.id)
         .join(Image, ReviewTask.image_id == Image.id)
         .join(Batch, Image.batch_id == Batch.id)
-        .where(Batch.id.in_(list(batch_ids)), ReviewTask.sample == ReviewSample.random)
+        .where(
+            Batch.id.in_(list(batch_ids)),
+            ReviewTask.sample == ReviewSample.random,
+            Review.plausible.is_not(None),  # an incomplete verdict says nothing either way
+        )
     ).all()
     out: dict[int, list[Judgement]] = defaultdict(list)
     for r, img, b in rows:

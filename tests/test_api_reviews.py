@@ -78,7 +78,8 @@ def test_label_config_and_the_seeds_rule() -> None:
     assert back["overall"] == "implausible" and back["plausible"] is False
     # Label Studio stores whatever its API is sent (any user can post results outside the
     # labelling interface): choices outside the interface's, or of the wrong type, count as not
-    # given, and no shape of result makes the verdict (or the report) fail.
+    # given, and no shape of result makes the verdict (or the report) fail; a verdict not given
+    # is incomplete (None), never plausible (issue 19).
     odd = [
         {"from_name": "crit_cell_size", "value": {"choices": ["maybe"]}},
         {"from_name": "crit_granules", "value": {"choices": [{"x": 1}]}},
@@ -90,7 +91,7 @@ def test_label_config_and_the_seeds_rule() -> None:
         None,
     ]
     got = parse_result(odd, keys)
-    assert got == {"criteria": {}, "overall": None, "comment": "ok", "plausible": True}
+    assert got == {"criteria": {}, "overall": None, "comment": "ok", "plausible": None}
     assert parse_result({"not": "a list"}, keys)["criteria"] == {}  # type: ignore[arg-type]
 
 

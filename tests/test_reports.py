@@ -416,11 +416,17 @@ def crit(fail: int, judged: int) -> dict[str, Any]:
 
 
 def entry(
-    images: int, reviews: int, plausible: int, ties: int, ci: list[float], kept_apart: int = 0
+    images: int,
+    reviews: int,
+    plausible: int,
+    ties: int,
+    ci: list[float],
+    kept_apart: int = 0,
+    incomplete: int = 0,
 ) -> dict:
     rate = plausible / images if images else None
     return {"images": images, "reviews": reviews, "plausible": plausible, "ties": ties,
-            "rate": rate, "ci": ci, "kept_apart": kept_apart}  # fmt: skip
+            "rate": rate, "ci": ci, "kept_apart": kept_apart, "incomplete": incomplete}  # fmt: skip
 
 
 # Counts of images: basophil 1/2 vs 1/2, neutrophil 0/2 vs 2/3, pooled 1/4 vs 3/5.
@@ -473,6 +479,10 @@ EXPECTED: dict[str, Any] = {
         "(review sample 'random'; a batch sent whole is one); images sent because the scorer "
         "was least sure about them (sample 'uncertain') are kept apart: counted in kept_apart, "
         "in no rate, test, failure rate or agreement",
+        "verdicts": "a verdict is implausible if a criterion failed or the overall choice is "
+        "implausible, plausible only with an overall 'plausible' and every criterion judged; any "
+        "other verdict is incomplete: counted in 'incomplete', in no rate, test, failure rate, "
+        "agreement or scorer label",
         "holm_classes": 2,
     },
     "models": MODELS,
@@ -567,6 +577,8 @@ EXPECTED: dict[str, Any] = {
         "percent_agreement": 75.0,
     },
     "kept_apart": 0,
+    "incomplete": 0,
+    "flagged": 0,
     "filters": None,
 }
 
@@ -803,9 +815,16 @@ def test_openapi_publishes_the_report_schema():
         "criteria_failure", "agreement", "kept_apart", "filters",
     }  # fmt: skip
     assert set(schemas["ClassRow"]["properties"]) == {"class", "models", "difference", "criteria"}
-    assert {"images", "reviews", "plausible", "ties", "rate", "ci", "kept_apart"} == set(
-        schemas["RateEntry"]["properties"]
-    )
+    assert {
+        "images",
+        "reviews",
+        "plausible",
+        "ties",
+        "rate",
+        "ci",
+        "kept_apart",
+        "incomplete",
+    } == set(schemas["RateEntry"]["properties"])
     assert "sample" in schemas["Methods"]["properties"]
     review = schemas["ReviewRequest"]["properties"]  # the selection is published too
     assert {"select", "per_batch", "random_share"} <= set(review)

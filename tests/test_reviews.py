@@ -386,7 +386,7 @@ def stored_verdicts(base: Base) -> dict[int, tuple]:
     sql = "SELECT ls_annotation_id, task_id, reviewer, plausible, overall, criteria FROM reviews"
     with engine.connect() as conn:
         rows = {
-            ann: (task, who, bool(ok), overall, json.loads(crits))
+            ann: (task, who, None if ok is None else bool(ok), overall, json.loads(crits))
             for ann, task, who, ok, overall, crits in conn.execute(text(sql)).all()
         }
     engine.dispose()
@@ -656,3 +656,194 @@ def _batch_of(truth: dict, batches: dict, image_id: int) -> int:
     """The batch of a seeded image: its (mode, class) from ``truth``."""
     mode, cls, _ = truth[image_id]
     return batches[(mode, cls)]
+
+
+# --- what a Label Studio member can write (issue 19, "Verdicts") ----------------------------------
+
+
+@dataclass
+class Member:
+    """A Label Studio member who signed up through the organisation's invite link, as any
+    reviewer does, with the API token Label Studio gives them."""
+
+    id: int
+    api: httpx.Client
+
+
+@pytest.fixture(scope="module")
+def member(base: Base) -> Iterator[Member]:
+    url, token = ls_settings()
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Token {token}"}, timeout=30)
+    invite = admin.get("/api/invite").json()["token"]
+    email, password = f"member-{uuid.uuid4().hex[:8]}@protomed.local", uuid.uuid4().hex
+    with httpx.Client(base_url=url, timeout=30) as browser:
+        browser.get("/user/signup/")
+        form = {"email": email, "password": password,
+                "csrfmiddlewaretoken": browser.cookies.get("csrftoken")}  # fmt: skip
+        r = browser.post(f"/user/signup/?token={invite}", data=form,
+                         headers={"Referer": f"{url}/user/signup/"})  # fmt: skip
+        assert r.status_code == 302, r.text[-500:]
+        mine = browser.get("/api/current-user/token").json()["token"]
+        me = browser.get("/api/current-user/whoami").json()["id"]
+    admin.close()
+    with httpx.Client(base_url=url, headers={"Authorization": f"Token {mine}"}, timeout=30) as api:
+        yield Member(me, api)
+
+
+def pull(base: Base) -> list[dict]:
+    """Every project pulled now; the finished sync jobs."""
+    jobs = base.api.post("/reviews/sync", headers=AUTH).json()
+    return [wait_job(base.api, j["id"], worker=base.worker) for j in jobs]
+
+
+def odd_tasks(base: Base) -> dict[int | None, dict]:
+    project = toy_project(base)
+    assert project is not None
+    return {o["ls_task_id"]: o for o in project["odd_tasks"]}
+
+
+def verdict_result(base: Base, plausible: bool) -> list[dict]:
+    """Every criterion of the toy set passed (or failed), as a Label Studio result."""
+    from service.criteria import annotation_result
+
+    keys = [c["key"] for c in base.api.get("/criteria/toy").json()["criteria"]]
+    return annotation_result(dict.fromkeys(keys, "pass" if plausible else "fail"))
+
+
+def test_a_task_protomed_did_not_create_is_reported_not_adopted(
+    base: Base, fresh: Sent, member: Member
+) -> None:
+    """A member imports a task carrying one of protomed's refs (every member can read them)
+    with a forged majority in the reviewers' names and another picture: the pull counts only
+    protomed's own task, reports the other one, and the genuine task's verdicts still arrive
+    by webhook; pulling again changes nothing."""
+    ls_project = fresh.project["ls_project_id"]
+    target = fresh.tasks[0]
+    forged = {
+        "data": {**target["data"], "image": fresh.tasks[1]["data"]["image"]},
+        "annotations": [{"result": verdict_result(base, False), "completed_by": who}
+                        for who in base.reviewers],
+    }  # fmt: skip
+    r = member.api.post(f"/api/projects/{ls_project}/import?return_task_ids=true", json=[forged])
+    assert r.status_code == 201, r.text
+    (forged_id,) = r.json()["task_ids"]
+    for _ in range(2):
+        assert all(j["status"] == "succeeded" for j in pull(base))
+        assert reviews_of(base, fresh) == 0
+        odd = odd_tasks(base)[forged_id]
+        assert odd["claims"] == target["id"] and "not created by protomed" in odd["reason"]
+    # the genuine task's verdict still counts through the webhook, the forged ones never
+    annotate(base, fresh, [(target, 0)])
+    assert all(j["status"] == "succeeded" for j in pull(base))
+    assert reviews_of(base, fresh) == 1
+    assert forged_id in odd_tasks(base)
+
+
+def test_an_edited_ref_does_not_stop_the_pull(base: Base, fresh: Sent, member: Member) -> None:
+    """A member PATCHes one task's ref to another task's token: every pull still succeeds (it
+    failed with ``IntegrityError`` and its SQL in ``job.error``), the edited task is skipped
+    and reported, and the others' verdicts come in."""
+    first, second = fresh.tasks[0], fresh.tasks[1]
+    annotate(base, fresh, [(first, 0), (second, 0)])
+    edited = {"data": {**second["data"], "ref": first["data"]["ref"]}}
+    r = member.api.patch(f"/api/tasks/{second['id']}/", json=edited)
+    assert r.status_code == 200, r.text
+    for _ in range(2):
+        jobs = pull(base)
+        assert all(j["status"] == "succeeded" for j in jobs), jobs
+        assert not any("SQL" in (j.get("error") or "") for j in jobs)
+        assert reviews_of(base, fresh) == 2  # the edited task keeps what was stored
+    odd = odd_tasks(base)[second["id"]]
+    assert odd["claims"] == second["id"] and "ref edited" in odd["reason"]
+    assert first["id"] not in odd_tasks(base)
+
+
+def test_verdicts_written_in_another_members_name_are_flagged(
+    base: Base, fresh: Sent, member: Member
+) -> None:
+    """Label Studio Community lets any member write an annotation in another's name
+    (``completed_by``) or rewrite another's; it records the writer (``updated_by``, set from
+    the token, whatever the request says). Such verdicts are flagged: counted in the report
+    and the project, left out with ``flagged=exclude``."""
+    first, second = fresh.tasks[0], fresh.tasks[1]
+    own = member.api.post(f"/api/tasks/{first['id']}/annotations/",
+                          json={"result": verdict_result(base, True)}).json()  # fmt: skip
+    forged = member.api.post(
+        f"/api/tasks/{second['id']}/annotations/",
+        json={"result": verdict_result(base, False), "completed_by": base.reviewers[0],
+              "updated_by": base.reviewers[0]},
+    ).json()  # fmt: skip
+    assert (forged["completed_by"], forged["updated_by"]) == (base.reviewers[0], member.id)
+    rep = wait_reviews(base, fresh, 2)
+    assert rep["flagged"] == 1
+    assert total(report(base, fresh, flagged="exclude")) == 1
+    assert report(base, fresh, flagged="only")["flagged"] == 1
+    # someone else rewrites the member's own verdict: flagged too
+    base.ls.annotations.update(own["id"], result=verdict_result(base, False))
+    wait_until(lambda: report(base, fresh)["flagged"] == 2, what="the rewrite flagged")
+    assert total(report(base, fresh, flagged="exclude")) == 0
+    assert toy_project(base)["flagged"] >= 2
+
+
+def forgery(base: Base, ref: str) -> dict:
+    """A task carrying ``ref`` with a verdict in a reviewer's name, as any member can import
+    it (the pull exports annotated tasks only: one without verdicts changes nothing)."""
+    verdict = {"result": verdict_result(base, True), "completed_by": base.reviewers[0]}
+    return {"data": {"ref": ref, "image": "x", "expected_class": "x"}, "annotations": [verdict]}
+
+
+def test_import_recovery_adopts_only_what_protomed_sent(
+    base: Base, fresh: Sent, member: Member
+) -> None:
+    """A crash between Label Studio's import and protomed's commit: the next sync recovers the
+    ids from an export, but only for tasks whose import protomed had sent, and only its own
+    task per ref (the first numbered after the import was sent); a task a member imported with
+    a ref, whether before protomed sent it (a leaked token) or copied after, is never adopted
+    (on main the leaked one was adopted before anything was imported)."""
+    from sqlalchemy import select
+
+    from service.config import get_settings
+    from service.db.models import ReviewTask
+    from service.db.session import get_sessionmaker
+    from service.reviews import request_review
+    from workers.review_sync import export, import_tasks
+
+    _dataset, batches, _truth = seed_batches(base.env)
+    ls_project = fresh.project["ls_project_id"]
+    with service_context(base.env), get_sessionmaker()() as s:
+        project, tasks = request_review(s, list(batches.values()), None)
+        s.commit()
+        leaked, copied = sorted(tasks, key=lambda t: t.position)[:2]
+        early = member.api.post(f"/api/projects/{ls_project}/import?return_task_ids=true",
+                                json=[forgery(base, leaked.token)]).json()  # fmt: skip
+        ls, answered = base.ls, []
+
+        class Crash(Exception):
+            pass
+
+        class CrashAfterImport:  # Label Studio imports; the worker dies before its commit
+            def __init__(self) -> None:
+                self.projects, self.exports, self.tasks = self, ls.projects.exports, ls.tasks
+
+            def import_tasks(self, *args: Any, **kwargs: Any) -> Any:
+                answered.extend(ls.projects.import_tasks(*args, **kwargs).task_ids)
+                raise Crash
+
+        with pytest.raises(Crash):
+            import_tasks(CrashAfterImport(), project, get_settings())
+        s.rollback()
+        assert all(t.ls_task_id is None for t in tasks) and len(answered) == len(tasks)
+        copy = member.api.post(f"/api/projects/{ls_project}/import?return_task_ids=true",
+                               json=[forgery(base, copied.token)]).json()  # fmt: skip
+        assert import_tasks(ls, project, get_settings()) == 0  # nothing imported twice
+        s.expire_all()
+        order = sorted(tasks, key=lambda t: t.position)
+        assert [t.ls_task_id for t in order] == answered
+        foreign = {early["task_ids"][0], copy["task_ids"][0]}
+        assert not foreign & set(s.scalars(select(ReviewTask.ls_task_id)))
+        refs = {t.token for t in tasks}
+        claims = [t for t in export(ls, ls_project, all_tasks=True) if t["data"].get("ref") in refs]
+        assert len(claims) == len(tasks) + 2
+    jobs = pull(base)
+    assert all(j["status"] == "succeeded" for j in jobs), jobs
+    assert foreign <= set(odd_tasks(base)), (jobs, toy_project(base))

@@ -3,8 +3,9 @@ blinded tasks, and the reconciliation pull (reads shared with the API's webhook 
 :mod:`service.label_studio`).
 
 Every step is idempotent, so a sync interrupted anywhere (Label Studio down, worker killed) is
-simply run again: the project is found by its title before one is created, and tasks already
-imported are recognised by their opaque ``ref`` token before anything is imported.
+simply run again: the project is found by its title before one is created, and a task whose
+import was sent but whose id never came back is recognised by its opaque ``ref`` token before
+anything is imported again (only such a task: see :func:`recover_imported`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import logging
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import object_session
 
 from service.config import Settings
 from service.criteria import label_config
-from service.db.models import ReviewProject
+from service.db.models import ReviewProject, ReviewTask
 from service.db.session import get_sessionmaker
 from service.label_studio import (
     SECRET_HEADER,
@@ -81,22 +83,64 @@ def export(ls: Any, ls_project_id: int, *, all_tasks: bool) -> list[dict[str, An
     return exported
 
 
+def last_task_id(ls: Any, ls_project_id: int) -> int:
+    """The highest task id of the Label Studio project (0 without tasks): one task, read
+    through the data manager's ordering."""
+    ordering = json.dumps({"ordering": ["-tasks:id"]})
+    page = ls.tasks.list(project=ls_project_id, page_size=1, fields="task_only", query=ordering)
+    last = next(iter(page), None)
+    return int(last.id) if last is not None else 0
+
+
+def recover_imported(
+    pending: list[ReviewTask], exported: list[dict[str, Any]], known: set[int]
+) -> int:
+    """Give back their Label Studio ids to the pending tasks whose import was sent but whose
+    answer never came back (a crash between the import and the commit). Only a task whose
+    import was sent (``import_after`` set) may be adopted, and only by a Label Studio task
+    numbered above the project's highest task before that import (Label Studio's ids only
+    grow): any member can import a task with one of protomed's refs, but only once protomed's
+    own import has shown it, so the lowest-numbered such task is protomed's. Any other
+    claimant stays foreign (the next pull reports it). Returns how many were recovered."""
+    sent = {t.token: t for t in pending if t.import_after is not None}
+    claims: dict[str, int] = {}
+    for item in exported:
+        data, ls_id = item.get("data"), item.get("id")
+        ref = data.get("ref") if isinstance(data, dict) else None
+        task = sent.get(ref) if isinstance(ref, str) else None
+        if task is None or not isinstance(ls_id, int) or ls_id in known:
+            continue
+        if ls_id > (task.import_after or 0):
+            claims[task.token] = min(ls_id, claims.get(task.token, ls_id))
+    for token, ls_id in claims.items():
+        sent[token].ls_task_id = ls_id
+    return len(claims)
+
+
 def import_tasks(ls: Any, project: ReviewProject, settings: Settings) -> int:
-    """Import the tasks Label Studio does not have yet, in their shuffled order."""
+    """Import the tasks Label Studio does not have yet, in their shuffled order. Each chunk's
+    intent is committed before it is sent (``import_after``) and its ids right after, so only
+    tasks protomed itself sent can be recovered from an export (:func:`recover_imported`): a
+    task any member imports with one of protomed's refs is never adopted."""
     pending = sorted((t for t in project.tasks if t.ls_task_id is None), key=lambda t: t.position)
     if not pending:
         return 0
     if project.ls_project_id is None:
         raise RuntimeError(f"review project {project.id} has no Label Studio project yet")
-    by_token = {t.token: t for t in pending}
-    for item in export(ls, project.ls_project_id, all_tasks=True):  # imported before a crash
-        ref = (item.get("data") or {}).get("ref")
-        task = by_token.pop(ref, None) if isinstance(ref, str) else None
-        if task is not None:
-            task.ls_task_id = item["id"]
+    session = object_session(project)
+    if session is None:
+        raise RuntimeError(f"review project {project.id} is not in a session")
+    if any(t.import_after is not None for t in pending):  # sent before a crash
+        known = {t.ls_task_id for t in project.tasks if t.ls_task_id is not None}
+        recover_imported(pending, export(ls, project.ls_project_id, all_tasks=True), known)
+        session.commit()
     todo = [t for t in pending if t.ls_task_id is None]
     for start in range(0, len(todo), IMPORT_CHUNK):
         chunk = todo[start : start + IMPORT_CHUNK]
+        last = last_task_id(ls, project.ls_project_id)
+        for task in chunk:
+            task.import_after = last
+        session.commit()
         resp = ls.projects.import_tasks(
             project.ls_project_id,
             request=[task_data(t, settings.public_url) for t in chunk],
@@ -107,6 +151,7 @@ def import_tasks(ls: Any, project: ReviewProject, settings: Settings) -> int:
             raise RuntimeError(f"Label Studio returned {len(ids)} task ids for {len(chunk)}")
         for task, ls_id in zip(chunk, ids, strict=True):
             task.ls_task_id = ls_id
+        session.commit()
     return len(todo)
 
 

@@ -59,7 +59,8 @@ from service.db.models import (
 )
 from service.evaluations import evaluation_of, latest_evaluation
 from service.model_cards import build_card, card_markdown
-from service.reports import kept_apart_text, odds_ratio_text
+from service.report_models import Flagged
+from service.reports import flagged_text, incomplete_text, kept_apart_text, odds_ratio_text
 from service.reviews import FilterError, plausibility
 from service.scorers import latest_scorer, metrics_of
 from service.security import close_session, find_key, open_session
@@ -307,24 +308,31 @@ def report_page(
     models: Annotated[str | None, Query(max_length=2000)] = None,
     reviewer: Annotated[str | None, Query(max_length=254)] = None,
     criteria_set_id: Annotated[str | None, Query(max_length=12)] = None,
+    flagged: Flagged = "include",
 ) -> HTMLResponse:
-    """The JSON report's content for people: Tables 3-4, the chart, criteria and agreement.
-    Same filters as ``GET /reports/plausibility``; empty form fields count as no filter."""
+    """The JSON report's content for people: Tables 3-4, the chart, criteria and agreement,
+    how many verdicts were incomplete or flagged, and the Label Studio tasks the last pull did
+    not count. Same filters as ``GET /reports/plausibility``; empty form fields count as no
+    filter."""
     try:
         set_id = optional_id(criteria_set_id, "criteria_set_id")
         report = plausibility(
-            session, optional_id(dataset_id, "dataset_id"), models or None, reviewer or None, set_id
-        )
+            session, optional_id(dataset_id, "dataset_id"), models or None, reviewer or None,
+            set_id, flagged,
+        )  # fmt: skip
     except HTTPException as exc:  # malformed ids: say so on a page, not in JSON
         return bad_filter(request, exc)
     except FilterError as exc:
         return bad_filter(request, HTTPException(422, str(exc)))
     filters = report.filters.model_dump(exclude_none=True) if report.filters else {}
+    if filters.get("flagged") == "include":  # the default: no need to repeat it in links
+        del filters["flagged"]
     api_url = route_path(request, "plausibility_endpoint")
     return page(
         request, "report.html", title="Plausibility report", report=report,
         rows=report_rows(report), failures=failure_rows(report), chart=bar_chart(report),
         filters=filters, odds_ratio=odds_ratio_text(report), kept_apart=kept_apart_text(report),
+        incomplete=incomplete_text(report), flagged=flagged_text(report),
         json_url=f"{api_url}?{urlencode(filters)}" if filters else api_url,
         csv_url=f"{api_url}?{urlencode({**filters, 'format': 'csv'})}",
         projects=report_projects(session, ls_public(settings), set_id),

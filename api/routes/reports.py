@@ -12,7 +12,7 @@ from api.deps import Reader, SessionDep
 from api.schemas import EvaluationReport
 from service.db.models import MAX_ID
 from service.evaluations import evaluation_csv, evaluation_of, latest_evaluation
-from service.report_models import PlausibilityReport
+from service.report_models import Flagged, PlausibilityReport
 from service.reports import report_csv
 from service.reviews import FilterError, plausibility
 
@@ -40,15 +40,23 @@ def plausibility_endpoint(
         str | None, Query(max_length=254, description="Label Studio user id or e-mail.")
     ] = None,
     criteria_set_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    flagged: Annotated[
+        Flagged,
+        Query(
+            description="Verdicts Label Studio says someone other than their reviewer wrote: "
+            "include (counted, the default), exclude (left out) or only (nothing else)."
+        ),
+    ] = "include",
     format: Literal["json", "csv"] = "json",
 ) -> PlausibilityReport | PlainTextResponse:
     """Per class and model, % of images judged plausible (the image is the unit: its
     reviewers' majority, a tie counting as implausible), prototype minus baseline with a 95%
     interval (Newcombe/Wilson), Fisher's exact p raw and Holm-adjusted over the classes; macro
     and pooled averages with a Cochran-Mantel-Haenszel test stratified by class; failure rate
-    per criterion; agreement between reviewers. ``format=csv``: the seed's Tables 3-4 layout."""
+    per criterion; agreement between reviewers; how many verdicts were incomplete (counted
+    nowhere) and flagged. ``format=csv``: the seed's Tables 3-4 layout."""
     try:
-        report = plausibility(session, dataset_id, models, reviewer, criteria_set_id)
+        report = plausibility(session, dataset_id, models, reviewer, criteria_set_id, flagged)
     except FilterError as exc:
         raise HTTPException(422, str(exc)) from exc
     if format == "csv":

@@ -386,6 +386,10 @@ class ReviewProject(TimestampMixin, Base):
     ls_project_id: Mapped[int | None] = mapped_column(Integer)  # set by the first sync
     ls_webhook_id: Mapped[int | None] = mapped_column(Integer)
     last_pulled_at: Mapped[datetime | None] = mapped_column()
+    # Label Studio tasks of the project's last pull that were not counted (a task protomed
+    # did not create claiming one of its refs, or one of its own whose data was edited):
+    # [{ls_task_id, claims, reason}], replaced by every pull (``service.reviews.reconcile``).
+    odd_tasks: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=list)
 
     criteria_set: Mapped[CriteriaSet] = relationship()
     tasks: Mapped[list[ReviewTask]] = relationship(back_populates="project")
@@ -406,6 +410,11 @@ class ReviewTask(TimestampMixin, Base):
     token: Mapped[str] = mapped_column(String(64), unique=True)
     position: Mapped[int] = mapped_column(Integer)
     ls_task_id: Mapped[int | None] = mapped_column(Integer, unique=True)
+    # Set (and committed) just before the task is sent to Label Studio's import: the highest
+    # task id the Label Studio project had then. A task whose id never came back was maybe
+    # imported, and only then may an export adopt it, and only a task numbered above this
+    # (``workers/review_sync.recover_imported``).
+    import_after: Mapped[int | None] = mapped_column(Integer)
     sample: Mapped[ReviewSample] = mapped_column(
         str_enum(ReviewSample, "sample"), default=ReviewSample.random, server_default="random"
     )
@@ -431,12 +440,20 @@ class Review(TimestampMixin, Base):
     reviewer: Mapped[str] = mapped_column(String(200), index=True)  # Label Studio user id
     # ...and that user's e-mail, so the report's reviewer filter takes either.
     reviewer_email: Mapped[str | None] = mapped_column(String(254), index=True)
-    # The seed's rule, applied here: implausible if any criterion failed or the overall
-    # verdict says so.
-    plausible: Mapped[bool] = mapped_column(Boolean)
+    # The seed's rule, applied here (``service.criteria.parse_result``): False if any
+    # criterion failed or the overall verdict says implausible, True only with an overall
+    # "plausible" and every criterion given, None (incomplete: stored, shown, never counted)
+    # otherwise.
+    plausible: Mapped[bool | None] = mapped_column(Boolean)
     overall: Mapped[str | None] = mapped_column(String(32))  # the reviewer's own overall choice
     criteria: Mapped[dict[str, Any]] = mapped_column(default=dict)  # key -> pass | fail | na
     comment: Mapped[str | None] = mapped_column(Text)
+    # Who Label Studio says last wrote the annotation (its ``updated_by``: the user of the
+    # token that sent it, whatever ``completed_by`` says); None when it records none.
+    written_by: Mapped[str | None] = mapped_column(String(200))
+    # Written by someone other than ``reviewer``, or by nobody Label Studio knows: Label
+    # Studio Community lets any member write in another's name, so the report counts these.
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     updated_at: Mapped[datetime] = mapped_column(default=utc_now, onupdate=utc_now)
 
     task: Mapped[ReviewTask] = relationship(back_populates="reviews")

@@ -13,8 +13,6 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ml.catalog import DEFAULT_MAX_IMAGE_PIXELS  # torch- and PIL-free
-
 
 class Settings(BaseSettings):
     """Every knob of the service; read once per process through :func:`get_settings`."""
@@ -52,7 +50,9 @@ class Settings(BaseSettings):
     # dataset at registration (listed in its ``skipped``) and never decoded by the workers: a
     # 20 KB PNG can declare 13000x13000 pixels and cost gigabytes once decoded. The ML core
     # reads the same variable, PROTOMED_MAX_IMAGE_PIXELS, from its environment.
-    max_image_pixels: int = Field(default=DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    # the ML core's own default (ml.catalog.DEFAULT_MAX_IMAGE_PIXELS; a test keeps them equal):
+    # the settings load without importing ml
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
     # Bootstrap admin key (compose, CI): ensured to exist at start-up; its hash is stored.
     admin_key: str | None = None
     # Every read of datasets, models, batches, images, jobs and reports needs a key (admin or

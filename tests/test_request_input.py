@@ -320,6 +320,15 @@ def test_registration_skips_an_image_over_the_pixel_limit(svc: Service) -> None:
     assert str(4096 * 4096) in reason, reason
 
 
+def test_the_service_and_the_core_share_one_default_pixel_limit() -> None:
+    """The settings must load without ml (the API starts without it), so the default is written
+    in both places; this keeps the two equal."""
+    from ml.catalog import DEFAULT_MAX_IMAGE_PIXELS
+    from service.config import Settings
+
+    assert Settings.model_fields["max_image_pixels"].default == DEFAULT_MAX_IMAGE_PIXELS
+
+
 def test_the_pixel_limit_is_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from service.config import get_settings
 

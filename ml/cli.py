@@ -141,7 +141,14 @@ def prototypes(
     image_size: Annotated[int, typer.Option(help="Size images are loaded at.")] = 64,
     classes: Annotated[str | None, typer.Option(help="Comma-separated subset of classes.")] = None,
     seed: int = 0,
-    encoder: Annotated[str, typer.Option(help="open_clip model name.")] = "ViT-L-14",
+    encoder: Annotated[
+        str,
+        typer.Option(
+            help="open_clip model name, or 'learned': a small CNN trained from scratch on the "
+            "training images jointly with the prototypes (no weights needed; saved beside the "
+            "codebook as encoder.safetensors + encoder.json)."
+        ),
+    ] = "ViT-L-14",
     pretrained: Annotated[
         str | None,
         typer.Option(
@@ -149,6 +156,17 @@ def prototypes(
             "already in the Hugging Face hub cache (never downloaded)."
         ),
     ] = "openai",
+    encoder_epochs: Annotated[
+        int | None,
+        typer.Option(
+            help="--encoder learned: most training epochs (default 40; early stopping "
+            "on the held-out part)."
+        ),
+    ] = None,
+    encoder_size: Annotated[
+        int | None,
+        typer.Option(help="--encoder learned: input size of its network (default 32)."),
+    ] = None,
     untrained: Annotated[
         bool,
         typer.Option(help="Random encoder weights, for trials (no weights are ever downloaded)."),
@@ -165,11 +183,13 @@ def prototypes(
     device: Device = None,
     verbose: Verbose = False,
 ) -> None:
-    """Embed a labelled image set with CLIP and learn K class prototypes (convolutional prototype
-    learning); writes codebook.safetensors + codebook.json and prints the held-out report."""
+    """Embed a labelled image set with CLIP (or learn a domain encoder from it, --encoder
+    learned) and learn K class prototypes (convolutional prototype learning); writes
+    codebook.safetensors + codebook.json and prints the held-out report."""
     _setup_logging(verbose)
 
     def run() -> None:
+        from ml.domain_encoder import LEARNED, DomainEncoderConfig
         from ml.encoder import EmbeddingCache, EncoderSpec
         from ml.pipeline import learn_prototypes
         from ml.prototypes import CPLConfig
@@ -178,7 +198,12 @@ def prototypes(
             k=k, gamma=gamma, lam=lam, head=None if head == "none" else head,
             epochs=epochs, seed=seed,
         )  # fmt: skip
-        spec = EncoderSpec(encoder, None if untrained else pretrained)
+        learned = encoder == LEARNED
+        if not learned and (encoder_epochs is not None or encoder_size is not None):
+            raise ValueError(f"--encoder-epochs/--encoder-size need --encoder {LEARNED}")
+        given = {"epochs": encoder_epochs, "input_size": encoder_size}
+        domain = DomainEncoderConfig(seed=seed, **{n: v for n, v in given.items() if v is not None})
+        spec = EncoderSpec(encoder, None if untrained or learned else pretrained)
         selection = {
             "root": data, "layout": layout, "n_per_class": n_per_class, "n_heldout": heldout,
             "image_size": image_size, "seed": seed, "classes": _classes(classes),
@@ -186,7 +211,7 @@ def prototypes(
         result = learn_prototypes(
             selection, out, encoder_spec=spec, cpl=cpl, allow_untrained=untrained,
             cache=EmbeddingCache() if cache else None, device=device, progress=True,
-            roots=allow_root or None,
+            roots=allow_root or None, domain=domain if learned else None,
         )  # fmt: skip
         typer.echo(json.dumps(result.report.to_dict(), indent=2))
         typer.echo(f"codebook written to {result.out_dir}")
@@ -322,9 +347,16 @@ def demo(
     steps: Annotated[int, typer.Option(help="Training steps per mode.")] = 600,
     n_per_class: Annotated[int, typer.Option(help="Training images per class.")] = 100,
     n_sample: Annotated[int, typer.Option(help="Images sampled per class and mode.")] = 32,
-    encoder: Annotated[str, typer.Option(help="open_clip model for the prototypes.")] = "ViT-B-32",
+    encoder: Annotated[
+        str | None,
+        typer.Option(
+            help="Encoder for the prototypes: 'learned' (a small CNN trained on the toy images "
+            "with the prototypes), or an open_clip model. Default: learned, or ViT-B-32 when "
+            "--pretrained is given."
+        ),
+    ] = None,
     pretrained: Annotated[
-        str | None, typer.Option(help="Weights tag or file; default: untrained encoder.")
+        str | None, typer.Option(help="CLIP weights tag or file (for an open_clip --encoder).")
     ] = None,
     device: Device = None,
     verbose: Verbose = False,
@@ -337,10 +369,14 @@ def demo(
 
     def run() -> dict[str, Any]:
         from ml.demo import run_demo
+        from ml.domain_encoder import LEARNED
 
+        name = encoder or ("ViT-B-32" if pretrained else LEARNED)
+        if name == LEARNED and pretrained:
+            raise ValueError(f"--pretrained is for an open_clip --encoder, not {LEARNED}")
         return run_demo(
             out, steps=steps, n_per_class=n_per_class, n_sample=n_sample,
-            encoder=encoder, pretrained=pretrained, device=device, say=typer.echo,
+            encoder=name, pretrained=pretrained, device=device, say=typer.echo,
         )  # fmt: skip
 
     _guard(run)
@@ -470,6 +506,7 @@ def audit(
         from ml.audit import audit_images, audit_table, model_split, read_batch_folder
         from ml.audit_models import AuditConfig
         from ml.checkpoint import load_model
+        from ml.domain_encoder import refuse_same_space
         from ml.encoder import ClipEncoder, EmbeddingCache, EncoderSpec
         from ml.weights import find_weights
 
@@ -483,6 +520,8 @@ def audit(
         if "clip" in cfg.spaces:
             enc = ClipEncoder(EncoderSpec(encoder, weights), device=device,
                               allow_untrained=untrained)  # fmt: skip
+        if enc is not None:
+            refuse_same_space(enc.identity, loaded.cond.encoder, "the audit's feature space")
         split = model_split(loaded, str(data) if data else None, allow_root or None)
         report = audit_images(
             images, classes, split, enc, cfg, flips=loaded.cfg.flip, names=files,

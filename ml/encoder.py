@@ -17,7 +17,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import open_clip
@@ -242,6 +242,27 @@ class ClipEncoder:
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
 
+class ImageEncoder(Protocol):
+    """What every step that embeds images needs: :class:`ClipEncoder`, or the learned domain
+    encoder (:class:`ml.domain_encoder.LearnedEncoder`). ``identity`` keys cached embeddings."""
+
+    @property
+    def identity(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def image_size(self) -> int: ...
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        batch_size: int = 32,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> torch.Tensor: ...
+
+
 def default_cache_path() -> Path:
     root = os.environ.get("PROTOMED_CACHE_DIR") or Path.home() / ".cache" / "protomed"
     return Path(root) / "embeddings.sqlite"
@@ -301,7 +322,7 @@ class EmbeddingCache:
 
 
 def embed(
-    encoder: ClipEncoder,
+    encoder: ImageEncoder,
     images: torch.Tensor,
     hashes: list[str],
     cache: EmbeddingCache | None = None,

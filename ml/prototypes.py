@@ -71,6 +71,13 @@ class PrototypeReport:
     majority_acc: float | None = None
     logreg_acc: float | None = None
     intra_inter_ratio: float | None = None
+    # The learned domain encoder (ml.domain_encoder) only: the same network at its seeded
+    # initialisation (prototypes fitted on its fixed features), the training it got, and which
+    # images chose its stopping epoch (so a reader knows the held-out numbers' footing).
+    encoder_kind: str = "clip"
+    untrained_nearest_prototype_acc: float | None = None
+    untrained_logreg_acc: float | None = None
+    encoder_training: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,6 +199,13 @@ def _kmeans(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.from_numpy(km.cluster_centers_).to(x.dtype)
 
 
+def init_prototypes(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, k: int, gen: torch.Generator
+) -> torch.Tensor:
+    """(C, K, D) starting prototypes: each class's mean (K=1) or k-means centres."""
+    return torch.stack([_kmeans(x[y == c], k, gen) for c in range(n_classes)])
+
+
 def _own_nearest(feats: torch.Tensor, labels: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     return sq_dists(feats, protos)[torch.arange(len(labels)), labels].argmin(1)
 
@@ -226,6 +240,19 @@ def _report(book: Codebook, x, y, hx, hy, final_loss: float) -> PrototypeReport:
     return rep
 
 
+def check_labels(y: torch.Tensor, n: int, classes: Sequence[str], k: int) -> None:
+    """ValueError unless the n samples' labels index ``classes`` with >= k images each."""
+    n_cls = len(classes)
+    if len(y) != n:
+        raise ValueError(f"{n} samples but {len(y)} labels")
+    if n == 0 or y.min() < 0 or y.max() >= n_cls:
+        raise ValueError(f"labels must index the {n_cls} classes (got {n} samples)")
+    counts = torch.bincount(y, minlength=n_cls)
+    if (counts < k).any():
+        few = [f"{classes[c]}={int(counts[c])}" for c in range(n_cls) if counts[c] < k]
+        raise ValueError(f"every class needs >= k={k} training images; short: {', '.join(few)}")
+
+
 def fit_prototypes(
     train_emb: torch.Tensor,
     train_labels: torch.Tensor | Sequence[int],
@@ -246,17 +273,12 @@ def fit_prototypes(
     y = torch.as_tensor(train_labels, dtype=torch.long).cpu()
     n, dim = x.shape
     n_cls, k = len(classes), cfg.k
-    if len(y) != n or (hashes is not None and len(hashes) != n):
-        raise ValueError(f"{n} embeddings, {len(y)} labels, {len(hashes or [])} hashes")
-    if n == 0 or y.min() < 0 or y.max() >= n_cls:
-        raise ValueError(f"labels must index the {n_cls} classes (got {n} samples)")
-    counts = torch.bincount(y, minlength=n_cls)
-    if (counts < k).any():
-        few = [f"{classes[c]}={int(counts[c])}" for c in range(n_cls) if counts[c] < k]
-        raise ValueError(f"every class needs >= k={k} training images; short: {', '.join(few)}")
+    if hashes is not None and len(hashes) != n:
+        raise ValueError(f"{n} embeddings, {len(y)} labels, {len(hashes)} hashes")
+    check_labels(y, n, classes, k)
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    init = torch.stack([_kmeans(x[y == c], k, gen) for c in range(n_cls)])
+    init = init_prototypes(x, y, n_cls, k, gen)
     protos = torch.nn.Parameter(init.clone())
     params = [protos]
     head = None
@@ -289,8 +311,37 @@ def fit_prototypes(
         final_loss = loss_fn(x, y).item()
 
     head_state = None if head is None else {n_: p.detach().clone() for n_, p in head.items()}
+    return finish_codebook(
+        protos.detach().clone(), x, y, classes, cfg, encoder_identity=encoder_identity,
+        final_loss=final_loss, heldout_emb=heldout_emb, heldout_labels=heldout_labels,
+        hashes=hashes, head_state=head_state,
+    )  # fmt: skip
+
+
+def finish_codebook(
+    prototypes: torch.Tensor,
+    train_emb: torch.Tensor,
+    train_labels: torch.Tensor,
+    classes: Sequence[str],
+    cfg: CPLConfig,
+    *,
+    encoder_identity: str,
+    final_loss: float,
+    heldout_emb: torch.Tensor | None = None,
+    heldout_labels: torch.Tensor | Sequence[int] | None = None,
+    hashes: list[str] | None = None,
+    head_state: dict[str, torch.Tensor] | None = None,
+) -> tuple[Codebook, PrototypeReport]:
+    """A codebook from learned prototypes (C, K, D): each prototype's share of its class's
+    training images, the images' assignments and the held-out report. Shared by the fit on fixed
+    embeddings above and the learned domain encoder, whose prototypes were trained jointly with
+    its network (:mod:`ml.domain_encoder`)."""
+    x = train_emb.detach().float().cpu()
+    y = torch.as_tensor(train_labels, dtype=torch.long).cpu()
+    n_cls, k = prototypes.shape[:2]
+    counts = torch.bincount(y, minlength=n_cls)
     book = Codebook(
-        classes=list(classes), prototypes=protos.detach().clone(), weights=torch.zeros(n_cls, k),
+        classes=list(classes), prototypes=prototypes, weights=torch.zeros(n_cls, k),
         encoder=encoder_identity, gamma=cfg.gamma, lam=cfg.lam, head=cfg.head,
         head_state=head_state,
     )  # fmt: skip

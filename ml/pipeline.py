@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ml.config import TrainConfig
 from ml.data import DatasetSplit, ImageSet, load_selection, load_split, scan
@@ -76,7 +77,7 @@ def learn_prototypes(
         split = load_split(root, **selection, roots=roots)
         return _learn_domain_prototypes(
             split, Path(out_dir), cpl, domain or DomainEncoderConfig(seed=cpl.seed), cache,
-            on_progress,
+            on_progress, progress,
         )  # fmt: skip
     encoder = ClipEncoder(encoder_spec, device=device, allow_untrained=allow_untrained)
     split = load_split(root, **selection, roots=roots)
@@ -128,6 +129,7 @@ def _learn_domain_prototypes(
     cfg: DomainEncoderConfig,
     cache: EmbeddingCache | None,
     on_progress: StageCallback | None,
+    progress: bool = False,
 ) -> PrototypeRun:
     """Train the domain encoder and its prototypes on the training split, save the encoder
     beside the codebook, embed both parts with it (cached under its identity) and report the
@@ -140,12 +142,19 @@ def _learn_domain_prototypes(
         "heldout_sha256": hashlib.sha256("\n".join(split.heldout.hashes).encode()).hexdigest(),
     }
     held = split.heldout if len(split.heldout) else None
-    trained = train_domain_encoder(
-        split.train.images, split.train.labels, split.classes, cpl, cfg,
-        heldout_images=None if held is None else held.images,
-        heldout_labels=None if held is None else held.labels, data=data,
-        on_epoch=None if on_progress is None else lambda d, t: on_progress("encoder", d, t),
-    )  # fmt: skip
+    bar = tqdm(total=cfg.epochs, desc="encoder + prototypes", unit="epoch", disable=not progress)
+
+    def on_epoch(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+        if on_progress is not None:  # the joint training is the job's prototype stage
+            on_progress("prototypes", done, total)
+
+    with bar:
+        trained = train_domain_encoder(
+            split.train.images, split.train.labels, split.classes, cpl, cfg,
+            heldout_images=None if held is None else held.images,
+            heldout_labels=None if held is None else held.labels, data=data, on_epoch=on_epoch,
+        )  # fmt: skip
     encoder = trained.encoder
     encoder.save(out_dir)
 

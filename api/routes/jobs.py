@@ -25,7 +25,7 @@ from service.db.models import (
     ModelStatus,
     utc_now,
 )
-from service.encoder import require_encoder_weights
+from service.encoder import require_encoder_weights, require_prototype_encoder
 from service.payloads import (
     EvaluatePayload,
     GivenBatches,
@@ -58,7 +58,8 @@ def submit_training(
     body: TrainRequest, request: Request, session: SessionDep, settings: SettingsDep, key: AdminKey
 ) -> TrainAccepted:
     """Queue one training run per mode (``both``: prototype and baseline on the same split);
-    422 if the encoder's weights (every run learns prototypes first) are not on this machine."""
+    422 if the CLIP encoder's weights (every run learns prototypes first) are not on this machine
+    (none are needed with ``prototype_encoder="learned"``)."""
     dataset = get_or_404(session, Dataset, body.dataset_id, hint="; see GET /datasets")
     classes = body.classes or list(dataset.classes)
     unknown = sorted(set(classes) - set(dataset.classes))
@@ -69,7 +70,7 @@ def submit_training(
         )
     modes = ["prototype", "baseline"] if body.mode == "both" else [body.mode]
     configs = {m: train_config(body, m) for m in modes}
-    require_encoder_weights(settings)
+    require_prototype_encoder(settings)
     selection = Selection(
         root=dataset.root, layout=dataset.layout, n_per_class=body.n_per_class,
         n_heldout=body.n_heldout, seed=body.seed, classes=classes,

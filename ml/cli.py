@@ -116,6 +116,11 @@ SCHEDULERS = {
 }
 STEPS_HELP = "Default: " + ", ".join(f"{DEFAULT_STEPS[s]} for {s}" for s in SCHEDULERS) + "."
 SAMPLE_DEFAULTS = SampleConfig()
+METRIC_ENCODER_HELP = (
+    "open_clip model the images are measured with, or 'learned' with --pretrained DIR (a learned "
+    "encoder's folder). Never the learned encoder the prototypes were fitted with: that space "
+    "favours prototype mode by construction, so it is refused."
+)
 
 AllowRoot = Annotated[
     list[Path] | None,
@@ -412,8 +417,10 @@ def evaluate(
     ] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps (DDIM, the seed's protocol).")] = 50,
     guidance: float = 2.0,
-    encoder: Annotated[str, typer.Option(help="open_clip model for the metrics.")] = "ViT-L-14",
-    pretrained: Annotated[str | None, typer.Option(help="Weights tag or local file.")] = "openai",
+    encoder: Annotated[str, typer.Option(help=METRIC_ENCODER_HELP)] = "ViT-L-14",
+    pretrained: Annotated[
+        str | None, typer.Option(help="Weights tag or local file (learned: its folder).")
+    ] = "openai",
     untrained: Annotated[bool, typer.Option(help="Untrained encoder (tests/demo only).")] = False,
     cache: Cache = True,
     device: Device = None,
@@ -428,13 +435,12 @@ def evaluate(
         from ml.checkpoint import load_model
         from ml.config import resolve_device
         from ml.downstream import DownstreamConfig
-        from ml.encoder import ClipEncoder, EmbeddingCache, EncoderSpec
+        from ml.encoder import EmbeddingCache, build_encoder, check_encoder
         from ml.evaluate import EvalConfig, evaluation_table
         from ml.evaluate import evaluate as run_evaluation
         from ml.prototypes import Codebook
-        from ml.weights import find_weights
 
-        find_weights(encoder, None if untrained else pretrained)  # before anything heavy loads
+        check_encoder(encoder, None if untrained else pretrained)  # before anything heavy loads
         try:
             seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
         except ValueError as exc:
@@ -449,8 +455,8 @@ def evaluate(
             "baseline": load_model(baseline, device=dev),
             "prototype": load_model(prototype, device=dev),
         }
-        enc = ClipEncoder(EncoderSpec(encoder, None if untrained else pretrained), device=str(dev),
-                          allow_untrained=untrained)  # fmt: skip
+        enc = build_encoder(encoder, None if untrained else pretrained, device=str(dev),
+                            allow_untrained=untrained)  # fmt: skip
         book = Codebook.load(codebook) if codebook is not None else None
         result = run_evaluation(
             models, enc, cfg, codebook=book, cache=EmbeddingCache() if cache else None,
@@ -486,10 +492,10 @@ def audit(
     data: Annotated[
         Path | None, typer.Option(help="The dataset folder, if not where it was at training.")
     ] = None,
-    encoder: Annotated[str, typer.Option(help="open_clip model (the prototypes' one).")] = (
-        "ViT-L-14"
-    ),
-    pretrained: Annotated[str | None, typer.Option(help="Weights tag or local file.")] = "openai",
+    encoder: Annotated[str, typer.Option(help=METRIC_ENCODER_HELP)] = "ViT-L-14",
+    pretrained: Annotated[
+        str | None, typer.Option(help="Weights tag or local file (learned: its folder).")
+    ] = "openai",
     untrained: Annotated[bool, typer.Option(help="Untrained encoder (tests/demo only).")] = False,
     cache: Cache = True,
     allow_root: AllowRoot = None,
@@ -507,19 +513,17 @@ def audit(
         from ml.audit_models import AuditConfig
         from ml.checkpoint import load_model
         from ml.domain_encoder import refuse_same_space
-        from ml.encoder import ClipEncoder, EmbeddingCache, EncoderSpec
-        from ml.weights import find_weights
+        from ml.encoder import EmbeddingCache, build_encoder, check_encoder
 
         cfg = AuditConfig(quantile=quantile, spaces=tuple(space or ("pixel", "clip")))
         weights = None if untrained else pretrained
         if "clip" in cfg.spaces:
-            find_weights(encoder, weights)  # before anything heavy loads
+            check_encoder(encoder, weights)  # before anything heavy loads
         loaded = load_model(checkpoint)
         images, classes, files = read_batch_folder(batch)
         enc = None
         if "clip" in cfg.spaces:
-            enc = ClipEncoder(EncoderSpec(encoder, weights), device=device,
-                              allow_untrained=untrained)  # fmt: skip
+            enc = build_encoder(encoder, weights, device=device, allow_untrained=untrained)
         if enc is not None:
             refuse_same_space(enc.identity, loaded.cond.encoder, "the audit's feature space")
         split = model_split(loaded, str(data) if data else None, allow_root or None)

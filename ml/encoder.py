@@ -263,6 +263,39 @@ class ImageEncoder(Protocol):
     ) -> torch.Tensor: ...
 
 
+def build_encoder(
+    model_name: str,
+    pretrained: str | None,
+    *,
+    device: str | torch.device | None = None,
+    allow_untrained: bool = False,
+) -> ImageEncoder:
+    """The encoder a step measures images with: ``model_name="learned"`` loads a learned domain
+    encoder from the folder ``pretrained`` (one saved beside a codebook, e.g. learned on a split
+    disjoint from the models'), anything else is an open_clip :class:`ClipEncoder`."""
+    from ml.domain_encoder import LEARNED, LearnedEncoder
+
+    if model_name != LEARNED:
+        spec = EncoderSpec(model_name, pretrained)
+        return ClipEncoder(spec, device=device, allow_untrained=allow_untrained)
+    if not pretrained or not Path(pretrained).is_dir():
+        raise ValueError(
+            f"--encoder {LEARNED} needs --pretrained DIR: the folder with its encoder.safetensors "
+            f"(a codebook folder from `protomed prototypes --encoder learned`), not {pretrained!r}"
+        )
+    return LearnedEncoder.load(pretrained, device)
+
+
+def check_encoder(model_name: str, pretrained: str | None) -> None:
+    """Fail at once, before anything heavy loads, when :func:`build_encoder` cannot build it."""
+    from ml.domain_encoder import LEARNED
+
+    if model_name == LEARNED:
+        build_encoder(model_name, pretrained)  # a small file: loading it is the check
+    else:
+        find_weights(model_name, pretrained)
+
+
 def default_cache_path() -> Path:
     root = os.environ.get("PROTOMED_CACHE_DIR") or Path.home() / ".cache" / "protomed"
     return Path(root) / "embeddings.sqlite"

@@ -127,6 +127,24 @@ def test_evaluation_refuses_the_prototypes_learned_space():
     refuse_same_space(learned, None, "x")  # a baseline without a codebook
 
 
+def test_evaluate_refuses_before_any_work(toy, tmp_path, one_thread):
+    """ml.evaluate.evaluate, given the learned encoder a prototype model's codebook came from,
+    refuses at once (before loading data or generating), naming the model."""
+    from types import SimpleNamespace
+
+    from ml.evaluate import evaluate
+    from ml.results import EvalConfig
+
+    run = _learn(toy, tmp_path / "cb")
+    enc = load_codebook_encoder(tmp_path / "cb", run.codebook.encoder)
+    models = {
+        "baseline": SimpleNamespace(cond=SimpleNamespace(encoder=None)),
+        "prototype": SimpleNamespace(cond=SimpleNamespace(encoder=run.codebook.encoder)),
+    }
+    with pytest.raises(ValueError, match="evaluating model prototype would use the learned"):
+        evaluate(models, enc, EvalConfig(), root=str(tmp_path / "nowhere"))  # type: ignore[arg-type]
+
+
 def test_train_rejects_labels_that_do_not_fit():
     images = torch.zeros(4, 3, 16, 16, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"k=2 .*b=1"):

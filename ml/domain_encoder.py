@@ -26,9 +26,6 @@ identity ``learned:<sha256 of the safetensors file>``, which keys its cached emb
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +35,20 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ml.prototypes import CPLConfig, check_labels, dce_loss, init_prototypes, pl_loss, sq_dists
+from ml.encoder import encode_in_batches
+from ml.prototypes import (
+    CPLConfig,
+    artifact_files,
+    check_labels,
+    dce_loss,
+    init_prototypes,
+    pl_loss,
+    read_artifact,
+    sq_dists,
+    write_artifact,
+)
 
 LEARNED = "learned"  # the encoder name that selects this encoder (CLI --encoder, settings)
 IDENTITY_PREFIX = "learned:"
@@ -196,37 +203,25 @@ class LearnedEncoder:
         on_batch: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """uint8 (N,3,S,S) -> L2-normalised float32 (N, dim) on the CPU (as ClipEncoder)."""
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"expected uint8 (N,3,S,S) images, got {images.dtype} {tuple(images.shape)}"
-            )
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(images), batch_size):
-                out.append(self.net(self.preprocess(images[i : i + batch_size])).float().cpu())
-                if on_batch is not None:
-                    on_batch(min(len(images), i + batch_size))
-        return torch.cat(out) if out else torch.empty(0, self.dim)
+        return encode_in_batches(
+            images, lambda x: self.net(self.preprocess(x)), self.dim, batch_size, on_batch
+        )
 
     def save(self, directory: str | Path) -> str:
         """Write encoder.safetensors + encoder.json (temp files, then os.replace); returns and
         takes the identity ``learned:<sha256 of the safetensors file>``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
         tensors |= {"input.mean": self._mean.flatten(), "input.std": self._std.flatten()}
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        tmp_t, tmp_j = directory / f".{TENSORS_NAME}.tmp", directory / f".{JSON_NAME}.tmp"
-        save_file(tensors, str(tmp_t), metadata={"format": "pt"})
-        sha = hashlib.sha256(tmp_t.read_bytes()).hexdigest()
-        self._identity = IDENTITY_PREFIX + sha
-        meta = {**self.meta, "format_version": FORMAT_VERSION, "identity": self._identity,
-                "tensors_sha256": sha}  # fmt: skip
-        self.meta = meta
-        tmp_j.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_t, directory / TENSORS_NAME)
-        os.replace(tmp_j, directory / JSON_NAME)
-        return self._identity
+
+        def meta(sha: str) -> dict[str, Any]:
+            return {**self.meta, "format_version": FORMAT_VERSION,
+                    "identity": IDENTITY_PREFIX + sha}  # fmt: skip
+
+        sha = write_artifact(Path(directory), JSON_NAME, TENSORS_NAME, tensors, meta)
+        self.meta = {**meta(sha), "tensors_sha256": sha}
+        self._identity = self.meta["identity"]
+        return self.identity
 
     @classmethod
     def load(
@@ -237,23 +232,14 @@ class LearnedEncoder:
         directory = Path(directory)
         if directory.name in (JSON_NAME, TENSORS_NAME):
             directory = directory.parent
-        jpath, tpath = directory / JSON_NAME, directory / TENSORS_NAME
-        for p in (jpath, tpath):
-            if not p.is_file():
-                raise FileNotFoundError(
-                    f"no learned encoder at {directory}: {p.name} missing (written by "
-                    f"`protomed prototypes --encoder {LEARNED}` beside its codebook)"
-                )
+        missing = f"written by `protomed prototypes --encoder {LEARNED}` beside its codebook"
+        jpath, tpath = artifact_files(
+            directory, JSON_NAME, TENSORS_NAME, "learned encoder", missing
+        )
         try:
-            meta = json.loads(jpath.read_text())
-            if meta["format_version"] > FORMAT_VERSION:
-                raise ValueError(
-                    f"format version {meta['format_version']} is newer than this code's"
-                )
-            sha = hashlib.sha256(tpath.read_bytes()).hexdigest()
-            if sha != meta["tensors_sha256"] or meta["identity"] != IDENTITY_PREFIX + sha:
-                raise ValueError(f"{TENSORS_NAME} does not match {JSON_NAME} (checksum)")
-            t = load_file(str(tpath))
+            meta, t = read_artifact(jpath, tpath, FORMAT_VERSION)
+            if meta["identity"] != IDENTITY_PREFIX + meta["tensors_sha256"]:
+                raise ValueError(f"{JSON_NAME}'s identity is not its checksum's")
             net = ConvNet4(**{k: meta["config"][k] for k in ("width", "dim")})
             net.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("net.")})
             return cls(net, t["input.mean"], t["input.std"], meta, device)

@@ -228,18 +228,34 @@ class ClipEncoder:
     ) -> torch.Tensor:
         """uint8 (N,3,S,S) -> L2-normalised float32 (N, dim) on the CPU. ``on_batch(done)`` is
         called after each batch with the number of images encoded so far (job progress)."""
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"expected uint8 (N,3,S,S) images, got {images.dtype} {tuple(images.shape)}"
-            )
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(images), batch_size):
-                x = self.preprocess(images[i : i + batch_size]).to(self.dtype)
-                out.append(F.normalize(self.visual(x).float(), dim=-1).cpu())
-                if on_batch is not None:
-                    on_batch(min(len(images), i + batch_size))
-        return torch.cat(out) if out else torch.empty(0, self.dim)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return F.normalize(self.visual(self.preprocess(x).to(self.dtype)).float(), dim=-1)
+
+        return encode_in_batches(images, forward, self.dim, batch_size, on_batch)
+
+
+def encode_in_batches(
+    images: torch.Tensor,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    dim: int,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None,
+) -> torch.Tensor:
+    """An encoder's ``encode``: uint8 (N,3,S,S) checked, ``forward`` (uint8 batch -> (n, dim)
+    embeddings) run batch by batch without autograd, float32 (N, dim) on the CPU; ``on_batch``
+    gets the count done after each batch."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"expected uint8 (N,3,S,S) images, got {images.dtype} {tuple(images.shape)}"
+        )
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            out.append(forward(images[i : i + batch_size]).float().cpu())
+            if on_batch is not None:
+                on_batch(min(len(images), i + batch_size))
+    return torch.cat(out) if out else torch.empty(0, dim)
 
 
 class ImageEncoder(Protocol):

@@ -41,6 +41,50 @@ class CPLConfig(BaseModel):
     seed: int = 0
 
 
+def write_artifact(
+    directory: Path,
+    json_name: str,
+    tensors_name: str,
+    tensors: dict[str, torch.Tensor],
+    meta: Callable[[str], dict[str, Any]],
+) -> str:
+    """Write a safetensors file and its JSON (``meta(sha256 of the tensors file)`` plus that
+    checksum), each through a temp file and os.replace, so a reader never sees half a pair
+    that checks out. Returns the checksum. Shared by codebooks and learned encoders."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp_t, tmp_j = directory / f".{tensors_name}.tmp", directory / f".{json_name}.tmp"
+    save_file(tensors, str(tmp_t), metadata={"format": "pt"})
+    sha = hashlib.sha256(tmp_t.read_bytes()).hexdigest()
+    tmp_j.write_text(json.dumps({**meta(sha), "tensors_sha256": sha}, indent=1))
+    os.replace(tmp_t, directory / tensors_name)
+    os.replace(tmp_j, directory / json_name)
+    return sha
+
+
+def artifact_files(
+    directory: Path, json_name: str, tensors_name: str, what: str, missing: str
+) -> tuple[Path, Path]:
+    """The (JSON, tensors) paths of a saved pair; FileNotFoundError naming the missing one."""
+    jpath, tpath = directory / json_name, directory / tensors_name
+    for p in (jpath, tpath):
+        if not p.is_file():
+            raise FileNotFoundError(f"no {what} at {directory}: {p.name} missing ({missing})")
+    return jpath, tpath
+
+
+def read_artifact(
+    jpath: Path, tpath: Path, version: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON and tensors of a pair, ValueError unless its format version is known and the
+    tensors file matches the checksum recorded in the JSON."""
+    meta = json.loads(jpath.read_text())
+    if meta["format_version"] > version:
+        raise ValueError(f"format version {meta['format_version']} is newer than this code's")
+    if hashlib.sha256(tpath.read_bytes()).hexdigest() != meta["tensors_sha256"]:
+        raise ValueError(f"{tpath.name} does not match {jpath.name} (checksum)")
+    return meta, load_file(str(tpath))
+
+
 def sq_dists(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """(N, D), (C, K, D) -> (N, C, K) squared Euclidean distances (exact, no expansion)."""
     return (features[:, None, None, :] - prototypes[None]).pow(2).sum(-1)
@@ -128,10 +172,6 @@ class Codebook:
 
     def save(self, directory: str | Path) -> Path:
         """Write codebook.safetensors + codebook.json (each via a temp file and os.replace)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp_t, tmp_j = directory / f".{TENSORS_NAME}.tmp", directory / f".{JSON_NAME}.tmp"
-        save_file(self._tensors(), str(tmp_t), metadata={"format": "pt"})
         meta = {
             "format_version": FORMAT_VERSION,
             "classes": list(self.classes),
@@ -141,14 +181,12 @@ class Codebook:
             "gamma": self.gamma,
             "lam": self.lam,
             "head": self.head,
-            "tensors_sha256": hashlib.sha256(tmp_t.read_bytes()).hexdigest(),
             "selection": self.selection,
             "report": self.report,
             "assignments": self.assignments,
         }
-        tmp_j.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_t, directory / TENSORS_NAME)
-        os.replace(tmp_j, directory / JSON_NAME)
+        directory = Path(directory)
+        write_artifact(directory, JSON_NAME, TENSORS_NAME, self._tensors(), lambda _sha: meta)
         return directory
 
     @classmethod
@@ -156,21 +194,10 @@ class Codebook:
         directory = Path(directory)
         if directory.name == JSON_NAME:
             directory = directory.parent
-        jpath, tpath = directory / JSON_NAME, directory / TENSORS_NAME
-        for p in (jpath, tpath):
-            if not p.is_file():
-                raise FileNotFoundError(
-                    f"no codebook at {directory}: {p.name} missing (expected {JSON_NAME} + "
-                    f"{TENSORS_NAME}, written by `protomed prototypes`)"
-                )
+        missing = f"expected {JSON_NAME} + {TENSORS_NAME}, written by `protomed prototypes`"
+        jpath, tpath = artifact_files(directory, JSON_NAME, TENSORS_NAME, "codebook", missing)
         try:
-            meta = json.loads(jpath.read_text())
-            version = meta["format_version"]
-            if version > FORMAT_VERSION:
-                raise ValueError(f"format version {version} is newer than this code's")
-            if hashlib.sha256(tpath.read_bytes()).hexdigest() != meta["tensors_sha256"]:
-                raise ValueError(f"{TENSORS_NAME} does not match {JSON_NAME} (checksum)")
-            t = load_file(str(tpath))
+            meta, t = read_artifact(jpath, tpath, FORMAT_VERSION)
             protos, weights = t["prototypes"], t["weights"]
             c, k, d = len(meta["classes"]), meta["k"], meta["dim"]
             if tuple(protos.shape) != (c, k, d) or tuple(weights.shape) != (c, k):

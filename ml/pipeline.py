@@ -74,6 +74,10 @@ def learn_prototypes(
     root = selection.pop("root")
     scan(Path(root), selection.get("layout", "auto"), roots)
     if encoder_spec.model_name == LEARNED:
+        if cpl.head is not None:
+            raise ValueError(
+                f"--head is for fixed CLIP embeddings: the {LEARNED} encoder trains its whole net"
+            )
         split = load_split(root, **selection, roots=roots)
         return _learn_domain_prototypes(
             split, Path(out_dir), cpl, domain or DomainEncoderConfig(seed=cpl.seed), cache,

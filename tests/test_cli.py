@@ -252,3 +252,7 @@ def test_encoder_options_need_the_learned_encoder(tmp_path):
     r = invoke("prototypes", data, "--out", tmp_path / "cb", "--encoder-epochs", 3,
                *TINY_ENCODER)  # fmt: skip
     assert r.exit_code == 2 and "need --encoder learned" in r.output, r.output
+    r = invoke("prototypes", data, "--out", tmp_path / "cb", "--head", "linear", "--encoder",
+               "learned")  # fmt: skip
+    assert r.exit_code == 2 and "--head is for fixed CLIP embeddings" in r.output, r.output
+    assert not (tmp_path / "cb").exists()

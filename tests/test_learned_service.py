@@ -45,5 +45,8 @@ def test_training_with_the_learned_encoder_needs_no_clip_weights(service: Servic
     assert book["report"]["encoder_kind"] == "learned"
     meta = json.loads((book_dir / "encoder.json").read_text())
     assert meta["identity"] == book["encoder"]
-    card = service.client.get(f"/models/{job['model_id']}", headers=service.admin).json()
-    assert book["encoder"] in json.dumps(card), "the model card names the learned encoder"
+    model = service.client.get(f"/models/{job['model_id']}", headers=service.admin).json()
+    assert book["encoder"] in json.dumps(model), "the model names the learned encoder"
+    card = service.client.get(f"/models/{job['model_id']}/card", headers=service.admin)
+    assert card.status_code == 200, card.text
+    assert book["encoder"] in card.text and "learned from the training images" in card.text

@@ -163,14 +163,18 @@ def prototypes(
     ] = "openai",
     encoder_epochs: Annotated[
         int | None,
-        typer.Option(
-            help="--encoder learned: most training epochs (default 40; early stopping "
-            "on the held-out part)."
-        ),
+        typer.Option(help="--encoder learned: training epochs (default 40, cosine learning rate)."),
     ] = None,
     encoder_size: Annotated[
         int | None,
         typer.Option(help="--encoder learned: input size of its network (default 32)."),
+    ] = None,
+    encoder_patience: Annotated[
+        int | None,
+        typer.Option(
+            help="--encoder learned: early stopping, keeping the epoch best on the held-out part "
+            "(then also the part its reported accuracy comes from). Default: the whole budget."
+        ),
     ] = None,
     untrained: Annotated[
         bool,
@@ -204,9 +208,10 @@ def prototypes(
             epochs=epochs, seed=seed,
         )  # fmt: skip
         learned = encoder == LEARNED
-        if not learned and (encoder_epochs is not None or encoder_size is not None):
-            raise ValueError(f"--encoder-epochs/--encoder-size need --encoder {LEARNED}")
-        given = {"epochs": encoder_epochs, "input_size": encoder_size}
+        given = {"epochs": encoder_epochs, "input_size": encoder_size,
+                 "patience": encoder_patience}  # fmt: skip
+        if not learned and any(v is not None for v in given.values()):
+            raise ValueError(f"--encoder-epochs/-size/-patience need --encoder {LEARNED}")
         domain = DomainEncoderConfig(seed=seed, **{n: v for n, v in given.items() if v is not None})
         spec = EncoderSpec(encoder, None if untrained or learned else pretrained)
         selection = {

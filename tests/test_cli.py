@@ -220,7 +220,8 @@ def test_ml_does_not_import_the_web_stack():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-LEARNED_SMALL = ["--encoder", "learned", "--encoder-epochs", 2, "--encoder-size", 16, "--no-cache"]
+LEARNED_SMALL = ["--encoder", "learned", "--encoder-epochs", 3, "--encoder-size", 16,
+                 "--encoder-patience", 1, "--no-cache"]  # fmt: skip
 
 
 def test_prototypes_with_a_learned_encoder_then_its_space_is_refused_for_metrics(tmp_path):
@@ -235,6 +236,8 @@ def test_prototypes_with_a_learned_encoder_then_its_space_is_refused_for_metrics
     book = json.loads((cb / "codebook.json").read_text())
     assert book["encoder"].startswith("learned:") and (cb / "encoder.safetensors").is_file()
     assert '"untrained_nearest_prototype_acc"' in r.output, "the report compares"
+    training = json.loads((cb / "encoder.json").read_text())["training"]
+    assert training["selected_on"] == "heldout (early stopping)", training
     r = invoke("train", "--out", tmp_path / "m", "--mode", "prototype", "--codebook", cb,
                *TINY_MODEL)  # fmt: skip
     assert r.exit_code == 0, r.output

@@ -54,7 +54,7 @@ from ml.audit_models import (
 )
 from ml.checkpoint import LoadedModel
 from ml.data import DatasetSplit, load_image, pixel_hash
-from ml.encoder import ClipEncoder, EmbeddingCache, embed
+from ml.encoder import EmbeddingCache, ImageEncoder, embed
 
 FLIP_NAMES = ("none", "h", "v", "hv")
 Progress = Callable[[str, float], None]  # (stage, fraction of the audit)
@@ -82,7 +82,7 @@ def pixel_distances(views: Sequence[torch.Tensor], train: torch.Tensor) -> torch
 
 
 def clip_distances(
-    encoder: ClipEncoder,
+    encoder: ImageEncoder,
     views: Sequence[torch.Tensor],
     train_emb: torch.Tensor,
     cache: EmbeddingCache | None,
@@ -145,7 +145,7 @@ def _measure(
     flips: bool,
     train: torch.Tensor,
     train_emb: torch.Tensor | None,
-    encoder: ClipEncoder | None,
+    encoder: ImageEncoder | None,
     cache: EmbeddingCache | None,
 ) -> Measured:
     views = flip_views(images, flips)
@@ -163,7 +163,7 @@ def audit_images(
     images: torch.Tensor,
     image_classes: Sequence[str],
     split: DatasetSplit,
-    encoder: ClipEncoder | None,
+    encoder: ImageEncoder | None,
     cfg: AuditConfig | None = None,
     *,
     flips: bool = True,

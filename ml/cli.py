@@ -116,6 +116,11 @@ SCHEDULERS = {
 }
 STEPS_HELP = "Default: " + ", ".join(f"{DEFAULT_STEPS[s]} for {s}" for s in SCHEDULERS) + "."
 SAMPLE_DEFAULTS = SampleConfig()
+METRIC_ENCODER_HELP = (
+    "open_clip model the images are measured with, or 'learned' with --pretrained DIR (a learned "
+    "encoder's folder). Never the learned encoder the prototypes were fitted with: that space "
+    "favours prototype mode by construction, so it is refused."
+)
 
 AllowRoot = Annotated[
     list[Path] | None,
@@ -141,7 +146,14 @@ def prototypes(
     image_size: Annotated[int, typer.Option(help="Size images are loaded at.")] = 64,
     classes: Annotated[str | None, typer.Option(help="Comma-separated subset of classes.")] = None,
     seed: int = 0,
-    encoder: Annotated[str, typer.Option(help="open_clip model name.")] = "ViT-L-14",
+    encoder: Annotated[
+        str,
+        typer.Option(
+            help="open_clip model name, or 'learned': a small CNN trained from scratch on the "
+            "training images jointly with the prototypes (no weights needed; saved beside the "
+            "codebook as encoder.safetensors + encoder.json)."
+        ),
+    ] = "ViT-L-14",
     pretrained: Annotated[
         str | None,
         typer.Option(
@@ -149,6 +161,21 @@ def prototypes(
             "already in the Hugging Face hub cache (never downloaded)."
         ),
     ] = "openai",
+    encoder_epochs: Annotated[
+        int | None,
+        typer.Option(help="--encoder learned: training epochs (default 40, cosine learning rate)."),
+    ] = None,
+    encoder_size: Annotated[
+        int | None,
+        typer.Option(help="--encoder learned: input size of its network (default 32)."),
+    ] = None,
+    encoder_patience: Annotated[
+        int | None,
+        typer.Option(
+            help="--encoder learned: early stopping, keeping the epoch best on the held-out part "
+            "(then also the part its reported accuracy comes from). Default: the whole budget."
+        ),
+    ] = None,
     untrained: Annotated[
         bool,
         typer.Option(help="Random encoder weights, for trials (no weights are ever downloaded)."),
@@ -165,11 +192,13 @@ def prototypes(
     device: Device = None,
     verbose: Verbose = False,
 ) -> None:
-    """Embed a labelled image set with CLIP and learn K class prototypes (convolutional prototype
-    learning); writes codebook.safetensors + codebook.json and prints the held-out report."""
+    """Embed a labelled image set with CLIP (or learn a domain encoder from it, --encoder
+    learned) and learn K class prototypes (convolutional prototype learning); writes
+    codebook.safetensors + codebook.json and prints the held-out report."""
     _setup_logging(verbose)
 
     def run() -> None:
+        from ml.domain_encoder import LEARNED, DomainEncoderConfig
         from ml.encoder import EmbeddingCache, EncoderSpec
         from ml.pipeline import learn_prototypes
         from ml.prototypes import CPLConfig
@@ -178,7 +207,13 @@ def prototypes(
             k=k, gamma=gamma, lam=lam, head=None if head == "none" else head,
             epochs=epochs, seed=seed,
         )  # fmt: skip
-        spec = EncoderSpec(encoder, None if untrained else pretrained)
+        learned = encoder == LEARNED
+        given = {"epochs": encoder_epochs, "input_size": encoder_size,
+                 "patience": encoder_patience}  # fmt: skip
+        if not learned and any(v is not None for v in given.values()):
+            raise ValueError(f"--encoder-epochs/-size/-patience need --encoder {LEARNED}")
+        domain = DomainEncoderConfig(seed=seed, **{n: v for n, v in given.items() if v is not None})
+        spec = EncoderSpec(encoder, None if untrained or learned else pretrained)
         selection = {
             "root": data, "layout": layout, "n_per_class": n_per_class, "n_heldout": heldout,
             "image_size": image_size, "seed": seed, "classes": _classes(classes),
@@ -186,7 +221,7 @@ def prototypes(
         result = learn_prototypes(
             selection, out, encoder_spec=spec, cpl=cpl, allow_untrained=untrained,
             cache=EmbeddingCache() if cache else None, device=device, progress=True,
-            roots=allow_root or None,
+            roots=allow_root or None, domain=domain if learned else None,
         )  # fmt: skip
         typer.echo(json.dumps(result.report.to_dict(), indent=2))
         typer.echo(f"codebook written to {result.out_dir}")
@@ -322,9 +357,16 @@ def demo(
     steps: Annotated[int, typer.Option(help="Training steps per mode.")] = 600,
     n_per_class: Annotated[int, typer.Option(help="Training images per class.")] = 100,
     n_sample: Annotated[int, typer.Option(help="Images sampled per class and mode.")] = 32,
-    encoder: Annotated[str, typer.Option(help="open_clip model for the prototypes.")] = "ViT-B-32",
+    encoder: Annotated[
+        str | None,
+        typer.Option(
+            help="Encoder for the prototypes: 'learned' (a small CNN trained on the toy images "
+            "with the prototypes), or an open_clip model. Default: learned, or ViT-B-32 when "
+            "--pretrained is given."
+        ),
+    ] = None,
     pretrained: Annotated[
-        str | None, typer.Option(help="Weights tag or file; default: untrained encoder.")
+        str | None, typer.Option(help="CLIP weights tag or file (for an open_clip --encoder).")
     ] = None,
     device: Device = None,
     verbose: Verbose = False,
@@ -337,10 +379,14 @@ def demo(
 
     def run() -> dict[str, Any]:
         from ml.demo import run_demo
+        from ml.domain_encoder import LEARNED
 
+        name = encoder or ("ViT-B-32" if pretrained else LEARNED)
+        if name == LEARNED and pretrained:
+            raise ValueError(f"--pretrained is for an open_clip --encoder, not {LEARNED}")
         return run_demo(
             out, steps=steps, n_per_class=n_per_class, n_sample=n_sample,
-            encoder=encoder, pretrained=pretrained, device=device, say=typer.echo,
+            encoder=name, pretrained=pretrained, device=device, say=typer.echo,
         )  # fmt: skip
 
     _guard(run)
@@ -376,8 +422,10 @@ def evaluate(
     ] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps (DDIM, the seed's protocol).")] = 50,
     guidance: float = 2.0,
-    encoder: Annotated[str, typer.Option(help="open_clip model for the metrics.")] = "ViT-L-14",
-    pretrained: Annotated[str | None, typer.Option(help="Weights tag or local file.")] = "openai",
+    encoder: Annotated[str, typer.Option(help=METRIC_ENCODER_HELP)] = "ViT-L-14",
+    pretrained: Annotated[
+        str | None, typer.Option(help="Weights tag or local file (learned: its folder).")
+    ] = "openai",
     untrained: Annotated[bool, typer.Option(help="Untrained encoder (tests/demo only).")] = False,
     cache: Cache = True,
     device: Device = None,
@@ -392,13 +440,12 @@ def evaluate(
         from ml.checkpoint import load_model
         from ml.config import resolve_device
         from ml.downstream import DownstreamConfig
-        from ml.encoder import ClipEncoder, EmbeddingCache, EncoderSpec
+        from ml.encoder import EmbeddingCache, build_encoder, check_encoder
         from ml.evaluate import EvalConfig, evaluation_table
         from ml.evaluate import evaluate as run_evaluation
         from ml.prototypes import Codebook
-        from ml.weights import find_weights
 
-        find_weights(encoder, None if untrained else pretrained)  # before anything heavy loads
+        check_encoder(encoder, None if untrained else pretrained)  # before anything heavy loads
         try:
             seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
         except ValueError as exc:
@@ -413,8 +460,8 @@ def evaluate(
             "baseline": load_model(baseline, device=dev),
             "prototype": load_model(prototype, device=dev),
         }
-        enc = ClipEncoder(EncoderSpec(encoder, None if untrained else pretrained), device=str(dev),
-                          allow_untrained=untrained)  # fmt: skip
+        enc = build_encoder(encoder, None if untrained else pretrained, device=str(dev),
+                            allow_untrained=untrained)  # fmt: skip
         book = Codebook.load(codebook) if codebook is not None else None
         result = run_evaluation(
             models, enc, cfg, codebook=book, cache=EmbeddingCache() if cache else None,
@@ -450,10 +497,10 @@ def audit(
     data: Annotated[
         Path | None, typer.Option(help="The dataset folder, if not where it was at training.")
     ] = None,
-    encoder: Annotated[str, typer.Option(help="open_clip model (the prototypes' one).")] = (
-        "ViT-L-14"
-    ),
-    pretrained: Annotated[str | None, typer.Option(help="Weights tag or local file.")] = "openai",
+    encoder: Annotated[str, typer.Option(help=METRIC_ENCODER_HELP)] = "ViT-L-14",
+    pretrained: Annotated[
+        str | None, typer.Option(help="Weights tag or local file (learned: its folder).")
+    ] = "openai",
     untrained: Annotated[bool, typer.Option(help="Untrained encoder (tests/demo only).")] = False,
     cache: Cache = True,
     allow_root: AllowRoot = None,
@@ -470,19 +517,20 @@ def audit(
         from ml.audit import audit_images, audit_table, model_split, read_batch_folder
         from ml.audit_models import AuditConfig
         from ml.checkpoint import load_model
-        from ml.encoder import ClipEncoder, EmbeddingCache, EncoderSpec
-        from ml.weights import find_weights
+        from ml.domain_encoder import refuse_same_space
+        from ml.encoder import EmbeddingCache, build_encoder, check_encoder
 
         cfg = AuditConfig(quantile=quantile, spaces=tuple(space or ("pixel", "clip")))
         weights = None if untrained else pretrained
         if "clip" in cfg.spaces:
-            find_weights(encoder, weights)  # before anything heavy loads
+            check_encoder(encoder, weights)  # before anything heavy loads
         loaded = load_model(checkpoint)
         images, classes, files = read_batch_folder(batch)
         enc = None
         if "clip" in cfg.spaces:
-            enc = ClipEncoder(EncoderSpec(encoder, weights), device=device,
-                              allow_untrained=untrained)  # fmt: skip
+            enc = build_encoder(encoder, weights, device=device, allow_untrained=untrained)
+        if enc is not None:
+            refuse_same_space(enc.identity, loaded.cond.encoder, "the audit's feature space")
         split = model_split(loaded, str(data) if data else None, allow_root or None)
         report = audit_images(
             images, classes, split, enc, cfg, flips=loaded.cfg.flip, names=files,

@@ -1,6 +1,7 @@
 """The embedded main job: the whole method on the toy cytology domain, judged by the rule checker.
 
-Toy data -> CLIP prototypes -> baseline and prototype UNets (``cpu-small`` with the demo's
+Toy data -> prototypes (with a domain encoder learned from the toy images by default, or CLIP
+given its weights) -> baseline and prototype UNets (``cpu-small`` with the demo's
 recipe, :data:`DEMO_RECIPE`) -> samples per class -> a labelled grid per mode -> per-class
 plausibility from the rule-based checker, next to the plausibility of real toy images at the same
 size (the ceiling), and the prototype-minus-baseline difference in checker pass rate with its 95%
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ml.checkpoint import load_model
 from ml.config import SampleConfig, make_config
+from ml.domain_encoder import LEARNED
 from ml.encoder import EmbeddingCache, EncoderSpec
 from ml.intervals import newcombe_difference, wilson
 from ml.pipeline import learn_prototypes, train_model
@@ -99,6 +101,19 @@ def sampler_label(scfg: SampleConfig) -> str:
     return f"{name} ({scfg.scheduler}), {scfg.steps} steps, guidance {scfg.guidance:g}"
 
 
+def prototype_line(encoder: str, report: dict[str, Any]) -> str:
+    """Which encoder the prototypes came from and how well they separate held-out images."""
+    acc = report.get("nearest_prototype_acc")
+    held = "" if acc is None else f"; held-out nearest-prototype accuracy {acc:.0%}"
+    if report.get("encoder_kind") == LEARNED:
+        base = report.get("untrained_nearest_prototype_acc")
+        untrained = "" if base is None or acc is None else f" (the untrained network: {base:.0%})"
+        return f"prototypes: domain encoder learned from the toy images ({encoder[:20]}){held}" + (
+            untrained
+        )
+    return f"prototypes: encoder {encoder}{held}"
+
+
 def compare(baseline: dict[str, Any], prototype: dict[str, Any]) -> dict[str, Any]:
     """Prototype-minus-baseline checker pass rate over all classes, with Wilson intervals for
     each rate and Newcombe's interval for the difference; ``shown`` is False when that interval
@@ -156,7 +171,7 @@ def run_demo(
     n_per_class: int = 100,
     n_sample: int = 32,
     heldout: int = 20,
-    encoder: str = "ViT-B-32",
+    encoder: str = LEARNED,
     pretrained: str | None = None,
     device: str | None = None,
     seed: int = 0,
@@ -183,11 +198,16 @@ def run_demo(
 
     stage(1, f"drawing the toy dataset ({n_per_class} + {heldout} held-out images per class)")
     data = write_toy_dataset(out / "data", n_per_class=n_per_class + heldout, size=64, seed=seed)
-    if pretrained is None:
-        log.warning(
-            "demo uses an UNTRAINED %s encoder: prototypes come from random features", encoder
-        )
-    stage(2, f"embedding the images with {encoder} and learning prototypes")
+    learned = encoder == LEARNED
+    if learned:
+        stage(2, "learning a domain encoder (a small CNN, no CLIP weights needed) jointly with "
+              "the prototypes from the training images")  # fmt: skip
+    else:
+        if pretrained is None:
+            log.warning(
+                "demo uses an UNTRAINED %s encoder: prototypes come from random features", encoder
+            )
+        stage(2, f"embedding the images with {encoder} and learning prototypes")
     selection = {"root": data, "n_per_class": n_per_class, "n_heldout": heldout, "seed": seed}
     bar = tqdm(desc="embedding", unit="img", disable=not show_progress)
 
@@ -201,7 +221,7 @@ def run_demo(
         proto = learn_prototypes(
             selection,
             out / "codebook",
-            encoder_spec=EncoderSpec(encoder, pretrained),
+            encoder_spec=EncoderSpec(encoder, None if learned else pretrained),
             cpl=CPLConfig(seed=seed),
             allow_untrained=pretrained is None,
             cache=EmbeddingCache(out / "embeddings.sqlite"),
@@ -261,7 +281,9 @@ def run_demo(
     summary["comparison"] = compare(summary["modes"]["baseline"], summary["modes"]["prototype"])
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     summary["text"] = (
-        f"rule-based plausibility of {n_sample} images per class and mode "
+        prototype_line(summary["encoder"], summary["prototypes"])
+        + "\n"
+        + f"rule-based plausibility of {n_sample} images per class and mode "
         f"({steps} training steps per mode, {preset}, {size}px; sampler: {sampler_label(scfg)}):\n"
         + _table(summary)
         + "\n"

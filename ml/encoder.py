@@ -17,7 +17,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import open_clip
@@ -228,18 +228,88 @@ class ClipEncoder:
     ) -> torch.Tensor:
         """uint8 (N,3,S,S) -> L2-normalised float32 (N, dim) on the CPU. ``on_batch(done)`` is
         called after each batch with the number of images encoded so far (job progress)."""
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"expected uint8 (N,3,S,S) images, got {images.dtype} {tuple(images.shape)}"
-            )
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(images), batch_size):
-                x = self.preprocess(images[i : i + batch_size]).to(self.dtype)
-                out.append(F.normalize(self.visual(x).float(), dim=-1).cpu())
-                if on_batch is not None:
-                    on_batch(min(len(images), i + batch_size))
-        return torch.cat(out) if out else torch.empty(0, self.dim)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return F.normalize(self.visual(self.preprocess(x).to(self.dtype)).float(), dim=-1)
+
+        return encode_in_batches(images, forward, self.dim, batch_size, on_batch)
+
+
+def encode_in_batches(
+    images: torch.Tensor,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    dim: int,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None,
+) -> torch.Tensor:
+    """An encoder's ``encode``: uint8 (N,3,S,S) checked, ``forward`` (uint8 batch -> (n, dim)
+    embeddings) run batch by batch without autograd, float32 (N, dim) on the CPU; ``on_batch``
+    gets the count done after each batch."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"expected uint8 (N,3,S,S) images, got {images.dtype} {tuple(images.shape)}"
+        )
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            out.append(forward(images[i : i + batch_size]).float().cpu())
+            if on_batch is not None:
+                on_batch(min(len(images), i + batch_size))
+    return torch.cat(out) if out else torch.empty(0, dim)
+
+
+class ImageEncoder(Protocol):
+    """What every step that embeds images needs: :class:`ClipEncoder`, or the learned domain
+    encoder (:class:`ml.domain_encoder.LearnedEncoder`). ``identity`` keys cached embeddings."""
+
+    @property
+    def identity(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def image_size(self) -> int: ...
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        batch_size: int = 32,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> torch.Tensor: ...
+
+
+def build_encoder(
+    model_name: str,
+    pretrained: str | None,
+    *,
+    device: str | torch.device | None = None,
+    allow_untrained: bool = False,
+) -> ImageEncoder:
+    """The encoder a step measures images with: ``model_name="learned"`` loads a learned domain
+    encoder from the folder ``pretrained`` (one saved beside a codebook, e.g. learned on a split
+    disjoint from the models'), anything else is an open_clip :class:`ClipEncoder`."""
+    from ml.domain_encoder import LEARNED, LearnedEncoder
+
+    if model_name != LEARNED:
+        spec = EncoderSpec(model_name, pretrained)
+        return ClipEncoder(spec, device=device, allow_untrained=allow_untrained)
+    if not pretrained or not Path(pretrained).is_dir():
+        raise ValueError(
+            f"--encoder {LEARNED} needs --pretrained DIR: the folder with its encoder.safetensors "
+            f"(a codebook folder from `protomed prototypes --encoder learned`), not {pretrained!r}"
+        )
+    return LearnedEncoder.load(pretrained, device)
+
+
+def check_encoder(model_name: str, pretrained: str | None) -> None:
+    """Fail at once, before anything heavy loads, when :func:`build_encoder` cannot build it."""
+    from ml.domain_encoder import LEARNED
+
+    if model_name == LEARNED:
+        build_encoder(model_name, pretrained)  # a small file: loading it is the check
+    else:
+        find_weights(model_name, pretrained)
 
 
 def default_cache_path() -> Path:
@@ -301,7 +371,7 @@ class EmbeddingCache:
 
 
 def embed(
-    encoder: ClipEncoder,
+    encoder: ImageEncoder,
     images: torch.Tensor,
     hashes: list[str],
     cache: EmbeddingCache | None = None,

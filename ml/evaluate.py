@@ -28,8 +28,9 @@ import torch
 from ml.checkpoint import LoadedModel
 from ml.config import SampleConfig
 from ml.data import DataError, DatasetSplit, ImageSet, load_selection, load_split, nfc, scan
+from ml.domain_encoder import refuse_same_space
 from ml.downstream import downstream_experiment
-from ml.encoder import ClipEncoder, EmbeddingCache, embed
+from ml.encoder import EmbeddingCache, ImageEncoder, embed
 from ml.metrics import distribution_report
 from ml.prototypes import Codebook
 from ml.results import (
@@ -170,7 +171,7 @@ def _hashes(images: torch.Tensor) -> list[str]:
     return [pixel_hash(img) for img in images]
 
 
-def _embed(encoder: ClipEncoder, data: ImageSet, cache: EmbeddingCache | None) -> np.ndarray:
+def _embed(encoder: ImageEncoder, data: ImageSet, cache: EmbeddingCache | None) -> np.ndarray:
     return embed(encoder, data.images, _hashes(data.images), cache).numpy()
 
 
@@ -209,7 +210,7 @@ def _test_set(
 
 def evaluate(
     models: Mapping[str, LoadedModel],
-    encoder: ClipEncoder,
+    encoder: ImageEncoder,
     cfg: EvalConfig,
     *,
     codebook: Codebook | None = None,
@@ -230,6 +231,8 @@ def evaluate(
     scored on it and the CLIP-space metrics compare every set with it (the real training
     images then give the floor, as the held-out images do against the training images)."""
     t0 = time.perf_counter()
+    for name, m in models.items():
+        refuse_same_space(encoder.identity, m.cond.encoder, f"evaluating model {name}")
     split = real_split(models, root, roots, need_heldout=test_data is None)
     counts = split.train.per_class_counts()
     classes = list(split.classes)

@@ -6,16 +6,21 @@ exactly the same training split at the model's image size.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
 from ml.config import TrainConfig
 from ml.data import DatasetSplit, ImageSet, load_selection, load_split, scan
+from ml.domain_encoder import LEARNED, DomainEncoderConfig, LearnedEncoder, train_domain_encoder
 from ml.encoder import ClipEncoder, EmbeddingCache, EncoderSpec, embed
-from ml.prototypes import Codebook, CPLConfig, PrototypeReport, fit_prototypes
+from ml.prototypes import Codebook, CPLConfig, PrototypeReport, finish_codebook, fit_prototypes
 from ml.train import ProgressCallback, train
 
 log = logging.getLogger(__name__)
@@ -50,8 +55,12 @@ def learn_prototypes(
     progress: bool = False,
     roots: Sequence[Path | str] | None = None,
     on_progress: StageCallback | None = None,
+    domain: DomainEncoderConfig | None = None,
 ) -> PrototypeRun:
-    """Load a split, embed it with CLIP (cached), fit prototypes, save the codebook.
+    """Load a split, embed it with CLIP (cached), fit prototypes, save the codebook. With
+    ``encoder_spec.model_name == "learned"`` the encoder is instead learned from the training
+    images jointly with the prototypes (``domain``: its network and budget; see
+    :func:`_learn_domain_prototypes`).
 
     ``data`` is a dataset folder (all images, no held-out) or a selection dict with the keyword
     arguments of :func:`ml.data.load_split` plus ``root``; ``roots`` are the folders every file
@@ -64,6 +73,16 @@ def learn_prototypes(
     selection = dict(data) if isinstance(data, dict) else {"root": data}
     root = selection.pop("root")
     scan(Path(root), selection.get("layout", "auto"), roots)
+    if encoder_spec.model_name == LEARNED:
+        if cpl.head is not None:
+            raise ValueError(
+                f"--head is for fixed CLIP embeddings: the {LEARNED} encoder trains its whole net"
+            )
+        split = load_split(root, **selection, roots=roots)
+        return _learn_domain_prototypes(
+            split, Path(out_dir), cpl, domain or DomainEncoderConfig(seed=cpl.seed), cache,
+            on_progress, progress,
+        )  # fmt: skip
     encoder = ClipEncoder(encoder_spec, device=device, allow_untrained=allow_untrained)
     split = load_split(root, **selection, roots=roots)
     n_train, n_all = len(split.train), len(split.train) + len(split.heldout)
@@ -103,6 +122,67 @@ def learn_prototypes(
     )
     codebook.selection = dict(split.selection)
     out_dir = Path(out_dir)
+    codebook.save(out_dir)
+    return PrototypeRun(codebook, report, split, out_dir)
+
+
+def _learn_domain_prototypes(
+    split: DatasetSplit,
+    out_dir: Path,
+    cpl: CPLConfig,
+    cfg: DomainEncoderConfig,
+    cache: EmbeddingCache | None,
+    on_progress: StageCallback | None,
+    progress: bool = False,
+) -> PrototypeRun:
+    """Train the domain encoder and its prototypes on the training split, save the encoder
+    beside the codebook, embed both parts with it (cached under its identity) and report the
+    held-out accuracy next to the same network untrained (prototypes fitted on its fixed
+    features) and a logistic probe on each."""
+    data = {
+        "selection": dict(split.selection),
+        "train_sha256": hashlib.sha256("\n".join(split.train.hashes).encode()).hexdigest(),
+        "train_images": len(split.train),
+        "heldout_sha256": hashlib.sha256("\n".join(split.heldout.hashes).encode()).hexdigest(),
+    }
+    held = split.heldout if len(split.heldout) else None
+    bar = tqdm(total=cfg.epochs, desc="encoder + prototypes", unit="epoch", disable=not progress)
+
+    def on_epoch(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+        if on_progress is not None:  # the joint training is the job's prototype stage
+            on_progress("prototypes", done, total)
+
+    with bar:
+        trained = train_domain_encoder(
+            split.train.images, split.train.labels, split.classes, cpl, cfg,
+            heldout_images=None if held is None else held.images,
+            heldout_labels=None if held is None else held.labels, data=data, on_epoch=on_epoch,
+        )  # fmt: skip
+    encoder = trained.encoder
+    encoder.save(out_dir)
+
+    def embedded(enc: LearnedEncoder, part: ImageSet | None) -> torch.Tensor | None:
+        return None if part is None else embed(enc, part.images, part.hashes, cache)
+
+    codebook, report = finish_codebook(
+        trained.prototypes, embedded(encoder, split.train), split.train.labels, split.classes,
+        cpl, encoder_identity=encoder.identity, final_loss=trained.final_loss,
+        heldout_emb=embedded(encoder, held), heldout_labels=None if held is None else held.labels,
+        hashes=image_keys(split.train),
+    )  # fmt: skip
+    # The untrained network: no identity of its own (never saved), so it is not cached.
+    base = fit_prototypes(
+        trained.untrained.encode(split.train.images), split.train.labels, split.classes, cpl,
+        heldout_emb=None if held is None else trained.untrained.encode(held.images),
+        heldout_labels=None if held is None else held.labels, encoder_identity="untrained",
+    )[1]  # fmt: skip
+    report.encoder_kind = LEARNED
+    report.untrained_nearest_prototype_acc = base.nearest_prototype_acc
+    report.untrained_logreg_acc = base.logreg_acc
+    report.encoder_training = {k: v for k, v in trained.training.items() if k != "history"}
+    codebook.report = report.to_dict()
+    codebook.selection = dict(split.selection)
     codebook.save(out_dir)
     return PrototypeRun(codebook, report, split, out_dir)
 

@@ -41,6 +41,50 @@ class CPLConfig(BaseModel):
     seed: int = 0
 
 
+def write_artifact(
+    directory: Path,
+    json_name: str,
+    tensors_name: str,
+    tensors: dict[str, torch.Tensor],
+    meta: Callable[[str], dict[str, Any]],
+) -> str:
+    """Write a safetensors file and its JSON (``meta(sha256 of the tensors file)`` plus that
+    checksum), each through a temp file and os.replace, so a reader never sees half a pair
+    that checks out. Returns the checksum. Shared by codebooks and learned encoders."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp_t, tmp_j = directory / f".{tensors_name}.tmp", directory / f".{json_name}.tmp"
+    save_file(tensors, str(tmp_t), metadata={"format": "pt"})
+    sha = hashlib.sha256(tmp_t.read_bytes()).hexdigest()
+    tmp_j.write_text(json.dumps({**meta(sha), "tensors_sha256": sha}, indent=1))
+    os.replace(tmp_t, directory / tensors_name)
+    os.replace(tmp_j, directory / json_name)
+    return sha
+
+
+def artifact_files(
+    directory: Path, json_name: str, tensors_name: str, what: str, missing: str
+) -> tuple[Path, Path]:
+    """The (JSON, tensors) paths of a saved pair; FileNotFoundError naming the missing one."""
+    jpath, tpath = directory / json_name, directory / tensors_name
+    for p in (jpath, tpath):
+        if not p.is_file():
+            raise FileNotFoundError(f"no {what} at {directory}: {p.name} missing ({missing})")
+    return jpath, tpath
+
+
+def read_artifact(
+    jpath: Path, tpath: Path, version: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON and tensors of a pair, ValueError unless its format version is known and the
+    tensors file matches the checksum recorded in the JSON."""
+    meta = json.loads(jpath.read_text())
+    if meta["format_version"] > version:
+        raise ValueError(f"format version {meta['format_version']} is newer than this code's")
+    if hashlib.sha256(tpath.read_bytes()).hexdigest() != meta["tensors_sha256"]:
+        raise ValueError(f"{tpath.name} does not match {jpath.name} (checksum)")
+    return meta, load_file(str(tpath))
+
+
 def sq_dists(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """(N, D), (C, K, D) -> (N, C, K) squared Euclidean distances (exact, no expansion)."""
     return (features[:, None, None, :] - prototypes[None]).pow(2).sum(-1)
@@ -71,6 +115,13 @@ class PrototypeReport:
     majority_acc: float | None = None
     logreg_acc: float | None = None
     intra_inter_ratio: float | None = None
+    # The learned domain encoder (ml.domain_encoder) only: the same network at its seeded
+    # initialisation (prototypes fitted on its fixed features), the training it got, and which
+    # images chose its stopping epoch (so a reader knows the held-out numbers' footing).
+    encoder_kind: str = "clip"
+    untrained_nearest_prototype_acc: float | None = None
+    untrained_logreg_acc: float | None = None
+    encoder_training: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,10 +172,6 @@ class Codebook:
 
     def save(self, directory: str | Path) -> Path:
         """Write codebook.safetensors + codebook.json (each via a temp file and os.replace)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp_t, tmp_j = directory / f".{TENSORS_NAME}.tmp", directory / f".{JSON_NAME}.tmp"
-        save_file(self._tensors(), str(tmp_t), metadata={"format": "pt"})
         meta = {
             "format_version": FORMAT_VERSION,
             "classes": list(self.classes),
@@ -134,14 +181,12 @@ class Codebook:
             "gamma": self.gamma,
             "lam": self.lam,
             "head": self.head,
-            "tensors_sha256": hashlib.sha256(tmp_t.read_bytes()).hexdigest(),
             "selection": self.selection,
             "report": self.report,
             "assignments": self.assignments,
         }
-        tmp_j.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_t, directory / TENSORS_NAME)
-        os.replace(tmp_j, directory / JSON_NAME)
+        directory = Path(directory)
+        write_artifact(directory, JSON_NAME, TENSORS_NAME, self._tensors(), lambda _sha: meta)
         return directory
 
     @classmethod
@@ -149,21 +194,10 @@ class Codebook:
         directory = Path(directory)
         if directory.name == JSON_NAME:
             directory = directory.parent
-        jpath, tpath = directory / JSON_NAME, directory / TENSORS_NAME
-        for p in (jpath, tpath):
-            if not p.is_file():
-                raise FileNotFoundError(
-                    f"no codebook at {directory}: {p.name} missing (expected {JSON_NAME} + "
-                    f"{TENSORS_NAME}, written by `protomed prototypes`)"
-                )
+        missing = f"expected {JSON_NAME} + {TENSORS_NAME}, written by `protomed prototypes`"
+        jpath, tpath = artifact_files(directory, JSON_NAME, TENSORS_NAME, "codebook", missing)
         try:
-            meta = json.loads(jpath.read_text())
-            version = meta["format_version"]
-            if version > FORMAT_VERSION:
-                raise ValueError(f"format version {version} is newer than this code's")
-            if hashlib.sha256(tpath.read_bytes()).hexdigest() != meta["tensors_sha256"]:
-                raise ValueError(f"{TENSORS_NAME} does not match {JSON_NAME} (checksum)")
-            t = load_file(str(tpath))
+            meta, t = read_artifact(jpath, tpath, FORMAT_VERSION)
             protos, weights = t["prototypes"], t["weights"]
             c, k, d = len(meta["classes"]), meta["k"], meta["dim"]
             if tuple(protos.shape) != (c, k, d) or tuple(weights.shape) != (c, k):
@@ -190,6 +224,13 @@ def _kmeans(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
     km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x.double().numpy())
     return torch.from_numpy(km.cluster_centers_).to(x.dtype)
+
+
+def init_prototypes(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, k: int, gen: torch.Generator
+) -> torch.Tensor:
+    """(C, K, D) starting prototypes: each class's mean (K=1) or k-means centres."""
+    return torch.stack([_kmeans(x[y == c], k, gen) for c in range(n_classes)])
 
 
 def _own_nearest(feats: torch.Tensor, labels: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
@@ -226,6 +267,19 @@ def _report(book: Codebook, x, y, hx, hy, final_loss: float) -> PrototypeReport:
     return rep
 
 
+def check_labels(y: torch.Tensor, n: int, classes: Sequence[str], k: int) -> None:
+    """ValueError unless the n samples' labels index ``classes`` with >= k images each."""
+    n_cls = len(classes)
+    if len(y) != n:
+        raise ValueError(f"{n} samples but {len(y)} labels")
+    if n == 0 or y.min() < 0 or y.max() >= n_cls:
+        raise ValueError(f"labels must index the {n_cls} classes (got {n} samples)")
+    counts = torch.bincount(y, minlength=n_cls)
+    if (counts < k).any():
+        few = [f"{classes[c]}={int(counts[c])}" for c in range(n_cls) if counts[c] < k]
+        raise ValueError(f"every class needs >= k={k} training images; short: {', '.join(few)}")
+
+
 def fit_prototypes(
     train_emb: torch.Tensor,
     train_labels: torch.Tensor | Sequence[int],
@@ -246,17 +300,12 @@ def fit_prototypes(
     y = torch.as_tensor(train_labels, dtype=torch.long).cpu()
     n, dim = x.shape
     n_cls, k = len(classes), cfg.k
-    if len(y) != n or (hashes is not None and len(hashes) != n):
-        raise ValueError(f"{n} embeddings, {len(y)} labels, {len(hashes or [])} hashes")
-    if n == 0 or y.min() < 0 or y.max() >= n_cls:
-        raise ValueError(f"labels must index the {n_cls} classes (got {n} samples)")
-    counts = torch.bincount(y, minlength=n_cls)
-    if (counts < k).any():
-        few = [f"{classes[c]}={int(counts[c])}" for c in range(n_cls) if counts[c] < k]
-        raise ValueError(f"every class needs >= k={k} training images; short: {', '.join(few)}")
+    if hashes is not None and len(hashes) != n:
+        raise ValueError(f"{n} embeddings, {len(y)} labels, {len(hashes)} hashes")
+    check_labels(y, n, classes, k)
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    init = torch.stack([_kmeans(x[y == c], k, gen) for c in range(n_cls)])
+    init = init_prototypes(x, y, n_cls, k, gen)
     protos = torch.nn.Parameter(init.clone())
     params = [protos]
     head = None
@@ -289,8 +338,37 @@ def fit_prototypes(
         final_loss = loss_fn(x, y).item()
 
     head_state = None if head is None else {n_: p.detach().clone() for n_, p in head.items()}
+    return finish_codebook(
+        protos.detach().clone(), x, y, classes, cfg, encoder_identity=encoder_identity,
+        final_loss=final_loss, heldout_emb=heldout_emb, heldout_labels=heldout_labels,
+        hashes=hashes, head_state=head_state,
+    )  # fmt: skip
+
+
+def finish_codebook(
+    prototypes: torch.Tensor,
+    train_emb: torch.Tensor,
+    train_labels: torch.Tensor,
+    classes: Sequence[str],
+    cfg: CPLConfig,
+    *,
+    encoder_identity: str,
+    final_loss: float,
+    heldout_emb: torch.Tensor | None = None,
+    heldout_labels: torch.Tensor | Sequence[int] | None = None,
+    hashes: list[str] | None = None,
+    head_state: dict[str, torch.Tensor] | None = None,
+) -> tuple[Codebook, PrototypeReport]:
+    """A codebook from learned prototypes (C, K, D): each prototype's share of its class's
+    training images, the images' assignments and the held-out report. Shared by the fit on fixed
+    embeddings above and the learned domain encoder, whose prototypes were trained jointly with
+    its network (:mod:`ml.domain_encoder`)."""
+    x = train_emb.detach().float().cpu()
+    y = torch.as_tensor(train_labels, dtype=torch.long).cpu()
+    n_cls, k = prototypes.shape[:2]
+    counts = torch.bincount(y, minlength=n_cls)
     book = Codebook(
-        classes=list(classes), prototypes=protos.detach().clone(), weights=torch.zeros(n_cls, k),
+        classes=list(classes), prototypes=prototypes, weights=torch.zeros(n_cls, k),
         encoder=encoder_identity, gamma=cfg.gamma, lam=cfg.lam, head=cfg.head,
         head_state=head_state,
     )  # fmt: skip

@@ -500,8 +500,9 @@ UNTRAINED_ENCODER = "ViT-B-32"  # light enough for a CPU; random weights carry n
 
 def _choose_encoder(env: os._Environ[str] | dict[str, str]) -> None:
     """Embedded defaults that train out of the box: when no encoder weights were configured and
-    the default ones are not on this machine (protomed never downloads), use an untrained
-    encoder for this serve (and its worker) and say so plainly; configured weights that are
+    the default ones are not on this machine (protomed never downloads), learn the prototypes'
+    encoder from each dataset and measure with an untrained CLIP encoder for this serve (and
+    its worker), and say so plainly; configured weights that are
     missing are reported too (training requests then answer 422 saying what to set)."""
     from ml.weights import find_weights
     from service.config import Settings
@@ -516,6 +517,8 @@ def _choose_encoder(env: os._Environ[str] | dict[str, str]) -> None:
         env["PROTOMED_ENCODER_WEIGHTS"] = "untrained"
         if "encoder" not in settings.model_fields_set:
             env["PROTOMED_ENCODER"] = UNTRAINED_ENCODER
+        if "prototype_encoder" not in settings.model_fields_set:
+            env["PROTOMED_PROTOTYPE_ENCODER"] = "learned"
         typer.echo(
             f"encoder: UNTRAINED {env['PROTOMED_ENCODER']} (random weights, for trials: "
             f"prototypes will be centroids of random features), because no weights for "
@@ -525,10 +528,25 @@ def _choose_encoder(env: os._Environ[str] | dict[str, str]) -> None:
             "and PROTOMED_ENCODER to its open_clip model, e.g. PROTOMED_ENCODER=ViT-L-14 "
             "PROTOMED_ENCODER_WEIGHTS=/weights/ViT-L-14.pt"
         )
+        _say_prototype_encoder(env.get("PROTOMED_PROTOTYPE_ENCODER", settings.prototype_encoder))
         return
     where = f" ({found.path})" if found.path else ""
     untrained = " UNTRAINED (random weights, for trials)" if found.kind == "untrained" else ""
     typer.echo(f"encoder: {settings.encoder} {settings.encoder_weights}{untrained}{where}")
+    _say_prototype_encoder(settings.prototype_encoder)
+
+
+def _say_prototype_encoder(kind: str) -> None:
+    """Which encoder the training jobs learn prototypes with, and what the CLIP one is for."""
+    if kind == "learned":
+        typer.echo(
+            "prototype encoder: LEARNED from each dataset (a small CNN trained on its training "
+            "images jointly with the prototypes, saved beside the codebook; "
+            "PROTOMED_PROTOTYPE_ENCODER=clip to use the encoder above). The encoder above only "
+            "measures images (evaluation, audit, scorers), never in the prototypes' own space."
+        )
+    else:
+        typer.echo("prototype encoder: the CLIP encoder above (PROTOMED_PROTOTYPE_ENCODER=clip)")
 
 
 class _Stop(BaseException):

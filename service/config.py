@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     # service never downloads; "untrained" builds the architecture with random weights (tests).
     encoder: str = "ViT-L-14"
     encoder_weights: str = "openai"
+    # What the training job learns its prototypes with: "clip" (the encoder above), or
+    # "learned": a small CNN trained from scratch on the dataset's training images jointly with
+    # the prototypes (ml/domain_encoder.py), saved beside the codebook; it needs no weights.
+    # `protomed serve` picks "learned" when no CLIP weights were configured and none are here.
+    # Metrics (evaluation, audit, scorers) always use the CLIP encoder above, never the space
+    # the prototypes were fitted in.
+    prototype_encoder: Literal["clip", "learned"] = "clip"
     # The API refuses training/evaluation requests (422) whose encoder weights it cannot find
     # (a file, or the tag's file in the hub cache, HF_HOME). Set false only where the API runs
     # on a machine without the workers' weights.

@@ -1,5 +1,8 @@
 """Whether the workers' CLIP encoder can be built, checked by the API before it queues a job.
 
+A training job with ``prototype_encoder="learned"`` needs no CLIP weights: it learns its encoder
+from the dataset (:mod:`ml.domain_encoder`), so :func:`require_prototype_encoder` lets it through.
+
 A training (or evaluation) job starts by embedding images with the encoder; if its weights are
 not on the machine the job can only fail, so the request is refused at once
 (:class:`EncoderUnavailable`, which the API answers with 422), saying what to set.
@@ -33,3 +36,10 @@ def require_encoder_weights(settings: Settings) -> None:
             f"PROTOMED_ENCODER_WEIGHTS={settings.encoder_weights}) is not usable on this "
             f"machine: {exc}. Nothing was queued.",
         ) from exc
+
+
+def require_prototype_encoder(settings: Settings) -> None:
+    """What a training request needs: nothing with the learned domain encoder (trained from the
+    dataset itself), else the CLIP encoder's weights (:func:`require_encoder_weights`)."""
+    if settings.prototype_encoder != "learned":
+        require_encoder_weights(settings)

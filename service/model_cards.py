@@ -61,7 +61,9 @@ class Training(BaseModel):
     config: dict[str, Any]
     steps: int | None
     final_loss: float | None
-    encoder: str | None = Field(description="the CLIP encoder (and weights) of the codebook")
+    encoder: str | None = Field(
+        description="the codebook's encoder: CLIP (and weights), or learned:<sha256>"
+    )
     checkpoint_sha256: str | None
     started_at: datetime | None
     finished_at: datetime | None
@@ -181,16 +183,22 @@ def build_card(session: Session, model: Model) -> ModelCard:
         for row in report.classes
     ]
     k = (metrics.get("prototypes") or {}).get("k")
+    encoder = metrics.get("encoder")
+    learned = str(encoder or "").startswith("learned:")
+    source = "a domain encoder learned from the training images" if learned else "CLIP"
     table = (
-        "class prototypes from the CLIP codebook (frozen)"
+        f"class prototypes from the codebook of {source} (frozen)"
         if str(model.mode) == "prototype"
         else "randomly initialised, learned class embeddings (baseline)"
     )
-    encoder = metrics.get("encoder")
     limits = list(LIMITS)
     if encoder and "untrained" in str(encoder).lower():
         limits.insert(0, "Its prototypes come from an UNTRAINED encoder (random features): "
                          "they test nothing about CLIP.")  # fmt: skip
+    if learned:
+        limits.insert(0, "Its prototypes come from a small CNN trained jointly with them on this "
+                         "dataset's training images (no CLIP): images are measured with the CLIP "
+                         "encoder, never in that learned space.")  # fmt: skip
     return ModelCard(
         model_id=model.id,
         status=str(model.status),

@@ -218,3 +218,44 @@ def test_ml_does_not_import_the_web_stack():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+LEARNED_SMALL = ["--encoder", "learned", "--encoder-epochs", 3, "--encoder-size", 16,
+                 "--encoder-patience", 1, "--no-cache"]  # fmt: skip
+
+
+def test_prototypes_with_a_learned_encoder_then_its_space_is_refused_for_metrics(tmp_path):
+    """``--encoder learned``: no weights, the encoder is saved beside the codebook and the report
+    compares it with the untrained network; a model trained on that codebook is then not audited
+    or evaluated in the same space (it favours prototype mode by construction)."""
+    data = write_toy_dataset(tmp_path / "data", n_per_class=6, size=32, seed=0)
+    cb = tmp_path / "cb"
+    r = invoke("prototypes", data, "--out", cb, "--n-per-class", 4, "--heldout", 2,
+               "--image-size", 32, *LEARNED_SMALL)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    book = json.loads((cb / "codebook.json").read_text())
+    assert book["encoder"].startswith("learned:") and (cb / "encoder.safetensors").is_file()
+    assert '"untrained_nearest_prototype_acc"' in r.output, "the report compares"
+    training = json.loads((cb / "encoder.json").read_text())["training"]
+    assert training["selected_on"] == "heldout (early stopping)", training
+    r = invoke("train", "--out", tmp_path / "m", "--mode", "prototype", "--codebook", cb,
+               *TINY_MODEL)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = invoke("sample", tmp_path / "m", "--out", tmp_path / "s", "-n", 1, "--steps", 2)
+    assert r.exit_code == 0, r.output
+    r = invoke("audit", tmp_path / "m", tmp_path / "s", "--encoder", "learned",
+               "--pretrained", cb, "--no-cache")  # fmt: skip
+    assert r.exit_code == 2 and "favours prototype mode by construction" in r.output, r.output
+    r = invoke("audit", tmp_path / "m", tmp_path / "s", "--encoder", "learned", "--no-cache")
+    assert r.exit_code == 2 and "needs --pretrained DIR" in r.output, r.output
+
+
+def test_encoder_options_need_the_learned_encoder(tmp_path):
+    data = write_toy_dataset(tmp_path / "data", n_per_class=2, size=16, seed=0)
+    r = invoke("prototypes", data, "--out", tmp_path / "cb", "--encoder-epochs", 3,
+               *TINY_ENCODER)  # fmt: skip
+    assert r.exit_code == 2 and "need --encoder learned" in r.output, r.output
+    r = invoke("prototypes", data, "--out", tmp_path / "cb", "--head", "linear", "--encoder",
+               "learned")  # fmt: skip
+    assert r.exit_code == 2 and "--head is for fixed CLIP embeddings" in r.output, r.output
+    assert not (tmp_path / "cb").exists()

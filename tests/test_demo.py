@@ -55,7 +55,8 @@ def test_demo_runs_end_to_end_and_summarises(tmp_path, capsys):
     assert summary["prototypes"]["n_heldout"] == 3 * len(TOY_CLASSES)
     text = (tmp_path / "summary.txt").read_text()
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["text"] == summary["text"] and text.startswith("rule-based plausibility")
+    assert saved["text"] == summary["text"] and "\nrule-based plausibility" in text
+    assert text.startswith(f"prototypes: encoder {TINY_MODEL}"), "it says which encoder"
     # the summary names the sampler actually used, not a fixed one
     assert "DDIM (ddim), 3 steps, guidance 2" in text and "dpm++sde" not in text
     # the comparison: a difference with its interval, in the file and on the terminal
@@ -89,3 +90,18 @@ def test_comparison_says_no_difference_when_the_interval_covers_zero():
     text = difference_text(ahead)
     assert "+46.9 points" in text and "prototype model passes more often" in text
     assert "no difference" not in text
+
+
+def test_demo_learns_its_encoder_by_default(tmp_path):
+    """No CLIP weights needed: the demo's prototypes come from an encoder learned on the toy
+    images, saved beside the codebook, and the summary says so."""
+    said: list[str] = []
+    summary = run_demo(
+        tmp_path, steps=1, n_per_class=4, n_sample=1, heldout=2, overrides=TINY,
+        sample=SampleConfig(scheduler="ddim", steps=2), say=said.append, show_progress=False,
+    )  # fmt: skip
+    assert summary["encoder"].startswith("learned:")
+    assert (tmp_path / "codebook" / "encoder.safetensors").is_file()
+    assert summary["prototypes"]["encoder_kind"] == "learned"
+    assert summary["text"].startswith("prototypes: domain encoder learned from the toy images")
+    assert any("learning a domain encoder" in line for line in said)

@@ -10,6 +10,7 @@ process and every Python process it starts. HF_HUB_OFFLINE is removed from their
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -197,7 +198,7 @@ def test_train_request_without_weights_is_422(service: Service, monkeypatch) -> 
 
 
 @pytest.mark.slow
-def test_serve_defaults_train_offline_with_an_untrained_encoder(tmp_path: Path) -> None:
+def test_serve_defaults_train_offline_with_a_learned_encoder(tmp_path: Path) -> None:
     write_toy_dataset(tmp_path / "data" / "toy", n_per_class=2, size=16, seed=0)
     env, net = offline_env(tmp_path)
     port, log = free_port(), tmp_path / "serve.log"
@@ -211,6 +212,7 @@ def test_serve_defaults_train_offline_with_an_untrained_encoder(tmp_path: Path) 
             out = log.read_text()
             assert re.search(r"encoder: UNTRAINED ViT-B-32 \(random weights", out), out
             assert "PROTOMED_ENCODER_WEIGHTS" in out and "PROTOMED_ENCODER=" in out
+            assert "prototype encoder: LEARNED from each dataset" in out, out
             key = (tmp_path / ".protomed-admin-key").read_text().strip()
             auth = {"Authorization": f"Bearer {key}"}
             r = http.post("/datasets", json={"name": "toy", "path": "toy"}, headers=auth)
@@ -227,7 +229,12 @@ def test_serve_defaults_train_offline_with_an_untrained_encoder(tmp_path: Path) 
 
             job = wait_serving(done, 600, "training did not finish", log, proc)
             assert job["status"] == "succeeded", job
-        assert "UNTRAINED encoder (ViT-B-32" in log.read_text()  # the worker's own warning
+        # The prototypes came from the learned encoder: the worker never built the untrained one.
+        assert "UNTRAINED encoder (ViT-B-32" not in log.read_text()
+        books = list(tmp_path.rglob("codebook.json"))
+        assert books and all(
+            json.loads(b.read_text())["encoder"].startswith("learned:") for b in books
+        ), books
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # serve and its worker (one process group)
         try:

@@ -39,6 +39,18 @@ def encoder_spec(settings: Settings) -> tuple[Any, bool]:
     return EncoderSpec(settings.encoder, None if untrained else settings.encoder_weights), untrained
 
 
+def prototype_encoder_spec(settings: Settings) -> tuple[Any, bool]:
+    """The encoder the codebook is learned with: the learned domain encoder
+    (``prototype_encoder="learned"``, trained on the dataset's training images with the
+    prototypes and saved beside the codebook), else the configured CLIP encoder."""
+    if settings.prototype_encoder == "learned":
+        from ml.domain_encoder import LEARNED
+        from ml.encoder import EncoderSpec
+
+        return EncoderSpec(LEARNED, None), False
+    return encoder_spec(settings)
+
+
 def read_roots(settings: Settings) -> list[Path]:
     """Where a job's dataset files may resolve: :meth:`Settings.dataset_roots`, the same list
     registration checked. Checked again on every read because a registered folder can change
@@ -81,7 +93,7 @@ def _codebook(
     book_dir = run_dir / "codebook"
     if (book_dir / "codebook.json").is_file():  # a re-run: same selection, same codebook
         return Codebook.load(book_dir)
-    spec, untrained = encoder_spec(settings)
+    spec, untrained = prototype_encoder_spec(settings)
     selection = info.payload.selection.for_ml(str(root))
     cpl = CPLConfig(k=info.payload.k, seed=info.payload.selection.seed)
     with EmbeddingCache(settings.work_dir / "embeddings.sqlite") as cache:

@@ -25,7 +25,7 @@ from service.db.models import (
     ModelStatus,
     utc_now,
 )
-from service.encoder import require_encoder_weights
+from service.encoder import require_encoder_weights, require_prototype_encoder
 from service.payloads import (
     EvaluatePayload,
     GivenBatches,
@@ -59,8 +59,9 @@ def submit_training(
     body: TrainRequest, request: Request, session: SessionDep, settings: SettingsDep, key: AdminKey
 ) -> TrainAccepted:
     """Queue one training run per mode (``both``: prototype and baseline on the same split);
-    422 if the encoder's weights (every run learns prototypes first) are not on this machine,
-    or if a class holds fewer images than the split asks (``service.splits``)."""
+    422 if the CLIP encoder's weights (every run learns prototypes first) are not on this machine
+    (none are needed with ``prototype_encoder="learned"``), or if a class holds fewer images
+    than the split asks (``service.splits``)."""
     dataset = get_or_404(session, Dataset, body.dataset_id, hint="; see GET /datasets")
     classes = body.classes or list(dataset.classes)
     unknown = sorted(set(classes) - set(dataset.classes))
@@ -72,7 +73,7 @@ def submit_training(
     modes = ["prototype", "baseline"] if body.mode == "both" else [body.mode]
     configs = {m: train_config(body, m) for m in modes}
     check_split(dataset.counts, classes, body.n_per_class, body.n_heldout, body.k)
-    require_encoder_weights(settings)
+    require_prototype_encoder(settings)
     selection = Selection(
         root=dataset.root, layout=dataset.layout, n_per_class=body.n_per_class,
         n_heldout=body.n_heldout, seed=body.seed, classes=classes,

@@ -15,7 +15,8 @@ from sqlalchemy import create_engine
 
 from ml.weights import force_offline
 from service.config import Settings, get_settings
-from service.queue import DEFAULT_QUEUE, GPU_QUEUE, transport_options
+from service.job_kinds import DEFAULT_QUEUE, GPU_QUEUE
+from service.queue import transport_options
 
 # Workers never download (open_clip would try the model hub for missing weights): offline mode
 # for the hub libraries before any job imports them (ml/__init__ does it too; explicit here).

@@ -95,7 +95,7 @@ class JobKind(enum.StrEnum):
     train = "train"
     sample = "sample"
     # Never created (prototypes are learnt inside a train job); kept only because removing it
-    # changes ck_jobs_kind (a migration). The worker refuses it: workers.tasks._runner.
+    # changes ck_jobs_kind (a migration). The worker refuses it: service.job_kinds.spec_for.
     prototypes = "prototypes"
     evaluate = "evaluate"
     review_sync = "review_sync"  # images to Label Studio, verdicts back

@@ -19,7 +19,8 @@ Torch-free and web-free: the API (cancel) and the workers both import it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, cast
@@ -278,6 +279,24 @@ def finish(
     if not owned:
         log.warning("job %s: run %s lost ownership; %s not written", run.job_id, run, status)
     return owned
+
+
+class NotOwned(Exception):
+    """The run no longer owns its job: what it meant to write was not written."""
+
+
+@contextmanager
+def owned_session(run: Run) -> Iterator[Session]:
+    """A transaction for a run's own rows (a trained model's files and metrics) that commits
+    only while the run owns its job: it first touches the job under the run's WHERE clause,
+    which on PostgreSQL also locks the row until the commit, so no reap or claim comes between
+    (SQLite serialises writers). Raises :class:`NotOwned`, writing nothing, once it lost it."""
+    with get_sessionmaker()() as session:
+        if not _update(session, _owned(run), heartbeat_at=utc_now()):
+            session.rollback()
+            raise NotOwned(f"job {run.job_id}: run {run} lost ownership")
+        yield session
+        session.commit()
 
 
 def job_error(exc: BaseException, stage: str) -> str:

@@ -78,6 +78,7 @@ def test_interrupted_job_is_requeued_at_its_place(service: Service) -> None:
 
     first, second, third = _toy_jobs(service, 3)
     settings = get_settings()
+
     def claim_next(worker: str) -> int | None:
         with get_sessionmaker()() as session:
             run = job_state.claim_next(session, third, worker, settings, ["train"])

@@ -236,6 +236,27 @@ def test_finish_after_losing_the_job(svc: Service) -> None:
     assert _model_status(job_id) == ModelStatus.training  # the new run's, not ready or failed
 
 
+def test_a_lost_run_writes_nothing_besides_its_job(svc: Service) -> None:
+    """What a job writes besides its own row (a trained model's files and metrics) goes through
+    ``JobContext.owned_session``: committed while the run owns the job, refused once it lost it
+    (reaped and re-run), and the run stops."""
+    job_id = _add_job("train")
+    old = _claim(job_id, "w:1")
+    assert old is not None
+    ctx = _context(old)
+    with ctx.owned_session() as session:
+        session.execute(update(Model).values(metrics={"run": 1}))
+    _silence(job_id)
+    _reap()
+    assert _claim(job_id, "w:2") is not None
+    with pytest.raises(JobStopped, match="lost ownership"), ctx.owned_session() as session:
+        session.execute(update(Model).values(metrics={"run": "lost"}))
+    with get_sessionmaker()() as session:
+        assert session.scalar(select(Model.metrics)) == {"run": 1}
+    with pytest.raises(JobStopped, match="lost ownership"):
+        ctx.check()
+
+
 def test_review_sync_requeue_after_cancel(svc: Service, monkeypatch) -> None:
     """Label Studio was down while the user cancelled the running review sync: the sync's
     re-queue must not put a cancelled job back in the queue (it would wait there forever, as a

@@ -3,7 +3,7 @@
 State lives in the database, not in Celery: a task carries only a job id, has no result backend,
 and is acknowledged late (after it finishes) so a worker killed mid-job leaves its message to be
 redelivered. Jobs are claimed with a conditional UPDATE, so a redelivered or duplicated message
-never runs a job twice (``workers.lifecycle``). Importing this module does not import torch.
+never runs a job twice (``service.job_state``). Importing this module does not import torch.
 """
 
 from __future__ import annotations

@@ -30,9 +30,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.job_state import Run, heartbeat, requeue
+from service.job_state import NotOwned, Run, heartbeat, owned_session, requeue
 from workers.progress import StagedProgress
 
 log = logging.getLogger(__name__)
@@ -122,6 +126,17 @@ class JobContext:
             self._cancel.set()
         if got.over_time:
             self._over_time.set()
+
+    @contextmanager
+    def owned_session(self) -> Iterator[Session]:
+        """A transaction that commits only while this run owns the job (for what the job writes
+        besides its own row); raises JobStopped("lost ownership"), writing nothing, otherwise."""
+        try:
+            with owned_session(self.run) as session:
+                yield session
+        except NotOwned as exc:
+            self._lost.set()
+            raise JobStopped(LOST, cancelled=False, lost=True) from exc
 
     def _beat_loop(self) -> None:
         interval = min(self.settings.heartbeat_s, 1.0)  # progress every second at most

@@ -1,4 +1,5 @@
-"""Celery tasks: claim the job, run it with a heartbeat, record how it ended.
+"""Celery tasks, one per job kind of the registry (``service.job_kinds``): claim the job, run it
+with a heartbeat, record how it ended (every write through ``service.job_state``).
 
 Every worker also runs the reaper (at start and then periodically), so a job whose worker died
 is re-queued or failed even when no beat scheduler is deployed.

@@ -215,11 +215,10 @@ def run_training(
         **summary, "prototypes": book.report, "encoder": book.encoder,
         "selection": book.selection, "checkpoint_sha256": file_sha256(run_dir / "last.pt"),
     }  # fmt: skip
-    with get_sessionmaker()() as session:
+    with ctx.owned_session() as session:  # a run that lost its job writes nothing
         model = session.get(Model, model_id)
         assert model is not None
         model.checkpoint_path, model.codebook_path = keys["checkpoint"], keys["codebook"]
         model.metrics = metrics  # ready when the job's finish matches (service.job_state)
-        session.commit()
     progress.update("upload", 1, 1)
     return {"model_id": model_id, **keys, "steps": summary["steps"], "loss": summary["final_loss"]}

@@ -236,7 +236,7 @@ class Job(TimestampMixin, Base):
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
     # Liveness: the running worker refreshes heartbeat_at; a job whose heartbeat goes stale
-    # (worker killed) is re-queued until max attempts, then failed (workers.lifecycle.reap).
+    # (worker killed) is re-queued until max attempts, then failed (service.job_state.reap).
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     worker: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[datetime | None] = mapped_column()

@@ -84,7 +84,10 @@ def _execute(run: Run, kind: str, settings: Settings, recover: Recover | None = 
     """Run a claimed job with its heartbeat to its end and record how it ended: every write
     goes through ``service.job_state``, so nothing is written once the run lost the job.
     ``recover``: a task's own handling of some exceptions (``None``: not one of them)."""
-    spec = spec_for(kind)
+    try:
+        spec = spec_for(kind)
+    except ValueError as exc:  # a retired or unknown kind: the job fails, nothing else runs
+        return _ended(run, JobStatus.failed, error=str(exc))
     limit = settings.train_time_limit_s if spec.long else settings.sample_time_limit_s
     try:
         with JobContext(run, settings, limit) as ctx:

@@ -566,8 +566,8 @@ def _release_worker(worker: str, code: int | None) -> None:
     rather than after the heartbeat timeout. A worker that stopped cleanly has re-queued its
     job itself; this covers one that was killed or crashed."""
     from service.config import get_settings
+    from service.job_state import release_worker
     from service.queue import enqueue
-    from workers.lifecycle import release_worker
 
     why = f"exited (code {code})" if code is not None else "was killed"
     try:

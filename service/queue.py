@@ -2,7 +2,8 @@
 
 The producer side of the queue, with its own small Celery client (broker only, no tasks): the
 API and the workers both publish through it by task name, and neither needs the other's code.
-The task names and queues below are the contract ``workers.tasks`` registers against.
+The task names and queues are the registry's (``service.job_kinds``), the contract
+``workers.tasks`` registers against.
 """
 
 from __future__ import annotations
@@ -17,18 +18,7 @@ from sqlalchemy.orm import Session
 from service.config import get_settings
 from service.db.models import Job
 from service.exceptions import ServiceUnavailable
-
-GPU_QUEUE = "gpu"
-DEFAULT_QUEUE = "default"
-# Task name per job kind, and the queue it runs on: heavy work on GPU workers only.
-TASKS: dict[str, tuple[str, str]] = {
-    "train": ("protomed.train", GPU_QUEUE),
-    "sample": ("protomed.sample", GPU_QUEUE),
-    "evaluate": ("protomed.evaluate", GPU_QUEUE),
-    "review_sync": ("protomed.review_sync", DEFAULT_QUEUE),
-    "audit": ("protomed.audit", GPU_QUEUE),  # CLIP embeddings: where the ml stack is
-    "score": ("protomed.score", GPU_QUEUE),  # CLIP embeddings too
-}
+from service.job_kinds import DEFAULT_QUEUE, spec_for
 
 
 def transport_options(broker_url: str, key_prefix: str = "") -> dict[str, Any]:
@@ -66,12 +56,12 @@ def get_producer() -> Celery:
 
 def enqueue(job: Job) -> None:
     """Publish the job's task; an unreachable broker is a 503 for the caller to retry."""
-    name, queue = TASKS[str(job.kind)]
+    spec = spec_for(str(job.kind))
     try:
         get_producer().send_task(
-            name,
+            spec.task,
             args=[job.id],
-            queue=queue,
+            queue=spec.queue,
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )

@@ -12,7 +12,8 @@ def test_two_prefixes_on_one_database_keep_their_queues_apart(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Jobs published by installation A wait under A's keys only; B's queue stays empty."""
-    from service.queue import GPU_QUEUE, get_producer
+    from service.job_kinds import GPU_QUEUE
+    from service.queue import get_producer
 
     client = redis.Redis.from_url(REDIS_URL)
     with redis_broker() as a, redis_broker() as b:

@@ -14,6 +14,7 @@ from celery.signals import worker_shutting_down
 from conftest import Service
 
 from ml.toy import write_toy_dataset
+from service import job_state
 from workers import lifecycle
 from workers.progress import StagedProgress
 
@@ -77,14 +78,20 @@ def test_interrupted_job_is_requeued_at_its_place(service: Service) -> None:
 
     first, second, third = _toy_jobs(service, 3)
     settings = get_settings()
+
+    def claim_next(worker: str) -> int | None:
+        with get_sessionmaker()() as session:
+            run = job_state.claim_next(session, third, worker, settings, ["train"])
+        return None if run is None else run.job_id
+
     with get_sessionmaker()() as session:
-        assert lifecycle.claim_next(session, third, "w:1", settings, ["train"]) == first
-    assert lifecycle.requeue_interrupted(first, "w:1", lifecycle.INTERRUPTED)
+        run = job_state.claim_next(session, third, "w:1", settings, ["train"])
+    assert run is not None and run.job_id == first
+    assert lifecycle.requeue_interrupted(run, lifecycle.INTERRUPTED)
     job = _job(service, first)
     assert (job["status"], job["attempts"]) == ("queued", 0) and "interrupted" in job["error"]
-    with get_sessionmaker()() as session:  # the token of the last job still runs the first
-        assert lifecycle.claim_next(session, third, "w:2", settings, ["train"]) == first
-        assert lifecycle.claim_next(session, third, "w:2", settings, ["train"]) == second
+    assert claim_next("w:2") == first  # the token of the last job still runs the first
+    assert claim_next("w:2") == second
 
 
 def _record(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float, float, float | None]]:

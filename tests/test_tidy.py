@@ -57,13 +57,13 @@ def test_unknown_job_kinds_are_refused_not_sampled() -> None:
     """``JobKind.prototypes`` is never created (kept in the enum: removing it would change the
     CHECK constraint); a job of that or any unknown kind fails instead of sampling."""
     from service.db.models import JobKind
+    from service.job_kinds import spec_for
     from workers.sampling import run_sampling
-    from workers.tasks import _runner
 
-    assert _runner(JobKind.sample) is run_sampling
+    assert spec_for(JobKind.sample).load_runner() is run_sampling
     for kind in (JobKind.prototypes, "bogus"):
         with pytest.raises(ValueError, match="no runner for job kind"):
-            _runner(kind)
+            spec_for(kind)
 
 
 def test_dead_code_is_gone() -> None:

@@ -3,7 +3,7 @@
 State lives in the database, not in Celery: a task carries only a job id, has no result backend,
 and is acknowledged late (after it finishes) so a worker killed mid-job leaves its message to be
 redelivered. Jobs are claimed with a conditional UPDATE, so a redelivered or duplicated message
-never runs a job twice (``workers.lifecycle``). Importing this module does not import torch.
+never runs a job twice (``service.job_state``). Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from sqlalchemy import create_engine
 from ml.catalog import PIXELS_ENV
 from ml.weights import force_offline
 from service.config import Settings, get_settings
-from service.queue import DEFAULT_QUEUE, GPU_QUEUE, transport_options
+from service.job_kinds import DEFAULT_QUEUE, GPU_QUEUE
+from service.queue import transport_options
 
 # Workers never download (open_clip would try the model hub for missing weights): offline mode
 # for the hub libraries before any job imports them (ml/__init__ does it too; explicit here).

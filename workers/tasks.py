@@ -1,4 +1,5 @@
-"""Celery tasks: claim the job, run it with a heartbeat, record how it ended.
+"""Celery tasks, one per job kind of the registry (``service.job_kinds``): claim the job, run it
+with a heartbeat, record how it ended (every write through ``service.job_state``).
 
 Every worker also runs the reaper (at start and then periodically), so a job whose worker died
 is re-queued or failed even when no beat scheduler is deployed.
@@ -22,60 +23,36 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from celery import Task
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from sqlalchemy import select
 
-from service.config import get_settings
-from service.db.models import Job, JobKind, JobStatus, ModelStatus
+from service.config import Settings, get_settings
+from service.db.models import Job, JobKind, JobStatus
 from service.db.session import get_engine, get_sessionmaker
-from service.payloads import ReviewSyncPayload
-from service.queue import TASKS, enqueue
-from service.storage import get_storage
-from workers.celery_app import app
-from workers.lifecycle import (
-    SHUTTING_DOWN,
-    JobContext,
-    JobStopped,
+from service.job_kinds import KINDS, KindSpec, queue_kinds, spec_for
+from service.job_state import (
+    Run,
     claim,
     claim_next,
     finish,
+    job_error,
     reap,
-    requeue_interrupted,
+    requeue,
 )
+from service.payloads import ReviewSyncPayload
+from service.queue import enqueue
+from service.storage import Storage, get_storage
+from workers.celery_app import app
+from workers.lifecycle import SHUTTING_DOWN, JobContext, JobStopped, requeue_interrupted
 
 log = logging.getLogger(__name__)
 _stop_reaper = threading.Event()
 _consumer: list[Any] = []  # the worker's consumer (set when ready): its pool's processes
 SHUTDOWN_SIGNAL = signal.SIGUSR2  # main process -> prefork children: "stop and re-queue"
-
-
-def _runner(kind: str) -> Callable[..., dict[str, Any]]:
-    if kind == JobKind.train:
-        from workers.training import run_training
-
-        return run_training
-    if kind == JobKind.evaluate:
-        from workers.evaluation import run_evaluation
-
-        return run_evaluation
-    if kind == JobKind.sample:
-        from workers.sampling import run_sampling
-
-        return run_sampling
-    if kind == JobKind.audit:
-        from workers.audit import run_audit
-
-        return run_audit
-    if kind == JobKind.score:
-        from workers.scoring import run_scoring
-
-        return run_scoring
-    raise ValueError(f"no runner for job kind {kind!r}: the job fails instead of sampling")
-
-
-def _queue_kinds(kind: str) -> list[str]:
-    """The job kinds that share ``kind``'s queue: a token of that queue may run any of them."""
-    queue = TASKS[str(kind)][1]
-    return [k for k, (_name, q) in TASKS.items() if q == queue]
+# What a task returns: the job's final status, or what became of the token.
+Outcome = str
+Recover = Callable[[Run, Exception], Outcome | None]
 
 
 def _publish(job_id: int) -> None:
@@ -90,7 +67,7 @@ def _publish(job_id: int) -> None:
         log.warning("could not publish a token for job %s: %s", job_id, exc)
 
 
-def _hand_back(job_id: int) -> str:
+def _hand_back(job_id: int) -> Outcome:
     """A task received while the worker shuts down: claim nothing and publish the token again,
     so the job waits, queued and at its place, for the next worker."""
     _publish(job_id)
@@ -98,122 +75,127 @@ def _hand_back(job_id: int) -> str:
     return "deferred"
 
 
-def run_job(job_id: int, kind: str, worker: str) -> str:
+def _ended(run: Run, status: JobStatus, **kw: Any) -> Outcome:
+    """Write the run's end; a run that lost its job (reaped, re-run elsewhere) writes nothing."""
+    return str(status) if finish(run, status, **kw) else "lost"
+
+
+def _execute(run: Run, kind: str, settings: Settings, recover: Recover | None = None) -> Outcome:
+    """Run a claimed job with its heartbeat to its end and record how it ended: every write
+    goes through ``service.job_state``, so nothing is written once the run lost the job.
+    ``recover``: a task's own handling of some exceptions (``None``: not one of them)."""
+    try:
+        spec = spec_for(kind)
+    except ValueError as exc:  # a retired or unknown kind: the job fails, nothing else runs
+        return _ended(run, JobStatus.failed, error=str(exc))
+    limit = settings.train_time_limit_s if spec.long else settings.sample_time_limit_s
+    try:
+        with JobContext(run, settings, limit) as ctx:
+            result = spec.load_runner()(run.job_id, ctx, settings, get_storage())
+    except JobStopped as exc:
+        if exc.lost:
+            log.warning("job %s: %s; this run stops without writing", run.job_id, exc)
+            return "lost"
+        if exc.interrupted:
+            if requeue_interrupted(run, str(exc)):
+                _publish(run.job_id)
+            return "requeued"
+        if exc.cancelled:
+            return _ended(run, JobStatus.cancelled)
+        return _ended(run, JobStatus.failed, error=str(exc))
+    except Exception as exc:
+        outcome = recover(run, exc) if recover is not None else None
+        if outcome is not None:
+            return outcome
+        log.exception("job %s (%s) failed", run.job_id, kind)
+        return _ended(run, JobStatus.failed, error=job_error(exc, f"the {kind} job"))
+    return _ended(run, JobStatus.succeeded, result=result)
+
+
+def run_job(job_id: int, kind: str, worker: str) -> Outcome:
     """Run the first queued job of ``kind``'s queue (see ``claim_next``) to its end; returns
-    the final status (or ``skipped``/``deferred``/``requeued``)."""
+    the final status (or ``skipped``/``deferred``/``requeued``/``lost``)."""
     if SHUTTING_DOWN.is_set():
         return _hand_back(job_id)
-    settings, storage = get_settings(), get_storage()
+    settings = get_settings()
     with get_sessionmaker()() as session:
-        claimed = claim_next(session, job_id, worker, settings, _queue_kinds(kind))
-        if claimed is None:
+        run = claim_next(session, job_id, worker, settings, queue_kinds(kind))
+        if run is None:
             log.info("no claimable job for the token of job %s (done, cancelled, running)", job_id)
             return "skipped"
-        job = session.get(Job, claimed)
+        claimed_kind = session.scalar(select(Job.kind).where(Job.id == run.job_id))
+    if claimed_kind is None:
+        raise RuntimeError(f"job {run.job_id} was deleted right after it was claimed")
+    return _execute(run, str(claimed_kind), settings)
+
+
+def run_review_sync(
+    job_id: int, _ctx: JobContext, settings: Settings, _storage: Storage
+) -> dict[str, Any]:
+    """The review sync's runner: push tasks to Label Studio and pull verdicts."""
+    from workers.review_sync import sync_project
+
+    with get_sessionmaker()() as session:
+        job = session.get(Job, job_id)
         if job is None:
-            raise RuntimeError(f"job {claimed} was deleted right after it was claimed")
-        kind = str(job.kind)
-    job_id = claimed
-    long_job = kind in (JobKind.train, JobKind.evaluate)
-    limit = settings.train_time_limit_s if long_job else settings.sample_time_limit_s
-    is_train = kind == JobKind.train
-
-    def model_status(status: ModelStatus) -> Callable[[Any], None] | None:
-        return (lambda m: setattr(m, "status", status)) if is_train else None
-
-    try:
-        with JobContext(job_id, worker, settings, limit) as ctx:
-            result = _runner(kind)(job_id, ctx, settings, storage)
-    except JobStopped as exc:
-        if exc.interrupted:
-            if requeue_interrupted(job_id, worker, str(exc)):
-                _publish(job_id)
-            return "requeued"
-        status = JobStatus.cancelled if exc.cancelled else JobStatus.failed
-        model = ModelStatus.cancelled if exc.cancelled else ModelStatus.failed
-        finish(
-            job_id, status, error=None if exc.cancelled else str(exc), on_model=model_status(model)
-        )
-        return str(status)
-    except Exception as exc:
-        log.exception("job %s failed", job_id)
-        error = f"{type(exc).__name__}: {exc}"[:4000]
-        finish(job_id, JobStatus.failed, error=error, on_model=model_status(ModelStatus.failed))
-        return str(JobStatus.failed)
-    finish(job_id, JobStatus.succeeded, result=result)
-    return str(JobStatus.succeeded)
+            raise RuntimeError(f"review sync job {job_id} was deleted while it ran")
+        project_id = ReviewSyncPayload.model_validate(job.params).project_id
+    return sync_project(project_id, settings)
 
 
-def _worker_name(task: Any) -> str:
+def _worker_name(task: Task) -> str:
     return f"{task.request.hostname or 'worker'}:{os.getpid()}"
 
 
-@app.task(name=TASKS["train"][0], bind=True)
-def train(self: Any, job_id: int) -> str:
-    return run_job(job_id, JobKind.train, _worker_name(self))
+def _queued_job_task(task: Task, job_id: int, spec: KindSpec) -> Outcome:
+    return run_job(job_id, spec.kind, _worker_name(task))
 
 
-@app.task(name=TASKS["sample"][0], bind=True)
-def sample(self: Any, job_id: int) -> str:
-    return run_job(job_id, JobKind.sample, _worker_name(self))
-
-
-@app.task(name=TASKS["evaluate"][0], bind=True)
-def evaluate(self: Any, job_id: int) -> str:
-    return run_job(job_id, JobKind.evaluate, _worker_name(self))
-
-
-@app.task(name=TASKS["audit"][0], bind=True)
-def audit(self: Any, job_id: int) -> str:
-    return run_job(job_id, JobKind.audit, _worker_name(self))
-
-
-@app.task(name=TASKS["score"][0], bind=True)
-def score(self: Any, job_id: int) -> str:
-    return run_job(job_id, JobKind.score, _worker_name(self))
-
-
-@app.task(name=TASKS["review_sync"][0], bind=True)
-def review_sync(self: Any, job_id: int) -> str:
-    """Push tasks to Label Studio and pull verdicts. Label Studio down: the job goes back to
-    ``queued`` with the reason and is retried later (nothing is lost: tasks are in the
-    database and every step is idempotent), up to ``review_sync_attempts`` times."""
+def _review_sync_task(task: Task, job_id: int, spec: KindSpec) -> Outcome:
+    """Push tasks to Label Studio and pull verdicts. It runs the job its message names (not the
+    queue's first: a retry waits its delay). Label Studio down: the job goes back to ``queued``
+    with the reason and is retried later (nothing is lost: tasks are in the database and every
+    step is idempotent), up to ``review_sync_attempts`` times; a cancel asked meanwhile ends it
+    cancelled instead."""
     from service.label_studio import LabelStudioUnavailable
-    from workers.review_sync import sync_project
 
     if SHUTTING_DOWN.is_set():
         return _hand_back(job_id)
     settings = get_settings()
     with get_sessionmaker()() as session:
-        if not claim(session, job_id, _worker_name(self), settings):
-            return "skipped"
-        job = session.get(Job, job_id)
-        if job is None:
-            raise RuntimeError(f"review sync job {job_id} was deleted right after it was claimed")
-        project_id = ReviewSyncPayload.model_validate(job.params).project_id
-        attempts = job.attempts
-    try:
-        result = sync_project(project_id, settings)
-    except LabelStudioUnavailable as exc:
-        if attempts >= settings.review_sync_attempts:
-            finish(job_id, JobStatus.failed, error=f"Label Studio unavailable: {exc}")
-            return str(JobStatus.failed)
+        run = claim(session, job_id, _worker_name(task), settings)
+    if run is None:
+        return "skipped"
+
+    def retry_later(run: Run, exc: Exception) -> Outcome | None:
+        if not isinstance(exc, LabelStudioUnavailable):
+            return None
+        if run.attempt >= settings.review_sync_attempts:
+            return _ended(run, JobStatus.failed, error=f"Label Studio unavailable: {exc}")
         wait = settings.review_sync_retry_s
-        with get_sessionmaker()() as session:
-            job = session.get(Job, job_id)
-            if job is None:
-                raise RuntimeError(f"review sync job {job_id} was deleted while it ran") from exc
-            job.status, job.worker = JobStatus.queued, None
-            job.error = f"Label Studio unavailable ({exc}); attempt {attempts}, retry in {wait:g} s"
-            session.commit()
-        self.apply_async((job_id,), countdown=wait, queue=TASKS["review_sync"][1])
+        error = f"Label Studio unavailable ({exc}); attempt {run.attempt}, retry in {wait:g} s"
+        outcome = requeue(run, error, counts_as_attempt=True)
+        if outcome != "requeued":
+            return outcome
+        task.apply_async((job_id,), countdown=wait, queue=spec.queue)
         return "retrying"
-    except Exception as exc:
-        log.exception("review sync %s failed", job_id)
-        finish(job_id, JobStatus.failed, error=f"{type(exc).__name__}: {exc}"[:4000])
-        return str(JobStatus.failed)
-    finish(job_id, JobStatus.succeeded, result=result)
-    return str(JobStatus.succeeded)
+
+    return _execute(run, spec.kind, settings, recover=retry_later)
+
+
+def _register(spec: KindSpec) -> Task:
+    body = _review_sync_task if spec.kind == JobKind.review_sync else _queued_job_task
+
+    def task(self: Task, job_id: int) -> Outcome:
+        return body(self, job_id, spec)
+
+    task.__name__ = task.__qualname__ = str(spec.kind)
+    registered: Task = app.task(name=spec.task, bind=True)(task)
+    return registered
+
+
+# One Celery task per registered job kind, by the registry's task name.
+CELERY_TASKS: dict[str, Task] = {str(kind): _register(spec) for kind, spec in KINDS.items()}
 
 
 def _requeue(job: Job) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from service.archive import ensure_local
 from service.config import Settings
-from service.db.models import Job, Model, ModelStatus
+from service.db.models import Job, Model
 from service.db.session import get_sessionmaker
 from service.payloads import TrainPayload
 from service.storage import Storage
@@ -68,14 +68,13 @@ class TrainingInputs:
 
 
 def _load(job_id: int) -> TrainingInputs:
-    """Everything the job needs from the database, read once; marks the model as training."""
+    """Everything the job needs from the database, read once (the claim marked the model as
+    training: ``service.job_state``)."""
     with get_sessionmaker()() as session:
         job = session.get(Job, job_id)
         if job is None or job.model is None:
             raise ValueError(f"train job {job_id} has no model")
         model: Model = job.model
-        model.status = ModelStatus.training
-        session.commit()
         return TrainingInputs(
             model_id=model.id, config=dict(model.config),
             payload=TrainPayload.model_validate(job.params), root=model.dataset.root,
@@ -197,7 +196,7 @@ def _upload(model_id: int, run_dir: Path, storage: Storage) -> dict[str, str]:
 def run_training(
     job_id: int, ctx: JobContext, settings: Settings, storage: Storage
 ) -> dict[str, Any]:
-    """Train the job's model; returns the job result. The model row ends ready."""
+    """Train the job's model; returns the job result. Its finish makes the model ready."""
     from ml.config import TrainConfig
     from ml.provenance import file_sha256
 
@@ -228,11 +227,10 @@ def run_training(
         **summary, "prototypes": book.report, "encoder": book.encoder,
         "selection": book.selection, "checkpoint_sha256": file_sha256(run_dir / "last.pt"),
     }  # fmt: skip
-    with get_sessionmaker()() as session:
+    with ctx.owned_session() as session:  # a run that lost its job writes nothing
         model = session.get(Model, model_id)
         assert model is not None
         model.checkpoint_path, model.codebook_path = keys["checkpoint"], keys["codebook"]
-        model.metrics, model.status = metrics, ModelStatus.ready
-        session.commit()
+        model.metrics = metrics  # ready when the job's finish matches (service.job_state)
     progress.update("upload", 1, 1)
     return {"model_id": model_id, **keys, "steps": summary["steps"], "loss": summary["final_loss"]}

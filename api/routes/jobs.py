@@ -23,9 +23,9 @@ from service.db.models import (
     Model,
     ModelMode,
     ModelStatus,
-    utc_now,
 )
 from service.encoder import require_encoder_weights, require_prototype_encoder
+from service.job_state import cancel
 from service.payloads import (
     EvaluatePayload,
     GivenBatches,
@@ -37,8 +37,6 @@ from service.queue import submit
 from service.splits import check_split
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-
-TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
 def train_config(body: TrainRequest, mode: str) -> dict[str, Any]:
@@ -211,12 +209,10 @@ def get_job(job_id: IdPath, request: Request, session: SessionDep, _reader: Read
 def cancel_job(job_id: IdPath, request: Request, session: SessionDep, _admin: AdminKey) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next progress report."""
     job = get_or_404(session, Job, job_id)
-    if job.status in TERMINAL:
+    outcome = cancel(session, job_id)
+    if outcome == "missing":
+        raise HTTPException(404, f"job {job_id} not found")
+    session.refresh(job)  # the cancel wrote with UPDATEs: read back what the job is now
+    if outcome == "finished":
         raise HTTPException(409, f"job {job_id} already finished ({job.status})")
-    if job.status == JobStatus.queued:
-        job.status, job.finished_at = JobStatus.cancelled, utc_now()
-        if job.model is not None and job.kind == JobKind.train:
-            job.model.status = ModelStatus.cancelled
-    job.cancel_requested = True
-    session.commit()
     return job_out(job, request)

@@ -95,7 +95,7 @@ class JobKind(enum.StrEnum):
     train = "train"
     sample = "sample"
     # Never created (prototypes are learnt inside a train job); kept only because removing it
-    # changes ck_jobs_kind (a migration). The worker refuses it: workers.tasks._runner.
+    # changes ck_jobs_kind (a migration). The worker refuses it: service.job_kinds.spec_for.
     prototypes = "prototypes"
     evaluate = "evaluate"
     review_sync = "review_sync"  # images to Label Studio, verdicts back
@@ -236,7 +236,7 @@ class Job(TimestampMixin, Base):
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
     # Liveness: the running worker refreshes heartbeat_at; a job whose heartbeat goes stale
-    # (worker killed) is re-queued until max attempts, then failed (workers.lifecycle.reap).
+    # (worker killed) is re-queued until max attempts, then failed (service.job_state.reap).
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     worker: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[datetime | None] = mapped_column()

@@ -25,6 +25,7 @@ from api.schemas import (
 )
 from service.db.models import Job, JobKind, Model, Sweep
 from service.exceptions import ServiceUnavailable
+from service.payloads import ReviewSyncPayload
 from service.queue import submit
 from service.reviews import ReviewError
 from service.sweep_report import SweepReport, sweep_csv
@@ -129,7 +130,8 @@ def review_sweep(
         raise _error(exc) from exc
     except ReviewError as exc:
         raise HTTPException(422, str(exc)) from exc
-    job = Job(kind=JobKind.review_sync, params={"project_id": project.id}, requested_by=key.name)
+    params = ReviewSyncPayload(project_id=project.id).model_dump(mode="json")
+    job = Job(kind=JobKind.review_sync, params=params, requested_by=key.name)
     session.add(job)
     submit(session, [job])
     return SweepReviewAccepted(

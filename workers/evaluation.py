@@ -182,7 +182,7 @@ def run_evaluation(
     if result.test_set is not None:  # the registered dataset it was, not only its folder
         dataset_id = info.test.id if info.test else info.dataset.id
         result.test_set = result.test_set.model_copy(update={"dataset_id": dataset_id})
-    with get_sessionmaker()() as session:
+    with ctx.owned_session() as session:  # a run that lost its job adds no metrics
         for mode, stored in info.models.items():
             model = _model(session, stored.id)
             entry = {
@@ -194,5 +194,4 @@ def run_evaluation(
             metrics = dict(model.metrics or {})
             metrics["evaluations"] = [*metrics.get("evaluations", []), entry]
             model.metrics = metrics
-        session.commit()
     return result.model_dump(mode="json")

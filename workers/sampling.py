@@ -106,9 +106,8 @@ def run_sampling(
     batch_id, n = info.batch_id, info.n
     drawn = n * info.filter.oversample if info.filter else n
     prefix = f"batches/{batch_id}"
-    with get_sessionmaker()() as session:  # a re-run starts the batch afresh
+    with ctx.owned_session() as session:  # a re-run starts the batch afresh (owners only)
         session.execute(delete(Image).where(Image.batch_id == batch_id))
-        session.commit()
     storage.delete_prefix(prefix + "/")
     ckpt = local_checkpoint(info.checkpoint, info.model_id, storage, settings.work_dir)
     loaded = load_model(ckpt, use_ema=True, device=resolve_device())
@@ -150,12 +149,11 @@ def run_sampling(
                 score=None if scores is None else float(scores[i]),
             )
         )
-    with get_sessionmaker()() as session:
+    with ctx.owned_session() as session:  # a run that lost its job writes no image rows
         session.add_all(rows)
         batch = session.get(Batch, batch_id)
         if batch is not None:
             batch.drawn, batch.scorer_id = drawn, info.scorer_id if scored else None
-        session.commit()
     progress.update("store", len(kept), len(kept))
     result: dict[str, Any] = {"batch_id": batch_id, "images": len(rows), "drawn": drawn}
     if scored:

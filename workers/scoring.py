@@ -118,26 +118,28 @@ def run_scoring(
     progress.update("store", 0, 1)
     data = fitted.to_bytes()
     for _ in range(3):  # two jobs of one domain racing for the same version: take the next
-        with get_sessionmaker()() as session:
-            version = 1 + int(
-                session.scalar(select(func.max(Scorer.version)).where(Scorer.domain == domain)) or 0
-            )
-            key = f"scorers/{domain}/v{version:04d}-job{job_id}.safetensors"
-            storage.put_bytes(key, data, "application/octet-stream")
-            row = Scorer(
-                domain=domain, version=version, encoder=encoder.identity, artefact_key=key,
-                n_images=len(images), n_plausible=sum(y), metrics=metrics.model_dump(mode="json"),
-                job_id=job_id,
-            )  # fmt: skip
-            session.add(row)
-            try:
-                session.commit()
-            except IntegrityError:
-                session.rollback()
+        key = ""
+        try:
+            with ctx.owned_session() as session:  # a run that lost its job adds no scorer
+                version = 1 + int(
+                    session.scalar(select(func.max(Scorer.version)).where(Scorer.domain == domain))
+                    or 0
+                )
+                key = f"scorers/{domain}/v{version:04d}-job{job_id}.safetensors"
+                storage.put_bytes(key, data, "application/octet-stream")
+                row = Scorer(
+                    domain=domain, version=version, encoder=encoder.identity, artefact_key=key,
+                    n_images=len(images), n_plausible=sum(y),
+                    metrics=metrics.model_dump(mode="json"), job_id=job_id,
+                )  # fmt: skip
+                session.add(row)
+                session.flush()  # the version's unique constraint answers here
+                scorer_id = row.id
+        except IntegrityError:
+            if key:
                 storage.delete_prefix(key)
-                continue
-            scorer_id = row.id
-            break
+            continue
+        break
     else:
         raise RuntimeError(f"could not store a new scorer version of {domain!r}")
     progress.update("store", 1, 1)

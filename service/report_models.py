@@ -200,4 +200,10 @@ class PlausibilityReport(_Model):
         "their named reviewer, or by nobody it knows (any member can write in another's name "
         "in Label Studio Community); filters.flagged=exclude leaves them out, only shows them",
     )
+    on_edited_tasks: int = Field(
+        0,
+        description="verdicts left out because their Label Studio task's data (ref, image, "
+        "expected class) was edited after protomed imported it; they count again once the "
+        "task is restored (the review project's odd_tasks lists the tasks)",
+    )
     filters: Filters | None = None

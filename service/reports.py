@@ -480,6 +480,17 @@ def flagged_text(report: PlausibilityReport) -> str | None:
     return f"{report.flagged} flagged {what}: {read} (filter flagged=include|exclude|only)"
 
 
+def edited_text(report: PlausibilityReport) -> str | None:
+    """The line saying how many verdicts were set aside on edited tasks (None when none)."""
+    if not report.on_edited_tasks:
+        return None
+    return (
+        f"{report.on_edited_tasks} verdicts set aside: their Label Studio task's data was edited "
+        "after protomed imported it (they may be about another picture or class); they count "
+        "again once the task is restored"
+    )
+
+
 def kept_apart_text(report: PlausibilityReport) -> str | None:
     """The one line saying how many reviewed images no number counts; None when none."""
     if not report.kept_apart:
@@ -534,6 +545,7 @@ def report_csv(report: PlausibilityReport) -> str:
         ("kept apart", kept_apart_text(report)),
         ("incomplete", incomplete_text(report)),
         ("flagged", flagged_text(report)),
+        ("edited tasks", edited_text(report)),
     ):
         if note is not None:
             w.writerow([label, note])

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import CursorResult, delete, func, or_, select
+from sqlalchemy import ColumnElement, CursorResult, and_, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,12 @@ from service.db.models import (
 from service.report_models import Criterion, Filters, Flagged, ModelColumn, PlausibilityReport
 from service.reports import Judgement, plausibility_report
 from service.selection import BatchChoice, Selection, choose_all
+
+
+def counted() -> ColumnElement[bool]:
+    """The verdicts a number may count: given (not incomplete) and on a task whose data is as
+    protomed imported it (not edited in Label Studio since)."""
+    return and_(Review.plausible.is_not(None), ReviewTask.edited.is_(None))
 
 
 class ReviewError(ValueError):
@@ -314,8 +320,9 @@ def reconcile(
     (``ReviewTask.ls_task_id``, never changed here). Any member can import a task whose
     ``ref`` is one of protomed's tokens, with annotations in other users' names, or edit a
     task's data: such a task is skipped and listed in ``project.odd_tasks`` (replaced by every
-    pull), a skipped task of protomed's keeps the verdicts stored before, and the pull goes on
-    with the rest, whatever the task data holds."""
+    pull); an edited task of protomed's is marked (``ReviewTask.edited``): its stored verdicts
+    are kept but count nowhere until it is restored, since they may be about another picture or
+    class; the pull goes on with the rest, whatever the task data holds."""
     ours = {t.ls_task_id: t for t in project.tasks if t.ls_task_id is not None}
     by_token = {t.token: t for t in project.tasks}
     seen: set[int] = set()
@@ -336,6 +343,7 @@ def reconcile(
                 odd.append(_odd(ls_id, claimed, NOT_OURS))
             continue
         changed = edited(task, data)
+        task.edited = changed  # None again once a member restored it
         if changed is not None:
             kept.add(task.id)
             odd.append(_odd(ls_id, task, f"{changed} edited in Label Studio: {SKIPPED}"))
@@ -367,7 +375,7 @@ def reconcile(
 
 
 NOT_OURS = "claims the ref of one of protomed's tasks but was not created by protomed: not counted"
-SKIPPED = "its verdicts are not counted until it is restored (those stored before are kept)"
+SKIPPED = "none of its verdicts counts until it is restored (they are kept)"
 
 
 def judgements(
@@ -378,13 +386,21 @@ def judgements(
     reviewer: str | None = None,
     criteria_set_id: int | None = None,
     flagged: Flagged = "include",
-) -> tuple[list[Judgement], list[ModelColumn], list[Criterion]]:
-    """The verdicts matching the filters as report input: (judgements, model columns,
-    criteria). Columns: the models with verdicts (or those asked for), baseline first.
-    ``flagged``: keep the verdicts written by someone other than their named author
-    (``include``), leave them out (``exclude``) or keep only them (``only``)."""
+) -> Judged:
+    """The verdicts matching the filters as report input (:class:`Judged`): judgements, model
+    columns, criteria, and the verdicts set aside on edited tasks. Columns: the models with
+    verdicts (or those asked for), baseline first. ``flagged``: keep the verdicts written by
+    someone other than their named author (``include``), leave them out (``exclude``) or keep
+    only them (``only``)."""
     query = (
-        select(Review, Image, Model, ReviewProject.criteria_set_id, ReviewTask.sample)
+        select(
+            Review,
+            Image,
+            Model,
+            ReviewProject.criteria_set_id,
+            ReviewTask.sample,
+            ReviewTask.edited,
+        )
         .join(ReviewTask, Review.task_id == ReviewTask.id)
         .join(Image, ReviewTask.image_id == Image.id)
         .join(Batch, Image.batch_id == Batch.id)
@@ -404,11 +420,12 @@ def judgements(
         query = query.where(ReviewProject.criteria_set_id == criteria_set_id)
     if flagged != "include":
         query = query.where(Review.flagged.is_(flagged == "only"))
-    rows = session.execute(query).all()
+    found = session.execute(query).all()
+    rows = [row for row in found if row.edited is None]  # verdicts on edited tasks: set aside
     out = [
         Judgement(img.id, img.class_name, m.id, str(m.mode), r.reviewer, r.plausible, r.criteria,
                   sample=str(sample), flagged=r.flagged)
-        for r, img, m, _, sample in rows
+        for r, img, m, _, sample, _ in rows
     ]  # fmt: skip
     ids = list(model_ids or sorted({m.id for _, _, m, *_ in rows}))
     models = [session.get(Model, i) for i in ids]
@@ -416,14 +433,24 @@ def judgements(
         (ModelColumn(id=m.id, mode=str(m.mode), label=f"{m.mode} #{m.id}") for m in models if m),
         key=lambda c: (c.mode != "baseline", c.id),
     )
-    set_ids = {criteria_set_id} if criteria_set_id else {s for *_, s, _ in rows}
+    set_ids = {criteria_set_id} if criteria_set_id else {row[3] for row in rows}
     criteria: list[Criterion] = []
     for set_id in sorted(set_ids):
         cs = session.get(CriteriaSet, set_id)
         for c in cs.criteria if cs else []:
             if c["key"] not in {x.key for x in criteria}:
                 criteria.append(Criterion(key=c["key"], label=c["label"]))
-    return out, columns, criteria
+    return Judged(out, columns, criteria, on_edited_tasks=len(found) - len(rows))
+
+
+class Judged(NamedTuple):
+    """What :func:`judgements` found: the counted judgements, the model columns, the criteria,
+    and how many verdicts matching the filters were set aside on edited tasks."""
+
+    judgements: list[Judgement]
+    columns: list[ModelColumn]
+    criteria: list[Criterion]
+    on_edited_tasks: int
 
 
 class ProjectCounts(NamedTuple):
@@ -479,7 +506,7 @@ def plausibility(
 ) -> PlausibilityReport:
     """The plausibility report with its filters, as the JSON/CSV endpoint and the dashboard
     show it; :class:`FilterError` for malformed model ids."""
-    found, columns, criteria = judgements(
+    found = judgements(
         session, dataset_id=dataset_id, model_ids=parse_ids(models), reviewer=reviewer,
         criteria_set_id=criteria_set_id, flagged=flagged,
     )  # fmt: skip
@@ -487,4 +514,5 @@ def plausibility(
         dataset_id=dataset_id, models=models, reviewer=reviewer, criteria_set_id=criteria_set_id,
         flagged=flagged,
     )  # fmt: skip
-    return plausibility_report(found, columns, criteria).model_copy(update={"filters": filters})
+    report = plausibility_report(found.judgements, found.columns, found.criteria)
+    return report.model_copy(update={"filters": filters, "on_edited_tasks": found.on_edited_tasks})

@@ -35,6 +35,7 @@ from service.db.models import (
 )
 from service.payloads import ScorePayload
 from service.reports import Judgement, image_verdicts
+from service.reviews import counted
 
 log = logging.getLogger(__name__)
 UNFINISHED = (JobStatus.queued, JobStatus.running)
@@ -70,7 +71,7 @@ def _domain_reviews(session: Session, domain: str) -> list[tuple[Review, Image, 
         .join(Model, Batch.model_id == Model.id)
         .join(ReviewProject, ReviewTask.project_id == ReviewProject.id)
         .join(CriteriaSet, ReviewProject.criteria_set_id == CriteriaSet.id)
-        .where(CriteriaSet.domain == domain, Review.plausible.is_not(None))  # incomplete: no label
+        .where(CriteriaSet.domain == domain, counted())  # incomplete, edited: no label
         .order_by(Review.updated_at, Review.id)  # a reviewer's later verdict wins
     )
     return [(r, i, m) for r, i, m in session.execute(query).all()]
@@ -105,7 +106,7 @@ def reviewed_count(session: Session, domain: str) -> int:
         .join(ReviewTask, Review.task_id == ReviewTask.id)
         .join(ReviewProject, ReviewTask.project_id == ReviewProject.id)
         .join(CriteriaSet, ReviewProject.criteria_set_id == CriteriaSet.id)
-        .where(CriteriaSet.domain == domain, Review.plausible.is_not(None))
+        .where(CriteriaSet.domain == domain, counted())
     )
     return int(found or 0)
 

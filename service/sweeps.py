@@ -37,7 +37,7 @@ from service.db.models import (
 from service.inputs import ClassName, RequestModel
 from service.payloads import SamplePayload
 from service.reports import Judgement
-from service.reviews import request_review
+from service.reviews import counted, request_review
 from service.storage import ObjectNotFound, Storage
 from service.sweep_report import (
     Cell,
@@ -178,7 +178,7 @@ def judgements_by_batch(session: Session, batch_ids: Sequence[int]) -> dict[int,
         .where(
             Batch.id.in_(list(batch_ids)),
             ReviewTask.sample == ReviewSample.random,
-            Review.plausible.is_not(None),  # an incomplete verdict says nothing either way
+            counted(),  # an incomplete verdict, or one on an edited task, says nothing
         )
     ).all()
     out: dict[int, list[Judgement]] = defaultdict(list)

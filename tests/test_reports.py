@@ -579,6 +579,7 @@ EXPECTED: dict[str, Any] = {
     "kept_apart": 0,
     "incomplete": 0,
     "flagged": 0,
+    "on_edited_tasks": 0,
     "filters": None,
 }
 

@@ -192,6 +192,48 @@ def test_an_edited_ref_is_skipped_and_reported_and_the_pull_goes_on(service) -> 
         assert (second.ls_task_id, first.ls_task_id) == (1001, 1000)
 
 
+def test_verdicts_on_an_edited_task_count_nowhere_until_it_is_restored(service) -> None:
+    """A member points protomed's task at another picture and judges it (the webhook stores
+    that verdict, matched by task id): once a pull sees the edit, none of the task's verdicts
+    counts (report, scorer labels, sweeps), the report says how many were set aside, and they
+    count again when the task is restored."""
+    from service.reviews import apply_annotation, plausibility, reconcile
+    from service.scorers import reviewed_count
+    from service.sweeps import judgements_by_batch
+
+    with get_sessionmaker()() as s:
+        project, tasks = linked_project(s)
+        first, second = tasks[:2]
+        reconcile(s, project, [item(1000, first, [ann(1, 7)]), item(1001, second, [ann(2, 7)])])
+        s.commit()
+        other = "https://elsewhere.example/another-picture.png"
+        # the webhook path stores the verdict given on the edited task (it matches by task id)
+        assert apply_annotation(s, {**ann(3, 8), "task": 1001, "project": 77}) is not None
+        exported = [
+            item(1000, first, [ann(1, 7)]),
+            item(1001, second, [ann(2, 7), ann(3, 8)], image=other),
+        ]
+        reconcile(s, project, exported)
+        s.commit()
+        assert second.edited == "image" and first.edited is None
+        report = plausibility(s)
+        assert report.on_edited_tasks == 2  # both verdicts of the edited task set aside
+        assert sum(e.reviews for e in report.average.pooled.values()) == 1
+        assert reviewed_count(s, "toy") == 1
+        by_batch = judgements_by_batch(s, [t.image.batch_id for t in tasks])
+        assert [j.image_id for js in by_batch.values() for j in js] == [first.image_id]
+        from service.reports import report_csv
+
+        assert "2 verdicts set aside" in report_csv(report)
+        reconcile(s, project, [item(1000, first, [ann(1, 7)]),
+                               item(1001, second, [ann(2, 7), ann(3, 8)])])  # fmt: skip
+        s.commit()
+        assert second.edited is None
+        back = plausibility(s)
+        assert back.on_edited_tasks == 0
+        assert sum(e.reviews for e in back.average.pooled.values()) == 3
+
+
 def test_a_verdict_written_by_another_member_is_flagged(service) -> None:
     """Label Studio records who last wrote an annotation (``updated_by``: the token's user,
     whatever ``completed_by`` says); a verdict written by anyone but its named author, or with

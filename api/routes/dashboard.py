@@ -60,7 +60,13 @@ from service.db.models import (
 from service.evaluations import evaluation_of, latest_evaluation
 from service.model_cards import build_card, card_markdown
 from service.report_models import Flagged
-from service.reports import flagged_text, incomplete_text, kept_apart_text, odds_ratio_text
+from service.reports import (
+    edited_text,
+    flagged_text,
+    incomplete_text,
+    kept_apart_text,
+    odds_ratio_text,
+)
 from service.reviews import FilterError, plausibility
 from service.scorers import latest_scorer, metrics_of
 from service.security import close_session, find_key, open_session
@@ -333,6 +339,7 @@ def report_page(
         rows=report_rows(report), failures=failure_rows(report), chart=bar_chart(report),
         filters=filters, odds_ratio=odds_ratio_text(report), kept_apart=kept_apart_text(report),
         incomplete=incomplete_text(report), flagged=flagged_text(report),
+        edited=edited_text(report),
         json_url=f"{api_url}?{urlencode(filters)}" if filters else api_url,
         csv_url=f"{api_url}?{urlencode({**filters, 'format': 'csv'})}",
         projects=report_projects(session, ls_public(settings), set_id),

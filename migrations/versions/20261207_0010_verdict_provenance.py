@@ -10,8 +10,10 @@ incomplete (None) and never counted, instead of plausible. ``reviews.written_by`
 other than its named author (verdicts stored before have no writer recorded and are not
 flagged: the next pull sets both). ``review_projects.odd_tasks`` lists the Label Studio tasks
 the last pull did not count; ``review_tasks.import_after`` records that an import of the task
-was sent (and the highest Label Studio task id before it), so a crash between the import and its commit can be recovered without adopting a task
-protomed did not create.
+was sent (and the highest Label Studio task id before it), so a crash between the import and
+its commit can be recovered without adopting a task protomed did not create;
+``review_tasks.edited`` says what a member changed of the task's data (its verdicts count
+nowhere while it is set).
 """
 
 from collections.abc import Sequence
@@ -36,10 +38,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("odd_tasks", sa.JSON(), nullable=True))
     with op.batch_alter_table("review_tasks") as batch:
         batch.add_column(sa.Column("import_after", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("edited", sa.String(length=200), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("review_tasks") as batch:
+        batch.drop_column("edited")
         batch.drop_column("import_after")
     with op.batch_alter_table("review_projects") as batch:
         batch.drop_column("odd_tasks")

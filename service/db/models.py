@@ -415,6 +415,11 @@ class ReviewTask(TimestampMixin, Base):
     # imported, and only then may an export adopt it, and only a task numbered above this
     # (``workers/review_sync.recover_imported``).
     import_after: Mapped[int | None] = mapped_column(Integer)
+    # What of the task's data a member changed in Label Studio (ref, image, expected class), as
+    # the last pull found it; None while it is as imported. A verdict given on an edited task may
+    # be about another picture or class, so none of its verdicts counts while this is set (they
+    # are kept, and count again once the task is restored).
+    edited: Mapped[str | None] = mapped_column(String(200))
     sample: Mapped[ReviewSample] = mapped_column(
         str_enum(ReviewSample, "sample"), default=ReviewSample.random, server_default="random"
     )

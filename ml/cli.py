@@ -409,6 +409,10 @@ def evaluate(
             "models' split."
         ),
     ] = None,
+    test_name: Annotated[
+        str | None,
+        typer.Option(help="What to call the external test set in the tables (default: its path)."),
+    ] = None,
     seeds: Annotated[str, typer.Option(help="Classifier seeds, comma-separated.")] = "0,1,2",
     backbone: Annotated[
         Backbone, typer.Option(help="resnext50: the seed's; small: a fast CNN for trials.")
@@ -439,6 +443,7 @@ def evaluate(
     def run() -> None:
         from ml.checkpoint import load_model
         from ml.config import resolve_device
+        from ml.console import StagePrinter
         from ml.downstream import DownstreamConfig
         from ml.encoder import EmbeddingCache, build_encoder, check_encoder
         from ml.evaluate import EvalConfig, evaluation_table
@@ -454,7 +459,7 @@ def evaluate(
         cfg = EvalConfig(
             n_per_class=n_per_class, steps=steps, guidance=guidance, seeds=seed_list,
             downstream=DownstreamConfig(backbone=backbone, epochs=epochs, weights=weights,
-                                        device=str(dev)),
+                                        device=str(dev), progress=True),
         )  # fmt: skip
         models = {
             "baseline": load_model(baseline, device=dev),
@@ -463,10 +468,12 @@ def evaluate(
         enc = build_encoder(encoder, None if untrained else pretrained, device=str(dev),
                             allow_untrained=untrained)  # fmt: skip
         book = Codebook.load(codebook) if codebook is not None else None
-        result = run_evaluation(
-            models, enc, cfg, codebook=book, cache=EmbeddingCache() if cache else None,
-            test_data=test_data,
-        )  # fmt: skip
+        with StagePrinter("evaluate") as progress:
+            result = run_evaluation(
+                models, enc, cfg, codebook=book, cache=EmbeddingCache() if cache else None,
+                test_data=test_data, test_name=test_name or (str(test_data) if test_data else None),
+                progress=progress,
+            )  # fmt: skip
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(result.model_dump_json(indent=2))
         typer.echo(evaluation_table(result))

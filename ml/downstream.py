@@ -173,9 +173,10 @@ def train_classifier(
     labels = labels.long()
     n_classes = n_classes or (len(classes) if classes else int(labels.max()) + 1)
     device = resolve_device(cfg.device)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    seed = cfg.seed or 0
+    gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         net = make_classifier(cfg.backbone, n_classes, cfg.weights)
         model = ImageClassifier(net, cfg.image_size).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -337,7 +338,8 @@ def downstream_experiment(
         "classes": list(classes),
         "seeds": list(seeds),
         "n_test": len(test_labels),
-        "config": cfg.model_dump(mode="json"),
+        # the runs' seeds are ``seeds``: the config's own seed would name one that no run used
+        "config": cfg.model_dump(mode="json") | {"seed": None},
         "sets": sets,
         "chance": chance_levels(
             np.bincount(test_labels.numpy(), minlength=len(classes)).tolist()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ml.config import bf16_supported
-from ml.weights import TINY_MODEL, find_weights
+from ml.weights import TINY_MODEL, UNTRAINED, find_weights
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ _TINY_CONFIG = {
                    "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
 }  # fmt: skip
-UNTRAINED = "untrained-seed0"
 
 
 def _register_tiny_config() -> None:

@@ -273,6 +273,7 @@ def evaluate(
     else:
         ref, floor_name, floor = test, "real train", split.train
         reference = f"external test set {test_info.name}"
+    within("embed real and synthetic images", 0, 1)  # stages announce themselves as they start
     ref_emb, ref_labels = _embed(encoder, ref, cache), ref.labels.numpy()
 
     def report(data: ImageSet) -> DistributionReport:
@@ -286,6 +287,7 @@ def evaluate(
         distribution[name] = report(data)
         tick(f"embed {name}")
     train_sets = {"real": split.train, **synthetic}
+    within(f"train classifiers ({', '.join(train_sets)} x {len(cfg.seeds)} seeds)", 0, 1)
     down = downstream_experiment(train_sets, test, classes, cfg.downstream, cfg.seeds)
     tick("downstream")
     toy = {n: _toy_plausibility(d) for n, d in {"real": split.train, **synthetic}.items()}

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ml.config import MAX_PER_CLASS, MAX_SEED, Backbone, SchedulerName
+from ml.weights import UNTRAINED
 
 # --- what is asked ------------------------------------------------------------------------------
 
@@ -30,7 +31,12 @@ class DownstreamConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0, le=10.0)
     image_size: int = Field(64, ge=16, le=512, description="images are resized to this side")
     augment: bool = Field(True, description="random horizontal and vertical flips")
-    seed: int = Field(0, ge=0)
+    seed: int | None = Field(
+        0,
+        ge=0,
+        description="the classifier's seed; a result's config holds none, its "
+        "``seeds`` list the classifiers run",
+    )
     device: str | None = None
     weights: Path | None = Field(None, description="local ImageNet state dict for a ResNet")
     progress: bool = False
@@ -267,20 +273,32 @@ def _distance_cells(d: Distances) -> list[str]:
     return [*(_num(getattr(d, k)) for k in DISTANCES), str(d.n_real), str(d.n_fake)]
 
 
+def feature_space(encoder: str) -> str:
+    """How a table of feature-space statistics names its space, with the caveat an untrained
+    encoder needs: its features are random projections, so the distances say nothing about how
+    CLIP (or any trained encoder) would see the images."""
+    if f"|{UNTRAINED}|" in encoder:
+        name = encoder.split("|", 1)[0]
+        return f"UNTRAINED {name} space (random features: not CLIP's view of the images)"
+    if encoder.startswith("learned:"):
+        return "learned encoder space"
+    return "CLIP space"
+
+
 def evaluation_tables(result: EvaluationResult) -> list[Table]:
     """Every table of an evaluation, in order: Tables 5-6, CLIP space overall and per class,
     then the toy checker where there is one. Text, CSV and HTML all render these."""
-    dist = result.distribution
+    dist, space = result.distribution, feature_space(result.encoder)
     tables = [
         downstream_table(result.downstream, test_set_label(result)),
         Table(
-            key="distribution", title=f"CLIP space against the {result.reference}",
+            key="distribution", title=f"{space} against the {result.reference}",
             headers=["set", *DISTANCE_HEADERS],
             rows=[[name, *_distance_cells(rep.overall)] for name, rep in dist.items()],
         ),
         Table(
             key="distribution-per-class",
-            title=f"CLIP space per class against the {result.reference}",
+            title=f"{space} per class against the {result.reference}",
             headers=["class", "set", *DISTANCE_HEADERS], labels=2,
             rows=[[cls, name, *_distance_cells(rep.per_class[cls])]
                   for cls in result.classes for name, rep in dist.items() if cls in rep.per_class],

@@ -24,6 +24,9 @@ from typing import Any
 #: Untrained, tests-only architecture registered by :mod:`ml.encoder` (not an open_clip config).
 TINY_MODEL = "protomed-tiny-vit"
 UNTRAINED_WORDS = ("untrained", "none", "random")
+# The weights' part of an untrained open_clip encoder's identity (``ml.encoder``): torch-free
+# here so that results read by the API can say their feature space is random.
+UNTRAINED = "untrained-seed0"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 # open_clip's hub file names (open_clip.constants): safetensors preferred, as open_clip does

@@ -73,6 +73,18 @@ def test_evaluate_on_the_toy_domain(tmp_path: Path) -> None:
     assert typed.test_set is not None and typed.test_set.source == "held-out"
     assert typed.test_set.total == 15 and typed.reference == "real training images"
     assert tables_text(evaluation_tables(typed)) in r.output  # the printed table is the file's
+    # what a user at the terminal needs: each stage as it starts, the feature space named with
+    # its caveat, the chance levels beside the F1s, and no seed the classifiers did not use
+    for stage in ("generate baseline", "generate prototype", "embed real and synthetic images",
+                  "train classifiers (real, baseline, prototype x 2 seeds)"):  # fmt: skip
+        assert f"[evaluate] {stage} ..." in r.output, r.output
+    assert "UNTRAINED protomed-tiny-vit space (random features" in r.output
+    assert "CLIP space" not in r.output
+    assert "chance: uniform guess" in r.output and "chance: majority class" in r.output
+    assert result["downstream"]["config"]["seed"] is None and result["downstream"]["seeds"] == [
+        0,
+        1,
+    ]
 
 
 @pytest.mark.slow
@@ -83,7 +95,7 @@ def test_evaluate_on_an_external_test_set(tmp_path: Path) -> None:
     tmp = trained_pair(tmp_path, heldout=3)
     ext = write_toy_dataset(tmp / "external", n_per_class=4, size=32, seed=7)
     shutil.copytree(ext / TOY_CLASSES[0], ext / "platelet")  # a class the models do not know
-    r = invoke(*evaluate_args(tmp), "--test-data", ext)
+    r = invoke(*evaluate_args(tmp), "--test-data", ext, "--test-name", "site-b")
     assert r.exit_code == 0, r.output
     result = EvaluationResult.model_validate_json((tmp / "eval.json").read_text())
     test = result.test_set
@@ -94,12 +106,16 @@ def test_evaluate_on_an_external_test_set(tmp_path: Path) -> None:
     assert result.downstream.n_test == 20
     runs = result.downstream.sets["prototype"].runs
     assert all(sum(run.support) == 20 for run in runs)  # the classifiers saw the 20
-    assert result.reference == "external test set external"
+    assert result.reference == "external test set site-b"  # the name given, not the folder's
     assert set(result.distribution) == {"real train", "baseline", "prototype"}
     assert result.distribution["real train"].overall.n_real == 20  # the reference: external
     assert result.distribution["real train"].overall.n_fake == 25  # the 5 x 5 training images
     assert result.distribution["prototype"].overall.n_real == 20
-    assert "20 real images of the external test set external" in r.output
+    assert "20 real images of the external test set site-b" in r.output
+    r = invoke(*evaluate_args(tmp), "--test-data", ext)  # no name given: the folder's path
+    assert r.exit_code == 0, r.output
+    named = EvaluationResult.model_validate_json((tmp / "eval.json").read_text())
+    assert named.test_set is not None and named.test_set.name == str(ext)
 
 
 def test_external_test_set_errors(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from api.ui.views import (
     report_rows,
     sweep_charts,
 )
-from ml.results import evaluation_tables, test_set_label  # torch-free
+from ml.results import evaluation_tables, feature_space, test_set_label  # torch-free
 from service.audits import AuditUnavailable, audit_jobs, latest_audit
 from service.db.models import (
     MAX_ID,
@@ -390,7 +390,7 @@ def evaluation_page(
         test_label=test_set_label(result),
         model_ids=params.models.model_dump(), given=params.batches.model_dump(),
         tables=tables, chart=f1_chart(result.downstream),
-        untrained="untrained" in result.encoder,
+        untrained="untrained" in result.encoder, space=feature_space(result.encoder),
         json_url=f"{api_url}?{urlencode({'job_id': job.id})}",
         csv_url=f"{api_url}?{urlencode({'job_id': job.id, 'format': 'csv'})}",
     )  # fmt: skip

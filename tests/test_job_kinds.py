@@ -47,7 +47,16 @@ def _submit_one_of_each(svc: Service, monkeypatch: pytest.MonkeyPatch) -> None:
 
     write_toy_dataset(svc.data_root / "toy", n_per_class=8, size=32, seed=0)
     dataset = post("/datasets", 201, json={"name": "toy", "path": "toy"})
-    post("/jobs/train", json={"dataset_id": dataset["id"], "mode": "both", "preset": "cpu-small"})
+    post(
+        "/jobs/train",
+        json={
+            "dataset_id": dataset["id"],
+            "mode": "both",
+            "preset": "cpu-small",
+            "n_per_class": 6,
+            "n_heldout": 2,
+        },
+    )  # a split 8 per class hold
 
     with get_sessionmaker()() as session:
         base, proto = review_batches(session)

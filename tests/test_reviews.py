@@ -742,7 +742,8 @@ def test_a_task_protomed_did_not_create_is_reported_not_adopted(
 def test_an_edited_ref_does_not_stop_the_pull(base: Base, fresh: Sent, member: Member) -> None:
     """A member PATCHes one task's ref to another task's token: every pull still succeeds (it
     failed with ``IntegrityError`` and its SQL in ``job.error``), the edited task is skipped
-    and reported, and the others' verdicts come in."""
+    and reported, its verdict is set aside (it may be about another image), and the others'
+    verdicts come in."""
     first, second = fresh.tasks[0], fresh.tasks[1]
     annotate(base, fresh, [(first, 0), (second, 0)])
     edited = {"data": {**second["data"], "ref": first["data"]["ref"]}}
@@ -752,10 +753,18 @@ def test_an_edited_ref_does_not_stop_the_pull(base: Base, fresh: Sent, member: M
         jobs = pull(base)
         assert all(j["status"] == "succeeded" for j in jobs), jobs
         assert not any("SQL" in (j.get("error") or "") for j in jobs)
-        assert reviews_of(base, fresh) == 2  # the edited task keeps what was stored
+        rep = report(base, fresh)
+        assert total(rep) == 1  # the edited task's stored verdict counts nowhere...
+        assert rep["on_edited_tasks"] == 1  # ...and the report says it was set aside
     odd = odd_tasks(base)[second["id"]]
     assert odd["claims"] == second["id"] and "ref edited" in odd["reason"]
     assert first["id"] not in odd_tasks(base)
+    r = member.api.patch(f"/api/tasks/{second['id']}/", json={"data": second["data"]})
+    assert r.status_code == 200, r.text  # restored: its verdict counts again
+    assert all(j["status"] == "succeeded" for j in pull(base))
+    rep = report(base, fresh)
+    assert (total(rep), rep["on_edited_tasks"]) == (2, 0)
+    assert second["id"] not in odd_tasks(base)
 
 
 def test_verdicts_written_in_another_members_name_are_flagged(

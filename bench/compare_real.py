@@ -49,6 +49,7 @@ from bench.replication import (  # noqa: E402
     split_three,
     summarise,
 )
+from ml.chance import chance_levels  # noqa: E402  (numpy only)
 
 # Images per class: (train, validation, test). The seed tests on 50 real images per class;
 # cells64 has 120 per class, so 50 test leave 50 train and 20 validation. derm64's smallest
@@ -180,6 +181,11 @@ def run_dataset(name: str, args: Any) -> dict[str, Any]:
         "chosen_budget": budget,
         "budget_rule": "one budget for both modes: the highest validation macro F1 averaged over "
         "both modes and all generative seeds (smaller budget on a tie); test never consulted",
+        # what a classifier that learnt nothing scores on each part: every F1 is read against it
+        "chance": {
+            part: chance_levels(list(sizes[part].values())).model_dump()
+            for part in ("validation", "test")
+        },
         "validation": {str(b): summarise(means, "validation", b, MODES) for b in args.budgets},
         "test": summarise(means, "test", budget, MODES),
         "real": {r["split"]: r for r in real},
@@ -202,6 +208,16 @@ def _ci(s: dict[str, Any]) -> str:
         return f"{100 * s['mean']:.1f}"
     return (f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f} "
             f"[{100 * s['ci'][0]:.1f}, {100 * s['ci'][1]:.1f}]")  # fmt: skip
+
+
+def chance_cells(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The test part's chance rows of the README table (none in results without them)."""
+    test = (r.get("chance") or {}).get("test")
+    if not test:
+        return []
+    u, m = test["uniform"], test["majority"]
+    uniform = f"{100 * u['f1']:.1f} (95% range {100 * u['f1_low']:.1f}-{100 * u['f1_high']:.1f})"
+    return [("chance: uniform guess", uniform), ("chance: majority class", f"{100 * m['f1']:.1f}")]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -227,6 +243,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | {b} | {mode} | {m['f1']['n']} | {_ci(m['f1'])} | "
                          f"{100 * m['precision']['mean']:.1f} | "
                          f"{100 * m['recall']['mean']:.1f} |")  # fmt: skip
+        for label, level in chance_cells(r):
+            lines.append(f"| {name} | - | {label} | - | {level} | | |")
         d = r["test"]["paired"]["f1"]
         per = ", ".join(f"{100 * x:+.1f}" for x in d["differences"])
         p = "-" if d["p_paired_t"] is None else f"{d['p_paired_t']:.2f}"

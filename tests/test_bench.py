@@ -180,6 +180,12 @@ def test_replicated_real_comparison_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert res["test"]["paired"]["f1"]["seeds"] == [0, 1]
     assert res["sizes_per_class"]["test"] == dict.fromkeys(res["sizes_per_class"]["train"], 3)
     assert "prototype - baseline (paired)" in r.stdout
+    # every F1 is read against what learning nothing scores on the same part (3 per class)
+    chance = res["chance"]["test"]
+    assert chance["majority"]["f1"] == pytest.approx((2 * (1 / 5) / (1 + 1 / 5)) / 5)
+    assert chance["uniform"]["f1_low"] < chance["uniform"]["f1"] < chance["uniform"]["f1_high"]
+    assert set(res["chance"]) == {"validation", "test"}
+    assert "| toy | - | chance: uniform guess | - |" in r.stdout
 
 
 def test_scorer_toy_runs_at_a_tiny_size(tmp_path: Path) -> None:

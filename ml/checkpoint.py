@@ -88,7 +88,8 @@ class Conditioning:
 def build_model(
     cfg: TrainConfig, cond: Conditioning, prototypes: torch.Tensor | None = None
 ) -> UNet:
-    """The UNet for a config; ``prototypes`` (C*K, D) initialises and freezes the class table."""
+    """The UNet for a config; ``prototypes`` (C*K, D) initialises the class table, frozen unless
+    ``cfg.freeze_prototypes`` is False."""
     if cond.mode == "prototype" and prototypes is None:
         raise ValueError("prototype mode needs a codebook (run `protomed prototypes` first)")
     class_dim = prototypes.shape[1] if prototypes is not None else cfg.class_dim
@@ -105,6 +106,7 @@ def build_model(
         attention_resolutions=tuple(cfg.attention_resolutions),
         attention_heads=cfg.attention_heads,
         prototypes=prototypes if cond.mode == "prototype" else None,
+        freeze_table=cfg.freeze_prototypes,
     )
 
 

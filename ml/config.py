@@ -68,6 +68,9 @@ class TrainConfig(BaseModel):
             "in both modes (768 = ViT-L-14's, for a baseline trained without one)"
         ),
     )
+    # False: [3]'s ``proto_unfrozen`` ablation, the table starts at the prototypes and trains with
+    # the model. The method (and [3]'s main setting) freezes it; prototype mode only.
+    freeze_prototypes: bool = True
     # diffusion
     timesteps: int = Field(1000, ge=10, le=10_000)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"

@@ -288,6 +288,30 @@ def _heldout_accuracy(
     return (pred == y).float().mean().item()
 
 
+def untrained_encoder(
+    train_images: torch.Tensor,
+    classes: list[str],
+    cpl: CPLConfig,
+    cfg: DomainEncoderConfig,
+    data: dict[str, Any] | None = None,
+) -> LearnedEncoder:
+    """The network at its seeded initialisation, its input normalised by the training images'
+    channel statistics: where :func:`train_domain_encoder` starts, and what the prototype report
+    and the ablation (``bench/ablation.py``) compare the learned encoder with. Saved, it is a
+    complete encoder artifact (``trained: false`` in its JSON)."""
+    x01 = _resize(train_images, cfg.input_size)
+    mean, std = x01.mean((0, 2, 3)), x01.std((0, 2, 3)).clamp_min(1e-3)
+    meta: dict[str, Any] = {
+        "arch": cfg.arch,
+        "config": cfg.model_dump(),
+        "prototype_loss": {"k": cpl.k, "gamma": cpl.gamma, "lam": cpl.lam},
+        "classes": list(classes),
+        "data": data or {},
+        "trained": False,
+    }
+    return LearnedEncoder(_build(cfg), mean, std, meta)
+
+
 def train_domain_encoder(
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
@@ -312,20 +336,14 @@ def train_domain_encoder(
     check_labels(y, n, classes, cpl.k)
     gen = torch.Generator().manual_seed(cfg.seed)
     x01 = _resize(train_images, cfg.input_size)
-    mean, std = x01.mean((0, 2, 3)), x01.std((0, 2, 3)).clamp_min(1e-3)
+    untrained = untrained_encoder(train_images, classes, cpl, cfg, data)
+    meta = {**untrained.meta, "trained": False}
+    mean, std = untrained._mean.flatten(), untrained._std.flatten()
 
     def norm(x: torch.Tensor) -> torch.Tensor:
         return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
     net = _build(cfg)
-    meta: dict[str, Any] = {
-        "arch": cfg.arch,
-        "config": cfg.model_dump(),
-        "prototype_loss": {"k": cpl.k, "gamma": cpl.gamma, "lam": cpl.lam},
-        "classes": list(classes),
-        "data": data or {},
-    }
-    untrained = LearnedEncoder(copy.deepcopy(net), mean, std, {**meta, "trained": False})
     with torch.no_grad():
         net.eval()
         feats = torch.cat([net(norm(x01[i : i + 256])) for i in range(0, n, 256)])

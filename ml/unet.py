@@ -17,6 +17,8 @@ Class embeddings (``mode``):
   Rows are ``class * K + j`` for K prototypes per class; the caller picks ``j`` (the image's
   nearest own-class prototype in training, a weighted draw at sampling).
 - ``baseline``: the same kind of table (one row per class), randomly initialised and learnable.
+- ``prototype`` with ``freeze_table=False``: initialised from the codebook, then learnable (the
+  ablation arm [3] calls ``proto_unfrozen``; ``bench/ablation.py``).
 
 Classifier-free guidance: label ``-1`` means "no condition" and selects a learnable null
 embedding, so the conditional and unconditional passes can share one batch.
@@ -156,6 +158,7 @@ class UNet(nn.Module):
         attention_resolutions: tuple[int, ...] = (),
         attention_heads: int = 1,
         prototypes: torch.Tensor | None = None,
+        freeze_table: bool = True,
     ) -> None:
         super().__init__()
         self.image_size = image_size
@@ -163,7 +166,8 @@ class UNet(nn.Module):
         self.time_dim = base_channels
         emb_dim = 4 * base_channels
 
-        # Class table: frozen prototypes, or a learnable random table (the baseline).
+        # Class table: frozen prototypes, or a learnable random table (the baseline); prototypes
+        # with freeze_table=False start the table there and train it ([3]'s proto_unfrozen).
         self.class_embed = nn.Embedding(num_embeddings, class_dim)
         if prototypes is not None:
             if tuple(prototypes.shape) != (num_embeddings, class_dim):
@@ -173,7 +177,7 @@ class UNet(nn.Module):
                 )
             with torch.no_grad():
                 self.class_embed.weight.copy_(prototypes)
-            self.class_embed.weight.requires_grad_(False)
+            self.class_embed.weight.requires_grad_(not freeze_table)
         else:
             nn.init.normal_(self.class_embed.weight, std=prototypes_scale_hint(class_dim))
         self.null_embed = nn.Parameter(torch.zeros(class_dim))

@@ -245,3 +245,24 @@ def test_both_modes_take_the_codebook_width_and_record_it(tmp_path):
         sizes[mode] = sum(p.numel() for p in res.model.parameters())
         assert res.model.class_embed.weight.shape == (3, width)
     assert sizes["prototype"] == sizes["baseline"]
+
+
+def test_unfrozen_prototypes_start_at_the_codebook_and_train(tmp_path):
+    """``freeze_prototypes=False`` ([3]'s proto_unfrozen, an ablation arm): the table starts as
+    the codebook's prototypes and moves with training; the default keeps them bit-identical."""
+    from ml.prototypes import Codebook
+
+    data = random_set()
+    book = Codebook(list(data.classes), torch.randn(3, 1, 12), torch.ones(3, 1), "test-enc")
+    tables = {}
+    for frozen in (True, False):
+        cfg = make_config("tiny", {"mode": "prototype", "max_steps": 3, "batch_size": 4,
+                                   "lr": 1e-2, "freeze_prototypes": frozen})  # fmt: skip
+        run = tmp_path / str(frozen)
+        res = train(cfg, data, run, codebook=book, show_progress=False)
+        assert res.model.frozen_table is frozen
+        loaded = load_model(res.checkpoint, use_ema=False)
+        assert loaded.cfg.freeze_prototypes is frozen  # recorded with the run
+        tables[frozen] = loaded.model.class_embed.weight.detach()
+    assert torch.equal(tables[True], book.table().float())
+    assert not torch.allclose(tables[False], book.table().float())

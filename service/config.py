@@ -95,9 +95,16 @@ class Settings(BaseSettings):
     # "learned": a small CNN trained from scratch on the dataset's training images jointly with
     # the prototypes (ml/domain_encoder.py), saved beside the codebook; it needs no weights.
     # `protomed serve` picks "learned" when no CLIP weights were configured and none are here.
-    # Metrics (evaluation, audit, scorers) always use the CLIP encoder above, never the space
-    # the prototypes were fitted in.
+    # Metrics (evaluation, audit) always use the CLIP encoder above, never the space the
+    # prototypes were fitted in.
     prototype_encoder: Literal["clip", "learned"] = "clip"
+    # What plausibility scorers embed images with: "clip" (the encoder above) or "learned": the
+    # encoder learned with the codebook of the domain's newest ready model that has one, copied
+    # beside the scorer (the sampling filter loads it from there). None: as prototype_encoder,
+    # so a service without CLIP weights scores in a space that separates its classes instead of
+    # an untrained network's. A scorer maps features to reviewers' verdicts; it measures no
+    # class-to-prototype distance, so the prototypes' space does not favour a mode by itself.
+    scorer_encoder: Literal["clip", "learned"] | None = None
     # The API refuses training/evaluation requests (422) whose encoder weights it cannot find
     # (a file, or the tag's file in the hub cache, HF_HOME). Set false only where the API runs
     # on a machine without the workers' weights.
@@ -111,6 +118,10 @@ class Settings(BaseSettings):
     scorer_min_images: int = Field(default=20, ge=6)
     scorer_oversample: int = Field(default=3, ge=1)
     scorer_max_oversample: int = Field(default=10, ge=1)
+
+    def scorer_encoder_kind(self) -> Literal["clip", "learned"]:
+        """The scorers' encoder: ``scorer_encoder``, or the prototypes' when that is unset."""
+        return self.scorer_encoder or self.prototype_encoder
 
     def uploads_dir(self) -> Path:
         """Where uploaded dataset zips are unpacked (absolute, so a stored dataset root does

@@ -118,6 +118,24 @@ def test_scorer_requests_before_there_is_one(service: Service) -> None:
     assert again.status_code == 409 and f"job {job['id']}" in again.text
 
 
+def test_a_learned_scorer_needs_a_model_trained_with_a_learned_encoder(service, monkeypatch):
+    """With the learned encoder for scorers and no model of the domain trained with one, the
+    score job fails saying what to do, and no scorer is stored."""
+    from workers.tasks import run_job
+
+    reviewed(24)  # its model has no codebook
+    monkeypatch.setenv("PROTOMED_SCORER_ENCODER", "learned")
+    get_settings.cache_clear()
+    r = service.client.post("/scorers", json={"domain": "toy"}, headers=service.admin)
+    assert r.status_code == 202, r.text
+    assert run_job(r.json()["id"], "score", "test@host:1") == "failed"
+    job = service.client.get(f"/jobs/{r.json()['id']}", headers=service.admin).json()
+    assert "no ready model of domain 'toy' was trained with a learned encoder" in job["error"]
+    assert "PROTOMED_SCORER_ENCODER=clip" in job["error"]
+    with get_sessionmaker()() as s:
+        assert s.query(Scorer).count() == 0
+
+
 def test_retraining_is_queued_once_enough_new_verdicts_arrived(service: Service) -> None:
     settings = get_settings()
     reviewed(settings.scorer_min_images - 1)

@@ -8,6 +8,7 @@ provenance regenerates it pixel for pixel."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from service.criteria import latest
 from service.db.models import Image
 from service.db.session import get_sessionmaker
 from service.reviews import project_for
+from workers.scoring import ENCODER_FILES
 
 
 def pixels(service: Service, url: str) -> np.ndarray:
@@ -38,7 +40,12 @@ def generate(service: Service, worker: Worker, **params: object) -> dict:
 
 
 @pytest.mark.slow
-def test_a_worker_trains_a_scorer_and_filters_a_batch(service: Service) -> None:
+@pytest.mark.parametrize("encoder", ["clip", "learned"])
+def test_a_worker_trains_a_scorer_and_filters_a_batch(service: Service, encoder: str) -> None:
+    """``learned``: the service's prototypes come from the learned domain encoder, so the scorer
+    embeds with the model's learned encoder, kept beside the scorer: the filter still works
+    once the model's own codebook files are gone."""
+    from ml.domain_encoder import JSON_NAME, TENSORS_NAME
     from ml.provenance import read_provenance
     from ml.sample import regenerate
     from ml.toy import write_toy_dataset
@@ -50,7 +57,8 @@ def test_a_worker_trains_a_scorer_and_filters_a_batch(service: Service) -> None:
                             headers=admin)  # fmt: skip
     assert r.status_code == 201, r.text
     dataset_id = r.json()["id"]
-    worker = Worker(service.env, service.tmp / "worker.log")
+    extra = {"PROTOMED_PROTOTYPE_ENCODER": "learned"} if encoder == "learned" else {}
+    worker = Worker({**service.env, **extra}, service.tmp / "worker.log")
     try:
         worker.wait_ready()
         model_id = train_tiny(service.client, admin, dataset_id, worker, mode="baseline",
@@ -81,7 +89,19 @@ def test_a_worker_trains_a_scorer_and_filters_a_batch(service: Service) -> None:
         assert (result["images"], result["verdicts"], result["plausible"]) == (24, 24, 12)
         scorer = service.client.get(f"/scorers/{result['scorer_id']}", headers=admin).json()
         assert scorer["version"] == 1 and scorer["latest"] and scorer["n_images"] == 24
-        assert "untrained" in scorer["encoder"]
+        storage = get_storage()
+        if encoder == "clip":
+            assert "untrained" in scorer["encoder"]
+        else:
+            with get_sessionmaker()() as s:
+                from service.db.models import Model
+
+                book = s.get(Model, model_id).codebook_path  # type: ignore[union-attr]
+            own = json.loads(storage.get_bytes(f"{book}/codebook.json"))["encoder"]
+            assert own.startswith("learned:") and scorer["encoder"] == own
+            assert ENCODER_FILES == (JSON_NAME, TENSORS_NAME)
+            storage.delete_prefix(f"{book}/encoder.")  # the scorer keeps its own copy
+            assert not storage.list_keys(f"{book}/encoder.")
         cv = scorer["metrics"]["cv"]
         assert cv["n"] == 24 and cv["auc"] is not None and len(cv["auc_ci"]) == 2
         assert sum(b["count"] for b in cv["calibration"]) == 24
@@ -106,7 +126,6 @@ def test_a_worker_trains_a_scorer_and_filters_a_batch(service: Service) -> None:
     scores = [i["score"] for i in every["images"]]
     best = sorted(sorted(range(9), key=lambda i: (-scores[i], i))[:3])
     assert [i["score"] for i in batch["images"]] == pytest.approx([scores[i] for i in best])
-    storage = get_storage()
     with get_sessionmaker()() as s:
         from service.db.models import Model
 

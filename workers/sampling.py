@@ -182,20 +182,18 @@ def _scores(
     filtered one fails, since it cannot choose."""
     if info.scorer_id is None:
         return None, False
-    from workers.scoring import embed_pngs, load_scorer, project_encoder
+    from workers.scoring import embed_pngs, load_scorer, scorer_features
 
     try:
         with get_sessionmaker()() as session:
             row = session.get(Scorer, info.scorer_id)
             if row is None:
                 raise ValueError(f"scorer {info.scorer_id} was deleted")
-            fitted = load_scorer(row, storage)
-        encoder = project_encoder(settings)
-        if encoder.identity != fitted.encoder:
-            raise ValueError(
-                f"scorer {info.scorer_id} was trained on {fitted.encoder} embeddings, this "
-                f"worker's encoder is {encoder.identity}: train a new one (POST /scorers)"
-            )
+            fitted, key = load_scorer(row, storage), row.artefact_key
+        try:
+            encoder = scorer_features(fitted, key, storage, settings)
+        except ValueError as exc:
+            raise ValueError(f"scorer {info.scorer_id}: {exc}") from exc
         x = embed_pngs(encoder, pngs, hashes, settings,
                        on_progress=lambda d, t: progress.update("score", d, t))  # fmt: skip
         return fitted.score(x, [info.class_name] * len(pngs)), True

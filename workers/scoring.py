@@ -1,11 +1,15 @@
 """The ``score`` job: train the next version of a review domain's plausibility scorer.
 
 Every reviewed image of the domain (all its review projects and criteria versions) with its
-verdict (most of its reviewers: :func:`service.scorers.reviewed_images`) is embedded with the
-project's CLIP encoder (the original PNG in storage; reviewers saw a stripped copy of the same
-pixels), ``ml.scorer.fit_scorer`` fits and cross-validates, and the weights go to storage with
-a ``Scorer`` row. The sampling job scores new batches with the newest version
-(:func:`score_pngs`).
+verdict (most of its reviewers: :func:`service.scorers.reviewed_images`) is embedded (the
+original PNG in storage; reviewers saw a stripped copy of the same pixels), ``ml.scorer.
+fit_scorer`` fits and cross-validates, and the weights go to storage with a ``Scorer`` row. The
+sampling job scores new batches with the newest version.
+
+The encoder (``Settings.scorer_encoder_kind``) is the project's CLIP encoder, or the learned
+domain encoder of the domain's newest ready model whose codebook has one: its files are copied
+beside the scorer's weights (:func:`encoder_prefix`), so the scorer's features stay loadable when
+that model is deleted, and the sampling job loads exactly them (:func:`scorer_features`).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import numpy as np
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.db.models import Job, Scorer
+from service.db.models import Dataset, Job, Model, ModelStatus, Scorer
 from service.db.session import get_sessionmaker
 from service.payloads import ScorePayload
 from service.scorers import reviewed_images
@@ -29,6 +34,8 @@ from workers.lifecycle import JobContext
 from workers.training import encoder_spec
 
 STAGES = {"load": 0.1, "embed": 0.7, "fit": 0.15, "store": 0.05}
+# ml.domain_encoder's JSON_NAME and TENSORS_NAME (named here: this module imports no torch)
+ENCODER_FILES = ("encoder.json", "encoder.safetensors")
 
 
 def project_encoder(settings: Settings) -> Any:
@@ -37,6 +44,63 @@ def project_encoder(settings: Settings) -> Any:
 
     spec, untrained = encoder_spec(settings)
     return ClipEncoder(spec, allow_untrained=untrained)
+
+
+def encoder_prefix(artefact_key: str) -> str:
+    """Where a scorer's learned encoder is stored: beside its weights."""
+    return artefact_key.removesuffix(".safetensors") + "-encoder"
+
+
+def _fetch_encoder(prefix: str, identity: str | None, storage: Storage, settings: Settings) -> Any:
+    """The learned encoder stored under ``prefix`` (cached in the work folder by checksum),
+    checked to be ``identity`` when one is given."""
+    from ml.domain_encoder import LearnedEncoder
+
+    local = settings.work_dir / "encoders" / prefix.replace("/", "_")
+    for name in ENCODER_FILES:
+        storage.download(f"{prefix}/{name}", local / name)
+    enc = LearnedEncoder.load(local)
+    if identity is not None and enc.identity != identity:
+        raise ValueError(f"the encoder stored at {prefix} is {enc.identity}, not {identity}")
+    return enc
+
+
+def domain_learned_encoder(session: Session, domain: str, storage: Storage,
+                           settings: Settings) -> tuple[Any, str]:  # fmt: skip
+    """(encoder, storage prefix) of the learned encoder of the domain's newest ready model that
+    has one; ValueError saying what to do when none has."""
+    rows = session.scalars(
+        select(Model).join(Dataset).where(Dataset.domain == domain,
+                                          Model.status == ModelStatus.ready,
+                                          Model.codebook_path.is_not(None))
+        .order_by(Model.id.desc())
+    )  # fmt: skip
+    for model in rows:
+        prefix = str(model.codebook_path)
+        if storage.exists(f"{prefix}/{ENCODER_FILES[0]}"):
+            return _fetch_encoder(prefix, None, storage, settings), prefix
+    raise ValueError(
+        f"the scorer's encoder is the learned one (PROTOMED_SCORER_ENCODER / "
+        f"PROTOMED_PROTOTYPE_ENCODER), but no ready model of domain {domain!r} was trained "
+        "with a learned encoder: train one (POST /jobs/train with the learned prototype "
+        "encoder), or set PROTOMED_SCORER_ENCODER=clip"
+    )
+
+
+def scorer_features(fitted: Any, artefact_key: str, storage: Storage, settings: Settings) -> Any:
+    """The encoder a fitted scorer was trained on: its stored learned encoder, or the worker's
+    CLIP encoder when that is the one (ValueError naming both otherwise)."""
+    from ml.domain_encoder import is_learned
+
+    if is_learned(fitted.encoder):
+        return _fetch_encoder(encoder_prefix(artefact_key), fitted.encoder, storage, settings)
+    encoder = project_encoder(settings)
+    if encoder.identity != fitted.encoder:
+        raise ValueError(
+            f"the scorer was trained on {fitted.encoder} embeddings, this worker's encoder is "
+            f"{encoder.identity}: train a new one (POST /scorers)"
+        )
+    return encoder
 
 
 def embed_pngs(
@@ -105,7 +169,12 @@ def run_scoring(
             f"{settings.scorer_min_images}"
         )
     pngs = [storage.get_bytes(r.storage_key) for r in images]
-    encoder = project_encoder(settings)
+    source = None  # the stored learned encoder's prefix (None: CLIP)
+    if settings.scorer_encoder_kind() == "learned":
+        with get_sessionmaker()() as session:
+            encoder, source = domain_learned_encoder(session, domain, storage, settings)
+    else:
+        encoder = project_encoder(settings)
     progress.update("load", 1, 1)
     x = embed_pngs(encoder, pngs, [r.sha256 for r in images], settings,
                    on_progress=lambda d, t: progress.update("embed", d, t))  # fmt: skip
@@ -127,6 +196,11 @@ def run_scoring(
                 )
                 key = f"scorers/{domain}/v{version:04d}-job{job_id}.safetensors"
                 storage.put_bytes(key, data, "application/octet-stream")
+                if source is not None:  # the learned encoder, kept with the scorer
+                    for name in ENCODER_FILES:
+                        storage.put_bytes(f"{encoder_prefix(key)}/{name}",
+                                          storage.get_bytes(f"{source}/{name}"),
+                                          "application/octet-stream")  # fmt: skip
                 row = Scorer(
                     domain=domain, version=version, encoder=encoder.identity, artefact_key=key,
                     n_images=len(images), n_plausible=sum(y),
@@ -138,6 +212,7 @@ def run_scoring(
         except IntegrityError:
             if key:
                 storage.delete_prefix(key)
+                storage.delete_prefix(encoder_prefix(key))
             continue
         break
     else:

@@ -105,7 +105,8 @@ def require_scorer(session: SessionDep, settings: SettingsDep, model: Model) -> 
             "enough of its images are reviewed",
         )  # fmt: skip
     trained_on = scorer.encoder.split("|")[0]
-    if trained_on != settings.encoder:
+    # a learned encoder is stored with its scorer; a CLIP one must be the workers' encoder
+    if not trained_on.startswith("learned:") and trained_on != settings.encoder:
         raise HTTPException(
             409, f"the newest scorer of {domain!r} (#{scorer.id}) was trained on {trained_on} "
             f"embeddings, the service's encoder is now {settings.encoder}: train a new one "

@@ -180,6 +180,11 @@ def real_scores(name: str, args: Any) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------- one run (a worker process)
 
 
+def steps_of(args: Any, name: str) -> list[int]:
+    """The checkpoints scored on one dataset: ``--steps``, or its ``--steps-for`` list."""
+    return list(args.steps_for.get(name, args.steps))
+
+
 def _unit_key(args: Any, name: str, arm: str, seed: int) -> str:
     """What a finished run's records depend on: reused only when all of it is unchanged."""
     keys = (
@@ -199,6 +204,7 @@ def _unit_key(args: Any, name: str, arm: str, seed: int) -> str:
         "encoder_epochs",
     )
     what = {k: str(getattr(args, k)) for k in keys} | {"dataset": name, "arm": arm, "seed": seed}
+    what["steps"] = str(steps_of(args, name))
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -222,11 +228,10 @@ def run_arm(name: str, arm: str, seed: int, args: Any) -> list[dict[str, Any]]:
     split, test = load_parts(name, args)
     classes = list(split.classes)
     parts = {"validation": split.heldout, "test": test}
+    steps = steps_of(args, name)
     run_args = SimpleNamespace(**{**vars(args), "set": {**args.set, **overrides}})
     mode = overrides["mode"]
-    ckpts = train_runs(
-        codebook, out / "runs" / f"{arm}_seed{seed}", mode, seed, args.steps, run_args
-    )
+    ckpts = train_runs(codebook, out / "runs" / f"{arm}_seed{seed}", mode, seed, steps, run_args)
     train_s = time.perf_counter() - t0
     records: list[dict[str, Any]] = []
     for step, path in ckpts.items():
@@ -330,7 +335,7 @@ def markdown(results: dict[str, Any]) -> str:
     for name, r in results["datasets"].items():
         if "summary" not in r:
             continue
-        s, steps = r["summary"], [str(x) for x in results["protocol"]["steps"]]
+        s, steps = r["summary"], [str(x) for x in r["steps"]]
         lines += [
             f"**{name}** (test macro F1 %, mean [95% CI] over generative seeds; step "
             f"chosen on validation: {s['chosen_step']})",
@@ -383,7 +388,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         r = results["datasets"][name]
-        steps = results["protocol"]["steps"]
+        steps = r["steps"]
         for arm, curve in r["summary"]["f1_curves"]["test"].items():
             ys = [100 * curve[str(s)]["mean"] for s in steps]
             lo = [100 * (curve[str(s)]["ci"] or [curve[str(s)]["mean"]] * 2)[0] for s in steps]
@@ -446,6 +451,13 @@ def main(argv: list[str] | None = None) -> None:
         default=[500, 1000, 1500],
         help="checkpoints (training steps) scored in every run",
     )
+    ap.add_argument(
+        "--steps-for",
+        action="append",
+        default=[],
+        metavar="DATASET=STEPS",
+        help="another dataset's checkpoints, e.g. derm64=250,500 (repeatable)",
+    )
     ap.add_argument("--preset", default="cpu-small")
     ap.add_argument(
         "--set",
@@ -477,9 +489,13 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
     if "baseline" not in arms:
         ap.error("--arms must include baseline: every arm is paired with it")
-    if sorted(set(args.steps)) != args.steps:
-        ap.error("--steps must be increasing and distinct")
-    args.budgets = args.steps  # compare_real's helpers read these names
+    try:
+        args.steps_for = {k: _ints(v) for k, v in (x.split("=", 1) for x in args.steps_for)}
+    except ValueError:
+        ap.error("--steps-for takes DATASET=STEPS, e.g. derm64=250,500")
+    for steps in [args.steps, *args.steps_for.values()]:
+        if not steps or sorted(set(steps)) != steps:
+            ap.error("steps must be increasing and distinct")
     args.out.mkdir(parents=True, exist_ok=True)
     _init_worker(args.threads)
     names = args.datasets.split(",")
@@ -518,7 +534,8 @@ def main(argv: list[str] | None = None) -> None:
             p: chance_levels(list(part_sizes[p].values())).model_dump()
             for p in ("validation", "test")
         }
-        r["summary"] = aggregate(records[name], arms, args.steps)
+        r["steps"] = steps_of(args, name)
+        r["summary"] = aggregate(records[name], arms, r["steps"])
         r["runs"] = records[name]
         r["run_times"] = {
             f.stem: json.loads(f.read_text()).get("times")

@@ -202,3 +202,68 @@ def test_scorer_toy_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert "refused" in result or result["filter"]["pooled"]["filtered"]["n"] == 10
+
+
+def test_ablation_runs_every_arm_at_a_tiny_size(tmp_path: Path) -> None:
+    """bench/ablation.py end to end at a tiny size: both codebooks, four arms paired with the
+    baseline by seed at every checkpoint, the step chosen on validation, the class tables as
+    each arm defines them, and a rerun that reuses every finished run."""
+    import torch
+
+    from ml.checkpoint import read_checkpoint
+    from ml.prototypes import Codebook
+
+    env = {**os.environ, "PROTOMED_NO_MALLOC_TUNING": "1"}
+    r = subprocess.run([sys.executable, "-m", "ml.cli", "toy", str(tmp_path / "data" / "toy"),
+                        "--n-per-class", "12", "--size", "16"], cwd=REPO, env=env,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out, runs = tmp_path / "ablation.json", tmp_path / "runs"
+    cmd = [sys.executable, "-m", "bench.ablation", "--data", str(tmp_path / "data"),
+           "--datasets", "toy", "--sizes", "5,3,3", "--steps", "9", "--steps-for", "toy=2,4",
+           "--seeds", "0,1", "--preset", "tiny", "--set", '{"lr": 0.01}', "--epochs", "1",
+           "--clf-image-size", "16", "--sample-steps", "2", "--encoder-epochs", "2",
+           "--jobs", "2", "--out", str(runs), "--results", str(out),
+           "--plot", str(tmp_path / "ablation.png")]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=HANG_GUARD_S)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    assert res["commit"]["sha"] and res["machine"]["cpus"] and res["protocol"]["seeds"] == [0, 1]
+    toy = res["datasets"]["toy"]
+    assert toy["steps"] == [2, 4]  # --steps-for wins over --steps
+    summary = toy["summary"]
+    assert summary["chosen_step"] in (2, 4)
+    arms = ["baseline", "frozen-learned", "frozen-untrained", "unfrozen-learned"]
+    for split in ("validation", "test"):
+        assert list(summary["f1_curves"][split]) == arms
+        assert all(c[s]["n"] == 2 for c in summary["f1_curves"][split].values() for s in ("2", "4"))
+        for arm in arms[1:]:
+            assert summary["paired_f1_vs_baseline"][split][arm]["4"]["seeds"] == [0, 1]
+    assert set(toy["chance"]) == {"validation", "test"} and "test" in toy["real"]
+    assert (tmp_path / "ablation.png").stat().st_size > 0
+    assert "| frozen-untrained |" in r.stdout and "chance: uniform guess" in r.stdout
+
+    # each arm's class table: the codebook's (frozen), moved from it (unfrozen), learnt (baseline)
+    books = {k: Codebook.load(runs / "toy" / f"codebook-{k}") for k in ("learned", "untrained")}
+    assert books["learned"].encoder != books["untrained"].encoder
+    assert books["learned"].dim == books["untrained"].dim  # one class-table width for all arms
+
+    def table(arm: str) -> torch.Tensor:
+        ckpt = read_checkpoint(runs / "toy" / "runs" / f"{arm}_seed0" / "step_4.pt")
+        return ckpt["model"]["class_embed.weight"]
+
+    assert torch.equal(table("frozen-learned"), books["learned"].table().float())
+    assert torch.equal(table("frozen-untrained"), books["untrained"].table().float())
+    assert not torch.allclose(table("unfrozen-learned"), books["learned"].table().float())
+    assert table("baseline").shape == table("frozen-learned").shape
+
+    # a rerun with the same arguments reuses every finished run (nothing retrained)
+    stamps = {p: p.stat().st_mtime_ns for p in (runs / "toy" / "runs").glob("*.json")}
+    assert len(stamps) == 8
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=HANG_GUARD_S)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    again = json.loads(out.read_text())["datasets"]["toy"]["runs"]
+    assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, toy["runs"]))

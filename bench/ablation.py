@@ -56,7 +56,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: bench.* and ml.* from the checkout
     sys.path.insert(0, str(REPO))
 
-from bench.compare_real import DATASETS, _ints, classifier_scores, train_runs  # noqa: E402
+from bench.compare_real import (  # noqa: E402
+    DATASETS,
+    _ints,
+    add_shared_args,
+    classifier_scores,
+    train_runs,
+)
 from bench.replication import (  # noqa: E402
     choose_budget,
     run_means,
@@ -429,55 +435,21 @@ def _init_worker(threads: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--data",
-        type=Path,
-        default=Path(os.environ.get("PROTOMED_DATA_DIR", REPO.parent / "shared" / "data")),
-    )
+    add_shared_args(ap, clf_seeds=[0], set_default=CPU_RECIPE, sample_steps=10,
+                    scheduler="dpm++sde", epochs=20)  # fmt: skip
     ap.add_argument("--datasets", default="cells64,derm64")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"any of {', '.join(ARMS)}")
-    ap.add_argument(
-        "--sizes",
-        type=_ints,
-        default=None,
-        help="train,validation,test images per class (default: per dataset)",
-    )
-    ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="generative seeds, per arm")
-    ap.add_argument("--clf-seeds", type=_ints, default=[0])
-    ap.add_argument(
-        "--steps",
-        type=_ints,
-        default=[500, 1000, 1500],
-        help="checkpoints (training steps) scored in every run",
-    )
+    ap.add_argument("--steps", type=_ints, default=[500, 1000, 1500],
+                    help="checkpoints (training steps) scored in every run")  # fmt: skip
     ap.add_argument(
         "--steps-for",
         action="append",
         default=[],
         metavar="DATASET=STEPS",
-        help="another dataset's checkpoints, e.g. derm64=250,500 (repeatable)",
+        help="a dataset's own checkpoints, e.g. derm64=250,500 (repeatable)",
     )
-    ap.add_argument("--preset", default="cpu-small")
-    ap.add_argument(
-        "--set",
-        type=json.loads,
-        default=CPU_RECIPE,
-        help="TrainConfig overrides as JSON (default: the CPU recipe)",
-    )
-    ap.add_argument(
-        "--n-synthetic",
-        type=int,
-        default=None,
-        help="synthetic images per class (default: as many as real training)",
-    )
-    ap.add_argument("--sample-steps", type=int, default=10)
-    ap.add_argument("--scheduler", default="dpm++sde")
-    ap.add_argument("--backbone", default="small", help="small, resnet18 or resnext50 (seed's)")
-    ap.add_argument("--epochs", type=int, default=20, help="classifier epochs")
-    ap.add_argument("--clf-image-size", type=int, default=32)
     ap.add_argument("--encoder-epochs", type=int, default=40, help="learned encoder's budget")
-    ap.add_argument("--device", default=None)
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "ablation")

@@ -253,48 +253,55 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_shared_args(
+    ap: argparse.ArgumentParser,
+    *,
+    clf_seeds: list[int],
+    set_default: dict[str, Any],
+    sample_steps: int,
+    scheduler: str,
+    epochs: int,
+) -> None:
+    """The arguments of both real-data comparisons (this one and ``bench/ablation.py``): where
+    the data is, how it is split, what is trained, and how each synthetic set is scored."""
     ap.add_argument("--data", type=Path, default=Path(os.environ.get(
         "PROTOMED_DATA_DIR", REPO.parent / "shared" / "data")))  # fmt: skip
-    ap.add_argument("--datasets", default="derm64")
     ap.add_argument(
         "--sizes",
         type=_ints,
         default=None,
-        help="train,validation,test images per class (default: per dataset)",
+        help="train,validation,test images per class (default: by dataset)",
     )
     ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--clf-seeds", type=_ints, default=clf_seeds)
+    ap.add_argument("--preset", default="cpu-small")
+    ap.add_argument("--set", type=json.loads, default=set_default,
+                    help="TrainConfig overrides as JSON, e.g. '{\"batch_size\": 8}'")  # fmt: skip
+    ap.add_argument("--n-synthetic", type=int, default=None,
+                    help="synthetic images per class (default: as many as real train)")  # fmt: skip
+    ap.add_argument("--sample-steps", type=int, default=sample_steps)
+    ap.add_argument("--scheduler", default=scheduler)
+    ap.add_argument("--backbone", default="small", help="small, resnet18 or resnext50 (seed's)")
+    ap.add_argument("--epochs", type=int, default=epochs, help="classifier epochs")
+    ap.add_argument("--clf-image-size", type=int, default=32)
+    ap.add_argument("--device", default=None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_shared_args(ap, clf_seeds=[0, 1, 2], set_default={}, sample_steps=20, scheduler="ddim",
+                    epochs=30)  # fmt: skip
+    ap.add_argument("--datasets", default="derm64")
     ap.add_argument("--gen-seeds", type=_ints, default=[0, 1, 2],
                     help="diffusion training and sampling seeds, per mode")  # fmt: skip
-    ap.add_argument("--clf-seeds", type=_ints, default=[0, 1, 2])
     ap.add_argument(
         "--budgets",
         type=_ints,
         default=[300, 600, 1200],
         help="candidate training steps (one run per seed to the largest)",
     )
-    ap.add_argument("--preset", default="cpu-small")
-    ap.add_argument(
-        "--set",
-        type=lambda s: json.loads(s),
-        default={},
-        help="extra TrainConfig overrides as JSON, e.g. '{\"batch_size\": 8}'",
-    )
-    ap.add_argument(
-        "--n-synthetic",
-        type=int,
-        default=None,
-        help="synthetic images per class (default: as many as real training)",
-    )
-    ap.add_argument("--sample-steps", type=int, default=20)
-    ap.add_argument("--scheduler", default="ddim")
-    ap.add_argument("--backbone", default="small", help="small, resnet18 or resnext50 (seed's)")
-    ap.add_argument("--epochs", type=int, default=30, help="classifier epochs")
-    ap.add_argument("--clf-image-size", type=int, default=32)
     ap.add_argument("--encoder", default="ViT-B-32")
     ap.add_argument("--pretrained", default=None, help="CLIP weights (default: untrained)")
-    ap.add_argument("--device", default=None)
     ap.add_argument(
         "--threads",
         type=int,

@@ -136,18 +136,46 @@ def prepare(name: str, args: Any) -> dict[str, Any]:
         )
         book.selection = dict(split.selection)
         book.save(untrained)
-    reports = {k: Codebook.load(out / f"codebook-{k}").report for k in ("learned", "untrained")}
+    books = {k: Codebook.load(out / f"codebook-{k}") for k in ("learned", "untrained")}
     return {
         "split_counts": counts,
         "real": real_scores(name, args),
         "codebooks": {
             k: {
-                "nearest_prototype_acc_heldout": r.get("nearest_prototype_acc"),
-                "logreg_acc_heldout": r.get("logreg_acc"),
+                "nearest_prototype_acc_heldout": b.report.get("nearest_prototype_acc"),
+                "logreg_acc_heldout": b.report.get("logreg_acc"),
+                **table_spread(b.table().float()),
             }
-            for k, r in reports.items()
+            for k, b in books.items()
         },
     }
+
+
+def table_spread(table: Any) -> dict[str, float]:
+    """How far apart a class table's rows are (Euclidean): the size of the class signal the
+    UNet's condition MLP receives, beside the rows' norm."""
+    import torch
+
+    gaps = torch.pdist(table)
+    return {"row_norm_mean": float(table.norm(dim=1).mean()), "row_gap_min": float(gaps.min()),
+            "row_gap_mean": float(gaps.mean())}  # fmt: skip
+
+
+def checkpoint_spreads(runs: Path, arms: list[str], steps: list[int]) -> dict[str, Any]:
+    """:func:`table_spread` of each arm's class table (EMA weights) at each step of seed 0:
+    frozen tables stay where they began, learnt ones show how far training spread them."""
+    from ml.checkpoint import read_checkpoint
+
+    out: dict[str, Any] = {}
+    for arm in arms:
+        for step in steps:
+            path = runs / f"{arm}_seed0" / f"step_{step}.pt"
+            if path.is_file():
+                ckpt = read_checkpoint(path)
+                state = ckpt.get("ema") or ckpt["model"]
+                table = state["class_embed.weight"].float()
+                out.setdefault(arm, {})[str(step)] = table_spread(table)
+    return out
 
 
 def load_parts(name: str, args: Any) -> tuple[Any, Any]:
@@ -509,6 +537,7 @@ def main(argv: list[str] | None = None) -> None:
         r["steps"] = steps_of(args, name)
         r["summary"] = aggregate(records[name], arms, r["steps"])
         r["runs"] = records[name]
+        r["table_spread_seed0"] = checkpoint_spreads(args.out / name / "runs", arms, r["steps"])
         r["run_times"] = {
             f.stem: json.loads(f.read_text()).get("times")
             for f in sorted((args.out / name / "runs").glob("*.json"))

@@ -257,6 +257,10 @@ def test_ablation_runs_every_arm_at_a_tiny_size(tmp_path: Path) -> None:
     assert torch.equal(table("frozen-untrained"), books["untrained"].table().float())
     assert not torch.allclose(table("unfrozen-learned"), books["learned"].table().float())
     assert table("baseline").shape == table("frozen-learned").shape
+    spread = toy["table_spread_seed0"]  # a frozen table's spread stays put, a learnt one moves
+    assert spread["frozen-learned"]["2"] == spread["frozen-learned"]["4"]
+    assert spread["unfrozen-learned"]["2"] != spread["unfrozen-learned"]["4"]
+    assert toy["codebooks"]["learned"]["row_gap_min"] > 0
 
     # a rerun with the same arguments reuses every finished run (nothing retrained)
     stamps = {p: p.stat().st_mtime_ns for p in (runs / "toy" / "runs").glob("*.json")}

@@ -181,3 +181,23 @@ def test_early_stopping_keeps_the_best_heldout_epoch(toy, tmp_path, one_thread):
     assert training is not None and training["selected_on"] == "heldout (early stopping)"
     assert 1 <= training["kept_epoch"] <= training["epochs_run"] <= 6
     assert training["epochs_run"] == 6 or training["epochs_run"] - training["kept_epoch"] == 2
+
+
+def test_the_untrained_encoder_is_where_training_starts_and_saves_whole(toy, tmp_path, one_thread):
+    """``untrained_encoder`` (the ablation's frozen-untrained arm) is the network
+    ``train_domain_encoder`` starts from, and saved it loads back as an untrained artifact."""
+    from ml.data import load_split
+    from ml.domain_encoder import untrained_encoder
+
+    split = load_split(toy, n_per_class=6, n_heldout=4, image_size=32)
+    cpl = CPLConfig(epochs=20)
+    trained = train_domain_encoder(split.train.images, split.train.labels, split.classes, cpl,
+                                   SMALL)  # fmt: skip
+    fresh = untrained_encoder(split.train.images, split.classes, cpl, SMALL)
+    x = split.heldout.images
+    assert torch.equal(fresh.encode(x), trained.untrained.encode(x))
+    assert not torch.equal(fresh.encode(x), trained.encoder.encode(x))
+    identity = fresh.save(tmp_path / "enc")
+    back = LearnedEncoder.load(tmp_path / "enc")
+    assert back.identity == identity and back.meta["trained"] is False
+    assert torch.equal(back.encode(x), fresh.encode(x))

@@ -292,8 +292,10 @@ def sweep_review(
     together; tasks never show the scale)."""
     from ml.cli import _guard
     from service.config import get_settings
-    from service.db.models import Job, JobKind
+    from service.db.models import JobKind
     from service.db.session import get_sessionmaker
+    from service.job_kinds import new_job
+    from service.payloads import ReviewSyncPayload
     from service.queue import submit
     from service.sweeps import review
 
@@ -302,7 +304,8 @@ def sweep_review(
     with get_sessionmaker()() as session:
         sweep = _sweep(session, sweep_id)
         project, tasks = _guard(lambda: review(session, sweep, domain))
-        job = Job(kind=JobKind.review_sync, params={"project_id": project.id}, requested_by="cli")
+        job = new_job(JobKind.review_sync, ReviewSyncPayload(project_id=project.id),
+                      requested_by="cli")  # fmt: skip
         session.add(job)
         submit(session, [job])
         typer.echo(f"{len(tasks)} images added to review project {project.id}; sync job {job.id}")

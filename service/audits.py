@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from ml.audit_models import AuditConfig, AuditReport  # torch-free
 from service.db.models import Batch, Job, JobKind, JobStatus
+from service.job_kinds import new_job
 from service.payloads import AuditPayload
 
 UNFINISHED = (JobStatus.queued, JobStatus.running)
@@ -82,8 +83,8 @@ def start_audit(session: Session, batch: Batch, config: AuditConfig, requested_b
             409, f"an audit of batch {batch.id} is already {pending[0].status} "
             f"(job {pending[0].id}); poll GET /jobs/{pending[0].id}",
         )  # fmt: skip
-    params = AuditPayload(batch_id=batch.id, config=config).model_dump(mode="json")
-    job = Job(kind=JobKind.audit, model_id=batch.model_id, requested_by=requested_by, params=params)
+    payload = AuditPayload(batch_id=batch.id, config=config)
+    job = new_job(JobKind.audit, payload, model_id=batch.model_id, requested_by=requested_by)
     session.add(job)
     session.flush()
     return job

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from service.db.models import JobKind
+from service.db.models import Job, JobKind, Model
 from service.payloads import (
     AuditPayload,
     EvaluatePayload,
@@ -81,3 +81,33 @@ def queue_kinds(kind: str) -> list[str]:
     """The job kinds that share ``kind``'s queue: a token of that queue may run any of them."""
     queue = spec_for(kind).queue
     return [str(k) for k, spec in KINDS.items() if spec.queue == queue]
+
+
+def new_job(
+    kind: JobKind,
+    payload: BaseModel | None,
+    *,
+    requested_by: str,
+    model: Model | None = None,
+    model_id: int | None = None,
+) -> Job:
+    """The one place a job row is built: its params are ``payload``, which must be the kind's
+    payload model (what the worker will read back). ``None`` only where the payload names a row
+    that has no id yet (a sample job's batch): :func:`set_payload` after the flush."""
+    job = Job(kind=kind, requested_by=requested_by)
+    if model is not None:
+        job.model = model
+    elif model_id is not None:
+        job.model_id = model_id
+    if payload is not None:
+        set_payload(job, payload)
+    return job
+
+
+def set_payload(job: Job, payload: BaseModel) -> None:
+    """``job.params`` from a payload of the job kind's model (a TypeError names both, so a
+    payload of another kind can never be stored for a worker to misread)."""
+    expected = KINDS[JobKind(job.kind)].payload
+    if type(payload) is not expected:
+        raise TypeError(f"a {job.kind} job takes {expected.__name__}, not {type(payload).__name__}")
+    job.params = payload.model_dump(mode="json")

@@ -33,6 +33,7 @@ from service.db.models import (
     ReviewTask,
     Scorer,
 )
+from service.job_kinds import new_job
 from service.payloads import ScorePayload
 from service.reports import Judgement, image_verdicts
 from service.reviews import counted
@@ -156,8 +157,7 @@ def start_scoring(session: Session, domain: str, requested_by: str, settings: Se
             409, f"domain {domain!r} has {have} reviewed images; a scorer needs at least "
             f"{settings.scorer_min_images} (send batches for review: POST /reviews)",
         )  # fmt: skip
-    job = Job(kind=JobKind.score, requested_by=requested_by,
-              params=ScorePayload(domain=domain).model_dump(mode="json"))  # fmt: skip
+    job = new_job(JobKind.score, ScorePayload(domain=domain), requested_by=requested_by)
     session.add(job)
     session.flush()
     return job
@@ -188,11 +188,7 @@ def retrain_due(session: Session, settings: Settings) -> list[Job]:
     from service.queue import submit
 
     jobs = [
-        Job(
-            kind=JobKind.score,
-            requested_by="retrain",
-            params=ScorePayload(domain=d).model_dump(mode="json"),
-        )
+        new_job(JobKind.score, ScorePayload(domain=d), requested_by="retrain")
         for d in due_domains(session, settings)
     ]
     if not jobs:

@@ -35,6 +35,7 @@ from service.db.models import (
     Sweep,
 )
 from service.inputs import ClassName, RequestModel
+from service.job_kinds import new_job, set_payload
 from service.payloads import SamplePayload
 from service.reports import Judgement
 from service.reviews import counted, request_review
@@ -123,7 +124,7 @@ def start_sweep(
     jobs = []
     for name in classes:
         for scale in request.scales:
-            job = Job(kind=JobKind.sample, model=model, requested_by=requested_by)
+            job = new_job(JobKind.sample, None, model=model, requested_by=requested_by)
             batch = Batch(
                 model=model, class_name=name, n=request.n, guidance=scale, steps=steps,
                 seed=request.seed, scheduler=request.scheduler, job=job, sweep=sweep,
@@ -133,7 +134,7 @@ def start_sweep(
     session.flush()
     for job in jobs:
         (batch,) = job.batches
-        job.params = SamplePayload(batch_id=batch.id).model_dump(mode="json")
+        set_payload(job, SamplePayload(batch_id=batch.id))
     return sweep, jobs
 
 

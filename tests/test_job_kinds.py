@@ -105,3 +105,36 @@ def test_a_database_error_in_a_job_shows_no_sql(
     job = service.client.get(f"/jobs/{r.json()['id']}", headers=service.admin).json()
     assert job["error"] == "database error in the audit job (see the worker log)", job
     assert "no_such_table" in caplog.text  # the traceback, for whoever reads the worker log
+
+
+def test_job_rows_are_built_in_one_place() -> None:
+    """Every job row comes from ``service.job_kinds.new_job`` (its params checked against the
+    kind's payload model): no ``Job(`` constructor call anywhere else in the product."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    calls = [
+        f"{path.relative_to(repo)}:{n}"
+        for pkg in ("api", "service", "workers", "protomed_cli", "ml")
+        for path in sorted((repo / pkg).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"(?<![\w.])Job\(", line) and "class Job(" not in line
+    ]
+    assert calls == ["service/job_kinds.py:97"], calls
+
+
+def test_new_job_takes_only_its_kinds_payload() -> None:
+    from service.job_kinds import new_job, set_payload
+    from service.payloads import ReviewSyncPayload, SamplePayload, ScorePayload
+
+    job = new_job(JobKind.score, ScorePayload(domain="toy"), requested_by="t")
+    assert job.params == {"domain": "toy"} and job.kind == JobKind.score
+    with pytest.raises(TypeError, match="a score job takes ScorePayload, not ReviewSyncPayload"):
+        new_job(JobKind.score, ReviewSyncPayload(project_id=1), requested_by="t")
+    sample = new_job(JobKind.sample, None, requested_by="t")  # its batch id comes after a flush
+    assert sample.params is None
+    set_payload(sample, SamplePayload(batch_id=3))
+    assert sample.params == {"batch_id": 3}
+    with pytest.raises(TypeError, match="a sample job takes SamplePayload"):
+        set_payload(sample, ScorePayload(domain="toy"))

@@ -29,6 +29,7 @@ from service.audits import AuditStored, AuditUnavailable, latest_audit, start_au
 from service.db.models import MAX_ID, Batch, Dataset, Job, JobKind, Model, ModelMode, ModelStatus
 from service.encoder import require_encoder_weights
 from service.inputs import nfc
+from service.job_kinds import new_job, set_payload
 from service.payloads import BatchFilter, SamplePayload
 from service.queue import submit
 from service.scorers import latest_scorer
@@ -177,7 +178,7 @@ def generate(
         require_encoder_weights(settings)
     steps = steps or DEFAULT_STEPS[scheduler]
     scale, source = resolve_guidance(model, class_name, guidance, settings)
-    job = Job(kind=JobKind.sample, model=model, requested_by=key.name)
+    job = new_job(JobKind.sample, None, model=model, requested_by=key.name)
     batch = Batch(
         model=model, class_name=class_name, n=n, guidance=scale, steps=steps, seed=seed,
         scheduler=scheduler, job=job,
@@ -185,7 +186,7 @@ def generate(
     )  # fmt: skip
     session.add_all([job, batch])
     session.flush()
-    job.params = SamplePayload(batch_id=batch.id).model_dump(mode="json")
+    set_payload(job, SamplePayload(batch_id=batch.id))
     submit(session, [job])
     return GenerateAccepted(
         job=job_out(job, request), batch=batch_out(batch, request), guidance_source=source

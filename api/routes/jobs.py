@@ -25,6 +25,7 @@ from service.db.models import (
     ModelStatus,
 )
 from service.encoder import require_encoder_weights, require_prototype_encoder
+from service.job_kinds import new_job
 from service.job_state import cancel
 from service.payloads import (
     EvaluatePayload,
@@ -83,8 +84,7 @@ def submit_training(
             classes=classes, status=ModelStatus.pending,
         )  # fmt: skip
         payload = TrainPayload(dataset_id=dataset.id, selection=selection, k=body.k, mode=mode)
-        params = payload.model_dump(mode="json")
-        jobs.append(Job(kind=JobKind.train, model=model, params=params, requested_by=key.name))
+        jobs.append(new_job(JobKind.train, payload, model=model, requested_by=key.name))
     session.add_all(jobs)
     submit(session, jobs)
     return TrainAccepted(
@@ -174,8 +174,7 @@ def submit_evaluation(
         config=config,
         test_dataset_id=body.test_dataset_id,
     )
-    params = payload.model_dump(mode="json")
-    job = Job(kind=JobKind.evaluate, model=proto, params=params, requested_by=key.name)
+    job = new_job(JobKind.evaluate, payload, model=proto, requested_by=key.name)
     session.add(job)
     submit(session, [job])
     return job_out(job, request)

@@ -36,6 +36,7 @@ from service.db.models import (
     ReviewProject,
     ReviewTask,
 )
+from service.job_kinds import new_job
 from service.label_studio import SECRET_HEADER, LabelStudioError, refresh_annotations
 from service.payloads import ReviewSyncPayload
 from service.queue import submit
@@ -47,9 +48,9 @@ from service.storage import ObjectNotFound
 router = APIRouter(tags=["reviews"])
 
 
-def _sync(project_id: int) -> dict[str, int]:
-    """A review_sync job's params."""
-    return ReviewSyncPayload(project_id=project_id).model_dump(mode="json")
+def _sync(project_id: int) -> ReviewSyncPayload:
+    """A review_sync job's payload."""
+    return ReviewSyncPayload(project_id=project_id)
 
 
 @router.get("/criteria")
@@ -119,7 +120,7 @@ def request_review(
     except (ReviewError, SelectionError) as exc:
         raise HTTPException(422, str(exc)) from exc
     project, tasks = sent.project, sent.tasks
-    job = Job(kind=JobKind.review_sync, params=_sync(project.id), requested_by=key.name)
+    job = new_job(JobKind.review_sync, _sync(project.id), requested_by=key.name)
     session.add(job)
     submit(session, [job])
     modes = pending_modes(session, project)
@@ -156,7 +157,7 @@ def list_projects(
 def sync_now(request: Request, session: SessionDep, key: AdminKey) -> list[JobOut]:
     """Reconcile every project with Label Studio now (a pull also runs periodically)."""
     ids = session.scalars(select(ReviewProject.id).order_by(ReviewProject.id)).all()
-    jobs = [Job(kind=JobKind.review_sync, params=_sync(i), requested_by=key.name) for i in ids]
+    jobs = [new_job(JobKind.review_sync, _sync(i), requested_by=key.name) for i in ids]
     session.add_all(jobs)
     submit(session, jobs)
     return [job_out(j, request) for j in jobs]
@@ -190,7 +191,7 @@ def queue_pulls(session: SessionDep) -> list[int]:
     ).all()
     pending = {ReviewSyncPayload.model_validate(j.params).project_id: j.id for j in waiting}
     jobs = [
-        Job(kind=JobKind.review_sync, params=_sync(p), requested_by="webhook")
+        new_job(JobKind.review_sync, _sync(p), requested_by="webhook")
         for p in projects
         if p not in pending
     ]

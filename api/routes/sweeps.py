@@ -23,8 +23,9 @@ from api.schemas import (
     SweepOut,
     SweepReviewAccepted,
 )
-from service.db.models import Job, JobKind, Model, Sweep
+from service.db.models import JobKind, Model, Sweep
 from service.exceptions import ServiceUnavailable
+from service.job_kinds import new_job
 from service.payloads import ReviewSyncPayload
 from service.queue import submit
 from service.reviews import ReviewError
@@ -130,8 +131,8 @@ def review_sweep(
         raise _error(exc) from exc
     except ReviewError as exc:
         raise HTTPException(422, str(exc)) from exc
-    params = ReviewSyncPayload(project_id=project.id).model_dump(mode="json")
-    job = Job(kind=JobKind.review_sync, params=params, requested_by=key.name)
+    job = new_job(JobKind.review_sync, ReviewSyncPayload(project_id=project.id),
+                  requested_by=key.name)  # fmt: skip
     session.add(job)
     submit(session, [job])
     return SweepReviewAccepted(

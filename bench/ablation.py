@@ -362,6 +362,13 @@ def _pct(s: dict[str, Any]) -> str:
     return f"{100 * s['mean']:.1f} [{100 * s['ci'][0]:.1f}, {100 * s['ci'][1]:.1f}]"
 
 
+def _p(p: float | None) -> str:
+    """The paired t-test's p as the table prints it (none for a single seed)."""
+    if p is None:
+        return ""
+    return ", p < 0.01" if p < 0.01 else f", p {p:.2f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """Test macro F1 per arm at every step (mean [95% t-interval] over generative seeds), the
     paired difference from the baseline at the step chosen on validation, and chance."""
@@ -391,7 +398,7 @@ def markdown(results: dict[str, Any]) -> str:
                         if diff["ci"] is None
                         else f" [{100 * diff['ci'][0]:+.1f}, {100 * diff['ci'][1]:+.1f}]"
                     )
-                    + ("" if diff["p_paired_t"] is None else f", p {diff['p_paired_t']:.2f}")
+                    + _p(diff["p_paired_t"])
                 )
             )
             lines.append(f"| {arm} | " + " | ".join(_pct(curve[x]) for x in steps) + f" | {d} |")

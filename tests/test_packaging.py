@@ -45,7 +45,8 @@ def test_extras_split_the_ml_stack_from_the_service() -> None:
     assert not names(extras["service"]) & ML_DISTS, extras["service"]
     assert {"torch", "torchvision", "open-clip-torch", "diffusers"} <= names(extras["ml"])
     assert extras["worker"] == ["protomed[ml,service]"]
-    assert "protomed[worker]" in extras["dev"]
+    assert "protomed[worker,bench]" in extras["dev"]  # everything, the benchmarks' plots too
+    assert names(extras["bench"]) == {"matplotlib"}
 
 
 @pytest.mark.slow

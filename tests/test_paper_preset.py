@@ -33,9 +33,10 @@ OLD_PAPER_ARGS = {
     "max_steps": None, "grad_clip": 1.0, "ema_decay": 0.9999, "precision": "auto", "flip": True,
     "channels_last": None, "seed": 0, "checkpoint_every": 500,
 }  # fmt: skip
-# fields added since (issue 13): attention and rate schedule; min-SNR weighting (off: "none")
+# fields added since (issue 13): attention and rate schedule; min-SNR weighting (off: "none");
+# freeze_prototypes (True: the table frozen, as before)
 NEW_FIELDS = ("attention_resolutions", "attention_heads", "lr_schedule", "lr_warmup",
-              "loss_weighting", "snr_gamma")  # fmt: skip
+              "loss_weighting", "snr_gamma", "freeze_prototypes")  # fmt: skip
 
 
 def _layout(model: torch.nn.Module) -> tuple[int, str]:

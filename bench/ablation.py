@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -52,25 +51,23 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: bench.* and ml.* from the checkout
-    sys.path.insert(0, str(REPO))
-
-from bench.compare_real import (  # noqa: E402
+from bench.compare_real import (
     DATASETS,
     _ints,
     add_shared_args,
     classifier_scores,
     train_runs,
 )
-from bench.replication import (  # noqa: E402
+from bench.replication import (
     choose_budget,
     run_means,
     seed_interval,
     split_three,
     summarise,
 )
-from ml.chance import chance_levels  # noqa: E402  (numpy only)
+from ml.chance import chance_levels  # numpy only
+
+REPO = Path(__file__).resolve().parents[1]
 
 # arm -> (codebook, TrainConfig overrides); every arm trains with a codebook, so the baseline's
 # learnable table takes the same width (ml.train.class_width) and the same training images.

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from api.finite_json import json_safe
+from ml.errors import UserError
 from service.encoder import EncoderUnavailable
 from service.exceptions import RETRY_AFTER_S, ServiceUnavailable
 from service.splits import SplitTooLarge
@@ -41,6 +42,12 @@ def install_handlers(app: FastAPI) -> None:
         return JSONResponse(
             status_code=422, content={"detail": json_safe(jsonable_encoder(exc.errors()))}
         )
+
+    @app.exception_handler(UserError)
+    async def _user(_req: Request, exc: UserError) -> JSONResponse:
+        """Every domain error, translated here once: its class says the status (ml/errors.py),
+        its message what was wrong and what is allowed."""
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
 
     @app.exception_handler(SplitTooLarge)
     async def _split(_req: Request, exc: SplitTooLarge) -> JSONResponse:

@@ -16,11 +16,11 @@ from pydantic import (
     model_validator,
 )
 
-from ml.audit_models import AuditReport  # torch-free
-from ml.catalog import Layout
 from ml.config import MAX_PER_CLASS, PresetName, allowed_range  # torch-free
-from ml.results import EvaluationResult  # torch-free
-from ml.scorer_models import ScorerMetrics  # torch-free
+from ml.data.catalog import Layout
+from ml.schemas.audit import AuditReport  # torch-free
+from ml.schemas.evaluation import EvaluationResult  # torch-free
+from ml.schemas.scorer import ScorerMetrics  # torch-free
 from service.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
 from service.inputs import ClassName, RequestModel
 from service.payloads import EvaluatePayload

@@ -65,12 +65,13 @@ from bench.replication import (
     split_three,
     summarise,
 )
-from ml.chance import chance_levels  # numpy only
+from ml.evaluation.chance import chance_levels  # numpy only
 
 REPO = Path(__file__).resolve().parents[1]
 
 # arm -> (codebook, TrainConfig overrides); every arm trains with a codebook, so the baseline's
-# learnable table takes the same width (ml.train.class_width) and the same training images.
+# learnable table takes the same width (ml.diffusion.train.class_width) and the same training
+# images.
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "baseline": ("learned", {"mode": "baseline"}),
     "frozen-learned": ("learned", {"mode": "prototype"}),
@@ -88,11 +89,11 @@ CPU_RECIPE = {"image_size": 24, "loss_weighting": "min_snr"}
 def prepare(name: str, args: Any) -> dict[str, Any]:
     """The three parts and both codebooks of one dataset (written once, reused on a rerun)."""
     from ml.config import make_config
-    from ml.data import load_selection
-    from ml.domain_encoder import DomainEncoderConfig, untrained_encoder
-    from ml.encoder import EmbeddingCache, EncoderSpec
+    from ml.data.images import load_selection
     from ml.pipeline import image_keys, learn_prototypes
-    from ml.prototypes import Codebook, CPLConfig, fit_prototypes
+    from ml.prototypes.cpl import Codebook, CPLConfig, fit_prototypes
+    from ml.prototypes.encoder import EmbeddingCache, EncoderSpec
+    from ml.prototypes.learned_encoder import DomainEncoderConfig, untrained_encoder
 
     n_train, n_val, n_test = args.sizes or DATASETS[name]
     out = args.out / name
@@ -161,7 +162,7 @@ def table_spread(table: Any) -> dict[str, float]:
 def checkpoint_spreads(runs: Path, arms: list[str], steps: list[int]) -> dict[str, Any]:
     """:func:`table_spread` of each arm's class table (EMA weights) at each step of seed 0:
     frozen tables stay where they began, learnt ones show how far training spread them."""
-    from ml.checkpoint import read_checkpoint
+    from ml.models.checkpoint import read_checkpoint
 
     out: dict[str, Any] = {}
     for arm in arms:
@@ -178,9 +179,9 @@ def checkpoint_spreads(runs: Path, arms: list[str], steps: list[int]) -> dict[st
 def load_parts(name: str, args: Any) -> tuple[Any, Any]:
     """The codebooks' split (train, validation) and the test part, at the models' image size."""
     from ml.config import make_config
-    from ml.data import load_selection
-    from ml.evaluate import external_test_set
-    from ml.prototypes import Codebook
+    from ml.data.images import load_selection
+    from ml.evaluation.evaluate import external_test_set
+    from ml.prototypes.cpl import Codebook
 
     out = args.out / name
     size = make_config(args.preset, args.set).image_size
@@ -243,8 +244,8 @@ def run_arm(name: str, arm: str, seed: int, args: Any) -> list[dict[str, Any]]:
     """Train one arm with one seed, and score every checkpoint's synthetic set."""
     import torch
 
-    from ml.checkpoint import load_model
-    from ml.evaluate import EvalConfig, synthetic_set
+    from ml.evaluation.evaluate import EvalConfig, synthetic_set
+    from ml.models.checkpoint import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

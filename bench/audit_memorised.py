@@ -7,7 +7,8 @@ false-flag rate with its Clopper-Pearson interval.
     OMP_NUM_THREADS=1 python bench/audit_memorised.py --out bench/results/audit_memorised.json
 
 One training run per dataset, resumed from checkpoint to checkpoint (the `tiny` preset's rate
-is constant, so resuming is the same run as training straight through: ``ml.train``), audited
+is constant, so resuming is the same run as training straight through: ``ml.diffusion.train``),
+audited
 at each step count in ``--steps``; the first is the control. Uses the untrained tiny encoder (no
 weights offline), so CLIP space is random features and the pixel space does the work, as in
 ``bench/audit_planted.py``. Real data: PROTOMED_DATA_DIR (cells64, derm64); ``--datasets toy``
@@ -32,14 +33,14 @@ from scipy.stats import binomtest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ml.audit import audit_images
-from ml.audit_models import AuditReport
-from ml.checkpoint import load_model
 from ml.config import SampleConfig, TrainConfig, make_config
-from ml.data import DatasetSplit, load_split
-from ml.encoder import TINY_MODEL, ClipEncoder, EncoderSpec
-from ml.sample import generate
-from ml.toy import write_toy_dataset
-from ml.train import train
+from ml.data.images import DatasetSplit, load_split
+from ml.data.toy import write_toy_dataset
+from ml.diffusion.sample import generate
+from ml.diffusion.train import train
+from ml.models.checkpoint import load_model
+from ml.prototypes.encoder import TINY_MODEL, ClipEncoder, EncoderSpec
+from ml.schemas.audit import AuditReport
 
 CLASSES = {
     "cells64": ["lymphocyte", "monocyte", "neutrophil"],

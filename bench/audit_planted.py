@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ml.audit import audit_images
-from ml.data import load_split
-from ml.encoder import TINY_MODEL, ClipEncoder, EncoderSpec
-from ml.toy import write_toy_dataset
+from ml.data.images import load_split
+from ml.data.toy import write_toy_dataset
+from ml.prototypes.encoder import TINY_MODEL, ClipEncoder, EncoderSpec
 
 KINDS = {"exact": None, "flipped": None, "noise 1%": 0.01, "noise 2%": 0.02, "noise 4%": 0.04}
 PER_KIND = 10  # per kind and class

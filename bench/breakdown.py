@@ -19,9 +19,9 @@ sys.path.insert(0, str(REPO))
 from bench.peer import N_CLASSES, DiffusersPeer  # noqa: E402
 from bench.speed import amp, setup  # noqa: E402
 from ml.config import SampleConfig  # noqa: E402
-from ml.diffusion import diffusion_loss, noise_scheduler  # noqa: E402
+from ml.diffusion.process import diffusion_loss, noise_scheduler  # noqa: E402
+from ml.diffusion.train import make_optimizer, memory_format  # noqa: E402
 from ml.runtime import tune_allocator  # noqa: E402
-from ml.train import make_optimizer, memory_format  # noqa: E402
 
 KINDS = {  # first match wins, on the aten op name
     "convolution": ("convolution", "conv2d"),

@@ -34,7 +34,7 @@ def write_models(preset: str, folder: Path) -> tuple[Path, Path]:
     from safetensors.torch import save_file
 
     from bench.peer import build, conditioning
-    from ml.checkpoint import save_checkpoint
+    from ml.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     ours, cfg = build("ours", preset, "fp32")

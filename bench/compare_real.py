@@ -49,7 +49,7 @@ from bench.replication import (  # noqa: E402
     split_three,
     summarise,
 )
-from ml.chance import chance_levels  # noqa: E402  (numpy only)
+from ml.evaluation.chance import chance_levels  # noqa: E402  (numpy only)
 
 # Images per class: (train, validation, test). The seed tests on 50 real images per class;
 # cells64 has 120 per class, so 50 test leave 50 train and 20 validation. derm64's smallest
@@ -70,9 +70,9 @@ def train_runs(
     The trainer writes ``last.pt`` every ``checkpoint_every`` steps before it reports the step,
     so the progress callback copies it while it holds exactly that step (checked on loading)."""
     from ml.config import make_config
+    from ml.diffusion.train import Progress
     from ml.pipeline import train_model
-    from ml.prototypes import Codebook
-    from ml.train import Progress
+    from ml.prototypes.cpl import Codebook
 
     top = max(budgets)
     every = math.gcd(*budgets)
@@ -93,7 +93,7 @@ def train_runs(
 def classifier_scores(train_set: Any, parts: dict[str, Any], classes: list[str], args: Any,
                       **tags: Any) -> list[dict[str, Any]]:  # fmt: skip
     """One classifier per classifier seed on ``train_set``, scored on every part."""
-    from ml.downstream import DownstreamConfig, evaluate_classifier, train_classifier
+    from ml.evaluation.downstream import DownstreamConfig, evaluate_classifier, train_classifier
 
     rows = []
     for c in args.clf_seeds:
@@ -107,12 +107,12 @@ def classifier_scores(train_set: Any, parts: dict[str, Any], classes: list[str],
 
 
 def run_dataset(name: str, args: Any) -> dict[str, Any]:
-    from ml.checkpoint import load_model
-    from ml.data import load_selection
-    from ml.encoder import EmbeddingCache, EncoderSpec
-    from ml.evaluate import EvalConfig, synthetic_set
+    from ml.data.images import load_selection
+    from ml.evaluation.evaluate import EvalConfig, synthetic_set
+    from ml.models.checkpoint import load_model
     from ml.pipeline import learn_prototypes
-    from ml.prototypes import CPLConfig
+    from ml.prototypes.cpl import CPLConfig
+    from ml.prototypes.encoder import EmbeddingCache, EncoderSpec
 
     n_train, n_val, n_test = args.sizes or DATASETS[name]
     out = args.out / name
@@ -129,13 +129,13 @@ def run_dataset(name: str, args: Any) -> dict[str, Any]:
                      allow_untrained=args.pretrained is None, cache=EmbeddingCache(),
                      device=args.device)  # fmt: skip
     times["codebook_s"] = time.perf_counter() - t0
-    from ml.prototypes import Codebook
+    from ml.prototypes.cpl import Codebook
 
     split = load_selection({**Codebook.load(out / "codebook").selection, "image_size": size})
     classes = list(split.classes)
     # the test part as an external test set, read as `protomed evaluate --test-data` reads one
     # (every model class required, classes matched by name)
-    from ml.evaluate import external_test_set
+    from ml.evaluation.evaluate import external_test_set
 
     test, _info = external_test_set(out / "test", classes, size)
     parts = {"validation": split.heldout, "test": test}

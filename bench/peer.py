@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ml.checkpoint import Conditioning, build_model
 from ml.config import TrainConfig, make_config
+from ml.models.checkpoint import Conditioning, build_model
 
 N_CLASSES = 8
 

@@ -14,10 +14,10 @@ import json
 import time
 from pathlib import Path
 
-from ml.data import data_dir
-from ml.encoder import EmbeddingCache, EncoderSpec
+from ml.data.images import data_dir
 from ml.pipeline import learn_prototypes
-from ml.prototypes import CPLConfig
+from ml.prototypes.cpl import CPLConfig
+from ml.prototypes.encoder import EmbeddingCache, EncoderSpec
 
 
 def main() -> None:

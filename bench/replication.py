@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from ml.catalog import scan
+from ml.data.catalog import scan
 
 SCORES = ("precision", "recall", "f1")
 

@@ -46,7 +46,7 @@ def wait(api: httpx.Client, job_id: int, timeout: float = 3600) -> dict:
 
 def review_all(api: httpx.Client, ls: object, ls_project: int) -> int:
     """The rule-based reviewer: the toy checker's verdict per criterion, posted to Label Studio."""
-    from ml.toy import check_image
+    from ml.data.toy import check_image
     from service.criteria import annotation_result
 
     raw = ls.projects.exports.download_sync(ls_project, export_type="JSON", download_all_tasks=True)
@@ -73,7 +73,7 @@ def main() -> None:
         ap.error("give --ls-url and --ls-token (a running Label Studio with a legacy token)")
     from label_studio_sdk import LabelStudio
 
-    from ml.toy import write_toy_dataset
+    from ml.data.toy import write_toy_dataset
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ml.intervals import newcombe_difference, wilson  # noqa: E402
+from ml.evaluation.intervals import newcombe_difference, wilson  # noqa: E402
 from ml.scorer import ScorerError, assess, fit_scorer, keep  # noqa: E402
 
 
@@ -51,13 +51,13 @@ def compare(k_f: int, n_f: int, k_u: int, n_u: int) -> dict[str, Any]:
 def main() -> None:
     import torch
 
-    from ml.checkpoint import load_model
     from ml.config import SampleConfig, make_config
+    from ml.data.toy import TOY_CLASSES, check_image, write_toy_dataset
     from ml.demo import DEMO_RECIPE, DEMO_SAMPLE_STEPS
-    from ml.encoder import ClipEncoder, EncoderSpec
+    from ml.diffusion.sample import generate
+    from ml.models.checkpoint import load_model
     from ml.pipeline import train_model
-    from ml.sample import generate
-    from ml.toy import TOY_CLASSES, check_image, write_toy_dataset
+    from ml.prototypes.encoder import ClipEncoder, EncoderSpec
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/scorer_toy"))
@@ -155,7 +155,7 @@ def main() -> None:
             "pool_per_class": args.pool,
             "n_per_class": args.n,
             "oversample": args.oversample,
-            "verdicts": "ml.toy.check_image (rule-based checker) as the expert",
+            "verdicts": "ml.data.toy.check_image (rule-based checker) as the expert",
             "seed": args.seed,
         },
         "scorer": {

@@ -21,14 +21,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ml.checkpoint import load_model  # noqa: E402
 from ml.config import SampleConfig  # noqa: E402
-from ml.data import ImageSet, load_selection  # noqa: E402
-from ml.encoder import ClipEncoder, EncoderSpec  # noqa: E402
-from ml.evaluate import _embed, _toy_plausibility  # noqa: E402
-from ml.metrics import frechet_distance  # noqa: E402
+from ml.data.images import ImageSet, load_selection  # noqa: E402
+from ml.diffusion.sample import generate  # noqa: E402
+from ml.evaluation.distribution import frechet_distance  # noqa: E402
+from ml.evaluation.evaluate import _embed, _toy_plausibility  # noqa: E402
+from ml.models.checkpoint import load_model  # noqa: E402
 from ml.pipeline import training_data  # noqa: E402
-from ml.sample import generate  # noqa: E402
+from ml.prototypes.encoder import ClipEncoder, EncoderSpec  # noqa: E402
 
 # name: (scheduler, steps, precision, seed)
 VARIANTS = {

@@ -38,10 +38,10 @@ sys.path.insert(0, str(REPO))
 
 from bench.peer import N_CLASSES, DiffusersPeer, build  # noqa: E402
 from ml.config import SampleConfig, TrainConfig, parse_overrides  # noqa: E402
-from ml.diffusion import diffusion_loss, guided_sample, noise_scheduler, sampler  # noqa: E402
+from ml.diffusion.process import diffusion_loss, guided_sample, noise_scheduler, sampler  # noqa: E402
+from ml.diffusion.train import make_optimizer, memory_format  # noqa: E402
+from ml.models.unet import count_parameters  # noqa: E402
 from ml.runtime import tune_allocator  # noqa: E402
-from ml.train import make_optimizer, memory_format  # noqa: E402
-from ml.unet import count_parameters  # noqa: E402
 
 
 def amp(precision: str) -> torch.dtype | None:

@@ -51,7 +51,7 @@ def main() -> None:
         ap.error("give --ls-url and --ls-token (a running Label Studio with a legacy token)")
     from label_studio_sdk import LabelStudio
 
-    from ml.toy import write_toy_dataset
+    from ml.data.toy import write_toy_dataset
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Small medical training sets (~100 images per class) are where diffusion models copy training
 images (Somepalli et al. 2023; Carlini et al. 2023). For every generated image this finds its
-nearest training image in two spaces (``ml.audit_models``: RMS pixel difference at the model's
+nearest training image in two spaces (``ml.schemas.audit``: RMS pixel difference at the model's
 image size, and cosine distance between the project's CLIP embeddings), both minimised over the
 flips the model was trained with (``TrainConfig.flip``: a flipped training image is what such a
 model can reproduce, so a flipped copy counts as a copy).
@@ -41,7 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ml.audit_models import (
+from ml.data.images import DatasetSplit, load_image, pixel_hash
+from ml.models.checkpoint import LoadedModel
+from ml.prototypes.encoder import EmbeddingCache, ImageEncoder, embed
+from ml.schemas.audit import (
     AuditConfig,
     AuditReport,
     AuditTotals,
@@ -52,9 +55,6 @@ from ml.audit_models import (
     Space,
     nearest,
 )
-from ml.checkpoint import LoadedModel
-from ml.data import DatasetSplit, load_image, pixel_hash
-from ml.encoder import EmbeddingCache, ImageEncoder, embed
 
 FLIP_NAMES = ("none", "h", "v", "hv")
 Progress = Callable[[str, float], None]  # (stage, fraction of the audit)
@@ -370,6 +370,6 @@ def model_split(
     model: LoadedModel, root: str | None = None, roots: Sequence[Path | str] | None = None
 ) -> DatasetSplit:
     """The training split (with held-out images) a loaded model was trained on, at its size."""
-    from ml.evaluate import real_split
+    from ml.evaluation.evaluate import real_split
 
     return real_split({"model": model}, root, roots)

@@ -16,8 +16,6 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
-# Torch-free (pydantic only): the choices and defaults below come from the one place they live.
-from ml.catalog import Layout
 from ml.config import (
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
@@ -30,6 +28,9 @@ from ml.config import (
     SchedulerName,
     TrainConfig,
 )
+
+# Torch-free (pydantic only): the choices and defaults below come from the one place they live.
+from ml.data.catalog import Layout
 
 app = typer.Typer(
     help="Prototype-guided class-conditional diffusion for plausible synthetic medical images.",
@@ -198,10 +199,10 @@ def prototypes(
     _setup_logging(verbose)
 
     def run() -> None:
-        from ml.domain_encoder import LEARNED, DomainEncoderConfig
-        from ml.encoder import EmbeddingCache, EncoderSpec
         from ml.pipeline import learn_prototypes
-        from ml.prototypes import CPLConfig
+        from ml.prototypes.cpl import CPLConfig
+        from ml.prototypes.encoder import EmbeddingCache, EncoderSpec
+        from ml.prototypes.learned_encoder import LEARNED, DomainEncoderConfig
 
         cpl = CPLConfig(
             k=k, gamma=gamma, lam=lam, head=None if head == "none" else head,
@@ -254,7 +255,7 @@ def train_cmd(
     def run() -> None:
         from ml.config import make_config, parse_overrides
         from ml.pipeline import train_model
-        from ml.prototypes import Codebook
+        from ml.prototypes.cpl import Codebook
 
         cfg = make_config(preset, {**parse_overrides(set_ or []), "mode": mode})
         book = Codebook.load(codebook) if codebook is not None else None
@@ -302,9 +303,9 @@ def sample(
     _setup_logging(verbose)
 
     def run() -> None:
-        from ml.checkpoint import load_model
         from ml.config import resolve_device
-        from ml.sample import sample_to_folder, save_grid
+        from ml.diffusion.sample import sample_to_folder, save_grid
+        from ml.models.checkpoint import load_model
 
         scfg = SampleConfig(
             steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
@@ -329,7 +330,7 @@ def toy(
     """Write the procedurally drawn toy cytology dataset (class folders + manifest.csv)."""
 
     def run() -> None:
-        from ml.toy import write_toy_dataset
+        from ml.data.toy import write_toy_dataset
 
         write_toy_dataset(out, n_per_class=n_per_class, size=size, seed=seed)
         typer.echo(f"toy dataset written to {out}")
@@ -379,7 +380,7 @@ def demo(
 
     def run() -> dict[str, Any]:
         from ml.demo import run_demo
-        from ml.domain_encoder import LEARNED
+        from ml.prototypes.learned_encoder import LEARNED
 
         name = encoder or ("ViT-B-32" if pretrained else LEARNED)
         if name == LEARNED and pretrained:
@@ -441,14 +442,14 @@ def evaluate(
     _setup_logging(verbose)
 
     def run() -> None:
-        from ml.checkpoint import load_model
         from ml.config import resolve_device
         from ml.console import StagePrinter
-        from ml.downstream import DownstreamConfig
-        from ml.encoder import EmbeddingCache, build_encoder, check_encoder
-        from ml.evaluate import EvalConfig, evaluation_table
-        from ml.evaluate import evaluate as run_evaluation
-        from ml.prototypes import Codebook
+        from ml.evaluation.downstream import DownstreamConfig
+        from ml.evaluation.evaluate import EvalConfig, evaluation_table
+        from ml.evaluation.evaluate import evaluate as run_evaluation
+        from ml.models.checkpoint import load_model
+        from ml.prototypes.cpl import Codebook
+        from ml.prototypes.encoder import EmbeddingCache, build_encoder, check_encoder
 
         check_encoder(encoder, None if untrained else pretrained)  # before anything heavy loads
         try:
@@ -522,10 +523,10 @@ def audit(
 
     def run() -> None:
         from ml.audit import audit_images, audit_table, model_split, read_batch_folder
-        from ml.audit_models import AuditConfig
-        from ml.checkpoint import load_model
-        from ml.domain_encoder import refuse_same_space
-        from ml.encoder import EmbeddingCache, build_encoder, check_encoder
+        from ml.models.checkpoint import load_model
+        from ml.prototypes.encoder import EmbeddingCache, build_encoder, check_encoder
+        from ml.prototypes.learned_encoder import refuse_same_space
+        from ml.schemas.audit import AuditConfig
 
         cfg = AuditConfig(quantile=quantile, spaces=tuple(space or ("pixel", "clip")))
         weights = None if untrained else pretrained

@@ -23,7 +23,7 @@ LossWeighting = Literal["none", "min_snr"]
 SchedulerName = Literal["ddim", "dpm++", "dpm++sde"]
 PresetName = Literal["paper", "paper-legacy", "cpu-small", "tiny"]  # PRESETS' keys (checked below)
 LrSchedule = Literal["constant", "cosine"]
-# Classifiers of the downstream evaluation (ml.downstream): resnext50 is the seed's.
+# Classifiers of the downstream evaluation (ml.evaluation.downstream): resnext50 is the seed's.
 Backbone = Literal["small", "resnet18", "resnext50"]
 # Steps when none are given: DDIM-50 is the seed's; SDE-DPM-Solver++ at 20 steps beat it on the
 # toy model by CLIP FD and by the rule-based checker (bench/README.md, "Fewer steps").
@@ -98,7 +98,7 @@ class TrainConfig(BaseModel):
     )
     # NHWC activations (the layout tensor cores and oneDNN's convolutions prefer); None = NHWC
     # except bf16 training on a CPU, where PyTorch's NHWC GroupNorm costs more than the
-    # convolutions gain (ml.train.memory_format, bench/README.md).
+    # convolutions gain (ml.diffusion.train.memory_format, bench/README.md).
     channels_last: bool | None = None
     seed: int = Field(0, ge=0, le=MAX_SEED)
     checkpoint_every: int = Field(500, ge=1, le=10_000_000, description="steps between checkpoints")

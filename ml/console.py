@@ -12,7 +12,7 @@ STEPS = 1000  # the bar's resolution: progress arrives as a fraction of the whol
 
 
 class StagePrinter:
-    """A ``(stage, fraction)`` progress callback (``ml.evaluate.Progress``): prints
+    """A ``(stage, fraction)`` progress callback (``ml.evaluation.evaluate.Progress``): prints
     ``[name] stage ...`` when the stage changes and moves the bar to ``fraction``."""
 
     def __init__(self, name: str) -> None:

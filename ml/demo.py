@@ -22,15 +22,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ml.checkpoint import load_model
 from ml.config import SampleConfig, make_config
-from ml.domain_encoder import LEARNED
-from ml.encoder import EmbeddingCache, EncoderSpec
-from ml.intervals import newcombe_difference, wilson
+from ml.data.toy import CRITERIA, TOY_CLASSES, check_images, write_toy_dataset
+from ml.diffusion.sample import sample_to_folder, save_grid
+from ml.evaluation.intervals import newcombe_difference, wilson
+from ml.models.checkpoint import load_model
 from ml.pipeline import learn_prototypes, train_model
-from ml.prototypes import CPLConfig
-from ml.sample import sample_to_folder, save_grid
-from ml.toy import CRITERIA, TOY_CLASSES, check_images, write_toy_dataset
+from ml.prototypes.cpl import CPLConfig
+from ml.prototypes.encoder import EmbeddingCache, EncoderSpec
+from ml.prototypes.learned_encoder import LEARNED
 
 log = logging.getLogger(__name__)
 MODES = ("baseline", "prototype")

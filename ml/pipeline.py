@@ -17,11 +17,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ml.config import TrainConfig
-from ml.data import DatasetSplit, ImageSet, load_selection, load_split, scan
-from ml.domain_encoder import LEARNED, DomainEncoderConfig, LearnedEncoder, train_domain_encoder
-from ml.encoder import ClipEncoder, EmbeddingCache, EncoderSpec, embed
-from ml.prototypes import Codebook, CPLConfig, PrototypeReport, finish_codebook, fit_prototypes
-from ml.train import ProgressCallback, train
+from ml.data.images import DatasetSplit, ImageSet, load_selection, load_split, scan
+from ml.diffusion.train import ProgressCallback, train
+from ml.prototypes.cpl import Codebook, CPLConfig, PrototypeReport, finish_codebook, fit_prototypes
+from ml.prototypes.encoder import ClipEncoder, EmbeddingCache, EncoderSpec, embed
+from ml.prototypes.learned_encoder import (
+    LEARNED,
+    DomainEncoderConfig,
+    LearnedEncoder,
+    train_domain_encoder,
+)
 
 log = logging.getLogger(__name__)
 StageCallback = Callable[[str, float, float], None]  # (stage, done, total): job progress
@@ -63,7 +68,8 @@ def learn_prototypes(
     :func:`_learn_domain_prototypes`).
 
     ``data`` is a dataset folder (all images, no held-out) or a selection dict with the keyword
-    arguments of :func:`ml.data.load_split` plus ``root``; ``roots`` are the folders every file
+    arguments of :func:`ml.data.images.load_split` plus ``root``; ``roots`` are the folders every
+    file
     read must resolve inside (default: the dataset folder). Inputs are checked cheapest first,
     so a missing folder, a link leaving the roots or missing weights fail at once: the folder is
     listed (nothing decoded), the weights located, then the encoder built and images decoded.
@@ -195,7 +201,7 @@ def training_data(
     roots: Sequence[Path | str] | None = None,
 ) -> ImageSet:
     """The training images at the model's size: the codebook's selection, else ``root``
-    (``roots``: as for :func:`ml.data.load_split`)."""
+    (``roots``: as for :func:`ml.data.images.load_split`)."""
     if codebook is not None and codebook.selection:
         base = dict(codebook.selection)
     elif root is not None:

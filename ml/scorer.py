@@ -16,7 +16,7 @@ log loss from :data:`C_GRID` (n and d vary by orders of magnitude between domain
 ``C`` fits all); the reported AUC comes from an outer stratified k-fold whose folds never saw
 their test images, the choice of ``C`` included (nested CV), so it is not tuned on itself.
 
-Reported (:class:`~ml.scorer_models.ScorerMetrics`): the out-of-fold ROC AUC with DeLong's 95%
+Reported (:class:`~ml.schemas.scorer.ScorerMetrics`): the out-of-fold ROC AUC with DeLong's 95%
 interval, the Brier score against the base rate's, and a calibration curve in quantile bins with
 counts and Wilson intervals. Weights are stored as safetensors (no pickle), with the classes,
 ``C`` and the encoder identity in the file's metadata. numpy, scipy and scikit-learn only
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ml.intervals import wilson
-from ml.scorer_models import Assessment, CalibrationBin, ScorerMetrics
+from ml.evaluation.intervals import wilson
+from ml.schemas.scorer import Assessment, CalibrationBin, ScorerMetrics
 
 MIN_IMAGES = 20  # fewer reviewed images: no scorer (a 5-fold AUC on less says nothing)
 MIN_PER_VERDICT = 3  # images of each verdict needed, so every outer fold's training part has 2

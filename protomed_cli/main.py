@@ -507,7 +507,7 @@ def _choose_encoder(env: os._Environ[str] | dict[str, str]) -> None:
     encoder from each dataset and measure with an untrained CLIP encoder for this serve (and
     its worker), and say so plainly; configured weights that are
     missing are reported too (training requests then answer 422 saying what to set)."""
-    from ml.weights import find_weights
+    from ml.prototypes.weights import find_weights
     from service.config import Settings
 
     settings = Settings()  # the environment and .env as they are now

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ml.audit_models import AuditConfig, AuditReport  # torch-free
+from ml.schemas.audit import AuditConfig, AuditReport  # torch-free
 from service.db.models import Batch, Job, JobKind, JobStatus
 from service.job_kinds import new_job
 from service.payloads import AuditPayload

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     # dataset at registration (listed in its ``skipped``) and never decoded by the workers: a
     # 20 KB PNG can declare 13000x13000 pixels and cost gigabytes once decoded. The ML core
     # reads the same variable, PROTOMED_MAX_IMAGE_PIXELS, from its environment.
-    # the ML core's own default (ml.catalog.DEFAULT_MAX_IMAGE_PIXELS; a test keeps them equal):
+    # the ML core's own default (ml.data.catalog.DEFAULT_MAX_IMAGE_PIXELS; a test keeps them equal):
     # the settings load without importing ml
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
     # Bootstrap admin key (compose, CI): ensured to exist at start-up; its hash is stored.
@@ -93,7 +93,8 @@ class Settings(BaseSettings):
     encoder_weights: str = "openai"
     # What the training job learns its prototypes with: "clip" (the encoder above), or
     # "learned": a small CNN trained from scratch on the dataset's training images jointly with
-    # the prototypes (ml/domain_encoder.py), saved beside the codebook; it needs no weights.
+    # the prototypes (ml/prototypes/learned_encoder.py), saved beside the codebook; it needs no
+    # weights.
     # `protomed serve` picks "learned" when no CLIP weights were configured and none are here.
     # Metrics (evaluation, audit) always use the CLIP encoder above, never the space the
     # prototypes were fitted in.

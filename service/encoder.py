@@ -1,12 +1,14 @@
 """Whether the workers' CLIP encoder can be built, checked by the API before it queues a job.
 
 A training job with ``prototype_encoder="learned"`` needs no CLIP weights: it learns its encoder
-from the dataset (:mod:`ml.domain_encoder`), so :func:`require_prototype_encoder` lets it through.
+from the dataset (:mod:`ml.prototypes.learned_encoder`), so :func:`require_prototype_encoder` lets
+it through.
 
 A training (or evaluation) job starts by embedding images with the encoder; if its weights are
 not on the machine the job can only fail, so the request is refused at once
 (:class:`EncoderUnavailable`, which the API answers with 422), saying what to set.
-Torch-free: :mod:`ml.weights` locates the file (a path given, or the tag's file in the Hugging
+Torch-free: :mod:`ml.prototypes.weights` locates the file (a path given, or the tag's file in the
+Hugging
 Face hub cache) from open_clip's source without importing open_clip or torch.
 """
 
@@ -26,7 +28,7 @@ def require_encoder_weights(settings: Settings) -> None:
     another machine than its workers' weights)."""
     if not settings.check_encoder_weights:
         return
-    from ml.weights import find_weights
+    from ml.prototypes.weights import find_weights
 
     try:
         find_weights(settings.encoder, settings.encoder_weights)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ml.results import EvaluationResult, evaluation_tables, tables_csv  # torch-free
+from ml.schemas.evaluation import EvaluationResult, evaluation_tables, tables_csv  # torch-free
 from service.db.models import Job, JobKind, JobStatus
 from service.payloads import EvaluatePayload
 

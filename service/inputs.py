@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from ml.catalog import nfc  # torch-free
+from ml.data.catalog import nfc  # torch-free
 
 __all__ = ["ClassName", "RequestModel", "nfc"]
 
@@ -21,5 +21,5 @@ class RequestModel(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-#: A class name as clients send it, in NFC: the spelling :func:`ml.catalog.scan` registers.
+#: A class name as clients send it, in NFC: the spelling :func:`ml.data.catalog.scan` registers.
 ClassName = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(nfc)]

@@ -6,7 +6,8 @@ Why: synthetic medical images travel (papers, shared folders, other labs' traini
 card is what travels with the model, in the spirit of Mitchell et al., "Model Cards for Model
 Reporting" (FAT* 2019). Every figure comes from what the service stored (the model row, its
 dataset, its jobs, reviews and audits); nothing is estimated here. The checkpoint's sha256 is
-the one each generated PNG names in its provenance (``ml.provenance``), which links an image
+the one each generated PNG names in its provenance (``ml.diffusion.provenance``), which links an
+image
 found elsewhere back to this card. JSON (:class:`ModelCard`) and Markdown
 (:func:`card_markdown`) say the same things. Torch-free.
 """

@@ -3,7 +3,8 @@
 The API's request bodies (``api/schemas.py``) are what a caller may send; these are what the
 API resolved them to (ids checked, configs validated) and the workers read back, with the same
 models on both sides, so a field renamed on one side cannot silently go missing on the other.
-Torch-free: ``EvalConfig`` comes from ``ml.results``, ``AuditConfig`` from ``ml.audit_models``.
+Torch-free: ``EvalConfig`` comes from ``ml.schemas.evaluation``, ``AuditConfig`` from
+``ml.schemas.audit``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ml.audit_models import AuditConfig
-from ml.results import EvalConfig
+from ml.schemas.audit import AuditConfig
+from ml.schemas.evaluation import EvalConfig
 
 
 class Selection(BaseModel):
-    """The split a training job draws (``ml.data.load_split``'s arguments but the image size,
+    """The split a training job draws (``ml.data.images.load_split``'s arguments but the image size,
     which the model's config decides); the worker replaces ``root`` with the local folder."""
 
     root: str

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ml.scorer_models import ScorerMetrics  # torch- and sklearn-free
+from ml.schemas.scorer import ScorerMetrics  # torch- and sklearn-free
 from service.config import Settings
 from service.db.models import (
     Batch,

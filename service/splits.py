@@ -1,7 +1,7 @@
 """Whether a training split fits a dataset, decided at request time from the counts stored at
 registration, so a request the worker would certainly fail on is a 422 and creates nothing.
 
-The rule is the worker's own (``ml.data.load_split`` and ``ml.prototypes.fit_codebook``):
+The rule is the worker's own (``ml.data.images.load_split`` and ``ml.prototypes.cpl.fit_codebook``):
 per class it draws ``n_heldout`` held-out images first, then ``n_per_class`` training images
 (``None``: all the rest, at least one), and the codebook needs ``k`` training images per
 class (every run learns one, baseline runs too). Images that turn out unreadable or duplicate

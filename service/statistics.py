@@ -13,11 +13,12 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
-# Wilson and Newcombe live in ml.intervals (torch-free), shared with the demo's checker rates.
-from ml.intervals import CONFIDENCE as CONFIDENCE
-from ml.intervals import check_counts as _check_counts
-from ml.intervals import newcombe_difference as newcombe_difference
-from ml.intervals import wilson as wilson
+# Wilson and Newcombe live in ml.evaluation.intervals (torch-free), shared with the demo's checker
+# rates.
+from ml.evaluation.intervals import CONFIDENCE as CONFIDENCE
+from ml.evaluation.intervals import check_counts as _check_counts
+from ml.evaluation.intervals import newcombe_difference as newcombe_difference
+from ml.evaluation.intervals import wilson as wilson
 
 # --- proportions ---------------------------------------------------------------------------------
 

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from ml.config import make_config
-from ml.data import ImageSet
-from ml.train import train
+from ml.data.images import ImageSet
+from ml.diffusion.train import train
 
 
 def digest(model: torch.nn.Module) -> str:
@@ -31,8 +31,8 @@ def main(out: Path) -> None:
                     [f"{i}" for i in range(16)])  # fmt: skip
     cfg = make_config("tiny", {"mode": "baseline", "max_steps": 3, "batch_size": 2, "dropout": 0.0})
     torch.manual_seed(cfg.seed)
-    from ml.checkpoint import build_model
-    from ml.train import conditioning_for
+    from ml.diffusion.train import conditioning_for
+    from ml.models.checkpoint import build_model
 
     initial = digest(build_model(cfg, conditioning_for("baseline", ["a", "b"], None)[0]))
     result = train(cfg, data, out / "run", show_progress=False)

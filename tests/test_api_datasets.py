@@ -20,8 +20,8 @@ import pytest
 from conftest import Service, make_service
 from factories import state, upload, zip_folder
 
-from ml.catalog import scan
-from ml.toy import TOY_CLASSES, write_toy_dataset
+from ml.data.catalog import scan
+from ml.data.toy import TOY_CLASSES, write_toy_dataset
 from service import archive
 from service.archive import ArchiveError, ArchiveTooLarge, copy_limited, ensure_local, safe_extract
 from service.storage import LocalStorage, ObjectNotFound, get_storage

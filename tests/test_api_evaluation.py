@@ -10,7 +10,7 @@ from factories import add_batch, add_dataset, add_image, add_model
 from sqlalchemy import func, select
 
 from api.schemas import EvaluationReport
-from ml.results import EvaluationResult
+from ml.schemas.evaluation import EvaluationResult
 from service.db.models import Job, JobKind, JobStatus, utc_now
 from service.db.session import get_sessionmaker
 

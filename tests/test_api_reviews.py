@@ -10,7 +10,7 @@ import pytest
 from factories import add_review, review_batches
 from sqlalchemy import func, select
 
-from ml.toy import CRITERIA
+from ml.data.toy import CRITERIA
 from service.criteria import annotation_result, label_config, parse_result
 from service.db.models import ReviewTask
 from service.db.session import get_sessionmaker

@@ -13,11 +13,11 @@ import torch
 from scipy.stats import binom
 
 from ml.audit import audit_images, audit_table, flip_views, pixel_distances
-from ml.audit_models import AuditConfig, AuditReport
-from ml.data import DatasetSplit, load_split
-from ml.encoder import ClipEncoder, EncoderSpec
-from ml.toy import make_toy_images, write_toy_dataset
-from ml.weights import TINY_MODEL
+from ml.data.images import DatasetSplit, load_split
+from ml.data.toy import make_toy_images, write_toy_dataset
+from ml.prototypes.encoder import ClipEncoder, EncoderSpec
+from ml.prototypes.weights import TINY_MODEL
+from ml.schemas.audit import AuditConfig, AuditReport
 
 CLASSES = ["lymphocyte", "neutrophil"]
 SIZE = 32

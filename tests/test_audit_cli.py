@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ml.cli import app
-from ml.toy import write_toy_dataset
+from ml.data.toy import write_toy_dataset
 
 runner = CliRunner()
 TINY_ENCODER = ["--encoder", "protomed-tiny-vit", "--untrained", "--no-cache"]
@@ -59,7 +59,7 @@ def plant(tmp: Path, source: Path) -> str:
 
 def test_audit_prints_the_summary_and_flags_a_planted_training_image(run: Path) -> None:
     from ml.audit import model_split
-    from ml.checkpoint import load_model
+    from ml.models.checkpoint import load_model
 
     split = model_split(load_model(run / "run"))
     source = Path(split.train.paths[split.train.labels.tolist().index(0)])

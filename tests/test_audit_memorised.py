@@ -16,12 +16,12 @@ import torch
 from scipy.stats import binom
 
 from ml.audit import audit_images
-from ml.audit_models import AuditConfig, AuditReport
-from ml.checkpoint import load_model
 from ml.config import SampleConfig, make_config
-from ml.data import DatasetSplit, load_split
-from ml.sample import generate
-from ml.train import train
+from ml.data.images import DatasetSplit, load_split
+from ml.diffusion.sample import generate
+from ml.diffusion.train import train
+from ml.models.checkpoint import load_model
+from ml.schemas.audit import AuditConfig, AuditReport
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 

@@ -12,8 +12,8 @@ import torch
 from scipy.stats import binom
 
 from ml.audit import audit_images
-from ml.data import load_split
-from ml.encoder import TINY_MODEL, ClipEncoder, EncoderSpec
+from ml.data.images import load_split
+from ml.prototypes.encoder import TINY_MODEL, ClipEncoder, EncoderSpec
 
 CLASSES = {"derm64": ["mel", "nv"], "cells64": ["lymphocyte", "neutrophil"]}
 

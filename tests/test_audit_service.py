@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from test_blinding import key
 
-from ml.audit_models import AuditConfig
+from ml.schemas.audit import AuditConfig
 from service.db.models import Job, JobKind, JobStatus
 from service.db.session import get_sessionmaker, make_engine
 
@@ -111,8 +111,8 @@ def test_migration_0006_admits_audit_jobs(db_url: str) -> None:
 
 @pytest.mark.slow
 def test_a_worker_audits_a_batch_with_a_planted_training_image(service: Service) -> None:
-    from ml.data import load_selection
-    from ml.toy import write_toy_dataset
+    from ml.data.images import load_selection
+    from ml.data.toy import write_toy_dataset
 
     write_toy_dataset(service.data_root / "toy", n_per_class=16, size=32, seed=0)
     admin = service.admin
@@ -178,7 +178,7 @@ def test_a_worker_audits_a_batch_with_a_planted_training_image(service: Service)
 
     # the model card gathers it: the worker recorded the encoder and the checkpoint's hash, the
     # one the generated PNG's provenance names, and the audit appears per class
-    from ml.provenance import read_provenance
+    from ml.diffusion.provenance import read_provenance
 
     card = service.client.get(f"/models/{trained['model_id']}/card", headers=admin).json()
     first = service.client.get(f"/batches/{batch_id}", headers=admin).json()["images"][0]
@@ -201,8 +201,8 @@ def test_the_audit_page_in_a_real_browser(service: Service, tmp_path: Path) -> N
     from test_dashboard import all_images_loaded, shot_path
 
     from ml.audit import audit_images
-    from ml.data import load_split
-    from ml.toy import make_toy_images, write_toy_dataset
+    from ml.data.images import load_split
+    from ml.data.toy import make_toy_images, write_toy_dataset
     from service.db.models import utc_now
     from service.storage import get_storage
     from workers.audit import store_audit

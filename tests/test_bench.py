@@ -47,7 +47,7 @@ def test_speed_harness_runs_both_models_with_attention(tmp_path: Path) -> None:
     assert abs(row["param_ratio"] - 1) < 0.05  # tiny: the class input's share is larger
     sys.path.insert(0, str(REPO))
     from bench.peer import build
-    from ml.unet import AttnBlock
+    from ml.models.unet import AttnBlock
 
     ours, _ = build("ours", "tiny", "fp32", {"attention_resolutions": [16, 8]})
     peer, _ = build("diffusers", "tiny", "fp32", {"attention_resolutions": [16, 8]})
@@ -60,7 +60,7 @@ def test_speed_harness_runs_both_models_with_attention(tmp_path: Path) -> None:
 def test_same_architecture_within_one_percent() -> None:
     sys.path.insert(0, str(REPO))
     from bench.peer import build
-    from ml.unet import count_parameters
+    from ml.models.unet import count_parameters
 
     for preset in ("cpu-small", "paper-legacy", "paper"):
         ours, peer = (count_parameters(build(w, preset, "fp32")[0]) for w in ("ours", "diffusers"))
@@ -210,8 +210,8 @@ def test_ablation_runs_every_arm_at_a_tiny_size(tmp_path: Path) -> None:
     each arm defines them, and a rerun that reuses every finished run."""
     import torch
 
-    from ml.checkpoint import read_checkpoint
-    from ml.prototypes import Codebook
+    from ml.models.checkpoint import read_checkpoint
+    from ml.prototypes.cpl import Codebook
 
     env = {**os.environ, "PROTOMED_NO_MALLOC_TUNING": "1"}
     r = subprocess.run([sys.executable, "-m", "ml.cli", "toy", str(tmp_path / "data" / "toy"),

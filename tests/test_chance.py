@@ -1,4 +1,4 @@
-"""Chance levels beside every macro F1 (ml.chance): what a classifier that learnt nothing
+"""Chance levels beside every macro F1 (ml.evaluation.chance): what a classifier that learnt nothing
 scores on the same test set."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import precision_recall_fscore_support
 
-from ml.chance import chance_levels, macro_scores
-from ml.results import DownstreamResult, downstream_table, tables_text
+from ml.evaluation.chance import chance_levels, macro_scores
+from ml.schemas.evaluation import DownstreamResult, downstream_table, tables_text
 
 
 def test_macro_scores_equal_sklearn_on_random_labels() -> None:

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ml.cli import app
-from ml.toy import write_toy_dataset
+from ml.data.toy import write_toy_dataset
 
 runner = CliRunner()
 TINY_ENCODER = ["--encoder", "protomed-tiny-vit", "--untrained", "--no-cache"]
@@ -186,9 +186,9 @@ def test_core_end_to_end_on_the_toy_domain(tmp_path):
     assert ",prototype,2.0,3,dpm++sde," in manifest
     # the modes differ only in the class table: both take the codebook's width (32 here, not
     # the config's default 768), record it, and have the same number of parameters
-    from ml.checkpoint import load_model, read_checkpoint
     from ml.config import make_config
-    from ml.prototypes import Codebook
+    from ml.models.checkpoint import load_model, read_checkpoint
+    from ml.prototypes.cpl import Codebook
 
     width = Codebook.load(tmp_path / "cb").dim
     assert width != make_config("cpu-small").class_dim
@@ -212,7 +212,7 @@ def test_core_end_to_end_on_the_toy_domain(tmp_path):
 
 def test_ml_does_not_import_the_web_stack():
     code = (
-        "import sys, ml.cli, ml.pipeline, ml.train, ml.sample, ml.demo; "
+        "import sys, ml.cli, ml.pipeline, ml.diffusion.train, ml.diffusion.sample, ml.demo; "
         "bad = [m for m in ('fastapi', 'sqlalchemy', 'celery', 'starlette') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

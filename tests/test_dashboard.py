@@ -38,7 +38,7 @@ from factories import (
 from service_procs import ApiServer
 from sqlalchemy.orm import Session
 
-from ml.toy import draw_cell
+from ml.data.toy import draw_cell
 from service.db.models import (
     Dataset,
     Image,
@@ -121,7 +121,8 @@ def distance(fd: float | None, p: float, r: float, cons: float | None, n: int) -
 
 
 def evaluation_result() -> dict:
-    """What ml.evaluate.evaluate returns, with the numbers above (2 x 40 train, 2 x 10 held out)."""
+    """What ml.evaluation.evaluate.evaluate returns, with the numbers above (2 x 40 train, 2 x 10
+    held out)."""
     sets = {}
     for name, per_class in EVAL_F1.items():
         runs = [
@@ -433,8 +434,8 @@ def html_tables(page: str) -> dict[str, list[list[str]]]:
 
 def test_evaluation_tables_agree_in_text_csv_and_html(dash: Dash) -> None:
     """The dashboard's tables, the CSV and the CLI's text hold the same cells, because all three
-    render ml.results.evaluation_tables of the stored result."""
-    from ml.results import EvaluationResult, evaluation_tables, tables_text
+    render ml.schemas.evaluation.evaluation_tables of the stored result."""
+    from ml.schemas.evaluation import EvaluationResult, evaluation_tables, tables_text
 
     client, job = dash.service.client, dash.ids.evaluation
     tables = evaluation_tables(EvaluationResult.model_validate(evaluation_result()))

@@ -1,4 +1,4 @@
-"""Tests for ml.data: layouts, balanced reproducible splits, skipping bad files, errors."""
+"""Tests for ml.data.images: layouts, balanced reproducible splits, skipping bad files, errors."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ml import data
-from ml.data import DataError, load_image, load_selection, load_split, pixel_hash, scan
+from ml.data import images as data
+from ml.data.images import DataError, load_image, load_selection, load_split, pixel_hash, scan
 
 RNG = np.random.default_rng(1234)
 

@@ -18,9 +18,9 @@ from conftest import REPO, Service
 from factories import state, upload, zip_folder
 from service_procs import Worker, wait_job
 
-from ml.catalog import OutsideRootsError, scan
-from ml.data import load_split
-from ml.toy import TOY_CLASSES, write_toy_dataset
+from ml.data.catalog import OutsideRootsError, scan
+from ml.data.images import load_split
+from ml.data.toy import TOY_CLASSES, write_toy_dataset
 
 PASSWD = Path("/etc/passwd")
 
@@ -233,10 +233,10 @@ def test_unknown_domain_is_refused_listing_the_known_ones(service: Service) -> N
 
 def test_a_file_swapped_for_a_link_after_the_scan_is_not_read(tmp_path: Path) -> None:
     """The loaders check each file again right before opening it."""
-    import ml.data
+    import ml.data.images
 
     data = write_toy_dataset(tmp_path / "toy", n_per_class=2, size=16, seed=0)
-    real_scan = ml.data.scan
+    real_scan = ml.data.images.scan
 
     def scan_then_swap(*args, **kwargs):
         cat = real_scan(*args, **kwargs)
@@ -246,6 +246,6 @@ def test_a_file_swapped_for_a_link_after_the_scan_is_not_read(tmp_path: Path) ->
         return cat
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ml.data, "scan", scan_then_swap)
+        mp.setattr(ml.data.images, "scan", scan_then_swap)
         with pytest.raises(OutsideRootsError, match="/etc/passwd"):
             load_split(data, image_size=16)

@@ -9,9 +9,9 @@ import numpy as np
 from PIL import Image
 
 from ml.config import SampleConfig
+from ml.data.toy import TOY_CLASSES
 from ml.demo import MODES, STAGES, compare, difference_text, run_demo
-from ml.encoder import TINY_MODEL
-from ml.toy import TOY_CLASSES
+from ml.prototypes.encoder import TINY_MODEL
 
 TINY = {"base_channels": 8, "norm_groups": 4, "batch_size": 4, "image_size": 16}
 DIFFERENCE = re.compile(

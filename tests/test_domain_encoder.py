@@ -9,7 +9,11 @@ import json
 import pytest
 import torch
 
-from ml.domain_encoder import (
+from ml.data.toy import write_toy_dataset
+from ml.pipeline import learn_prototypes
+from ml.prototypes.cpl import Codebook, CPLConfig
+from ml.prototypes.encoder import TINY_MODEL, EmbeddingCache, EncoderSpec, embed
+from ml.prototypes.learned_encoder import (
     LEARNED,
     DomainEncoderConfig,
     LearnedEncoder,
@@ -18,10 +22,6 @@ from ml.domain_encoder import (
     refuse_same_space,
     train_domain_encoder,
 )
-from ml.encoder import TINY_MODEL, EmbeddingCache, EncoderSpec, embed
-from ml.pipeline import learn_prototypes
-from ml.prototypes import Codebook, CPLConfig
-from ml.toy import write_toy_dataset
 
 SMALL = DomainEncoderConfig(width=8, dim=16, input_size=16, epochs=3, batch_size=16)
 
@@ -128,12 +128,13 @@ def test_evaluation_refuses_the_prototypes_learned_space():
 
 
 def test_evaluate_refuses_before_any_work(toy, tmp_path, one_thread):
-    """ml.evaluate.evaluate, given the learned encoder a prototype model's codebook came from,
+    """ml.evaluation.evaluate.evaluate, given the learned encoder a prototype model's codebook came
+    from,
     refuses at once (before loading data or generating), naming the model."""
     from types import SimpleNamespace
 
-    from ml.evaluate import evaluate
-    from ml.results import EvalConfig
+    from ml.evaluation.evaluate import evaluate
+    from ml.schemas.evaluation import EvalConfig
 
     run = _learn(toy, tmp_path / "cb")
     enc = load_codebook_encoder(tmp_path / "cb", run.codebook.encoder)
@@ -186,8 +187,8 @@ def test_early_stopping_keeps_the_best_heldout_epoch(toy, tmp_path, one_thread):
 def test_the_untrained_encoder_is_where_training_starts_and_saves_whole(toy, tmp_path, one_thread):
     """``untrained_encoder`` (the ablation's frozen-untrained arm) is the network
     ``train_domain_encoder`` starts from, and saved it loads back as an untrained artifact."""
-    from ml.data import load_split
-    from ml.domain_encoder import untrained_encoder
+    from ml.data.images import load_split
+    from ml.prototypes.learned_encoder import untrained_encoder
 
     split = load_split(toy, n_per_class=6, n_heldout=4, image_size=32)
     cpl = CPLConfig(epochs=20)

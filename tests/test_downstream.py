@@ -1,5 +1,5 @@
 """Downstream utility experiment: backbones, a learnable toy problem, determinism, scores
-checked against sklearn and by hand, input checks, the Tables 5-6 rows (ml.results)."""
+checked against sklearn and by hand, input checks, the Tables 5-6 rows (ml.schemas.evaluation)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from sklearn.metrics import precision_recall_fscore_support
 from torch import nn
 
-from ml.data import ImageSet
-from ml.downstream import (
+from ml.data.images import ImageSet
+from ml.evaluation.downstream import (
     DownstreamConfig,
     _flip,
     downstream_experiment,
@@ -19,7 +19,7 @@ from ml.downstream import (
     make_classifier,
     train_classifier,
 )
-from ml.results import DownstreamResult, downstream_table, tables_text
+from ml.schemas.evaluation import DownstreamResult, downstream_table, tables_text
 
 CLASSES = ["red", "blue"]
 

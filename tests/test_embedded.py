@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from service_procs import free_port, wait_serving
 
-from ml.toy import write_toy_dataset
+from ml.data.toy import write_toy_dataset
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

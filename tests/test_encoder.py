@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import fake_hub_cache
 
-from ml.encoder import (
+from ml.prototypes.encoder import (
     TINY_MODEL,
     ClipEncoder,
     EmbeddingCache,
@@ -40,9 +40,11 @@ def tiny() -> ClipEncoder:
 def test_untrained_needs_opt_in_and_warns(caplog):
     with pytest.raises(ValueError, match="allow_untrained=True"):
         ClipEncoder(TINY, device="cpu")
-    with caplog.at_level(logging.WARNING, logger="ml.encoder"):
+    with caplog.at_level(logging.WARNING, logger="ml.prototypes.encoder"):
         enc = ClipEncoder(TINY, device="cpu", allow_untrained=True, dtype="fp32")
-    assert any("UNTRAINED" in r.getMessage() for r in caplog.records if r.name == "ml.encoder")
+    assert any(
+        "UNTRAINED" in r.getMessage() for r in caplog.records if r.name == "ml.prototypes.encoder"
+    )
     assert enc.identity == f"{TINY_MODEL}|untrained-seed0|gelu|float32"
 
 

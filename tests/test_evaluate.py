@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ml.cli import app
-from ml.results import EvaluationResult, evaluation_tables, tables_text
-from ml.toy import TOY_CLASSES, write_toy_dataset
+from ml.data.toy import TOY_CLASSES, write_toy_dataset
+from ml.schemas.evaluation import EvaluationResult, evaluation_tables, tables_text
 
 runner = CliRunner()
 TINY_ENCODER = ["--encoder", "protomed-tiny-vit", "--untrained", "--no-cache"]

@@ -1,4 +1,4 @@
-"""The speed work keeps outputs the same: each kernel of ml.ops against the plain formula its
+"""The speed work keeps outputs the same: each kernel of ml.models.ops against the plain formula its
 docstring states, the UNet built on them against the textbook model, the CPU dropout's
 statistics and gradient, the fused optimiser against the reference one."""
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ml import ops
-from ml.checkpoint import Conditioning, build_model
 from ml.config import make_config
-from ml.ops import dropout
-from ml.train import make_optimizer
-from ml.unet import AttnBlock, ResBlock, UNet, Upsample
+from ml.diffusion.train import make_optimizer
+from ml.models import ops
+from ml.models.checkpoint import Conditioning, build_model
+from ml.models.ops import dropout
+from ml.models.unet import AttnBlock, ResBlock, UNet, Upsample
 
 
 def _reference_block(block: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -269,7 +269,7 @@ def test_fused_adamw_matches_the_reference_update() -> None:
 
 
 def test_training_layout_is_nhwc_except_bf16_on_a_cpu() -> None:
-    from ml.train import memory_format
+    from ml.diffusion.train import memory_format
 
     cfg = make_config("tiny")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

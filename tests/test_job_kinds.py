@@ -11,7 +11,7 @@ from factories import review_batches
 from sqlalchemy import select, text
 from test_scorer_service import reviewed
 
-from ml.toy import write_toy_dataset
+from ml.data.toy import write_toy_dataset
 from service.db.models import Job, JobKind
 from service.db.session import get_sessionmaker
 from service.job_kinds import KINDS, RETIRED, KindSpec, spec_for

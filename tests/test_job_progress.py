@@ -13,7 +13,7 @@ import pytest
 from celery.signals import worker_shutting_down
 from conftest import Service
 
-from ml.toy import write_toy_dataset
+from ml.data.toy import write_toy_dataset
 from service import job_state
 from workers import lifecycle
 from workers.progress import StagedProgress

@@ -7,7 +7,7 @@ import json
 
 from conftest import Service
 
-from ml.toy import write_toy_dataset
+from ml.data.toy import write_toy_dataset
 
 
 def test_training_with_the_learned_encoder_needs_no_clip_weights(service: Service, monkeypatch):

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from test_train import random_set
 
 from ml.config import make_config
-from ml.train import train
+from ml.diffusion.train import train
 from service.config import get_settings
 from service.db.models import Image, Job, JobKind, JobStatus
 from service.db.session import get_sessionmaker

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-import ml.metrics as metrics
-from ml.metrics import (
+import ml.evaluation.distribution as metrics
+from ml.evaluation.distribution import (
     distribution_report,
     frechet_distance,
     knn_precision_recall,
     prototype_consistency,
     prototype_consistency_per_class,
 )
-from ml.prototypes import Codebook
+from ml.prototypes.cpl import Codebook
 
 
 def _exact(rng: np.random.Generator, n: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:

@@ -7,10 +7,10 @@ import hashlib
 import pytest
 import torch
 
-from ml.checkpoint import Conditioning, build_model
 from ml.config import make_config, parse_overrides
-from ml.diffusion import diffusion_loss, guided_sample, noise_scheduler, sampler
-from ml.unet import NULL_LABEL, UNet, count_parameters, timestep_embedding
+from ml.diffusion.process import diffusion_loss, guided_sample, noise_scheduler, sampler
+from ml.models.checkpoint import Conditioning, build_model
+from ml.models.unet import NULL_LABEL, UNet, count_parameters, timestep_embedding
 
 
 def _tiny(mode: str = "baseline", k: int = 1, classes: int = 3) -> tuple[UNet, torch.Tensor | None]:
@@ -46,7 +46,7 @@ def test_paper_preset_is_table2():
 def test_state_dict_layout_is_stable(preset: str, n_keys: int, digest: str) -> None:
     """Checkpoints written earlier keep loading: the parameter names and shapes of paper-legacy
     (``paper`` before issue 13 added attention) and cpu-small are those of the model before its
-    fast kernels moved to ml.ops (a cache is not state); ``paper``'s as issue 13 made it."""
+    fast kernels moved to ml.models.ops (a cache is not state); ``paper``'s as issue 13 made it."""
     with torch.device("meta"):  # shapes only, no memory or init time
         model = build_model(make_config(preset), Conditioning(list("abc"), "baseline"))
     state = model.state_dict()
@@ -170,7 +170,7 @@ def _reference_min_snr(t: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def test_min_snr_weight_matches_the_reference_formula():
-    from ml.diffusion import min_snr_weight
+    from ml.diffusion.process import min_snr_weight
 
     sched = noise_scheduler(make_config("tiny"))
     t = torch.tensor([0, 10, 50, 100, 200, 500, 999])

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, Service
 from factories import add_batch, add_image, add_model, add_review, add_review_task, create
 
-from ml.toy import write_toy_dataset
+from ml.data.toy import write_toy_dataset
 from service.db.models import Job, JobKind, JobStatus, Model, utc_now
 from service.db.session import get_sessionmaker
 

@@ -24,7 +24,7 @@ from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from conftest import REPO, Service, fake_hub_cache
 from service_procs import ApiServer, free_port, wait_serving
 
-from ml.toy import write_toy_dataset
+from ml.data.toy import write_toy_dataset
 
 GUARD = """
 import os, socket
@@ -133,7 +133,7 @@ def test_weights_are_found_without_torch(tmp_path: Path) -> None:
     hub = tmp_path / "hf-home" / "hub"
     fake_hub_cache(hub, "timm/vit_large_patch14_clip_224.openai", "open_clip_model.safetensors")
     code = (
-        "import sys, api.main, ml.weights as w\n"
+        "import sys, api.main, ml.prototypes.weights as w\n"
         "found = w.find_weights('ViT-L-14', 'openai')\n"
         "print(found.kind, found.path)\n"
         "try:\n    w.find_weights('ViT-B-16', 'openai')\nexcept ValueError as e:\n    print(e)\n"
@@ -152,7 +152,7 @@ def test_pretrained_table_matches_open_clip() -> None:
     """The torch-free reading of open_clip's tags agrees with open_clip for every pair."""
     import open_clip
 
-    from ml.weights import _pretrained_table
+    from ml.prototypes.weights import _pretrained_table
 
     table = _pretrained_table()
     pairs = open_clip.list_pretrained()

@@ -66,7 +66,7 @@ def test_service_extra_resolves_without_torch(tmp_path: Path) -> None:
     assert not [n for n in installed if n.startswith("nvidia-")]
 
 
-# Found (open_clip's source is in the API image, read as data by ml/weights.py) but never
+# Found (open_clip's source is in the API image, read as data by ml/prototypes/weights.py) but never
 # executed: importing any of these raises, as it would where torch is not installed.
 BLOCK_ML = """
 import importlib.abc, importlib.machinery, sys
@@ -94,7 +94,7 @@ def test_service_runs_without_the_ml_stack(tmp_path: Path) -> None:
     check (which reads open_clip's tables from its source) still import and work."""
     code = BLOCK_ML.format(blocked=ML_STACK) + (
         f"import api.main, {entry_point()[0]}, workers.tasks, workers.review_sync\n"
-        "from ml.weights import find_weights\n"
+        "from ml.prototypes.weights import find_weights\n"
         "assert api.main.app.openapi()['paths']\n"
         "assert find_weights('ViT-B-32', 'untrained').kind == 'untrained'\n"
         f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {ML_STACK!r})\n"

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from ml.checkpoint import Conditioning, build_model, load_model, read_checkpoint
 from ml.config import PRESETS, TrainConfig, make_config
-from ml.diffusion import noise_scheduler
-from ml.train import Progress, TrainingCancelled, make_lr_scheduler, make_optimizer, train
-from ml.unet import AttnBlock, Downsample, ResBlock, UNet, Upsample, count_parameters
+from ml.diffusion.process import noise_scheduler
+from ml.diffusion.train import Progress, TrainingCancelled, make_lr_scheduler, make_optimizer, train
+from ml.models.checkpoint import Conditioning, build_model, load_model, read_checkpoint
+from ml.models.unet import AttnBlock, Downsample, ResBlock, UNet, Upsample, count_parameters
 from tests.test_train import losses_of, random_set
 
 # `protomed train --preset paper` as written by the version before issue 13

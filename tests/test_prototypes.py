@@ -9,7 +9,7 @@ import pydantic
 import pytest
 import torch
 
-from ml.prototypes import Codebook, CPLConfig, _kmeans, dce_loss, fit_prototypes, pl_loss
+from ml.prototypes.cpl import Codebook, CPLConfig, _kmeans, dce_loss, fit_prototypes, pl_loss
 
 IDENTITY = "test-encoder|untrained-seed0|gelu|float32"
 

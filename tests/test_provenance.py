@@ -14,17 +14,17 @@ import torch
 from PIL import Image
 from test_train import random_set
 
-from ml.checkpoint import load_model
 from ml.config import SampleConfig, make_config
-from ml.provenance import (
+from ml.diffusion.provenance import (
     DIGITAL_SOURCE_TYPE,
     XMP_KEY,
     file_sha256,
     read_provenance,
     source_type,
 )
-from ml.sample import regenerate, sample_to_folder
-from ml.train import train
+from ml.diffusion.sample import regenerate, sample_to_folder
+from ml.diffusion.train import train
+from ml.models.checkpoint import load_model
 from service.blinding import blind_png
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ml.checkpoint import load_model, read_checkpoint
 from ml.config import SampleConfig, make_config
-from ml.encoder import TINY_MODEL, EncoderSpec
+from ml.diffusion.sample import sample_to_folder
+from ml.models.checkpoint import load_model, read_checkpoint
 from ml.pipeline import learn_prototypes, train_model
-from ml.prototypes import Codebook, CPLConfig
-from ml.sample import sample_to_folder
+from ml.prototypes.cpl import Codebook, CPLConfig
+from ml.prototypes.encoder import TINY_MODEL, EncoderSpec
 
 EXPECTED = {
     "derm64": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"],
@@ -68,10 +68,10 @@ def test_evaluate_on_an_external_set_of_unseen_real_images(real_data, tmp_path):
     their split, neither trained on nor held out): every score is measured on it, at its size."""
     import shutil
 
-    from ml.data import scan
-    from ml.encoder import ClipEncoder
-    from ml.evaluate import evaluate
-    from ml.results import DownstreamConfig, EvalConfig
+    from ml.data.images import scan
+    from ml.evaluation.evaluate import evaluate
+    from ml.prototypes.encoder import ClipEncoder
+    from ml.schemas.evaluation import DownstreamConfig, EvalConfig
 
     classes = EXPECTED["cells64"]
     run = learn_prototypes(

@@ -20,7 +20,7 @@ from bench.replication import (
     split_three,
     summarise,
 )
-from ml.data import load_split
+from ml.data.images import load_split
 
 
 def test_seed_interval_is_the_one_sample_t_interval() -> None:

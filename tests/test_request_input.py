@@ -22,9 +22,9 @@ from conftest import Service, make_service
 from factories import state, upload, zip_folder
 
 from api.main import create_app
-from ml.catalog import scan
-from ml.data import DataError, load_image, load_split
-from ml.toy import TOY_CLASSES, write_toy_dataset
+from ml.data.catalog import scan
+from ml.data.images import DataError, load_image, load_split
+from ml.data.toy import TOY_CLASSES, write_toy_dataset
 
 SECRET = "webhook-secret"
 NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e400"]
@@ -300,7 +300,7 @@ def pixel_bomb(path: Path, side: int = 13000) -> Path:
 def test_the_bomb_is_a_real_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import Image
 
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # ml.data sets PIL's guard
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # ml.data.images sets PIL's guard
     bomb = pixel_bomb(tmp_path / "bomb.png")
     assert bomb.stat().st_size < 1_000_000
     with Image.open(bomb) as im:  # the header only
@@ -314,7 +314,7 @@ def test_registration_skips_an_image_over_the_pixel_limit(svc: Service) -> None:
     assert ds["counts"][TOY_CLASSES[0]] == 3, ds["counts"]
     reasons = {s["path"]: s["reason"] for s in ds["skipped"]}
     reason = reasons[str(bomb.relative_to(toy))]
-    # 13000x13000 = 169000000 pixels (named by us, or by PIL's own guard that ml.data sets
+    # 13000x13000 = 169000000 pixels (named by us, or by PIL's own guard that ml.data.images sets
     # from the same limit once it is imported in this process)
     assert "169000000" in reason and "PROTOMED_MAX_IMAGE_PIXELS" in reason, reason
     assert str(4096 * 4096) in reason, reason
@@ -323,7 +323,7 @@ def test_registration_skips_an_image_over_the_pixel_limit(svc: Service) -> None:
 def test_the_service_and_the_core_share_one_default_pixel_limit() -> None:
     """The settings must load without ml (the API starts without it), so the default is written
     in both places; this keeps the two equal."""
-    from ml.catalog import DEFAULT_MAX_IMAGE_PIXELS
+    from ml.data.catalog import DEFAULT_MAX_IMAGE_PIXELS
     from service.config import Settings
 
     assert Settings.model_fields["max_image_pixels"].default == DEFAULT_MAX_IMAGE_PIXELS

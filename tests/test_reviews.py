@@ -92,7 +92,7 @@ class Sent:
 def seed_batches(env: dict[str, str]) -> tuple[int, dict, dict]:
     """A toy-domain dataset of its own, a ready baseline and prototype model, one 6-image
     batch per model and class; the prototype batches hold 5 right cells, the baseline ones 3."""
-    from ml.toy import draw_cell
+    from ml.data.toy import draw_cell
     from service.db.session import get_sessionmaker
 
     rng = np.random.default_rng(0)
@@ -233,7 +233,7 @@ def fresh(base: Base) -> Iterator[Sent]:
 def checker_result(img_png: bytes, expected: str, lenient: bool) -> tuple[list[dict], bool]:
     """A reviewer's Label Studio result from the toy checker's verdict on the image; the
     lenient reviewer marks granules n/a."""
-    from ml.toy import check_image
+    from ml.data.toy import check_image
     from service.criteria import annotation_result
 
     verdict = check_image(PILImage.open(io.BytesIO(img_png)).convert("RGB"), expected)

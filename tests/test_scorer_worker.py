@@ -45,10 +45,10 @@ def test_a_worker_trains_a_scorer_and_filters_a_batch(service: Service, encoder:
     """``learned``: the service's prototypes come from the learned domain encoder, so the scorer
     embeds with the model's learned encoder, kept beside the scorer: the filter still works
     once the model's own codebook files are gone."""
-    from ml.domain_encoder import JSON_NAME, TENSORS_NAME
-    from ml.provenance import read_provenance
-    from ml.sample import regenerate
-    from ml.toy import write_toy_dataset
+    from ml.data.toy import write_toy_dataset
+    from ml.diffusion.provenance import read_provenance
+    from ml.diffusion.sample import regenerate
+    from ml.prototypes.learned_encoder import JSON_NAME, TENSORS_NAME
     from service.storage import get_storage
 
     write_toy_dataset(service.data_root / "toy", n_per_class=12, size=32, seed=0)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from service_procs import Serve, alive, descendants, wait_job
 
-from ml.toy import write_toy_dataset
+from ml.data.toy import write_toy_dataset
 from workers.training import STAGES
 
 pytestmark = pytest.mark.slow

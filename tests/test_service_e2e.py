@@ -25,7 +25,7 @@ from conftest import ADMIN_KEY, Service, migrate, redis_broker, reset_service_ca
 from PIL import Image
 from service_procs import Worker, wait_job
 
-from ml.provenance import read_provenance
+from ml.diffusion.provenance import read_provenance
 from service.db.models import utc_now
 
 pytestmark = pytest.mark.slow
@@ -111,7 +111,7 @@ def train(svc: Service, dataset_id: int, mode: str, **overrides: object) -> list
 
 def toy_training(svc: Service, mode: str = "baseline", **overrides: object) -> dict:
     """Register a small toy dataset; returns a cpu-small training request body for it."""
-    from ml.toy import write_toy_dataset
+    from ml.data.toy import write_toy_dataset
 
     write_toy_dataset(svc.data_root / "toy", n_per_class=6, size=32, seed=0)
     r = svc.client.post("/datasets", json={"name": "toy", "path": "toy"}, headers=svc.admin)
@@ -322,7 +322,7 @@ def test_evaluation_job_compares_both_modes(prod, start_worker) -> None:
     assert csv_text == evaluation_csv(typed)
 
     # an external test set: another registered folder, 4 images per class, one extra class
-    from ml.toy import TOY_CLASSES, write_toy_dataset
+    from ml.data.toy import TOY_CLASSES, write_toy_dataset
 
     ext = write_toy_dataset(prod.data_root / "site-b", n_per_class=4, size=32, seed=7)
     (ext / "platelet").mkdir()

@@ -32,7 +32,7 @@ from sqlalchemy import create_engine, text
 from test_reviews import checker_result, ls_settings
 from waiting import wait_until
 
-from ml.provenance import read_provenance
+from ml.diffusion.provenance import read_provenance
 
 pytestmark = pytest.mark.slow
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -42,7 +42,7 @@ LOW, HIGH, N = 1.0, 4.0, 4
 
 def plant_real_cells(env: dict[str, str], batch_ids: list[int], size: int) -> None:
     """Replace the stored images of these batches by real toy cells of the batch's class."""
-    from ml.toy import draw_cell
+    from ml.data.toy import draw_cell
     from service.db.models import Batch
     from service.db.session import get_sessionmaker
     from service.storage import get_storage
@@ -79,7 +79,7 @@ def test_a_guidance_sweep_reviewed_in_label_studio_sets_the_class_defaults(
 ) -> None:
     from label_studio_sdk import LabelStudio
 
-    from ml.toy import write_toy_dataset
+    from ml.data.toy import write_toy_dataset
 
     ls_url, ls_token = ls_settings()
     write_toy_dataset(tmp_path / "data" / "toy", n_per_class=6, size=32, seed=0)

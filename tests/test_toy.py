@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from ml import toy
-from ml.toy import CRITERIA, TOY_CLASSES, CriterionResult, Verdict
+from ml.data import toy
+from ml.data.toy import CRITERIA, TOY_CLASSES, CriterionResult, Verdict
 
 N = 50  # images per class in the rate tests
 
@@ -196,5 +196,5 @@ def test_unknown_class_names_the_valid_ones():
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, ml.toy; assert 'torch' not in sys.modules"
+    code = "import sys, ml.data.toy; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

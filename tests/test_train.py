@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from ml.checkpoint import load_model, read_checkpoint
 from ml.config import SampleConfig, make_config
-from ml.data import ImageSet
-from ml.sample import generate, sample_to_folder
-from ml.train import Progress, TrainingCancelled, train
+from ml.data.images import ImageSet
+from ml.diffusion.sample import generate, sample_to_folder
+from ml.diffusion.train import Progress, TrainingCancelled, train
+from ml.models.checkpoint import load_model, read_checkpoint
 
 HERE = Path(__file__).parent
 
@@ -202,7 +202,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
 def test_grid_has_one_row_per_class_with_blank_padding(tmp_path):
     from PIL import Image
 
-    from ml.sample import save_grid
+    from ml.diffusion.sample import save_grid
 
     a = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     b = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
@@ -230,7 +230,7 @@ def test_min_snr_weighting_reaches_the_training_loss(tmp_path):
 def test_both_modes_take_the_codebook_width_and_record_it(tmp_path):
     """With K=1 the modes differ only in whether the table learns: same size, same width, and
     the saved configs say the width the models have (not the config's default)."""
-    from ml.prototypes import Codebook
+    from ml.prototypes.cpl import Codebook
 
     data = random_set()
     width = 12  # neither the tiny preset's class_dim (16) nor the default (768)
@@ -250,7 +250,7 @@ def test_both_modes_take_the_codebook_width_and_record_it(tmp_path):
 def test_unfrozen_prototypes_start_at_the_codebook_and_train(tmp_path):
     """``freeze_prototypes=False`` ([3]'s proto_unfrozen, an ablation arm): the table starts as
     the codebook's prototypes and moves with training; the default keeps them bit-identical."""
-    from ml.prototypes import Codebook
+    from ml.prototypes.cpl import Codebook
 
     data = random_set()
     book = Codebook(list(data.classes), torch.randn(3, 1, 12), torch.ones(3, 1), "test-enc")

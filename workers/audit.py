@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ml.audit_models import AuditReport, nearest  # torch-free
+from ml.schemas.audit import AuditReport, nearest  # torch-free
 from service.archive import ensure_local
 from service.audits import AuditStored
 from service.config import Settings
@@ -54,8 +54,8 @@ def run_audit(job_id: int, ctx: JobContext, settings: Settings, storage: Storage
     from PIL import Image
 
     from ml.audit import audit_images, model_split
-    from ml.checkpoint import load_model
-    from ml.encoder import ClipEncoder, EmbeddingCache
+    from ml.models.checkpoint import load_model
+    from ml.prototypes.encoder import ClipEncoder, EmbeddingCache
 
     progress = ctx.stages(STAGES)
     progress.update("load", 0, 1)
@@ -103,7 +103,9 @@ def store_audit(
     """The job's result: the report with the batch's image ids, and the nearest training image
     (uint8 tensors ``train_images``) of every flagged image and of the closest few others put
     into storage for the dashboard."""
-    from ml.sample import png_bytes  # no provenance record: these are real training images
+    from ml.diffusion.sample import (
+        png_bytes,  # no provenance record: these are real training images
+    )
 
     closest = sorted(report.images, key=lambda a: nearest(a).ratio or 0.0)[:CLOSEST_SHOWN]
     shown = [*report.flagged(), *(a for a in closest if not a.flagged)][:MAX_SHOWN]

@@ -14,8 +14,8 @@ from functools import lru_cache
 from celery import Celery
 from sqlalchemy import create_engine
 
-from ml.catalog import PIXELS_ENV
-from ml.weights import force_offline
+from ml.data.catalog import PIXELS_ENV
+from ml.prototypes.weights import force_offline
 from service.config import Settings, get_settings
 from service.job_kinds import DEFAULT_QUEUE, GPU_QUEUE
 from service.queue import transport_options

@@ -1,7 +1,8 @@
 """The evaluation job: both models' checkpoints and the codebook on this machine, the real split
 they were trained on, an external test set if the request named one (another registered
 dataset, made local as a training set is), synthetic sets (generated, or given batches), then
-``ml.evaluate``. The typed result (``ml.results.EvaluationResult``, dumped as JSON) is the job's
+``ml.evaluation.evaluate``. The typed result (``ml.schemas.evaluation.EvaluationResult``, dumped as
+JSON) is the job's
 result; each model keeps a summary in its metrics."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from workers.sampling import local_checkpoint
 from workers.training import encoder_spec, read_roots
 
 if TYPE_CHECKING:
-    from ml.data import ImageSet  # imports torch: only for the annotation
+    from ml.data.images import ImageSet  # imports torch: only for the annotation
 
 
 def _stored_batches(session: Any, ids: list[int]) -> list[tuple[str, list[str]]]:
@@ -109,7 +110,7 @@ def _model(session: Session, model_id: int) -> Model:
 
 
 def _codebook(prefix: str, model_id: int, storage: Storage, work_dir: Path) -> Any:
-    from ml.prototypes import Codebook
+    from ml.prototypes.cpl import Codebook
 
     folder = work_dir / "models" / str(model_id) / "codebook"
     for key in storage.list_keys(prefix.rstrip("/") + "/"):
@@ -126,7 +127,7 @@ def _batch_images(
     import torch
     from PIL import Image
 
-    from ml.data import ImageSet
+    from ml.data.images import ImageSet
 
     images, labels = [], []
     for class_name, keys in batches:
@@ -144,10 +145,10 @@ def _batch_images(
 def run_evaluation(
     job_id: int, ctx: JobContext, settings: Settings, storage: Storage
 ) -> dict[str, Any]:
-    from ml.checkpoint import load_model
     from ml.config import resolve_device
-    from ml.encoder import ClipEncoder, EmbeddingCache
-    from ml.evaluate import evaluate
+    from ml.evaluation.evaluate import evaluate
+    from ml.models.checkpoint import load_model
+    from ml.prototypes.encoder import ClipEncoder, EmbeddingCache
 
     progress = ctx.stages({"load": 0.05, "evaluate": 0.95})  # rough shares of the job's time
     progress.update("load", 0, 1)

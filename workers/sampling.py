@@ -1,5 +1,6 @@
 """The sampling job: load the model's checkpoint (cached per machine), generate the batch's
-images, store each PNG (carrying its provenance, :mod:`ml.provenance`) and record it. A re-run
+images, store each PNG (carrying its provenance, :mod:`ml.diffusion.provenance`) and record it. A
+re-run
 replaces a partial batch, so images are never duplicated.
 
 Where the batch's review domain has a plausibility scorer, every image gets its score
@@ -95,10 +96,10 @@ def local_checkpoint(key: str, model_id: int, storage: Storage, work_dir: Path) 
 def run_sampling(
     job_id: int, ctx: JobContext, settings: Settings, storage: Storage
 ) -> dict[str, Any]:
-    from ml.checkpoint import load_model
     from ml.config import SampleConfig, resolve_device
-    from ml.provenance import file_sha256
-    from ml.sample import generate, png_bytes, provenance
+    from ml.diffusion.provenance import file_sha256
+    from ml.diffusion.sample import generate, png_bytes, provenance
+    from ml.models.checkpoint import load_model
 
     progress = ctx.stages(STAGES)
     progress.update("load", 0, 1)

@@ -34,13 +34,15 @@ from workers.lifecycle import JobContext
 from workers.training import encoder_spec
 
 STAGES = {"load": 0.1, "embed": 0.7, "fit": 0.15, "store": 0.05}
-# ml.domain_encoder's JSON_NAME and TENSORS_NAME (named here: this module imports no torch)
+# ml.prototypes.learned_encoder's JSON_NAME and TENSORS_NAME (named here: this module imports no
+# torch)
 ENCODER_FILES = ("encoder.json", "encoder.safetensors")
 
 
 def project_encoder(settings: Settings) -> Any:
-    """The configured CLIP encoder (``ml.encoder.ClipEncoder``), built as the audit job does."""
-    from ml.encoder import ClipEncoder
+    """The configured CLIP encoder (``ml.prototypes.encoder.ClipEncoder``), built as the audit job
+    does."""
+    from ml.prototypes.encoder import ClipEncoder
 
     spec, untrained = encoder_spec(settings)
     return ClipEncoder(spec, allow_untrained=untrained)
@@ -54,7 +56,7 @@ def encoder_prefix(artefact_key: str) -> str:
 def _fetch_encoder(prefix: str, identity: str | None, storage: Storage, settings: Settings) -> Any:
     """The learned encoder stored under ``prefix`` (cached in the work folder by checksum),
     checked to be ``identity`` when one is given."""
-    from ml.domain_encoder import LearnedEncoder
+    from ml.prototypes.learned_encoder import LearnedEncoder
 
     local = settings.work_dir / "encoders" / prefix.replace("/", "_")
     for name in ENCODER_FILES:
@@ -90,7 +92,7 @@ def domain_learned_encoder(session: Session, domain: str, storage: Storage,
 def scorer_features(fitted: Any, artefact_key: str, storage: Storage, settings: Settings) -> Any:
     """The encoder a fitted scorer was trained on: its stored learned encoder, or the worker's
     CLIP encoder when that is the one (ValueError naming both otherwise)."""
-    from ml.domain_encoder import is_learned
+    from ml.prototypes.learned_encoder import is_learned
 
     if is_learned(fitted.encoder):
         return _fetch_encoder(encoder_prefix(artefact_key), fitted.encoder, storage, settings)
@@ -116,7 +118,7 @@ def embed_pngs(
     import torch
     from PIL import Image
 
-    from ml.encoder import EmbeddingCache, embed
+    from ml.prototypes.encoder import EmbeddingCache, embed
 
     arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in pngs]
     out = np.zeros((len(arrays), encoder.dim), dtype=np.float32)

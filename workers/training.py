@@ -33,7 +33,7 @@ STAGES = {"data": 0.02, "embed": 0.2, "prototypes": 0.05, "train": 0.7, "upload"
 
 def encoder_spec(settings: Settings) -> tuple[Any, bool]:
     """The configured CLIP encoder; ``untrained`` builds it with random weights (tests only)."""
-    from ml.encoder import EncoderSpec
+    from ml.prototypes.encoder import EncoderSpec
 
     untrained = settings.encoder_weights == "untrained"
     return EncoderSpec(settings.encoder, None if untrained else settings.encoder_weights), untrained
@@ -44,8 +44,8 @@ def prototype_encoder_spec(settings: Settings) -> tuple[Any, bool]:
     (``prototype_encoder="learned"``, trained on the dataset's training images with the
     prototypes and saved beside the codebook), else the configured CLIP encoder."""
     if settings.prototype_encoder == "learned":
-        from ml.domain_encoder import LEARNED
-        from ml.encoder import EncoderSpec
+        from ml.prototypes.encoder import EncoderSpec
+        from ml.prototypes.learned_encoder import LEARNED
 
         return EncoderSpec(LEARNED, None), False
     return encoder_spec(settings)
@@ -85,9 +85,9 @@ def _load(job_id: int) -> TrainingInputs:
 def _codebook(
     info: TrainingInputs, root: Path, run_dir: Path, settings: Settings, progress: StagedProgress
 ) -> Any:
-    from ml.encoder import EmbeddingCache
     from ml.pipeline import learn_prototypes
-    from ml.prototypes import Codebook, CPLConfig
+    from ml.prototypes.cpl import Codebook, CPLConfig
+    from ml.prototypes.encoder import EmbeddingCache
 
     book_dir = run_dir / "codebook"
     if (book_dir / "codebook.json").is_file():  # a re-run: same selection, same codebook
@@ -114,8 +114,8 @@ def processes(settings: Settings) -> int:
 def _train_single(
     cfg: Any, book: Any, run_dir: Path, progress: StagedProgress, roots: list[Path]
 ) -> Path:
+    from ml.diffusion.train import Progress, TrainingCancelled
     from ml.pipeline import train_model
-    from ml.train import Progress, TrainingCancelled
 
     def on_step(p: Progress) -> None:
         try:
@@ -145,7 +145,7 @@ def _train_ddp(
     roots: list[Path],
 ) -> Path:
     """``torchrun`` over the machine's GPUs; progress from metrics.jsonl, cancel terminates."""
-    from ml.train import steps_for
+    from ml.diffusion.train import steps_for
 
     sets = [f"{k}={json.dumps(v)}" for k, v in cfg.model_dump(mode="json").items()]
     cmd = [
@@ -198,7 +198,7 @@ def run_training(
 ) -> dict[str, Any]:
     """Train the job's model; returns the job result. Its finish makes the model ready."""
     from ml.config import TrainConfig
-    from ml.provenance import file_sha256
+    from ml.diffusion.provenance import file_sha256
 
     progress = ctx.stages(STAGES)
     progress.update("data", 0, 1)

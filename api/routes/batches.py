@@ -23,8 +23,8 @@ from api.deps import (
 )
 from api.responses import audit_out, batch_out, job_out
 from api.schemas import AuditOut, BatchOut, GenerateAccepted, JobOut
-from ml.audit_models import AuditConfig
 from ml.config import DEFAULT_SCHEDULER, DEFAULT_STEPS, SchedulerName
+from ml.schemas.audit import AuditConfig
 from service.audits import AuditStored, AuditUnavailable, latest_audit, start_audit
 from service.db.models import MAX_ID, Batch, Dataset, Job, JobKind, Model, ModelMode, ModelStatus
 from service.encoder import require_encoder_weights

@@ -41,7 +41,7 @@ from api.ui.views import (
     report_rows,
     sweep_charts,
 )
-from ml.results import evaluation_tables, feature_space, test_set_label  # torch-free
+from ml.schemas.evaluation import evaluation_tables, feature_space, test_set_label  # torch-free
 from service.audits import AuditUnavailable, audit_jobs, latest_audit
 from service.db.models import (
     MAX_ID,

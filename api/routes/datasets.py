@@ -2,7 +2,8 @@
 
 Folders must lie under ``Settings.data_roots`` so API clients cannot make the workers read
 arbitrary server paths; uploads are unpacked with the checks of :mod:`service.archive`. Both are
-scanned with :func:`ml.catalog.scan` (torch-free) so a dataset without labelled images is refused
+scanned with :func:`ml.data.catalog.scan` (torch-free) so a dataset without labelled images is
+refused
 at registration, not at training time.
 """
 
@@ -31,7 +32,7 @@ from api.schemas import (
     DatasetRegistered,
     SkippedFile,
 )
-from ml.catalog import IMAGE_SUFFIXES, Catalog, Layout, scan
+from ml.data.catalog import IMAGE_SUFFIXES, Catalog, Layout, scan
 from service.archive import ArchiveError, ArchiveTooLarge, copy_limited, safe_extract
 from service.config import Settings, get_settings
 from service.criteria import known_domains

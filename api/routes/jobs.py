@@ -12,7 +12,7 @@ from sqlalchemy import select
 from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, get_or_404
 from api.responses import job_out
 from api.schemas import EvaluateRequest, JobOut, ModelOut, TrainAccepted, TrainRequest
-from ml.results import DownstreamConfig, EvalConfig  # torch-free
+from ml.schemas.evaluation import DownstreamConfig, EvalConfig  # torch-free
 from service.db.models import (
     MAX_ID,
     Batch,
@@ -120,7 +120,7 @@ def _batches(session: SessionDep, ids: list[int], model: Model, mode: str) -> li
 
 def _test_dataset(session: SessionDep, dataset_id: int, model: Model) -> Dataset:
     """An external test set: another dataset holding every class of the models (by name);
-    its other classes are ignored, as ``ml.evaluate.external_test_set`` does."""
+    its other classes are ignored, as ``ml.evaluation.evaluate.external_test_set`` does."""
     dataset = get_or_404(session, Dataset, dataset_id, hint="; see GET /datasets")
     if dataset.id == model.dataset_id:
         raise HTTPException(

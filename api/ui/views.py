@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 from api.schemas import AuditImageLinks
 from api.ui.charts import BarValue, Chart, ScaleChart, Series, grouped_bar_chart, scale_chart
 from api.ui.templating import percent
-from ml.audit_models import AuditReport, nearest  # torch-free
-from ml.results import DownstreamResult, SetScores, ordered  # torch-free
+from ml.schemas.audit import AuditReport, nearest  # torch-free
+from ml.schemas.evaluation import DownstreamResult, SetScores, ordered  # torch-free
 from service.db.models import Batch, Image, Model
 from service.report_models import ModelColumn, PlausibilityReport, RateEntry
 from service.reports import diff_cells, macro_difference, pct, stratified_cells
@@ -158,7 +158,8 @@ def failure_rows(report: PlausibilityReport) -> list[tuple[str, list[str]]]:
 
 
 # --- the evaluation report -----------------------------------------------------------------------
-# Its tables come from ml.results.evaluation_tables, as the CLI's text and the CSV do; only the
+# Its tables come from ml.schemas.evaluation.evaluation_tables, as the CLI's text and the CSV do;
+# only the
 # chart is the dashboard's own.
 
 SET_COLOURS = {"real": "#334e68", "baseline": PALETTE["baseline"][1],

@@ -158,14 +158,15 @@ class TimestampMixin:
 
 
 class Dataset(TimestampMixin, Base):
-    """A registered image folder (under one of ``Settings.data_roots``), scanned by ``ml.data``."""
+    """A registered image folder (under one of ``Settings.data_roots``), scanned by
+    ``ml.data.images``."""
 
     __tablename__ = "datasets"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     root: Mapped[str] = mapped_column(String(1024))
-    layout: Mapped[str] = mapped_column(String(32))  # folder | ham10000 | matek (ml.catalog)
+    layout: Mapped[str] = mapped_column(String(32))  # folder | ham10000 | matek (ml.data.catalog)
     classes: Mapped[list[str]] = mapped_column(default=list)
     counts: Mapped[dict[str, Any]] = mapped_column(default=dict)  # class name -> image count
     source: Mapped[DatasetSource] = mapped_column(

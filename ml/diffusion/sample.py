@@ -2,7 +2,7 @@
 
 Each image's starting noise comes from its own generator seeded by (seed, class, index), so an
 image does not depend on the batch size or on how many other images were asked for: the same
-seed gives the same pictures. Each PNG carries that record (:mod:`ml.provenance`), and
+seed gives the same pictures. Each PNG carries that record (:mod:`ml.diffusion.provenance`), and
 :func:`regenerate` draws one image again from it.
 """
 
@@ -19,10 +19,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
-from ml.checkpoint import LoadedModel
 from ml.config import SampleConfig, autocast_dtype
-from ml.diffusion import guided_sample, noise_scheduler, sampler, to_uint8
-from ml.provenance import Provenance, file_sha256, png_with_provenance
+from ml.diffusion.process import guided_sample, noise_scheduler, sampler, to_uint8
+from ml.diffusion.provenance import Provenance, file_sha256, png_with_provenance
+from ml.models.checkpoint import LoadedModel
 
 MANIFEST_FIELDS = (
     "file",
@@ -122,7 +122,7 @@ def regenerate(checkpoint: Path | str, p: Provenance, device: str = "cpu") -> to
     Loads the checkpoint with the record's EMA switch and refuses another checkpoint than the
     record's (by sha256), since its pixels would differ.
     """
-    from ml.checkpoint import load_model
+    from ml.models.checkpoint import load_model
 
     loaded = load_model(checkpoint, use_ema=p.use_ema, device=device)
     digest = file_sha256(loaded.path)

@@ -12,7 +12,7 @@ toy domain the rule-based checker's plausibility is added.
 With an external test set (another site or scanner; :func:`external_test_set`) every score is
 measured on it instead: the classifiers are tested on it, and the CLIP-space metrics compare
 each set with it, the real training images giving the floor. The result
-(:class:`ml.results.EvaluationResult`) records which test set it was.
+(:class:`ml.schemas.evaluation.EvaluationResult`) records which test set it was.
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ml.checkpoint import LoadedModel
 from ml.config import SampleConfig
-from ml.data import DataError, DatasetSplit, ImageSet, load_selection, load_split, nfc, scan
-from ml.domain_encoder import refuse_same_space
-from ml.downstream import downstream_experiment
-from ml.encoder import EmbeddingCache, ImageEncoder, embed
-from ml.metrics import distribution_report
-from ml.prototypes import Codebook
-from ml.results import (
+from ml.data.images import DataError, DatasetSplit, ImageSet, load_selection, load_split, nfc, scan
+from ml.diffusion.sample import generate
+from ml.evaluation.distribution import distribution_report
+from ml.evaluation.downstream import downstream_experiment
+from ml.models.checkpoint import LoadedModel
+from ml.prototypes.cpl import Codebook
+from ml.prototypes.encoder import EmbeddingCache, ImageEncoder, embed
+from ml.prototypes.learned_encoder import refuse_same_space
+from ml.schemas.evaluation import (
     DistributionReport,
     DownstreamResult,
     EvalConfig,
@@ -43,7 +44,6 @@ from ml.results import (
     evaluation_tables,
     tables_text,
 )
-from ml.sample import generate
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]  # (stage, fraction of the whole evaluation)
@@ -57,7 +57,7 @@ def real_split(
 ) -> DatasetSplit:
     """The split both models were trained on, at their image size, with its held-out part
     (``root``: where the dataset is on this machine, if not where it was at training;
-    ``roots``: the folders its files must resolve inside, as for :func:`ml.data.load_split`;
+    ``roots``: the folders its files must resolve inside, as for :func:`ml.data.images.load_split`;
     ``need_heldout``: False when an external test set replaces the held-out part)."""
     selections = {name: m.cond.extra.get("selection") for name, m in models.items()}
     if any(not s for s in selections.values()):
@@ -101,13 +101,14 @@ def external_test_set(
     name: str | None = None,
 ) -> tuple[ImageSet, TestSetInfo]:
     """Every image of the models' classes in a folder the models never saw (class folders,
-    manifest.csv, MATEK or HAM10000 layouts, as ``ml.data`` reads them), matched by class name.
+    manifest.csv, MATEK or HAM10000 layouts, as ``ml.data.images`` reads them), matched by class
+    name.
 
     Every model class must have images there: a classifier cannot be scored on a class it is
     never shown, and scores over fewer classes are not the same measure. Extra classes of the
     folder are ignored (a lab's external set often has more classes than were trained) and
-    listed in ``ignored_classes``. ``roots``: as for :func:`ml.data.load_split`. Names are
-    matched in NFC, as :func:`ml.catalog.scan` registers them."""
+    listed in ``ignored_classes``. ``roots``: as for :func:`ml.data.images.load_split`. Names are
+    matched in NFC, as :func:`ml.data.catalog.scan` registers them."""
     classes = [nfc(c) for c in classes]
     cat = scan(Path(path), "auto", roots)
     present = {c for c, files in cat.items.items() if files}
@@ -166,7 +167,7 @@ def synthetic_set(
 
 
 def _hashes(images: torch.Tensor) -> list[str]:
-    from ml.data import pixel_hash
+    from ml.data.images import pixel_hash
 
     return [pixel_hash(img) for img in images]
 
@@ -176,7 +177,7 @@ def _embed(encoder: ImageEncoder, data: ImageSet, cache: EmbeddingCache | None) 
 
 
 def _toy_plausibility(data: ImageSet) -> dict[str, float] | None:
-    from ml.toy import SPECS, plausibility
+    from ml.data.toy import SPECS, plausibility
 
     if not set(data.classes) <= set(SPECS):
         return None

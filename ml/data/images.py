@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-# The torch-free catalog lives in ml.catalog (the API imports it); re-exported here.
-from ml.catalog import (
+from ml.config import MAX_PER_CLASS
+
+# The torch-free catalog lives in ml.data.catalog (the API imports it); re-exported here.
+from ml.data.catalog import (
     HAM_CSV,
     HAM_NAMES,
     IMAGE_SUFFIXES,
@@ -38,7 +40,6 @@ from ml.catalog import (
     scan,
     too_many_pixels,
 )
-from ml.config import MAX_PER_CLASS
 
 __all__ = [
     "HAM_CSV",
@@ -242,7 +243,7 @@ def load_split(
 
     ``roots``: folders every file read must resolve inside, symbolic links included (default:
     ``root`` itself); the service passes its data roots, so a folder changed after registration
-    to link elsewhere fails here with :class:`OutsideRootsError` (see :func:`ml.catalog.scan`).
+    to link elsewhere fails here with :class:`OutsideRootsError` (see :func:`ml.data.catalog.scan`).
 
     Per class, groups (single images unless the layout has lesions) are shuffled with a
     seeded per-class RNG and assigned in that order, held-out first. A group that only

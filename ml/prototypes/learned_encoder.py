@@ -19,7 +19,8 @@ early stopping on the held-out part instead (the report then says its accuracy p
 
 The result is an artifact beside the codebook (``encoder.safetensors`` + ``encoder.json``: the
 architecture, the training data's hashes, seed and budget) loaded through the same interface as
-:class:`ml.encoder.ClipEncoder` (``identity``, ``dim``, ``image_size``, ``encode``), with the
+:class:`ml.prototypes.encoder.ClipEncoder` (``identity``, ``dim``, ``image_size``, ``encode``),
+with the
 identity ``learned:<sha256 of the safetensors file>``, which keys its cached embeddings.
 """
 
@@ -37,8 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from torch import nn
 
-from ml.encoder import encode_in_batches
-from ml.prototypes import (
+from ml.prototypes.cpl import (
     CPLConfig,
     artifact_files,
     check_labels,
@@ -49,6 +49,7 @@ from ml.prototypes import (
     sq_dists,
     write_artifact,
 )
+from ml.prototypes.encoder import encode_in_batches
 
 LEARNED = "learned"  # the encoder name that selects this encoder (CLI --encoder, settings)
 IDENTITY_PREFIX = "learned:"
@@ -155,7 +156,8 @@ class TrainedEncoder:
 
 
 class LearnedEncoder:
-    """A trained :class:`ConvNet4` behind :class:`ml.encoder.ClipEncoder`'s interface: uint8
+    """A trained :class:`ConvNet4` behind :class:`ml.prototypes.encoder.ClipEncoder`'s interface:
+    uint8
     (N,3,S,S) images in, L2-normalised float32 (N, dim) embeddings out, on the CPU."""
 
     def __init__(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from ml.config import SchedulerName, TrainConfig
-from ml.unet import NULL_LABEL
+from ml.models.unet import NULL_LABEL
 
 Sampler = DDIMScheduler | DPMSolverMultistepScheduler
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ml.config import bf16_supported
-from ml.weights import TINY_MODEL, UNTRAINED, find_weights
+from ml.prototypes.weights import TINY_MODEL, UNTRAINED, find_weights
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ class _Resolved:
 
 
 def _resolve_weights(spec: EncoderSpec) -> _Resolved:
-    """Find the weights on this machine (:func:`ml.weights.find_weights`: a file, or a tag's
+    """Find the weights on this machine (:func:`ml.prototypes.weights.find_weights`: a file, or a
+    tag's
     file already in the hub cache); raises a one-line ValueError naming --untrained and
     --pretrained PATH when they are not here, instead of letting open_clip try the network."""
     found = find_weights(spec.model_name, spec.pretrained)
@@ -259,7 +260,8 @@ def encode_in_batches(
 
 class ImageEncoder(Protocol):
     """What every step that embeds images needs: :class:`ClipEncoder`, or the learned domain
-    encoder (:class:`ml.domain_encoder.LearnedEncoder`). ``identity`` keys cached embeddings."""
+    encoder (:class:`ml.prototypes.learned_encoder.LearnedEncoder`). ``identity`` keys cached
+    embeddings."""
 
     @property
     def identity(self) -> str: ...
@@ -288,7 +290,7 @@ def build_encoder(
     """The encoder a step measures images with: ``model_name="learned"`` loads a learned domain
     encoder from the folder ``pretrained`` (one saved beside a codebook, e.g. learned on a split
     disjoint from the models'), anything else is an open_clip :class:`ClipEncoder`."""
-    from ml.domain_encoder import LEARNED, LearnedEncoder
+    from ml.prototypes.learned_encoder import LEARNED, LearnedEncoder
 
     if model_name != LEARNED:
         spec = EncoderSpec(model_name, pretrained)
@@ -303,7 +305,7 @@ def build_encoder(
 
 def check_encoder(model_name: str, pretrained: str | None) -> None:
     """Fail at once, before anything heavy loads, when :func:`build_encoder` cannot build it."""
-    from ml.domain_encoder import LEARNED
+    from ml.prototypes.learned_encoder import LEARNED
 
     if model_name == LEARNED:
         build_encoder(model_name, pretrained)  # a small file: loading it is the check

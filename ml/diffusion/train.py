@@ -26,13 +26,13 @@ from diffusers.optimization import get_scheduler
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ml.checkpoint import Conditioning, build_model, read_checkpoint, save_checkpoint
 from ml.config import TrainConfig, autocast_dtype, resolve_device
-from ml.diffusion import diffusion_loss, from_uint8, noise_scheduler
+from ml.diffusion.process import diffusion_loss, from_uint8, noise_scheduler
+from ml.models.checkpoint import Conditioning, build_model, read_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
-    from ml.data import ImageSet
-    from ml.prototypes import Codebook
+    from ml.data.images import ImageSet
+    from ml.prototypes.cpl import Codebook
 
 log = logging.getLogger(__name__)
 

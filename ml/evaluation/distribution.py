@@ -1,7 +1,8 @@
 """Distribution metrics for generated images, computed in the user's CLIP embedding space.
 
 Inception-based FID would download weights and measure ImageNet features; here the images are
-embedded with the same CLIP encoder the prototypes live in (ml.encoder), so nothing is fetched
+embedded with the same CLIP encoder the prototypes live in (ml.prototypes.encoder), so nothing is
+fetched
 and the metrics speak about the space the model was conditioned on. All functions take float
 embeddings (N, D) as numpy arrays (torch tensors are accepted and converted).
 """
@@ -17,7 +18,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ml.prototypes import Codebook
+from ml.prototypes.cpl import Codebook
 
 log = logging.getLogger(__name__)
 

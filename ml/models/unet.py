@@ -26,7 +26,7 @@ embedding, so the conditional and unconditional passes can share one batch.
 This file is only the model. Where a layer is computed faster than written (SiLU and residual
 adds in place while sampling, FiLM folded into GroupNorm's affine, the CPU dropout mask, the
 upsampling as one transposed conv, attention through ``F.scaled_dot_product_attention``), it
-calls a kernel in ``ml.ops`` whose docstring states the plain formula it equals;
+calls a kernel in ``ml.models.ops`` whose docstring states the plain formula it equals;
 ``tests/test_fast_paths.py`` holds each to that formula.
 """
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ml import ops
+from ml.models import ops
 
 NULL_LABEL = -1
 

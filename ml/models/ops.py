@@ -1,6 +1,7 @@
-"""Fast kernels for the UNet (ml.unet), each the same function as a plain formula.
+"""Fast kernels for the UNet (ml.models.unet), each the same function as a plain formula.
 
-``ml/unet.py`` states the model; this module computes some of its layers faster. Every function
+``ml/models/unet.py`` states the model; this module computes some of its layers faster. Every
+function
 here names, in its docstring, the plain formula it equals (its spec) and why it is faster, and
 ``tests/test_fast_paths.py`` holds it to that formula: outputs and gradients, NCHW and
 channels-last (NHWC) inputs, with and without autograd. The timings quoted are in

@@ -3,7 +3,7 @@ synthetic or prototype-guided synthetic), test it on held-out real images, over 
 
 This is the seed paper's utility experiment (ResNeXt-50, macro precision / recall / F1 as
 mean ± std, Tables 5-6). ImageNet weights are never downloaded: pass a local state-dict file.
-Images are uint8 (N, 3, H, W) like ml.data.ImageSet; the trained model carries its own resize
+Images are uint8 (N, 3, H, W) like ml.data.images.ImageSet; the trained model carries its own resize
 and ImageNet normalisation, so training and evaluation cannot disagree on preprocessing.
 """
 
@@ -21,10 +21,10 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from tqdm.auto import tqdm
 
-from ml.chance import chance_levels
 from ml.config import resolve_device
-from ml.data import ImageSet
-from ml.results import DownstreamConfig  # torch-free: the service reads it back
+from ml.data.images import ImageSet
+from ml.evaluation.chance import chance_levels
+from ml.schemas.evaluation import DownstreamConfig  # torch-free: the service reads it back
 
 ImagesLabels = tuple[torch.Tensor, torch.Tensor]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -323,7 +323,7 @@ def downstream_experiment(
 
     Returns {"classes", "seeds", "n_test", "config", "sets": {name: {"n_train", "runs",
     "mean", "std", "per_class_f1"}}, "chance"}; each run holds :func:`evaluate_classifier`'s
-    scores, ``chance`` what learning nothing scores on the same images (``ml.chance``).
+    scores, ``chance`` what learning nothing scores on the same images (``ml.evaluation.chance``).
     Everything is checked before any training, so a bad set fails in seconds, not hours.
     """
     if not seeds:

@@ -10,7 +10,8 @@ in the PNG's ``iTXt`` chunk under the keyword ``XML:com.adobe.xmp`` (the XMP spe
 * ``protomed:*`` fields: the checkpoint's sha256 and training step, the class, the run seed and
   the image's index among ``n``, the sampler, its steps, guidance and eta, the EMA switch and the
   precision. With the same checkpoint these regenerate the image exactly
-  (:func:`ml.sample.regenerate`): each image's noise is seeded by (seed, class, index), so its
+  (:func:`ml.diffusion.sample.regenerate`): each image's noise is seeded by (seed, class, index),
+  so its
   batch does not matter.
 
 Review copies for experts are re-encoded without any metadata chunk (``service.blinding``), so

@@ -115,7 +115,8 @@ class PrototypeReport:
     majority_acc: float | None = None
     logreg_acc: float | None = None
     intra_inter_ratio: float | None = None
-    # The learned domain encoder (ml.domain_encoder) only: the same network at its seeded
+    # The learned domain encoder (ml.prototypes.learned_encoder) only: the same network at its
+    # seeded
     # initialisation (prototypes fitted on its fixed features), the training it got, and which
     # images chose its stopping epoch (so a reader knows the held-out numbers' footing).
     encoder_kind: str = "clip"
@@ -362,7 +363,7 @@ def finish_codebook(
     """A codebook from learned prototypes (C, K, D): each prototype's share of its class's
     training images, the images' assignments and the held-out report. Shared by the fit on fixed
     embeddings above and the learned domain encoder, whose prototypes were trained jointly with
-    its network (:mod:`ml.domain_encoder`)."""
+    its network (:mod:`ml.prototypes.learned_encoder`)."""
     x = train_emb.detach().float().cpu()
     y = torch.as_tensor(train_labels, dtype=torch.long).cpu()
     n_cls, k = prototypes.shape[:2]

@@ -1,7 +1,7 @@
 """Dataset catalog: find labelled images in three on-disk layouts without decoding them.
 
 Torch-free, so the API can validate a dataset folder without loading the ML stack (PIL is
-imported only to read image headers); :mod:`ml.data` re-exports everything here and adds
+imported only to read image headers); :mod:`ml.data.images` re-exports everything here and adds
 decoding and balanced splits.
 """
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-# Logged under "ml.data", the name users already configure (this module was split out of it).
-log = logging.getLogger("ml.data")
+# Under "ml.data", beside the loader: configuring the "ml.data" logger covers both.
+log = logging.getLogger(__name__)
 
 Layout = Literal["auto", "folder", "ham10000", "matek"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
@@ -122,7 +122,7 @@ def too_many_pixels(size: tuple[int, int], limit: int) -> str | None:
 
 def bomb_refusal(exc: Exception, limit: int) -> str:
     """Why an image PIL itself refused to open as a decompression bomb is refused (PIL refuses
-    above twice its ``MAX_IMAGE_PIXELS``, which :mod:`ml.data` sets to ``limit``)."""
+    above twice its ``MAX_IMAGE_PIXELS``, which :mod:`ml.data.images` sets to ``limit``)."""
     return f"too large: {exc} (limit {limit} pixels, {PIXELS_ENV}); it is not decoded"
 
 

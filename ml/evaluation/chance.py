@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ml.results import ChanceLevel, ChanceLevels
+from ml.schemas.evaluation import ChanceLevel, ChanceLevels
 
 DRAWS = 2000  # simulated guessers: the 95% range's ends move by < 0.5 points between seeds
 

@@ -21,10 +21,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-#: Untrained, tests-only architecture registered by :mod:`ml.encoder` (not an open_clip config).
+#: Untrained, tests-only architecture registered by :mod:`ml.prototypes.encoder` (not an open_clip
+# config).
 TINY_MODEL = "protomed-tiny-vit"
 UNTRAINED_WORDS = ("untrained", "none", "random")
-# The weights' part of an untrained open_clip encoder's identity (``ml.encoder``): torch-free
+# The weights' part of an untrained open_clip encoder's identity (``ml.prototypes.encoder``):
+# torch-free
 # here so that results read by the API can say their feature space is random.
 UNTRAINED = "untrained-seed0"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -82,7 +84,8 @@ def _open_clip_dir() -> Path:
 
 def known_models() -> list[str]:
     """open_clip's architecture names (its model_configs/*.json) plus the tests' tiny model,
-    which :mod:`ml.encoder` registers with open_clip when it is imported (so it may be missing
+    which :mod:`ml.prototypes.encoder` registers with open_clip when it is imported (so it may be
+    missing
     from an open_clip imported without it)."""
     if "open_clip" in sys.modules:
         names = set(sys.modules["open_clip"].list_models())

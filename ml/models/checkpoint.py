@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ml.config import TrainConfig
-from ml.unet import UNet
+from ml.models.unet import UNet
 
 FORMAT_VERSION = 1
 

@@ -3,7 +3,7 @@
 Torch-free on purpose: the worker writes an :class:`EvaluationResult` into the job's row, and the
 API and the dashboard (which must not load torch) read it back with the same model; the CLI, the
 CSV endpoint and the dashboard all lay it out with :func:`evaluation_tables`, so the three show
-the same cells. ``ml.evaluate`` and ``ml.downstream`` re-export the configs.
+the same cells. ``ml.evaluation.evaluate`` and ``ml.evaluation.downstream`` re-export the configs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ml.config import MAX_PER_CLASS, MAX_SEED, Backbone, SchedulerName
-from ml.weights import UNTRAINED
+from ml.prototypes.weights import UNTRAINED
 
 # --- what is asked ------------------------------------------------------------------------------
 
@@ -84,7 +84,8 @@ class ClassScores(BaseModel):
 
 
 class DownstreamRun(Scores):
-    """One classifier (one training set, one seed) on the test set (ml.downstream's scores)."""
+    """One classifier (one training set, one seed) on the test set (ml.evaluation.downstream's
+    scores)."""
 
     seed: int
     per_class: dict[str, ClassScores]
@@ -114,7 +115,7 @@ class ChanceLevel(BaseModel):
 
 
 class ChanceLevels(BaseModel):
-    """The levels every macro F1 on this test set is read against (``ml.chance``)."""
+    """The levels every macro F1 on this test set is read against (``ml.evaluation.chance``)."""
 
     uniform: ChanceLevel = Field(description="each image given a uniformly random class")
     majority: ChanceLevel = Field(description="every image given the most frequent class")
@@ -177,10 +178,13 @@ class TestSetInfo(BaseModel):
 
 
 class EvaluationResult(BaseModel):
-    """What :func:`ml.evaluate.evaluate` returns and an evaluate job stores as its result."""
+    """What :func:`ml.evaluation.evaluate.evaluate` returns and an evaluate job stores as its
+    result."""
 
     classes: list[str]
-    selection: dict[str, Any] = Field(description="the models' split (ml.data.load_selection)")
+    selection: dict[str, Any] = Field(
+        description="the models' split (ml.data.images.load_selection)"
+    )
     n_train: dict[str, int]
     n_heldout: dict[str, int]
     test_set: TestSetInfo | None = Field(

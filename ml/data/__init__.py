@@ -1,0 +1,2 @@
+"""Labelled images on disk: the catalog (torch-free), balanced splits and loading, the toy
+domain."""

@@ -1,0 +1,2 @@
+"""Evaluation without experts: downstream utility, distribution metrics, chance levels and the
+confidence intervals (torch-free) the reports share."""

@@ -1,0 +1,1 @@
+"""The network: the class-conditional UNet, its fast kernels, and its checkpoints on disk."""

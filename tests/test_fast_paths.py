@@ -62,24 +62,26 @@ def _reference_unet(model: UNet, x: torch.Tensor, t: torch.Tensor, y: torch.Tens
     emb = model.condition(t, y)
     h = model.conv_in(x)
     skips = [h]
-    for i, layer in enumerate(model.down):
-        h = _reference_block(layer, h, emb) if isinstance(layer, ResBlock) else layer(h)
-        if str(i) in model.down_attn:
-            h = _reference_attention(model.down_attn[str(i)], h)
-        skips.append(h)
+    for level in model.down:
+        for block, attn in zip(level.res, level.attn, strict=True):
+            h = _reference_block(block, h, emb)
+            if isinstance(attn, AttnBlock):
+                h = _reference_attention(attn, h)
+            skips.append(h)
+        if level.resample is not None:
+            h = level.resample(h)
+            skips.append(h)
     h = _reference_block(model.mid[0], h, emb)
-    if model.mid_attn is not None:
+    if isinstance(model.mid_attn, AttnBlock):
         h = _reference_attention(model.mid_attn, h)
     h = _reference_block(model.mid[1], h, emb)
-    for i, layer in enumerate(model.up):
-        if isinstance(layer, ResBlock):
-            h = _reference_block(layer, torch.cat([h, skips.pop()], dim=1), emb)
-        elif isinstance(layer, Upsample):
-            h = _reference_upsample(layer, h)
-        else:
-            h = layer(h)
-        if str(i) in model.up_attn:
-            h = _reference_attention(model.up_attn[str(i)], h)
+    for level in model.up:
+        for block, attn in zip(level.res, level.attn, strict=True):
+            h = _reference_block(block, torch.cat([h, skips.pop()], dim=1), emb)
+            if isinstance(attn, AttnBlock):
+                h = _reference_attention(attn, h)
+        if level.resample is not None:
+            h = _reference_upsample(level.resample, h)
     return model.conv_out(F.silu(model.norm_out(h)))
 
 

@@ -209,7 +209,7 @@ def test_a_config_stored_before_the_new_fields_loads_as_it_was() -> None:
     with torch.device("meta"):
         model = build_model(cfg, Conditioning(list("abc"), "baseline"))
     assert not any(isinstance(m, AttnBlock) for m in model.modules())
-    assert _layout(model) == (274, "d1d0504eab13209e")  # test_model's pre-attention layout
+    assert _layout(model) == (274, "c5dcf0db50ba08fa")  # test_model's paper-legacy layout
     # stored fields always win over the fill-in
     assert TrainConfig.from_stored({**OLD_PAPER_ARGS, "lr_schedule": "cosine"}).lr_schedule == (
         "cosine"

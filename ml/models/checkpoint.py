@@ -8,6 +8,11 @@ Checkpoints travel through shared storage, so they are read with ``torch.load(we
 tensors and plain data (dicts, lists, str, numbers) only. Unpickling anything else could run code
 chosen by whoever wrote the file; such a file is refused. What is saved is kept to those types
 (``args`` is the config as JSON, ``cond`` plain lists and dicts).
+
+``format`` names the layout of the UNet's parameter names. :func:`read_checkpoint` hands every
+checkpoint on in today's layout (:data:`FORMAT_VERSION`): a file in the flat layout (format 1,
+see :func:`remap_legacy_keys`) has its ``model``, ``ema`` and optimiser state renamed as it is
+read, so nothing past this module knows that layout.
 """
 
 from __future__ import annotations
@@ -16,16 +21,19 @@ import json
 import os
 import pickle
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from ml.config import TrainConfig
 from ml.models.unet import UNet
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # UNet's per-level names: down.{level}.res.{j}, .attn.{j}, .resample
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -123,6 +131,112 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+# --- Format 1: the flat layout ------------------------------------------------------------------
+#
+# Format 1 names the encoder and decoder as flat lists in forward order: ``down.{i}`` and
+# ``up.{i}`` hold residual blocks and resamplings alike, and an attention block sits in
+# ``down_attn.{i}`` / ``up_attn.{i}``, keyed by the index of the residual block it follows. Every
+# other name (class table, conditioning MLP, conv_in, mid, mid_attn, norm_out, conv_out) is the
+# same in both formats.
+
+_FLAT = re.compile(r"(down|up)(_attn)?\.(\d+)\.(.+)")
+# UNet's top-level modules in the order it registers them (its state_dict's and parameters' order)
+_TOP = ("null_embed", "class_embed", "cond_mlp", "conv_in", "down", "mid", "mid_attn", "up",
+        "norm_out", "conv_out")  # fmt: skip
+_KINDS = ("res", "attn", "resample")  # a Level's order
+
+
+def is_legacy_layout(state: Mapping[str, Any]) -> bool:
+    """Whether a state dict is in the flat layout (format 1): its first encoder entry is a
+    residual block, ``down.0.conv1``, where today's layout has ``down.0.res.0.conv1``."""
+    return "down.0.conv1.weight" in state
+
+
+def _legacy_names(keys: list[str]) -> dict[str, str]:
+    """Format-1 name -> today's name, in the order ``UNet.state_dict()`` lists today's names."""
+    known = set(keys)
+    place: dict[tuple[str, int], tuple[int, str, int]] = {}
+    for part in ("down", "up"):
+        found = {int(m[3]) for k in keys if (m := _FLAT.fullmatch(k)) and m[1] == part and not m[2]}
+        level = j = 0
+        for i in sorted(found):
+            if f"{part}.{i}.conv1.weight" in known:
+                place[part, i] = (level, "res", j)
+                j += 1
+            else:  # a resampling ends the level
+                place[part, i] = (level, "resample", 0)
+                level, j = level + 1, 0
+
+    renamed: list[tuple[tuple[int, int, int, int], str, str]] = []
+    for key in keys:
+        m = _FLAT.fullmatch(key)
+        if m is None:
+            top = key.split(".", 1)[0]
+            order = (_TOP.index(top) if top in _TOP else len(_TOP), 0, 0, 0)
+            renamed.append((order, key, key))
+            continue
+        part, attn, i, rest = m[1], m[2], int(m[3]), m[4]
+        level, kind, j = place.get((part, i), (0, "", 0))
+        if attn:
+            if kind != "res":
+                raise ValueError(f"{key} does not follow a residual block {part}.{i}")
+            kind = "attn"
+        name = f"{part}.{level}.{kind}." + (rest if kind == "resample" else f"{j}.{rest}")
+        renamed.append(((_TOP.index(part), level, _KINDS.index(kind), j), key, name))
+    renamed.sort(key=lambda r: r[0])  # stable: a module's own parameters keep their order
+    return {old: new for _, old, new in renamed}
+
+
+def remap_legacy_keys(state: Mapping[str, T]) -> dict[str, T]:
+    """A format-1 state dict under today's names, in the order ``UNet.state_dict()`` lists them;
+    the values are the same objects. The flat lists split into levels where a resampling (an
+    entry without ``conv1``) ends one:
+
+        down.{i}.X       -> down.{level}.res.{j}.X   (residual block j of its level)
+        down.{i}.X       -> down.{level}.resample.X  (the level's downsampling)
+        down_attn.{i}.X  -> down.{level}.attn.{j}.X  (the attention after down.{i})
+
+    and the same for ``up``/``up_attn``. A state dict already in today's layout comes back as it
+    is."""
+    if not is_legacy_layout(state):
+        return dict(state)
+    return {new: state[old] for old, new in _legacy_names(list(state)).items()}
+
+
+def _remap_optimizer(opt: dict[str, Any], old: list[str], names: dict[str, str]) -> dict[str, Any]:
+    """The optimiser state of a model whose parameters ``old`` (in the model's order) were
+    renamed and reordered: ``names`` maps each old name to its new one, listed in the new order.
+    The state is keyed by a parameter's index among the trainable ones in the model's order;
+    only the prototype table is ever frozen, so the count of indices tells whether it is one."""
+    count = sum(len(g["params"]) for g in opt["param_groups"])
+    if count not in (len(old), len(old) - 1):
+        raise ValueError(f"the optimiser state holds {count} parameters, the model {len(old)}")
+    frozen = {"class_embed.weight"} if count == len(old) - 1 else set()
+    index = {n: i for i, n in enumerate(n for n in names.values() if n not in frozen)}
+    moved = {i: index[names[n]] for i, n in enumerate(n for n in old if n not in frozen)}
+    return {
+        **opt,
+        "state": {moved[int(i)]: s for i, s in opt["state"].items()},
+        "param_groups": [
+            {**g, "params": sorted(moved[int(i)] for i in g["params"])} for g in opt["param_groups"]
+        ],
+    }
+
+
+def upgrade_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint in today's layout: a format-1 one's weights, EMA weights and optimiser state
+    under today's names and order (:func:`remap_legacy_keys`); others as they are."""
+    if not is_legacy_layout(ckpt["model"]):
+        return ckpt
+    out = {**ckpt, "model": remap_legacy_keys(ckpt["model"]), "format": FORMAT_VERSION}
+    if ckpt.get("ema") is not None:
+        out["ema"] = remap_legacy_keys(ckpt["ema"])
+    if ckpt.get("opt") is not None:
+        old = list(ckpt["model"])
+        out["opt"] = _remap_optimizer(ckpt["opt"], old, _legacy_names(old))
+    return out
+
+
 def read_checkpoint(path: Path | str) -> dict[str, Any]:
     """Load a checkpoint dict on the CPU, with a clear error for a missing or foreign file."""
     path = Path(path)
@@ -147,7 +261,7 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
         raise ValueError(f"{path} is not a readable protomed checkpoint ({exc})") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise ValueError(f"{path} is not a protomed checkpoint (missing model/args)")
-    return ckpt
+    return upgrade_checkpoint(ckpt)
 
 
 @dataclass

@@ -7,7 +7,9 @@ then a nearest-neighbour upsample, norm/SiLU/conv out. Self-attention as the see
 [3] (ProtoDiffusion's ``unet.py``) places it: an :class:`AttnBlock` after every residual block of
 each level whose feature-map size is in ``attention_resolutions``, and between the two middle
 blocks when the smallest size is listed (the ``paper`` preset lists every size; ``()`` gives
-the attention-free model of ``paper-legacy``, with the same parameter names as before).
+the attention-free model of ``paper-legacy``). The encoder and decoder are lists of
+:class:`Level`: per resolution its residual blocks, the attention after each (``nn.Identity``
+where the level has none) and the resampling to the next level.
 
 Conditioning: the sinusoidal time embedding is **concatenated** with the class embedding, and an
 MLP turns that into one vector that every residual block applies as a FiLM scale/shift.
@@ -137,6 +139,21 @@ class Upsample(nn.Module):
         return ops.upsample_conv(x, self.conv, self.kernels)
 
 
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: residual blocks ``res``, each followed by its
+    ``attn`` (an :class:`AttnBlock`, or ``nn.Identity`` at a size without attention), then
+    ``resample`` to the next level's resolution (``None`` for the last level of each: the
+    encoder's smallest size and the decoder's full size)."""
+
+    def __init__(
+        self, res: list[ResBlock], attn: list[nn.Module], resample: nn.Module | None
+    ) -> None:
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn)
+        self.resample = resample
+
+
 # --- The model -----------------------------------------------------------------------------------
 
 
@@ -193,41 +210,42 @@ class UNet(nn.Module):
         def block(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout=dropout, groups=norm_groups)
 
-        def attn(ch: int) -> AttnBlock:
+        attend = [image_size // 2**level in attention_resolutions for level in range(len(chans))]
+
+        def attn(level: int, ch: int) -> nn.Module:
+            if not attend[level]:
+                return nn.Identity()
             return AttnBlock(ch, heads=attention_heads, groups=norm_groups)
 
-        attend = [image_size // 2**level in attention_resolutions for level in range(len(chans))]
-        # A block's index in these lists stays what it was without attention (attention blocks
-        # live in ModuleDicts keyed by that index), so an attention-free model's parameter names
-        # are those of checkpoints written before attention existed.
+        # The order modules are built in fixes the initial weights a seed draws: each block's
+        # attention (or Identity) just before the block, the resampling after a level's blocks.
         self.down = nn.ModuleList()
-        self.down_attn = nn.ModuleDict()
         skip_chans = [chans[0]]
         ch = chans[0]
         for level, cout in enumerate(chans):
+            res: list[ResBlock] = []
+            attns: list[nn.Module] = []
             for _ in range(num_res_blocks):
-                if attend[level]:
-                    self.down_attn[str(len(self.down))] = attn(cout)
-                self.down.append(block(ch, cout))
+                attns.append(attn(level, cout))
+                res.append(block(ch, cout))
                 ch = cout
                 skip_chans.append(ch)
-            if level < len(chans) - 1:
-                self.down.append(Downsample(ch))
+            last = level == len(chans) - 1
+            if not last:
                 skip_chans.append(ch)
+            self.down.append(Level(res, attns, None if last else Downsample(ch)))
 
         self.mid = nn.ModuleList([block(ch, ch), block(ch, ch)])
-        self.mid_attn = attn(ch) if attend[-1] else None
+        self.mid_attn = attn(len(chans) - 1, ch)
 
         self.up = nn.ModuleList()
-        self.up_attn = nn.ModuleDict()
         for level, cout in reversed(list(enumerate(chans))):
+            res, attns = [], []
             for _ in range(num_res_blocks + 1):
-                if attend[level]:
-                    self.up_attn[str(len(self.up))] = attn(cout)
-                self.up.append(block(ch + skip_chans.pop(), cout))
+                attns.append(attn(level, cout))
+                res.append(block(ch + skip_chans.pop(), cout))
                 ch = cout
-            if level > 0:
-                self.up.append(Upsample(ch))
+            self.up.append(Level(res, attns, Upsample(ch) if level > 0 else None))
 
         self.norm_out = nn.GroupNorm(norm_groups, ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
@@ -253,22 +271,19 @@ class UNet(nn.Module):
         emb = self.condition(t, labels)
         h = self.conv_in(x)
         skips = [h]
-        for i, layer in enumerate(self.down):
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-            if str(i) in self.down_attn:
-                h = self.down_attn[str(i)](h)
-            skips.append(h)
-        h = self.mid[0](h, emb)
-        if self.mid_attn is not None:
-            h = self.mid_attn(h)
-        h = self.mid[1](h, emb)
-        for i, layer in enumerate(self.up):
-            if isinstance(layer, ResBlock):
-                h = layer(torch.cat([h, skips.pop()], dim=1), emb)
-            else:
-                h = layer(h)
-            if str(i) in self.up_attn:
-                h = self.up_attn[str(i)](h)
+        for level in self.down:
+            for res, attn in zip(level.res, level.attn, strict=True):
+                h = attn(res(h, emb))
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+        h = self.mid[1](self.mid_attn(self.mid[0](h, emb)), emb)
+        for level in self.up:
+            for res, attn in zip(level.res, level.attn, strict=True):
+                h = attn(res(torch.cat([h, skips.pop()], dim=1), emb))
+            if level.resample is not None:
+                h = level.resample(h)
         return self.conv_out(ops.silu(self.norm_out(h)))
 
 

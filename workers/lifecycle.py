@@ -17,8 +17,9 @@ necessarily the one the message names. So a job re-queued after an interruption 
 runs before every job submitted after it, whatever order the broker delivers messages in; each
 re-queue publishes one more token, so there is always a message for every queued job.
 
-A worker that is shutting down (:data:`SHUTTING_DOWN`, set from Celery's
-``worker_shutting_down`` signal) claims nothing, and its running job stops at its next progress
+A worker that is shutting down (:data:`SHUTTING_DOWN`, set by Celery's ``worker_shutting_down``
+signal, and in prefork children by the SIGUSR2 the main process passes on: ``workers.tasks``)
+claims nothing and publishes the task's token again; its running job stops at its next progress
 report (the trainer checkpoints first) and goes back to ``queued`` at once
 (:func:`requeue_interrupted`), without using up an attempt. A worker process that died without
 that (killed) is released by its supervisor at once (``release_worker``), or else by the

@@ -75,7 +75,8 @@ class Base(DeclarativeBase):
 
 
 class ModelMode(enum.StrEnum):
-    """Mirrors ``ml.config.Mode`` (not imported: the API must not load ``ml``)."""
+    """``ml.config.Mode``'s values, written out: a migration fixes the column's CHECK
+    constraint, so a new mode needs one as well as a member here."""
 
     prototype = "prototype"
     baseline = "baseline"

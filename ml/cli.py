@@ -101,7 +101,7 @@ Cache = Annotated[
 PRESET_HELP = (
     "paper: the seed's Table 2 (64x64, base 64 channels, 1500 epochs; a GPU's work) with its "
     "reference ProtoDiffusion's self-attention, AdamW weight decay 1e-4 and warm-up-then-cosine "
-    "rate where the seed is silent; paper-legacy: paper as before those (no attention, constant "
+    "rate where the seed is silent; paper-legacy: paper without those (no attention, constant "
     "rate, clipping, flips, EMA); cpu-small: 32x32, 2.7M parameters, trains visibly on 2 CPU "
     "cores in minutes; tiny: a few thousand parameters, for tests only."
 )

@@ -90,7 +90,7 @@ class TrainConfig(BaseModel):
     )
     grad_clip: float | None = Field(None, gt=0, le=1e6)  # [3] clips no gradients
     # [3] keeps no EMA (it trains, saves and samples the raw weights); 0 makes the EMA copy equal
-    # the weights, so sampling "EMA weights" samples those. 0.9999 was paper-legacy's.
+    # the weights, so sampling "EMA weights" samples those. paper-legacy's is 0.9999.
     ema_decay: float = Field(0.0, ge=0, lt=1)
     precision: Precision = "auto"
     flip: bool = Field(  # [3]'s data loaders flip nothing (ToTensor and Normalize only)
@@ -102,8 +102,8 @@ class TrainConfig(BaseModel):
     channels_last: bool | None = None
     seed: int = Field(0, ge=0, le=MAX_SEED)
     checkpoint_every: int = Field(500, ge=1, le=10_000_000, description="steps between checkpoints")
-    # --- Self-attention and the learning-rate schedule, as [3] (issue 13). A stored config
-    # without these fields predates them and loads with PRE_ATTENTION's values (from_stored).
+    # --- Self-attention and the learning-rate schedule, as [3]. A stored config without these
+    # fields loads with PRE_ATTENTION's values (from_stored).
     # [3]'s AttnBlock (GroupNorm, 1x1 q/k/v/out projections, one head, residual) follows every
     # res block at every level and sits between the two middle res blocks; listed here by
     # feature-map size (the middle block has it when the smallest size is listed). () = none.
@@ -180,15 +180,15 @@ class SampleConfig(BaseModel):
         return self
 
 
-# The fields issue 13 added, at the values of the model and schedule before them: no attention,
-# a constant rate. A stored config without them loads with these (TrainConfig.from_stored).
+# [3]'s self-attention and rate schedule, off: no attention, a constant rate. A stored config
+# without these fields describes that model and schedule (TrainConfig.from_stored).
 PRE_ATTENTION: dict[str, Any] = {
     "attention_resolutions": (),
     "attention_heads": 1,
     "lr_schedule": "constant",
     "lr_warmup": 0.0,
 }
-# The training recipe before issue 13 (on top of PRE_ATTENTION): no weight decay, gradient
+# The recipe without [3]'s training choices (on top of PRE_ATTENTION): no weight decay, gradient
 # clipping at norm 1, random flips, EMA 0.9999.
 LEGACY_RECIPE: dict[str, Any] = {
     **PRE_ATTENTION,
@@ -201,10 +201,10 @@ LEGACY_RECIPE: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed's Table 2, and its reference [3] where the seed is silent (TrainConfig's fields).
     "paper": {},
-    # `paper` as it was before issue 13: Table 2 without attention, a constant rate, no weight
-    # decay, clipping, flips and EMA 0.9999 (checkpoints of that time load as they were).
+    # `paper` without [3]'s additions: Table 2 without attention, a constant rate, no weight
+    # decay, clipping, flips and EMA 0.9999 (what a paper config stored without those fields ran).
     "paper-legacy": {**LEGACY_RECIPE},
-    # Trains visibly on 2 CPU cores in minutes (2.5M parameters at 32x32, as issue 6's peer).
+    # Trains visibly on 2 CPU cores in minutes (2.5M parameters at 32x32).
     "cpu-small": {
         **LEGACY_RECIPE,
         "image_size": 32,

@@ -1,6 +1,6 @@
 """Progress of a long CLI command on the terminal: a header line as each stage starts and one
 bar over the whole command, so a user sees within seconds what it is doing and how far it got
-(``protomed evaluate`` used to print nothing for twenty minutes)."""
+(``protomed evaluate`` runs for twenty minutes on a CPU)."""
 
 from __future__ import annotations
 

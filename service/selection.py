@@ -19,7 +19,7 @@ simple random sample of what is left, added to one of the batch, is one of the b
 a batch whole (``all``) likewise makes every task of it ``random``: the whole batch is then the
 sample.
 
-**"First", without an order.** The issue asks to send the least certain images *first*. Here
+**"First", without an order.** The least certain images are sent *first*, and here
 that means *in preference to* the images the scorer is sure about: within the review budget,
 they are sent and the confident ones wait. They are not put early in Label Studio's task order:
 reviewers would learn that early tasks are the hard ones (and could judge them differently), and

@@ -12,8 +12,8 @@ The ETA uses only measured rates, never a guess of the machine's speed:
 * each later stage's time is its weight times the seconds per unit of weight measured so far
   (all elapsed time divided by all weight done, the current stage's share included).
 
-So the ETA counts every stage still to come (a training ETA used to ignore upload and the rest,
-and the prototype stage had none), and it is not optimistic by construction: it is the measured
+So the ETA counts every stage still to come (upload and the rest after training, the prototype
+stage included), and it is not optimistic by construction: it is the measured
 rate extrapolated, and until something has been measured it is ``None`` rather than a guess.
 Torch-free; the clock is injectable so tests do not depend on how fast the machine is.
 """

@@ -190,8 +190,8 @@ MODEL_FIELDS = ("image_size", "in_channels", "base_channels", "channel_mults", "
 
 
 def _check_same_model(cfg: TrainConfig, stored: TrainConfig, path: Path | str) -> None:
-    """A clear error instead of a state-dict mismatch, e.g. a checkpoint of ``paper`` from
-    before issue 13 resumed with today's ``paper`` (which has attention)."""
+    """A clear error instead of a state-dict mismatch, e.g. a ``paper-legacy`` checkpoint (no
+    attention) resumed with ``paper`` (attention)."""
     differ = [f for f in MODEL_FIELDS if getattr(cfg, f) != getattr(stored, f)]
     if differ:
         got = ", ".join(f"{f}={getattr(stored, f)!r} (config: {getattr(cfg, f)!r})" for f in differ)
@@ -245,7 +245,7 @@ def train(
         torch.cuda.set_device(device)
     ckpt = read_checkpoint(resume) if resume is not None else None
     cfg = class_width(cfg, codebook)
-    if ckpt is not None and cfg.mode == "baseline":  # a run from before the width fix resumes
+    if ckpt is not None and cfg.mode == "baseline":  # resumes at its own width, codebook's or not
         cfg = cfg.model_copy(update={"class_dim": int(ckpt["args"]["class_dim"])})
     cond, table = conditioning_for(cfg.mode, list(data.classes), codebook)
     if extra:

@@ -175,7 +175,7 @@ class Dataset(TimestampMixin, Base):
     )
     # Uploads: the zip's storage key, so a worker on another machine can fetch and unpack it.
     archive_key: Mapped[str | None] = mapped_column(String(1024))
-    # Review domain (criteria sets, issue 4): e.g. toy, blood, bone-marrow, dermatoscopy.
+    # Review domain (its criteria set): e.g. toy, blood, bone-marrow, dermatoscopy.
     domain: Mapped[str | None] = mapped_column(String(64))
     # The licence the images were published under (e.g. "CC BY-NC-SA 4.0"); model cards carry
     # it to everything made from them. None: not recorded.

@@ -79,7 +79,7 @@ def test_label_config_and_the_seeds_rule() -> None:
     # Label Studio stores whatever its API is sent (any user can post results outside the
     # labelling interface): choices outside the interface's, or of the wrong type, count as not
     # given, and no shape of result makes the verdict (or the report) fail; a verdict not given
-    # is incomplete (None), never plausible (issue 19).
+    # is incomplete (None), never plausible.
     odd = [
         {"from_name": "crit_cell_size", "value": {"choices": ["maybe"]}},
         {"from_name": "crit_granules", "value": {"choices": [{"x": 1}]}},

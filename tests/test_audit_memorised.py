@@ -1,4 +1,4 @@
-"""The memorisation audit on a model that really memorised (issue 14): a small UNet trained for
+"""The memorisation audit on a model that really memorised: a small UNet trained for
 many steps on 2 real blood-cell images per class reproduces them, and the audit flags most of
 its samples; the same run after a few steps (noise-like samples, far from every training image)
 is flagged no more often than the calibrated rate allows, and so are fresh real held-out images.

@@ -128,7 +128,7 @@ def test_a_value_outside_the_choices_names_them(args, message):
 
 
 def test_negative_flags_keep_their_spelling(tmp_path):
-    """``--no-cache`` and ``--no-ema`` still parse (now the off side of --cache, --ema)."""
+    """``--no-cache`` and ``--no-ema`` parse (the off side of --cache, --ema)."""
     result = invoke("sample", tmp_path / "missing.pt", "--out", tmp_path / "o", "--no-ema")
     assert result.exit_code == 2 and "error: no checkpoint at" in result.output, result.output
 

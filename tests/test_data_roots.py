@@ -1,4 +1,4 @@
-"""Data stays inside its roots (issue 11, section 3): symbolic links in a dataset folder may not
+"""Data stays inside its roots: symbolic links in a dataset folder may not
 lead the service to files outside the allowed data roots, at registration or when a job reads the
 folder later; files that are no images are reported per file; sizes and overrides that would
 exhaust the machine are refused naming the allowed range; review domains are checked.

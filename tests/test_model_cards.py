@@ -98,7 +98,7 @@ def test_a_dataset_licence_is_recorded_and_carried_into_the_card(service: Servic
                              headers=service.admin)  # fmt: skip
     assert put.status_code == 200, put.text
     card = service.client.get(f"/models/{model_id}/card", headers=service.admin).json()
-    assert card["guidance"] == {"lymphocyte": 3.5}  # the scale /generate now uses
+    assert card["guidance"] == {"lymphocyte": 3.5}  # the scale /generate uses
 
     md = service.client.get(f"/models/{model_id}/card?format=markdown", headers=service.admin)
     assert md.status_code == 200 and md.headers["content-type"].startswith("text/markdown")

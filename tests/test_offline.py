@@ -1,4 +1,4 @@
-"""Works offline, by default (issue 11, section 4): nothing in the CLI or the service tries the
+"""Works offline, by default: nothing in the CLI or the service tries the
 network, missing encoder weights fail at once with one clear line (CLI) or a 422 (API), serve's
 embedded defaults train on a machine without weights, and /docs and /redoc need no CDN.
 

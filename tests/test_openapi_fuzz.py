@@ -70,7 +70,7 @@ def seed() -> dict[str, int]:
 # The document is static: loading it needs no settings or database. The app that answers is
 # built per database (``fuzz_app``) once the environment points at the temporary service.
 # (``schemathesis.pytest.from_fixture`` would do both in a fixture, but schemathesis 4.32 sets
-# ``Function._nodeid``, which pytest 9 no longer has.)
+# ``Function._nodeid``, which pytest 9 does not have.)
 schema = schemathesis.openapi.from_dict(create_app().openapi())
 
 

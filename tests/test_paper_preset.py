@@ -1,8 +1,8 @@
 """The ``paper`` preset is the seed's Table 2 plus its reference [3] (ProtoDiffusion,
 github.com/ituvisionlab/ProtoDiffusion ``unet.py``/``train.py``) where the seed is silent:
 self-attention where [3] puts it, AdamW weight decay 1e-4, a warm-up then cosine rate, the
-linear beta schedule, no clipping, flips or EMA. The model and schedule from before stay
-available (``paper-legacy``), and a config stored before the new fields loads as it was."""
+linear beta schedule, no clipping, flips or EMA. The model and schedule without those stay
+available (``paper-legacy``), and a config stored without their fields loads as that model."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from ml.models.checkpoint import Conditioning, build_model, load_model, read_che
 from ml.models.unet import AttnBlock, Downsample, ResBlock, UNet, Upsample, count_parameters
 from tests.test_train import losses_of, random_set
 
-# `protomed train --preset paper` as written by the version before issue 13
-# (make_config("paper").model_dump(mode="json") on that version): no attention or schedule fields.
+# A stored `protomed train --preset paper` config without the attention and schedule fields
+# (make_config("paper").model_dump(mode="json") without them, at paper-legacy's values).
 OLD_PAPER_ARGS = {
     "preset": "paper", "mode": "prototype", "image_size": 64, "in_channels": 3,
     "base_channels": 64, "channel_mults": [1, 2, 4, 8], "num_res_blocks": 2, "dropout": 0.1,
@@ -33,8 +33,8 @@ OLD_PAPER_ARGS = {
     "max_steps": None, "grad_clip": 1.0, "ema_decay": 0.9999, "precision": "auto", "flip": True,
     "channels_last": None, "seed": 0, "checkpoint_every": 500,
 }  # fmt: skip
-# fields added since (issue 13): attention and rate schedule; min-SNR weighting (off: "none");
-# freeze_prototypes (True: the table frozen, as before)
+# fields OLD_PAPER_ARGS lacks: attention and rate schedule; min-SNR weighting (off: "none");
+# freeze_prototypes (True: the table frozen)
 NEW_FIELDS = ("attention_resolutions", "attention_heads", "lr_schedule", "lr_warmup",
               "loss_weighting", "snr_gamma", "freeze_prototypes")  # fmt: skip
 
@@ -197,9 +197,9 @@ def test_constant_schedule_keeps_the_rate_after_its_warm_up() -> None:
 
 
 def test_a_config_stored_before_the_new_fields_loads_as_it_was() -> None:
-    """A paper checkpoint or queued job from before issue 13 lacks the attention and schedule
-    fields: it must load as that model (no attention, the same parameter names and shapes,
-    a constant rate), not with today's paper defaults."""
+    """A paper checkpoint or queued job without the attention and schedule fields loads as
+    the model it was trained as (no attention, paper-legacy's parameter names and shapes, a
+    constant rate), not with the paper preset's defaults."""
     assert not set(NEW_FIELDS) & set(OLD_PAPER_ARGS)
     cfg = TrainConfig.from_stored(OLD_PAPER_ARGS)
     assert (cfg.attention_resolutions, cfg.lr_schedule, cfg.lr_warmup) == ((), "constant", 0.0)
@@ -217,8 +217,8 @@ def test_a_config_stored_before_the_new_fields_loads_as_it_was() -> None:
 
 
 def test_an_old_checkpoint_loads_and_resumes_as_it_was(tmp_path: Path) -> None:
-    """A checkpoint as the earlier version wrote it (args without the new fields, no scheduler
-    state) samples with the same weights and resumes on the rate its run had."""
+    """A checkpoint whose args lack the attention and schedule fields and which holds no
+    scheduler state samples with the same weights and resumes on the rate its run had."""
     data = random_set()
     cfg = make_config("tiny", {"mode": "baseline", "max_steps": 4, "batch_size": 4})
     train(cfg, data, tmp_path / "full", show_progress=False)

@@ -716,7 +716,7 @@ def test_report_csv_without_difference_and_empty_column():
     assert rows[-1] == ["Nucleus", "25.00 (n=8)", "22.22 (n=9)", "n/a (n=0)"]
 
 
-# --- the image as the unit (issue 13, part 1) ----------------------------------------------------
+# --- the image as the unit -----------------------------------------------------------------------
 
 
 def panel(plausible: dict[int, int], reviewers: Sequence[str], n: int = 20) -> list[Judgement]:
@@ -744,7 +744,7 @@ def without_reviews(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_identical_reviewers_do_not_multiply_n():
-    # The issue's case: 20 images per model, one reviewer finds 8 (40%) and 14 (70%) plausible.
+    # 20 images per model, one reviewer finds 8 (40%) and 14 (70%) plausible.
     # Fisher's exact p for 8/20 vs 14/20: 0.1110 (scipy.stats.fisher_exact), the interval
     # includes 0. Two more reviewers with identical verdicts are the same evidence about the
     # same 40 images: counting each verdict as a sample gave 24/60 vs 42/60, p = 0.0017.

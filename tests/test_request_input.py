@@ -1,4 +1,4 @@
-"""Input that used to answer 500, or was accepted and failed later (issue 19, section 2).
+"""Input that must answer 4xx at once, not 500 or a job that fails later.
 
 Non-finite JSON numbers on every JSON route, training asking for more images than a dataset
 holds, two Unicode spellings of one class name, an image whose header declares billions of

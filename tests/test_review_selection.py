@@ -1,4 +1,4 @@
-"""Choosing images for experts (issue 14): a batch sent whole, or a budget per batch of a simple
+"""Choosing images for experts: a batch sent whole, or a budget per batch of a simple
 random sample plus the images the scorer is least sure about; the report counting the random
 sample only and saying how many reviewed images it kept apart. In-process API and SQLite; the
 Label Studio round trip of a selection is in test_reviews.py."""

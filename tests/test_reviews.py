@@ -658,7 +658,7 @@ def _batch_of(truth: dict, batches: dict, image_id: int) -> int:
     return batches[(mode, cls)]
 
 
-# --- what a Label Studio member can write (issue 19, "Verdicts") ----------------------------------
+# --- what a Label Studio member can write ------------------------------------------------------
 
 
 @dataclass

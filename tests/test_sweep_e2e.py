@@ -177,7 +177,7 @@ def test_a_guidance_sweep_reviewed_in_label_studio_sets_the_class_defaults(
 
             r = api.post(f"/sweeps/{sweep['id']}/apply")
             assert r.status_code == 200 and r.json()["set"] == dict.fromkeys(CLASSES, HIGH)
-            # generation without a guidance now uses the class's default, and records it
+            # generation without a guidance uses the class's default, and records it
             params = {"class": CLASSES[1], "n": 1, "steps": 2, "model_id": model}
             r = api.post("/generate", params=params)
             assert r.status_code == 202, r.text

@@ -1,4 +1,4 @@
-"""Which verdicts protomed counts (issue 19, "Verdicts"), in-process on SQLite: an annotation
+"""Which verdicts protomed counts, in-process on SQLite: an annotation
 without a recognised verdict is incomplete (stored, shown, never counted as plausible); a pull
 counts only the Label Studio tasks protomed created itself and survives any task data a
 Label Studio member can write; a verdict written by someone other than its named author is

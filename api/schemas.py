@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from fastapi.exceptions import RequestValidationError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -22,6 +23,7 @@ from ml.schemas.audit import AuditReport  # torch-free
 from ml.schemas.evaluation import EvaluationResult  # torch-free
 from ml.schemas.scorer import ScorerMetrics  # torch-free
 from service.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
+from service.generation import GenerateRequest
 from service.inputs import ClassName, RequestModel
 from service.payloads import EvaluatePayload
 from service.selection import DEFAULT_RANDOM_SHARE, Selection
@@ -171,6 +173,29 @@ class BatchOut(Out):
     scorer_id: int | None = None  # the scorer version its images were scored with
     images: list[ImageOut] = Field(default_factory=list)
     zip_url: str = ""
+
+
+class GenerateQuery(GenerateRequest):
+    """``POST /generate``'s query-string form: the fields of :class:`GenerateRequest`, read from
+    the query (unknown parameters ignored, as query strings often carry others). ``class`` is
+    optional here only because the JSON-body form leaves the query empty; without a body,
+    :meth:`as_request` requires it."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    class_name: ClassName | None = Field(  # type: ignore[assignment]
+        None, alias="class", description="The class to generate (required without a body)."
+    )
+
+    def as_request(self) -> GenerateRequest:
+        """The request these parameters make, validated by the body's model: a missing
+        ``class`` is the 422 FastAPI gives for a missing required parameter."""
+        if self.class_name is None:
+            raise RequestValidationError(
+                [{"type": "missing", "loc": ("query", "class"), "msg": "Field required",
+                  "input": None}]
+            )  # fmt: skip
+        return GenerateRequest.model_validate(self.model_dump(by_alias=True, exclude_unset=True))
 
 
 class GenerateAccepted(BaseModel):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from service.db.models import Sweep
 
 KEY_FILE = ".protomed-admin-key"
+T = TypeVar("T")
 
 
 def _migrate() -> None:
@@ -290,25 +291,16 @@ def sweep_review(
 ) -> None:
     """Send every batch of the sweep to blinded review in Label Studio (scales shuffled
     together; tasks never show the scale)."""
-    from ml.cli import _guard
     from service.config import get_settings
-    from service.db.models import JobKind
     from service.db.session import get_sessionmaker
-    from service.job_kinds import new_job
-    from service.payloads import ReviewSyncPayload
-    from service.queue import submit
-    from service.sweeps import review
+    from service.sweeps import send_sweep_to_review
 
-    if not get_settings().label_studio_url:
-        _fail("Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL")
     with get_sessionmaker()() as session:
-        sweep = _sweep(session, sweep_id)
-        project, tasks = _guard(lambda: review(session, sweep, domain))
-        job = new_job(JobKind.review_sync, ReviewSyncPayload(project_id=project.id),
-                      requested_by="cli")  # fmt: skip
-        session.add(job)
-        submit(session, [job])
-        typer.echo(f"{len(tasks)} images added to review project {project.id}; sync job {job.id}")
+        sent = _act(lambda: send_sweep_to_review(session, get_settings(), sweep_id, domain, "cli"))
+        typer.echo(
+            f"{len(sent.tasks)} images added to review project {sent.project.id}; "
+            f"sync job {sent.job.id}"
+        )
 
 
 @sweep_app.command("report")
@@ -371,6 +363,20 @@ def sweep_apply(
         for name, why in skipped.items():
             typer.echo(f"{name}: unchanged ({why})")
         typer.echo(f"model {sweep.model_id}'s defaults: {sweep.model.guidance_defaults}")
+
+
+def _act(fn: Callable[[], T]) -> T:
+    """Run a service action: what the user can fix (a :class:`~ml.errors.UserError`, a
+    dependency that did not answer) is one ``error:`` line and exit 2, as the API answers it
+    with a status and the same message."""
+    from ml.errors import UserError
+    from service.exceptions import ServiceUnavailable
+
+    try:
+        return fn()
+    except (UserError, ServiceUnavailable) as exc:
+        _fail(str(exc))
+    raise AssertionError("unreachable")
 
 
 def _database_name() -> str:

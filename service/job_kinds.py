@@ -110,4 +110,6 @@ def set_payload(job: Job, payload: BaseModel) -> None:
     expected = KINDS[JobKind(job.kind)].payload
     if type(payload) is not expected:
         raise TypeError(f"a {job.kind} job takes {expected.__name__}, not {type(payload).__name__}")
-    job.params = payload.model_dump(mode="json")
+    params = payload.model_dump(mode="json")
+    expected.model_validate(params)  # what the worker will read back must parse as stored
+    job.params = params

@@ -15,12 +15,16 @@ from sqlalchemy import ColumnElement, CursorResult, and_, delete, func, or_, sel
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ml.errors import Conflict, Invalid, NotFound
+from service.config import Settings
 from service.criteria import latest, parse_result
 from service.db.models import (
     MAX_ID,
     Batch,
     CriteriaSet,
     Image,
+    Job,
+    JobKind,
     Model,
     Review,
     ReviewProject,
@@ -28,6 +32,9 @@ from service.db.models import (
     ReviewTask,
     utc_now,
 )
+from service.job_kinds import new_job
+from service.payloads import ReviewSyncPayload
+from service.queue import submit
 from service.report_models import Criterion, Filters, Flagged, ModelColumn, PlausibilityReport
 from service.reports import Judgement, plausibility_report
 from service.selection import BatchChoice, Selection, choose_all
@@ -39,8 +46,25 @@ def counted() -> ColumnElement[bool]:
     return and_(Review.plausible.is_not(None), ReviewTask.edited.is_(None))
 
 
-class ReviewError(ValueError):
+class ReviewError(Invalid):
     """A review request that cannot be served as asked (the message says why)."""
+
+
+def require_label_studio(settings: Settings) -> None:
+    """:class:`Conflict` unless Label Studio is configured: a review request would otherwise
+    queue sync jobs that can never import anything."""
+    if not settings.label_studio_url:
+        raise Conflict("Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL")
+
+
+def queue_sync(session: Session, project_id: int, requested_by: str) -> Job:
+    """A review_sync job for the project, stored and queued (the one way a review request
+    reaches Label Studio, so every caller stores the same :class:`ReviewSyncPayload`)."""
+    job = new_job(JobKind.review_sync, ReviewSyncPayload(project_id=project_id),
+                  requested_by=requested_by)  # fmt: skip
+    session.add(job)
+    submit(session, [job])
+    return job
 
 
 def project_for(session: Session, criteria_set: CriteriaSet) -> ReviewProject:
@@ -90,7 +114,7 @@ def send_for_review(
     batches = [session.get(Batch, i) for i in dict.fromkeys(batch_ids)]
     missing = [i for i, b in zip(dict.fromkeys(batch_ids), batches, strict=True) if b is None]
     if missing:
-        raise LookupError(f"no batch with id {', '.join(map(str, missing))}")
+        raise NotFound(f"no batch with id {', '.join(map(str, missing))}")
     found = [b for b in batches if b is not None]
     domains = {b.model.dataset.domain for b in found}
     if domain is None:
@@ -150,6 +174,21 @@ def send_for_review(
         task.position = place
     session.flush()
     return SentForReview(project, tasks, choices)
+
+
+def request_batch_review(
+    session: Session,
+    settings: Settings,
+    batch_ids: list[int],
+    domain: str | None,
+    selection: Selection | None,
+    requested_by: str,
+) -> tuple[SentForReview, Job]:
+    """Send batches to blinded review: their chosen images into the domain's project
+    (:func:`send_for_review`) and a queued sync job that imports them into Label Studio."""
+    require_label_studio(settings)
+    sent = send_for_review(session, batch_ids, domain, selection)
+    return sent, queue_sync(session, sent.project.id, requested_by)
 
 
 def pending_modes(session: Session, project: ReviewProject) -> set[str]:

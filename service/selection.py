@@ -36,17 +36,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ml.errors import Conflict, Invalid
 from service.db.models import Batch, Image, ReviewSample, ReviewTask
 
 SelectMode = Literal["all", "uncertain"]
 DEFAULT_RANDOM_SHARE = 0.5
 
 
-class SelectionError(ValueError):
+class SelectionError(Invalid):
     """A selection that cannot be made from the batch as it is (the message says why)."""
 
 
-class NotScored(SelectionError):
+class NotScored(Conflict, SelectionError):
     """The batch's images have no scorer probability, so there is no "least sure" to choose."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -19,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ml.config import DEFAULT_SCHEDULER, DEFAULT_STEPS, SchedulerName  # torch-free
+from ml.errors import Conflict, Invalid
 from service.config import Settings
 from service.db.models import (
     MAX_ID,
@@ -38,7 +40,8 @@ from service.inputs import ClassName, RequestModel
 from service.job_kinds import new_job, set_payload
 from service.payloads import SamplePayload
 from service.reports import Judgement
-from service.reviews import counted, request_review
+from service.reviews import counted, queue_sync, request_review, require_label_studio
+from service.rows import get_row
 from service.storage import ObjectNotFound, Storage
 from service.sweep_report import (
     Cell,
@@ -54,13 +57,13 @@ DEFAULT_SCALES = (1.0, 2.0, 3.5, 5.0)
 Scale = Annotated[float, Field(ge=0.0, le=MAX_SCALE)]
 
 
-class SweepError(ValueError):
-    """A sweep request that cannot be served as asked; ``status`` is the HTTP answer (422: bad
-    input, 409: the model or sweep is not in a state to do it)."""
+class SweepError(Invalid):
+    """A sweep request that cannot be served as asked (the input is wrong)."""
 
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
+
+class SweepConflict(Conflict, SweepError):
+    """A sweep request the model or sweep is not in a state to serve (not ready, still
+    generating)."""
 
 
 class SweepRequest(RequestModel):
@@ -100,7 +103,7 @@ def start_sweep(
     caller submits the jobs). :class:`SweepError` for an unready model, an unknown class or too
     many images."""
     if model.status != ModelStatus.ready:
-        raise SweepError(f"model {model.id} is {model.status}, not ready", 409)
+        raise SweepConflict(f"model {model.id} is {model.status}, not ready")
     classes = request.classes or list(model.classes)
     unknown = [c for c in classes if c not in model.classes]
     if unknown:
@@ -158,12 +161,32 @@ def review(
     reviewers see neither the scale nor which images share one (``service.reviews``)."""
     waiting = [b.id for b in sweep.batches if not b.images]
     if waiting:
-        raise SweepError(
+        raise SweepConflict(
             f"sweep {sweep.id} is still generating: batch {', '.join(map(str, waiting))} has no "
-            "images yet",
-            409,
+            "images yet"
         )
     return request_review(session, [b.id for b in sweep_batches(sweep)], domain)
+
+
+@dataclass(frozen=True)
+class SweepReview:
+    """What sending a sweep to review did: the sync job, the domain's project, its new tasks."""
+
+    job: Job
+    project: ReviewProject
+    tasks: list[ReviewTask]
+
+
+def send_sweep_to_review(
+    session: Session, settings: Settings, sweep_id: int, domain: str | None, requested_by: str
+) -> SweepReview:
+    """Every batch of the sweep into blinded review (:func:`review`) and a queued sync job
+    that imports them into Label Studio: the one way the API and the CLI do it."""
+    require_label_studio(settings)
+    sweep = get_row(session, Sweep, sweep_id)
+    project, tasks = review(session, sweep, domain)
+    job = queue_sync(session, project.id, requested_by)
+    return SweepReview(job=job, project=project, tasks=tasks)
 
 
 def judgements_by_batch(session: Session, batch_ids: Sequence[int]) -> dict[int, list[Judgement]]:
@@ -261,11 +284,10 @@ def apply(
         chosen = recommendations(rep)
         skipped = {c.class_name: c.reason for c in rep.classes if c.recommended is None}
         if not chosen:
-            raise SweepError(
+            raise SweepConflict(
                 f"sweep {sweep.id} recommends no scale for any class yet ("
                 + "; ".join(f"{c}: {r}" for c, r in skipped.items())
-                + "); review more images, or give the scales yourself",
-                409,
+                + "); review more images, or give the scales yourself"
             )
     set_defaults(sweep.model, chosen, replace=False)
     return chosen, skipped

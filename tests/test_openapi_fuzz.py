@@ -119,8 +119,11 @@ def test_spec_lists_public_interface() -> None:
     paths = spec["paths"]
     missing = [f"{m.upper()} {p}" for m, p in PUBLIC if m not in paths.get(p, {})]
     assert not missing, f"not in the OpenAPI document: {missing}"
-    params = {p["name"]: p for p in paths["/generate"]["post"]["parameters"]}
-    assert params["class"]["in"] == "query" and params["class"]["required"]
+    generate = paths["/generate"]["post"]
+    params = {p["name"]: p for p in generate["parameters"]}
+    assert params["class"]["in"] == "query"  # or in the JSON body: one of the two is required
+    body = generate["requestBody"]["content"]["application/json"]["schema"]["anyOf"][0]["$ref"]
+    assert "class" in spec["components"]["schemas"][body.rsplit("/", 1)[-1]]["required"]
     schemes = spec["components"]["securitySchemes"]
     bearer = {name for name, s in schemes.items() if s.get("scheme", "").lower() == "bearer"}
     assert bearer, f"no bearer scheme among {sorted(schemes)}"

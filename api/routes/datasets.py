@@ -3,8 +3,7 @@
 Folders must lie under ``Settings.data_roots`` so API clients cannot make the workers read
 arbitrary server paths; uploads are unpacked with the checks of :mod:`service.archive`. Both are
 scanned with :func:`ml.data.catalog.scan` (torch-free) so a dataset without labelled images is
-refused
-at registration, not at training time.
+refused at registration, not at training time; those rules are :mod:`service.datasets`.
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
 from fastapi.routing import APIRoute
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
@@ -32,10 +30,18 @@ from api.schemas import (
     DatasetRegistered,
     SkippedFile,
 )
-from ml.data.catalog import IMAGE_SUFFIXES, Catalog, Layout, scan
+from ml.data.catalog import Catalog, Layout
+from ml.errors import Invalid
+from service import datasets
 from service.archive import ArchiveError, ArchiveTooLarge, copy_limited, safe_extract
 from service.config import Settings, get_settings
-from service.criteria import known_domains
+from service.datasets import (
+    check_domain,
+    check_name_free,
+    dataset_row,
+    insert_dataset,
+    scan_dataset,
+)
 from service.db.models import Dataset, DatasetSource
 from service.storage import Storage
 
@@ -81,101 +87,8 @@ router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=BodyLimitR
 # --- validation helpers ------------------------------------------------------------------------
 
 
-def _unprocessable(detail: str) -> HTTPException:
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail)
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return path.is_relative_to(root)
-
-
-def resolve_folder(path: str, data_roots: list[Path]) -> Path:
-    """The real folder ``path`` names under one of ``data_roots`` (symlinks resolved).
-
-    Absolute paths must resolve inside a root; relative ones are tried against each root in
-    order and the first that exists wins. Raises 422 naming the problem and what is allowed.
-    """
-    try:
-        return _resolve_folder(path, data_roots)
-    except OSError as exc:  # e.g. a name longer than the filesystem allows
-        raise _unprocessable(f"path {path[:80]!r} cannot be used: {exc.strerror}") from exc
-
-
-def _resolve_folder(path: str, data_roots: list[Path]) -> Path:
-    if "\x00" in path:
-        raise _unprocessable("path must not contain a NUL character")
-    if ".." in path.replace("\\", "/").split("/"):
-        raise _unprocessable(f"path {path!r} has a '..' segment; name a folder under a data root")
-    if not data_roots:
-        raise _unprocessable(
-            "registering server folders is disabled: no data roots are configured; set "
-            'PROTOMED_DATA_ROOTS to a JSON list of allowed folders, e.g. ["/data"], or upload '
-            "a zip to POST /datasets/upload"
-        )
-    roots = [r.expanduser().resolve() for r in data_roots]
-    allowed = ", ".join(str(r) for r in roots)
-    if Path(path).is_absolute():
-        folder = Path(path).resolve()
-        if not any(_inside(folder, r) for r in roots):
-            raise _unprocessable(f"path {path} is outside the allowed data roots: {allowed}")
-    else:
-        found = [(r / path).resolve() for r in roots if (r / path).exists()]
-        if not found:
-            raise _unprocessable(f"no folder {path!r} under any data root ({allowed})")
-        folder = found[0]
-        if not any(_inside(folder, r) for r in roots):
-            raise _unprocessable(
-                f"path {path!r} resolves to {folder}, outside the allowed data roots: {allowed}"
-            )
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise _unprocessable(f"path {path} {what}; name a folder under a data root ({allowed})")
-    return folder
-
-
-def scan_dataset(root: Path, layout: str, settings: Settings) -> Catalog:
-    """Scan ``root``; 422 if it cannot be read, holds no labelled images (images over
-    ``max_image_pixels`` are left out and reported), has two Unicode spellings of one class
-    name, or links to files outside :meth:`Settings.dataset_roots` (the list the workers check
-    again whenever they read it)."""
-    try:
-        catalog = scan(root, layout, settings.dataset_roots(), settings.max_image_pixels)
-    except (ValueError, OSError) as exc:  # DataError is a ValueError
-        raise _unprocessable(f"cannot read the dataset: {exc}") from exc
-    if not catalog.classes or not any(catalog.counts().values()):
-        raise _unprocessable(
-            f"no labelled images found (layout {catalog.layout}): expected one sub-folder per "
-            f"class holding images ({', '.join(IMAGE_SUFFIXES)}), or a HAM10000 or Matek layout"
-        )
-    return catalog
-
-
-def check_domain(session: Session, domain: str | None) -> None:
-    """422 unless ``domain`` is None or has criteria (reviews of the dataset need them)."""
-    if domain is None:
-        return
-    known = known_domains(session)
-    if domain not in known:
-        raise _unprocessable(
-            f"unknown review domain {domain!r}; known: {', '.join(known)} "
-            "(or create one with POST /criteria/{domain})"
-        )
-
-
-def _check_name_free(session: Session, name: str) -> None:
-    if session.scalar(select(func.count()).where(Dataset.name == name)):
-        raise HTTPException(status.HTTP_409_CONFLICT, f"a dataset named {name!r} already exists")
-
-
-def _insert(session: Session, row: Dataset, catalog: Catalog) -> DatasetRegistered:
-    session.add(row)
-    try:
-        session.commit()
-    except IntegrityError as exc:  # a concurrent registration took the name
-        session.rollback()
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, f"a dataset named {row.name!r} already exists"
-        ) from exc
+def _registered(row: Dataset, catalog: Catalog) -> DatasetRegistered:
+    """The stored row as answered, with the files named like images that are none."""
     root = Path(row.root)
     skipped = [
         SkippedFile(path=str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else p,
@@ -185,16 +98,9 @@ def _insert(session: Session, row: Dataset, catalog: Catalog) -> DatasetRegister
     return DatasetRegistered.model_validate(row).model_copy(update={"skipped": skipped})
 
 
-def _row(name: str, root: Path, catalog: Catalog, domain: str | None, **extra: object) -> Dataset:
-    return Dataset(
-        name=name,
-        root=str(root),
-        layout=catalog.layout,
-        classes=catalog.classes,
-        counts=catalog.counts(),
-        domain=domain,
-        **extra,
-    )
+def _insert(session: Session, row: Dataset, catalog: Catalog) -> DatasetRegistered:
+    insert_dataset(session, row)
+    return _registered(row, catalog)
 
 
 def _receive_zip(file: UploadFile, dest: Path, max_bytes: int) -> None:
@@ -218,7 +124,7 @@ def _unpack(src: Path, dest: Path, settings: Settings) -> Path:
             f"{exc} (PROTOMED_MAX_UNPACKED_BYTES / PROTOMED_MAX_UPLOAD_FILES)",
         ) from exc
     except ArchiveError as exc:
-        raise _unprocessable(str(exc)) from exc
+        raise Invalid(str(exc)) from exc
 
 
 def _discard(storage: Storage, key: str) -> None:
@@ -238,12 +144,10 @@ def register_folder(
     """Register a folder under one of the data roots (422 if outside or without images, if a
     link inside leads outside the roots, or for an unknown review domain); ``skipped`` lists
     files named like images that are none."""
-    folder = resolve_folder(body.path, settings.data_roots)
-    _check_name_free(session, body.name)
-    check_domain(session, body.domain)
-    catalog = scan_dataset(folder, body.layout, settings)
-    row = _row(body.name, folder, catalog, body.domain, licence=body.licence)
-    return _insert(session, row, catalog)
+    row, catalog = datasets.register_folder(
+        session, settings, body.name, body.path, body.layout, body.domain, body.licence
+    )
+    return _registered(row, catalog)
 
 
 @router.post("/upload", status_code=status.HTTP_201_CREATED)
@@ -260,7 +164,7 @@ def upload_dataset(
 ) -> DatasetRegistered:
     """Upload a zip (413 over the size limits, 422 if refused or without images); it is kept
     in storage so workers on other machines can fetch it."""
-    _check_name_free(session, name)
+    check_name_free(session, name)
     check_domain(session, domain)
     uid = uuid.uuid4().hex
     work = settings.uploads_dir()
@@ -273,7 +177,7 @@ def upload_dataset(
         catalog = scan_dataset(root, layout, settings)
         storage.put_file(key, zip_path, "application/zip")
         stored = True
-        row = _row(name, root, catalog, domain, source=DatasetSource.upload, archive_key=key,
+        row = dataset_row(name, root, catalog, domain, source=DatasetSource.upload, archive_key=key,
                    licence=licence)  # fmt: skip
         return _insert(session, row, catalog)
     except BaseException:

@@ -40,9 +40,8 @@ from service.job_kinds import new_job
 from service.label_studio import SECRET_HEADER, LabelStudioError, refresh_annotations
 from service.payloads import ReviewSyncPayload
 from service.queue import submit
-from service.reviews import ReviewError, pending_modes, send_for_review, stored_annotations
+from service.reviews import pending_modes, request_batch_review, stored_annotations
 from service.scorers import retrain_due
-from service.selection import NotScored, SelectionError
 from service.storage import ObjectNotFound
 
 router = APIRouter(tags=["reviews"])
@@ -109,20 +108,10 @@ def request_review(
     sample (counted in the report) and the scorer's least certain images (kept out of the
     report's rates), mixed so no reviewer can tell them apart; 409 if a batch is not scored,
     422 if the batch has too few images left for the budget."""
-    if not settings.label_studio_url:
-        raise HTTPException(409, "Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL")
-    try:
-        sent = send_for_review(session, body.batch_ids, body.domain, body.selection())
-    except LookupError as exc:
-        raise HTTPException(404, str(exc).strip("'\"")) from exc
-    except NotScored as exc:
-        raise HTTPException(409, str(exc)) from exc
-    except (ReviewError, SelectionError) as exc:
-        raise HTTPException(422, str(exc)) from exc
+    sent, job = request_batch_review(
+        session, settings, body.batch_ids, body.domain, body.selection(), key.name
+    )
     project, tasks = sent.project, sent.tasks
-    job = new_job(JobKind.review_sync, _sync(project.id), requested_by=key.name)
-    session.add(job)
-    submit(session, [job])
     modes = pending_modes(session, project)
     warning = None
     if len(modes) == 1 and tasks:

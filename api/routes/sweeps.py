@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import select
 
@@ -23,19 +23,15 @@ from api.schemas import (
     SweepOut,
     SweepReviewAccepted,
 )
-from service.db.models import JobKind, Model, Sweep
+from service.db.models import Model, Sweep
 from service.exceptions import ServiceUnavailable
-from service.job_kinds import new_job
-from service.payloads import ReviewSyncPayload
 from service.queue import submit
-from service.reviews import ReviewError
 from service.sweep_report import SweepReport, sweep_csv
 from service.sweeps import (
-    SweepError,
     SweepRequest,
     apply,
     discard,
-    review,
+    send_sweep_to_review,
     set_defaults,
     start_sweep,
     sweep_batches,
@@ -66,10 +62,6 @@ def sweep_out(sweep: Sweep, request: Request) -> SweepOut:
     )  # fmt: skip
 
 
-def _error(exc: SweepError) -> HTTPException:
-    return HTTPException(exc.status, str(exc))
-
-
 @router.post("/models/{model_id}/sweeps", status_code=status.HTTP_202_ACCEPTED)
 def start(
     model_id: IdPath,
@@ -83,10 +75,7 @@ def start(
     3.5, 5; every class), one sample job per (class, scale), the same seeds at every scale of
     a class so only the guidance differs. Then ``POST /sweeps/{id}/review``."""
     model = get_or_404(session, Model, model_id, hint="; see GET /models")
-    try:
-        sweep, jobs = start_sweep(session, model, body or SweepRequest(), settings, key.name)
-    except SweepError as exc:
-        raise _error(exc) from exc
+    sweep, jobs = start_sweep(session, model, body or SweepRequest(), settings, key.name)
     try:
         submit(session, jobs)
     except ServiceUnavailable:
@@ -122,23 +111,12 @@ def review_sweep(
     """Send every batch of the sweep to blinded review: all scales of all classes shuffled
     together into the domain's one Label Studio project; tasks show the image and the class
     it should show, never the scale (409 while a batch is still generating)."""
-    if not settings.label_studio_url:
-        raise HTTPException(409, "Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL")
-    sweep = get_or_404(session, Sweep, sweep_id)
-    try:
-        project, tasks = review(session, sweep, domain)
-    except SweepError as exc:
-        raise _error(exc) from exc
-    except ReviewError as exc:
-        raise HTTPException(422, str(exc)) from exc
-    job = new_job(JobKind.review_sync, ReviewSyncPayload(project_id=project.id),
-                  requested_by=key.name)  # fmt: skip
-    session.add(job)
-    submit(session, [job])
+    sent = send_sweep_to_review(session, settings, sweep_id, domain, key.name)
     return SweepReviewAccepted(
-        job=job_out(job, request), project=project_out(session, project, ls_public(settings)),
-        added=len(tasks),
-    )  # fmt: skip
+        job=job_out(sent.job, request),
+        project=project_out(session, sent.project, ls_public(settings)),
+        added=len(sent.tasks),
+    )
 
 
 @router.get(
@@ -178,10 +156,7 @@ def apply_sweep(
     the model's per-class guidance defaults; classes without a recommendation keep theirs.
     409 when the sweep recommends nothing yet."""
     sweep = get_or_404(session, Sweep, sweep_id)
-    try:
-        chosen, skipped = apply(session, sweep, storage, settings, body.scales if body else None)
-    except SweepError as exc:
-        raise _error(exc) from exc
+    chosen, skipped = apply(session, sweep, storage, settings, body.scales if body else None)
     session.commit()
     defaults = dict(sweep.model.guidance_defaults or {})
     return ApplyOut(model_id=sweep.model_id, set=chosen, unchanged=skipped, defaults=defaults)
@@ -216,9 +191,6 @@ def put_guidance(
     """Set the per-class defaults by hand, replacing them all (``{"defaults": {}}`` clears
     them: every class falls back to the global default)."""
     model = get_or_404(session, Model, model_id)
-    try:
-        set_defaults(model, body.defaults, replace=True)
-    except SweepError as exc:
-        raise _error(exc) from exc
+    set_defaults(model, body.defaults, replace=True)
     session.commit()
     return guidance_out(model, settings)

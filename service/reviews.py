@@ -15,6 +15,7 @@ from sqlalchemy import ColumnElement, CursorResult, and_, delete, func, or_, sel
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ml.errors import Invalid, NotFound
 from service.criteria import latest, parse_result
 from service.db.models import (
     MAX_ID,
@@ -39,7 +40,7 @@ def counted() -> ColumnElement[bool]:
     return and_(Review.plausible.is_not(None), ReviewTask.edited.is_(None))
 
 
-class ReviewError(ValueError):
+class ReviewError(Invalid):
     """A review request that cannot be served as asked (the message says why)."""
 
 
@@ -85,12 +86,12 @@ def send_for_review(
     prototype images, random and uncertain picks, are mixed). Images already in the project
     are not added twice; an earlier uncertain pick that joins the random sample keeps its task,
     whose ``sample`` turns to ``random``. Every batch is checked before anything changes
-    (:class:`ReviewError`, :class:`~service.selection.SelectionError`)."""
+    (:class:`ReviewError`, :class:`~service.selection.SelectionError`, :class:`NotFound`)."""
     selection = selection or Selection()
     batches = [session.get(Batch, i) for i in dict.fromkeys(batch_ids)]
     missing = [i for i, b in zip(dict.fromkeys(batch_ids), batches, strict=True) if b is None]
     if missing:
-        raise LookupError(f"no batch with id {', '.join(map(str, missing))}")
+        raise NotFound(f"no batch with id {', '.join(map(str, missing))}")
     found = [b for b in batches if b is not None]
     domains = {b.model.dataset.domain for b in found}
     if domain is None:
@@ -479,7 +480,7 @@ def project_counts(session: Session, project: ReviewProject) -> ProjectCounts:
     return ProjectCounts(tasks or 0, reviews or 0, incomplete or 0, flagged or 0)
 
 
-class FilterError(ValueError):
+class FilterError(Invalid):
     """A report filter that names no valid ids (the message says what is allowed)."""
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ml.config import DEFAULT_SCHEDULER, DEFAULT_STEPS, SchedulerName  # torch-free
+from ml.errors import Conflict, Invalid
 from service.config import Settings
 from service.db.models import (
     MAX_ID,
@@ -54,13 +55,9 @@ DEFAULT_SCALES = (1.0, 2.0, 3.5, 5.0)
 Scale = Annotated[float, Field(ge=0.0, le=MAX_SCALE)]
 
 
-class SweepError(ValueError):
-    """A sweep request that cannot be served as asked; ``status`` is the HTTP answer (422: bad
-    input, 409: the model or sweep is not in a state to do it)."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
+class SweepError(Invalid):
+    """A sweep request that cannot be served as asked (an unknown class, a scale out of range,
+    too many images); a model or sweep not in a state to do it is a :class:`Conflict`."""
 
 
 class SweepRequest(RequestModel):
@@ -97,10 +94,10 @@ def start_sweep(
     session: Session, model: Model, request: SweepRequest, settings: Settings, requested_by: str
 ) -> tuple[Sweep, list[Job]]:
     """The sweep row, one batch and one queued sample job per (class, scale), flushed (the
-    caller submits the jobs). :class:`SweepError` for an unready model, an unknown class or too
-    many images."""
+    caller submits the jobs). :class:`Conflict` for an unready model, :class:`SweepError` for
+    an unknown class or too many images."""
     if model.status != ModelStatus.ready:
-        raise SweepError(f"model {model.id} is {model.status}, not ready", 409)
+        raise Conflict(f"model {model.id} is {model.status}, not ready")
     classes = request.classes or list(model.classes)
     unknown = [c for c in classes if c not in model.classes]
     if unknown:
@@ -158,10 +155,9 @@ def review(
     reviewers see neither the scale nor which images share one (``service.reviews``)."""
     waiting = [b.id for b in sweep.batches if not b.images]
     if waiting:
-        raise SweepError(
+        raise Conflict(
             f"sweep {sweep.id} is still generating: batch {', '.join(map(str, waiting))} has no "
-            "images yet",
-            409,
+            "images yet"
         )
     return request_review(session, [b.id for b in sweep_batches(sweep)], domain)
 
@@ -261,11 +257,10 @@ def apply(
         chosen = recommendations(rep)
         skipped = {c.class_name: c.reason for c in rep.classes if c.recommended is None}
         if not chosen:
-            raise SweepError(
+            raise Conflict(
                 f"sweep {sweep.id} recommends no scale for any class yet ("
                 + "; ".join(f"{c}: {r}" for c, r in skipped.items())
-                + "); review more images, or give the scales yourself",
-                409,
+                + "); review more images, or give the scales yourself"
             )
     set_defaults(sweep.model, chosen, replace=False)
     return chosen, skipped

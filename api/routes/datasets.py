@@ -33,7 +33,7 @@ from api.schemas import (
     SkippedFile,
 )
 from ml.data.catalog import IMAGE_SUFFIXES, Catalog, Layout, scan
-from service.archive import ArchiveError, ArchiveTooLarge, copy_limited, safe_extract
+from service.archive import ArchiveTooLarge, copy_limited, safe_extract
 from service.config import Settings, get_settings
 from service.criteria import known_domains
 from service.db.models import Dataset, DatasetSource
@@ -217,8 +217,6 @@ def _unpack(src: Path, dest: Path, settings: Settings) -> Path:
             status.HTTP_413_CONTENT_TOO_LARGE,
             f"{exc} (PROTOMED_MAX_UNPACKED_BYTES / PROTOMED_MAX_UPLOAD_FILES)",
         ) from exc
-    except ArchiveError as exc:
-        raise _unprocessable(str(exc)) from exc
 
 
 def _discard(storage: Storage, key: str) -> None:

@@ -40,9 +40,8 @@ from service.job_kinds import new_job
 from service.label_studio import SECRET_HEADER, LabelStudioError, refresh_annotations
 from service.payloads import ReviewSyncPayload
 from service.queue import submit
-from service.reviews import ReviewError, pending_modes, send_for_review, stored_annotations
+from service.reviews import pending_modes, send_for_review, stored_annotations
 from service.scorers import retrain_due
-from service.selection import NotScored, SelectionError
 from service.storage import ObjectNotFound
 
 router = APIRouter(tags=["reviews"])
@@ -111,14 +110,7 @@ def request_review(
     422 if the batch has too few images left for the budget."""
     if not settings.label_studio_url:
         raise HTTPException(409, "Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL")
-    try:
-        sent = send_for_review(session, body.batch_ids, body.domain, body.selection())
-    except LookupError as exc:
-        raise HTTPException(404, str(exc).strip("'\"")) from exc
-    except NotScored as exc:
-        raise HTTPException(409, str(exc)) from exc
-    except (ReviewError, SelectionError) as exc:
-        raise HTTPException(422, str(exc)) from exc
+    sent = send_for_review(session, body.batch_ids, body.domain, body.selection())
     project, tasks = sent.project, sent.tasks
     job = new_job(JobKind.review_sync, _sync(project.id), requested_by=key.name)
     session.add(job)

@@ -28,10 +28,8 @@ from service.exceptions import ServiceUnavailable
 from service.job_kinds import new_job
 from service.payloads import ReviewSyncPayload
 from service.queue import submit
-from service.reviews import ReviewError
 from service.sweep_report import SweepReport, sweep_csv
 from service.sweeps import (
-    SweepError,
     SweepRequest,
     apply,
     discard,
@@ -66,10 +64,6 @@ def sweep_out(sweep: Sweep, request: Request) -> SweepOut:
     )  # fmt: skip
 
 
-def _error(exc: SweepError) -> HTTPException:
-    return HTTPException(exc.status, str(exc))
-
-
 @router.post("/models/{model_id}/sweeps", status_code=status.HTTP_202_ACCEPTED)
 def start(
     model_id: IdPath,
@@ -83,10 +77,7 @@ def start(
     3.5, 5; every class), one sample job per (class, scale), the same seeds at every scale of
     a class so only the guidance differs. Then ``POST /sweeps/{id}/review``."""
     model = get_or_404(session, Model, model_id, hint="; see GET /models")
-    try:
-        sweep, jobs = start_sweep(session, model, body or SweepRequest(), settings, key.name)
-    except SweepError as exc:
-        raise _error(exc) from exc
+    sweep, jobs = start_sweep(session, model, body or SweepRequest(), settings, key.name)
     try:
         submit(session, jobs)
     except ServiceUnavailable:
@@ -125,12 +116,7 @@ def review_sweep(
     if not settings.label_studio_url:
         raise HTTPException(409, "Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL")
     sweep = get_or_404(session, Sweep, sweep_id)
-    try:
-        project, tasks = review(session, sweep, domain)
-    except SweepError as exc:
-        raise _error(exc) from exc
-    except ReviewError as exc:
-        raise HTTPException(422, str(exc)) from exc
+    project, tasks = review(session, sweep, domain)
     job = new_job(JobKind.review_sync, ReviewSyncPayload(project_id=project.id),
                   requested_by=key.name)  # fmt: skip
     session.add(job)
@@ -178,10 +164,7 @@ def apply_sweep(
     the model's per-class guidance defaults; classes without a recommendation keep theirs.
     409 when the sweep recommends nothing yet."""
     sweep = get_or_404(session, Sweep, sweep_id)
-    try:
-        chosen, skipped = apply(session, sweep, storage, settings, body.scales if body else None)
-    except SweepError as exc:
-        raise _error(exc) from exc
+    chosen, skipped = apply(session, sweep, storage, settings, body.scales if body else None)
     session.commit()
     defaults = dict(sweep.model.guidance_defaults or {})
     return ApplyOut(model_id=sweep.model_id, set=chosen, unchanged=skipped, defaults=defaults)
@@ -216,9 +199,6 @@ def put_guidance(
     """Set the per-class defaults by hand, replacing them all (``{"defaults": {}}`` clears
     them: every class falls back to the global default)."""
     model = get_or_404(session, Model, model_id)
-    try:
-        set_defaults(model, body.defaults, replace=True)
-    except SweepError as exc:
-        raise _error(exc) from exc
+    set_defaults(model, body.defaults, replace=True)
     session.commit()
     return guidance_out(model, settings)

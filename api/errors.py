@@ -1,7 +1,8 @@
 """The service core's errors as HTTP answers: a dependency's failure is a 503 with a message and
 Retry-After (a request that fails this way has changed nothing: writes commit only after every
-dependency answered, so the client can simply retry); a job the workers could not run (their
-encoder's weights are missing) is a 422 saying what to set."""
+dependency answered, so the client can simply retry); a user's mistake (ml.errors.UserError: a
+split larger than the dataset, encoder weights the workers lack, ...) is its class's status with
+the message saying what to change."""
 
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from api.finite_json import json_safe
 from ml.errors import UserError
-from service.encoder import EncoderUnavailable
 from service.exceptions import RETRY_AFTER_S, ServiceUnavailable
-from service.splits import SplitTooLarge
 
 log = logging.getLogger(__name__)
 __all__ = ["RETRY_AFTER_S", "ServiceUnavailable", "install_handlers", "unavailable"]
@@ -49,18 +48,10 @@ def install_handlers(app: FastAPI) -> None:
         its message what was wrong and what is allowed."""
         return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
 
-    @app.exception_handler(SplitTooLarge)
-    async def _split(_req: Request, exc: SplitTooLarge) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": str(exc)})
-
     @app.exception_handler(ServiceUnavailable)
     async def _service(_req: Request, exc: ServiceUnavailable) -> JSONResponse:
         log.warning("%s", exc)
         return unavailable(exc.component, exc.reason)
-
-    @app.exception_handler(EncoderUnavailable)
-    async def _encoder(_req: Request, exc: EncoderUnavailable) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": str(exc)})
 
     @app.exception_handler(OperationalError)
     async def _database(_req: Request, exc: OperationalError) -> JSONResponse:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ml.data.images import DatasetSplit, load_image, pixel_hash
+from ml.errors import Invalid, NotFound
 from ml.models.checkpoint import LoadedModel
 from ml.prototypes.encoder import EmbeddingCache, ImageEncoder, embed
 from ml.schemas.audit import (
@@ -182,22 +183,22 @@ def audit_images(
     classes = list(split.classes)
     unknown = sorted(set(image_classes) - set(classes))
     if unknown:
-        raise ValueError(f"images of {', '.join(unknown)}: the training split has {classes}")
+        raise Invalid(f"images of {', '.join(unknown)}: the training split has {classes}")
     if len(image_classes) != len(images):
         raise ValueError(f"{len(images)} images but {len(image_classes)} class names")
     size = split.train.images.shape[-1]
     if len(images) and tuple(images.shape[1:]) != (3, size, size):
-        raise ValueError(
+        raise Invalid(
             f"images are {tuple(images.shape[1:])}, the training split ({size}x{size}) is at "
             "the model's image size: audit images the model generated"
         )
     if "clip" in spaces and encoder is None:
-        raise ValueError("the clip space needs an encoder")
+        raise Invalid("the clip space needs an encoder")
     held_labels = split.heldout.labels.numpy()
     counts = split.heldout.per_class_counts() if len(split.heldout) else {}
     empty = [c for c in classes if counts.get(c, 0) < 2]
     if empty:
-        raise ValueError(
+        raise Invalid(
             f"fewer than 2 held-out real images for {', '.join(empty)}: the audit calibrates on "
             "held-out images (train with n_heldout >= 2; 20 or more per class make the "
             "threshold meaningful)"
@@ -299,22 +300,22 @@ def read_batch_folder(folder: Path | str) -> tuple[torch.Tensor, list[str], list
     folder = Path(folder)
     manifest = folder / "manifest.csv"
     if not folder.is_dir():
-        raise FileNotFoundError(f"no batch folder at {folder}")
+        raise NotFound(f"no batch folder at {folder}")
     if not manifest.is_file():
-        raise FileNotFoundError(
+        raise NotFound(
             f"{folder} has no manifest.csv: give the folder `protomed sample --out` wrote "
             "(or an unpacked batch zip)"
         )
     with open(manifest, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"file", "class"} <= set(rows[0]):
-        raise ValueError(f"{manifest} lists no images (columns file and class are needed)")
+        raise Invalid(f"{manifest} lists no images (columns file and class are needed)")
     images, classes, files = [], [], []
     size = None
     for row in rows:
         path = folder / row["file"]
         if not path.is_file():
-            raise FileNotFoundError(f"{manifest} lists {row['file']}, which is not in {folder}")
+            raise NotFound(f"{manifest} lists {row['file']}, which is not in {folder}")
         from PIL import Image
 
         with Image.open(path) as im:

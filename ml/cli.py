@@ -1,7 +1,8 @@
 """``protomed``: the command line for the core (prototypes, train, sample, demo, toy, check).
 
-Errors a user can fix (bad paths, unknown classes, wrong fields) end with a one-line message and
-exit code 2, never a traceback; set PROTOMED_DEBUG=1 to see the traceback anyway.
+Errors a user can fix (bad paths, unknown classes, wrong fields: ml.errors.UserError) end with a
+one-line message and exit code 2, never a traceback; set PROTOMED_DEBUG=1 to see the traceback
+anyway. Any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ml.config import (
 
 # Torch-free (pydantic only): the choices and defaults below come from the one place they live.
 from ml.data.catalog import Layout
+from ml.errors import Invalid, UserError
 
 app = typer.Typer(
     help="Prototype-guided class-conditional diffusion for plausible synthetic medical images.",
@@ -56,7 +58,9 @@ def _fail(msg: str) -> None:
 
 
 def _guard(fn: Callable[[], T]) -> T:
-    """Run a command body, turning user-fixable errors into a one-line message."""
+    """Run a command body; a mistake the user can fix (a :class:`~ml.errors.UserError`, or a
+    configuration pydantic refused) ends in one ``error:`` line and exit 2. Everything else is a
+    bug and keeps its traceback, so it is never mistaken for a bad argument."""
     from pydantic import ValidationError
 
     from ml.config import describe_validation_error
@@ -67,10 +71,10 @@ def _guard(fn: Callable[[], T]) -> T:
         if os.environ.get("PROTOMED_DEBUG"):
             raise
         _fail(describe_validation_error(exc))
-    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
+    except UserError as exc:
         if os.environ.get("PROTOMED_DEBUG"):
             raise
-        _fail(str(exc).strip("'\""))
+        _fail(str(exc))
     raise AssertionError("unreachable")
 
 
@@ -212,7 +216,7 @@ def prototypes(
         given = {"epochs": encoder_epochs, "input_size": encoder_size,
                  "patience": encoder_patience}  # fmt: skip
         if not learned and any(v is not None for v in given.values()):
-            raise ValueError(f"--encoder-epochs/-size/-patience need --encoder {LEARNED}")
+            raise Invalid(f"--encoder-epochs/-size/-patience need --encoder {LEARNED}")
         domain = DomainEncoderConfig(seed=seed, **{n: v for n, v in given.items() if v is not None})
         spec = EncoderSpec(encoder, None if untrained or learned else pretrained)
         selection = {
@@ -260,7 +264,7 @@ def train_cmd(
         cfg = make_config(preset, {**parse_overrides(set_ or []), "mode": mode})
         book = Codebook.load(codebook) if codebook is not None else None
         if book is None and data is None:
-            raise ValueError("give --codebook (recommended, same split for both modes) or --data")
+            raise Invalid("give --codebook (recommended, same split for both modes) or --data")
         path = train_model(
             cfg, out, codebook=book, root=data, resume=resume, device=device,
             roots=allow_root or None,
@@ -384,7 +388,7 @@ def demo(
 
         name = encoder or ("ViT-B-32" if pretrained else LEARNED)
         if name == LEARNED and pretrained:
-            raise ValueError(f"--pretrained is for an open_clip --encoder, not {LEARNED}")
+            raise Invalid(f"--pretrained is for an open_clip --encoder, not {LEARNED}")
         return run_demo(
             out, steps=steps, n_per_class=n_per_class, n_sample=n_sample,
             encoder=name, pretrained=pretrained, device=device, say=typer.echo,
@@ -455,7 +459,7 @@ def evaluate(
         try:
             seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
         except ValueError as exc:
-            raise ValueError(f"--seeds must be comma-separated integers (got {seeds!r})") from exc
+            raise Invalid(f"--seeds must be comma-separated integers (got {seeds!r})") from exc
         dev = resolve_device(device)
         cfg = EvalConfig(
             n_per_class=n_per_class, steps=steps, guidance=guidance, seeds=seed_list,

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ml.errors import Invalid
+
 if TYPE_CHECKING:  # torch is imported where used: the API validates configs without loading it
     import torch
 
@@ -240,7 +242,7 @@ assert set(PRESETS) == set(get_args(PresetName)), "PresetName must name exactly 
 def make_config(preset: str = "paper", overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A preset with overrides applied and validated; errors name the field and what is allowed."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise Invalid(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[preset], **(overrides or {}), "preset": preset}
     cfg = TrainConfig(**values)
     cfg.check_image_size()
@@ -253,10 +255,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"override {pair!r} must look like field=value")
+            raise Invalid(f"override {pair!r} must look like field=value")
         key = key.strip()
         if key not in TrainConfig.model_fields:
-            raise ValueError(
+            raise Invalid(
                 f"unknown field {key!r}; fields are: {', '.join(sorted(TrainConfig.model_fields))}"
             )
         try:

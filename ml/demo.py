@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ml.config import SampleConfig, make_config
 from ml.data.toy import CRITERIA, TOY_CLASSES, check_images, write_toy_dataset
 from ml.diffusion.sample import sample_to_folder, save_grid
+from ml.errors import Invalid, NotFound
 from ml.evaluation.intervals import newcombe_difference, wilson
 from ml.models.checkpoint import load_model
 from ml.pipeline import learn_prototypes, train_model
@@ -63,20 +64,18 @@ def check_folder(folder: Path | str) -> dict[str, Any]:
     """Judge every ``<class>/*.png`` under a folder of toy-domain images."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no folder {folder}")
+        raise NotFound(f"no folder {folder}")
     out: dict[str, Any] = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         if sub.name not in TOY_CLASSES:
-            raise ValueError(
-                f"{sub.name!r} is not a toy class; toy classes: {', '.join(TOY_CLASSES)}"
-            )
+            raise Invalid(f"{sub.name!r} is not a toy class; toy classes: {', '.join(TOY_CLASSES)}")
         files = sorted(sub.glob("*.png"))
         imgs = (
             np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]) if files else None
         )
         out[sub.name] = judge(imgs, sub.name) if imgs is not None else {"n": 0}
     if not out:
-        raise ValueError(f"{folder} has no class folders of PNG images")
+        raise Invalid(f"{folder} has no class folders of PNG images")
     return out
 
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ml.config import TrainConfig
 from ml.data.images import DatasetSplit, ImageSet, load_selection, load_split, scan
 from ml.diffusion.train import ProgressCallback, train
+from ml.errors import Invalid
 from ml.prototypes.cpl import Codebook, CPLConfig, PrototypeReport, finish_codebook, fit_prototypes
 from ml.prototypes.encoder import ClipEncoder, EmbeddingCache, EncoderSpec, embed
 from ml.prototypes.learned_encoder import (
@@ -81,7 +82,7 @@ def learn_prototypes(
     scan(Path(root), selection.get("layout", "auto"), roots)
     if encoder_spec.model_name == LEARNED:
         if cpl.head is not None:
-            raise ValueError(
+            raise Invalid(
                 f"--head is for fixed CLIP embeddings: the {LEARNED} encoder trains its whole net"
             )
         split = load_split(root, **selection, roots=roots)
@@ -207,7 +208,7 @@ def training_data(
     elif root is not None:
         base = {"root": str(root)}
     else:
-        raise ValueError("give a dataset folder or a codebook that records its data selection")
+        raise Invalid("give a dataset folder or a codebook that records its data selection")
     base["image_size"] = cfg.image_size
     if "layout" in base:
         return load_selection(base, roots).train
@@ -228,7 +229,7 @@ def train_model(
 ) -> Path:
     """Train one mode on the codebook's training split; returns the checkpoint path."""
     if cfg.mode == "prototype" and codebook is None:
-        raise ValueError("prototype mode needs --codebook (run `protomed prototypes` first)")
+        raise Invalid("prototype mode needs --codebook (run `protomed prototypes` first)")
     data = training_data(cfg, codebook=codebook, root=root, roots=roots)
     keyed = ImageSet(
         images=data.images,

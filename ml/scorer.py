@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ml.errors import Invalid
 from ml.evaluation.intervals import wilson
 from ml.schemas.scorer import Assessment, CalibrationBin, ScorerMetrics
 
@@ -44,7 +45,7 @@ FORMAT = "protomed-scorer/1"
 Z95 = 1.959963984540054
 
 
-class ScorerError(ValueError):
+class ScorerError(Invalid):
     """Verdicts a scorer cannot be fitted on (too few, one class only); the message says why."""
 
 
@@ -157,7 +158,7 @@ class Scorer:
         (size,) = struct.unpack("<Q", data[:8])
         meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
         if meta.get("format") != FORMAT:
-            raise ValueError(f"not a protomed scorer file (format {meta.get('format')!r})")
+            raise Invalid(f"not a protomed scorer file (format {meta.get('format')!r})")
         t = load(data)
         return cls(
             mean=t["mean"], scale=t["scale"], coef=t["coef"], intercept=float(t["intercept"][0]),

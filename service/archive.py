@@ -19,6 +19,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING
 
+from ml.errors import Invalid
 from service.storage import CHUNK
 
 if TYPE_CHECKING:
@@ -30,12 +31,13 @@ IGNORED_DIRS = ("__MACOSX",)  # resource forks added by macOS's Archive Utility
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-class ArchiveError(ValueError):
+class ArchiveError(Invalid):
     """The archive is refused; the message says why and what is allowed."""
 
 
 class ArchiveTooLarge(ArchiveError):
-    """The archive has more entries or unpacks to more bytes than allowed."""
+    """The archive has more entries or unpacks to more bytes than allowed (the API answers 413,
+    which the upload route says itself)."""
 
 
 def _check_name(name: str) -> None:

@@ -14,10 +14,11 @@ Face hub cache) from open_clip's source without importing open_clip or torch.
 
 from __future__ import annotations
 
+from ml.errors import Invalid
 from service.config import Settings
 
 
-class EncoderUnavailable(ValueError):
+class EncoderUnavailable(Invalid):
     """The workers' CLIP encoder cannot be built on this machine (the message says what to
     set); nothing was queued."""
 

@@ -53,6 +53,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ml.errors import Invalid
 from service.criteria import VERDICTS
 from service.report_models import (
     Agreement,
@@ -292,10 +293,10 @@ def plausibility_report(
     crits = [Criterion.model_validate(c) for c in criteria]
     ids = [m.id for m in columns]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"model ids repeat: {ids}")
+        raise Invalid(f"model ids repeat: {ids}")
     for name, given in (("baseline_id", baseline_id), ("prototype_id", prototype_id)):
         if given is not None and given not in ids:
-            raise ValueError(f"{name}={given} is not among the models {ids}")
+            raise Invalid(f"{name}={given} is not among the models {ids}")
     if baseline_id is None:
         baseline_id = _only(columns, "baseline")
     if prototype_id is None:

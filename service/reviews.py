@@ -109,7 +109,7 @@ def send_for_review(
     prototype images, random and uncertain picks, are mixed). Images already in the project
     are not added twice; an earlier uncertain pick that joins the random sample keeps its task,
     whose ``sample`` turns to ``random``. Every batch is checked before anything changes
-    (:class:`ReviewError`, :class:`~service.selection.SelectionError`)."""
+    (:class:`ReviewError`, :class:`~service.selection.SelectionError`, :class:`NotFound`)."""
     selection = selection or Selection()
     batches = [session.get(Batch, i) for i in dict.fromkeys(batch_ids)]
     missing = [i for i, b in zip(dict.fromkeys(batch_ids), batches, strict=True) if b is None]
@@ -518,7 +518,7 @@ def project_counts(session: Session, project: ReviewProject) -> ProjectCounts:
     return ProjectCounts(tasks or 0, reviews or 0, incomplete or 0, flagged or 0)
 
 
-class FilterError(ValueError):
+class FilterError(Invalid):
     """A report filter that names no valid ids (the message says what is allowed)."""
 
 

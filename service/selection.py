@@ -47,8 +47,9 @@ class SelectionError(Invalid):
     """A selection that cannot be made from the batch as it is (the message says why)."""
 
 
-class NotScored(Conflict, SelectionError):
-    """The batch's images have no scorer probability, so there is no "least sure" to choose."""
+class NotScored(Conflict):
+    """The batch's images have no scorer probability, so there is no "least sure" to choose: a
+    conflict with the batch's state (scored later, it can be), not a malformed selection."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def choose(
 ) -> BatchChoice:
     """The images of ``batch`` to send under ``selection``, given ``tasks``, the project's
     existing tasks by image id. Pure apart from ``rng`` (default: the system's CSPRNG); raises
-    :class:`SelectionError` (:class:`NotScored` for unscored images) before choosing anything."""
+    :class:`SelectionError` (or :class:`NotScored` for unscored images) before choosing anything."""
     images = sorted(batch.images, key=lambda i: i.index)
     in_sample = {i for i, t in tasks.items() if t.sample == ReviewSample.random}
     drawable = [img for img in images if img.id not in in_sample]

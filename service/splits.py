@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from ml.errors import Invalid
 
-class SplitTooLarge(ValueError):
+
+class SplitTooLarge(Invalid):
     """The request asks for more images than the dataset holds; the message names each short
     class, its count and what was asked."""
 

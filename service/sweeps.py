@@ -58,12 +58,8 @@ Scale = Annotated[float, Field(ge=0.0, le=MAX_SCALE)]
 
 
 class SweepError(Invalid):
-    """A sweep request that cannot be served as asked (the input is wrong)."""
-
-
-class SweepConflict(Conflict, SweepError):
-    """A sweep request the model or sweep is not in a state to serve (not ready, still
-    generating)."""
+    """A sweep request that cannot be served as asked (an unknown class, a scale out of range,
+    too many images); a model or sweep not in a state to do it is a :class:`Conflict`."""
 
 
 class SweepRequest(RequestModel):
@@ -100,10 +96,10 @@ def start_sweep(
     session: Session, model: Model, request: SweepRequest, settings: Settings, requested_by: str
 ) -> tuple[Sweep, list[Job]]:
     """The sweep row, one batch and one queued sample job per (class, scale), flushed (the
-    caller submits the jobs). :class:`SweepError` for an unready model, an unknown class or too
-    many images."""
+    caller submits the jobs). :class:`Conflict` for an unready model, :class:`SweepError` for
+    an unknown class or too many images."""
     if model.status != ModelStatus.ready:
-        raise SweepConflict(f"model {model.id} is {model.status}, not ready")
+        raise Conflict(f"model {model.id} is {model.status}, not ready")
     classes = request.classes or list(model.classes)
     unknown = [c for c in classes if c not in model.classes]
     if unknown:
@@ -161,7 +157,7 @@ def review(
     reviewers see neither the scale nor which images share one (``service.reviews``)."""
     waiting = [b.id for b in sweep.batches if not b.images]
     if waiting:
-        raise SweepConflict(
+        raise Conflict(
             f"sweep {sweep.id} is still generating: batch {', '.join(map(str, waiting))} has no "
             "images yet"
         )
@@ -284,7 +280,7 @@ def apply(
         chosen = recommendations(rep)
         skipped = {c.class_name: c.reason for c in rep.classes if c.recommended is None}
         if not chosen:
-            raise SweepConflict(
+            raise Conflict(
                 f"sweep {sweep.id} recommends no scale for any class yet ("
                 + "; ".join(f"{c}: {r}" for c, r in skipped.items())
                 + "); review more images, or give the scales yourself"

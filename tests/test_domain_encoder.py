@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ml.data.toy import write_toy_dataset
+from ml.errors import NotFound
 from ml.pipeline import learn_prototypes
 from ml.prototypes.cpl import Codebook, CPLConfig
 from ml.prototypes.encoder import TINY_MODEL, EmbeddingCache, EncoderSpec, embed
@@ -101,7 +102,7 @@ def test_a_changed_artifact_is_refused(toy, tmp_path, one_thread):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"corrupt learned encoder.*checksum"):
         LearnedEncoder.load(tmp_path / "cb")
-    with pytest.raises(FileNotFoundError, match=r"encoder\.json missing"):
+    with pytest.raises(NotFound, match=r"encoder\.json missing"):
         LearnedEncoder.load(tmp_path)
     other = _learn(toy, tmp_path / "other", cfg=SMALL.model_copy(update={"seed": 2}))
     with pytest.raises(ValueError, match="was learned with"):

@@ -11,6 +11,7 @@ from sklearn.metrics import precision_recall_fscore_support
 from torch import nn
 
 from ml.data.images import ImageSet
+from ml.errors import NotFound
 from ml.evaluation.downstream import (
     DownstreamConfig,
     _flip,
@@ -70,7 +71,7 @@ def test_local_weights_load_everything_but_fc(tmp_path):
     torch.save(make_classifier("small", 2).state_dict(), tmp_path / "small.pt")
     with pytest.raises(ValueError, match="does not fit this backbone"):
         make_classifier("resnet18", 3, weights=tmp_path / "small.pt")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(NotFound):
         make_classifier("resnext50", 3, weights=tmp_path / "absent.pt")
     with pytest.raises(ValueError, match="no pretrained weights"):
         make_classifier("small", 3, weights=tmp_path / "r18.pt")

@@ -9,6 +9,7 @@ import pydantic
 import pytest
 import torch
 
+from ml.errors import NotFound
 from ml.prototypes.cpl import Codebook, CPLConfig, _kmeans, dce_loss, fit_prototypes, pl_loss
 
 IDENTITY = "test-encoder|untrained-seed0|gelu|float32"
@@ -239,7 +240,7 @@ def test_codebook_round_trip(tmp_path, head):
 
 
 def test_codebook_missing_or_corrupt(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no codebook"):
+    with pytest.raises(NotFound, match="no codebook"):
         Codebook.load(tmp_path / "nowhere")
     (x, y), _, classes = _blobs(n_cls=2, per=4)
     book, _ = fit_prototypes(x, y, classes, CPLConfig(epochs=1), encoder_identity=IDENTITY)
@@ -254,5 +255,5 @@ def test_codebook_missing_or_corrupt(tmp_path):
     with pytest.raises(ValueError, match="corrupt codebook"):
         Codebook.load(out)
     (out / "codebook.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=r"codebook\.safetensors missing"):
+    with pytest.raises(NotFound, match=r"codebook\.safetensors missing"):
         Codebook.load(out)

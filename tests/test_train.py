@@ -17,6 +17,7 @@ from ml.config import SampleConfig, make_config
 from ml.data.images import ImageSet
 from ml.diffusion.sample import generate, sample_to_folder
 from ml.diffusion.train import Progress, TrainingCancelled, train
+from ml.errors import NotFound
 from ml.models.checkpoint import load_model, read_checkpoint
 
 HERE = Path(__file__).parent
@@ -144,7 +145,7 @@ def test_wrong_image_size_is_a_clear_error(tmp_path):
 
 
 def test_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(NotFound, match="no checkpoint"):
         read_checkpoint(tmp_path / "nothing.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

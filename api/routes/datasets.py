@@ -31,9 +31,8 @@ from api.schemas import (
     SkippedFile,
 )
 from ml.data.catalog import Catalog, Layout
-from ml.errors import Invalid
 from service import datasets
-from service.archive import ArchiveError, ArchiveTooLarge, copy_limited, safe_extract
+from service.archive import ArchiveTooLarge, copy_limited, safe_extract
 from service.config import Settings, get_settings
 from service.datasets import (
     check_domain,
@@ -123,8 +122,6 @@ def _unpack(src: Path, dest: Path, settings: Settings) -> Path:
             status.HTTP_413_CONTENT_TOO_LARGE,
             f"{exc} (PROTOMED_MAX_UNPACKED_BYTES / PROTOMED_MAX_UPLOAD_FILES)",
         ) from exc
-    except ArchiveError as exc:
-        raise Invalid(str(exc)) from exc
 
 
 def _discard(storage: Storage, key: str) -> None:

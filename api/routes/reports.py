@@ -14,7 +14,7 @@ from service.db.models import MAX_ID
 from service.evaluations import evaluation_csv, evaluation_of, latest_evaluation
 from service.report_models import Flagged, PlausibilityReport
 from service.reports import report_csv
-from service.reviews import FilterError, plausibility
+from service.reviews import plausibility
 
 router = APIRouter(prefix="/reports")
 
@@ -55,10 +55,7 @@ def plausibility_endpoint(
     and pooled averages with a Cochran-Mantel-Haenszel test stratified by class; failure rate
     per criterion; agreement between reviewers; how many verdicts were incomplete (counted
     nowhere) and flagged. ``format=csv``: the seed's Tables 3-4 layout."""
-    try:
-        report = plausibility(session, dataset_id, models, reviewer, criteria_set_id, flagged)
-    except FilterError as exc:
-        raise HTTPException(422, str(exc)) from exc
+    report = plausibility(session, dataset_id, models, reviewer, criteria_set_id, flagged)
     if format == "csv":
         return PlainTextResponse(report_csv(report), media_type="text/csv")
     return report

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+from ml.errors import Invalid
+
 # Under "ml.data", beside the loader: configuring the "ml.data" logger covers both.
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 PIXELS_ENV = "PROTOMED_MAX_IMAGE_PIXELS"
 
 
-class DataError(ValueError):
+class DataError(Invalid):
     """Bad data or arguments; the message names the problem and what is allowed."""
 
 

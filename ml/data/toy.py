@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from ml.errors import Invalid
+
 TOY_CLASSES: tuple[str, ...] = ("lymphocyte", "neutrophil", "eosinophil", "monocyte", "basophil")
 CRITERIA: tuple[str, ...] = (
     "cell_size",
@@ -97,7 +99,7 @@ SPECS: dict[str, ClassSpec] = {
 def _spec(cls: str) -> ClassSpec:
     """Look up a class, failing loudly with the valid names."""
     if cls not in SPECS:
-        raise ValueError(f"unknown class {cls!r}; valid classes: {', '.join(TOY_CLASSES)}")
+        raise Invalid(f"unknown class {cls!r}; valid classes: {', '.join(TOY_CLASSES)}")
     return SPECS[cls]
 
 
@@ -294,7 +296,7 @@ def _to_work(image: np.ndarray | Image.Image) -> np.ndarray:
         if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
             arr = arr.transpose(1, 2, 0)  # CHW -> HWC
         if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-            raise ValueError(f"expected an RGB image (HxWx3, 3xHxW or PIL), got shape {arr.shape}")
+            raise Invalid(f"expected an RGB image (HxWx3, 3xHxW or PIL), got shape {arr.shape}")
         if arr.dtype != np.uint8:  # floats in 0..1 (or 0..255) are accepted too
             scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
             arr = np.clip(np.rint(arr.astype(np.float64) * scale), 0, 255).astype(np.uint8)

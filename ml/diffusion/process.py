@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from ml.config import SchedulerName, TrainConfig
+from ml.errors import Invalid
 from ml.models.unet import NULL_LABEL
 
 Sampler = DDIMScheduler | DPMSolverMultistepScheduler
@@ -43,7 +44,7 @@ def sampler(name: SchedulerName, train_sched: DDPMScheduler, steps: int) -> Samp
             algorithm_type="dpmsolver++" if name == "dpm++" else "sde-dpmsolver++",
         )  # fmt: skip
     else:
-        raise ValueError(f"unknown scheduler {name!r}; choose ddim, dpm++ or dpm++sde")
+        raise Invalid(f"unknown scheduler {name!r}; choose ddim, dpm++ or dpm++sde")
     s.set_timesteps(steps)
     return s
 

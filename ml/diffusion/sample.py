@@ -22,6 +22,7 @@ from torchvision.utils import make_grid
 from ml.config import SampleConfig, autocast_dtype
 from ml.diffusion.process import guided_sample, noise_scheduler, sampler, to_uint8
 from ml.diffusion.provenance import Provenance, file_sha256, png_with_provenance
+from ml.errors import Invalid
 from ml.models.checkpoint import LoadedModel
 
 MANIFEST_FIELDS = (
@@ -62,10 +63,10 @@ def generate(
     minutes on a CPU, so images alone would jump 0 -> 100%). ``indices``: draw only these of
     the n (the same pixels as in the full draw; :func:`regenerate` uses it)."""
     if n < 1:
-        raise ValueError(f"n must be at least 1 (got {n})")
+        raise Invalid(f"n must be at least 1 (got {n})")
     wanted = list(range(n)) if indices is None else list(indices)
     if not wanted or any(not 0 <= i < n for i in wanted):
-        raise ValueError(f"indices must lie in [0, {n}) (got {wanted})")
+        raise Invalid(f"indices must lie in [0, {n}) (got {wanted})")
     model, cfg, cond = loaded.model, loaded.cfg, loaded.cond
     device = next(model.parameters()).device
     c = cond.class_index(class_name)
@@ -127,7 +128,7 @@ def regenerate(checkpoint: Path | str, p: Provenance, device: str = "cpu") -> to
     loaded = load_model(checkpoint, use_ema=p.use_ema, device=device)
     digest = file_sha256(loaded.path)
     if digest != p.checkpoint_sha256:
-        raise ValueError(
+        raise Invalid(
             f"the image was made by checkpoint sha256 {p.checkpoint_sha256[:12]}..., "
             f"{loaded.path} is {digest[:12]}..."
         )

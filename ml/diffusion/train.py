@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ml.config import TrainConfig, autocast_dtype, resolve_device
 from ml.diffusion.process import diffusion_loss, from_uint8, noise_scheduler
+from ml.errors import Invalid
 from ml.models.checkpoint import Conditioning, build_model, read_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
@@ -70,17 +71,17 @@ def conditioning_for(
 ) -> tuple[Conditioning, torch.Tensor | None]:
     """The class-table layout for a run, and the prototype table when there is one."""
     if codebook is not None and list(codebook.classes) != list(classes):
-        raise ValueError(
+        raise Invalid(
             f"codebook classes {list(codebook.classes)} differ from the data's {list(classes)}"
         )
     if mode == "prototype":
         if codebook is None:
-            raise ValueError("prototype mode needs a codebook (run `protomed prototypes` first)")
+            raise Invalid("prototype mode needs a codebook (run `protomed prototypes` first)")
         cond = Conditioning(classes, mode, codebook.k, codebook.weights.clone(), codebook.encoder)
         return cond, codebook.table().float()
     if mode == "baseline":
         return Conditioning(classes, mode, 1, None, codebook.encoder if codebook else None), None
-    raise ValueError(f"unknown mode {mode!r}; choose prototype or baseline")
+    raise Invalid(f"unknown mode {mode!r}; choose prototype or baseline")
 
 
 def class_width(cfg: TrainConfig, codebook: Codebook | None) -> TrainConfig:
@@ -195,7 +196,7 @@ def _check_same_model(cfg: TrainConfig, stored: TrainConfig, path: Path | str) -
     differ = [f for f in MODEL_FIELDS if getattr(cfg, f) != getattr(stored, f)]
     if differ:
         got = ", ".join(f"{f}={getattr(stored, f)!r} (config: {getattr(cfg, f)!r})" for f in differ)
-        raise ValueError(
+        raise Invalid(
             f"{path} holds a different model: {got}; resume with its settings "
             f"(a paper checkpoint without attention: --preset paper-legacy)"
         )
@@ -235,7 +236,7 @@ def train(
     cfg.check_image_size()
     out_dir = Path(out_dir)
     if data.images.shape[-1] != cfg.image_size:
-        raise ValueError(
+        raise Invalid(
             f"images are {data.images.shape[-1]}px but the model is {cfg.image_size}px; "
             "load the data at the model size"
         )

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ml.errors import Invalid
 from ml.schemas.evaluation import ChanceLevel, ChanceLevels
 
 DRAWS = 2000  # simulated guessers: the 95% range's ends move by < 0.5 points between seeds
@@ -42,9 +43,7 @@ def chance_levels(support: Sequence[int], draws: int = DRAWS, seed: int = 0) -> 
     counts = np.asarray(support, dtype=np.int64)
     k, n = len(counts), int(counts.sum())
     if k < 2 or n == 0:
-        raise ValueError(
-            f"chance levels need >= 2 classes and >= 1 test image (got {list(support)})"
-        )
+        raise Invalid(f"chance levels need >= 2 classes and >= 1 test image (got {list(support)})")
     truth = np.repeat(np.arange(k), counts)
     rng = np.random.default_rng(seed)
     sims = np.array([macro_scores(truth, rng.integers(0, k, n), k) for _ in range(draws)])

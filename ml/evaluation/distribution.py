@@ -18,6 +18,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from ml.errors import Invalid
 from ml.prototypes.cpl import Codebook
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def frechet_distance(
     x, y = _as_2d(a, "a"), _as_2d(b, "b")
     _same_dim(x, y, "a and b")
     if len(x) < 2 or len(y) < 2:
-        raise ValueError(f"frechet_distance needs >= 2 samples per set, got {len(x)} and {len(y)}")
+        raise Invalid(f"frechet_distance needs >= 2 samples per set, got {len(x)} and {len(y)}")
     mu1, s1 = _gaussian(x)
     mu2, s2 = _gaussian(y)
     diff = mu1 - mu2
@@ -141,13 +142,11 @@ def knn_precision_recall(
     ``_CHUNK`` rows), prints to stdout on every call and fixes ``n_jobs=8``.
     """
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise Invalid(f"k must be >= 1, got {k}")
     r, f = _as_2d(real, "real"), _as_2d(fake, "fake")
     _same_dim(r, f, "real and fake")
     if len(r) <= k or len(f) <= k:
-        raise ValueError(
-            f"k={k} needs more than k samples per set, got {len(r)} real, {len(f)} fake"
-        )
+        raise Invalid(f"k={k} needs more than k samples per set, got {len(r)} real, {len(f)} fake")
     rt, ft = torch.from_numpy(r), torch.from_numpy(f)
     precision = _inside(ft, rt, _knn_radii(rt, k)).double().mean().item()
     recall = _inside(rt, ft, _knn_radii(ft, k)).double().mean().item()
@@ -165,7 +164,7 @@ def _consistent(emb: np.ndarray | torch.Tensor, labels: np.ndarray, codebook: Co
         raise ValueError(f"labels must index the codebook's {n_cls} classes {codebook.classes}")
     in_dim = codebook.dim if codebook.head_state is None else codebook.head_state["weight"].shape[1]
     if x.shape[1] != in_dim:
-        raise ValueError(
+        raise Invalid(
             f"embeddings have {x.shape[1]} dims but the codebook expects {in_dim} "
             f"(encoder {codebook.encoder!r}): embed with the codebook's encoder"
         )
@@ -181,7 +180,7 @@ def prototype_consistency(
     belongs to the class they were generated for: does the image look like its condition?"""
     _, hit = _consistent(emb, np.asarray(labels), codebook)
     if not len(hit):
-        raise ValueError("prototype_consistency needs at least one embedding")
+        raise Invalid("prototype_consistency needs at least one embedding")
     return float(hit.mean())
 
 
@@ -236,7 +235,7 @@ def distribution_report(
         if len(y) and (y.min() < 0 or y.max() >= len(classes)):
             raise ValueError(f"{name} labels must index the {len(classes)} classes {list(classes)}")
     if codebook is not None and list(codebook.classes) != list(classes):
-        raise ValueError(f"codebook classes {codebook.classes} differ from {list(classes)}")
+        raise Invalid(f"codebook classes {codebook.classes} differ from {list(classes)}")
 
     overall = _entry(real, fake, k)
     per_class = {name: _entry(real[ry == c], fake[fy == c], k) for c, name in enumerate(classes)}

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ml.config import resolve_device
 from ml.data.images import ImageSet
+from ml.errors import Invalid, NotFound
 from ml.evaluation.chance import chance_levels
 from ml.schemas.evaluation import DownstreamConfig  # torch-free: the service reads it back
 
@@ -64,7 +65,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
+        raise Invalid(f"{path} does not hold a state dict")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -72,12 +73,12 @@ def _load_backbone(net: nn.Module, path: Path) -> None:
     """Load everything but the classifier head; any other missing or unexpected key means the
     file is for another architecture, which strict=False alone would silently accept."""
     if not path.is_file():
-        raise FileNotFoundError(f"backbone weights {path} not found")
+        raise NotFound(f"backbone weights {path} not found")
     state = {k: v for k, v in _read_state(path).items() if not k.startswith("fc.")}
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise ValueError(
+        raise Invalid(
             f"{path} does not fit this backbone: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
 
@@ -90,17 +91,17 @@ def make_classifier(backbone: str, n_classes: int, weights: Path | str | None = 
     :func:`small_cnn`.
     """
     if n_classes < 2:
-        raise ValueError(f"a classifier needs >= 2 classes, got {n_classes}")
+        raise Invalid(f"a classifier needs >= 2 classes, got {n_classes}")
     if backbone == "small":
         if weights is not None:
-            raise ValueError("the 'small' backbone has no pretrained weights")
+            raise Invalid("the 'small' backbone has no pretrained weights")
         return small_cnn(n_classes)
     import torchvision
 
     builders = {"resnext50": torchvision.models.resnext50_32x4d,
                 "resnet18": torchvision.models.resnet18}  # fmt: skip
     if backbone not in builders:
-        raise ValueError(f"unknown backbone {backbone!r}; choose small, resnet18 or resnext50")
+        raise Invalid(f"unknown backbone {backbone!r}; choose small, resnet18 or resnext50")
     net = builders[backbone](weights=None)
     if weights is not None:
         _load_backbone(net, Path(weights))
@@ -169,7 +170,7 @@ def train_classifier(
     images, labels, classes = _unpack(train)
     _check_images(images, labels, "train")
     if len(images) < 2:
-        raise ValueError(f"train: need >= 2 images, got {len(images)}")
+        raise Invalid(f"train: need >= 2 images, got {len(images)}")
     labels = labels.long()
     n_classes = n_classes or (len(classes) if classes else int(labels.max()) + 1)
     device = resolve_device(cfg.device)
@@ -265,20 +266,20 @@ def _validate(
 ) -> None:
     """Every set must use ``classes`` and contain every class, or the scores mislead."""
     if not train_sets:
-        raise ValueError("downstream_experiment needs at least one training set")
+        raise Invalid("downstream_experiment needs at least one training set")
     named = {**{f"training set {n!r}": d for n, d in train_sets.items()}, "test set": test}
     for what, data in named.items():
         images, labels, own = _unpack(data)
         _check_images(images, labels, what)
         if own is not None and own != list(classes):
-            raise ValueError(f"{what} has classes {own}, but the experiment uses {list(classes)}")
+            raise Invalid(f"{what} has classes {own}, but the experiment uses {list(classes)}")
         if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
             raise ValueError(f"{what}: labels must index the {len(classes)} classes")
         counts = torch.bincount(labels, minlength=len(classes)).tolist()
         absent = [c for c, n in zip(classes, counts, strict=True) if n == 0]
         if absent:
             kind = "test images" if what == "test set" else "training images"
-            raise ValueError(f"{what} has no {kind} of class(es) {absent}")
+            raise Invalid(f"{what} has no {kind} of class(es) {absent}")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -327,7 +328,7 @@ def downstream_experiment(
     Everything is checked before any training, so a bad set fails in seconds, not hours.
     """
     if not seeds:
-        raise ValueError("downstream_experiment needs at least one seed")
+        raise Invalid("downstream_experiment needs at least one seed")
     _validate(train_sets, test, classes)
     test_images, test_labels, _ = _unpack(test)
     sets: dict[str, Any] = {}

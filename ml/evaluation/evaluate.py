@@ -28,6 +28,7 @@ import torch
 from ml.config import SampleConfig
 from ml.data.images import DataError, DatasetSplit, ImageSet, load_selection, load_split, nfc, scan
 from ml.diffusion.sample import generate
+from ml.errors import Invalid
 from ml.evaluation.distribution import distribution_report
 from ml.evaluation.downstream import downstream_experiment
 from ml.models.checkpoint import LoadedModel
@@ -61,23 +62,23 @@ def real_split(
     ``need_heldout``: False when an external test set replaces the held-out part)."""
     selections = {name: m.cond.extra.get("selection") for name, m in models.items()}
     if any(not s for s in selections.values()):
-        raise ValueError("a model does not record its data selection (trained without a codebook)")
+        raise Invalid("a model does not record its data selection (trained without a codebook)")
     first = next(iter(selections.values()))
     drop = ("image_size",)
     if any({k: v for k, v in s.items() if k not in drop} != {k: v for k, v in first.items()
            if k not in drop} for s in selections.values()):  # fmt: skip
-        raise ValueError(f"the models were trained on different data selections: {selections}")
+        raise Invalid(f"the models were trained on different data selections: {selections}")
     sizes = {m.cfg.image_size for m in models.values()}
     if len(sizes) != 1:
-        raise ValueError(f"the models generate different image sizes: {sorted(sizes)}")
+        raise Invalid(f"the models generate different image sizes: {sorted(sizes)}")
     if "layout" not in first:
-        raise ValueError("the recorded selection has no held-out part; train with a codebook")
+        raise Invalid("the recorded selection has no held-out part; train with a codebook")
     selection = {**first, "image_size": sizes.pop(), **({"root": root} if root else {})}
     split = load_selection(selection, roots)
     counts = split.heldout.per_class_counts() if len(split.heldout) else {}
     empty = [c for c in split.classes if not counts.get(c)]
     if empty and need_heldout:
-        raise ValueError(
+        raise Invalid(
             f"no held-out real images for {', '.join(empty)}: train with n_heldout >= 1 "
             "(the seed tests on 50 per class) so the classifier is tested on unseen images, "
             "or give an external test set"
@@ -239,7 +240,7 @@ def evaluate(
     classes = list(split.classes)
     for name, m in models.items():
         if list(m.cond.classes) != classes:
-            raise ValueError(f"model {name} has classes {m.cond.classes}, the data {classes}")
+            raise Invalid(f"model {name} has classes {m.cond.classes}, the data {classes}")
     image_size = next(iter(models.values())).cfg.image_size
     test, test_info = _test_set(split, test_data, image_size, roots, test_name)
     steps_total = len(models) * len(classes) + len(models) + 2

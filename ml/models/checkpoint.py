@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import torch
 
 from ml.config import TrainConfig
+from ml.errors import Invalid, NotFound
 from ml.models.unet import UNet
 
 FORMAT_VERSION = 2  # UNet's per-level names: down.{level}.res.{j}, .attn.{j}, .resample
@@ -53,7 +54,7 @@ class Conditioning:
 
     def class_index(self, name: str) -> int:
         if name not in self.classes:
-            raise ValueError(f"unknown class {name!r}; this model knows: {', '.join(self.classes)}")
+            raise Invalid(f"unknown class {name!r}; this model knows: {', '.join(self.classes)}")
         return self.classes.index(name)
 
     def sample_rows(self, class_idx: int, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -99,7 +100,7 @@ def build_model(
     """The UNet for a config; ``prototypes`` (C*K, D) initialises the class table, frozen unless
     ``cfg.freeze_prototypes`` is False."""
     if cond.mode == "prototype" and prototypes is None:
-        raise ValueError("prototype mode needs a codebook (run `protomed prototypes` first)")
+        raise Invalid("prototype mode needs a codebook (run `protomed prototypes` first)")
     class_dim = prototypes.shape[1] if prototypes is not None else cfg.class_dim
     return UNet(
         num_embeddings=cond.num_embeddings,
@@ -243,7 +244,7 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise NotFound(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -251,16 +252,16 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
         if found is None:  # not a pickle at all: a torn or foreign file
             lines = [x for x in str(exc).splitlines() if x.strip() and "torch.load" not in x]
             reason = lines[-1].strip() if lines else type(exc).__name__
-            raise ValueError(f"{path} is not a readable protomed checkpoint ({reason})") from None
-        raise ValueError(
+            raise Invalid(f"{path} is not a readable protomed checkpoint ({reason})") from None
+        raise Invalid(
             f"{path} refused: it holds a pickled object ({found.group(1)}), not only tensors and "
             "plain data. protomed loads checkpoints with weights_only=True, since unpickling such "
             "an object could run code; use a checkpoint written by protomed"
         ) from None
     except Exception as exc:  # zip errors vary by torch version
-        raise ValueError(f"{path} is not a readable protomed checkpoint ({exc})") from exc
+        raise Invalid(f"{path} is not a readable protomed checkpoint ({exc})") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
-        raise ValueError(f"{path} is not a protomed checkpoint (missing model/args)")
+        raise Invalid(f"{path} is not a protomed checkpoint (missing model/args)")
     return upgrade_checkpoint(ckpt)
 
 

@@ -24,6 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ml.errors import Invalid, NotFound
+
 FORMAT_VERSION = 1
 JSON_NAME, TENSORS_NAME = "codebook.json", "codebook.safetensors"
 
@@ -68,7 +70,7 @@ def artifact_files(
     jpath, tpath = directory / json_name, directory / tensors_name
     for p in (jpath, tpath):
         if not p.is_file():
-            raise FileNotFoundError(f"no {what} at {directory}: {p.name} missing ({missing})")
+            raise NotFound(f"no {what} at {directory}: {p.name} missing ({missing})")
     return jpath, tpath
 
 
@@ -79,9 +81,9 @@ def read_artifact(
     tensors file matches the checksum recorded in the JSON."""
     meta = json.loads(jpath.read_text())
     if meta["format_version"] > version:
-        raise ValueError(f"format version {meta['format_version']} is newer than this code's")
+        raise Invalid(f"format version {meta['format_version']} is newer than this code's")
     if hashlib.sha256(tpath.read_bytes()).hexdigest() != meta["tensors_sha256"]:
-        raise ValueError(f"{tpath.name} does not match {jpath.name} (checksum)")
+        raise Invalid(f"{tpath.name} does not match {jpath.name} (checksum)")
     return meta, load_file(str(tpath))
 
 
@@ -211,7 +213,7 @@ class Codebook:
                 selection=meta["selection"], report=meta["report"],
             )  # fmt: skip
         except (ValueError, KeyError, TypeError, SafetensorError) as e:
-            raise ValueError(f"corrupt codebook at {directory}: {e}") from e
+            raise Invalid(f"corrupt codebook at {directory}: {e}") from e
 
 
 def _kmeans(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -278,7 +280,7 @@ def check_labels(y: torch.Tensor, n: int, classes: Sequence[str], k: int) -> Non
     counts = torch.bincount(y, minlength=n_cls)
     if (counts < k).any():
         few = [f"{classes[c]}={int(counts[c])}" for c in range(n_cls) if counts[c] < k]
-        raise ValueError(f"every class needs >= k={k} training images; short: {', '.join(few)}")
+        raise Invalid(f"every class needs >= k={k} training images; short: {', '.join(few)}")
 
 
 def fit_prototypes(

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ml.config import bf16_supported
+from ml.errors import Invalid
 from ml.prototypes.weights import TINY_MODEL, UNTRAINED, find_weights
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def _build_model(spec: EncoderSpec, weights: _Resolved) -> torch.nn.Module:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         return model
     except (RuntimeError, KeyError) as e:
-        raise ValueError(f"checkpoint {path} does not load into {name}: {e}") from e
+        raise Invalid(f"checkpoint {path} does not load into {name}: {e}") from e
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -143,7 +144,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype in ("bf16", "bfloat16"):
         return torch.bfloat16
     if dtype != "auto":
-        raise ValueError(f"dtype must be 'auto', 'fp32' or 'bf16', not {dtype!r}")
+        raise Invalid(f"dtype must be 'auto', 'fp32' or 'bf16', not {dtype!r}")
     return torch.bfloat16 if bf16_supported(device) else torch.float32
 
 
@@ -161,7 +162,7 @@ class ClipEncoder:
         weights = _resolve_weights(spec)
         kind, quick_gelu = weights.kind, weights.quick_gelu
         if kind == "untrained" and not allow_untrained:
-            raise ValueError(
+            raise Invalid(
                 f"EncoderSpec({spec.model_name!r}, pretrained=None) has no weights: pass an "
                 "open_clip tag (e.g. pretrained='openai') or a local checkpoint path, or "
                 "allow_untrained=True for tests/demos"
@@ -296,7 +297,7 @@ def build_encoder(
         spec = EncoderSpec(model_name, pretrained)
         return ClipEncoder(spec, device=device, allow_untrained=allow_untrained)
     if not pretrained or not Path(pretrained).is_dir():
-        raise ValueError(
+        raise Invalid(
             f"--encoder {LEARNED} needs --pretrained DIR: the folder with its encoder.safetensors "
             f"(a codebook folder from `protomed prototypes --encoder learned`), not {pretrained!r}"
         )

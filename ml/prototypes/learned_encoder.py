@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from torch import nn
 
+from ml.errors import Invalid
 from ml.prototypes.cpl import (
     CPLConfig,
     artifact_files,
@@ -246,7 +247,7 @@ class LearnedEncoder:
             net.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("net.")})
             return cls(net, t["input.mean"], t["input.std"], meta, device)
         except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
-            raise ValueError(f"corrupt learned encoder at {directory}: {e}") from e
+            raise Invalid(f"corrupt learned encoder at {directory}: {e}") from e
 
 
 def is_learned(identity: str) -> bool:
@@ -260,7 +261,7 @@ def load_codebook_encoder(
     from (``identity``, the codebook's ``encoder``)."""
     enc = LearnedEncoder.load(codebook_dir, device)
     if enc.identity != identity:
-        raise ValueError(
+        raise Invalid(
             f"the encoder beside the codebook at {codebook_dir} is {enc.identity}, but the "
             f"codebook was learned with {identity}"
         )
@@ -273,7 +274,7 @@ def refuse_same_space(metric_encoder: str, prototype_encoder: str | None, what: 
     favour prototype mode by construction. Use CLIP, or a learned encoder trained on a disjoint
     split (a different identity)."""
     if is_learned(metric_encoder) and metric_encoder == prototype_encoder:
-        raise ValueError(
+        raise Invalid(
             f"{what} would use the learned encoder the prototypes were fitted with "
             f"({metric_encoder[:20]}...): it favours prototype mode by construction; use a "
             "CLIP encoder or a learned encoder trained on a disjoint split"

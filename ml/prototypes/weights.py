@@ -21,6 +21,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ml.errors import Invalid
+
 #: Untrained, tests-only architecture registered by :mod:`ml.prototypes.encoder` (not an open_clip
 # config).
 TINY_MODEL = "protomed-tiny-vit"
@@ -42,8 +44,10 @@ HOW_TO = (
 )
 
 
-class WeightsNotFound(ValueError):
-    """No local weights for the requested encoder; the message says what to give instead."""
+class WeightsNotFound(Invalid):
+    """No local weights for the requested encoder; the message says what to give instead. An
+    :class:`Invalid` (422), not a NotFound: the setting names weights this machine cannot use,
+    and callers that try another encoder catch it as the ValueError it always was."""
 
 
 def force_offline() -> None:
@@ -214,7 +218,7 @@ def find_weights(model: str, weights: str | None) -> Weights:
         import difflib
 
         near = difflib.get_close_matches(model, models, n=5, cutoff=0.5)
-        raise ValueError(
+        raise Invalid(
             f"unknown open_clip model {model!r}; close matches: {near or 'none'}; "
             f"e.g. {['ViT-L-14', 'ViT-B-16', 'ViT-B-32', TINY_MODEL]} (open_clip.list_models())"
         )

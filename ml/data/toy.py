@@ -301,7 +301,7 @@ def _to_work(image: np.ndarray | Image.Image) -> np.ndarray:
         image = Image.fromarray(np.ascontiguousarray(arr[..., :3]))
     image = image.convert("RGB")
     if image.size != (WORK_SIZE, WORK_SIZE):
-        image = image.resize((WORK_SIZE, WORK_SIZE), Image.BILINEAR)
+        image = image.resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.float32)
 
 

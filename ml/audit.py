@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from ml.data.images import DatasetSplit, load_image, pixel_hash
@@ -97,7 +98,13 @@ def clip_distances(
     return torch.stack(out).clamp_min(0.0)
 
 
-def _nearest(dist: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+# Per image: nearest distance, training index, flip, NNDR.
+Nearest = tuple[
+    npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]
+]
+
+
+def _nearest(dist: torch.Tensor) -> Nearest:
     """From (F, N, M): per image the nearest distance, training index, flip and NNDR."""
     best, flip = dist.min(0)  # (N, M): each training image at its best flip
     k = min(2, best.shape[1])
@@ -109,7 +116,7 @@ def _nearest(dist: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     return d1.numpy(), idx[:, 0].numpy(), nn_flip.numpy(), nndr.numpy()
 
 
-def _median(x: np.ndarray) -> float | None:
+def _median(x: npt.NDArray[np.float64]) -> float | None:
     return float(np.median(x)) if len(x) else None
 
 
@@ -125,7 +132,9 @@ def _upper95(flagged: int, n: int) -> float | None:
     return float(binomtest(flagged, n).proportion_ci(0.95, method="exact").high)
 
 
-def _halves(labels: np.ndarray, classes: Sequence[str], cfg: AuditConfig) -> dict[str, tuple]:
+def _halves(
+    labels: npt.NDArray[np.int64], classes: Sequence[str], cfg: AuditConfig
+) -> dict[str, tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]]:
     """Per class the held-out indices for calibration and for the check, a seeded shuffle."""
     out = {}
     for c, name in enumerate(classes):
@@ -137,7 +146,7 @@ def _halves(labels: np.ndarray, classes: Sequence[str], cfg: AuditConfig) -> dic
     return out
 
 
-Measured = dict[Space, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+Measured = dict[Space, Nearest]
 
 
 def _measure(

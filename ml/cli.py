@@ -449,11 +449,12 @@ def evaluate(
         from ml.config import resolve_device
         from ml.console import StagePrinter
         from ml.evaluation.downstream import DownstreamConfig
-        from ml.evaluation.evaluate import EvalConfig, evaluation_table
         from ml.evaluation.evaluate import evaluate as run_evaluation
+        from ml.evaluation.evaluate import evaluation_table
         from ml.models.checkpoint import load_model
         from ml.prototypes.cpl import Codebook
         from ml.prototypes.encoder import EmbeddingCache, build_encoder, check_encoder
+        from ml.schemas.evaluation import EvalConfig
 
         check_encoder(encoder, None if untrained else pretrained)  # before anything heavy loads
         try:

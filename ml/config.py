@@ -307,7 +307,7 @@ def describe_validation_error(err: ValidationError, model: type[BaseModel] | Non
     """One line per wrong field, for CLI and API messages; a value out of bounds also gets the
     field's whole allowed range (from ``model``'s fields, default: the model that failed, when
     it is :class:`TrainConfig` or :class:`SampleConfig`)."""
-    model = model or {"SampleConfig": SampleConfig}.get(err.title, TrainConfig)
+    model = model or {"SampleConfig": SampleConfig}.get(err.title) or TrainConfig
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "value"
@@ -337,7 +337,7 @@ def bf16_supported(device: torch.device) -> bool:
     import torch
 
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return bool(torch.cuda.is_bf16_supported())
     if device.type == "cpu":
         try:
             native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

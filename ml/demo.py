@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -46,7 +47,7 @@ DEMO_SAMPLE_STEPS = 10
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++", "dpm++sde": "SDE-DPM-Solver++"}
 
 
-def judge(images: torch.Tensor | np.ndarray, expected: str) -> dict[str, Any]:
+def judge(images: torch.Tensor | npt.NDArray[np.uint8], expected: str) -> dict[str, Any]:
     """Share plausible and failure rate per criterion for images of one class."""
     arr = images.permute(0, 2, 3, 1).numpy() if isinstance(images, torch.Tensor) else images
     verdicts = check_images(list(arr), expected)
@@ -238,7 +239,8 @@ def run_demo(
         "recipe": recipe,
         "modes": {},
     }
-    trained = {}
+    trained: dict[str, Path] = {}
+    train_s: dict[str, float] = {}
     for i, mode in enumerate(MODES):
         stage(3 + i, f"training the {mode} model ({steps} steps, {preset}, {size}px)")
         cfg = make_config(preset, {**recipe, "mode": mode, "max_steps": steps, "seed": seed})
@@ -247,7 +249,7 @@ def run_demo(
             cfg, out / f"run_{mode}", codebook=proto.codebook, device=device,
             show_progress=show_progress,
         )  # fmt: skip
-        trained[f"{mode}_s"] = time.perf_counter() - t0
+        train_s[mode] = time.perf_counter() - t0
     stage(5, f"sampling {n_sample} images per class and mode ({sampler_label(scfg)}), checking")
     for mode in MODES:
         loaded = load_model(trained[mode], device=device or "cpu")
@@ -266,8 +268,8 @@ def run_demo(
         passed, n = sum(p["passed"] for p in plaus.values()), sum(p["n"] for p in plaus.values())
         summary["modes"][mode] = {
             "checkpoint": str(trained[mode]),
-            "train_seconds": round(trained[f"{mode}_s"], 1),
-            "seconds_per_step": round(trained[f"{mode}_s"] / steps, 4),
+            "train_seconds": round(train_s[mode], 1),
+            "seconds_per_step": round(train_s[mode] / steps, 4),
             "sample_seconds_per_image": round(sample_s / len(res.files), 4),
             "plausibility": plaus,
             "passed": passed,

@@ -77,7 +77,7 @@ def learn_prototypes(
     ``on_progress(stage, done, total)`` follows the two long stages, ``embed`` (images) and
     ``prototypes`` (epochs).
     """
-    selection = dict(data) if isinstance(data, dict) else {"root": data}
+    selection: dict[str, Any] = dict(data) if isinstance(data, dict) else {"root": data}
     root = selection.pop("root")
     scan(Path(root), selection.get("layout", "auto"), roots)
     if encoder_spec.model_name == LEARNED:
@@ -173,7 +173,8 @@ def _learn_domain_prototypes(
         return None if part is None else embed(enc, part.images, part.hashes, cache)
 
     codebook, report = finish_codebook(
-        trained.prototypes, embedded(encoder, split.train), split.train.labels, split.classes,
+        trained.prototypes, embed(encoder, split.train.images, split.train.hashes, cache),
+        split.train.labels, split.classes,
         cpl, encoder_identity=encoder.identity, final_loss=trained.final_loss,
         heldout_emb=embedded(encoder, held), heldout_labels=None if held is None else held.labels,
         hashes=image_keys(split.train),

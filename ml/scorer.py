@@ -29,8 +29,10 @@ import json
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ml.errors import Invalid
 from ml.evaluation.intervals import wilson
@@ -43,13 +45,14 @@ C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 DEFAULT_C = 1.0  # when a training fold has too few images of a verdict for an inner CV
 FORMAT = "protomed-scorer/1"
 Z95 = 1.959963984540054
+Floats = npt.NDArray[np.float64]
 
 
 class ScorerError(Invalid):
     """Verdicts a scorer cannot be fitted on (too few, one class only); the message says why."""
 
 
-def delong_auc(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+def delong_auc(y: npt.ArrayLike, p: npt.ArrayLike) -> tuple[float, float]:
     """ROC AUC of scores ``p`` for labels ``y`` (1 positive) and its standard error by DeLong's
     structural components (midranks, so ties count half), as in Sun & Xu 2014's fast form."""
     from scipy.stats import rankdata
@@ -69,7 +72,7 @@ def delong_auc(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
 
 
 def calibration_bins(
-    y: np.ndarray, p: np.ndarray, n_bins: int | None = None
+    y: npt.ArrayLike, p: npt.ArrayLike, n_bins: int | None = None
 ) -> list[CalibrationBin]:
     """The calibration curve in quantile bins of ``p`` (equal counts where ties allow): the
     binning of scikit-learn's ``calibration_curve(strategy='quantile')``, with counts and a
@@ -99,7 +102,7 @@ def calibration_bins(
     return out
 
 
-def assess(y: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray) -> Assessment:
+def assess(y: npt.ArrayLike, p: npt.ArrayLike) -> Assessment:
     """AUC (DeLong interval), Brier score and calibration of probabilities ``p`` for verdicts
     ``y``: the same report for cross-validated and for held-out predictions."""
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
@@ -124,9 +127,9 @@ class Scorer:
     Features are ``[embedding, one-hot(class)]``; a class it never saw gets no one-hot (scored
     as the average class)."""
 
-    mean: np.ndarray
-    scale: np.ndarray
-    coef: np.ndarray
+    mean: Floats
+    scale: Floats
+    coef: Floats
     intercept: float
     classes: list[str]
     c: float
@@ -136,7 +139,7 @@ class Scorer:
     def dim(self) -> int:
         return len(self.mean) - len(self.classes)
 
-    def score(self, x: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    def score(self, x: npt.ArrayLike, class_names: Sequence[str]) -> Floats:
         """Probability that an expert finds each image plausible; ``x`` (n, dim) embeddings."""
         z = (features(x, class_names, self.classes) - self.mean) / self.scale
         return 1.0 / (1.0 + np.exp(-(z @ self.coef + self.intercept)))
@@ -166,7 +169,7 @@ class Scorer:
         )  # fmt: skip
 
 
-def features(x: np.ndarray, class_names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+def features(x: npt.ArrayLike, class_names: Sequence[str], classes: Sequence[str]) -> Floats:
     """``[embedding, one-hot(class)]`` as float64 (n, dim + len(classes))."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or len(x) != len(class_names):
@@ -181,7 +184,7 @@ def features(x: np.ndarray, class_names: Sequence[str], classes: Sequence[str]) 
     return np.hstack([x, onehot])
 
 
-def _check(y: np.ndarray, min_images: int) -> None:
+def _check(y: npt.NDArray[np.int_], min_images: int) -> None:
     n, k = len(y), int(y.sum())
     if n < min_images:
         raise ScorerError(f"{n} reviewed images; a scorer needs at least {min_images}")
@@ -193,8 +196,8 @@ def _check(y: np.ndarray, min_images: int) -> None:
 
 
 def _fit_one(
-    z: np.ndarray, y: np.ndarray, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    z: Floats, y: npt.NDArray[np.int_], seed: int
+) -> tuple[Floats, Floats, Floats, float, float]:
     """(mean, scale, coef, intercept, C) of standardise + logistic regression on ``z``, with C
     chosen by stratified inner CV on log loss (:data:`DEFAULT_C` if a verdict is too rare)."""
     from sklearn.linear_model import LogisticRegression
@@ -220,7 +223,7 @@ def _fit_one(
     return mean, scale, np.asarray(model.coef_[0], dtype=np.float64), float(model.intercept_[0]), c
 
 
-def _strata(y: np.ndarray, class_names: Sequence[str], folds: int) -> np.ndarray:
+def _strata(y: npt.NDArray[np.int_], class_names: Sequence[str], folds: int) -> npt.NDArray[Any]:
     """What the outer folds stratify on: (class, verdict) where every such pair has an image
     per fold, else the verdict alone. Per-class plausible shares that differ between folds
     bias a pooled out-of-fold AUC below 0.5 (a fold's training part then holds the opposite
@@ -231,8 +234,8 @@ def _strata(y: np.ndarray, class_names: Sequence[str], folds: int) -> np.ndarray
 
 
 def fit_scorer(
-    x: np.ndarray,
-    y: Sequence[int] | np.ndarray,
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
     class_names: Sequence[str],
     encoder: str,
     *,
@@ -266,7 +269,7 @@ def fit_scorer(
     return scorer, metrics
 
 
-def keep(scores: Sequence[float] | np.ndarray, n: int, threshold: float | None = None) -> list[int]:
+def keep(scores: npt.ArrayLike, n: int, threshold: float | None = None) -> list[int]:
     """Which of the drawn images a filtered batch keeps, as draw positions in draw order: the
     ``n`` highest-scored (ties: the earlier draw), or with ``threshold`` those scored at least
     that, the highest first, at most ``n`` (fewer when not enough reach it)."""

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from ml.cli import _fail, app
+from ml.cli import _fail
+from ml.cli import app as app
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

@@ -86,6 +86,7 @@ def load_image(path: Path, size: int, max_pixels: int | None = None) -> torch.Te
         opened = Image.open(path)  # reads the header only
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: {bomb_refusal(exc, limit)}") from None
+    im: Image.Image
     with opened as im:
         refused = too_many_pixels(im.size, limit)
         if refused:
@@ -94,7 +95,8 @@ def load_image(path: Path, size: int, max_pixels: int | None = None) -> torch.Te
     w, h = im.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
-    im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+    im = im.crop((left, top, left + side, top + side))
+    im = im.resize((size, size), Image.Resampling.LANCZOS)
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
@@ -277,6 +279,8 @@ def load_split(
             raise DataError(
                 f"class {c!r} has {len(cat.items[c])} images but {needed} were asked ({asked})"
             )
+        held: list[_Row]
+        train: list[_Row]
         held, train, n_bad, n_dropped, usable = [], [], 0, 0, len(cat.items[c])
         if len(cat.items[c]) >= needed:
             held, train, n_bad, n_dropped = _draw_class(

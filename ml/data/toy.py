@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 from scipy import ndimage
 
@@ -37,7 +39,9 @@ CRITERIA: tuple[str, ...] = (
 )
 
 RGB = tuple[int, int, int]
-Images = np.ndarray | Iterable[np.ndarray | Image.Image]  # a batch: N,H,W,3 / N,3,H,W or a list
+Grid = npt.NDArray[np.float32]  # canvas coordinates (fractions of the side)
+Mask = npt.NDArray[np.bool_]
+Images = npt.NDArray[Any] | Iterable[npt.NDArray[Any] | Image.Image]  # N,H,W,3 / N,3,H,W or list
 BACKGROUND: RGB = (236, 218, 226)  # pale pink smear background
 NUCLEUS: RGB = (130, 35, 150)  # dark purple chromatin, shared by all classes
 WORK_SIZE = 64  # the checker resizes every image to this side
@@ -106,14 +110,24 @@ def _spec(cls: str) -> ClassSpec:
 # ----------------------------------------------------------------------------------- drawing
 
 
-def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float, ang: float):
+def _ellipse(x: Grid, y: Grid, cx: float, cy: float, a: float, b: float, ang: float) -> Mask:
     """Boolean ellipse mask on coordinate grids (units: fraction of image side)."""
     c, s = np.cos(ang), np.sin(ang)
     u, v = (x - cx) * c + (y - cy) * s, -(x - cx) * s + (y - cy) * c
-    return (u / a) ** 2 + (v / b) ** 2 <= 1.0
+    inside: Mask = (u / a) ** 2 + (v / b) ** 2 <= 1.0
+    return inside
 
 
-def _nucleus(spec: ClassSpec, rng: np.random.Generator, x, y, cx, cy, radius, rot):
+def _nucleus(
+    spec: ClassSpec,
+    rng: np.random.Generator,
+    x: Grid,
+    y: Grid,
+    cx: float,
+    cy: float,
+    radius: float,
+    rot: float,
+) -> tuple[Mask, list[tuple[float, float]]]:
     """Nucleus mask (N:C and lobe count inside the spec) plus lobe centres for chromatin threads."""
     area = rng.uniform(*spec.nc_ratio) * np.pi * radius**2
     n = int(rng.integers(spec.lobes[0], spec.lobes[1] + 1))
@@ -121,7 +135,7 @@ def _nucleus(spec: ClassSpec, rng: np.random.Generator, x, y, cx, cy, radius, ro
     if spec.name == "monocyte":  # kidney: notched ellipse, rescaled to the target area
         squash = rng.uniform(0.7, 0.8)
 
-        def kidney(scale: float) -> np.ndarray:
+        def kidney(scale: float) -> Mask:
             a, b = 0.2 * scale, 0.2 * squash * scale
             ox, oy = cx - 0.25 * b * np.sin(rot), cy + 0.25 * b * np.cos(rot)
             nx, ny = ox - 1.05 * b * np.sin(rot), oy + 1.05 * b * np.cos(rot)
@@ -132,9 +146,9 @@ def _nucleus(spec: ClassSpec, rng: np.random.Generator, x, y, cx, cy, radius, ro
     if n == 1:
         rn = np.sqrt(area / np.pi)
         off = rng.uniform(0.3, 0.7) * max(radius - rn - 0.01, 0.0)  # eccentric nucleus
-        e = rng.uniform(0.88, 1.0)
+        e1 = rng.uniform(0.88, 1.0)
         ox, oy = cx + off * np.cos(rot), cy + off * np.sin(rot)
-        return _ellipse(x, y, ox, oy, rn / e**0.5, rn * e**0.5, rot + 1.0), []
+        return _ellipse(x, y, ox, oy, rn / e1**0.5, rn * e1**0.5, rot + 1.0), []
     rl = np.sqrt(area / (n * np.pi))  # equal-area lobes, elongated along an arc round the centre
     e = rng.uniform(0.65, 0.85, size=n)
     chord = 2 * rl / e.min() ** 0.5 + gap
@@ -152,21 +166,24 @@ def _nucleus(spec: ClassSpec, rng: np.random.Generator, x, y, cx, cy, radius, ro
     return mask, centres
 
 
-def _segment_dist(x, y, p, q) -> np.ndarray:
+def _segment_dist(
+    x: Grid, y: Grid, p: tuple[float, float], q: tuple[float, float]
+) -> npt.NDArray[np.floating[Any]]:
     """Distance from every grid point to the segment p-q."""
     d = np.subtract(q, p)
     t = np.clip(((x - p[0]) * d[0] + (y - p[1]) * d[1]) / max(d @ d, 1e-12), 0, 1)
-    return np.hypot(x - p[0] - t * d[0], y - p[1] - t * d[1])
+    dist: npt.NDArray[np.floating[Any]] = np.hypot(x - p[0] - t * d[0], y - p[1] - t * d[1])
+    return dist
 
 
 @lru_cache(maxsize=4)
-def _grid(big: int) -> tuple[np.ndarray, np.ndarray]:
+def _grid(big: int) -> tuple[Grid, Grid]:
     """Pixel-centre coordinates (y, x) of a big x big canvas, in fractions of the side."""
     y, x = (np.mgrid[0:big, 0:big].astype(np.float32) + 0.5) / big
     return y, x
 
 
-def draw_cell(cls: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+def draw_cell(cls: str, rng: np.random.Generator, size: int = 64) -> npt.NDArray[np.uint8]:
     """Draw one (size, size, 3) uint8 RGB cell of `cls`, jittered but inside its spec.
 
     Rendered supersampled and box-downsampled, so edges and granules are anti-aliased at any size.
@@ -217,12 +234,13 @@ def draw_cell(cls: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
     img[nucleus] = nuc_rgb
     small = img.reshape(size, ss, size, ss, 3).mean(axis=(1, 3))
     small += rng.normal(0, 2.0, small.shape)
-    return np.clip(np.rint(small), 0, 255).astype(np.uint8)
+    pixels: npt.NDArray[np.uint8] = np.clip(np.rint(small), 0, 255).astype(np.uint8)
+    return pixels
 
 
 def make_toy_images(
     n_per_class: int, size: int = 64, seed: int = 0
-) -> tuple[np.ndarray, list[str]]:
+) -> tuple[npt.NDArray[np.uint8], list[str]]:
     """Draw n_per_class cells of every class in TOY_CLASSES order; deterministic for a seed."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
@@ -289,7 +307,7 @@ class Verdict:
         return {c.name: c.value for c in self.criteria}
 
 
-def _to_work(image: np.ndarray | Image.Image) -> np.ndarray:
+def _to_work(image: npt.NDArray[Any] | Image.Image) -> npt.NDArray[np.float32]:
     """Any RGB image (HWC, CHW or PIL) -> float32 (WORK_SIZE, WORK_SIZE, 3) in 0..255."""
     if not isinstance(image, Image.Image):
         arr = np.asarray(image)
@@ -303,18 +321,18 @@ def _to_work(image: np.ndarray | Image.Image) -> np.ndarray:
         image = Image.fromarray(np.ascontiguousarray(arr[..., :3]))
     image = image.convert("RGB")
     if image.size != (WORK_SIZE, WORK_SIZE):
-        image = image.resize((WORK_SIZE, WORK_SIZE), Image.BILINEAR)
+        image = image.resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.float32)
 
 
 _CENTRE = np.hypot(*(np.mgrid[0:WORK_SIZE, 0:WORK_SIZE] - WORK_SIZE / 2)) < 0.2 * WORK_SIZE
 
 
-def _cell_mask(work: np.ndarray) -> np.ndarray:
+def _cell_mask(work: npt.NDArray[np.float32]) -> Mask:
     """The central cell: pixels far from the border (background) colour, one filled component."""
     ring = np.concatenate([work[:2].reshape(-1, 3), work[-2:].reshape(-1, 3),
                            work[:, :2].reshape(-1, 3), work[:, -2:].reshape(-1, 3)])  # fmt: skip
-    mask = np.linalg.norm(work - np.median(ring, axis=0), axis=-1) > BG_DIST
+    mask: Mask = np.linalg.norm(work - np.median(ring, axis=0), axis=-1) > BG_DIST
     mask = ndimage.binary_opening(mask)
     labels, n = ndimage.label(mask)
     if n == 0:
@@ -322,10 +340,15 @@ def _cell_mask(work: np.ndarray) -> np.ndarray:
     overlap = np.bincount(labels[_CENTRE], minlength=n + 1)[1:]
     if overlap.max() == 0:
         return np.zeros_like(mask)
-    return ndimage.binary_fill_holes(labels == 1 + int(overlap.argmax()))
+    filled: Mask = ndimage.binary_fill_holes(labels == 1 + int(overlap.argmax()))
+    return filled
 
 
-def _unmix(pix: np.ndarray, cyto: np.ndarray, granule: np.ndarray | None) -> np.ndarray:
+def _unmix(
+    pix: npt.NDArray[np.float32],
+    cyto: npt.NDArray[np.floating[Any]],
+    granule: npt.NDArray[np.floating[Any]] | None,
+) -> npt.NDArray[np.floating[Any]]:
     """Abundances of nucleus (and granule) colour per pixel, cytoplasm as the reference.
 
     Linear in colour, so blur that mixes the three colours mixes the abundances the same way.
@@ -341,7 +364,7 @@ def _in(name: str, value: float, low: float, high: float) -> CriterionResult:
     return CriterionResult(name, float(value), float(low), float(high), bool(low <= value <= high))
 
 
-def check_image(image: np.ndarray | Image.Image, expected_class: str) -> Verdict:
+def check_image(image: npt.NDArray[Any] | Image.Image, expected_class: str) -> Verdict:
     """Measure the five criteria from pixels and compare them with `expected_class`'s spec.
 
     Accepts HxWx3 uint8, 3xHxW uint8 or PIL images of any size (32..256 intended); the image is

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import Any, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from ml.config import SchedulerName, TrainConfig
 from ml.errors import Invalid
 from ml.models.unet import NULL_LABEL
 
-Sampler = DDIMScheduler | DPMSolverMultistepScheduler
+Sampler: TypeAlias = DDIMScheduler | DPMSolverMultistepScheduler
 
 
 def noise_scheduler(cfg: TrainConfig) -> DDPMScheduler:
@@ -52,7 +53,7 @@ def sampler(name: SchedulerName, train_sched: DDPMScheduler, steps: int) -> Samp
 def min_snr_weight(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weight for epsilon prediction (Hang et al. 2023): min(SNR_t, gamma) /
     SNR_t with SNR_t = alpha_bar_t / (1 - alpha_bar_t); 1 at noisy steps, smaller at clean ones."""
-    abar = sched.alphas_cumprod.to(t.device)[t].float()
+    abar: torch.Tensor = sched.alphas_cumprod.to(t.device)[t].float()
     snr = abar / (1.0 - abar)
     return snr.clamp(max=gamma) / snr
 
@@ -110,11 +111,11 @@ def guided_sample(
     lab = labels if guidance != 0.0 else torch.full_like(labels, NULL_LABEL)
     if both:
         lab = torch.cat([labels, torch.full_like(labels, NULL_LABEL)])
-    x = noise * sched.init_noise_sigma
+    x: torch.Tensor = noise * sched.init_noise_sigma
     ctx = torch.autocast(noise.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     # Stochastic steps (DDIM with eta > 0, SDE-DPM-Solver++) draw from ``generator``; a list
     # holds one generator per image, so an image does not depend on its batch.
-    step_kw: dict = {"generator": generator}
+    step_kw: dict[str, Any] = {"generator": generator}
     if isinstance(sched, DDIMScheduler):
         step_kw["eta"] = eta
     timesteps = sched.timesteps  # on the host: the scheduler indexes its tables with them

@@ -48,6 +48,13 @@ def image_seed(seed: int, class_idx: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def _offset(
+    on_step: Callable[[int, int], None], done: int, total: int
+) -> Callable[[int, int], None]:
+    """A batch's step callback, reporting the steps of the whole run (``done`` before it)."""
+    return lambda i, _t: on_step(done + i, total)
+
+
 def generate(
     loaded: LoadedModel,
     class_name: str,
@@ -87,6 +94,7 @@ def generate(
     noise = noise.contiguous(memory_format=layout)
     out = []
     batches = range(0, n, scfg.batch_size)
+    assert scfg.steps is not None  # SampleConfig's validator fills in the scheduler's default
     per_batch = len(sampler(scfg.scheduler, train_sched, scfg.steps).timesteps)
     total_steps = per_batch * len(batches)
     if on_step is not None:
@@ -107,9 +115,7 @@ def generate(
             eta=scfg.eta,
             generator=gens,
             amp_dtype=amp,
-            on_step=None
-            if on_step is None
-            else (lambda i, _t, done=b * per_batch: on_step(done + i, total_steps)),
+            on_step=None if on_step is None else _offset(on_step, b * per_batch, total_steps),
         )
         out.append(to_uint8(x).cpu())
         if on_image is not None:

@@ -118,6 +118,7 @@ def table_rows(data: ImageSet, cond: Conditioning, codebook: Codebook | None) ->
             "most common prototype",
             len(missing),
         )
+    assert cond.weights is not None  # prototype conditioning always carries its weights
     best = cond.weights.argmax(dim=1)
     js = [assigned.get(h, int(best[c])) for h, c in zip(data.hashes, labels.tolist(), strict=True)]
     return labels * cond.k + torch.tensor(js, dtype=torch.long)
@@ -180,9 +181,10 @@ def make_lr_scheduler(
         name = "constant_with_warmup"
     for group in opt.param_groups:  # what a resumed schedule scales; the optimiser's own lr
         group.setdefault("initial_lr", cfg.lr)
-    return get_scheduler(
+    schedule: torch.optim.lr_scheduler.LambdaLR = get_scheduler(
         name, opt, num_warmup_steps=warmup, num_training_steps=total, last_epoch=start - 1
     )
+    return schedule
 
 
 # The fields that shape the network: a resumed run must match its checkpoint in each.
@@ -256,7 +258,8 @@ def train(
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     amp = autocast_dtype(cfg.precision, device)
     layout = memory_format(cfg, device, amp)
-    model = build_model(cfg, cond, table).to(device, memory_format=layout)
+    # torch's stubs type Module.to(device) and .to(memory_format=) but not both in one call.
+    model = build_model(cfg, cond, table).to(device, memory_format=layout)  # type: ignore[call-overload]
     ema = deepcopy(model).requires_grad_(False).eval()
     opt = make_optimizer(model, cfg)
     start = 0
@@ -331,6 +334,7 @@ def train(
                     (total - done) / rate,
                     rate * cfg.batch_size * world,
                 )
+                assert metrics is not None  # opened on the main rank
                 metrics.write(json.dumps({"step": done, "loss": loss_value, "lr": lr}) + "\n")
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 bar.update(1)

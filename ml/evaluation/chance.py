@@ -16,8 +16,10 @@ Numpy only: the API and dashboard read these numbers back without torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ml.errors import Invalid
 from ml.schemas.evaluation import ChanceLevel, ChanceLevels
@@ -25,7 +27,9 @@ from ml.schemas.evaluation import ChanceLevel, ChanceLevels
 DRAWS = 2000  # simulated guessers: the 95% range's ends move by < 0.5 points between seeds
 
 
-def macro_scores(truth: np.ndarray, pred: np.ndarray, k: int) -> tuple[float, float, float]:
+def macro_scores(
+    truth: npt.NDArray[np.integer[Any]], pred: npt.NDArray[np.integer[Any]], k: int
+) -> tuple[float, float, float]:
     """Macro precision, recall, F1 over ``k`` classes (zero_division=0, as sklearn's)."""
     conf = np.zeros((k, k), dtype=np.int64)
     np.add.at(conf, (truth, pred), 1)

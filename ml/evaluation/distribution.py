@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import scipy.linalg
 import torch
 
@@ -26,8 +27,12 @@ log = logging.getLogger(__name__)
 _CHUNK = 1024  # rows per distance block: 1024 x 10k float64 = 80 MB
 _SQRTM_RTOL = 1e-3  # relative residual ||X X - A|| / ||A|| above which sqrtm is retried
 
+Floats = npt.NDArray[np.float64]
+Embeddings = npt.NDArray[np.floating[Any]] | torch.Tensor  # (N, D), or (N,) of one feature
+Labels = npt.NDArray[np.integer[Any]] | Sequence[int]
 
-def _as_2d(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+
+def _as_2d(x: Embeddings, name: str) -> Floats:
     """float64 (N, D); a 1-D input is N samples of one feature."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
@@ -41,17 +46,17 @@ def _as_2d(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     return arr
 
 
-def _same_dim(a: np.ndarray, b: np.ndarray, names: str) -> None:
+def _same_dim(a: Floats, b: Floats, names: str) -> None:
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"{names} have different dimensions: {a.shape[1]} vs {b.shape[1]}")
 
 
-def _gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _gaussian(x: Floats) -> tuple[Floats, Floats]:
     """Mean and unbiased (ddof=1) covariance, always (D,) and (D, D)."""
     return x.mean(0), np.atleast_2d(np.cov(x, rowvar=False))
 
 
-def _sqrtm_trace(s1: np.ndarray, s2: np.ndarray, eps: float) -> float:
+def _sqrtm_trace(s1: Floats, s2: Floats, eps: float) -> float:
     """tr(sqrt(S1 S2)). S1 S2 of rank-deficient covariances (n < D, typical for CLIP features)
     can defeat sqrtm: on a non-finite or inaccurate result retry with eps*I added to both, as
     pytorch-fid does; tiny imaginary parts from round-off are dropped."""
@@ -59,7 +64,7 @@ def _sqrtm_trace(s1: np.ndarray, s2: np.ndarray, eps: float) -> float:
     with warnings.catch_warnings():  # singular input: the residual check below handles it
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
         root = scipy.linalg.sqrtm(prod)
-    scale = max(np.linalg.norm(prod), 1e-300)
+    scale = max(float(np.linalg.norm(prod)), 1e-300)
     if not np.isfinite(root).all() or np.linalg.norm(root @ root - prod) / scale > _SQRTM_RTOL:
         log.warning("frechet_distance: singular product of covariances; adding %g*I", eps)
         offset = np.eye(len(s1)) * eps
@@ -76,9 +81,7 @@ def _sqrtm_trace(s1: np.ndarray, s2: np.ndarray, eps: float) -> float:
     return float(np.trace(root))
 
 
-def frechet_distance(
-    a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, eps: float = 1e-6
-) -> float:
+def frechet_distance(a: Embeddings, b: Embeddings, eps: float = 1e-6) -> float:
     """Fréchet distance between Gaussians fitted to two embedding sets:
     ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 sqrt(S_a S_b)).
 
@@ -96,7 +99,7 @@ def frechet_distance(
     return max(float(fd), 0.0)
 
 
-def _cdist_blocks(x: torch.Tensor, y: torch.Tensor):
+def _cdist_blocks(x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, distances of rows x[start:start+_CHUNK] to all of y), bounding memory."""
     for start in range(0, len(x), _CHUNK):
         yield start, torch.cdist(x[start : start + _CHUNK], y)
@@ -121,9 +124,7 @@ def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) ->
     return out
 
 
-def knn_precision_recall(
-    real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, k: int = 3
-) -> tuple[float, float]:
+def knn_precision_recall(real: Embeddings, fake: Embeddings, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al., NeurIPS 2019).
 
     Each set's manifold is the union of balls around its points, each with the radius to that
@@ -153,7 +154,9 @@ def knn_precision_recall(
     return precision, recall
 
 
-def _consistent(emb: np.ndarray | torch.Tensor, labels: np.ndarray, codebook: Codebook):
+def _consistent(
+    emb: Embeddings, labels: npt.NDArray[np.integer[Any]], codebook: Codebook
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
     """(labels, hit mask): whether each embedding's nearest prototype is of its own class."""
     x = _as_2d(emb, "emb")
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -173,9 +176,7 @@ def _consistent(emb: np.ndarray | torch.Tensor, labels: np.ndarray, codebook: Co
     return y, pred == y
 
 
-def prototype_consistency(
-    emb: np.ndarray | torch.Tensor, labels: np.ndarray | Sequence[int], codebook: Codebook
-) -> float:
+def prototype_consistency(emb: Embeddings, labels: Labels, codebook: Codebook) -> float:
     """Share of generated images whose nearest prototype (in the codebook's feature space)
     belongs to the class they were generated for: does the image look like its condition?"""
     _, hit = _consistent(emb, np.asarray(labels), codebook)
@@ -185,7 +186,7 @@ def prototype_consistency(
 
 
 def prototype_consistency_per_class(
-    emb: np.ndarray | torch.Tensor, labels: np.ndarray | Sequence[int], codebook: Codebook
+    emb: Embeddings, labels: Labels, codebook: Codebook
 ) -> dict[str, float]:
     """prototype_consistency per intended class; classes without samples are left out."""
     y, hit = _consistent(emb, np.asarray(labels), codebook)
@@ -194,7 +195,7 @@ def prototype_consistency_per_class(
     }
 
 
-def _entry(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, Any]:
+def _entry(real: Floats, fake: Floats, k: int) -> dict[str, Any]:
     """FD and P/R of one pair of sets; None where a set is too small for the statistic."""
     enough_fd = len(real) >= 2 and len(fake) >= 2
     enough_pr = len(real) > k and len(fake) > k
@@ -209,10 +210,10 @@ def _entry(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, Any]:
 
 
 def distribution_report(
-    real_emb: np.ndarray | torch.Tensor,
-    real_labels: np.ndarray | Sequence[int],
-    fake_emb: np.ndarray | torch.Tensor,
-    fake_labels: np.ndarray | Sequence[int],
+    real_emb: Embeddings,
+    real_labels: Labels,
+    fake_emb: Embeddings,
+    fake_labels: Labels,
     classes: Sequence[str],
     codebook: Codebook | None = None,
     k: int = 3,

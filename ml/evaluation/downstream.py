@@ -12,9 +12,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -106,11 +107,14 @@ def make_classifier(backbone: str, n_classes: int, weights: Path | str | None = 
     if weights is not None:
         _load_backbone(net, Path(weights))
     net.fc = nn.Linear(net.fc.in_features, n_classes)
-    return net
+    return cast(nn.Module, net)  # torchvision is untyped
 
 
 class ImageClassifier(nn.Module):
     """uint8 images of any size -> logits: resize to ``image_size``, ImageNet-normalise, ``net``."""
+
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
 
     def __init__(self, net: nn.Module, image_size: int) -> None:
         super().__init__()
@@ -127,7 +131,8 @@ class ImageClassifier(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(self.preprocess(images))
+        logits: torch.Tensor = self.net(self.preprocess(images))
+        return logits
 
 
 # ---------------------------------------------------------------- training and evaluation
@@ -195,7 +200,7 @@ def train_classifier(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor) -> np.ndarray:
+def predict(model: nn.Module, images: torch.Tensor) -> npt.NDArray[np.int64]:
     """Arg-max class of each uint8 image, in eval mode and batches."""
     model.eval()
     out = [
@@ -206,7 +211,9 @@ def predict(model: nn.Module, images: torch.Tensor) -> np.ndarray:
 
 
 def classification_scores(
-    y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, classes: Sequence[str]
+    y_true: Sequence[int] | npt.NDArray[np.integer[Any]],
+    y_pred: Sequence[int] | npt.NDArray[np.integer[Any]],
+    classes: Sequence[str],
 ) -> dict[str, Any]:
     """Macro precision / recall / F1 (zero_division=0), accuracy, per-class scores, support and
     the confusion matrix (rows = true class, columns = predicted), all JSON-ready. Every class

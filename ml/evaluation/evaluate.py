@@ -20,9 +20,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from ml.config import SampleConfig
@@ -60,7 +63,9 @@ def real_split(
     (``root``: where the dataset is on this machine, if not where it was at training;
     ``roots``: the folders its files must resolve inside, as for :func:`ml.data.images.load_split`;
     ``need_heldout``: False when an external test set replaces the held-out part)."""
-    selections = {name: m.cond.extra.get("selection") for name, m in models.items()}
+    selections: dict[str, dict[str, Any]] = {
+        name: m.cond.extra.get("selection") or {} for name, m in models.items()
+    }
     if any(not s for s in selections.values()):
         raise Invalid("a model does not record its data selection (trained without a codebook)")
     first = next(iter(selections.values()))
@@ -173,7 +178,9 @@ def _hashes(images: torch.Tensor) -> list[str]:
     return [pixel_hash(img) for img in images]
 
 
-def _embed(encoder: ImageEncoder, data: ImageSet, cache: EmbeddingCache | None) -> np.ndarray:
+def _embed(
+    encoder: ImageEncoder, data: ImageSet, cache: EmbeddingCache | None
+) -> npt.NDArray[np.float32]:
     return embed(encoder, data.images, _hashes(data.images), cache).numpy()
 
 
@@ -265,8 +272,8 @@ def evaluate(
                 tick(f"given {name}")
             continue
         synthetic[name] = synthetic_set(
-            m, counts, cfg, lambda n=name: tick(f"generate {n}"),
-            on_step=lambda d, t, n=name: within(f"generate {n}", d, t),
+            m, counts, cfg, partial(tick, f"generate {name}"),
+            on_step=partial(within, f"generate {name}"),
         )  # fmt: skip
     # The reference the CLIP-space metrics measure against, and the real set giving the floor.
     if test_info.source == "held-out":

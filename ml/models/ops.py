@@ -107,7 +107,11 @@ class KernelCache:
     nothing enters the module's ``state_dict``."""
 
     def __init__(self) -> None:
-        self._entry: tuple[tuple, torch.Tensor] | None = None
+        # ((weight storage, version, dtype, memory format, device), kernel)
+        self._entry: (
+            tuple[tuple[int, int, torch.dtype, torch.memory_format, torch.device], torch.Tensor]
+            | None
+        ) = None
 
     def kernel(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The transposed-conv weight for input ``x``, in ``x``'s memory layout (oneDNN then

@@ -240,7 +240,14 @@ def _own_nearest(feats: torch.Tensor, labels: torch.Tensor, protos: torch.Tensor
     return sq_dists(feats, protos)[torch.arange(len(labels)), labels].argmin(1)
 
 
-def _report(book: Codebook, x, y, hx, hy, final_loss: float) -> PrototypeReport:
+def _report(
+    book: Codebook,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hx: torch.Tensor | None,
+    hy: torch.Tensor | None,
+    final_loss: float,
+) -> PrototypeReport:
     pred = book.nearest(x)[0]
     rep = PrototypeReport(
         n_train=len(y),

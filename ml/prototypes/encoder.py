@@ -17,9 +17,10 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
+import numpy.typing as npt
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -118,17 +119,25 @@ def _build_model(spec: EncoderSpec, weights: _Resolved) -> torch.nn.Module:
         # Seeded init inside a forked RNG: a stable identity without touching the caller's RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+            untrained: torch.nn.Module = open_clip.create_model(
+                name, pretrained=None, force_quick_gelu=quick_gelu
+            )
+            return untrained
     path = weights.path
     assert path is not None
     try:
         if not _is_torchscript(path):
-            return open_clip.create_model(name, pretrained=str(path), force_quick_gelu=quick_gelu)
+            loaded: torch.nn.Module = open_clip.create_model(
+                name, pretrained=str(path), force_quick_gelu=quick_gelu
+            )
+            return loaded
         # weights_only torch.load refuses TorchScript archives: take their state dict instead.
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()  # type: ignore[no-untyped-call]
         for key in ("input_resolution", "context_length", "vocab_size"):
             state.pop(key, None)
-        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+        model: torch.nn.Module = open_clip.create_model(
+            name, pretrained=None, force_quick_gelu=quick_gelu
+        )
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         return model
     except (RuntimeError, KeyError) as e:
@@ -181,10 +190,11 @@ class ClipEncoder:
             **{k: v for k, v in weights.tag_cfg.items() if k in ("mean", "std", "interpolation")},
         }
         self._dim = int(open_clip.get_model_config(spec.model_name)["embed_dim"])
-        self.visual = model.visual.eval().requires_grad_(False).to(self.device, self.dtype)
+        visual = cast(torch.nn.Module, model.visual)  # open_clip's image tower
+        self.visual = visual.eval().requires_grad_(False).to(self.device, self.dtype)
         del model  # drop the text tower
         size = cfg["size"]
-        self._size = (size, size) if isinstance(size, int) else tuple(size)
+        self._size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
         self._mode = "bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic"
         self._mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
@@ -336,8 +346,8 @@ class EmbeddingCache:
                 " vector BLOB NOT NULL, PRIMARY KEY (identity, hash)) WITHOUT ROWID"
             )
 
-    def get_many(self, identity: str, hashes: Sequence[str]) -> dict[str, np.ndarray]:
-        found: dict[str, np.ndarray] = {}
+    def get_many(self, identity: str, hashes: Sequence[str]) -> dict[str, npt.NDArray[np.float32]]:
+        found: dict[str, npt.NDArray[np.float32]] = {}
         unique = list(dict.fromkeys(hashes))
         with self._lock:
             for i in range(0, len(unique), self._CHUNK):
@@ -351,7 +361,7 @@ class EmbeddingCache:
         return found
 
     def put_many(
-        self, identity: str, hashes: Sequence[str], vectors: np.ndarray | torch.Tensor
+        self, identity: str, hashes: Sequence[str], vectors: npt.NDArray[Any] | torch.Tensor
     ) -> None:
         if isinstance(vectors, torch.Tensor):
             vectors = vectors.detach().cpu().numpy()

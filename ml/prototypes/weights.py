@@ -58,7 +58,7 @@ def force_offline() -> None:
         os.environ[name] = "1"
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
-        constants.HF_HUB_OFFLINE = True
+        constants.HF_HUB_OFFLINE = True  # type: ignore[attr-defined]  # a module from sys.modules
 
 
 @dataclass(frozen=True)
@@ -139,12 +139,12 @@ def _pretrained_table() -> dict[str, dict[str, dict[str, Any]]]:
             continue
         if target.id == "_PRETRAINED" and isinstance(value, ast.Dict):
             for key, val in zip(value.keys, value.values, strict=True):
-                if isinstance(key, ast.Constant):
+                if isinstance(key, ast.Constant) and isinstance(key.value, str):
                     table[key.value] = tags(val)
         elif isinstance(value, ast.Call):
             per_name[target.id] = tags(value)
-    for model, tags in list(table.items()):
-        quick = {t: dict(c) for t, c in tags.items() if c.get("quick_gelu", False)}
+    for model, model_tags in list(table.items()):
+        quick = {t: dict(c) for t, c in model_tags.items() if c.get("quick_gelu", False)}
         if quick:
             table[f"{model}-quickgelu"] = quick
     return table

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.provenance import run_info
 from ml.audit import audit_images
 from ml.data.images import load_split
 from ml.data.toy import write_toy_dataset
@@ -87,7 +85,7 @@ def main() -> None:
         results[name] = row
         print(name, json.dumps(row), flush=True)
     if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.write_text(json.dumps({"run": run_info(args), **results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ run after a few steps (noise-like samples) is the under-trained control, flagged
 than the calibrated rate. Fresh real held-out images (the audit's check half) give the
 false-flag rate with its Clopper-Pearson interval.
 
-    OMP_NUM_THREADS=1 python bench/audit_memorised.py --out bench/results/audit_memorised.json
+    OMP_NUM_THREADS=1 python -m bench.audit_memorised --out bench/results/audit_memorised.json
 
 One training run per dataset, resumed from checkpoint to checkpoint (the `tiny` preset's rate
 is constant, so resuming is the same run as training straight through: ``ml.diffusion.train``),

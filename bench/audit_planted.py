@@ -3,7 +3,7 @@ Gaussian pixel noise of sd 1%, 2%, 4% of the range) are audited with the held-ou
 toy domain and the shared real data; prints and writes flag rates per kind and the false-flag
 rate on the held-out check images (real images the thresholds never saw).
 
-    python bench/audit_planted.py --out bench/results/audit_planted.json
+    python -m bench.audit_planted --out bench/results/audit_planted.json
 
 Uses the untrained tiny encoder (no weights offline), so CLIP space is random features here and
 the pixel space does the work. Runs in about a minute on 2 cores.

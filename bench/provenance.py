@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+# Arguments whose values stay out of result files (a Label Studio token, say): written as "***".
+SECRET = re.compile(r"token|secret|password|passwd|api[-_]?key", re.IGNORECASE)
+HIDDEN = "***"
 
 
 def _git(*cmd: str) -> str | None:
@@ -40,6 +44,23 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def _argv(argv: list[str]) -> list[str]:
+    """The command line with the values of secret-named options hidden."""
+    out: list[str] = []
+    hide_next = False
+    for a in argv:
+        if hide_next:
+            out.append(HIDDEN)
+            hide_next = False
+        elif a.startswith("-") and SECRET.search(a):
+            name, eq, _ = a.partition("=")
+            out.append(f"{name}={HIDDEN}" if eq else a)
+            hide_next = not eq
+        else:
+            out.append(a)
+    return out
+
+
 def _torch() -> dict[str, Any]:
     try:
         import torch
@@ -51,15 +72,17 @@ def _torch() -> dict[str, Any]:
 
 def run_info(args: argparse.Namespace | dict[str, Any] | None = None) -> dict[str, Any]:
     """The commit (``None`` outside a git checkout), ``dirty`` (``git status --porcelain`` lists
-    anything), the command line, the parsed arguments, torch's version (``None`` where it is not
+    anything), the command line and the parsed arguments (secret-named ones hidden, ``SECRET``),
+    torch's version (``None`` where it is not
     installed), Python's, the platform, the CPU count, the first CUDA GPU's name (``None``
     without one) and the time in UTC."""
     status = _git("status", "--porcelain")
     parsed = vars(args) if isinstance(args, argparse.Namespace) else (args or {})
+    parsed = {k: HIDDEN if SECRET.search(k) and v is not None else v for k, v in parsed.items()}
     return {
         "commit": _git("rev-parse", "HEAD"),
         "dirty": None if status is None else bool(status),
-        "argv": [Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]],
+        "argv": _argv([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]]),
         "args": _jsonable(parsed),
         **_torch(),
         "python": platform.python_version(),

@@ -303,3 +303,113 @@ def test_ablation_runs_every_arm_at_a_tiny_size(tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     again = json.loads(out.read_text())["datasets"]["toy"]["runs"]
     assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, toy["runs"]))
+
+
+def toy_data(tmp_path: Path, n_per_class: int = 12) -> Path:
+    """``protomed toy`` under tmp_path/data/toy; returns tmp_path/data."""
+    env = {**os.environ, "PROTOMED_NO_MALLOC_TUNING": "1"}
+    r = subprocess.run([sys.executable, "-m", "ml.cli", "toy", str(tmp_path / "data" / "toy"),
+                        "--n-per-class", str(n_per_class), "--size", "16"], cwd=REPO, env=env,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return tmp_path / "data"
+
+
+def test_prototype_probe_runs_at_a_toy_size(tmp_path: Path) -> None:
+    """bench/prototype_probe.py on the toy domain with the tiny untrained encoder: one row per K,
+    every class named, accuracies in [0, 1], the majority baseline at 1/5 (balanced)."""
+    from ml.data.toy import TOY_CLASSES
+
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, "-m", "bench.prototype_probe", "--data", str(toy_data(tmp_path)),
+           "--datasets", "toy", "--encoder", "protomed-tiny-vit", "--untrained",
+           "--n-per-class", "8", "--heldout", "4", "--k", "1", "2",
+           "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=HANG_GUARD_S)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    assert_run_info(res["run"], "bench.prototype_probe", "--datasets", "toy")
+    assert res["run"]["args"]["k"] == [1, 2] and res["run"]["args"]["untrained"] is True
+    rows = res["rows"]
+    assert [(row["dataset"], row["k"]) for row in rows] == [("toy", 1), ("toy", 2)]
+    for row in rows:
+        assert sorted(row["classes"]) == sorted(TOY_CLASSES)
+        assert row["n_train"] == 8 * len(TOY_CLASSES) and row["n_heldout"] == 4 * len(TOY_CLASSES)
+        for key in ("nearest_prototype_acc", "logreg_acc", "train_acc"):
+            assert 0 <= row[key] <= 1, (key, row[key])
+        assert row["majority_acc"] == pytest.approx(1 / len(TOY_CLASSES))
+        assert row["intra_inter_ratio"] > 0 and "untrained" in row["encoder"]
+    assert (tmp_path / "work" / "toy-k2" / "codebook.json").exists()
+
+
+def test_review_toy_runs_at_a_toy_size(tmp_path: Path) -> None:
+    """bench/review_toy.py through a real Label Studio (started by .ci/run; skipped without one,
+    failed under PROTOMED_REQUIRE_SERVICES): both modes of a tiny model, two images per class and
+    mode, every task annotated by the toy checker, the report counting them all."""
+    from test_reviews import ls_settings
+
+    from ml.data.toy import TOY_CLASSES
+
+    url, token = ls_settings()
+    out = tmp_path / "review"
+    cmd = [sys.executable, "-m", "bench.review_toy", "--ls-url", url, "--ls-token", token,
+           "--preset", "tiny", "--steps", "2", "--n-per-class", "6", "--n", "2",
+           "--sample-steps", "2", "--no-screenshots", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROTOMED_NO_MALLOC_TUNING": "1"}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=HANG_GUARD_S)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = (out / "report.json").read_text()
+    assert token not in text  # the run info hides the token
+    report = json.loads(text)
+    assert_run_info(report["run"], "bench.review_toy", "--steps", "2")
+    assert report["run"]["args"]["ls_token"] == "***" and report["run"]["args"]["n"] == 2
+    assert sorted(m["mode"] for m in report["models"]) == ["baseline", "prototype"]
+    assert sorted(row["class"] for row in report["classes"]) == sorted(TOY_CLASSES)
+    for row in report["classes"]:
+        assert len(row["models"]) == 2, row
+        for entry in row["models"].values():
+            assert entry["images"] == 2 and 0 <= entry["plausible"] <= 2, (row["class"], entry)
+            assert entry["rate"] is None or 0 <= entry["rate"] <= 1
+    pooled = report["average"]["pooled"].values()
+    assert sum(m["images"] for m in pooled) == 2 * 2 * len(TOY_CLASSES)
+    assert f"{2 * 2 * len(TOY_CLASSES)} images reviewed" in r.stdout
+    assert (out / "report.csv").read_text().strip()
+    side = json.loads((out / "report.csv.run.json").read_text())
+    assert side["commit"] == report["run"]["commit"] and side["argv"] == report["run"]["argv"]
+
+
+def test_sweep_toy_runs_at_a_toy_size(tmp_path: Path) -> None:
+    """bench/sweep_toy.py through a real Label Studio (as above): a tiny model's sweep over two
+    classes and two scales, every image reviewed by the toy checker and counted per cell."""
+    from test_reviews import ls_settings
+
+    url, token = ls_settings()
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "bench.sweep_toy", "--ls-url", url, "--ls-token", token,
+           "--preset", "tiny", "--steps", "2", "--n-per-class", "6",
+           "--classes", "lymphocyte,neutrophil", "--scales", "1,4", "--n", "2",
+           "--sample-steps", "2", "--no-screenshot", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROTOMED_NO_MALLOC_TUNING": "1"}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=HANG_GUARD_S)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = (out / "sweep.json").read_text()
+    assert token not in text
+    rep = json.loads(text)
+    assert_run_info(rep["run"], "bench.sweep_toy", "--scales", "1,4")
+    assert rep["run"]["args"]["classes"] == "lymphocyte,neutrophil"
+    assert rep["scales"] == [1.0, 4.0] and rep["n"] == 2 and rep["steps"] == 2
+    assert sorted(c["class"] for c in rep["classes"]) == ["lymphocyte", "neutrophil"]
+    for c in rep["classes"]:
+        assert [e["scale"] for e in c["scales"]] == [1.0, 4.0]
+        for e in c["scales"]:
+            p = e["plausibility"]
+            assert e["generated"] == 2 and p["images"] == 2 and 0 <= p["plausible"] <= 2, e
+            assert p["rate"] is None or 0 <= p["rate"] <= 1
+        assert c["recommended"] in (None, 1.0, 4.0) and c["reason"]
+    assert "8 images reviewed" in r.stdout
+    side = json.loads((out / "sweep.csv.run.json").read_text())
+    assert side["commit"] == rep["run"]["commit"]

@@ -32,8 +32,9 @@ interrupted ablation resumes where it stopped.
         --sample-steps 50 --scheduler ddim --backbone resnext50 --clf-image-size 64 \\
         --epochs 30 --jobs 1 --device cuda
 
-Writes ``bench/results/ablation.json`` (with the commit, the arguments and the machine) and
-``docs/ablation.png`` (test F1 against steps, one line per arm, a band over seeds).
+Writes ``bench/results/ablation.json`` (its ``run``: the commit, the arguments and the machine,
+``bench.provenance.run_info``) and ``docs/ablation.png`` (test F1 against steps, one line per
+arm, a band over seeds).
 """
 
 from __future__ import annotations
@@ -42,8 +43,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
-import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -58,6 +57,7 @@ from bench.compare_real import (
     classifier_scores,
     train_runs,
 )
+from bench.provenance import run_info
 from bench.replication import (
     choose_budget,
     run_means,
@@ -329,28 +329,6 @@ def aggregate(records: list[dict[str, Any]], arms: list[str], steps: list[int]) 
     }
 
 
-def machine() -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def commit() -> dict[str, Any]:
-    def git(*cmd: str) -> str:
-        r = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else ""
-
-    return {"sha": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
-
-
 # ---------------------------------------------------------------- the table and the plot
 
 
@@ -507,8 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "protocol": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "arms": {a: {"codebook": ARMS[a][0], "overrides": ARMS[a][1]} for a in arms},
-        "commit": commit(),
-        "machine": machine(),
+        "run": run_info(args),
         "load_avg_start": os.getloadavg(),
         "datasets": {},
     }

@@ -1,6 +1,6 @@
 """API request latency under a short loopback load, against a real ``uvicorn api.main:app``.
 
-    .venv/bin/python bench/api_latency.py [--requests N --concurrency C] [--database sqlite|both]
+    .venv/bin/python -m bench.api_latency [--requests N --concurrency C] [--database sqlite|both]
 
 The server runs as in production (one uvicorn worker process; PostgreSQL, Redis broker, local
 storage) or, with ``--database sqlite``, on the embedded defaults (SQLite database and Celery's
@@ -35,9 +35,10 @@ from typing import Any
 
 import httpx
 
+from bench.provenance import run_info
+from bench.testkit import tests_module  # the tests' migrate() and seed rows, shared with them
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: the api package is the repo's
-sys.path.insert(0, str(REPO / "tests"))  # the tests' migrate() and seed rows, shared with them
 
 ADMIN_KEY = "pm_bench-admin-key-0123456789"
 CLASSES = ["basophil", "eosinophil", "lymphocyte"]  # as tests/seed.py
@@ -102,7 +103,6 @@ def backing_env(database: str, tmp: Path, redis_db: int) -> Iterator[dict[str, s
 
 def seed(url: str) -> dict[str, int]:
     """One dataset, one ready model and one queued sample job (with its batch) to read back."""
-    from seed import seed_rows  # the rows the API tests read, shared with them
     from sqlalchemy.orm import Session
 
     from service.db.session import make_engine
@@ -110,7 +110,7 @@ def seed(url: str) -> dict[str, int]:
     engine = make_engine(url)
     try:
         with Session(engine) as s:
-            return seed_rows(s)
+            return tests_module("seed").seed_rows(s)  # the rows the API tests read
     finally:
         engine.dispose()
 
@@ -253,9 +253,7 @@ def bench(database: str, args: argparse.Namespace) -> dict[str, Any]:
     ):
         tmp = Path(tmp_name)
         (tmp / "data").mkdir()
-        from conftest import migrate
-
-        migrate(env["PROTOMED_DATABASE_URL"])
+        tests_module("conftest").migrate(env["PROTOMED_DATABASE_URL"])
         ids = seed(env["PROTOMED_DATABASE_URL"])
         with uvicorn_server(env, tmp / "uvicorn.log") as base_url:
             results = []
@@ -324,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     databases = ["postgresql", "sqlite"] if args.database == "both" else [args.database]
     runs = []
     for database in databases:
-        runs.append(bench(database, args))
+        runs.append({**bench(database, args), "run": run_info(args)})
         print_table(runs[-1])
     save(args.out, runs)
 

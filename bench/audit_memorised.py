@@ -4,7 +4,7 @@ run after a few steps (noise-like samples) is the under-trained control, flagged
 than the calibrated rate. Fresh real held-out images (the audit's check half) give the
 false-flag rate with its Clopper-Pearson interval.
 
-    OMP_NUM_THREADS=1 python bench/audit_memorised.py --out bench/results/audit_memorised.json
+    OMP_NUM_THREADS=1 python -m bench.audit_memorised --out bench/results/audit_memorised.json
 
 One training run per dataset, resumed from checkpoint to checkpoint (the `tiny` preset's rate
 is constant, so resuming is the same run as training straight through: ``ml.diffusion.train``),
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +29,7 @@ import numpy as np
 import torch
 from scipy.stats import binomtest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.provenance import run_info
 from ml.audit import audit_images
 from ml.config import SampleConfig, TrainConfig, make_config
 from ml.data.images import DatasetSplit, load_split
@@ -205,7 +203,7 @@ def main() -> None:
     print(f"wall time {results['seconds']} s")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.write_text(json.dumps({"run": run_info(args), **results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

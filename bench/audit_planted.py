@@ -3,7 +3,7 @@ Gaussian pixel noise of sd 1%, 2%, 4% of the range) are audited with the held-ou
 toy domain and the shared real data; prints and writes flag rates per kind and the false-flag
 rate on the held-out check images (real images the thresholds never saw).
 
-    python bench/audit_planted.py --out bench/results/audit_planted.json
+    python -m bench.audit_planted --out bench/results/audit_planted.json
 
 Uses the untrained tiny encoder (no weights offline), so CLIP space is random features here and
 the pixel space does the work. Runs in about a minute on 2 cores.
@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.provenance import run_info
 from ml.audit import audit_images
 from ml.data.images import load_split
 from ml.data.toy import write_toy_dataset
@@ -87,7 +85,7 @@ def main() -> None:
         results[name] = row
         print(name, json.dumps(row), flush=True)
     if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.write_text(json.dumps({"run": run_info(args), **results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,24 @@
 """Where the time goes: torch.profiler over one training step and one guided sampling forward
 (the CFG-doubled batch), ours and the peer, grouped into kinds of work.
 
-    .venv/bin/python bench/breakdown.py --preset paper --precision fp32
+    .venv/bin/python -m bench.breakdown --preset paper --precision fp32
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.peer import N_CLASSES, DiffusersPeer  # noqa: E402
-from bench.speed import amp, setup  # noqa: E402
-from ml.config import SampleConfig  # noqa: E402
-from ml.diffusion.process import diffusion_loss, noise_scheduler  # noqa: E402
-from ml.diffusion.train import make_optimizer, memory_format  # noqa: E402
-from ml.runtime import tune_allocator  # noqa: E402
+from bench.peer import N_CLASSES, DiffusersPeer
+from bench.provenance import run_info
+from bench.speed import amp, setup
+from ml.config import SampleConfig
+from ml.diffusion.process import diffusion_loss, noise_scheduler
+from ml.diffusion.train import make_optimizer, memory_format
+from ml.runtime import tune_allocator
 
 KINDS = {  # first match wins, on the aten op name
     "convolution": ("convolution", "conv2d"),
@@ -112,7 +109,8 @@ def main() -> None:
                   f"({b / totals['diffusers']:>4.0%})")  # fmt: skip
         print(f"{'total':<20}{totals['ours']:>9.1f}{'':>7}{totals['diffusers']:>11.1f}")
     if args.out:
-        args.out.write_text(json.dumps({"preset": args.preset, "precision": args.precision,
+        args.out.write_text(json.dumps({"run": run_info(args), "preset": args.preset,
+                                        "precision": args.precision,
                                         "ms": result}, indent=2))  # fmt: skip
 
 

@@ -1,13 +1,13 @@
 """The whole sampling command, ours against diffusers', timed with ``/usr/bin/time -v``.
 
 ``protomed sample --scheduler ddim`` (process start, imports, checkpoint load, DDIM-50 with
-guidance, PNGs and manifest) against ``bench/peer_sample.py`` (the same for diffusers'
+guidance, PNGs and manifest) against ``bench.peer_sample`` (the same for diffusers'
 UNet2DModel of the same layout and DDIMScheduler, as diffusers' pipelines run it). Both get
 freshly initialised weights of the preset, the same n, guidance 2 and precision; runs alternate
 between the two. ``--ours-scheduler dpm++sde`` times ours as shipped (SDE-DPM-Solver++-20).
 
-    .venv/bin/python bench/command.py --preset cpu-small --n 16 --repeats 3
-    .venv/bin/python bench/command.py --preset paper --n 4 --ours-scheduler dpm++sde   # as shipped
+    .venv/bin/python -m bench.command --preset cpu-small --n 16 --repeats 3
+    .venv/bin/python -m bench.command --preset paper --n 4 --ours-scheduler dpm++sde   # as shipped
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.provenance import run_info
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 TIME = "/usr/bin/time"
 
 
@@ -73,7 +74,7 @@ def commands(args: argparse.Namespace, ckpt: Path, weights: Path, out: Path) -> 
         "ours": [str(protomed), "sample", str(ckpt), "--out", str(out / "ours"),
                  "--class", "c0", "--batch-size", str(args.n), *common,
                  "--scheduler", args.ours_scheduler, "--steps", str(ours_steps)],
-        "diffusers": [sys.executable, str(REPO / "bench" / "peer_sample.py"), str(weights),
+        "diffusers": [sys.executable, "-m", "bench.peer_sample", str(weights),
                       "--preset", args.preset, "--out", str(out / "diffusers"), *common,
                       "--steps", str(args.steps)],
     }  # fmt: skip
@@ -119,7 +120,7 @@ def main() -> None:
     print(f"ours is {row['speedup']:.2f}x the peer's speed ({args.preset}, {args.precision})")
     meta = {"tool": f"{TIME} -v", "machine": platform.processor() or platform.machine()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "row": row}, indent=2))
+    args.out.write_text(json.dumps({"run": run_info(args), "meta": meta, "row": row}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -17,9 +17,9 @@ Per dataset:
    for that budget alone, with the paired prototype-minus-baseline difference over seeds.
 
     # the README's run (2 shared cores, about an hour):
-    .venv/bin/python bench/compare_real.py --datasets derm64 --sizes 40,20,25 --budgets 200,400 \
+    .venv/bin/python -m bench.compare_real --datasets derm64 --sizes 40,20,25 --budgets 200,400 \
         --epochs 20 --sample-steps 10 --threads 1
-    .venv/bin/python bench/compare_real.py --budgets 5000,10000,20000 --backbone resnext50 \\
+    .venv/bin/python -m bench.compare_real --budgets 5000,10000,20000 --backbone resnext50 \\
         --preset paper --n-synthetic 100 --clf-image-size 64 --device cuda  # the seed's protocol
 
 Writes ``bench/results/compare_real_replicated.json`` after each dataset and prints the tables.
@@ -33,23 +33,21 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: bench.* and ml.* from the checkout
-    sys.path.insert(0, str(REPO))
-
-from bench.replication import (  # noqa: E402
+from bench.provenance import run_info
+from bench.replication import (
     SCORES,
     choose_budget,
     run_means,
     split_three,
     summarise,
 )
-from ml.evaluation.chance import chance_levels  # noqa: E402  (numpy only)
+from ml.evaluation.chance import chance_levels  # numpy only
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Images per class: (train, validation, test). The seed tests on 50 real images per class;
 # cells64 has 120 per class, so 50 test leave 50 train and 20 validation. derm64's smallest
@@ -324,6 +322,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "protocol": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "run": run_info(args),
         "load_avg_start": os.getloadavg(),
         "datasets": {},
     }

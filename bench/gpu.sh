@@ -20,7 +20,7 @@ DEST=${OUT:-bench/results}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
-timeout "${GPU_BENCH_TIMEOUT:-450}" "$PY" bench/speed.py --device "${DEVICE:-cuda}" \
+timeout "${GPU_BENCH_TIMEOUT:-450}" "$PY" -m bench.speed --device "${DEVICE:-cuda}" \
   --presets ${PRESETS:-paper} --precisions bf16 --batch-sizes ${BATCHES:-16 256} \
   --repeats "${REPEATS:-3}" --train-steps "${TRAIN_STEPS:-10}" --steps "${STEPS:-50}" \
   --out "$DEST/speed_gpu.json" 2>&1 | tee "$DEST/speed_gpu.log"

@@ -2,13 +2,12 @@
 DDIMScheduler in the loop diffusers' class-conditional pipelines run (both CFG halves in one
 batch, ``torch.no_grad``, NCHW, tqdm), writing one PNG per image like ``protomed sample``.
 
-    python bench/peer_sample.py WEIGHTS.safetensors --preset cpu-small --n 16 --out DIR
+    python -m bench.peer_sample WEIGHTS.safetensors --preset cpu-small --n 16 --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -16,8 +15,6 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.peer import DiffusersPeer
 from ml.config import make_config

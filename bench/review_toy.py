@@ -3,10 +3,14 @@
 Trains both modes (cpu-small) through the API, generates every class, sends the batches to a
 running Label Studio for blinded review, lets the toy domain's rule-based checker annotate every
 task through Label Studio's API (as an expert would in its UI), then saves the plausibility
-report (JSON, CSV) and screenshots of the dashboard. Services: SQLite, the SQLite-backed queue
-and local storage under --out; the API and a worker run as real processes.
+report (JSON with the run's provenance under ``run``; CSV with it beside, ``report.csv.run.json``)
+and screenshots of the dashboard. Services: SQLite, the SQLite-backed queue and local storage
+under --out; the API and a worker run as real processes.
 
-    .venv/bin/python bench/review_toy.py --ls-url http://127.0.0.1:8080 --ls-token TOKEN
+    .venv/bin/python -m bench.review_toy --ls-url http://127.0.0.1:8080 --ls-token TOKEN
+    # toy size (tests/test_bench.py): a few images, a tiny model, no screenshots
+    .venv/bin/python -m bench.review_toy --preset tiny --steps 2 --n-per-class 6 --n 2 \
+        --sample-steps 2 --no-screenshots --out /tmp/review-toy
 """
 
 from __future__ import annotations
@@ -15,20 +19,17 @@ import argparse
 import io
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import httpx
 from PIL import Image
 
+from bench.provenance import run_info, sidecar
+from bench.testkit import tests_module
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from browser import screenshot  # noqa: E402
-from conftest import ADMIN_KEY, migrate, service_env  # noqa: E402
-from service_procs import ApiServer, Worker, free_port  # noqa: E402
-
+ADMIN_KEY: str = tests_module("conftest").ADMIN_KEY
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
@@ -65,27 +66,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ls-url", default=os.environ.get("PROTOMED_TEST_LABEL_STUDIO_URL"))
     ap.add_argument("--ls-token", default=os.environ.get("PROTOMED_TEST_LABEL_STUDIO_TOKEN"))
+    ap.add_argument("--preset", default="cpu-small")
     ap.add_argument("--steps", type=int, default=300, help="training steps per mode")
+    ap.add_argument("--n-per-class", type=int, default=60, help="toy training images per class")
     ap.add_argument("--n", type=int, default=8, help="images per class and mode")
+    ap.add_argument("--sample-steps", type=int, default=None, help="default: the sampler's")
+    ap.add_argument("--no-screenshots", dest="screenshots", action="store_false")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "review-toy")
     args = ap.parse_args()
+    info = run_info(args)
     if not args.ls_url or not args.ls_token:
         ap.error("give --ls-url and --ls-token (a running Label Studio with a legacy token)")
     from label_studio_sdk import LabelStudio
 
     from ml.data.toy import write_toy_dataset
 
+    conftest, procs = tests_module("conftest"), tests_module("service_procs")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    write_toy_dataset(out / "data" / "toy", n_per_class=60, size=32, seed=0)
-    port = free_port()
-    env = service_env(
+    write_toy_dataset(out / "data" / "toy", n_per_class=args.n_per_class, size=32, seed=0)
+    port = procs.free_port()
+    env = conftest.service_env(
         out, PROTOMED_LABEL_STUDIO_URL=args.ls_url, PROTOMED_LABEL_STUDIO_TOKEN=args.ls_token,
         PROTOMED_PUBLIC_URL=f"http://127.0.0.1:{port}", PROTOMED_REVIEW_WEBHOOK_SECRET="toy-run",
     )  # fmt: skip
     os.environ.update(env)
-    migrate(env["PROTOMED_DATABASE_URL"])
-    api_proc, worker = ApiServer(env, out / "api.log", port), Worker(env, out / "worker.log")
+    conftest.migrate(env["PROTOMED_DATABASE_URL"])
+    api_proc = procs.ApiServer(env, out / "api.log", port)
+    worker = procs.Worker(env, out / "worker.log")
     t0 = time.perf_counter()
     try:
         api_proc.wait_ready()
@@ -94,17 +102,19 @@ def main() -> None:
             ds = api.post("/datasets", json={"name": "toy", "path": "toy", "domain": "toy"},
                           headers=AUTH).json()  # fmt: skip
             body = {
-                "dataset_id": ds["id"], "mode": "both", "preset": "cpu-small", "n_per_class": 60,
-                "n_heldout": 0, "overrides": {"max_steps": args.steps},
+                "dataset_id": ds["id"], "mode": "both", "preset": args.preset,
+                "n_per_class": args.n_per_class, "n_heldout": 0,
+                "overrides": {"max_steps": args.steps},
             }  # fmt: skip
             jobs = api.post("/jobs/train", json=body, headers=AUTH).json()["jobs"]
             models = [wait(api, j["id"])["model_id"] for j in jobs]
             print(f"trained in {time.perf_counter() - t0:.0f} s")
             batches = []
+            steps = {} if args.sample_steps is None else {"steps": args.sample_steps}
             for model in models:
                 for cls in ds["classes"]:
-                    r = api.post("/generate", params={"class": cls, "n": args.n,
-                                 "model_id": model}, headers=AUTH).json()  # fmt: skip
+                    params = {"class": cls, "n": args.n, "model_id": model, **steps}
+                    r = api.post("/generate", params=params, headers=AUTH).json()
                     batches.append((r["job"]["id"], r["batch"]["id"]))
             for job_id, _ in batches:
                 wait(api, job_id)
@@ -118,11 +128,14 @@ def main() -> None:
                 if sum(m["reviews"] for m in report["average"]["pooled"].values()) == n:
                     break
                 time.sleep(0.5)
-            (out / "report.json").write_text(json.dumps(report, indent=2))
+            (out / "report.json").write_text(json.dumps({"run": info, **report}, indent=2))
             csv_text = api.get("/reports/plausibility", params={"format": "csv"}, headers=AUTH).text
             (out / "report.csv").write_text(csv_text)
-            for path, name in (("/ui/reports/plausibility", "report.png"), ("/ui", "jobs.png")):
-                screenshot(api_proc.url, ADMIN_KEY, path, out / name, width=1280)
+            sidecar(out / "report.csv", info)
+            if args.screenshots:
+                shoot = tests_module("browser").screenshot
+                for path, name in (("/ui/reports/plausibility", "report.png"), ("/ui", "jobs.png")):
+                    shoot(api_proc.url, ADMIN_KEY, path, out / name, width=1280)
             print(csv_text)
             print(f"{n} images reviewed; whole run {time.perf_counter() - t0:.0f} s; in {out}")
     finally:

@@ -13,7 +13,7 @@
 Nothing is tuned: the scorer's only knob (its L2 strength) is chosen by inner CV on its training
 half; the held-out half and the fresh draws are looked at once.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/scorer_toy.py --out /tmp/scorer_toy \\
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.scorer_toy --out /tmp/scorer_toy \\
         --json bench/results/scorer_toy.json
 """
 
@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.provenance import run_info
+from ml.evaluation.intervals import newcombe_difference, wilson
+from ml.scorer import ScorerError, assess, fit_scorer, keep
 
-from ml.evaluation.intervals import newcombe_difference, wilson  # noqa: E402
-from ml.scorer import ScorerError, assess, fit_scorer, keep  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rate(k: int, n: int) -> dict[str, Any]:
@@ -116,7 +115,8 @@ def main() -> None:
                                      seed=args.seed)  # fmt: skip
     except ScorerError as exc:  # a model trained too briefly draws no plausible image
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"refused": str(exc), "pool_plausible": int(y.sum()),
+        args.json.write_text(json.dumps({"run": run_info(args), "refused": str(exc),
+                                         "pool_plausible": int(y.sum()),
                                          "pool": len(y)}) + "\n")  # fmt: skip
         print(f"no scorer: {exc}")
         return
@@ -173,7 +173,7 @@ def main() -> None:
         },
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    args.json.write_text(json.dumps({"run": run_info(args), **result}, indent=2) + "\n")
     pooled = result["filter"]["pooled"]
     cv, ho = metrics.cv, held_report
     print(f"scorer: CV AUC {cv.auc:.3f} {cv.auc_ci} on {cv.n}; held-out AUC {ho.auc:.3f} "

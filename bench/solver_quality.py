@@ -7,28 +7,27 @@ absolute pixel difference to DDIM-50 fp32's image from the same seed and, on the
 the rule-based checker; speed by wall time per image. "ddim-50 seed 1" draws other seeds: its
 FD change is the noise floor of the comparison at this n.
 
-    .venv/bin/python bench/solver_quality.py runs/review-toy/work/models/1 --n 16
+    .venv/bin/python -m bench.solver_quality runs/review-toy/work/models/1 --n 16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.provenance import run_info
+from ml.config import SampleConfig
+from ml.data.images import ImageSet, load_selection
+from ml.diffusion.sample import generate
+from ml.evaluation.distribution import frechet_distance
+from ml.evaluation.evaluate import _embed, _toy_plausibility
+from ml.models.checkpoint import load_model
+from ml.pipeline import training_data
+from ml.prototypes.encoder import ClipEncoder, EncoderSpec
 
-from ml.config import SampleConfig  # noqa: E402
-from ml.data.images import ImageSet, load_selection  # noqa: E402
-from ml.diffusion.sample import generate  # noqa: E402
-from ml.evaluation.distribution import frechet_distance  # noqa: E402
-from ml.evaluation.evaluate import _embed, _toy_plausibility  # noqa: E402
-from ml.models.checkpoint import load_model  # noqa: E402
-from ml.pipeline import training_data  # noqa: E402
-from ml.prototypes.encoder import ClipEncoder, EncoderSpec  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # name: (scheduler, steps, precision, seed)
 VARIANTS = {
@@ -92,7 +91,8 @@ def main() -> None:
     base = rows["ddim-50"]["fd"]
     for r in rows.values():
         r["fd_vs_ddim50"] = r["fd"] / base - 1
-    args.out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "encoder": enc.identity,
+    args.out.write_text(json.dumps({"run": run_info(args), "checkpoint": str(args.checkpoint),
+                                    "encoder": enc.identity,
                                     "n_per_class": args.n, "step_scale": args.step_scale,
                                     "rows": rows}, indent=2))  # fmt: skip
     print(json.dumps(rows, indent=2))

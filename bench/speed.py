@@ -1,6 +1,6 @@
 """Ours against diffusers' UNet2DModel built the same way, in one run, interleaved.
 
-The peer (``bench/peer.py``) is diffusers' ``UNet2DModel`` with the same layout and class input
+The peer (``bench.peer``) is diffusers' ``UNet2DModel`` with the same layout and class input
 (attention blocks where ours has self-attention: ``paper``), parameter counts within 1%. Both
 run through the same loss and the same sampling loop (diffusers' DDIM scheduler, conditional
 and unconditional passes in one batch): only the network, its memory layout and its optimiser
@@ -12,10 +12,10 @@ Measured per preset, precision and batch size:
 - sampling images/s for DDIM-50 with guidance,
 - peak memory: resident memory of a fresh child process (CPU) or ``max_memory_allocated`` (CUDA).
 
-    .venv/bin/python bench/speed.py              # cpu-small, paper-legacy and paper, fp32 and bf16
-    .venv/bin/python bench/speed.py --presets tiny --repeats 1 --sample-n 2 --steps 3   # smoke
-    .venv/bin/python bench/speed.py --presets tiny --set attention_resolutions=[16,8]   # attention
-    python bench/speed.py --device cuda --presets paper --precisions bf16 --batch-sizes 16 256
+    .venv/bin/python -m bench.speed            # cpu-small, paper-legacy and paper, fp32 and bf16
+    .venv/bin/python -m bench.speed --presets tiny --repeats 1 --sample-n 2 --steps 3   # smoke
+    .venv/bin/python -m bench.speed --presets tiny --set attention_resolutions=[16,8]   # attention
+    python -m bench.speed --device cuda --presets paper --precisions bf16 --batch-sizes 16 256
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.peer import N_CLASSES, DiffusersPeer, build
+from bench.provenance import run_info
+from ml.config import SampleConfig, TrainConfig, parse_overrides
+from ml.diffusion.process import diffusion_loss, guided_sample, noise_scheduler, sampler
+from ml.diffusion.train import make_optimizer, memory_format
+from ml.models.unet import count_parameters
+from ml.runtime import tune_allocator
 
-from bench.peer import N_CLASSES, DiffusersPeer, build  # noqa: E402
-from ml.config import SampleConfig, TrainConfig, parse_overrides  # noqa: E402
-from ml.diffusion.process import diffusion_loss, guided_sample, noise_scheduler, sampler  # noqa: E402
-from ml.diffusion.train import make_optimizer, memory_format  # noqa: E402
-from ml.models.unet import count_parameters  # noqa: E402
-from ml.runtime import tune_allocator  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def amp(precision: str) -> torch.dtype | None:
@@ -229,7 +229,7 @@ def main() -> None:
     meta = {"threads": args.threads, "torch": torch.__version__, "machine": device_name,
             "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    args.out.write_text(json.dumps({"run": run_info(args), "meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -4,10 +4,15 @@ Trains one model (cpu-small, baseline mode by default) through the API, runs a g
 (every class asked at each scale, the same seeds at every scale), sends it to a running Label
 Studio for blinded review, lets the toy domain's rule-based checker annotate every task through
 Label Studio's API (as an expert would in its UI), applies the recommended scales and saves the
-sweep report (JSON, CSV, text) and a screenshot of its dashboard page. Services: SQLite, the
+sweep report (JSON with the run's provenance under ``run``; CSV with it beside,
+``sweep.csv.run.json``) and a screenshot of its dashboard page. Services: SQLite, the
 SQLite-backed queue and local storage under --out; the API and a worker run as real processes.
 
-    .venv/bin/python bench/sweep_toy.py --ls-url http://127.0.0.1:8080 --ls-token TOKEN
+    .venv/bin/python -m bench.sweep_toy --ls-url http://127.0.0.1:8080 --ls-token TOKEN
+    # toy size (tests/test_bench.py): two classes, two scales, a tiny model, no screenshot
+    .venv/bin/python -m bench.sweep_toy --preset tiny --steps 2 --n-per-class 6 \
+        --classes lymphocyte,neutrophil --scales 1,4 --n 2 --sample-steps 2 --no-screenshot \
+        --out /tmp/sweep-toy
 """
 
 from __future__ import annotations
@@ -15,22 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from bench.provenance import run_info, sidecar
+from bench.review_toy import ADMIN_KEY, AUTH, review_all, wait
+from bench.testkit import tests_module
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "bench"))
-
-from browser import screenshot  # noqa: E402
-from conftest import ADMIN_KEY, migrate, service_env  # noqa: E402
-from review_toy import review_all, wait  # noqa: E402
-from service_procs import ApiServer, Worker, free_port  # noqa: E402
-
-AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def main() -> None:
@@ -38,7 +37,9 @@ def main() -> None:
     ap.add_argument("--ls-url", default=os.environ.get("PROTOMED_TEST_LABEL_STUDIO_URL"))
     ap.add_argument("--ls-token", default=os.environ.get("PROTOMED_TEST_LABEL_STUDIO_TOKEN"))
     ap.add_argument("--mode", default="baseline", choices=["baseline", "prototype"])
+    ap.add_argument("--preset", default="cpu-small")
     ap.add_argument("--steps", type=int, default=600, help="training steps")
+    ap.add_argument("--n-per-class", type=int, default=60, help="toy training images per class")
     ap.add_argument("--classes", default="lymphocyte,monocyte,neutrophil")
     ap.add_argument("--scales", default="0,1,2,4")
     ap.add_argument("--n", type=int, default=16, help="images per class and scale")
@@ -46,28 +47,31 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "sweep-toy")
     ap.add_argument("--threads", type=int, default=1, help="the worker's torch threads")
     ap.add_argument("--screenshot", type=Path, default=None, help="default: OUT/sweep.png")
+    ap.add_argument("--no-screenshot", dest="shoot", action="store_false")
     args = ap.parse_args()
+    info = run_info(args)
     if not args.ls_url or not args.ls_token:
         ap.error("give --ls-url and --ls-token (a running Label Studio with a legacy token)")
     from label_studio_sdk import LabelStudio
 
     from ml.data.toy import write_toy_dataset
 
+    conftest, procs = tests_module("conftest"), tests_module("service_procs")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     classes = [c for c in args.classes.split(",") if c]
-    write_toy_dataset(out / "data" / "toy", n_per_class=60, size=32, seed=0)
-    port = free_port()
-    env = service_env(
+    write_toy_dataset(out / "data" / "toy", n_per_class=args.n_per_class, size=32, seed=0)
+    port = procs.free_port()
+    env = conftest.service_env(
         out, PROTOMED_LABEL_STUDIO_URL=args.ls_url, PROTOMED_LABEL_STUDIO_TOKEN=args.ls_token,
         PROTOMED_PUBLIC_URL=f"http://127.0.0.1:{port}", PROTOMED_REVIEW_WEBHOOK_SECRET="toy-run",
         PROTOMED_REVIEW_PULL_S="3600",
     )  # fmt: skip
     os.environ.update(env)
-    migrate(env["PROTOMED_DATABASE_URL"])
+    conftest.migrate(env["PROTOMED_DATABASE_URL"])
     # one torch thread: on a loaded 2-core machine two threads waiting on each other run slower
-    api_proc = ApiServer(env, out / "api.log", port)
-    worker = Worker(env, out / "worker.log", threads=args.threads)
+    api_proc = procs.ApiServer(env, out / "api.log", port)
+    worker = procs.Worker(env, out / "worker.log", threads=args.threads)
     t0 = time.perf_counter()
     try:
         api_proc.wait_ready()
@@ -75,8 +79,8 @@ def main() -> None:
         with httpx.Client(base_url=api_proc.url, timeout=60, headers=AUTH) as api:
             ds = api.post("/datasets", json={"name": "toy", "path": "toy", "domain": "toy"}).json()
             body = {
-                "dataset_id": ds["id"], "mode": args.mode, "preset": "cpu-small",
-                "n_per_class": 60, "n_heldout": 0, "classes": classes,
+                "dataset_id": ds["id"], "mode": args.mode, "preset": args.preset,
+                "n_per_class": args.n_per_class, "n_heldout": 0, "classes": classes,
                 # the demo's recipe (ml.demo.DEMO_RECIPE): 24x24 images, min-SNR weighting
                 "overrides": {"max_steps": args.steps, "image_size": 24,
                               "loss_weighting": "min_snr"},
@@ -111,11 +115,14 @@ def main() -> None:
             applied = api.post(f"/sweeps/{sweep['id']}/apply")
             print("apply:", applied.status_code, applied.json())
             rep = api.get(f"/sweeps/{sweep['id']}/report").json()
-            (out / "sweep.json").write_text(json.dumps(rep, indent=2))
+            (out / "sweep.json").write_text(json.dumps({"run": info, **rep}, indent=2))
             csv_text = api.get(f"/sweeps/{sweep['id']}/report", params={"format": "csv"}).text
             (out / "sweep.csv").write_text(csv_text)
-            shot = args.screenshot or out / "sweep.png"
-            screenshot(api_proc.url, ADMIN_KEY, f"/ui/sweeps/{sweep['id']}", shot)
+            sidecar(out / "sweep.csv", info)
+            if args.shoot:
+                shot = args.screenshot or out / "sweep.png"
+                screenshot = tests_module("browser").screenshot
+                screenshot(api_proc.url, ADMIN_KEY, f"/ui/sweeps/{sweep['id']}", shot)
             print(csv_text)
             print(f"{n} images reviewed; whole run {time.perf_counter() - t0:.0f} s; in {out}")
     finally:

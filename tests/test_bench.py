@@ -15,16 +15,33 @@ pytestmark = pytest.mark.slow  # benchmarks at a tiny size: not in the fast defa
 # Each run takes seconds to a minute here; the subprocess limit only catches a hang, under any
 # load (a loaded CI machine ran 20x slower than a quiet one), and stays below pytest's 900 s.
 HANG_GUARD_S = 840
+HEAD = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                      text=True).stdout.strip() or None  # fmt: skip
+
+
+def assert_run_info(run: dict, module: str, *args: str) -> None:
+    """A result's ``run`` (bench.provenance.run_info): this checkout's commit, the command as
+    run, the parsed arguments, the versions and the machine."""
+    assert run["commit"] == HEAD and len(run["commit"] or "") == 40
+    assert isinstance(run["dirty"], bool)
+    assert run["argv"][1:3] == ["-m", module], run["argv"]
+    assert all(a in run["argv"] for a in args), (args, run["argv"])
+    assert isinstance(run["args"], dict) and run["args"]
+    assert run["torch"] and run["python"] and run["platform"] and run["cpus"] >= 1
+    assert "gpu" in run and run["utc"].endswith("+00:00")
 
 
 def test_speed_harness_runs_both_models(tmp_path: Path) -> None:
     out = tmp_path / "speed.json"
-    cmd = [sys.executable, "bench/speed.py", "--presets", "tiny", "--repeats", "1",
+    cmd = [sys.executable, "-m", "bench.speed", "--presets", "tiny", "--repeats", "1",
            "--sample-n", "2", "--steps", "2", "--train-steps", "1", "--no-memory",
            "--threads", "2", "--out", str(out)]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr
-    row = json.loads(out.read_text())["rows"][0]
+    res = json.loads(out.read_text())
+    assert_run_info(res["run"], "bench.speed", "--presets", "tiny")
+    assert res["run"]["args"]["presets"] == ["tiny"] and res["run"]["args"]["train_steps"] == 1
+    row = res["rows"][0]
     for key in ("ours_train_img_s", "diffusers_train_img_s", "ours_sample_img_s",
                 "diffusers_sample_img_s", "train_ratio", "sample_ratio"):  # fmt: skip
         assert row[key] > 0, key
@@ -35,7 +52,7 @@ def test_speed_harness_runs_both_models_with_attention(tmp_path: Path) -> None:
     """The faithful ``paper`` layout (self-attention where [3] puts it) against diffusers'
     attention blocks, at the tiny size: both have attention at both sizes, parameters agree."""
     out = tmp_path / "speed.json"
-    cmd = [sys.executable, "bench/speed.py", "--presets", "tiny", "--repeats", "1",
+    cmd = [sys.executable, "-m", "bench.speed", "--presets", "tiny", "--repeats", "1",
            "--sample-n", "2", "--steps", "2", "--train-steps", "1", "--threads", "2",
            "--precisions", "fp32", "--set", "attention_resolutions=[16,8]",
            "--out", str(out)]  # fmt: skip
@@ -45,7 +62,6 @@ def test_speed_harness_runs_both_models_with_attention(tmp_path: Path) -> None:
     assert row["ours_train_img_s"] > 0 and row["diffusers_sample_img_s"] > 0
     assert row["ours_train_peak_mib"] > 10 and row["diffusers_sample_peak_mib"] > 10
     assert abs(row["param_ratio"] - 1) < 0.05  # tiny: the class input's share is larger
-    sys.path.insert(0, str(REPO))
     from bench.peer import build
     from ml.models.unet import AttnBlock
 
@@ -58,7 +74,6 @@ def test_speed_harness_runs_both_models_with_attention(tmp_path: Path) -> None:
 
 
 def test_same_architecture_within_one_percent() -> None:
-    sys.path.insert(0, str(REPO))
     from bench.peer import build
     from ml.models.unet import count_parameters
 
@@ -69,11 +84,13 @@ def test_same_architecture_within_one_percent() -> None:
 
 def test_whole_command_benchmark_runs_both_commands(tmp_path: Path) -> None:
     out = tmp_path / "command.json"
-    cmd = [sys.executable, "bench/command.py", "--preset", "tiny", "--n", "2", "--steps", "2",
+    cmd = [sys.executable, "-m", "bench.command", "--preset", "tiny", "--n", "2", "--steps", "2",
            "--repeats", "1", "--out", str(out)]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr
-    row = json.loads(out.read_text())["row"]
+    res = json.loads(out.read_text())
+    assert_run_info(res["run"], "bench.command", "--n", "2")
+    row = res["row"]
     for who in ("ours", "diffusers"):
         assert row[f"{who}_wall_s"] > 0 and row[f"{who}_peak_mib"] > 10, row
     assert "x the peer's speed" in r.stdout
@@ -81,10 +98,12 @@ def test_whole_command_benchmark_runs_both_commands(tmp_path: Path) -> None:
 
 def test_profile_groups_the_time_of_both_models(tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
-    cmd = [sys.executable, "bench/breakdown.py", "--preset", "tiny", "--out", str(out)]
+    cmd = [sys.executable, "-m", "bench.breakdown", "--preset", "tiny", "--out", str(out)]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr
-    ms = json.loads(out.read_text())["ms"]
+    res = json.loads(out.read_text())
+    assert_run_info(res["run"], "bench.breakdown", "--preset", "tiny")
+    ms = res["ms"]
     for task in ("train", "sample"):
         for who in ("ours", "diffusers"):
             assert ms[task][who]["convolution"] > 0, (task, who)
@@ -99,7 +118,9 @@ def test_gpu_script_runs_on_the_cpu_at_a_tiny_size(tmp_path: Path) -> None:
     r = subprocess.run(["bash", "bench/gpu.sh"], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=HANG_GUARD_S)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    rows = json.loads((tmp_path / "speed_gpu.json").read_text())["rows"]
+    res = json.loads((tmp_path / "speed_gpu.json").read_text())
+    assert_run_info(res["run"], "bench.speed", "--device", "cpu")
+    rows = res["rows"]
     assert [(row["precision"], row["train_batch"], row["sample_n"]) for row in rows] == [
         ("bf16", 2, 2)
     ]
@@ -121,12 +142,14 @@ def test_solver_quality_compares_every_variant(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
     out = tmp_path / "q.json"
     r = subprocess.run(
-        [sys.executable, "bench/solver_quality.py", str(tmp_path / "run"), "--n", "2",
+        [sys.executable, "-m", "bench.solver_quality", str(tmp_path / "run"), "--n", "2",
          "--encoder", "protomed-tiny-vit", "--step-scale", "0.1", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    rows = json.loads(out.read_text())["rows"]
+    res = json.loads(out.read_text())
+    assert_run_info(res["run"], "bench.solver_quality", "--step-scale", "0.1")
+    rows = res["rows"]
     assert rows["ddim-50"]["mean_abs_vs_ddim50"] == 0 and rows["ddim-50"]["fd_vs_ddim50"] == 0
     assert {"dpm++sde-20", "ddim-50 bf16", "ddim-50 seed 1"} <= rows.keys()
     assert rows["ddim-50 seed 1"]["mean_abs_vs_ddim50"] > 0
@@ -135,20 +158,24 @@ def test_solver_quality_compares_every_variant(tmp_path: Path) -> None:
 
 def test_audit_planted_runs(tmp_path: Path) -> None:
     out = tmp_path / "audit.json"
-    cmd = [sys.executable, "bench/audit_planted.py", "--toy-only", "--out", str(out)]
+    cmd = [sys.executable, "-m", "bench.audit_planted", "--toy-only", "--out", str(out)]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr
-    row = json.loads(out.read_text())["toy 32 px"]
+    res = json.loads(out.read_text())
+    assert_run_info(res["run"], "bench.audit_planted", "--toy-only")
+    row = res["toy 32 px"]
     assert row["exact"] == [30, 30] and row["check"][1] == 150
 
 
 def test_audit_memorised_runs_at_a_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "memorised.json"
-    cmd = [sys.executable, "bench/audit_memorised.py", "--datasets", "toy", "--steps", "2,4",
+    cmd = [sys.executable, "-m", "bench.audit_memorised", "--datasets", "toy", "--steps", "2,4",
            "--samples-per-class", "3", "--heldout-per-class", "6", "--out", str(out)]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr
-    rows = json.loads(out.read_text())["toy"]["rows"]
+    res = json.loads(out.read_text())
+    assert_run_info(res["run"], "bench.audit_memorised", "--steps", "2,4")
+    rows = res["toy"]["rows"]
     assert set(rows) == {"2 ddim-50", "2 dpm++sde-20", "4 ddim-50", "4 dpm++sde-20"}
     assert all(row["flagged"][1] == 9 and row["check"][1] == 9 for row in rows.values())
 
@@ -163,7 +190,7 @@ def test_replicated_real_comparison_runs_at_a_tiny_size(tmp_path: Path) -> None:
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
     out = tmp_path / "replicated.json"
-    cmd = [sys.executable, "bench/compare_real.py", "--data", str(tmp_path / "data"),
+    cmd = [sys.executable, "-m", "bench.compare_real", "--data", str(tmp_path / "data"),
            "--datasets", "toy", "--sizes", "5,3,3", "--budgets", "2,4", "--gen-seeds", "0,1",
            "--clf-seeds", "0", "--preset", "tiny", "--epochs", "1",
            "--clf-image-size", "16", "--sample-steps", "2", "--encoder", "protomed-tiny-vit",
@@ -171,7 +198,10 @@ def test_replicated_real_comparison_runs_at_a_tiny_size(tmp_path: Path) -> None:
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=HANG_GUARD_S)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    res = json.loads(out.read_text())["datasets"]["toy"]
+    full = json.loads(out.read_text())
+    assert_run_info(full["run"], "bench.compare_real", "--budgets", "2,4")
+    assert full["run"]["args"]["gen_seeds"] == [0, 1]
+    res = full["datasets"]["toy"]
     assert res["chosen_budget"] in (2, 4)
     assert set(res["validation_f1_by_budget"]) == {"2", "4"}
     assert {r["budget"] for r in res["runs"] if r["split"] == "test"} == {res["chosen_budget"]}
@@ -193,7 +223,7 @@ def test_scorer_toy_runs_at_a_tiny_size(tmp_path: Path) -> None:
     so the scorer is refused (and says why) unless some cell came out right; either way the
     harness runs through and writes its JSON."""
     out = tmp_path / "scorer.json"
-    cmd = [sys.executable, "bench/scorer_toy.py", "--out", str(tmp_path / "run"), "--json",
+    cmd = [sys.executable, "-m", "bench.scorer_toy", "--out", str(tmp_path / "run"), "--json",
            str(out), "--steps", "2", "--pool", "6", "--n", "2", "--oversample", "2",
            "--encoder", "protomed-tiny-vit"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -201,6 +231,7 @@ def test_scorer_toy_runs_at_a_tiny_size(tmp_path: Path) -> None:
                        env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
+    assert_run_info(result["run"], "bench.scorer_toy", "--steps", "2")
     assert "refused" in result or result["filter"]["pooled"]["filtered"]["n"] == 10
 
 
@@ -229,7 +260,8 @@ def test_ablation_runs_every_arm_at_a_tiny_size(tmp_path: Path) -> None:
                        timeout=HANG_GUARD_S)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(out.read_text())
-    assert res["commit"]["sha"] and res["machine"]["cpus"] and res["protocol"]["seeds"] == [0, 1]
+    assert_run_info(res["run"], "bench.ablation", "--seeds", "0,1")
+    assert res["protocol"]["seeds"] == [0, 1]
     toy = res["datasets"]["toy"]
     assert toy["steps"] == [2, 4]  # --steps-for wins over --steps
     summary = toy["summary"]
@@ -271,3 +303,113 @@ def test_ablation_runs_every_arm_at_a_tiny_size(tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     again = json.loads(out.read_text())["datasets"]["toy"]["runs"]
     assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, toy["runs"]))
+
+
+def toy_data(tmp_path: Path, n_per_class: int = 12) -> Path:
+    """``protomed toy`` under tmp_path/data/toy; returns tmp_path/data."""
+    env = {**os.environ, "PROTOMED_NO_MALLOC_TUNING": "1"}
+    r = subprocess.run([sys.executable, "-m", "ml.cli", "toy", str(tmp_path / "data" / "toy"),
+                        "--n-per-class", str(n_per_class), "--size", "16"], cwd=REPO, env=env,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return tmp_path / "data"
+
+
+def test_prototype_probe_runs_at_a_toy_size(tmp_path: Path) -> None:
+    """bench/prototype_probe.py on the toy domain with the tiny untrained encoder: one row per K,
+    every class named, accuracies in [0, 1], the majority baseline at 1/5 (balanced)."""
+    from ml.data.toy import TOY_CLASSES
+
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, "-m", "bench.prototype_probe", "--data", str(toy_data(tmp_path)),
+           "--datasets", "toy", "--encoder", "protomed-tiny-vit", "--untrained",
+           "--n-per-class", "8", "--heldout", "4", "--k", "1", "2",
+           "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=HANG_GUARD_S)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    assert_run_info(res["run"], "bench.prototype_probe", "--datasets", "toy")
+    assert res["run"]["args"]["k"] == [1, 2] and res["run"]["args"]["untrained"] is True
+    rows = res["rows"]
+    assert [(row["dataset"], row["k"]) for row in rows] == [("toy", 1), ("toy", 2)]
+    for row in rows:
+        assert sorted(row["classes"]) == sorted(TOY_CLASSES)
+        assert row["n_train"] == 8 * len(TOY_CLASSES) and row["n_heldout"] == 4 * len(TOY_CLASSES)
+        for key in ("nearest_prototype_acc", "logreg_acc", "train_acc"):
+            assert 0 <= row[key] <= 1, (key, row[key])
+        assert row["majority_acc"] == pytest.approx(1 / len(TOY_CLASSES))
+        assert row["intra_inter_ratio"] > 0 and "untrained" in row["encoder"]
+    assert (tmp_path / "work" / "toy-k2" / "codebook.json").exists()
+
+
+def test_review_toy_runs_at_a_toy_size(tmp_path: Path) -> None:
+    """bench/review_toy.py through a real Label Studio (started by .ci/run; skipped without one,
+    failed under PROTOMED_REQUIRE_SERVICES): both modes of a tiny model, two images per class and
+    mode, every task annotated by the toy checker, the report counting them all."""
+    from test_reviews import ls_settings
+
+    from ml.data.toy import TOY_CLASSES
+
+    url, token = ls_settings()
+    out = tmp_path / "review"
+    cmd = [sys.executable, "-m", "bench.review_toy", "--ls-url", url, "--ls-token", token,
+           "--preset", "tiny", "--steps", "2", "--n-per-class", "6", "--n", "2",
+           "--sample-steps", "2", "--no-screenshots", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROTOMED_NO_MALLOC_TUNING": "1"}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=HANG_GUARD_S)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = (out / "report.json").read_text()
+    assert token not in text  # the run info hides the token
+    report = json.loads(text)
+    assert_run_info(report["run"], "bench.review_toy", "--steps", "2")
+    assert report["run"]["args"]["ls_token"] == "***" and report["run"]["args"]["n"] == 2
+    assert sorted(m["mode"] for m in report["models"]) == ["baseline", "prototype"]
+    assert sorted(row["class"] for row in report["classes"]) == sorted(TOY_CLASSES)
+    for row in report["classes"]:
+        assert len(row["models"]) == 2, row
+        for entry in row["models"].values():
+            assert entry["images"] == 2 and 0 <= entry["plausible"] <= 2, (row["class"], entry)
+            assert entry["rate"] is None or 0 <= entry["rate"] <= 1
+    pooled = report["average"]["pooled"].values()
+    assert sum(m["images"] for m in pooled) == 2 * 2 * len(TOY_CLASSES)
+    assert f"{2 * 2 * len(TOY_CLASSES)} images reviewed" in r.stdout
+    assert (out / "report.csv").read_text().strip()
+    side = json.loads((out / "report.csv.run.json").read_text())
+    assert side["commit"] == report["run"]["commit"] and side["argv"] == report["run"]["argv"]
+
+
+def test_sweep_toy_runs_at_a_toy_size(tmp_path: Path) -> None:
+    """bench/sweep_toy.py through a real Label Studio (as above): a tiny model's sweep over two
+    classes and two scales, every image reviewed by the toy checker and counted per cell."""
+    from test_reviews import ls_settings
+
+    url, token = ls_settings()
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "bench.sweep_toy", "--ls-url", url, "--ls-token", token,
+           "--preset", "tiny", "--steps", "2", "--n-per-class", "6",
+           "--classes", "lymphocyte,neutrophil", "--scales", "1,4", "--n", "2",
+           "--sample-steps", "2", "--no-screenshot", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROTOMED_NO_MALLOC_TUNING": "1"}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=HANG_GUARD_S)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = (out / "sweep.json").read_text()
+    assert token not in text
+    rep = json.loads(text)
+    assert_run_info(rep["run"], "bench.sweep_toy", "--scales", "1,4")
+    assert rep["run"]["args"]["classes"] == "lymphocyte,neutrophil"
+    assert rep["scales"] == [1.0, 4.0] and rep["n"] == 2 and rep["steps"] == 2
+    assert sorted(c["class"] for c in rep["classes"]) == ["lymphocyte", "neutrophil"]
+    for c in rep["classes"]:
+        assert [e["scale"] for e in c["scales"]] == [1.0, 4.0]
+        for e in c["scales"]:
+            p = e["plausibility"]
+            assert e["generated"] == 2 and p["images"] == 2 and 0 <= p["plausible"] <= 2, e
+            assert p["rate"] is None or 0 <= p["rate"] <= 1
+        assert c["recommended"] in (None, 1.0, 4.0) and c["reason"]
+    assert "8 images reviewed" in r.stdout
+    side = json.loads((out / "sweep.csv.run.json").read_text())
+    assert side["commit"] == rep["run"]["commit"]

@@ -30,8 +30,9 @@ SessionDep = Annotated[Session, Depends(get_session)]
 Row = TypeVar("Row")
 
 
-def get_or_404(session: Session, model: type[Row], id_: int, noun: str | None = None,
-               hint: str = "") -> Row:  # fmt: skip
+def get_or_404(
+    session: Session, model: type[Row], id_: int, noun: str | None = None, hint: str = ""
+) -> Row:
     """The row of ``model`` with this primary key, else a 404 "no <noun> with id <id><hint>"
     (the noun defaults to the class name in lower case), so every endpoint words it alike."""
     row = session.get(model, id_)

@@ -49,8 +49,9 @@ def bootstrap() -> None:
             if row.revoked_at is not None:
                 log.warning(
                     "PROTOMED_ADMIN_KEY is revoked (key id %s) and stays revoked: set a live "
-                    "admin key", row.id,
-                )  # fmt: skip
+                    "admin key",
+                    row.id,
+                )
         session.commit()
 
 
@@ -76,9 +77,19 @@ def create_app() -> FastAPI:
     )
     install_handlers(app)
     for module in (
-        health, datasets, jobs, models, batches, images, reviews, reports, keys, sweeps, scorers,
+        health,
+        datasets,
+        jobs,
+        models,
+        batches,
+        images,
+        reviews,
+        reports,
+        keys,
+        sweeps,
+        scorers,
         dashboard,
-    ):  # fmt: skip
+    ):
         app.include_router(module.router)
     return app
 

@@ -57,11 +57,18 @@ def project_out(session: Session, project: ReviewProject, public: str | None) ->
         url = f"{public.rstrip('/')}/projects/{project.ls_project_id}/data"
     cs = project.criteria_set
     return ProjectOut(
-        id=project.id, domain=cs.domain, criteria_set_id=cs.id, version=cs.version,
-        ls_project_id=project.ls_project_id, url=url, tasks=counts.tasks, reviews=counts.reviews,
-        incomplete=counts.incomplete, flagged=counts.flagged,
+        id=project.id,
+        domain=cs.domain,
+        criteria_set_id=cs.id,
+        version=cs.version,
+        ls_project_id=project.ls_project_id,
+        url=url,
+        tasks=counts.tasks,
+        reviews=counts.reviews,
+        incomplete=counts.incomplete,
+        flagged=counts.flagged,
         odd_tasks=[OddTask.model_validate(o) for o in project.odd_tasks or []],
-    )  # fmt: skip
+    )
 
 
 def audit_out(job: Job, stored: AuditStored, request: Request) -> AuditOut:
@@ -78,5 +85,10 @@ def audit_out(job: Job, stored: AuditStored, request: Request) -> AuditOut:
                 nearest_url=str(nearest) if kept else None,
             )
         )
-    return AuditOut(batch_id=stored.batch_id, job_id=job.id, finished_at=job.finished_at,
-                    report=stored.report, links=links)  # fmt: skip
+    return AuditOut(
+        batch_id=stored.batch_id,
+        job_id=job.id,
+        finished_at=job.finished_at,
+        report=stored.report,
+        links=links,
+    )

@@ -104,13 +104,17 @@ class TrainRequest(RequestModel):
         default_factory=dict, description="TrainConfig fields, e.g. {'steps': 2000}."
     )
     n_per_class: int | None = Field(
-        default=100, ge=1, le=MAX_PER_CLASS, description=f"Training images per class, 1 to "
-        f"{MAX_PER_CLASS} (null: all).",
-    )  # fmt: skip
+        default=100,
+        ge=1,
+        le=MAX_PER_CLASS,
+        description=f"Training images per class, 1 to {MAX_PER_CLASS} (null: all).",
+    )
     n_heldout: int = Field(
-        default=20, ge=0, le=MAX_PER_CLASS, description=f"Held-out images per class, 0 to "
-        f"{MAX_PER_CLASS}.",
-    )  # fmt: skip
+        default=20,
+        ge=0,
+        le=MAX_PER_CLASS,
+        description=f"Held-out images per class, 0 to {MAX_PER_CLASS}.",
+    )
     classes: list[ClassName] | None = Field(
         default=None, max_length=1000, description="Subset of the dataset's classes."
     )
@@ -192,9 +196,15 @@ class GenerateQuery(GenerateRequest):
         ``class`` is the 422 FastAPI gives for a missing required parameter."""
         if self.class_name is None:
             raise RequestValidationError(
-                [{"type": "missing", "loc": ("query", "class"), "msg": "Field required",
-                  "input": None}]
-            )  # fmt: skip
+                [
+                    {
+                        "type": "missing",
+                        "loc": ("query", "class"),
+                        "msg": "Field required",
+                        "input": None,
+                    }
+                ]
+            )
         return GenerateRequest.model_validate(self.model_dump(by_alias=True, exclude_unset=True))
 
 
@@ -229,8 +239,9 @@ Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 class EvaluateRequest(RequestModel):
     baseline_model_id: Id
     prototype_model_id: Id
-    seeds: list[Annotated[int, Field(ge=0, le=MAX_ID)]] = Field([0, 1, 2], min_length=1,
-                                                                max_length=10)  # fmt: skip
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_ID)]] = Field(
+        [0, 1, 2], min_length=1, max_length=10
+    )
     backbone: Literal["small", "resnet18", "resnext50"] = "small"
     epochs: int = Field(30, ge=1, le=1000)
     n_per_class: int | None = Field(None, ge=1, le=10_000, description="default: as real")
@@ -299,14 +310,18 @@ class ReviewRequest(RequestModel):
         "images are shuffled together and nothing tells a reviewer which is which.",
     )
     per_batch: int | None = Field(
-        default=None, ge=1, le=MAX_PER_CLASS,
+        default=None,
+        ge=1,
+        le=MAX_PER_CLASS,
         description="select 'uncertain' only (required there): images to send per batch.",
-    )  # fmt: skip
+    )
     random_share: float | None = Field(
-        default=None, gt=0, le=1,
+        default=None,
+        gt=0,
+        le=1,
         description=f"select 'uncertain' only: the random sample's share of per_batch, in "
         f"(0, 1] (default {DEFAULT_RANDOM_SHARE}; 1: a random subset, no scorer needed).",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _selection_fields(self) -> ReviewRequest:

@@ -155,8 +155,11 @@ def table_spread(table: Any) -> dict[str, float]:
     import torch
 
     gaps = torch.pdist(table)
-    return {"row_norm_mean": float(table.norm(dim=1).mean()), "row_gap_min": float(gaps.min()),
-            "row_gap_mean": float(gaps.mean())}  # fmt: skip
+    return {
+        "row_norm_mean": float(table.norm(dim=1).mean()),
+        "row_gap_min": float(gaps.min()),
+        "row_gap_mean": float(gaps.mean()),
+    }
 
 
 def checkpoint_spreads(runs: Path, arms: list[str], steps: list[int]) -> dict[str, Any]:
@@ -446,13 +449,18 @@ def _init_worker(threads: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_shared_args(ap, clf_seeds=[0], set_default=CPU_RECIPE, sample_steps=10,
-                    scheduler="dpm++sde", epochs=20)  # fmt: skip
+    add_shared_args(
+        ap, clf_seeds=[0], set_default=CPU_RECIPE, sample_steps=10, scheduler="dpm++sde", epochs=20
+    )
     ap.add_argument("--datasets", default="cells64,derm64")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"any of {', '.join(ARMS)}")
     ap.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="generative seeds, per arm")
-    ap.add_argument("--steps", type=_ints, default=[500, 1000, 1500],
-                    help="checkpoints (training steps) scored in every run")  # fmt: skip
+    ap.add_argument(
+        "--steps",
+        type=_ints,
+        default=[500, 1000, 1500],
+        help="checkpoints (training steps) scored in every run",
+    )
     ap.add_argument(
         "--steps-for",
         action="append",

@@ -129,9 +129,20 @@ def uvicorn_server(env: dict[str, str], log: Path) -> Iterator[str]:
     """``uvicorn api.main:app`` (one worker process) on a free loopback port, until /ready."""
     port = free_port()
     cmd = [
-        sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
-        "--port", str(port), "--workers", "1", "--log-level", "warning", "--no-access-log",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "api.main:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=os.environ | env, stdout=out, stderr=subprocess.STDOUT

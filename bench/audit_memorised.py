@@ -55,9 +55,17 @@ def memorising_config(n_train: int, steps: int, base_channels: int, seed: int) -
     every training image in every batch."""
     return make_config(
         "tiny",
-        {"mode": "baseline", "base_channels": base_channels, "dropout": 0.0, "flip": False,
-         "batch_size": n_train, "max_steps": steps, "checkpoint_every": 10**7, "seed": seed},
-    )  # fmt: skip
+        {
+            "mode": "baseline",
+            "base_channels": base_channels,
+            "dropout": 0.0,
+            "flip": False,
+            "batch_size": n_train,
+            "max_steps": steps,
+            "checkpoint_every": 10**7,
+            "seed": seed,
+        },
+    )
 
 
 def draw(run: Path, classes: list[str], n: int, sampler: str, seed: int) -> torch.Tensor:
@@ -80,12 +88,20 @@ def summary(rep: AuditReport, split: DatasetSplit) -> dict[str, Any]:
     pixel = np.array([a.pixel.distance for a in rep.images if a.pixel is not None])
     thresholds = {c.class_name: c.calibration.thresholds for c in rep.per_class}
     # each image's distance over its own class's pixel threshold (<= 1: under it)
-    rel = np.array([a.pixel.distance / thresholds[a.class_name]["pixel"]
-                    for a in rep.images if a.pixel is not None])  # fmt: skip
+    rel = np.array(
+        [
+            a.pixel.distance / thresholds[a.class_name]["pixel"]
+            for a in rep.images
+            if a.pixel is not None
+        ]
+    )
     flagged = [a.pixel for a in rep.images if a.flagged and a.pixel is not None]
     labels = split.train.labels.tolist()
-    own = sum(split.classes[labels[a.pixel.train_index]] == a.class_name
-              for a in rep.images if a.flagged and a.pixel is not None)  # fmt: skip
+    own = sum(
+        split.classes[labels[a.pixel.train_index]] == a.class_name
+        for a in rep.images
+        if a.flagged and a.pixel is not None
+    )
     return {
         "flagged": [t.n_flagged, t.n_images],
         "flag_rate": t.flag_rate,
@@ -122,15 +138,17 @@ def load(name: str, data: Path, n_train: int, n_heldout: int, size: int) -> Data
     if name == "toy":
         n = n_train + n_heldout
         root = write_toy_dataset(Path(tempfile.mkdtemp()), n_per_class=n, size=32, seed=0)
-    return load_split(root, n_per_class=n_train, n_heldout=n_heldout, image_size=size,
-                      classes=CLASSES[name])  # fmt: skip
+    return load_split(
+        root, n_per_class=n_train, n_heldout=n_heldout, image_size=size, classes=CLASSES[name]
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_data = Path(__file__).resolve().parents[2] / "shared" / "data"
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("PROTOMED_DATA_DIR",
-                                                                     default_data)))  # fmt: skip
+    ap.add_argument(
+        "--data", type=Path, default=Path(os.environ.get("PROTOMED_DATA_DIR", default_data))
+    )
     ap.add_argument("--datasets", default="cells64,derm64")
     ap.add_argument("--train-per-class", type=int, default=3)
     ap.add_argument("--heldout-per-class", type=int, default=60)
@@ -150,8 +168,10 @@ def main() -> None:
     samplers = args.samplers.split(",")
     encoder = ClipEncoder(EncoderSpec(TINY_MODEL, None), device="cpu", allow_untrained=True)
     results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}}
-    head = (f"{'data':<8}{'steps':>6} {'sampler':<12}{'flagged':>9}{'median d':>10}{'d/thr':>7}"
-            f"{'copied':>7}{'check':>8}{'check 95% CI':>16}{'expected':>9}")  # fmt: skip
+    head = (
+        f"{'data':<8}{'steps':>6} {'sampler':<12}{'flagged':>9}{'median d':>10}{'d/thr':>7}"
+        f"{'copied':>7}{'check':>8}{'check 95% CI':>16}{'expected':>9}"
+    )
     lines = [head]
     t_all = time.perf_counter()
     for name in args.datasets.split(","):
@@ -165,8 +185,9 @@ def main() -> None:
         for s in steps:
             cfg = memorising_config(n_train, s, args.base_channels, args.seed)
             t1 = time.perf_counter()
-            res = train(cfg, split.train, run, resume=run / "last.pt" if done else None,
-                        show_progress=False)  # fmt: skip
+            res = train(
+                cfg, split.train, run, resume=run / "last.pt" if done else None, show_progress=False
+            )
             train_s += time.perf_counter() - t1
             done = s
             for sampler in samplers:
@@ -177,8 +198,12 @@ def main() -> None:
                 t1 = time.perf_counter()
                 rep = audit_images(images, classes, split, encoder, flips=cfg.flip)
                 audit_s += time.perf_counter() - t1
-                row = {"steps": s, "final_loss": round(res.final_loss, 5), "sampler": sampler,
-                       **summary(rep, split)}  # fmt: skip
+                row = {
+                    "steps": s,
+                    "final_loss": round(res.final_loss, 5),
+                    "sampler": sampler,
+                    **summary(rep, split),
+                }
                 rows[f"{s} {sampler}"] = row
                 lo, hi = row["check_interval95"]
                 lines.append(
@@ -190,13 +215,20 @@ def main() -> None:
                 )
                 print(lines[-1], flush=True)
         results[name] = {
-            "classes": split.classes, "n_train": n_train, "n_heldout": len(split.heldout),
-            "image_size": 16, "base_channels": args.base_channels,
+            "classes": split.classes,
+            "n_train": n_train,
+            "n_heldout": len(split.heldout),
+            "image_size": 16,
+            "base_channels": args.base_channels,
             "parameters": sum(p.numel() for p in load_model(run).model.parameters()),
             "rows": rows,
-            "seconds": {"total": round(time.perf_counter() - t0, 1), "train": round(train_s, 1),
-                        "sample": round(sample_s, 1), "audit": round(audit_s, 1)},
-        }  # fmt: skip
+            "seconds": {
+                "total": round(time.perf_counter() - t0, 1),
+                "train": round(train_s, 1),
+                "sample": round(sample_s, 1),
+                "audit": round(audit_s, 1),
+            },
+        }
         print(name, "seconds", json.dumps(results[name]["seconds"]), flush=True)
     results["seconds"] = round(time.perf_counter() - t_all, 1)
     print("\n".join(lines))

@@ -65,12 +65,18 @@ def main() -> None:
     sets = {"toy 32 px": (toy, ["lymphocyte", "neutrophil", "monocyte"], 32, 60, 100)}
     if not args.toy_only:
         sets["derm64"] = (args.data / "derm64", ["mel", "nv", "bkl"], 64, 50, 60)
-        sets["cells64"] = (args.data / "cells64", ["lymphocyte", "neutrophil", "monocyte"], 64,
-                           50, 70)  # fmt: skip
+        sets["cells64"] = (
+            args.data / "cells64",
+            ["lymphocyte", "neutrophil", "monocyte"],
+            64,
+            50,
+            70,
+        )
     results = {}
     for name, (root, classes, size, n_train, n_held) in sets.items():
-        split = load_split(root, n_per_class=n_train, n_heldout=n_held, image_size=size,
-                           classes=classes)  # fmt: skip
+        split = load_split(
+            root, n_per_class=n_train, n_heldout=n_held, image_size=size, classes=classes
+        )
         images, image_classes, kinds = planted(split, torch.Generator().manual_seed(1))
         rep = audit_images(images, image_classes, split, encoder, flips=True)
         row: dict[str, object] = {}
@@ -79,9 +85,14 @@ def main() -> None:
             row[kind] = [sum(flags), len(flags)]
         t = rep.totals
         cal = rep.per_class[0].calibration
-        row.update(heldout_per_class=n_held, calibration_per_class=cal.n_calibration,
-                   check=[t.check_flagged, t.n_check], check_upper95=t.check_upper95,
-                   expected=cal.expected_false_flag_rate, seconds=rep.seconds)  # fmt: skip
+        row.update(
+            heldout_per_class=n_held,
+            calibration_per_class=cal.n_calibration,
+            check=[t.check_flagged, t.n_check],
+            check_upper95=t.check_upper95,
+            expected=cal.expected_false_flag_rate,
+            seconds=rep.seconds,
+        )
         results[name] = row
         print(name, json.dumps(row), flush=True)
     if args.out is not None:

@@ -50,8 +50,11 @@ def profile(which: str, preset: str, precision: str, task: str) -> dict[str, flo
     model.to(memory_format=fmt)
     if task == "train":
         model.train()
-        opt = (make_optimizer(model, cfg) if not isinstance(model, DiffusersPeer)
-               else torch.optim.AdamW(model.parameters(), lr=cfg.lr))  # fmt: skip
+        opt = (
+            make_optimizer(model, cfg)
+            if not isinstance(model, DiffusersPeer)
+            else torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        )
         x = (torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size) * 2 - 1).contiguous(
             memory_format=fmt
         )
@@ -105,13 +108,23 @@ def main() -> None:
         print(f"{'kind':<20}{'ours':>16}{'diffusers':>18}")
         for k in kinds:
             a, b = rows["ours"].get(k, 0.0), rows["diffusers"].get(k, 0.0)
-            print(f"{k:<20}{a:>9.1f} ({a / totals['ours']:>4.0%}){b:>11.1f} "
-                  f"({b / totals['diffusers']:>4.0%})")  # fmt: skip
+            print(
+                f"{k:<20}{a:>9.1f} ({a / totals['ours']:>4.0%}){b:>11.1f} "
+                f"({b / totals['diffusers']:>4.0%})"
+            )
         print(f"{'total':<20}{totals['ours']:>9.1f}{'':>7}{totals['diffusers']:>11.1f}")
     if args.out:
-        args.out.write_text(json.dumps({"run": run_info(args), "preset": args.preset,
-                                        "precision": args.precision,
-                                        "ms": result}, indent=2))  # fmt: skip
+        args.out.write_text(
+            json.dumps(
+                {
+                    "run": run_info(args),
+                    "preset": args.preset,
+                    "precision": args.precision,
+                    "ms": result,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,14 @@ def write_models(preset: str, folder: Path) -> tuple[Path, Path]:
     state = ours.state_dict()
     ckpt = save_checkpoint(
         folder / "ours.pt",
-        {"model": state, "ema": state, "step": 0, "args": cfg.model_dump(mode="json"),
-         "cond": conditioning().to_dict()},
-    )  # fmt: skip
+        {
+            "model": state,
+            "ema": state,
+            "step": 0,
+            "args": cfg.model_dump(mode="json"),
+            "cond": conditioning().to_dict(),
+        },
+    )
     peer, _ = build("diffusers", preset, "fp32")
     weights = folder / "peer.safetensors"
     save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, weights)
@@ -71,13 +76,36 @@ def commands(args: argparse.Namespace, ckpt: Path, weights: Path, out: Path) -> 
     common = ["--n", str(args.n), "--precision", args.precision]
     ours_steps = args.steps if args.ours_scheduler == "ddim" else args.ours_steps
     return {
-        "ours": [str(protomed), "sample", str(ckpt), "--out", str(out / "ours"),
-                 "--class", "c0", "--batch-size", str(args.n), *common,
-                 "--scheduler", args.ours_scheduler, "--steps", str(ours_steps)],
-        "diffusers": [sys.executable, "-m", "bench.peer_sample", str(weights),
-                      "--preset", args.preset, "--out", str(out / "diffusers"), *common,
-                      "--steps", str(args.steps)],
-    }  # fmt: skip
+        "ours": [
+            str(protomed),
+            "sample",
+            str(ckpt),
+            "--out",
+            str(out / "ours"),
+            "--class",
+            "c0",
+            "--batch-size",
+            str(args.n),
+            *common,
+            "--scheduler",
+            args.ours_scheduler,
+            "--steps",
+            str(ours_steps),
+        ],
+        "diffusers": [
+            sys.executable,
+            "-m",
+            "bench.peer_sample",
+            str(weights),
+            "--preset",
+            args.preset,
+            "--out",
+            str(out / "diffusers"),
+            *common,
+            "--steps",
+            str(args.steps),
+        ],
+    }
 
 
 def main() -> None:
@@ -85,8 +113,12 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu-small")
     ap.add_argument("--n", type=int, default=16, help="images (one class, one batch)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps (both sides)")
-    ap.add_argument("--ours-scheduler", default="ddim", choices=["ddim", "dpm++sde"],
-                    help="ddim: the peer's sampler; dpm++sde: ours as shipped")  # fmt: skip
+    ap.add_argument(
+        "--ours-scheduler",
+        default="ddim",
+        choices=["ddim", "dpm++sde"],
+        help="ddim: the peer's sampler; dpm++sde: ours as shipped",
+    )
     ap.add_argument("--ours-steps", type=int, default=20, help="steps of dpm++sde")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--repeats", type=int, default=3)
@@ -106,9 +138,14 @@ def main() -> None:
                 made = len(list((tmpdir / who).rglob("*.png")))
                 if made != args.n:
                     raise RuntimeError(f"{who} wrote {made} PNGs, expected {args.n}")
-    row: dict = {"preset": args.preset, "n": args.n, "steps": args.steps,
-                 "ours_scheduler": args.ours_scheduler,
-                 "precision": args.precision, "runs": runs}  # fmt: skip
+    row: dict = {
+        "preset": args.preset,
+        "n": args.n,
+        "steps": args.steps,
+        "ours_scheduler": args.ours_scheduler,
+        "precision": args.precision,
+        "runs": runs,
+    }
     for who, rs in runs.items():
         row[f"{who}_wall_s"] = statistics.median(r["wall_s"] for r in rs)
         row[f"{who}_peak_mib"] = max(r["peak_mib"] for r in rs)

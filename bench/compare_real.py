@@ -82,21 +82,33 @@ def train_runs(
         if info.step in paths and info.step < top:
             shutil.copy2(out / "last.pt", paths[info.step])
 
-    last = train_model(cfg, out, codebook=Codebook.load(codebook_dir), progress=keep,
-                       device=args.device, show_progress=False)  # fmt: skip
+    last = train_model(
+        cfg,
+        out,
+        codebook=Codebook.load(codebook_dir),
+        progress=keep,
+        device=args.device,
+        show_progress=False,
+    )
     shutil.copy2(last, paths[top])
     return paths
 
 
-def classifier_scores(train_set: Any, parts: dict[str, Any], classes: list[str], args: Any,
-                      **tags: Any) -> list[dict[str, Any]]:  # fmt: skip
+def classifier_scores(
+    train_set: Any, parts: dict[str, Any], classes: list[str], args: Any, **tags: Any
+) -> list[dict[str, Any]]:
     """One classifier per classifier seed on ``train_set``, scored on every part."""
     from ml.evaluation.downstream import DownstreamConfig, evaluate_classifier, train_classifier
 
     rows = []
     for c in args.clf_seeds:
-        cfg = DownstreamConfig(backbone=args.backbone, epochs=args.epochs, seed=c,
-                               image_size=args.clf_image_size, device=args.device)  # fmt: skip
+        cfg = DownstreamConfig(
+            backbone=args.backbone,
+            epochs=args.epochs,
+            seed=c,
+            image_size=args.clf_image_size,
+            device=args.device,
+        )
         model = train_classifier(train_set, cfg, len(classes))
         for split, data in parts.items():
             s = evaluate_classifier(model, data.images, data.labels, classes)
@@ -121,11 +133,22 @@ def run_dataset(name: str, args: Any) -> dict[str, Any]:
 
     size = make_config(args.preset, args.set).image_size
     spec = EncoderSpec(args.encoder, args.pretrained)
-    selection = {"root": out / "trainval", "n_per_class": n_train, "n_heldout": n_val,
-                 "image_size": size, "seed": args.split_seed}  # fmt: skip
-    learn_prototypes(selection, out / "codebook", encoder_spec=spec, cpl=CPLConfig(seed=0),
-                     allow_untrained=args.pretrained is None, cache=EmbeddingCache(),
-                     device=args.device)  # fmt: skip
+    selection = {
+        "root": out / "trainval",
+        "n_per_class": n_train,
+        "n_heldout": n_val,
+        "image_size": size,
+        "seed": args.split_seed,
+    }
+    learn_prototypes(
+        selection,
+        out / "codebook",
+        encoder_spec=spec,
+        cpl=CPLConfig(seed=0),
+        allow_untrained=args.pretrained is None,
+        cache=EmbeddingCache(),
+        device=args.device,
+    )
     times["codebook_s"] = time.perf_counter() - t0
     from ml.prototypes.cpl import Codebook
 
@@ -137,13 +160,16 @@ def run_dataset(name: str, args: Any) -> dict[str, Any]:
 
     test, _info = external_test_set(out / "test", classes, size)
     parts = {"validation": split.heldout, "test": test}
-    sizes = {"train": split.train.per_class_counts(),
-             "validation": split.heldout.per_class_counts(),
-             "test": test.per_class_counts()}  # fmt: skip
+    sizes = {
+        "train": split.train.per_class_counts(),
+        "validation": split.heldout.per_class_counts(),
+        "test": test.per_class_counts(),
+    }
     print(f"== {name}: {sizes}", flush=True)
 
-    records = classifier_scores(split.train, parts, classes, args, mode="real", gseed=None,
-                                budget=None)  # fmt: skip
+    records = classifier_scores(
+        split.train, parts, classes, args, mode="real", gseed=None, budget=None
+    )
     t1 = time.perf_counter()
     for g in args.gen_seeds:
         for mode in MODES:
@@ -155,15 +181,23 @@ def run_dataset(name: str, args: Any) -> dict[str, Any]:
                 model = load_model(path, device=args.device or "cpu")
                 if model.step != b:
                     raise RuntimeError(f"{path} holds step {model.step}, not {b}")
-                ecfg = EvalConfig(n_per_class=args.n_synthetic, steps=args.sample_steps,
-                                  scheduler=args.scheduler, seed=g)  # fmt: skip
+                ecfg = EvalConfig(
+                    n_per_class=args.n_synthetic,
+                    steps=args.sample_steps,
+                    scheduler=args.scheduler,
+                    seed=g,
+                )
                 synth = synthetic_set(model, split.train.per_class_counts(), ecfg, lambda: None)
-                records += classifier_scores(synth, parts, classes, args, mode=mode, gseed=g,
-                                             budget=b)  # fmt: skip
+                records += classifier_scores(
+                    synth, parts, classes, args, mode=mode, gseed=g, budget=b
+                )
                 if args.partial is not None:  # a run cut short still leaves its records
                     args.partial.write_text(json.dumps(records))
-                print(f"  {mode} seed {g} step {b}: validation F1 "
-                      f"{_mean_f1(records, mode, g, b, 'validation'):.3f}", flush=True)  # fmt: skip
+                print(
+                    f"  {mode} seed {g} step {b}: validation F1 "
+                    f"{_mean_f1(records, mode, g, b, 'validation'):.3f}",
+                    flush=True,
+                )
             times[f"evaluate_{mode}_{g}_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
 
@@ -196,16 +230,21 @@ def run_dataset(name: str, args: Any) -> dict[str, Any]:
 
 
 def _mean_f1(records: list[dict[str, Any]], mode: str, g: int, b: int, split: str) -> float:
-    xs = [float(r["f1"]) for r in records if (r["mode"], r["gseed"], r["budget"], r["split"])
-          == (mode, g, b, split)]  # fmt: skip
+    xs = [
+        float(r["f1"])
+        for r in records
+        if (r["mode"], r["gseed"], r["budget"], r["split"]) == (mode, g, b, split)
+    ]
     return sum(xs) / len(xs)
 
 
 def _ci(s: dict[str, Any]) -> str:
     if s["ci"] is None:
         return f"{100 * s['mean']:.1f}"
-    return (f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f} "
-            f"[{100 * s['ci'][0]:.1f}, {100 * s['ci'][1]:.1f}]")  # fmt: skip
+    return (
+        f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f} "
+        f"[{100 * s['ci'][0]:.1f}, {100 * s['ci'][1]:.1f}]"
+    )
 
 
 def chance_cells(r: dict[str, Any]) -> list[tuple[str, str]]:
@@ -234,20 +273,26 @@ def markdown(results: dict[str, Any]) -> str:
             if len(clf) > 1
             else ""
         )
-        lines.append(f"| {name} | - | real | - | {100 * real['f1']:.1f}{sd} | "
-                     f"{100 * real['precision']:.1f} | {100 * real['recall']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | - | real | - | {100 * real['f1']:.1f}{sd} | "
+            f"{100 * real['precision']:.1f} | {100 * real['recall']:.1f} |"
+        )
         for mode in MODES:
             m = r["test"]["modes"][mode]
-            lines.append(f"| {name} | {b} | {mode} | {m['f1']['n']} | {_ci(m['f1'])} | "
-                         f"{100 * m['precision']['mean']:.1f} | "
-                         f"{100 * m['recall']['mean']:.1f} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {b} | {mode} | {m['f1']['n']} | {_ci(m['f1'])} | "
+                f"{100 * m['precision']['mean']:.1f} | "
+                f"{100 * m['recall']['mean']:.1f} |"
+            )
         for label, level in chance_cells(r):
             lines.append(f"| {name} | - | {label} | - | {level} | | |")
         d = r["test"]["paired"]["f1"]
         per = ", ".join(f"{100 * x:+.1f}" for x in d["differences"])
         p = "-" if d["p_paired_t"] is None else f"{d['p_paired_t']:.2f}"
-        lines.append(f"| {name} | {b} | prototype - baseline (paired) | {d['n']} | {_ci(d)} "
-                     f"(seeds: {per}; p {p}) | | |")  # fmt: skip
+        lines.append(
+            f"| {name} | {b} | prototype - baseline (paired) | {d['n']} | {_ci(d)} "
+            f"(seeds: {per}; p {p}) | | |"
+        )
     return "\n".join(lines)
 
 
@@ -262,8 +307,11 @@ def add_shared_args(
 ) -> None:
     """The arguments of both real-data comparisons (this one and ``bench/ablation.py``): where
     the data is, how it is split, what is trained, and how each synthetic set is scored."""
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get(
-        "PROTOMED_DATA_DIR", REPO.parent / "shared" / "data")))  # fmt: skip
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("PROTOMED_DATA_DIR", REPO.parent / "shared" / "data")),
+    )
     ap.add_argument(
         "--sizes",
         type=_ints,
@@ -273,10 +321,18 @@ def add_shared_args(
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--clf-seeds", type=_ints, default=clf_seeds)
     ap.add_argument("--preset", default="cpu-small")
-    ap.add_argument("--set", type=json.loads, default=set_default,
-                    help="TrainConfig overrides as JSON, e.g. '{\"batch_size\": 8}'")  # fmt: skip
-    ap.add_argument("--n-synthetic", type=int, default=None,
-                    help="synthetic images per class (default: as many as real train)")  # fmt: skip
+    ap.add_argument(
+        "--set",
+        type=json.loads,
+        default=set_default,
+        help="TrainConfig overrides as JSON, e.g. '{\"batch_size\": 8}'",
+    )
+    ap.add_argument(
+        "--n-synthetic",
+        type=int,
+        default=None,
+        help="synthetic images per class (default: as many as real train)",
+    )
     ap.add_argument("--sample-steps", type=int, default=sample_steps)
     ap.add_argument("--scheduler", default=scheduler)
     ap.add_argument("--backbone", default="small", help="small, resnet18 or resnext50 (seed's)")
@@ -287,11 +343,16 @@ def add_shared_args(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_shared_args(ap, clf_seeds=[0, 1, 2], set_default={}, sample_steps=20, scheduler="ddim",
-                    epochs=30)  # fmt: skip
+    add_shared_args(
+        ap, clf_seeds=[0, 1, 2], set_default={}, sample_steps=20, scheduler="ddim", epochs=30
+    )
     ap.add_argument("--datasets", default="derm64")
-    ap.add_argument("--gen-seeds", type=_ints, default=[0, 1, 2],
-                    help="diffusion training and sampling seeds, per mode")  # fmt: skip
+    ap.add_argument(
+        "--gen-seeds",
+        type=_ints,
+        default=[0, 1, 2],
+        help="diffusion training and sampling seeds, per mode",
+    )
     ap.add_argument(
         "--budgets",
         type=_ints,

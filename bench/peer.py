@@ -36,14 +36,20 @@ class DiffusersPeer(nn.Module):
         # takes one head width for all levels: several heads match ours at the first level)
         head_dim = None if cfg.attention_heads == 1 else chans[0] // cfg.attention_heads
         self.unet = UNet2DModel(
-            sample_size=cfg.image_size, in_channels=3, out_channels=3,
-            block_out_channels=chans, layers_per_block=cfg.num_res_blocks,
+            sample_size=cfg.image_size,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=chans,
+            layers_per_block=cfg.num_res_blocks,
             down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attend),
             up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in attend[::-1]),
-            add_attention=attend[-1], attention_head_dim=head_dim,
-            dropout=cfg.dropout, norm_num_groups=cfg.norm_groups,
-            resnet_time_scale_shift="scale_shift", class_embed_type="identity",
-        )  # fmt: skip
+            add_attention=attend[-1],
+            attention_head_dim=head_dim,
+            dropout=cfg.dropout,
+            norm_num_groups=cfg.norm_groups,
+            resnet_time_scale_shift="scale_shift",
+            class_embed_type="identity",
+        )
         # UNet2DModel adds an "identity" class embedding to its time embedding: project the
         # class vector to that width with the same two-layer MLP its time embedding uses.
         width = 4 * cfg.base_channels

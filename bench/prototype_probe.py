@@ -51,16 +51,30 @@ def main() -> None:
         for name in args.datasets:
             for k in args.k:
                 t0 = time.perf_counter()
-                selection = {"root": data / name, "n_per_class": args.n_per_class,
-                             "n_heldout": args.heldout}  # fmt: skip
+                selection = {
+                    "root": data / name,
+                    "n_per_class": args.n_per_class,
+                    "n_heldout": args.heldout,
+                }
                 run = learn_prototypes(
-                    selection, work / f"{name}-k{k}", encoder_spec=spec, cpl=CPLConfig(k=k),
-                    allow_untrained=args.untrained, cache=cache,
-                )  # fmt: skip
+                    selection,
+                    work / f"{name}-k{k}",
+                    encoder_spec=spec,
+                    cpl=CPLConfig(k=k),
+                    allow_untrained=args.untrained,
+                    cache=cache,
+                )
                 rep = run.report.to_dict()
-                rows.append({"dataset": name, "k": k, "encoder": run.codebook.encoder,
-                             "classes": list(run.codebook.classes), **rep,
-                             "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+                rows.append(
+                    {
+                        "dataset": name,
+                        "k": k,
+                        "encoder": run.codebook.encoder,
+                        "classes": list(run.codebook.classes),
+                        **rep,
+                        "seconds": round(time.perf_counter() - t0, 1),
+                    }
+                )
                 print(
                     f"{name:<8} K={k}  nearest-prototype {rep['nearest_prototype_acc']:.3f}  "
                     f"majority {rep['majority_acc']:.3f}  logreg {rep['logreg_acc']:.3f}  "

@@ -66,8 +66,10 @@ def split_three(
             by_group[cat.groups[p]].append(p)
         groups = list(by_group.items())
         if sum(len(ps) for _, ps in groups) <= n_test:
-            raise ValueError(f"class {name!r} has {len(cat.items[name])} images; {n_test} test "
-                             "images leave none for training")  # fmt: skip
+            raise ValueError(
+                f"class {name!r} has {len(cat.items[name])} images; {n_test} test "
+                "images leave none for training"
+            )
         test: list[tuple[str, Path]] = []
         rest: list[tuple[str, Path]] = []
         withheld = 0
@@ -128,8 +130,7 @@ def seed_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str
         return {"n": 1, "mean": mean, "sd": None, "ci": None, "confidence": confidence}
     sd = float(x.std(ddof=1))
     sem = sd / np.sqrt(n)
-    lo, hi = (stats.t.interval(confidence, n - 1, loc=mean, scale=sem) if sem > 0
-              else (mean, mean))  # fmt: skip
+    lo, hi = stats.t.interval(confidence, n - 1, loc=mean, scale=sem) if sem > 0 else (mean, mean)
     return {"n": n, "mean": mean, "sd": sd, "ci": [float(lo), float(hi)], "confidence": confidence}
 
 

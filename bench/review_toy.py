@@ -87,9 +87,12 @@ def main() -> None:
     write_toy_dataset(out / "data" / "toy", n_per_class=args.n_per_class, size=32, seed=0)
     port = procs.free_port()
     env = conftest.service_env(
-        out, PROTOMED_LABEL_STUDIO_URL=args.ls_url, PROTOMED_LABEL_STUDIO_TOKEN=args.ls_token,
-        PROTOMED_PUBLIC_URL=f"http://127.0.0.1:{port}", PROTOMED_REVIEW_WEBHOOK_SECRET="toy-run",
-    )  # fmt: skip
+        out,
+        PROTOMED_LABEL_STUDIO_URL=args.ls_url,
+        PROTOMED_LABEL_STUDIO_TOKEN=args.ls_token,
+        PROTOMED_PUBLIC_URL=f"http://127.0.0.1:{port}",
+        PROTOMED_REVIEW_WEBHOOK_SECRET="toy-run",
+    )
     os.environ.update(env)
     conftest.migrate(env["PROTOMED_DATABASE_URL"])
     api_proc = procs.ApiServer(env, out / "api.log", port)
@@ -99,13 +102,17 @@ def main() -> None:
         api_proc.wait_ready()
         worker.wait_ready()
         with httpx.Client(base_url=api_proc.url, timeout=60) as api:
-            ds = api.post("/datasets", json={"name": "toy", "path": "toy", "domain": "toy"},
-                          headers=AUTH).json()  # fmt: skip
+            ds = api.post(
+                "/datasets", json={"name": "toy", "path": "toy", "domain": "toy"}, headers=AUTH
+            ).json()
             body = {
-                "dataset_id": ds["id"], "mode": "both", "preset": args.preset,
-                "n_per_class": args.n_per_class, "n_heldout": 0,
+                "dataset_id": ds["id"],
+                "mode": "both",
+                "preset": args.preset,
+                "n_per_class": args.n_per_class,
+                "n_heldout": 0,
                 "overrides": {"max_steps": args.steps},
-            }  # fmt: skip
+            }
             jobs = api.post("/jobs/train", json=body, headers=AUTH).json()["jobs"]
             models = [wait(api, j["id"])["model_id"] for j in jobs]
             print(f"trained in {time.perf_counter() - t0:.0f} s")

@@ -41,10 +41,11 @@ def rate(k: int, n: int) -> dict[str, Any]:
 def compare(k_f: int, n_f: int, k_u: int, n_u: int) -> dict[str, Any]:
     """Filtered minus unfiltered checker rate with Newcombe's interval."""
     return {
-        "filtered": rate(k_f, n_f), "unfiltered": rate(k_u, n_u),
+        "filtered": rate(k_f, n_f),
+        "unfiltered": rate(k_u, n_u),
         "difference": k_f / n_f - k_u / n_u,
         "difference_ci": newcombe_difference(k_u, n_u, k_f, n_f),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -74,8 +75,9 @@ def main() -> None:
 
     data = write_toy_dataset(args.out / "data", n_per_class=100, size=64, seed=args.seed)
     ckpt = args.out / "run" / "last.pt"
-    cfg = make_config("cpu-small", {**DEMO_RECIPE, "mode": "baseline", "max_steps": args.steps,
-                                    "seed": args.seed})  # fmt: skip
+    cfg = make_config(
+        "cpu-small", {**DEMO_RECIPE, "mode": "baseline", "max_steps": args.steps, "seed": args.seed}
+    )
     if not ckpt.is_file():
         ckpt = train_model(cfg, args.out / "run", root=data, device="cpu", show_progress=False)
     times["train_s"] = time.perf_counter() - t0
@@ -85,8 +87,9 @@ def main() -> None:
     def draw(cls: str, n: int, seed: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         scfg = SampleConfig(seed=seed, steps=DEMO_SAMPLE_STEPS, batch_size=min(n, 64))
         imgs = generate(loaded, cls, n, scfg)
-        verdicts = np.array([check_image(im.permute(1, 2, 0).numpy(), cls).plausible
-                             for im in imgs], dtype=int)  # fmt: skip
+        verdicts = np.array(
+            [check_image(im.permute(1, 2, 0).numpy(), cls).plausible for im in imgs], dtype=int
+        )
         return imgs, verdicts, encoder.encode(imgs).numpy()
 
     # 2-3. the reviewed pool, split in halves stratified by (class, verdict)
@@ -111,13 +114,22 @@ def main() -> None:
         held_idx += list(members[half:])
     train, held = np.array(sorted(train_idx)), np.array(sorted(held_idx))
     try:
-        scorer, metrics = fit_scorer(x[train], y[train], list(cs_arr[train]), encoder.identity,
-                                     seed=args.seed)  # fmt: skip
+        scorer, metrics = fit_scorer(
+            x[train], y[train], list(cs_arr[train]), encoder.identity, seed=args.seed
+        )
     except ScorerError as exc:  # a model trained too briefly draws no plausible image
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"run": run_info(args), "refused": str(exc),
-                                         "pool_plausible": int(y.sum()),
-                                         "pool": len(y)}) + "\n")  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                {
+                    "run": run_info(args),
+                    "refused": str(exc),
+                    "pool_plausible": int(y.sum()),
+                    "pool": len(y),
+                }
+            )
+            + "\n"
+        )
         print(f"no scorer: {exc}")
         return
     held_p = scorer.score(x[held], list(cs_arr[held]))
@@ -141,8 +153,10 @@ def main() -> None:
         _imgs, y_d, x_d = draw(cls, args.n * args.oversample, seed=3000 + args.seed)
         kept = keep(scorer.score(x_d, [cls] * len(x_d)), args.n)
         k_f, k_u = int(y_d[kept].sum()), int(y_u.sum())
-        per_class[cls] = {**compare(k_f, args.n, k_u, args.n),
-                          "drawn_plausible": rate(int(y_d.sum()), len(y_d))}  # fmt: skip
+        per_class[cls] = {
+            **compare(k_f, args.n, k_u, args.n),
+            "drawn_plausible": rate(int(y_d.sum()), len(y_d)),
+        }
         tot = [tot[0] + k_f, tot[1] + args.n, tot[2] + k_u, tot[3] + args.n]
     times["draws_s"] = time.perf_counter() - t2
     result = {
@@ -176,11 +190,15 @@ def main() -> None:
     args.json.write_text(json.dumps({"run": run_info(args), **result}, indent=2) + "\n")
     pooled = result["filter"]["pooled"]
     cv, ho = metrics.cv, held_report
-    print(f"scorer: CV AUC {cv.auc:.3f} {cv.auc_ci} on {cv.n}; held-out AUC {ho.auc:.3f} "
-          f"{ho.auc_ci} on {ho.n} (base rate {ho.base_rate:.2f})")  # fmt: skip
-    print(f"filtered {pooled['filtered']['rate']:.3f} vs unfiltered "
-          f"{pooled['unfiltered']['rate']:.3f}: difference {pooled['difference']:+.3f} "
-          f"{pooled['difference_ci']}")  # fmt: skip
+    print(
+        f"scorer: CV AUC {cv.auc:.3f} {cv.auc_ci} on {cv.n}; held-out AUC {ho.auc:.3f} "
+        f"{ho.auc_ci} on {ho.n} (base rate {ho.base_rate:.2f})"
+    )
+    print(
+        f"filtered {pooled['filtered']['rate']:.3f} vs unfiltered "
+        f"{pooled['unfiltered']['rate']:.3f}: difference {pooled['difference']:+.3f} "
+        f"{pooled['difference_ci']}"
+    )
     print(json.dumps(result["seconds"]))
 
 

@@ -50,9 +50,11 @@ def main() -> None:
     ap.add_argument("--pretrained", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "solver_quality.json")
     ap.add_argument(
-        "--step-scale", type=float, default=1.0,
+        "--step-scale",
+        type=float,
+        default=1.0,
         help="multiply every variant's steps (at least 2): the test's smoke run uses 0.1",
-    )  # fmt: skip
+    )
     args = ap.parse_args()
     import torch
 
@@ -71,15 +73,26 @@ def main() -> None:
     rows, reference = {}, None
     for name, (sched, full_steps, precision, seed) in VARIANTS.items():
         steps = max(2, round(full_steps * args.step_scale))
-        scfg = SampleConfig(scheduler=sched, steps=steps, guidance=2.0, seed=seed,
-                            batch_size=64, precision=precision)  # fmt: skip
+        scfg = SampleConfig(
+            scheduler=sched,
+            steps=steps,
+            guidance=2.0,
+            seed=seed,
+            batch_size=64,
+            precision=precision,
+        )
         t0 = time.perf_counter()
         imgs = [generate(loaded, c, args.n, scfg) for c in loaded.cond.classes]
         seconds = time.perf_counter() - t0
         reference = torch.cat(imgs) if reference is None else reference
         labels = torch.arange(len(imgs)).repeat_interleave(args.n)
-        fake = ImageSet(images=torch.cat(imgs), labels=labels, classes=list(loaded.cond.classes),
-                        paths=[""] * len(labels), hashes=[])  # fmt: skip
+        fake = ImageSet(
+            images=torch.cat(imgs),
+            labels=labels,
+            classes=list(loaded.cond.classes),
+            paths=[""] * len(labels),
+            hashes=[],
+        )
         toy = _toy_plausibility(fake)
         rows[name] = {
             "fd": frechet_distance(real_emb, _embed(enc, fake, None)),
@@ -91,10 +104,19 @@ def main() -> None:
     base = rows["ddim-50"]["fd"]
     for r in rows.values():
         r["fd_vs_ddim50"] = r["fd"] / base - 1
-    args.out.write_text(json.dumps({"run": run_info(args), "checkpoint": str(args.checkpoint),
-                                    "encoder": enc.identity,
-                                    "n_per_class": args.n, "step_scale": args.step_scale,
-                                    "rows": rows}, indent=2))  # fmt: skip
+    args.out.write_text(
+        json.dumps(
+            {
+                "run": run_info(args),
+                "checkpoint": str(args.checkpoint),
+                "encoder": enc.identity,
+                "n_per_class": args.n,
+                "step_scale": args.step_scale,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(json.dumps(rows, indent=2))
 
 

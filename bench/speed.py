@@ -94,18 +94,26 @@ def sample_rate(model: nn.Module, cfg: TrainConfig, precision: str, n: int, step
     noise = noise.to(device).contiguous(memory_format=fmt)
     labels = (torch.arange(n) % N_CLASSES).to(device)
     train_sched = noise_scheduler(cfg)
-    guided_sample(model, labels, noise, sampler("ddim", train_sched, 2), 2.0,
-                  amp_dtype=amp(precision))  # warm-up at the measured batch  # fmt: skip
+    guided_sample(
+        model, labels, noise, sampler("ddim", train_sched, 2), 2.0, amp_dtype=amp(precision)
+    )  # warm-up at the measured batch
     _sync(device)
     t0 = time.perf_counter()
-    guided_sample(model, labels, noise, sampler("ddim", train_sched, steps), 2.0,
-                  amp_dtype=amp(precision))  # fmt: skip
+    guided_sample(
+        model, labels, noise, sampler("ddim", train_sched, steps), 2.0, amp_dtype=amp(precision)
+    )
     _sync(device)
     return n / (time.perf_counter() - t0)
 
 
-def setup(which: str, preset: str, precision: str, batch: int | None, device: str,
-          overrides: dict | None = None):  # fmt: skip
+def setup(
+    which: str,
+    preset: str,
+    precision: str,
+    batch: int | None,
+    device: str,
+    overrides: dict | None = None,
+):
     """A model and the config it trains with (``batch`` overriding the preset's batch size,
     ``overrides`` any other config field)."""
     model, cfg = build(which, preset, precision, overrides)
@@ -114,18 +122,22 @@ def setup(which: str, preset: str, precision: str, batch: int | None, device: st
     return model.to(device), cfg
 
 
-def child_peak_rss(which: str, preset: str, precision: str, task: str, batch: int | None,
-                   args: argparse.Namespace) -> float:  # fmt: skip
+def child_peak_rss(
+    which: str, preset: str, precision: str, task: str, batch: int | None, args: argparse.Namespace
+) -> float:
     """Peak resident memory (MiB) of a fresh process doing one train step or one sample batch."""
     code = (
         "import sys; sys.argv=['x']; import bench.speed as s, torch; "
         f"torch.set_num_threads({args.threads}); s.tune_allocator(); "
         f"m, c = s.setup({which!r}, {preset!r}, {precision!r}, {batch!r}, 'cpu', {args.set!r}); "
-        + (f"s.train_rate(m, c, {precision!r}, 1)" if task == "train" else
-           f"s.sample_rate(m, c, {precision!r}, {batch or args.sample_n}, 2)")
+        + (
+            f"s.train_rate(m, c, {precision!r}, 1)"
+            if task == "train"
+            else f"s.sample_rate(m, c, {precision!r}, {batch or args.sample_n}, 2)"
+        )
         # VmHWM, not ru_maxrss: Linux carries a forked parent's ru_maxrss into the child.
         + "; print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
-    )  # fmt: skip
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
@@ -145,8 +157,13 @@ def measure(preset: str, precision: str, batch: int | None, args: argparse.Names
         w: setup(w, preset, precision, batch, args.device, args.set) for w in ("ours", "diffusers")
     }
     n = batch or args.sample_n
-    row: dict = {"preset": preset, "precision": precision, "device": args.device,
-                 "train_batch": models["ours"][1].batch_size, "sample_n": n}  # fmt: skip
+    row: dict = {
+        "preset": preset,
+        "precision": precision,
+        "device": args.device,
+        "train_batch": models["ours"][1].batch_size,
+        "sample_n": n,
+    }
     for w, (m, _) in models.items():
         row[f"{w}_params"] = count_parameters(m)
     rates: dict[str, list[float]] = {f"{w}_{k}": [] for w in models for k in ("train", "sample")}
@@ -173,9 +190,11 @@ def measure(preset: str, precision: str, batch: int | None, args: argparse.Names
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'preset':<13}{'prec':<6}{'batch':>6}{'params ours/peer':>18}"
-            f"{'train img/s ours/peer':>24}{'x':>6}{'sample img/s ours/peer':>25}{'x':>6}"
-            f"{'peak MiB train':>17}{'sample':>13}")  # fmt: skip
+    head = (
+        f"{'preset':<13}{'prec':<6}{'batch':>6}{'params ours/peer':>18}"
+        f"{'train img/s ours/peer':>24}{'x':>6}{'sample img/s ours/peer':>25}{'x':>6}"
+        f"{'peak MiB train':>17}{'sample':>13}"
+    )
     lines = [head]
     for r in rows:
         mem = ""
@@ -199,9 +218,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", nargs="+", default=["cpu-small", "paper-legacy", "paper"])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[None],
-                    help="training batch and sampled images per run (default: the preset's "
-                         "batch for training, --sample-n for sampling)")  # fmt: skip
+    ap.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=int,
+        default=[None],
+        help="training batch and sampled images per run (default: the preset's "
+        "batch for training, --sample-n for sampling)",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=3)
@@ -209,8 +233,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-memory", dest="memory", action="store_false")
-    ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                    help="config overrides for every preset (as protomed train --set)")  # fmt: skip
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="config overrides for every preset (as protomed train --set)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "speed.json")
     args = ap.parse_args()
     args.set = parse_overrides(args.set)
@@ -224,10 +253,17 @@ def main() -> None:
                 rows.append(measure(preset, precision, batch, args))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else (
-        platform.processor() or platform.machine())  # fmt: skip
-    meta = {"threads": args.threads, "torch": torch.__version__, "machine": device_name,
-            "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
+    device_name = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else (platform.processor() or platform.machine())
+    )
+    meta = {
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": device_name,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"run": run_info(args), "meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}")

@@ -63,10 +63,13 @@ def main() -> None:
     write_toy_dataset(out / "data" / "toy", n_per_class=args.n_per_class, size=32, seed=0)
     port = procs.free_port()
     env = conftest.service_env(
-        out, PROTOMED_LABEL_STUDIO_URL=args.ls_url, PROTOMED_LABEL_STUDIO_TOKEN=args.ls_token,
-        PROTOMED_PUBLIC_URL=f"http://127.0.0.1:{port}", PROTOMED_REVIEW_WEBHOOK_SECRET="toy-run",
+        out,
+        PROTOMED_LABEL_STUDIO_URL=args.ls_url,
+        PROTOMED_LABEL_STUDIO_TOKEN=args.ls_token,
+        PROTOMED_PUBLIC_URL=f"http://127.0.0.1:{port}",
+        PROTOMED_REVIEW_WEBHOOK_SECRET="toy-run",
         PROTOMED_REVIEW_PULL_S="3600",
-    )  # fmt: skip
+    )
     os.environ.update(env)
     conftest.migrate(env["PROTOMED_DATABASE_URL"])
     # one torch thread: on a loaded 2-core machine two threads waiting on each other run slower
@@ -79,19 +82,28 @@ def main() -> None:
         with httpx.Client(base_url=api_proc.url, timeout=60, headers=AUTH) as api:
             ds = api.post("/datasets", json={"name": "toy", "path": "toy", "domain": "toy"}).json()
             body = {
-                "dataset_id": ds["id"], "mode": args.mode, "preset": args.preset,
-                "n_per_class": args.n_per_class, "n_heldout": 0, "classes": classes,
+                "dataset_id": ds["id"],
+                "mode": args.mode,
+                "preset": args.preset,
+                "n_per_class": args.n_per_class,
+                "n_heldout": 0,
+                "classes": classes,
                 # the demo's recipe (ml.demo.DEMO_RECIPE): 24x24 images, min-SNR weighting
-                "overrides": {"max_steps": args.steps, "image_size": 24,
-                              "loss_weighting": "min_snr"},
-            }  # fmt: skip
+                "overrides": {
+                    "max_steps": args.steps,
+                    "image_size": 24,
+                    "loss_weighting": "min_snr",
+                },
+            }
             (job,) = api.post("/jobs/train", json=body).json()["jobs"]
             model = wait(api, job["id"])["model_id"]
             print(f"trained in {time.perf_counter() - t0:.0f} s")
             sweep_body = {
-                "scales": [float(s) for s in args.scales.split(",")], "n": args.n,
-                "steps": args.sample_steps, "scheduler": "dpm++sde",
-            }  # fmt: skip
+                "scales": [float(s) for s in args.scales.split(",")],
+                "n": args.n,
+                "steps": args.sample_steps,
+                "scheduler": "dpm++sde",
+            }
             r = api.post(f"/models/{model}/sweeps", json=sweep_body)
             r.raise_for_status()
             sweep = r.json()["sweep"]

@@ -240,12 +240,16 @@ def audit_images(
             check_flags |= held[s][0][check] <= thresholds[s]
         flagged = int(check_flags.sum())
         calibrations[name] = Calibration(
-            n_calibration=n, n_check=len(check), rank=rank, thresholds=thresholds,
+            n_calibration=n,
+            n_check=len(check),
+            rank=rank,
+            thresholds=thresholds,
             heldout_median=medians,
             expected_false_flag_rate=min(1.0, len(spaces) * rank / (n + 1)),
-            check_flagged=flagged, check_rate=flagged / len(check) if len(check) else None,
+            check_flagged=flagged,
+            check_rate=flagged / len(check) if len(check) else None,
             check_upper95=_upper95(flagged, len(check)),
-        )  # fmt: skip
+        )
 
     audits = []
     for i, cls in enumerate(image_classes):
@@ -255,15 +259,25 @@ def audit_images(
             d, j, f, r = (a[i] for a in gen[s])
             med = cal_.heldout_median[s]
             neighbours[s] = Neighbour(
-                distance=float(d), train_index=int(j), train_path=split.train.paths[int(j)],
-                flip=FLIP_NAMES[int(f)], nndr=float(r), ratio=float(d) / med if med > 0 else None,
-            )  # fmt: skip
+                distance=float(d),
+                train_index=int(j),
+                train_path=split.train.paths[int(j)],
+                flip=FLIP_NAMES[int(f)],
+                nndr=float(r),
+                ratio=float(d) / med if med > 0 else None,
+            )
         by: list[Space] = [s for s in spaces if gen[s][0][i] <= cal_.thresholds[s]]
-        audits.append(ImageAudit(
-            index=i, class_name=cls, name=names[i] if names is not None else "",
-            pixel=neighbours.get("pixel"), clip=neighbours.get("clip"), flagged=bool(by),
-            flagged_by=by,
-        ))  # fmt: skip
+        audits.append(
+            ImageAudit(
+                index=i,
+                class_name=cls,
+                name=names[i] if names is not None else "",
+                pixel=neighbours.get("pixel"),
+                clip=neighbours.get("clip"),
+                flagged=bool(by),
+                flagged_by=by,
+            )
+        )
 
     per_class = []
     for name in classes:
@@ -273,34 +287,46 @@ def audit_images(
         cal_ = calibrations[name]
         n_flagged = sum(a.flagged for a in mine)
         median_dcr = {s: _median(gen[s][0][[a.index for a in mine]]) for s in spaces}
-        per_class.append(ClassAudit(
-            class_name=name, n_images=len(mine), n_flagged=n_flagged,
-            flag_rate=n_flagged / len(mine),
-            flagged_by={s: sum(s in a.flagged_by for a in mine) for s in spaces},
-            median_dcr=dict(median_dcr),
-            dcr_ratio={s: _ratio(median_dcr[s], cal_.heldout_median[s]) for s in spaces},
-            calibration=cal_,
-        ))  # fmt: skip
+        per_class.append(
+            ClassAudit(
+                class_name=name,
+                n_images=len(mine),
+                n_flagged=n_flagged,
+                flag_rate=n_flagged / len(mine),
+                flagged_by={s: sum(s in a.flagged_by for a in mine) for s in spaces},
+                median_dcr=dict(median_dcr),
+                dcr_ratio={s: _ratio(median_dcr[s], cal_.heldout_median[s]) for s in spaces},
+                calibration=cal_,
+            )
+        )
     n_flagged = sum(a.flagged for a in audits)
     # the check over the classes audited (all of them for an empty batch)
     audited = [calibrations[c.class_name] for c in per_class] or list(calibrations.values())
     n_check = sum(c.n_check for c in audited)
     check_flagged = sum(c.check_flagged for c in audited)
     totals = AuditTotals(
-        n_images=len(audits), n_flagged=n_flagged,
+        n_images=len(audits),
+        n_flagged=n_flagged,
         flag_rate=n_flagged / len(audits) if audits else None,
-        n_check=n_check, check_flagged=check_flagged,
+        n_check=n_check,
+        check_flagged=check_flagged,
         check_rate=check_flagged / n_check if n_check else None,
         check_upper95=_upper95(check_flagged, n_check),
-    )  # fmt: skip
+    )
     tick("done", 1.0)
     return AuditReport(
-        config=cfg, classes=classes, image_size=size,
+        config=cfg,
+        classes=classes,
+        image_size=size,
         flips=list(FLIP_NAMES if flips else FLIP_NAMES[:1]),
         encoder=encoder.identity if encoder is not None and "clip" in spaces else "",
-        n_train=split.train.per_class_counts(), n_heldout=counts, per_class=per_class,
-        totals=totals, images=audits, seconds=round(time.perf_counter() - t0, 2),
-    )  # fmt: skip
+        n_train=split.train.per_class_counts(),
+        n_heldout=counts,
+        per_class=per_class,
+        totals=totals,
+        images=audits,
+        seconds=round(time.perf_counter() - t0, 2),
+    )
 
 
 def read_batch_folder(folder: Path | str) -> tuple[torch.Tensor, list[str], list[str]]:

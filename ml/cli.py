@@ -209,25 +209,40 @@ def prototypes(
         from ml.prototypes.learned_encoder import LEARNED, DomainEncoderConfig
 
         cpl = CPLConfig(
-            k=k, gamma=gamma, lam=lam, head=None if head == "none" else head,
-            epochs=epochs, seed=seed,
-        )  # fmt: skip
+            k=k,
+            gamma=gamma,
+            lam=lam,
+            head=None if head == "none" else head,
+            epochs=epochs,
+            seed=seed,
+        )
         learned = encoder == LEARNED
-        given = {"epochs": encoder_epochs, "input_size": encoder_size,
-                 "patience": encoder_patience}  # fmt: skip
+        given = {"epochs": encoder_epochs, "input_size": encoder_size, "patience": encoder_patience}
         if not learned and any(v is not None for v in given.values()):
             raise Invalid(f"--encoder-epochs/-size/-patience need --encoder {LEARNED}")
         domain = DomainEncoderConfig(seed=seed, **{n: v for n, v in given.items() if v is not None})
         spec = EncoderSpec(encoder, None if untrained or learned else pretrained)
         selection = {
-            "root": data, "layout": layout, "n_per_class": n_per_class, "n_heldout": heldout,
-            "image_size": image_size, "seed": seed, "classes": _classes(classes),
-        }  # fmt: skip
+            "root": data,
+            "layout": layout,
+            "n_per_class": n_per_class,
+            "n_heldout": heldout,
+            "image_size": image_size,
+            "seed": seed,
+            "classes": _classes(classes),
+        }
         result = learn_prototypes(
-            selection, out, encoder_spec=spec, cpl=cpl, allow_untrained=untrained,
-            cache=EmbeddingCache() if cache else None, device=device, progress=True,
-            roots=allow_root or None, domain=domain if learned else None,
-        )  # fmt: skip
+            selection,
+            out,
+            encoder_spec=spec,
+            cpl=cpl,
+            allow_untrained=untrained,
+            cache=EmbeddingCache() if cache else None,
+            device=device,
+            progress=True,
+            roots=allow_root or None,
+            domain=domain if learned else None,
+        )
         typer.echo(json.dumps(result.report.to_dict(), indent=2))
         typer.echo(f"codebook written to {result.out_dir}")
 
@@ -266,9 +281,14 @@ def train_cmd(
         if book is None and data is None:
             raise Invalid("give --codebook (recommended, same split for both modes) or --data")
         path = train_model(
-            cfg, out, codebook=book, root=data, resume=resume, device=device,
+            cfg,
+            out,
+            codebook=book,
+            root=data,
+            resume=resume,
+            device=device,
             roots=allow_root or None,
-        )  # fmt: skip
+        )
         typer.echo(f"checkpoint: {path}")
 
     _guard(run)
@@ -312,9 +332,14 @@ def sample(
         from ml.models.checkpoint import load_model
 
         scfg = SampleConfig(
-            steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
-            batch_size=batch_size, use_ema=ema, precision=precision,
-        )  # fmt: skip
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            seed=seed,
+            batch_size=batch_size,
+            use_ema=ema,
+            precision=precision,
+        )
         loaded = load_model(checkpoint, use_ema=ema, device=resolve_device(device))
         result = sample_to_folder(loaded, out, n, scfg, class_ or None)
         if grid is not None:
@@ -390,9 +415,15 @@ def demo(
         if name == LEARNED and pretrained:
             raise Invalid(f"--pretrained is for an open_clip --encoder, not {LEARNED}")
         return run_demo(
-            out, steps=steps, n_per_class=n_per_class, n_sample=n_sample,
-            encoder=name, pretrained=pretrained, device=device, say=typer.echo,
-        )  # fmt: skip
+            out,
+            steps=steps,
+            n_per_class=n_per_class,
+            n_sample=n_sample,
+            encoder=name,
+            pretrained=pretrained,
+            device=device,
+            say=typer.echo,
+        )
 
     _guard(run)
 
@@ -463,30 +494,42 @@ def evaluate(
             raise Invalid(f"--seeds must be comma-separated integers (got {seeds!r})") from exc
         dev = resolve_device(device)
         cfg = EvalConfig(
-            n_per_class=n_per_class, steps=steps, guidance=guidance, seeds=seed_list,
-            downstream=DownstreamConfig(backbone=backbone, epochs=epochs, weights=weights,
-                                        device=str(dev), progress=True),
-        )  # fmt: skip
+            n_per_class=n_per_class,
+            steps=steps,
+            guidance=guidance,
+            seeds=seed_list,
+            downstream=DownstreamConfig(
+                backbone=backbone, epochs=epochs, weights=weights, device=str(dev), progress=True
+            ),
+        )
         models = {
             "baseline": load_model(baseline, device=dev),
             "prototype": load_model(prototype, device=dev),
         }
-        enc = build_encoder(encoder, None if untrained else pretrained, device=str(dev),
-                            allow_untrained=untrained)  # fmt: skip
+        enc = build_encoder(
+            encoder, None if untrained else pretrained, device=str(dev), allow_untrained=untrained
+        )
         book = Codebook.load(codebook) if codebook is not None else None
         with StagePrinter("evaluate") as progress:
             result = run_evaluation(
-                models, enc, cfg, codebook=book, cache=EmbeddingCache() if cache else None,
-                test_data=test_data, test_name=test_name or (str(test_data) if test_data else None),
+                models,
+                enc,
+                cfg,
+                codebook=book,
+                cache=EmbeddingCache() if cache else None,
+                test_data=test_data,
+                test_name=test_name or (str(test_data) if test_data else None),
                 progress=progress,
-            )  # fmt: skip
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(result.model_dump_json(indent=2))
         typer.echo(evaluation_table(result))
         test = result.test_set
         if test is not None and test.ignored_classes:
-            typer.echo(f"note: the test set's classes {test.ignored_classes} are not the models' "
-                       "and were ignored")  # fmt: skip
+            typer.echo(
+                f"note: the test set's classes {test.ignored_classes} are not the models' "
+                "and were ignored"
+            )
         typer.echo(f"results: {out} ({result.seconds:.0f} s)")
 
     _guard(run)
@@ -546,9 +589,15 @@ def audit(
             refuse_same_space(enc.identity, loaded.cond.encoder, "the audit's feature space")
         split = model_split(loaded, str(data) if data else None, allow_root or None)
         report = audit_images(
-            images, classes, split, enc, cfg, flips=loaded.cfg.flip, names=files,
+            images,
+            classes,
+            split,
+            enc,
+            cfg,
+            flips=loaded.cfg.flip,
+            names=files,
             cache=EmbeddingCache() if cache and enc is not None else None,
-        )  # fmt: skip
+        )
         typer.echo(audit_table(report))
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)

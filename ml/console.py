@@ -17,8 +17,11 @@ class StagePrinter:
 
     def __init__(self, name: str) -> None:
         self.name, self.stage = name, ""
-        self.bar = tqdm(total=STEPS, desc=name, bar_format="{desc}: {percentage:3.0f}%|{bar}| "
-                        "{elapsed}<{remaining}")  # fmt: skip
+        self.bar = tqdm(
+            total=STEPS,
+            desc=name,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
+        )
 
     def __call__(self, stage: str, fraction: float) -> None:
         if stage != self.stage:

@@ -200,8 +200,11 @@ def run_demo(
     data = write_toy_dataset(out / "data", n_per_class=n_per_class + heldout, size=64, seed=seed)
     learned = encoder == LEARNED
     if learned:
-        stage(2, "learning a domain encoder (a small CNN, no CLIP weights needed) jointly with "
-              "the prototypes from the training images")  # fmt: skip
+        stage(
+            2,
+            "learning a domain encoder (a small CNN, no CLIP weights needed) jointly with "
+            "the prototypes from the training images",
+        )
     else:
         if pretrained is None:
             log.warning(
@@ -246,22 +249,30 @@ def run_demo(
         cfg = make_config(preset, {**recipe, "mode": mode, "max_steps": steps, "seed": seed})
         t0 = time.perf_counter()
         trained[mode] = train_model(
-            cfg, out / f"run_{mode}", codebook=proto.codebook, device=device,
+            cfg,
+            out / f"run_{mode}",
+            codebook=proto.codebook,
+            device=device,
             show_progress=show_progress,
-        )  # fmt: skip
+        )
         train_s[mode] = time.perf_counter() - t0
     stage(5, f"sampling {n_sample} images per class and mode ({sampler_label(scfg)}), checking")
     for mode in MODES:
         loaded = load_model(trained[mode], device=device or "cpu")
         t0 = time.perf_counter()
         with tqdm(
-            total=len(loaded.cond.classes), desc=f"sampling {mode}", unit="class",
+            total=len(loaded.cond.classes),
+            desc=f"sampling {mode}",
+            unit="class",
             disable=not show_progress,
-        ) as sbar:  # fmt: skip
+        ) as sbar:
             res = sample_to_folder(
-                loaded, out / f"samples_{mode}", n_sample, scfg,
+                loaded,
+                out / f"samples_{mode}",
+                n_sample,
+                scfg,
                 on_class=lambda *_: sbar.update(1),
-            )  # fmt: skip
+            )
         sample_s = time.perf_counter() - t0
         save_grid(res.images, out / f"grid_{mode}.png", labels=True, scale=2)
         plaus = {c: judge(imgs, c) for c, imgs in res.images.items()}

@@ -87,9 +87,14 @@ def learn_prototypes(
             )
         split = load_split(root, **selection, roots=roots)
         return _learn_domain_prototypes(
-            split, Path(out_dir), cpl, domain or DomainEncoderConfig(seed=cpl.seed), cache,
-            on_progress, progress,
-        )  # fmt: skip
+            split,
+            Path(out_dir),
+            cpl,
+            domain or DomainEncoderConfig(seed=cpl.seed),
+            cache,
+            on_progress,
+            progress,
+        )
     encoder = ClipEncoder(encoder_spec, device=device, allow_untrained=allow_untrained)
     split = load_split(root, **selection, roots=roots)
     n_train, n_all = len(split.train), len(split.train) + len(split.heldout)
@@ -162,10 +167,16 @@ def _learn_domain_prototypes(
 
     with bar:
         trained = train_domain_encoder(
-            split.train.images, split.train.labels, split.classes, cpl, cfg,
+            split.train.images,
+            split.train.labels,
+            split.classes,
+            cpl,
+            cfg,
             heldout_images=None if held is None else held.images,
-            heldout_labels=None if held is None else held.labels, data=data, on_epoch=on_epoch,
-        )  # fmt: skip
+            heldout_labels=None if held is None else held.labels,
+            data=data,
+            on_epoch=on_epoch,
+        )
     encoder = trained.encoder
     encoder.save(out_dir)
 
@@ -173,18 +184,27 @@ def _learn_domain_prototypes(
         return None if part is None else embed(enc, part.images, part.hashes, cache)
 
     codebook, report = finish_codebook(
-        trained.prototypes, embed(encoder, split.train.images, split.train.hashes, cache),
-        split.train.labels, split.classes,
-        cpl, encoder_identity=encoder.identity, final_loss=trained.final_loss,
-        heldout_emb=embedded(encoder, held), heldout_labels=None if held is None else held.labels,
+        trained.prototypes,
+        embed(encoder, split.train.images, split.train.hashes, cache),
+        split.train.labels,
+        split.classes,
+        cpl,
+        encoder_identity=encoder.identity,
+        final_loss=trained.final_loss,
+        heldout_emb=embedded(encoder, held),
+        heldout_labels=None if held is None else held.labels,
         hashes=image_keys(split.train),
-    )  # fmt: skip
+    )
     # The untrained network: no identity of its own (never saved), so it is not cached.
     base = fit_prototypes(
-        trained.untrained.encode(split.train.images), split.train.labels, split.classes, cpl,
+        trained.untrained.encode(split.train.images),
+        split.train.labels,
+        split.classes,
+        cpl,
         heldout_emb=None if held is None else trained.untrained.encode(held.images),
-        heldout_labels=None if held is None else held.labels, encoder_identity="untrained",
-    )[1]  # fmt: skip
+        heldout_labels=None if held is None else held.labels,
+        encoder_identity="untrained",
+    )[1]
     report.encoder_kind = LEARNED
     report.untrained_nearest_prototype_acc = base.nearest_prototype_acc
     report.untrained_logreg_acc = base.logreg_acc

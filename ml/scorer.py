@@ -115,10 +115,15 @@ def assess(y: npt.ArrayLike, p: npt.ArrayLike) -> Assessment:
         ci = (max(0.0, auc - Z95 * se), min(1.0, auc + Z95 * se))
     base = k / n
     return Assessment(
-        n=n, n_plausible=k, base_rate=base, auc=auc, auc_ci=ci,
-        brier=float(np.mean((p - y) ** 2)), brier_base=float(np.mean((base - y) ** 2)),
+        n=n,
+        n_plausible=k,
+        base_rate=base,
+        auc=auc,
+        auc_ci=ci,
+        brier=float(np.mean((p - y) ** 2)),
+        brier_base=float(np.mean((base - y) ** 2)),
         calibration=calibration_bins(y, p),
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -148,10 +153,18 @@ class Scorer:
         """safetensors: the four arrays, and the rest as JSON in the header's metadata."""
         from safetensors.numpy import save
 
-        meta = {"format": FORMAT, "classes": json.dumps(self.classes), "c": repr(self.c),
-                "encoder": self.encoder}  # fmt: skip
-        arrays = {"mean": self.mean, "scale": self.scale, "coef": self.coef,
-                  "intercept": np.array([self.intercept])}  # fmt: skip
+        meta = {
+            "format": FORMAT,
+            "classes": json.dumps(self.classes),
+            "c": repr(self.c),
+            "encoder": self.encoder,
+        }
+        arrays = {
+            "mean": self.mean,
+            "scale": self.scale,
+            "coef": self.coef,
+            "intercept": np.array([self.intercept]),
+        }
         return save({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}, meta)
 
     @classmethod
@@ -164,9 +177,14 @@ class Scorer:
             raise Invalid(f"not a protomed scorer file (format {meta.get('format')!r})")
         t = load(data)
         return cls(
-            mean=t["mean"], scale=t["scale"], coef=t["coef"], intercept=float(t["intercept"][0]),
-            classes=json.loads(meta["classes"]), c=float(meta["c"]), encoder=meta["encoder"],
-        )  # fmt: skip
+            mean=t["mean"],
+            scale=t["scale"],
+            coef=t["coef"],
+            intercept=float(t["intercept"][0]),
+            classes=json.loads(meta["classes"]),
+            c=float(meta["c"]),
+            encoder=meta["encoder"],
+        )
 
 
 def features(x: npt.ArrayLike, class_names: Sequence[str], classes: Sequence[str]) -> Floats:
@@ -263,9 +281,15 @@ def fit_scorer(
     names = np.asarray(class_names)
     per_class = {k: (int((names == k).sum()), int(y[names == k].sum())) for k in classes}
     metrics = ScorerMetrics(
-        cv=assess(y, oof), folds=folds, c=c, c_grid=list(C_GRID), classes=classes,
-        per_class=per_class, dim=x.shape[1], encoder=encoder,
-    )  # fmt: skip
+        cv=assess(y, oof),
+        folds=folds,
+        c=c,
+        c_grid=list(C_GRID),
+        classes=classes,
+        per_class=per_class,
+        dim=x.shape[1],
+        encoder=encoder,
+    )
     return scorer, metrics
 
 

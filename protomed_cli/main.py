@@ -424,10 +424,25 @@ def _admin_key(state: Path) -> tuple[str, str | None]:
 
 def worker_command(queues: str, name: str, pool: str = "solo") -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queues,
-        "--concurrency", "1", "--prefetch-multiplier", "1", "--pool", pool, "-n", name,
-        "--loglevel", "INFO",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "-Q",
+        queues,
+        "--concurrency",
+        "1",
+        "--prefetch-multiplier",
+        "1",
+        "--pool",
+        pool,
+        "-n",
+        name,
+        "--loglevel",
+        "INFO",
+    ]
 
 
 def _prepare_broker() -> None:
@@ -491,9 +506,10 @@ def serve(
         if not no_worker:
             node = f"embedded-{os.getpid()}@{socket.gethostname()}"
             worker = Supervised(
-                worker_command("gpu,default", node), env=dict(env),
+                worker_command("gpu,default", node),
+                env=dict(env),
                 on_exit=lambda pid, code: _release_worker(f"{node}:{pid}", code),
-            )  # fmt: skip
+            )
             worker.start()
         uvicorn.run("api.main:app", host=host, port=port, log_level="info")
     except _Stop as stop:

@@ -58,13 +58,15 @@ def latest_audit(session: Session, batch_id: int) -> tuple[Job, AuditStored]:
     last = jobs[0]
     if last.status in UNFINISHED:
         raise AuditUnavailable(
-            409, f"the audit of batch {batch_id} is {last.status} (job {last.id}); poll "
+            409,
+            f"the audit of batch {batch_id} is {last.status} (job {last.id}); poll "
             f"GET /jobs/{last.id}",
-        )  # fmt: skip
+        )
     raise AuditUnavailable(
-        409, f"the last audit of batch {batch_id} (job {last.id}) {last.status}: "
+        409,
+        f"the last audit of batch {batch_id} (job {last.id}) {last.status}: "
         f"{last.error or 'no result'}; {start}",
-    )  # fmt: skip
+    )
 
 
 def start_audit(session: Session, batch: Batch, config: AuditConfig, requested_by: str) -> Job:
@@ -72,17 +74,19 @@ def start_audit(session: Session, batch: Batch, config: AuditConfig, requested_b
     whose images are not all there yet, and one with an audit already waiting or running."""
     if batch.job is not None and batch.job.status != JobStatus.succeeded:
         raise AuditUnavailable(
-            409, f"batch {batch.id} is not generated yet (its job {batch.job.id} is "
+            409,
+            f"batch {batch.id} is not generated yet (its job {batch.job.id} is "
             f"{batch.job.status}); audit it once that job has succeeded",
-        )  # fmt: skip
+        )
     if not batch.images:
         raise AuditUnavailable(409, f"batch {batch.id} has no images to audit")
     pending = [j for j in audit_jobs(session, batch.id) if j.status in UNFINISHED]
     if pending:
         raise AuditUnavailable(
-            409, f"an audit of batch {batch.id} is already {pending[0].status} "
+            409,
+            f"an audit of batch {batch.id} is already {pending[0].status} "
             f"(job {pending[0].id}); poll GET /jobs/{pending[0].id}",
-        )  # fmt: skip
+        )
     payload = AuditPayload(batch_id=batch.id, config=config)
     job = new_job(JobKind.audit, payload, model_id=batch.model_id, requested_by=requested_by)
     session.add(job)

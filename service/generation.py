@@ -38,10 +38,12 @@ class GenerateRequest(RequestModel):
     dataset_id: Id | None = None
     mode: ModelMode | None = None
     guidance: float | None = Field(
-        None, ge=0.0, le=20.0,
+        None,
+        ge=0.0,
+        le=20.0,
         description="Default: the model's default for the class (GET /models/{id}/guidance,"
         " set from a guidance sweep), else the global default (2.0).",
-    )  # fmt: skip
+    )
     steps: int | None = Field(
         None, ge=1, le=1000, description="Default: ddim 50, dpm++/dpm++sde 20."
     )
@@ -165,10 +167,16 @@ def request_generation(
     scale, source = resolve_guidance(model, class_name, request.guidance, settings)
     job = new_job(JobKind.sample, None, model=model, requested_by=requested_by)
     batch = Batch(
-        model=model, class_name=class_name, n=n, guidance=scale, steps=steps,
-        seed=request.seed, scheduler=request.scheduler, job=job,
+        model=model,
+        class_name=class_name,
+        n=n,
+        guidance=scale,
+        steps=steps,
+        seed=request.seed,
+        scheduler=request.scheduler,
+        job=job,
         filter=wanted.model_dump(mode="json") if wanted is not None else None,
-    )  # fmt: skip
+    )
     session.add_all([job, batch])
     session.flush()
     set_payload(job, SamplePayload(batch_id=batch.id))

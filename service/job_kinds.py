@@ -51,21 +51,45 @@ class KindSpec:
 KINDS: dict[JobKind, KindSpec] = {
     spec.kind: spec
     for spec in (
-        KindSpec(JobKind.train, "protomed.train", GPU_QUEUE, TrainPayload,
-                 "workers.training:run_training", long=True),
-        KindSpec(JobKind.sample, "protomed.sample", GPU_QUEUE, SamplePayload,
-                 "workers.sampling:run_sampling"),
-        KindSpec(JobKind.evaluate, "protomed.evaluate", GPU_QUEUE, EvaluatePayload,
-                 "workers.evaluation:run_evaluation", long=True),
-        KindSpec(JobKind.review_sync, "protomed.review_sync", DEFAULT_QUEUE, ReviewSyncPayload,
-                 "workers.tasks:run_review_sync"),
+        KindSpec(
+            JobKind.train,
+            "protomed.train",
+            GPU_QUEUE,
+            TrainPayload,
+            "workers.training:run_training",
+            long=True,
+        ),
+        KindSpec(
+            JobKind.sample,
+            "protomed.sample",
+            GPU_QUEUE,
+            SamplePayload,
+            "workers.sampling:run_sampling",
+        ),
+        KindSpec(
+            JobKind.evaluate,
+            "protomed.evaluate",
+            GPU_QUEUE,
+            EvaluatePayload,
+            "workers.evaluation:run_evaluation",
+            long=True,
+        ),
+        KindSpec(
+            JobKind.review_sync,
+            "protomed.review_sync",
+            DEFAULT_QUEUE,
+            ReviewSyncPayload,
+            "workers.tasks:run_review_sync",
+        ),
         # CLIP embeddings: where the ml stack is
-        KindSpec(JobKind.audit, "protomed.audit", GPU_QUEUE, AuditPayload,
-                 "workers.audit:run_audit"),
-        KindSpec(JobKind.score, "protomed.score", GPU_QUEUE, ScorePayload,
-                 "workers.scoring:run_scoring"),
+        KindSpec(
+            JobKind.audit, "protomed.audit", GPU_QUEUE, AuditPayload, "workers.audit:run_audit"
+        ),
+        KindSpec(
+            JobKind.score, "protomed.score", GPU_QUEUE, ScorePayload, "workers.scoring:run_scoring"
+        ),
     )
-}  # fmt: skip
+}
 
 
 def spec_for(kind: str) -> KindSpec:

@@ -122,9 +122,13 @@ def claim(session: Session, job_id: int, worker: str, settings: Settings) -> Run
         ),
     )
     taken = {
-        "status": JobStatus.running, "worker": worker, "heartbeat_at": now,
-        "attempts": Job.attempts + 1, "started_at": now, "error": None,
-    }  # fmt: skip
+        "status": JobStatus.running,
+        "worker": worker,
+        "heartbeat_at": now,
+        "attempts": Job.attempts + 1,
+        "started_at": now,
+        "error": None,
+    }
     attempt = session.execute(
         update(Job)
         .where(Job.id == job_id, claimable)
@@ -200,10 +204,14 @@ def cancel(session: Session, job_id: int) -> CancelOutcome:
     its new state and handled as such, never written back from a stale read."""
     for _ in range(10):  # each miss means the job moved on; it can only do so a few times
         cancelled = _update(
-            session, (Job.id == job_id, Job.status == JobStatus.queued),
-            status=JobStatus.cancelled, finished_at=utc_now(), cancel_requested=True,
-            worker=None, eta_s=None,
-        )  # fmt: skip
+            session,
+            (Job.id == job_id, Job.status == JobStatus.queued),
+            status=JobStatus.cancelled,
+            finished_at=utc_now(),
+            cancel_requested=True,
+            worker=None,
+            eta_s=None,
+        )
         if cancelled:
             _set_model(session, job_id, ModelStatus.cancelled)
             session.commit()
@@ -234,8 +242,11 @@ def requeue(
             progress = session.scalar(select(Job.progress).where(*_owned(run)))
             error = f"{error}; re-queued at {progress or 0.0:.0%}"
         values: dict[str, Any] = {
-            "status": JobStatus.queued, "worker": None, "eta_s": None, "error": error,
-        }  # fmt: skip
+            "status": JobStatus.queued,
+            "worker": None,
+            "eta_s": None,
+            "error": error,
+        }
         if not counts_as_attempt:
             values["attempts"] = Job.attempts - 1
         outcome: RequeueOutcome = "lost"
@@ -243,15 +254,19 @@ def requeue(
             outcome = "requeued"
             _set_model(session, run.job_id, ModelStatus.pending)
         elif _update(
-            session, (*_owned(run), Job.cancel_requested.is_(True)),
-            status=JobStatus.cancelled, finished_at=utc_now(), eta_s=None,
-        ):  # fmt: skip
+            session,
+            (*_owned(run), Job.cancel_requested.is_(True)),
+            status=JobStatus.cancelled,
+            finished_at=utc_now(),
+            eta_s=None,
+        ):
             outcome = "cancelled"
             _set_model(session, run.job_id, ModelStatus.cancelled)
         session.commit()
     if outcome == "lost":
-        log.warning("job %s: run %s lost ownership; re-queue (%s) not written", run.job_id,
-                    run, error)  # fmt: skip
+        log.warning(
+            "job %s: run %s lost ownership; re-queue (%s) not written", run.job_id, run, error
+        )
     else:
         log.warning("job %s %s (%s)", run.job_id, outcome, error)
     return outcome
@@ -364,9 +379,11 @@ def reap(settings: Settings, requeue_job: Callable[[Job], None]) -> Released:
     """Release running jobs whose worker stopped beating (see :func:`_release`)."""
     wait = f"{settings.heartbeat_timeout_s:.0f} s"
     out = _release(
-        settings, requeue_job, Job.heartbeat_at < _stale_before(settings),
+        settings,
+        requeue_job,
+        Job.heartbeat_at < _stale_before(settings),
         lambda worker: f"worker {worker} stopped answering (no heartbeat for {wait})",
-    )  # fmt: skip
+    )
     if any(out.values()):
         log.warning("reaper: %s", out)
     return out

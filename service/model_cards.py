@@ -194,12 +194,18 @@ def build_card(session: Session, model: Model) -> ModelCard:
     )
     limits = list(LIMITS)
     if encoder and "untrained" in str(encoder).lower():
-        limits.insert(0, "Its prototypes come from an UNTRAINED encoder (random features): "
-                         "they test nothing about CLIP.")  # fmt: skip
+        limits.insert(
+            0,
+            "Its prototypes come from an UNTRAINED encoder (random features): "
+            "they test nothing about CLIP.",
+        )
     if learned:
-        limits.insert(0, "Its prototypes come from a small CNN trained jointly with them on this "
-                         "dataset's training images (no CLIP): images are measured with the CLIP "
-                         "encoder, never in that learned space.")  # fmt: skip
+        limits.insert(
+            0,
+            "Its prototypes come from a small CNN trained jointly with them on this "
+            "dataset's training images (no CLIP): images are measured with the CLIP "
+            "encoder, never in that learned space.",
+        )
     return ModelCard(
         model_id=model.id,
         status=str(model.status),
@@ -304,27 +310,50 @@ def card_markdown(card: ModelCard) -> str:
     ]
     fd = [("n/a" if e.fd is None else f"{e.fd:.4f}") for e in card.evaluations]
     lines += _section(
-        "Evaluation without experts", ["job", "as", "downstream F1", "CLIP FD"],
+        "Evaluation without experts",
+        ["job", "as", "downstream F1", "CLIP FD"],
         [[str(e.job_id), e.role, _pct(e.f1), d] for e, d in zip(card.evaluations, fd, strict=True)],
         "No evaluation yet (POST /jobs/evaluate).",
-    )  # fmt: skip
+    )
     lines += _section(
-        "Expert plausibility", ["class", "images", "plausible", "rate", "95% CI"],
-        [[p.class_name, str(p.images), str(p.plausible), _pct(p.rate),
-          f"{_pct(p.ci[0])} - {_pct(p.ci[1])}"] for p in card.plausibility],
+        "Expert plausibility",
+        ["class", "images", "plausible", "rate", "95% CI"],
+        [
+            [
+                p.class_name,
+                str(p.images),
+                str(p.plausible),
+                _pct(p.rate),
+                f"{_pct(p.ci[0])} - {_pct(p.ci[1])}",
+            ]
+            for p in card.plausibility
+        ],
         "No expert verdicts yet.",
         note=f"Unit: the image ({card.plausibility_method}); Wilson 95% intervals.",
-    )  # fmt: skip
+    )
     lines += _section(
-        "Memorisation audits", ["batch", "class", "images", "flagged", "expected on real images"],
-        [[str(a.batch_id), a.class_name, str(a.n_images), str(a.n_flagged),
-          _pct(a.expected_false_flag_rate)] for a in card.audits],
+        "Memorisation audits",
+        ["batch", "class", "images", "flagged", "expected on real images"],
+        [
+            [
+                str(a.batch_id),
+                a.class_name,
+                str(a.n_images),
+                str(a.n_flagged),
+                _pct(a.expected_false_flag_rate),
+            ]
+            for a in card.audits
+        ],
         "No audit yet (POST /batches/{id}/audit).",
-    )  # fmt: skip
+    )
     chosen = ", ".join(f"{c} {v:g}" for c, v in sorted(card.guidance.items()))
     swept = ", ".join(f"#{i}" for i in card.sweeps) or "none"
-    lines += ["", "## Guidance", "",
-              f"- Per-class defaults: {chosen or 'none'} (other classes: the service default)",
-              f"- Guidance sweeps: {swept}"]  # fmt: skip
+    lines += [
+        "",
+        "## Guidance",
+        "",
+        f"- Per-class defaults: {chosen or 'none'} (other classes: the service default)",
+        f"- Guidance sweeps: {swept}",
+    ]
     lines += ["", "## Limits", "", *(f"- {x}" for x in card.limits), ""]
     return "\n".join(lines)

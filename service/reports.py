@@ -145,9 +145,13 @@ def agreement(judgements: Sequence[Judgement]) -> Agreement | None:
         a, b = [v[first] for v in both], [v[second] for v in both]
         same = sum(x == y for x, y in zip(a, b, strict=True))
         return Agreement(
-            method="cohen", kappa=cohen_kappa(a, b), items=len(both), raters=2,
-            reviewers=[first, second], percent_agreement=100.0 * same / len(both),
-        )  # fmt: skip
+            method="cohen",
+            kappa=cohen_kappa(a, b),
+            items=len(both),
+            raters=2,
+            reviewers=[first, second],
+            percent_agreement=100.0 * same / len(both),
+        )
     sizes = Counter(len(v) for v in by_image.values() if len(v) >= 2)
     if not sizes:
         return None
@@ -156,9 +160,13 @@ def agreement(judgements: Sequence[Judgement]) -> Agreement | None:
     table = [[sum(v.values()), m - sum(v.values())] for v in items]
     pairwise = sum((y * y + n * n - m) / (m * (m - 1)) for y, n in table) / len(table)
     return Agreement(
-        method="fleiss", kappa=fleiss_kappa(table), items=len(items), raters=m,
-        reviewers=sorted({r for v in items for r in v}), percent_agreement=100.0 * pairwise,
-    )  # fmt: skip
+        method="fleiss",
+        kappa=fleiss_kappa(table),
+        items=len(items),
+        raters=m,
+        reviewers=sorted({r for v in items for r in v}),
+        percent_agreement=100.0 * pairwise,
+    )
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -173,9 +181,15 @@ def _rate_entry(js: Sequence[Judgement], kept_apart: int = 0, incomplete: int = 
     n = len(votes)
     k = sum(2 * yes > m for yes, m in votes)
     return RateEntry(
-        images=n, reviews=len(js), plausible=k, ties=sum(2 * yes == m for yes, m in votes),
-        rate=k / n if n else None, ci=wilson(k, n), kept_apart=kept_apart, incomplete=incomplete,
-    )  # fmt: skip
+        images=n,
+        reviews=len(js),
+        plausible=k,
+        ties=sum(2 * yes == m for yes, m in votes),
+        rate=k / n if n else None,
+        ci=wilson(k, n),
+        kept_apart=kept_apart,
+        incomplete=incomplete,
+    )
 
 
 def image_rate(js: Sequence[Judgement]) -> RateEntry:
@@ -196,9 +210,10 @@ def _difference(base: RateEntry, proto: RateEntry) -> Difference | None:
     if n1 == 0 or n2 == 0:
         return None
     return Difference(
-        value=k2 / n2 - k1 / n1, ci=newcombe_difference(k1, n1, k2, n2),
+        value=k2 / n2 - k1 / n1,
+        ci=newcombe_difference(k1, n1, k2, n2),
         p_value=fisher_p(k1, n1, k2, n2),
-    )  # fmt: skip
+    )
 
 
 def _stratified(
@@ -215,9 +230,12 @@ def _stratified(
     if result is None:
         return None
     return Stratified(
-        statistic=result.statistic, p_value=result.p_value, odds_ratio=result.odds_ratio,
-        odds_ratio_ci=result.odds_ratio_ci, strata=list(strata),
-    )  # fmt: skip
+        statistic=result.statistic,
+        p_value=result.p_value,
+        odds_ratio=result.odds_ratio,
+        odds_ratio_ci=result.odds_ratio_ci,
+        strata=list(strata),
+    )
 
 
 def _criteria_failure(js: Iterable[Judgement], keys: Sequence[str]) -> dict[str, CriterionFailure]:
@@ -521,18 +539,30 @@ def report_csv(report: PlausibilityReport) -> str:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(
-        ["class", *(f"{m.label} (%)" for m in models), "difference (pp)", "95% CI", "p",
-         holm_header(report)]
-    )  # fmt: skip
+        [
+            "class",
+            *(f"{m.label} (%)" for m in models),
+            "difference (pp)",
+            "95% CI",
+            "p",
+            holm_header(report),
+        ]
+    )
     for c in report.classes:
         cols = [rate_text(c.models[i]) for i in mids]
         w.writerow([c.class_name, *cols, *diff_cells(c.difference)])
 
     avg = report.average
     w.writerow(
-        ["average (macro)", *(pct(avg.macro[i]) for i in mids), macro_difference(report), "", "",
-         ""]
-    )  # fmt: skip
+        [
+            "average (macro)",
+            *(pct(avg.macro[i]) for i in mids),
+            macro_difference(report),
+            "",
+            "",
+            "",
+        ]
+    )
     w.writerow(["pooled", *(rate_text(avg.pooled[i]) for i in mids), *diff_cells(avg.difference)])
     if avg.stratified is not None:
         w.writerow([STRATIFIED_LABEL, *("" for _ in mids), *stratified_cells(report)])

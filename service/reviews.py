@@ -60,8 +60,9 @@ def require_label_studio(settings: Settings) -> None:
 def queue_sync(session: Session, project_id: int, requested_by: str) -> Job:
     """A review_sync job for the project, stored and queued (the one way a review request
     reaches Label Studio, so every caller stores the same :class:`ReviewSyncPayload`)."""
-    job = new_job(JobKind.review_sync, ReviewSyncPayload(project_id=project_id),
-                  requested_by=requested_by)  # fmt: skip
+    job = new_job(
+        JobKind.review_sync, ReviewSyncPayload(project_id=project_id), requested_by=requested_by
+    )
     session.add(job)
     submit(session, [job])
     return job
@@ -158,11 +159,14 @@ def send_for_review(
     ).scalar_one()
     tasks = [
         ReviewTask(
-            project=project, image=img, token=secrets.token_urlsafe(24), position=start + 1 + i,
+            project=project,
+            image=img,
+            token=secrets.token_urlsafe(24),
+            position=start + 1 + i,
             sample=sample,
         )
         for i, (img, sample) in enumerate(images)
-    ]  # fmt: skip
+    ]
     session.add_all(tasks)
     # Tasks not yet imported into Label Studio are shuffled again with the new ones: Label
     # Studio numbers tasks in import order, so batches sent in separate requests before one
@@ -270,11 +274,17 @@ def apply_annotation(session: Session, annotation: dict[str, Any]) -> Review | N
     reviewer, email = _reviewer(annotation.get("completed_by"))
     writer = _writer(annotation.get("updated_by"))
     values = {
-        "task_id": task.id, "reviewer": reviewer, "reviewer_email": email,
-        "plausible": parsed["plausible"], "overall": parsed["overall"],
-        "criteria": parsed["criteria"], "comment": parsed["comment"], "updated_at": utc_now(),
-        "written_by": writer, "flagged": writer != reviewer,
-    }  # fmt: skip
+        "task_id": task.id,
+        "reviewer": reviewer,
+        "reviewer_email": email,
+        "plausible": parsed["plausible"],
+        "overall": parsed["overall"],
+        "criteria": parsed["criteria"],
+        "comment": parsed["comment"],
+        "updated_at": utc_now(),
+        "written_by": writer,
+        "flagged": writer != reviewer,
+    }
     for _ in range(2):  # a webhook and a pull may insert the same annotation at once
         review = session.scalar(select(Review).where(Review.ls_annotation_id == ann_id))
         if review is None:
@@ -409,8 +419,11 @@ def reconcile(
     project.last_pulled_at = utc_now()
     foreign = sum(o["reason"] == NOT_OURS for o in odd)
     return {
-        "applied": applied, "removed": removed, "foreign": foreign, "skipped": len(odd) - foreign,
-    }  # fmt: skip
+        "applied": applied,
+        "removed": removed,
+        "foreign": foreign,
+        "skipped": len(odd) - foreign,
+    }
 
 
 NOT_OURS = "claims the ref of one of protomed's tasks but was not created by protomed: not counted"
@@ -462,10 +475,19 @@ def judgements(
     found = session.execute(query).all()
     rows = [row for row in found if row.edited is None]  # verdicts on edited tasks: set aside
     out = [
-        Judgement(img.id, img.class_name, m.id, str(m.mode), r.reviewer, r.plausible, r.criteria,
-                  sample=str(sample), flagged=r.flagged)
+        Judgement(
+            img.id,
+            img.class_name,
+            m.id,
+            str(m.mode),
+            r.reviewer,
+            r.plausible,
+            r.criteria,
+            sample=str(sample),
+            flagged=r.flagged,
+        )
         for r, img, m, _, sample, _ in rows
-    ]  # fmt: skip
+    ]
     ids = list(model_ids or sorted({m.id for _, _, m, *_ in rows}))
     models = [session.get(Model, i) for i in ids]
     columns = sorted(
@@ -546,12 +568,19 @@ def plausibility(
     """The plausibility report with its filters, as the JSON/CSV endpoint and the dashboard
     show it; :class:`FilterError` for malformed model ids."""
     found = judgements(
-        session, dataset_id=dataset_id, model_ids=parse_ids(models), reviewer=reviewer,
-        criteria_set_id=criteria_set_id, flagged=flagged,
-    )  # fmt: skip
-    filters = Filters(
-        dataset_id=dataset_id, models=models, reviewer=reviewer, criteria_set_id=criteria_set_id,
+        session,
+        dataset_id=dataset_id,
+        model_ids=parse_ids(models),
+        reviewer=reviewer,
+        criteria_set_id=criteria_set_id,
         flagged=flagged,
-    )  # fmt: skip
+    )
+    filters = Filters(
+        dataset_id=dataset_id,
+        models=models,
+        reviewer=reviewer,
+        criteria_set_id=criteria_set_id,
+        flagged=flagged,
+    )
     report = plausibility_report(found.judgements, found.columns, found.criteria)
     return report.model_copy(update={"filters": filters, "on_edited_tasks": found.on_edited_tasks})

@@ -148,15 +148,17 @@ def start_scoring(session: Session, domain: str, requested_by: str, settings: Se
     pending = score_jobs(session, domain, UNFINISHED)
     if pending:
         raise ScorerUnavailable(
-            409, f"a scorer job for {domain!r} is already {pending[0].status} (job "
+            409,
+            f"a scorer job for {domain!r} is already {pending[0].status} (job "
             f"{pending[0].id}); poll GET /jobs/{pending[0].id}",
-        )  # fmt: skip
+        )
     have = reviewed_count(session, domain)
     if have < settings.scorer_min_images:
         raise ScorerUnavailable(
-            409, f"domain {domain!r} has {have} reviewed images; a scorer needs at least "
+            409,
+            f"domain {domain!r} has {have} reviewed images; a scorer needs at least "
             f"{settings.scorer_min_images} (send batches for review: POST /reviews)",
-        )  # fmt: skip
+        )
     job = new_job(JobKind.score, ScorePayload(domain=domain), requested_by=requested_by)
     session.add(job)
     session.flush()

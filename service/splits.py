@@ -53,6 +53,7 @@ def check_split(
     ]
     if short:
         raise SplitTooLarge(
-            "the dataset holds too few images for this split: " + "; ".join(short)
+            "the dataset holds too few images for this split: "
+            + "; ".join(short)
             + "; lower n_per_class or n_heldout, or leave out those classes"
-        )  # fmt: skip
+        )

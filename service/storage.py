@@ -216,10 +216,20 @@ class LocalStorage:
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _UNAVAILABLE_CODES = {
-    "NoSuchBucket", "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "ExpiredToken", "InvalidToken", "AllAccessDisabled", "SlowDown", "ServiceUnavailable",
-    "InternalError", "503", "500",
-}  # fmt: skip
+    "NoSuchBucket",
+    "AccessDenied",
+    "403",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AllAccessDisabled",
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "503",
+    "500",
+}
 
 
 def _code(e: Any) -> str:

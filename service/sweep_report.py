@@ -180,11 +180,18 @@ def sweep_report(
             )
         )
     return SweepReport(
-        sweep_id=sweep_id, model_id=model_id, scales=sorted(scales), n=n, seed=seed, steps=steps,
-        scheduler=scheduler, min_images=min_images,
-        methods=SweepMethods(rule=rule_text(min_images)), classes=rows,
+        sweep_id=sweep_id,
+        model_id=model_id,
+        scales=sorted(scales),
+        n=n,
+        seed=seed,
+        steps=steps,
+        scheduler=scheduler,
+        min_images=min_images,
+        methods=SweepMethods(rule=rule_text(min_images)),
+        classes=rows,
         defaults=dict(defaults or {}),
-    )  # fmt: skip
+    )
 
 
 def recommendations(report: SweepReport) -> dict[str, float]:
@@ -225,19 +232,42 @@ def sweep_csv(report: SweepReport) -> str:
     whether it is the recommended scale; then the rule."""
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(["class", "guidance", "batch", "generated", "images reviewed", "reviews",
-                "plausible", "ties", "rate (%)", "95% CI (%)", "diversity",
-                "recommended"])  # fmt: skip
+    w.writerow(
+        [
+            "class",
+            "guidance",
+            "batch",
+            "generated",
+            "images reviewed",
+            "reviews",
+            "plausible",
+            "ties",
+            "rate (%)",
+            "95% CI (%)",
+            "diversity",
+            "recommended",
+        ]
+    )
     for c in report.classes:
         for e in c.scales:
             p = e.plausibility
             lo, hi = p.ci
-            w.writerow([
-                c.class_name, f"{e.scale:g}", e.batch_id, e.generated, p.images, p.reviews,
-                p.plausible, p.ties, pct(p.rate), f"[{100 * lo:.1f}; {100 * hi:.1f}]",
-                "" if e.diversity is None else f"{e.diversity:.4f}",
-                "yes" if c.recommended == e.scale else "",
-            ])  # fmt: skip
+            w.writerow(
+                [
+                    c.class_name,
+                    f"{e.scale:g}",
+                    e.batch_id,
+                    e.generated,
+                    p.images,
+                    p.reviews,
+                    p.plausible,
+                    p.ties,
+                    pct(p.rate),
+                    f"[{100 * lo:.1f}; {100 * hi:.1f}]",
+                    "" if e.diversity is None else f"{e.diversity:.4f}",
+                    "yes" if c.recommended == e.scale else "",
+                ]
+            )
     w.writerow([])
     w.writerow(["class", "recommended", "reason"])
     for c in report.classes:
@@ -248,9 +278,11 @@ def sweep_csv(report: SweepReport) -> str:
 
 def sweep_text(report: SweepReport) -> str:
     """The report as the CLI prints it."""
-    lines = [f"guidance sweep #{report.sweep_id} of model #{report.model_id}: "
-             f"{report.n} images per class and scale, seed {report.seed}, "
-             f"{report.scheduler} {report.steps} steps"]  # fmt: skip
+    lines = [
+        f"guidance sweep #{report.sweep_id} of model #{report.model_id}: "
+        f"{report.n} images per class and scale, seed {report.seed}, "
+        f"{report.scheduler} {report.steps} steps"
+    ]
     for c in report.classes:
         lines.append(f"\n{c.class_name}")
         head = f"  {'guidance':>8}  {'plausible':>11}  {'rate':>6}  {'95% CI':>11}  diversity"

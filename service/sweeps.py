@@ -69,9 +69,11 @@ class SweepRequest(RequestModel):
         None, min_length=1, max_length=100, description="default: every class of the model"
     )
     scales: list[Scale] = Field(
-        default_factory=lambda: list(DEFAULT_SCALES), min_length=2, max_length=8,
+        default_factory=lambda: list(DEFAULT_SCALES),
+        min_length=2,
+        max_length=8,
         description=f"2 to 8 distinct guidance scales, each 0 to {MAX_SCALE:g}",
-    )  # fmt: skip
+    )
     n: int = Field(8, ge=1, description="images per (class, scale); the total is bounded too")
     seed: int = Field(0, ge=0, le=MAX_ID, description="the same at every scale (paired design)")
     steps: int | None = Field(None, ge=1, le=1000, description="default: ddim 50, dpm++ 20")
@@ -116,18 +118,31 @@ def start_sweep(
         )
     steps = request.steps or DEFAULT_STEPS[request.scheduler]
     sweep = Sweep(
-        model=model, classes=classes, scales=list(request.scales), n=request.n,
-        seed=request.seed, steps=steps, scheduler=request.scheduler, requested_by=requested_by,
-    )  # fmt: skip
+        model=model,
+        classes=classes,
+        scales=list(request.scales),
+        n=request.n,
+        seed=request.seed,
+        steps=steps,
+        scheduler=request.scheduler,
+        requested_by=requested_by,
+    )
     session.add(sweep)
     jobs = []
     for name in classes:
         for scale in request.scales:
             job = new_job(JobKind.sample, None, model=model, requested_by=requested_by)
             batch = Batch(
-                model=model, class_name=name, n=request.n, guidance=scale, steps=steps,
-                seed=request.seed, scheduler=request.scheduler, job=job, sweep=sweep,
-            )  # fmt: skip
+                model=model,
+                class_name=name,
+                n=request.n,
+                guidance=scale,
+                steps=steps,
+                seed=request.seed,
+                scheduler=request.scheduler,
+                job=job,
+                sweep=sweep,
+            )
             session.add_all([job, batch])
             jobs.append(job)
     session.flush()
@@ -230,11 +245,19 @@ def report(session: Session, sweep: Sweep, storage: Storage, settings: Settings)
         Cell(b.class_name, b.guidance, b.id, len(b.images), diversity(b, storage)) for b in batches
     ]
     return sweep_report(
-        sweep_id=sweep.id, model_id=sweep.model_id, classes=sweep.classes, scales=sweep.scales,
-        n=sweep.n, seed=sweep.seed, steps=sweep.steps, scheduler=sweep.scheduler, cells=cells,
+        sweep_id=sweep.id,
+        model_id=sweep.model_id,
+        classes=sweep.classes,
+        scales=sweep.scales,
+        n=sweep.n,
+        seed=sweep.seed,
+        steps=sweep.steps,
+        scheduler=sweep.scheduler,
+        cells=cells,
         judgements=judgements_by_batch(session, [b.id for b in batches]),
-        min_images=settings.sweep_min_images, defaults=sweep.model.guidance_defaults or {},
-    )  # fmt: skip
+        min_images=settings.sweep_min_images,
+        defaults=sweep.model.guidance_defaults or {},
+    )
 
 
 # --- the model's per-class defaults --------------------------------------------------------------

@@ -140,8 +140,14 @@ def reset_service_caches() -> None:
 
     if get_engine.cache_info().currsize:
         get_engine().dispose()
-    for cached in (get_settings, get_engine, get_sessionmaker, get_storage, get_producer,
-                   get_celery):  # fmt: skip
+    for cached in (
+        get_settings,
+        get_engine,
+        get_sessionmaker,
+        get_storage,
+        get_producer,
+        get_celery,
+    ):
         cached.cache_clear()
 
 

@@ -27,8 +27,13 @@ def main(out: Path) -> None:
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 16, 16), generator=g, dtype=torch.uint8)
-    data = ImageSet(images, torch.arange(16) % 2, ["a", "b"], [f"{i}" for i in range(16)],
-                    [f"{i}" for i in range(16)])  # fmt: skip
+    data = ImageSet(
+        images,
+        torch.arange(16) % 2,
+        ["a", "b"],
+        [f"{i}" for i in range(16)],
+        [f"{i}" for i in range(16)],
+    )
     cfg = make_config("tiny", {"mode": "baseline", "max_steps": 3, "batch_size": 2, "dropout": 0.0})
     torch.manual_seed(cfg.seed)
     from ml.diffusion.train import conditioning_for

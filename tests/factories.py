@@ -86,10 +86,13 @@ def add_dataset(
     default counts hold the default training split (100 + 20 held out per class), which
     POST /jobs/train checks."""
     ds = Dataset(
-        name=name or f"ds-{uuid.uuid4().hex[:8]}", root=root, layout=layout,
-        classes=list(classes), counts=dict.fromkeys(classes, 120) if counts is None else counts,
+        name=name or f"ds-{uuid.uuid4().hex[:8]}",
+        root=root,
+        layout=layout,
+        classes=list(classes),
+        counts=dict.fromkeys(classes, 120) if counts is None else counts,
         **extra,
-    )  # fmt: skip
+    )
     session.add(ds)
     session.flush()
     return ds
@@ -111,9 +114,14 @@ def add_model(
     if classes is None:
         classes = dataset.classes if dataset is not None else CLASSES
     m = Model(
-        mode=ModelMode(mode), status=ModelStatus(status), preset=preset, config=config or {},
-        classes=list(classes), **({"dataset": dataset} if dataset is not None else {}), **extra,
-    )  # fmt: skip
+        mode=ModelMode(mode),
+        status=ModelStatus(status),
+        preset=preset,
+        config=config or {},
+        classes=list(classes),
+        **({"dataset": dataset} if dataset is not None else {}),
+        **extra,
+    )
     session.add(m)
     session.flush()
     return m
@@ -135,9 +143,15 @@ def add_batch(
     if class_name is None:
         class_name = model.classes[0] if model is not None else CLASSES[0]
     b = Batch(
-        class_name=class_name, n=n, guidance=guidance, steps=steps, seed=seed,
-        scheduler=scheduler, **({"model": model} if model is not None else {}), **extra,
-    )  # fmt: skip
+        class_name=class_name,
+        n=n,
+        guidance=guidance,
+        steps=steps,
+        seed=seed,
+        scheduler=scheduler,
+        **({"model": model} if model is not None else {}),
+        **extra,
+    )
     session.add(b)
     session.flush()
     return b
@@ -161,8 +175,13 @@ def add_image(
         from service.storage import get_storage
 
         get_storage().put_bytes(key, data, "image/png")
-    img = Image(batch=batch, class_name=class_name, index=index, storage_key=key,
-                sha256=hashlib.sha256(data).hexdigest())  # fmt: skip
+    img = Image(
+        batch=batch,
+        class_name=class_name,
+        index=index,
+        storage_key=key,
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
     session.add(img)
     session.flush()
     return img
@@ -172,8 +191,13 @@ def add_review_task(
     session: Session, project: ReviewProject, image: Image, **extra: Any
 ) -> ReviewTask:
     """``image`` as a task of the review ``project`` (its own opaque token, in image order)."""
-    task = ReviewTask(project=project, image=image, token=uuid.uuid4().hex,
-                      position=extra.pop("position", image.id), **extra)  # fmt: skip
+    task = ReviewTask(
+        project=project,
+        image=image,
+        token=uuid.uuid4().hex,
+        position=extra.pop("position", image.id),
+        **extra,
+    )
     session.add(task)
     session.flush()
     return task
@@ -192,8 +216,14 @@ def add_review(
     """A stored verdict on ``task``, as a Label Studio annotation brings it in; its overall
     choice follows ``plausible`` unless given."""
     extra.setdefault("overall", "plausible" if plausible else "implausible")
-    review = Review(task=task, ls_annotation_id=ls_annotation_id, reviewer=reviewer,
-                    plausible=plausible, criteria=criteria or {}, **extra)  # fmt: skip
+    review = Review(
+        task=task,
+        ls_annotation_id=ls_annotation_id,
+        reviewer=reviewer,
+        plausible=plausible,
+        criteria=criteria or {},
+        **extra,
+    )
     session.add(review)
     session.flush()
     return review
@@ -266,12 +296,17 @@ def review_batches(session: Session, domain: str | None = "toy", images: int = 3
     """A dataset with a ready baseline and a ready prototype model, one batch of ``images``
     real PNGs each (class "a"), stored; returns the batch ids (baseline first)."""
     rng, ids = np.random.default_rng(len(domain or "")), []
-    ds = add_dataset(session, name=f"d-{domain}", root="/x", classes=["a", "b"],
-                     counts={"a": 3, "b": 3}, domain=domain)  # fmt: skip
+    ds = add_dataset(
+        session,
+        name=f"d-{domain}",
+        root="/x",
+        classes=["a", "b"],
+        counts={"a": 3, "b": 3},
+        domain=domain,
+    )
     for mode in ("baseline", "prototype"):
         m = add_model(session, ds, mode=mode)
-        b = add_batch(session, m, class_name="a", n=max(images, 1), guidance=2, steps=5,
-                      seed=None)  # fmt: skip
+        b = add_batch(session, m, class_name="a", n=max(images, 1), guidance=2, steps=5, seed=None)
         for i in range(images):
             add_image(session, b, index=i, data=sampler_png(rng, mode, m.id), store=True)
         ids.append(b.id)

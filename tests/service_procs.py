@@ -25,15 +25,34 @@ class Worker:
     ) -> None:
         self.log = log
         cmd = [
-            sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queues,
-            "--concurrency", "1", "--pool", "prefork", "-n", f"test-{uuid.uuid4().hex[:6]}@%h",
-            "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "-Q",
+            queues,
+            "--concurrency",
+            "1",
+            "--pool",
+            "prefork",
+            "-n",
+            f"test-{uuid.uuid4().hex[:6]}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ]
         full_env = {**os.environ, **env, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            cmd, env=full_env, cwd=REPO, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+            cmd,
+            env=full_env,
+            cwd=REPO,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
 
     def wait_ready(self, timeout: float = 120) -> None:
         def ready() -> bool:
@@ -61,10 +80,16 @@ class Worker:
                 self.kill(signal.SIGKILL)
 
 
-def wait_job(client: Any, job_id: int, *, until: tuple[str, ...] = ("succeeded", "failed",
-             "cancelled"), timeout: float = 300, worker: Worker | None = None,
-             predicate: Any = None,
-             headers: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def wait_job(
+    client: Any,
+    job_id: int,
+    *,
+    until: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+    timeout: float = 300,
+    worker: Worker | None = None,
+    predicate: Any = None,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Poll ``GET /jobs/{id}`` until its status is in ``until`` (and ``predicate`` holds).
     Reads need a key: ``headers``, else the client's own, else the test services' bootstrap
     admin key."""
@@ -95,8 +120,13 @@ def log_tail(log: Path, chars: int = 6000) -> str:
     return "\n".join(lines)[-chars:]
 
 
-def wait_serving(fn: Callable[[], Any], timeout: float, what: str | Callable[[], str], log: Path,
-                 proc: subprocess.Popen | None = None) -> Any:  # fmt: skip
+def wait_serving(
+    fn: Callable[[], Any],
+    timeout: float,
+    what: str | Callable[[], str],
+    log: Path,
+    proc: subprocess.Popen | None = None,
+) -> Any:
     """``wait_until`` for a server started by the test: ``fn`` may meet a server that is not
     listening yet; a server that exits ends the wait at once; a timeout shows its log."""
 
@@ -107,9 +137,14 @@ def wait_serving(fn: Callable[[], Any], timeout: float, what: str | Callable[[],
 
     import httpx
 
-    return wait_until(check, timeout=timeout, interval=0.5, what=what,
-                      ignore=(httpx.TransportError,),
-                      details=lambda: f"log:\n{log_tail(log)}")  # fmt: skip
+    return wait_until(
+        check,
+        timeout=timeout,
+        interval=0.5,
+        what=what,
+        ignore=(httpx.TransportError,),
+        details=lambda: f"log:\n{log_tail(log)}",
+    )
 
 
 def free_port() -> int:
@@ -127,12 +162,26 @@ class ApiServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
-               "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
         self.proc = subprocess.Popen(
-            cmd, env={**os.environ, **env}, cwd=REPO, stdout=log.open("ab"),
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            cmd,
+            env={**os.environ, **env},
+            cwd=REPO,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float = 60) -> None:
         import httpx
@@ -142,8 +191,13 @@ class ApiServer:
                 raise RuntimeError(f"API exited:\n{self.log.read_text()[-3000:]}")
             return httpx.get(self.url + "/health", timeout=2).status_code == 200
 
-        wait_until(up, timeout=timeout, what="API /health", ignore=(httpx.TransportError,),
-                   details=lambda: self.log.read_text()[-3000:])  # fmt: skip
+        wait_until(
+            up,
+            timeout=timeout,
+            what="API /health",
+            ignore=(httpx.TransportError,),
+            details=lambda: self.log.read_text()[-3000:],
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -253,15 +307,32 @@ class Serve:
         self.url = f"http://127.0.0.1:{self.port}"
         self.family: list[int] = []  # its processes when it was ready (killed by close())
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROTOMED_")}
-        env |= {"PROTOMED_ENCODER": "protomed-tiny-vit", "PROTOMED_ENCODER_WEIGHTS": "untrained",
-                "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
-                **extra}  # fmt: skip
-        cmd = [sys.executable, "-m", "protomed_cli", "serve", "--port", str(self.port),
-               "--data-root", str(folder / "data")]  # fmt: skip
+        env |= {
+            "PROTOMED_ENCODER": "protomed-tiny-vit",
+            "PROTOMED_ENCODER_WEIGHTS": "untrained",
+            "OMP_NUM_THREADS": "2",
+            "PYTHONPATH": str(REPO),
+            "PYTHONUNBUFFERED": "1",
+            **extra,
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "protomed_cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data-root",
+            str(folder / "data"),
+        ]
         self.proc = subprocess.Popen(
-            cmd, cwd=folder, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+            cmd,
+            cwd=folder,
+            env=env,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -280,8 +351,14 @@ class Serve:
             up = httpx.get(self.url + "/ready", timeout=5).status_code == 200
             return up and " ready." in self.text()
 
-        wait_until(ready, timeout=timeout, interval=0.5, what="serve /ready and worker ready",
-                   ignore=(httpx.TransportError,), details=self.tail)  # fmt: skip
+        wait_until(
+            ready,
+            timeout=timeout,
+            interval=0.5,
+            what="serve /ready and worker ready",
+            ignore=(httpx.TransportError,),
+            details=self.tail,
+        )
         self.family = descendants(self.proc.pid)
 
     def signal(self, sig: int, *, group: bool = False) -> None:
@@ -291,8 +368,9 @@ class Serve:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise TimeoutError(f"serve still running {timeout} s after the signal:\n"
-                               f"{self.tail()}") from None  # fmt: skip
+            raise TimeoutError(
+                f"serve still running {timeout} s after the signal:\n{self.tail()}"
+            ) from None
 
     def close(self) -> None:
         """Whatever the test did: nothing of this serve is left running."""
@@ -306,14 +384,27 @@ class Serve:
             self.proc.wait(timeout=30)
 
 
-def train_tiny(client: Any, headers: dict[str, str], dataset_id: int, worker: Worker, *,
-               mode: str = "prototype", n_heldout: int = 8) -> dict[str, Any]:  # fmt: skip
+def train_tiny(
+    client: Any,
+    headers: dict[str, str],
+    dataset_id: int,
+    worker: Worker,
+    *,
+    mode: str = "prototype",
+    n_heldout: int = 8,
+) -> dict[str, Any]:
     """A two-step cpu-small model of two toy classes (8 images each) trained by ``worker``
     through ``POST /jobs/train`` (its finished job): for tests that need a real checkpoint, not a
     good one."""
-    body = {"dataset_id": dataset_id, "mode": mode, "preset": "cpu-small",
-            "n_per_class": 8, "n_heldout": n_heldout, "classes": ["lymphocyte", "neutrophil"],
-            "overrides": {"max_steps": 2, "batch_size": 4}}  # fmt: skip
+    body = {
+        "dataset_id": dataset_id,
+        "mode": mode,
+        "preset": "cpu-small",
+        "n_per_class": 8,
+        "n_heldout": n_heldout,
+        "classes": ["lymphocyte", "neutrophil"],
+        "overrides": {"max_steps": 2, "batch_size": 4},
+    }
     r = client.post("/jobs/train", json=body, headers=headers)
     assert r.status_code == 202, r.text
     trained = wait_job(client, r.json()["jobs"][0]["id"], worker=worker, headers=headers)

@@ -112,8 +112,10 @@ def _generated(service: Service, **kw: Any) -> dict[str, Any]:
     r = service.client.post("/generate", headers=service.admin, **kw)
     assert r.status_code == 202, r.text
     out = r.json()
-    batch = {k: out["batch"][k] for k in ("class_name", "n", "guidance", "steps", "seed",
-                                          "scheduler", "model_id")}  # fmt: skip
+    batch = {
+        k: out["batch"][k]
+        for k in ("class_name", "n", "guidance", "steps", "seed", "scheduler", "model_id")
+    }
     return {"batch": batch, "source": out["guidance_source"], "kind": out["job"]["kind"]}
 
 
@@ -134,8 +136,10 @@ def test_generate_takes_a_body_or_the_same_query(service: Service) -> None:
         ({"class": "lymphocyte", "model_id": 4242}, 404, "no model with id 4242"),
         ({"class": "lymphocyte", "threshold": 0.5, "model_id": model}, 422, "filter=plausible"),
     ):
-        body, query = (service.client.post("/generate", headers=service.admin, **{k: bad})
-                       for k in ("json", "params"))  # fmt: skip
+        body, query = (
+            service.client.post("/generate", headers=service.admin, **{k: bad})
+            for k in ("json", "params")
+        )
         assert body.status_code == query.status_code == code, (bad, body.text, query.text)
         assert body.json() == query.json() and needle in body.text, (bad, body.text)
     # a malformed body is FastAPI's 422, naming the field

@@ -270,7 +270,7 @@ def _bad_uploads(toy: Path) -> list[tuple[str, bytes, int, list[str]]]:
         ("dupe", dupe_zip(), 422, ["duplicate"]),
         ("corrupt", corrupt_zip(), 422, ["corrupt zip archive", "CRC"]),
         ("truncated", zip_bytes({}, toy)[:-40], 422, ["not a zip archive"]),
-    ]  # fmt: skip
+    ]
 
 
 def test_upload_refused(service: Service, toy: Path) -> None:

@@ -17,8 +17,9 @@ CLASSES = ["basophil", "eosinophil", "lymphocyte"]
 
 
 def new_model(dataset_id: int, **extra: Any) -> int:
-    return create(add_model, dataset_id=dataset_id, checkpoint_path="models/x/checkpoint.pt",
-                  **extra)  # fmt: skip
+    return create(
+        add_model, dataset_id=dataset_id, checkpoint_path="models/x/checkpoint.pt", **extra
+    )
 
 
 def counts() -> dict[str, int]:
@@ -118,8 +119,14 @@ def test_reads_need_an_admin_or_viewer_key(service) -> None:
         return {"Authorization": f"Bearer {r.json()['key']}"}
 
     viewer, reviewer = make("viewer"), make("reviewer")
-    reads = ["/datasets", f"/datasets/{ds}", "/models", f"/models/{model}", "/jobs",
-             "/reports/plausibility"]  # fmt: skip
+    reads = [
+        "/datasets",
+        f"/datasets/{ds}",
+        "/models",
+        f"/models/{model}",
+        "/jobs",
+        "/reports/plausibility",
+    ]
     for url in reads:
         anonymous = service.client.get(url)
         assert anonymous.status_code == 401 and "API key is required" in anonymous.text, url
@@ -198,9 +205,10 @@ def test_generate_picks_latest_ready_model_and_validates(service) -> None:
 def test_cancel_queued_job_and_refuse_cancelling_twice(service) -> None:
     ds = create(add_dataset)
     r = service.client.post(
-        "/jobs/train", json={"dataset_id": ds, "mode": "baseline", "preset": "tiny"},
+        "/jobs/train",
+        json={"dataset_id": ds, "mode": "baseline", "preset": "tiny"},
         headers=service.admin,
-    )  # fmt: skip
+    )
     job = r.json()["jobs"][0]
     r = service.client.post(f"/jobs/{job['id']}/cancel", headers=service.admin)
     assert r.status_code == 200 and r.json()["status"] == "cancelled"

@@ -282,8 +282,14 @@ def test_webhook_while_label_studio_is_unreachable_queues_a_pull(hooked) -> None
     gone = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 999}, {"id": 999}]}
     r = hooked.client.post("/reviews/webhook", json=gone, headers=HOOK)
     assert r.status_code == 200, r.text
-    assert r.json() | {"detail": None} == {"action": "ANNOTATIONS_DELETED", "applied": 0,
-        "removed": 0, "ignored": 1, "queued": [], "detail": None}  # fmt: skip
+    assert r.json() | {"detail": None} == {
+        "action": "ANNOTATIONS_DELETED",
+        "applied": 0,
+        "removed": 0,
+        "ignored": 1,
+        "queued": [],
+        "detail": None,
+    }
     assert job_count() == 0
     forged = {"action": "ANNOTATION_UPDATED", "annotation": {"id": 5, "result": [], "task": 1000}}
     r = hooked.client.post("/reviews/webhook", json=forged, headers=HOOK)

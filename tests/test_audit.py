@@ -154,8 +154,9 @@ def test_pixel_only_audit_needs_no_encoder(split: DatasetSplit) -> None:
 def test_bad_inputs_are_clear_errors(split: DatasetSplit, tmp_path: Path) -> None:
     images, classes, _ = planted(split)
     with pytest.raises(ValueError, match="training split has"):
-        audit_images(images, ["basophil"] * len(images), split, None,
-                     AuditConfig(spaces=("pixel",)))  # fmt: skip
+        audit_images(
+            images, ["basophil"] * len(images), split, None, AuditConfig(spaces=("pixel",))
+        )
     small = images[:, :, :16, :16].contiguous()
     with pytest.raises(ValueError, match="model's image size"):
         audit_images(small, classes, split, None, AuditConfig(spaces=("pixel",)))

@@ -28,15 +28,43 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sampled batch folder with one training image planted in it (listed in its manifest)."""
     tmp = tmp_path_factory.mktemp("audit")
     data = write_toy_dataset(tmp / "data", n_per_class=14, size=32, seed=0)
-    r = invoke("prototypes", data, "--out", tmp / "cb", "--n-per-class", 8, "--heldout", 6,
-               "--epochs", 3, "--image-size", 32, "--classes", "lymphocyte,neutrophil",
-               *TINY_ENCODER)  # fmt: skip
+    r = invoke(
+        "prototypes",
+        data,
+        "--out",
+        tmp / "cb",
+        "--n-per-class",
+        8,
+        "--heldout",
+        6,
+        "--epochs",
+        3,
+        "--image-size",
+        32,
+        "--classes",
+        "lymphocyte,neutrophil",
+        *TINY_ENCODER,
+    )
     assert r.exit_code == 0, r.output
-    r = invoke("train", "--out", tmp / "run", "--mode", "prototype", "--codebook", tmp / "cb",
-               "--preset", "tiny", "--set", "max_steps=2", "--set", "batch_size=4")  # fmt: skip
+    r = invoke(
+        "train",
+        "--out",
+        tmp / "run",
+        "--mode",
+        "prototype",
+        "--codebook",
+        tmp / "cb",
+        "--preset",
+        "tiny",
+        "--set",
+        "max_steps=2",
+        "--set",
+        "batch_size=4",
+    )
     assert r.exit_code == 0, r.output
-    r = invoke("sample", tmp / "run", "--out", tmp / "batch", "-n", 3, "--steps", 2,
-               "--precision", "fp32")  # fmt: skip
+    r = invoke(
+        "sample", tmp / "run", "--out", tmp / "batch", "-n", 3, "--steps", 2, "--precision", "fp32"
+    )
     assert r.exit_code == 0, r.output
     book = json.loads((tmp / "cb" / "codebook.json").read_text())
     assert book["selection"]["n_heldout"] == 6

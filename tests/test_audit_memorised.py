@@ -39,9 +39,16 @@ def audit_after(split: DatasetSplit, run: Path, steps: int, resume: bool) -> Aud
     (SDE-DPM-Solver++ at 20 steps, guidance 2: the service's default sampler)."""
     cfg = make_config(
         "tiny",
-        {"mode": "baseline", "base_channels": 16, "dropout": 0.0, "flip": False,
-         "batch_size": len(split.train), "max_steps": steps, "checkpoint_every": 10**7},
-    )  # fmt: skip
+        {
+            "mode": "baseline",
+            "base_channels": 16,
+            "dropout": 0.0,
+            "flip": False,
+            "batch_size": len(split.train),
+            "max_steps": steps,
+            "checkpoint_every": 10**7,
+        },
+    )
     train(cfg, split.train, run, resume=run / "last.pt" if resume else None, show_progress=False)
     loaded = load_model(run)
     scfg = SampleConfig(scheduler="dpm++sde", steps=20, precision="fp32", seed=0)
@@ -52,8 +59,13 @@ def audit_after(split: DatasetSplit, run: Path, steps: int, resume: bool) -> Aud
 
 @pytest.fixture(scope="module")
 def reports(real_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, AuditReport]:
-    split = load_split(real_data / "cells64", n_per_class=N_TRAIN, n_heldout=N_HELDOUT,
-                       image_size=16, classes=CLASSES)  # fmt: skip
+    split = load_split(
+        real_data / "cells64",
+        n_per_class=N_TRAIN,
+        n_heldout=N_HELDOUT,
+        image_size=16,
+        classes=CLASSES,
+    )
     run = tmp_path_factory.mktemp("memorised") / "run"
     # one thread: float sums in another order could move a borderline sample across the
     # threshold, so the run is the same on every machine (and is what the docstrings measured)
@@ -65,8 +77,14 @@ def reports(real_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     finally:
         torch.set_num_threads(threads)
     for name, rep in (("control", control), ("memorised", memorised)):
-        print(name, rep.totals, [(c.class_name, c.n_flagged, c.dcr_ratio, c.calibration.thresholds)
-                                 for c in rep.per_class])  # fmt: skip
+        print(
+            name,
+            rep.totals,
+            [
+                (c.class_name, c.n_flagged, c.dcr_ratio, c.calibration.thresholds)
+                for c in rep.per_class
+            ],
+        )
     return {"control": control, "memorised": memorised}
 
 

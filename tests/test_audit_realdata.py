@@ -21,8 +21,9 @@ CLASSES = {"derm64": ["mel", "nv"], "cells64": ["lymphocyte", "neutrophil"]}
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", ["derm64", "cells64"])
 def test_planted_copies_among_real_images_are_flagged(name, real_data) -> None:
-    split = load_split(real_data / name, n_per_class=30, n_heldout=40, image_size=64,
-                       classes=CLASSES[name])  # fmt: skip
+    split = load_split(
+        real_data / name, n_per_class=30, n_heldout=40, image_size=64, classes=CLASSES[name]
+    )
     gen = torch.Generator().manual_seed(0)
     planted, classes, kinds = [], [], []
     for c, cls in enumerate(split.classes):
@@ -35,8 +36,10 @@ def test_planted_copies_among_real_images_are_flagged(name, real_data) -> None:
         kinds += ["exact"] * 4 + ["flip"] * 3 + ["noise"] * 3
     encoder = ClipEncoder(EncoderSpec(TINY_MODEL, None), device="cpu", allow_untrained=True)
     rep = audit_images(torch.cat(planted), classes, split, encoder, flips=True)
-    flags = {k: [a.flagged for a, kk in zip(rep.images, kinds, strict=True) if kk == k]
-             for k in ("exact", "flip", "noise")}  # fmt: skip
+    flags = {
+        k: [a.flagged for a, kk in zip(rep.images, kinds, strict=True) if kk == k]
+        for k in ("exact", "flip", "noise")
+    }
     assert all(flags["exact"]) and all(flags["flip"]), flags
     assert sum(flags["noise"]) >= 5, flags  # most of the 6 slightly perturbed copies
     expected = max(c.calibration.expected_false_flag_rate for c in rep.per_class)
@@ -44,5 +47,8 @@ def test_planted_copies_among_real_images_are_flagged(name, real_data) -> None:
     assert t.n_check == 40 and t.check_flagged <= binom.ppf(0.999, t.n_check, expected), t
     for c in rep.per_class:
         assert c.calibration.n_calibration == 20 and c.dcr_ratio["pixel"] < 1.0
-    print(name, {c.class_name: c.calibration.thresholds for c in rep.per_class},
-          f"check flagged {t.check_flagged}/{t.n_check}")  # fmt: skip
+    print(
+        name,
+        {c.class_name: c.calibration.thresholds for c in rep.per_class},
+        f"check flagged {t.check_flagged}/{t.n_check}",
+    )

@@ -123,8 +123,11 @@ def test_a_worker_audits_a_batch_with_a_planted_training_image(service: Service)
     try:
         worker.wait_ready()
         trained = train_tiny(service.client, admin, dataset_id, worker)
-        r = service.client.post("/generate", params={"class": "lymphocyte", "n": 3, "steps": 2,
-                                "model_id": trained["model_id"]}, headers=admin)  # fmt: skip
+        r = service.client.post(
+            "/generate",
+            params={"class": "lymphocyte", "n": 3, "steps": 2, "model_id": trained["model_id"]},
+            headers=admin,
+        )
         assert r.status_code == 202, r.text
         batch_id = r.json()["batch"]["id"]
         assert wait_job(service.client, r.json()["job"]["id"], worker=worker)["status"] == (
@@ -187,7 +190,8 @@ def test_a_worker_audits_a_batch_with_a_planted_training_image(service: Service)
     assert "untrained" in (card["training"]["encoder"] or "").lower()
     assert card["training"]["seconds"] > 0 and card["training_data"]["n_heldout"] == 8
     assert [(a["batch_id"], a["class_name"], a["n_images"]) for a in card["audits"]] == [
-        (batch_id, "lymphocyte", 4)]  # fmt: skip
+        (batch_id, "lymphocyte", 4)
+    ]
 
 
 def test_the_audit_page_in_a_real_browser(service: Service, tmp_path: Path) -> None:
@@ -216,16 +220,27 @@ def test_the_audit_page_in_a_real_browser(service: Service, tmp_path: Path) -> N
     pixels = np.concatenate([fresh, copies, copies[:1, :, ::-1]])  # + a flipped copy
     report = audit_images(
         torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2).contiguous(),
-        ["lymphocyte"] * len(pixels), split, None, AuditConfig(spaces=("pixel",)), flips=True,
-    )  # fmt: skip
+        ["lymphocyte"] * len(pixels),
+        split,
+        None,
+        AuditConfig(spaces=("pixel",)),
+        flips=True,
+    )
     with get_sessionmaker()() as s:
         ds = add_dataset(s, name="toy-audit", root=str(root), classes=classes)
         model = add_model(s, ds, checkpoint_path="models/x/checkpoint.pt")
         batch = add_batch(s, model, class_name="lymphocyte", n=len(pixels))
-        ids = [add_image(s, batch, index=i, data=png_bytes(p), store=True).id
-               for i, p in enumerate(pixels)]  # fmt: skip
-        job = Job(kind=JobKind.audit, model=model, status=JobStatus.succeeded,
-                  params={"batch_id": batch.id}, finished_at=utc_now())  # fmt: skip
+        ids = [
+            add_image(s, batch, index=i, data=png_bytes(p), store=True).id
+            for i, p in enumerate(pixels)
+        ]
+        job = Job(
+            kind=JobKind.audit,
+            model=model,
+            status=JobStatus.succeeded,
+            params={"batch_id": batch.id},
+            finished_at=utc_now(),
+        )
         s.add(job)
         s.flush()
         stored = store_audit(job.id, batch.id, report, split.train.images, ids, get_storage())

@@ -15,8 +15,12 @@ pytestmark = pytest.mark.slow  # benchmarks at a tiny size: not in the fast defa
 # Each run takes seconds to a minute here; the subprocess limit only catches a hang, under any
 # load (a loaded CI machine ran 20x slower than a quiet one), and stays below pytest's 900 s.
 HANG_GUARD_S = 840
-HEAD = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                      text=True).stdout.strip() or None  # fmt: skip
+HEAD = (
+    subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    or None
+)
 
 
 def assert_run_info(run: dict, module: str, *args: str) -> None:
@@ -33,17 +37,40 @@ def assert_run_info(run: dict, module: str, *args: str) -> None:
 
 def test_speed_harness_runs_both_models(tmp_path: Path) -> None:
     out = tmp_path / "speed.json"
-    cmd = [sys.executable, "-m", "bench.speed", "--presets", "tiny", "--repeats", "1",
-           "--sample-n", "2", "--steps", "2", "--train-steps", "1", "--no-memory",
-           "--threads", "2", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.speed",
+        "--presets",
+        "tiny",
+        "--repeats",
+        "1",
+        "--sample-n",
+        "2",
+        "--steps",
+        "2",
+        "--train-steps",
+        "1",
+        "--no-memory",
+        "--threads",
+        "2",
+        "--out",
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert_run_info(res["run"], "bench.speed", "--presets", "tiny")
     assert res["run"]["args"]["presets"] == ["tiny"] and res["run"]["args"]["train_steps"] == 1
     row = res["rows"][0]
-    for key in ("ours_train_img_s", "diffusers_train_img_s", "ours_sample_img_s",
-                "diffusers_sample_img_s", "train_ratio", "sample_ratio"):  # fmt: skip
+    for key in (
+        "ours_train_img_s",
+        "diffusers_train_img_s",
+        "ours_sample_img_s",
+        "diffusers_sample_img_s",
+        "train_ratio",
+        "sample_ratio",
+    ):
         assert row[key] > 0, key
     assert "ours/peer" in r.stdout
 
@@ -52,10 +79,29 @@ def test_speed_harness_runs_both_models_with_attention(tmp_path: Path) -> None:
     """The faithful ``paper`` layout (self-attention where [3] puts it) against diffusers'
     attention blocks, at the tiny size: both have attention at both sizes, parameters agree."""
     out = tmp_path / "speed.json"
-    cmd = [sys.executable, "-m", "bench.speed", "--presets", "tiny", "--repeats", "1",
-           "--sample-n", "2", "--steps", "2", "--train-steps", "1", "--threads", "2",
-           "--precisions", "fp32", "--set", "attention_resolutions=[16,8]",
-           "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.speed",
+        "--presets",
+        "tiny",
+        "--repeats",
+        "1",
+        "--sample-n",
+        "2",
+        "--steps",
+        "2",
+        "--train-steps",
+        "1",
+        "--threads",
+        "2",
+        "--precisions",
+        "fp32",
+        "--set",
+        "attention_resolutions=[16,8]",
+        "--out",
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr
     row = json.loads(out.read_text())["rows"][0]
@@ -84,8 +130,21 @@ def test_same_architecture_within_one_percent() -> None:
 
 def test_whole_command_benchmark_runs_both_commands(tmp_path: Path) -> None:
     out = tmp_path / "command.json"
-    cmd = [sys.executable, "-m", "bench.command", "--preset", "tiny", "--n", "2", "--steps", "2",
-           "--repeats", "1", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.command",
+        "--preset",
+        "tiny",
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
@@ -112,11 +171,23 @@ def test_profile_groups_the_time_of_both_models(tmp_path: Path) -> None:
 
 def test_gpu_script_runs_on_the_cpu_at_a_tiny_size(tmp_path: Path) -> None:
     """bench/gpu.sh is for a lent GPU; its CPU mode at the tiny preset keeps it from rotting."""
-    small = {"DEVICE": "cpu", "PRESETS": "tiny", "BATCHES": "2", "REPEATS": "1",
-             "TRAIN_STEPS": "1", "STEPS": "2"}  # fmt: skip
+    small = {
+        "DEVICE": "cpu",
+        "PRESETS": "tiny",
+        "BATCHES": "2",
+        "REPEATS": "1",
+        "TRAIN_STEPS": "1",
+        "STEPS": "2",
+    }
     env = {**os.environ, **small, "OUT": str(tmp_path), "PYTHON": sys.executable}
-    r = subprocess.run(["bash", "bench/gpu.sh"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=HANG_GUARD_S)  # fmt: skip
+    r = subprocess.run(
+        ["bash", "bench/gpu.sh"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads((tmp_path / "speed_gpu.json").read_text())
     assert_run_info(res["run"], "bench.speed", "--device", "cpu")
@@ -135,17 +206,43 @@ def test_solver_quality_compares_every_variant(tmp_path: Path) -> None:
     protomed = [sys.executable, "-m", "ml.cli"]
     for cmd in (
         ["toy", str(tmp_path / "toy"), "--n-per-class", "6", "--size", "16"],
-        ["train", "--mode", "baseline", "--data", str(tmp_path / "toy"), "--preset", "tiny",
-         "--set", "max_steps=2", "--out", str(tmp_path / "run")],
-    ):  # fmt: skip
+        [
+            "train",
+            "--mode",
+            "baseline",
+            "--data",
+            str(tmp_path / "toy"),
+            "--preset",
+            "tiny",
+            "--set",
+            "max_steps=2",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    ):
         r = subprocess.run([*protomed, *cmd], cwd=REPO, env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
     out = tmp_path / "q.json"
     r = subprocess.run(
-        [sys.executable, "-m", "bench.solver_quality", str(tmp_path / "run"), "--n", "2",
-         "--encoder", "protomed-tiny-vit", "--step-scale", "0.1", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bench.solver_quality",
+            str(tmp_path / "run"),
+            "--n",
+            "2",
+            "--encoder",
+            "protomed-tiny-vit",
+            "--step-scale",
+            "0.1",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert_run_info(res["run"], "bench.solver_quality", "--step-scale", "0.1")
@@ -169,8 +266,21 @@ def test_audit_planted_runs(tmp_path: Path) -> None:
 
 def test_audit_memorised_runs_at_a_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "memorised.json"
-    cmd = [sys.executable, "-m", "bench.audit_memorised", "--datasets", "toy", "--steps", "2,4",
-           "--samples-per-class", "3", "--heldout-per-class", "6", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.audit_memorised",
+        "--datasets",
+        "toy",
+        "--steps",
+        "2,4",
+        "--samples-per-class",
+        "3",
+        "--heldout-per-class",
+        "6",
+        "--out",
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
@@ -185,18 +295,59 @@ def test_replicated_real_comparison_runs_at_a_tiny_size(tmp_path: Path) -> None:
     generative seeds per mode with a checkpoint per candidate budget, the budget chosen on
     validation and the paired test summary over the seeds."""
     env = {**os.environ, "PROTOMED_NO_MALLOC_TUNING": "1"}
-    r = subprocess.run([sys.executable, "-m", "ml.cli", "toy", str(tmp_path / "data" / "toy"),
-                        "--n-per-class", "12", "--size", "16"], cwd=REPO, env=env,
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ml.cli",
+            "toy",
+            str(tmp_path / "data" / "toy"),
+            "--n-per-class",
+            "12",
+            "--size",
+            "16",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     out = tmp_path / "replicated.json"
-    cmd = [sys.executable, "-m", "bench.compare_real", "--data", str(tmp_path / "data"),
-           "--datasets", "toy", "--sizes", "5,3,3", "--budgets", "2,4", "--gen-seeds", "0,1",
-           "--clf-seeds", "0", "--preset", "tiny", "--epochs", "1",
-           "--clf-image-size", "16", "--sample-steps", "2", "--encoder", "protomed-tiny-vit",
-           "--threads", "1", "--out", str(tmp_path / "runs"), "--results", str(out)]  # fmt: skip
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=HANG_GUARD_S)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.compare_real",
+        "--data",
+        str(tmp_path / "data"),
+        "--datasets",
+        "toy",
+        "--sizes",
+        "5,3,3",
+        "--budgets",
+        "2,4",
+        "--gen-seeds",
+        "0,1",
+        "--clf-seeds",
+        "0",
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        "--clf-image-size",
+        "16",
+        "--sample-steps",
+        "2",
+        "--encoder",
+        "protomed-tiny-vit",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / "runs"),
+        "--results",
+        str(out),
+    ]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stdout + r.stderr
     full = json.loads(out.read_text())
     assert_run_info(full["run"], "bench.compare_real", "--budgets", "2,4")
@@ -223,12 +374,27 @@ def test_scorer_toy_runs_at_a_tiny_size(tmp_path: Path) -> None:
     so the scorer is refused (and says why) unless some cell came out right; either way the
     harness runs through and writes its JSON."""
     out = tmp_path / "scorer.json"
-    cmd = [sys.executable, "-m", "bench.scorer_toy", "--out", str(tmp_path / "run"), "--json",
-           str(out), "--steps", "2", "--pool", "6", "--n", "2", "--oversample", "2",
-           "--encoder", "protomed-tiny-vit"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.scorer_toy",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+        str(out),
+        "--steps",
+        "2",
+        "--pool",
+        "6",
+        "--n",
+        "2",
+        "--oversample",
+        "2",
+        "--encoder",
+        "protomed-tiny-vit",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S,
-                       env=env)  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert_run_info(result["run"], "bench.scorer_toy", "--steps", "2")
@@ -245,19 +411,63 @@ def test_ablation_runs_every_arm_at_a_tiny_size(tmp_path: Path) -> None:
     from ml.prototypes.cpl import Codebook
 
     env = {**os.environ, "PROTOMED_NO_MALLOC_TUNING": "1"}
-    r = subprocess.run([sys.executable, "-m", "ml.cli", "toy", str(tmp_path / "data" / "toy"),
-                        "--n-per-class", "12", "--size", "16"], cwd=REPO, env=env,
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ml.cli",
+            "toy",
+            str(tmp_path / "data" / "toy"),
+            "--n-per-class",
+            "12",
+            "--size",
+            "16",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     out, runs = tmp_path / "ablation.json", tmp_path / "runs"
-    cmd = [sys.executable, "-m", "bench.ablation", "--data", str(tmp_path / "data"),
-           "--datasets", "toy", "--sizes", "5,3,3", "--steps", "9", "--steps-for", "toy=2,4",
-           "--seeds", "0,1", "--preset", "tiny", "--set", '{"lr": 0.01}', "--epochs", "1",
-           "--clf-image-size", "16", "--sample-steps", "2", "--encoder-epochs", "2",
-           "--jobs", "2", "--out", str(runs), "--results", str(out),
-           "--plot", str(tmp_path / "ablation.png")]  # fmt: skip
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=HANG_GUARD_S)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.ablation",
+        "--data",
+        str(tmp_path / "data"),
+        "--datasets",
+        "toy",
+        "--sizes",
+        "5,3,3",
+        "--steps",
+        "9",
+        "--steps-for",
+        "toy=2,4",
+        "--seeds",
+        "0,1",
+        "--preset",
+        "tiny",
+        "--set",
+        '{"lr": 0.01}',
+        "--epochs",
+        "1",
+        "--clf-image-size",
+        "16",
+        "--sample-steps",
+        "2",
+        "--encoder-epochs",
+        "2",
+        "--jobs",
+        "2",
+        "--out",
+        str(runs),
+        "--results",
+        str(out),
+        "--plot",
+        str(tmp_path / "ablation.png"),
+    ]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(out.read_text())
     assert_run_info(res["run"], "bench.ablation", "--seeds", "0,1")
@@ -297,8 +507,7 @@ def test_ablation_runs_every_arm_at_a_tiny_size(tmp_path: Path) -> None:
     # a rerun with the same arguments reuses every finished run (nothing retrained)
     stamps = {p: p.stat().st_mtime_ns for p in (runs / "toy" / "runs").glob("*.json")}
     assert len(stamps) == 8
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=HANG_GUARD_S)  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stdout + r.stderr
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     again = json.loads(out.read_text())["datasets"]["toy"]["runs"]
@@ -308,9 +517,23 @@ def test_ablation_runs_every_arm_at_a_tiny_size(tmp_path: Path) -> None:
 def toy_data(tmp_path: Path, n_per_class: int = 12) -> Path:
     """``protomed toy`` under tmp_path/data/toy; returns tmp_path/data."""
     env = {**os.environ, "PROTOMED_NO_MALLOC_TUNING": "1"}
-    r = subprocess.run([sys.executable, "-m", "ml.cli", "toy", str(tmp_path / "data" / "toy"),
-                        "--n-per-class", str(n_per_class), "--size", "16"], cwd=REPO, env=env,
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ml.cli",
+            "toy",
+            str(tmp_path / "data" / "toy"),
+            "--n-per-class",
+            str(n_per_class),
+            "--size",
+            "16",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     return tmp_path / "data"
 
@@ -321,13 +544,31 @@ def test_prototype_probe_runs_at_a_toy_size(tmp_path: Path) -> None:
     from ml.data.toy import TOY_CLASSES
 
     out = tmp_path / "probe.json"
-    cmd = [sys.executable, "-m", "bench.prototype_probe", "--data", str(toy_data(tmp_path)),
-           "--datasets", "toy", "--encoder", "protomed-tiny-vit", "--untrained",
-           "--n-per-class", "8", "--heldout", "4", "--k", "1", "2",
-           "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.prototype_probe",
+        "--data",
+        str(toy_data(tmp_path)),
+        "--datasets",
+        "toy",
+        "--encoder",
+        "protomed-tiny-vit",
+        "--untrained",
+        "--n-per-class",
+        "8",
+        "--heldout",
+        "4",
+        "--k",
+        "1",
+        "2",
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=HANG_GUARD_S)  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(out.read_text())
     assert_run_info(res["run"], "bench.prototype_probe", "--datasets", "toy")
@@ -354,12 +595,30 @@ def test_review_toy_runs_at_a_toy_size(tmp_path: Path) -> None:
 
     url, token = ls_settings()
     out = tmp_path / "review"
-    cmd = [sys.executable, "-m", "bench.review_toy", "--ls-url", url, "--ls-token", token,
-           "--preset", "tiny", "--steps", "2", "--n-per-class", "6", "--n", "2",
-           "--sample-steps", "2", "--no-screenshots", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.review_toy",
+        "--ls-url",
+        url,
+        "--ls-token",
+        token,
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--n-per-class",
+        "6",
+        "--n",
+        "2",
+        "--sample-steps",
+        "2",
+        "--no-screenshots",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PROTOMED_NO_MALLOC_TUNING": "1"}
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=HANG_GUARD_S)  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stdout + r.stderr
     text = (out / "report.json").read_text()
     assert token not in text  # the run info hides the token
@@ -388,13 +647,34 @@ def test_sweep_toy_runs_at_a_toy_size(tmp_path: Path) -> None:
 
     url, token = ls_settings()
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "bench.sweep_toy", "--ls-url", url, "--ls-token", token,
-           "--preset", "tiny", "--steps", "2", "--n-per-class", "6",
-           "--classes", "lymphocyte,neutrophil", "--scales", "1,4", "--n", "2",
-           "--sample-steps", "2", "--no-screenshot", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.sweep_toy",
+        "--ls-url",
+        url,
+        "--ls-token",
+        token,
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--n-per-class",
+        "6",
+        "--classes",
+        "lymphocyte,neutrophil",
+        "--scales",
+        "1,4",
+        "--n",
+        "2",
+        "--sample-steps",
+        "2",
+        "--no-screenshot",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PROTOMED_NO_MALLOC_TUNING": "1"}
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=HANG_GUARD_S)  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stdout + r.stderr
     text = (out / "sweep.json").read_text()
     assert token not in text

@@ -30,13 +30,22 @@ IMAGES = 16  # per mode: a shuffle that keeps 16 of one mode together has odds 1
 REVIEWER_READS = {"/criteria", "/criteria/{domain}", "/reviews/projects"}
 OPEN = {"/health", "/ready", "/review-images/{token}"}
 # Headers a review image may carry: none of them describes the stored object.
-IMAGE_HEADERS = {"content-type", "content-length", "cache-control", "access-control-allow-origin",
-                 "x-content-type-options", "referrer-policy", "date", "server"}  # fmt: skip
+IMAGE_HEADERS = {
+    "content-type",
+    "content-length",
+    "cache-control",
+    "access-control-allow-origin",
+    "x-content-type-options",
+    "referrer-policy",
+    "date",
+    "server",
+}
 
 
 def key(service: Service, role: str) -> dict[str, str]:
-    r = service.client.post("/keys", json={"name": f"a {role}", "role": role},
-                            headers=service.admin)  # fmt: skip
+    r = service.client.post(
+        "/keys", json={"name": f"a {role}", "role": role}, headers=service.admin
+    )
     assert r.status_code == 201, r.text
     return {"Authorization": f"Bearer {r.json()['key']}"}
 
@@ -47,11 +56,16 @@ def tasks() -> list[dict[str, Any]]:
     with get_sessionmaker()() as s:
         rows = s.scalars(select(ReviewTask).order_by(ReviewTask.project_id, ReviewTask.position))
         return [
-            {"token": t.token, "project": t.project_id, "image": t.image_id,
-             "mode": str(t.image.batch.model.mode), "sha256": t.image.sha256,
-             "key": t.image.storage_key}
+            {
+                "token": t.token,
+                "project": t.project_id,
+                "image": t.image_id,
+                "mode": str(t.image.batch.model.mode),
+                "sha256": t.image.sha256,
+                "key": t.image.storage_key,
+            }
             for t in rows
-        ]  # fmt: skip
+        ]
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -61,10 +75,16 @@ def pixels(data: bytes) -> np.ndarray:
 def get_paths(service: Service, ids: dict[str, int]) -> list[str]:
     """Every GET route of the API (OpenAPI) and the dashboard, with real ids filled in."""
     paths = [p for p, ops in service.client.app.openapi()["paths"].items() if "get" in ops]
-    paths += ["/ui", "/ui/models/{model_id}", "/ui/batches/{batch_id}",
-              "/ui/reports/plausibility", "/ui/reports/evaluation",
-              "/ui/batches/{batch_id}/audit", "/ui/sweeps/{sweep_id}",
-              "/ui/scorers/{scorer_id}"]  # fmt: skip
+    paths += [
+        "/ui",
+        "/ui/models/{model_id}",
+        "/ui/batches/{batch_id}",
+        "/ui/reports/plausibility",
+        "/ui/reports/evaluation",
+        "/ui/batches/{batch_id}/audit",
+        "/ui/sweeps/{sweep_id}",
+        "/ui/scorers/{scorer_id}",
+    ]
     return [re.sub(r"\{(\w+)\}", lambda m: str(ids.get(m.group(1), "toy")), p) for p in paths]
 
 
@@ -88,9 +108,15 @@ def test_a_reviewer_cannot_link_review_images_to_modes(study: Service) -> None:
     with get_sessionmaker()() as s:
         img = s.get(Image, first["image"])
         assert img is not None
-        ids = {"batch_id": img.batch_id, "model_id": img.batch.model_id, "image_id": img.id,
-               "dataset_id": img.batch.model.dataset_id, "job_id": 1, "sweep_id": 1,
-               "scorer_id": 1}  # fmt: skip
+        ids = {
+            "batch_id": img.batch_id,
+            "model_id": img.batch.model_id,
+            "image_id": img.id,
+            "dataset_id": img.batch.model.dataset_id,
+            "job_id": 1,
+            "sweep_id": 1,
+            "scorer_id": 1,
+        }
 
     # What the admin side shows about batches, models, images, jobs and reports.
     shown = []
@@ -117,8 +143,9 @@ def test_a_reviewer_cannot_link_review_images_to_modes(study: Service) -> None:
             r = service.client.get(path, headers=who, follow_redirects=False)
             if path.split("?")[0] in OPEN or path.startswith("/review-images"):
                 continue
-            if who and any(re.fullmatch(re.sub(r"\{\w+\}", "[^/]+", p), path)
-                           for p in REVIEWER_READS):  # fmt: skip
+            if who and any(
+                re.fullmatch(re.sub(r"\{\w+\}", "[^/]+", p), path) for p in REVIEWER_READS
+            ):
                 assert r.status_code in (200, 404), (path, r.text[:200])
                 assert not re.search("baseline|prototype|sha256", r.text), path
                 continue
@@ -129,8 +156,9 @@ def test_a_reviewer_cannot_link_review_images_to_modes(study: Service) -> None:
             assert first["sha256"] not in r.text and "baseline" not in r.text
         for t in truth:  # ... also for the stored objects themselves
             assert service.client.get(f"/images/{t['image']}", headers=who).status_code in (
-                401, 403,
-            )  # fmt: skip
+                401,
+                403,
+            )
 
         # 2. The review images: same pixels, but nothing that matches the stored objects.
         for t in truth:
@@ -166,8 +194,9 @@ def test_review_images_differ_per_project(study: Service) -> None:
     and other bytes, so answers compared across projects cannot be joined by hash either."""
     service = study
     crits = [{"key": "shape", "label": "Shape"}]
-    r = service.client.post("/criteria/toy", json={"title": "Toy v2", "criteria": crits},
-                            headers=service.admin)  # fmt: skip
+    r = service.client.post(
+        "/criteria/toy", json={"title": "Toy v2", "criteria": crits}, headers=service.admin
+    )
     assert r.status_code == 201
     with get_sessionmaker()() as s:
         batch_ids = sorted({t.image.batch_id for t in s.scalars(select(ReviewTask))})

@@ -31,11 +31,14 @@ def test_uniform_guess_level_matches_independent_guessers_and_covers_them() -> N
     rng = np.random.default_rng(99)
     f1s = [
         precision_recall_fscore_support(
-            truth, rng.integers(0, 7, len(truth)), labels=list(range(7)), average="macro",
+            truth,
+            rng.integers(0, 7, len(truth)),
+            labels=list(range(7)),
+            average="macro",
             zero_division=0,
         )[2]
         for _ in range(400)
-    ]  # fmt: skip
+    ]
     u = levels.uniform
     assert u.f1 == pytest.approx(np.mean(f1s), abs=0.005)
     assert u.f1_low is not None and u.f1_high is not None and u.f1_low < u.f1 < u.f1_high
@@ -60,10 +63,21 @@ def test_chance_levels_refuse_a_test_set_without_two_classes() -> None:
 
 def test_tables_5_6_show_the_chance_rows_beside_the_sets() -> None:
     keys = ("precision", "recall", "f1", "accuracy")
-    entry = {"n_train": 8, "runs": [], "per_class_f1": {}, "mean": dict.fromkeys(keys, 0.5),
-             "std": dict.fromkeys(keys, 0.01)}  # fmt: skip
-    res = {"classes": ["a", "b"], "n_test": 40, "seeds": [0], "config": {},
-           "sets": {"real": entry}, "chance": chance_levels([20, 20]).model_dump()}  # fmt: skip
+    entry = {
+        "n_train": 8,
+        "runs": [],
+        "per_class_f1": {},
+        "mean": dict.fromkeys(keys, 0.5),
+        "std": dict.fromkeys(keys, 0.01),
+    }
+    res = {
+        "classes": ["a", "b"],
+        "n_test": 40,
+        "seeds": [0],
+        "config": {},
+        "sets": {"real": entry},
+        "chance": chance_levels([20, 20]).model_dump(),
+    }
     table = downstream_table(DownstreamResult.model_validate(res))
     labels = [row[0] for row in table.rows]
     assert labels[0] == "real"

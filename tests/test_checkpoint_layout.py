@@ -25,18 +25,38 @@ from ml.models.checkpoint import (
 from tests.test_train import losses_of, random_set
 
 # Format 1's top-level names in the order its UNet registered them.
-FORMAT1_TOP = ("null_embed", "class_embed", "cond_mlp", "conv_in", "down", "down_attn", "mid",
-               "mid_attn", "up", "up_attn", "norm_out", "conv_out")  # fmt: skip
+FORMAT1_TOP = (
+    "null_embed",
+    "class_embed",
+    "cond_mlp",
+    "conv_in",
+    "down",
+    "down_attn",
+    "mid",
+    "mid_attn",
+    "up",
+    "up_attn",
+    "norm_out",
+    "conv_out",
+)
 
 # tiny with attention at both sizes, module by module: format 1's name -> today's.
 TINY_ATTENTION_FORMAT1 = {
-    "down.0": "down.0.res.0", "down_attn.0": "down.0.attn.0", "down.1": "down.0.resample",
-    "down.2": "down.1.res.0", "down_attn.2": "down.1.attn.0",
-    "up.0": "up.0.res.0", "up_attn.0": "up.0.attn.0",
-    "up.1": "up.0.res.1", "up_attn.1": "up.0.attn.1", "up.2": "up.0.resample",
-    "up.3": "up.1.res.0", "up_attn.3": "up.1.attn.0",
-    "up.4": "up.1.res.1", "up_attn.4": "up.1.attn.1",
-}  # fmt: skip
+    "down.0": "down.0.res.0",
+    "down_attn.0": "down.0.attn.0",
+    "down.1": "down.0.resample",
+    "down.2": "down.1.res.0",
+    "down_attn.2": "down.1.attn.0",
+    "up.0": "up.0.res.0",
+    "up_attn.0": "up.0.attn.0",
+    "up.1": "up.0.res.1",
+    "up_attn.1": "up.0.attn.1",
+    "up.2": "up.0.resample",
+    "up.3": "up.1.res.0",
+    "up_attn.3": "up.1.attn.0",
+    "up.4": "up.1.res.1",
+    "up_attn.4": "up.1.attn.1",
+}
 
 
 def format1_names(names: list[str]) -> dict[str, str]:

@@ -16,8 +16,18 @@ from ml.data.toy import write_toy_dataset
 
 runner = CliRunner()
 TINY_ENCODER = ["--encoder", "protomed-tiny-vit", "--untrained", "--no-cache"]
-TINY_MODEL = ["--preset", "cpu-small", "--set", "base_channels=8", "--set", "norm_groups=4",
-              "--set", "max_steps=2", "--set", "batch_size=4"]  # fmt: skip
+TINY_MODEL = [
+    "--preset",
+    "cpu-small",
+    "--set",
+    "base_channels=8",
+    "--set",
+    "norm_groups=4",
+    "--set",
+    "max_steps=2",
+    "--set",
+    "batch_size=4",
+]
 
 
 def invoke(*args: str):
@@ -44,19 +54,24 @@ def test_help_says_what_each_command_does(command, phrase):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["train", "--out", "x", "--mode", "prototype", "--data", "/nonexistent"],
-         "prototype mode needs --codebook"),
-        (["train", "--out", "x", "--mode", "baseline", "--data", "/nonexistent"],
-         "/nonexistent"),
-        (["train", "--out", "x", "--mode", "baseline", "--data", ".", "--set", "epoch=3"],
-         "unknown field 'epoch'"),
+        (
+            ["train", "--out", "x", "--mode", "prototype", "--data", "/nonexistent"],
+            "prototype mode needs --codebook",
+        ),
+        (["train", "--out", "x", "--mode", "baseline", "--data", "/nonexistent"], "/nonexistent"),
+        (
+            ["train", "--out", "x", "--mode", "baseline", "--data", ".", "--set", "epoch=3"],
+            "unknown field 'epoch'",
+        ),
         (["sample", "/nonexistent.pt", "--out", "x"], "no checkpoint at /nonexistent.pt"),
         (["prototypes", "/nonexistent", "--out", "x", *TINY_ENCODER], "/nonexistent"),
-        (["prototypes", ".", "--out", "x", "--encoder", "no-such-model", "--untrained"],
-         "no-such-model"),
+        (
+            ["prototypes", ".", "--out", "x", "--encoder", "no-such-model", "--untrained"],
+            "no-such-model",
+        ),
         (["check", "/nonexistent"], "no folder /nonexistent"),
     ],
-)  # fmt: skip
+)
 def test_bad_arguments_get_one_line_errors(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a").mkdir()
@@ -113,14 +128,20 @@ def test_help_has_no_double_negatives_and_matches_the_defaults():
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["train", "--out", "x", "--mode", "sideways", "--data", "."],
-         "'sideways' is not one of 'prototype', 'baseline'"),
-        (["train", "--out", "x", "--mode", "baseline", "--preset", "huge", "--data", "."],
-         "'huge' is not one of 'paper', 'paper-legacy', 'cpu-small', 'tiny'"),
-        (["sample", "x.pt", "--out", "x", "--scheduler", "euler"],
-         "'euler' is not one of 'ddim', 'dpm++', 'dpm++sde'"),
+        (
+            ["train", "--out", "x", "--mode", "sideways", "--data", "."],
+            "'sideways' is not one of 'prototype', 'baseline'",
+        ),
+        (
+            ["train", "--out", "x", "--mode", "baseline", "--preset", "huge", "--data", "."],
+            "'huge' is not one of 'paper', 'paper-legacy', 'cpu-small', 'tiny'",
+        ),
+        (
+            ["sample", "x.pt", "--out", "x", "--scheduler", "euler"],
+            "'euler' is not one of 'ddim', 'dpm++', 'dpm++sde'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_value_outside_the_choices_names_them(args, message):
     result = runner.invoke(app, args, env={"COLUMNS": "400"})
     assert result.exit_code == 2 and "Traceback" not in result.output
@@ -137,8 +158,10 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     exe = Path(sys.executable).with_name("protomed")
     proc = subprocess.run(
         [str(exe), "sample", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: no checkpoint at")
     assert "Traceback" not in proc.stderr
@@ -150,10 +173,22 @@ def test_missing_clip_weights_are_a_one_line_error(tmp_path):
     exe = Path(sys.executable).with_name("protomed")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run(
-        [str(exe), "prototypes", str(data), "--out", str(tmp_path / "cb"), "--n-per-class", "2",
-         "--heldout", "0"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        [
+            str(exe),
+            "prototypes",
+            str(data),
+            "--out",
+            str(tmp_path / "cb"),
+            "--n-per-class",
+            "2",
+            "--heldout",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no local weights for ViT-L-14 'openai'")
@@ -163,8 +198,21 @@ def test_missing_clip_weights_are_a_one_line_error(tmp_path):
 
 def test_core_end_to_end_on_the_toy_domain(tmp_path):
     data = write_toy_dataset(tmp_path / "data", n_per_class=8, size=64, seed=0)
-    r = invoke("prototypes", data, "--out", tmp_path / "cb", "--n-per-class", 5, "--heldout", 3,
-               "--k", 2, "--epochs", 20, *TINY_ENCODER)  # fmt: skip
+    r = invoke(
+        "prototypes",
+        data,
+        "--out",
+        tmp_path / "cb",
+        "--n-per-class",
+        5,
+        "--heldout",
+        3,
+        "--k",
+        2,
+        "--epochs",
+        20,
+        *TINY_ENCODER,
+    )
     assert r.exit_code == 0, r.output
     book = json.loads((tmp_path / "cb" / "codebook.json").read_text())
     report = book["report"]
@@ -174,11 +222,29 @@ def test_core_end_to_end_on_the_toy_domain(tmp_path):
     assert 0.0 <= report["nearest_prototype_acc"] <= 1.0
 
     for mode in ("prototype", "baseline"):
-        r = invoke("train", "--out", tmp_path / mode, "--mode", mode,
-                   "--codebook", tmp_path / "cb", *TINY_MODEL)  # fmt: skip
+        r = invoke(
+            "train",
+            "--out",
+            tmp_path / mode,
+            "--mode",
+            mode,
+            "--codebook",
+            tmp_path / "cb",
+            *TINY_MODEL,
+        )
         assert r.exit_code == 0, r.output
-        r = invoke("sample", tmp_path / mode, "--out", tmp_path / f"s_{mode}", "-n", 2,
-                   "--steps", 3, "--grid", tmp_path / f"{mode}.png")  # fmt: skip
+        r = invoke(
+            "sample",
+            tmp_path / mode,
+            "--out",
+            tmp_path / f"s_{mode}",
+            "-n",
+            2,
+            "--steps",
+            3,
+            "--grid",
+            tmp_path / f"{mode}.png",
+        )
         assert r.exit_code == 0, r.output
         assert len(list((tmp_path / f"s_{mode}").glob("*/*.png"))) == 10
         assert (tmp_path / f"{mode}.png").stat().st_size > 0
@@ -220,8 +286,17 @@ def test_ml_does_not_import_the_web_stack():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-LEARNED_SMALL = ["--encoder", "learned", "--encoder-epochs", 3, "--encoder-size", 16,
-                 "--encoder-patience", 1, "--no-cache"]  # fmt: skip
+LEARNED_SMALL = [
+    "--encoder",
+    "learned",
+    "--encoder-epochs",
+    3,
+    "--encoder-size",
+    16,
+    "--encoder-patience",
+    1,
+    "--no-cache",
+]
 
 
 def test_prototypes_with_a_learned_encoder_then_its_space_is_refused_for_metrics(tmp_path):
@@ -230,21 +305,41 @@ def test_prototypes_with_a_learned_encoder_then_its_space_is_refused_for_metrics
     or evaluated in the same space (it favours prototype mode by construction)."""
     data = write_toy_dataset(tmp_path / "data", n_per_class=6, size=32, seed=0)
     cb = tmp_path / "cb"
-    r = invoke("prototypes", data, "--out", cb, "--n-per-class", 4, "--heldout", 2,
-               "--image-size", 32, *LEARNED_SMALL)  # fmt: skip
+    r = invoke(
+        "prototypes",
+        data,
+        "--out",
+        cb,
+        "--n-per-class",
+        4,
+        "--heldout",
+        2,
+        "--image-size",
+        32,
+        *LEARNED_SMALL,
+    )
     assert r.exit_code == 0, r.output
     book = json.loads((cb / "codebook.json").read_text())
     assert book["encoder"].startswith("learned:") and (cb / "encoder.safetensors").is_file()
     assert '"untrained_nearest_prototype_acc"' in r.output, "the report compares"
     training = json.loads((cb / "encoder.json").read_text())["training"]
     assert training["selected_on"] == "heldout (early stopping)", training
-    r = invoke("train", "--out", tmp_path / "m", "--mode", "prototype", "--codebook", cb,
-               *TINY_MODEL)  # fmt: skip
+    r = invoke(
+        "train", "--out", tmp_path / "m", "--mode", "prototype", "--codebook", cb, *TINY_MODEL
+    )
     assert r.exit_code == 0, r.output
     r = invoke("sample", tmp_path / "m", "--out", tmp_path / "s", "-n", 1, "--steps", 2)
     assert r.exit_code == 0, r.output
-    r = invoke("audit", tmp_path / "m", tmp_path / "s", "--encoder", "learned",
-               "--pretrained", cb, "--no-cache")  # fmt: skip
+    r = invoke(
+        "audit",
+        tmp_path / "m",
+        tmp_path / "s",
+        "--encoder",
+        "learned",
+        "--pretrained",
+        cb,
+        "--no-cache",
+    )
     assert r.exit_code == 2 and "favours prototype mode by construction" in r.output, r.output
     r = invoke("audit", tmp_path / "m", tmp_path / "s", "--encoder", "learned", "--no-cache")
     assert r.exit_code == 2 and "needs --pretrained DIR" in r.output, r.output
@@ -252,10 +347,10 @@ def test_prototypes_with_a_learned_encoder_then_its_space_is_refused_for_metrics
 
 def test_encoder_options_need_the_learned_encoder(tmp_path):
     data = write_toy_dataset(tmp_path / "data", n_per_class=2, size=16, seed=0)
-    r = invoke("prototypes", data, "--out", tmp_path / "cb", "--encoder-epochs", 3,
-               *TINY_ENCODER)  # fmt: skip
+    r = invoke("prototypes", data, "--out", tmp_path / "cb", "--encoder-epochs", 3, *TINY_ENCODER)
     assert r.exit_code == 2 and "need --encoder learned" in r.output, r.output
-    r = invoke("prototypes", data, "--out", tmp_path / "cb", "--head", "linear", "--encoder",
-               "learned")  # fmt: skip
+    r = invoke(
+        "prototypes", data, "--out", tmp_path / "cb", "--head", "linear", "--encoder", "learned"
+    )
     assert r.exit_code == 2 and "--head is for fixed CLIP embeddings" in r.output, r.output
     assert not (tmp_path / "cb").exists()

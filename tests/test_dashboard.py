@@ -77,11 +77,13 @@ EVAL_F1: dict[str, dict[str, list[float]]] = {
 }
 EVAL_MACRO: dict[str, dict[str, tuple[float, float]]] = {
     "real": {"precision": (0.8120, 0.0150), "recall": (0.8010, 0.0110), "f1": (0.8050, 0.0130)},
-    "baseline": {"precision": (0.5230, 0.0410), "recall": (0.5110, 0.0380),
-                 "f1": (0.4890, 0.0450)},
-    "prototype": {"precision": (0.7250, 0.0140), "recall": (0.7180, 0.0100),
-                  "f1": (0.7110, 0.0120)},
-}  # fmt: skip
+    "baseline": {"precision": (0.5230, 0.0410), "recall": (0.5110, 0.0380), "f1": (0.4890, 0.0450)},
+    "prototype": {
+        "precision": (0.7250, 0.0140),
+        "recall": (0.7180, 0.0100),
+        "f1": (0.7110, 0.0120),
+    },
+}
 UNTRAINED_ENCODER = "protomed-tiny-vit|untrained-seed0|gelu|float32"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 NASTY = "<script>alert('x')</script>"  # in names and errors: must come out escaped
@@ -112,8 +114,14 @@ def add_reviews(
         for n, (reviewer, ok) in enumerate(zip(REVIEWERS, verdicts, strict=True)):
             criteria = {"cell_size": "pass" if reviewer == "alice" else "na", "nc_ratio": "pass"}
             criteria["granules"] = "pass" if ok else "fail"
-            add_review(session, task, ls_annotation_id=image.id * 10 + n, reviewer=reviewer,
-                       plausible=bool(ok), criteria=criteria)  # fmt: skip
+            add_review(
+                session,
+                task,
+                ls_annotation_id=image.id * 10 + n,
+                reviewer=reviewer,
+                plausible=bool(ok),
+                criteria=criteria,
+            )
 
 
 def distance(fd: float | None, p: float, r: float, cons: float | None, n: int) -> dict:
@@ -126,12 +134,21 @@ def evaluation_result() -> dict:
     sets = {}
     for name, per_class in EVAL_F1.items():
         runs = [
-            {"seed": seed, "precision": 0.8, "recall": 0.8, "f1": 0.8, "accuracy": 0.8,
-             "per_class": {c: {"precision": f1[i], "recall": f1[i], "f1": f1[i], "support": 10}
-                           for c, f1 in per_class.items()},
-             "support": [10, 10], "confusion": [[8, 2], [2, 8]]}
+            {
+                "seed": seed,
+                "precision": 0.8,
+                "recall": 0.8,
+                "f1": 0.8,
+                "accuracy": 0.8,
+                "per_class": {
+                    c: {"precision": f1[i], "recall": f1[i], "f1": f1[i], "support": 10}
+                    for c, f1 in per_class.items()
+                },
+                "support": [10, 10],
+                "confusion": [[8, 2], [2, 8]],
+            }
             for i, seed in enumerate(EVAL_SEEDS)
-        ]  # fmt: skip
+        ]
         sets[name] = {
             "n_train": 80,
             "runs": runs,
@@ -155,35 +172,59 @@ def evaluation_result() -> dict:
         "n_train": dict.fromkeys(CLASSES, 40),
         "n_heldout": dict.fromkeys(CLASSES, 10),
         "encoder": UNTRAINED_ENCODER,
-        "config": {"n_per_class": None, "steps": 50, "guidance": 2.0, "seeds": EVAL_SEEDS,
-                   "downstream": {"backbone": "small", "epochs": 30}},
-        "models": {m: {"path": f"/runs/{m}", "step": 2000, "mode": m}
-                   for m in ("baseline", "prototype")},
-        "downstream": {"classes": list(CLASSES), "seeds": EVAL_SEEDS, "n_test": 20,
-                       "config": {"backbone": "small", "epochs": 30}, "sets": sets},
+        "config": {
+            "n_per_class": None,
+            "steps": 50,
+            "guidance": 2.0,
+            "seeds": EVAL_SEEDS,
+            "downstream": {"backbone": "small", "epochs": 30},
+        },
+        "models": {
+            m: {"path": f"/runs/{m}", "step": 2000, "mode": m} for m in ("baseline", "prototype")
+        },
+        "downstream": {
+            "classes": list(CLASSES),
+            "seeds": EVAL_SEEDS,
+            "n_test": 20,
+            "config": {"backbone": "small", "epochs": 30},
+            "sets": sets,
+        },
         "distribution": {
-            name: {"classes": list(CLASSES), "k": 3, "overall": overall[name],
-                   "per_class": dict(zip(CLASSES, per_class[name], strict=True))}
+            name: {
+                "classes": list(CLASSES),
+                "k": 3,
+                "overall": overall[name],
+                "per_class": dict(zip(CLASSES, per_class[name], strict=True)),
+            }
             for name in overall
         },
-        "toy_plausibility": {"real": {"lymphocyte": 0.95, "neutrophil": 0.9},
-                             "baseline": {"lymphocyte": 0.5, "neutrophil": 0.25},
-                             "prototype": {"lymphocyte": 0.875, "neutrophil": 0.75}},
+        "toy_plausibility": {
+            "real": {"lymphocyte": 0.95, "neutrophil": 0.9},
+            "baseline": {"lymphocyte": 0.5, "neutrophil": 0.25},
+            "prototype": {"lymphocyte": 0.875, "neutrophil": 0.75},
+        },
         "seconds": 754.3,
-    }  # fmt: skip
+    }
 
 
 def evaluate_job(dataset: Dataset, models: dict[str, Model], result: dict) -> Job:
     params = {
-        "dataset_id": dataset.id, "models": {m: models[m].id for m in models},
+        "dataset_id": dataset.id,
+        "models": {m: models[m].id for m in models},
         "batches": {"baseline": [], "prototype": []},
         "config": {"seeds": EVAL_SEEDS, "downstream": {"backbone": "small", "epochs": 30}},
-    }  # fmt: skip
+    }
     return Job(
-        kind=JobKind.evaluate, status=JobStatus.succeeded, model=models["prototype"],
-        params=params, result=result, progress=1.0, attempts=1, finished_at=utc_now(),
+        kind=JobKind.evaluate,
+        status=JobStatus.succeeded,
+        model=models["prototype"],
+        params=params,
+        result=result,
+        progress=1.0,
+        attempts=1,
+        finished_at=utc_now(),
         requested_by="admin (bootstrap)",
-    )  # fmt: skip
+    )
 
 
 def seed(session: Session) -> Seeded:
@@ -194,15 +235,23 @@ def seed(session: Session) -> Seeded:
     criteria_set = latest(session, "toy")
     assert criteria_set is not None
     project = ReviewProject(criteria_set=criteria_set, ls_project_id=LS_PROJECT)
-    dataset = add_dataset(session, name=f"toy {NASTY}", classes=CLASSES,
-                          counts=dict.fromkeys(CLASSES, 40), domain="toy")  # fmt: skip
+    dataset = add_dataset(
+        session,
+        name=f"toy {NASTY}",
+        classes=CLASSES,
+        counts=dict.fromkeys(CLASSES, 40),
+        domain="toy",
+    )
     rng = np.random.default_rng(0)
     models, batches, rows = {}, {}, {}
     for mode in ("baseline", "prototype"):
         model = add_model(
-            session, dataset, mode=mode, config={"mode": mode},
+            session,
+            dataset,
+            mode=mode,
+            config={"mode": mode},
             metrics={"steps": 2000, "final_loss": 0.0421 if mode == "baseline" else 0.0375},
-        )  # fmt: skip
+        )
         train = Job(kind=JobKind.train, model=model, status=JobStatus.succeeded, progress=1.0)
         session.add(train)
         for cls in CLASSES:
@@ -218,21 +267,36 @@ def seed(session: Session) -> Seeded:
             models[mode], batches[(mode, cls)] = model.id, batch.id
         rows[mode] = model
     running = Job(
-        kind=JobKind.review_sync, status=JobStatus.running, progress=0.25, eta_s=90.0,
-        attempts=1, started_at=utc_now(), requested_by="admin (bootstrap)",
-    )  # fmt: skip
+        kind=JobKind.review_sync,
+        status=JobStatus.running,
+        progress=0.25,
+        eta_s=90.0,
+        attempts=1,
+        started_at=utc_now(),
+        requested_by="admin (bootstrap)",
+    )
     failed = Job(
-        kind=JobKind.prototypes, status=JobStatus.failed, progress=0.1, attempts=2,
-        error=f"encoder crashed: {NASTY}", requested_by=f"ops {NASTY}",
-    )  # fmt: skip
+        kind=JobKind.prototypes,
+        status=JobStatus.failed,
+        progress=0.1,
+        attempts=2,
+        error=f"encoder crashed: {NASTY}",
+        requested_by=f"ops {NASTY}",
+    )
     means_only = copy.deepcopy(evaluation_result())
     means_only |= {"encoder": "ViT-L-14|openai|quickgelu|float16", "toy_plausibility": None}
     means_only |= {  # tested on an external folder (by the CLI: no registered dataset)
-        "test_set": {"source": "external", "name": "site-b", "path": "/data/site-b",
-                     "layout": "folder", "n_per_class": dict.fromkeys(CLASSES, 10), "total": 20,
-                     "ignored_classes": ["basophil"]},
+        "test_set": {
+            "source": "external",
+            "name": "site-b",
+            "path": "/data/site-b",
+            "layout": "folder",
+            "n_per_class": dict.fromkeys(CLASSES, 10),
+            "total": 20,
+            "ignored_classes": ["basophil"],
+        },
         "reference": "external test set site-b",
-    }  # fmt: skip
+    }
     for entry in means_only["downstream"]["sets"].values():
         entry["runs"] = []
     older = evaluate_job(dataset, rows, means_only)
@@ -364,10 +428,26 @@ def test_evaluation_page_shows_the_seeded_result(dash: Dash) -> None:
     assert f"Evaluation report · job #{job}" in text  # the newest finished one
     m = EVAL_MACRO
     assert row(["real", *(pm(*m["real"][k]) for k in ("precision", "recall", "f1")), "80"]) in text
-    assert row(["baseline", f"model #{base}", "52.30", "4.10", "51.10", "3.80", "48.90", "4.50",
-                "80"]) in text  # fmt: skip
-    assert row(["prototype", f"model #{proto}", "72.50", "1.40", "71.80", "1.00", "71.10",
-                "1.20", "80"]) in text  # fmt: skip
+    assert (
+        row(["baseline", f"model #{base}", "52.30", "4.10", "51.10", "3.80", "48.90", "4.50", "80"])
+        in text
+    )
+    assert (
+        row(
+            [
+                "prototype",
+                f"model #{proto}",
+                "72.50",
+                "1.40",
+                "71.80",
+                "1.00",
+                "71.10",
+                "1.20",
+                "80",
+            ]
+        )
+        in text
+    )
     assert text.index("real 81.20") < text.index("baseline model") < text.index("prototype model")
     assert "tested on the same 20 held-out real images" in text
     assert "as mean and sd over 3 seeds (0, 1, 2)" in text
@@ -426,10 +506,12 @@ def html_tables(page: str) -> dict[str, list[list[str]]]:
     found += re.findall(r'<details id="([\w-]+)">.*?<table>(.*?)</table>', page, re.S)
     cell = r"<t[hd][^>]*>(.*?)</t[hd]>"
     return {
-        key: [[text_of(c).strip() for c in re.findall(cell, row, re.S)]
-              for row in re.findall(r"<tr[^>]*>(.*?)</tr>", body, re.S)]
+        key: [
+            [text_of(c).strip() for c in re.findall(cell, row, re.S)]
+            for row in re.findall(r"<tr[^>]*>(.*?)</tr>", body, re.S)
+        ]
         for key, body in found
-    }  # fmt: skip
+    }
 
 
 def test_evaluation_tables_agree_in_text_csv_and_html(dash: Dash) -> None:
@@ -597,8 +679,10 @@ def test_in_a_real_browser(dash: Dash, tmp_path: Path) -> None:
             assert eta.inner_text() == "30 s"
             page.screenshot(path=shot_path(tmp_path, "dashboard_jobs.png"), full_page=True)
 
-            for url in (f"/ui/batches/{ids.batches[('baseline', 'lymphocyte')]}",
-                        f"/ui/models/{ids.models['prototype']}"):  # fmt: skip
+            for url in (
+                f"/ui/batches/{ids.batches[('baseline', 'lymphocyte')]}",
+                f"/ui/models/{ids.models['prototype']}",
+            ):
                 page.goto(server.url + url)
                 assert all_images_loaded(page), url  # /images read with the session cookie
             page.click("#logout")
@@ -616,18 +700,28 @@ def test_login_and_logout_refuse_posts_from_other_sites(service: Service) -> Non
     requesting site in Origin and Sec-Fetch-Site; this API's own form passes."""
     client = service.client
     own = "http://testserver"  # the test client's origin
-    for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"},
-                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
-                    {"Origin": own, "Sec-Fetch-Site": "cross-site"}):  # fmt: skip
-        r = client.post("/ui/login", data={"key": ADMIN_KEY}, headers=headers,
-                        follow_redirects=False)  # fmt: skip
+    for headers in (
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": own, "Sec-Fetch-Site": "cross-site"},
+    ):
+        r = client.post(
+            "/ui/login", data={"key": ADMIN_KEY}, headers=headers, follow_redirects=False
+        )
         assert r.status_code == 403 and "refused" in r.text, headers
         assert "set-cookie" not in r.headers and "protomed_session" not in client.cookies
-    r = client.post("/ui/login", data={"key": ADMIN_KEY}, follow_redirects=False,
-                    headers={"Origin": own, "Sec-Fetch-Site": "same-origin"})  # fmt: skip
+    r = client.post(
+        "/ui/login",
+        data={"key": ADMIN_KEY},
+        follow_redirects=False,
+        headers={"Origin": own, "Sec-Fetch-Site": "same-origin"},
+    )
     assert r.status_code == 303 and "protomed_session" in client.cookies
-    r = client.post("/ui/logout", headers={"Origin": "https://evil.example"},
-                    follow_redirects=False)  # fmt: skip
+    r = client.post(
+        "/ui/logout", headers={"Origin": "https://evil.example"}, follow_redirects=False
+    )
     assert r.status_code == 403
     assert client.get("/ui", follow_redirects=False).status_code == 200  # still logged in
 
@@ -654,8 +748,10 @@ def test_login_gives_a_session_cookie_not_the_key(service: Service) -> None:
         made = client.post("/keys", json={"name": role, "role": role}, headers=service.admin)
         return made.json()["key"], made.json()["id"]
 
-    for token, code, needle in [("pm_wrong", 401, "Unknown or revoked"),
-                                (key("reviewer")[0], 403, "reviewer key")]:  # fmt: skip
+    for token, code, needle in [
+        ("pm_wrong", 401, "Unknown or revoked"),
+        (key("reviewer")[0], 403, "reviewer key"),
+    ]:
         r = client.post("/ui/login", data={"key": token}, follow_redirects=False)
         assert r.status_code == code and needle in r.text and "set-cookie" not in r.headers
 
@@ -671,8 +767,9 @@ def test_login_gives_a_session_cookie_not_the_key(service: Service) -> None:
     assert client.post("/jobs/train", json={"dataset_id": 1}).status_code == 401  # writes don't
     for elsewhere in ("https://evil.example/", "//evil.example/ui", "/docs"):
         assert login(client, next_url="/ui").headers["location"] == "/ui"
-        r = client.post("/ui/login", data={"key": ADMIN_KEY, "next": elsewhere},
-                        follow_redirects=False)  # fmt: skip
+        r = client.post(
+            "/ui/login", data={"key": ADMIN_KEY, "next": elsewhere}, follow_redirects=False
+        )
         assert r.headers["location"] == "/ui"  # no open redirect
 
     token = client.cookies["protomed_session"]

@@ -114,9 +114,25 @@ def test_core_loader_takes_the_roots_as_a_parameter(tmp_path: Path) -> None:
 def test_cli_refuses_a_link_to_etc_passwd(tmp_path: Path) -> None:
     data = write_toy_dataset(tmp_path / "toy", n_per_class=2, size=16, seed=0)
     (data / TOY_CLASSES[0] / "passwd.png").symlink_to(PASSWD)
-    cmd = [sys.executable, "-m", "ml.cli", "prototypes", str(data), "--out", str(tmp_path / "cb"),
-           "--untrained", "--encoder", "protomed-tiny-vit", "--n-per-class", "1", "--heldout", "0",
-           "--image-size", "16", "--no-cache"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "ml.cli",
+        "prototypes",
+        str(data),
+        "--out",
+        str(tmp_path / "cb"),
+        "--untrained",
+        "--encoder",
+        "protomed-tiny-vit",
+        "--n-per-class",
+        "1",
+        "--heldout",
+        "0",
+        "--image-size",
+        "16",
+        "--no-cache",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
@@ -128,8 +144,14 @@ def test_job_fails_when_the_folder_gains_a_link_after_registration(service: Serv
     r = service.client.post("/datasets", json={"name": "t", "path": "toy"}, headers=service.admin)
     assert r.status_code == 201, r.text
     _link_passwd(service, toy)  # after registration: the worker must check again
-    body = {"dataset_id": r.json()["id"], "mode": "baseline", "preset": "tiny",
-            "n_per_class": 2, "n_heldout": 0, "overrides": {"max_steps": 1}}  # fmt: skip
+    body = {
+        "dataset_id": r.json()["id"],
+        "mode": "baseline",
+        "preset": "tiny",
+        "n_per_class": 2,
+        "n_heldout": 0,
+        "overrides": {"max_steps": 1},
+    }
     r = service.client.post("/jobs/train", json=body, headers=service.admin)
     assert r.status_code == 202, r.text
     job_id = r.json()["jobs"][0]["id"]
@@ -168,8 +190,9 @@ def test_job_fails_when_the_folder_gains_a_link_after_registration(service: Serv
 )
 def test_training_sizes_are_bounded(service: Service, extra: dict, needles: list[str]) -> None:
     toy = _toy(service)
-    r = service.client.post("/datasets", json={"name": "t", "path": toy.name},
-                            headers=service.admin)  # fmt: skip
+    r = service.client.post(
+        "/datasets", json={"name": "t", "path": toy.name}, headers=service.admin
+    )
     assert r.status_code == 201, r.text
     body = {"dataset_id": r.json()["id"], "mode": "both", "preset": "cpu-small", **extra}
     r = service.client.post("/jobs/train", json=body, headers=service.admin)
@@ -226,8 +249,9 @@ def test_unknown_domain_is_refused_listing_the_known_ones(service: Service) -> N
     r = upload(service, "up", data, domain="derm")
     assert r.status_code == 422 and "unknown review domain 'derm'" in r.text, r.text
     assert state(service) == before
-    ok = service.client.post("/datasets", json={**body, "domain": "dermatoscopy"},
-                             headers=service.admin)  # fmt: skip
+    ok = service.client.post(
+        "/datasets", json={**body, "domain": "dermatoscopy"}, headers=service.admin
+    )
     assert ok.status_code == 201, ok.text
 
 

@@ -73,9 +73,16 @@ def test_demo_runs_end_to_end_and_summarises(tmp_path, capsys):
 
 def test_demo_default_sampler_is_named_from_its_config(tmp_path):
     summary = run_demo(
-        tmp_path, steps=1, n_per_class=3, n_sample=1, heldout=2, encoder=TINY_MODEL,
-        overrides=TINY, say=lambda _: None, show_progress=False,
-    )  # fmt: skip
+        tmp_path,
+        steps=1,
+        n_per_class=3,
+        n_sample=1,
+        heldout=2,
+        encoder=TINY_MODEL,
+        overrides=TINY,
+        say=lambda _: None,
+        show_progress=False,
+    )
     used = json.loads((tmp_path / "samples_prototype" / "manifest.json").read_text())["sample"]
     assert f"({used['scheduler']}), {used['steps']} steps" in summary["text"]
     assert used["scheduler"] == "dpm++sde"
@@ -97,9 +104,16 @@ def test_demo_learns_its_encoder_by_default(tmp_path):
     images, saved beside the codebook, and the summary says so."""
     said: list[str] = []
     summary = run_demo(
-        tmp_path, steps=1, n_per_class=4, n_sample=1, heldout=2, overrides=TINY,
-        sample=SampleConfig(scheduler="ddim", steps=2), say=said.append, show_progress=False,
-    )  # fmt: skip
+        tmp_path,
+        steps=1,
+        n_per_class=4,
+        n_sample=1,
+        heldout=2,
+        overrides=TINY,
+        sample=SampleConfig(scheduler="ddim", steps=2),
+        say=said.append,
+        show_progress=False,
+    )
     assert summary["encoder"].startswith("learned:")
     assert (tmp_path / "codebook" / "encoder.safetensors").is_file()
     assert summary["prototypes"]["encoder_kind"] == "learned"

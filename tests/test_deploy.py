@@ -24,8 +24,16 @@ def compose() -> dict:
 
 def test_services_complete(compose: dict) -> None:
     services = compose["services"]
-    needed = {"postgres", "redis", "minio", "minio-init", "label-studio", "migrate", "api",
-              "worker"}  # fmt: skip
+    needed = {
+        "postgres",
+        "redis",
+        "minio",
+        "minio-init",
+        "label-studio",
+        "migrate",
+        "api",
+        "worker",
+    }
     assert needed <= set(services), needed - set(services)
     assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
     assert services["api"]["depends_on"]["migrate"]["condition"] == (
@@ -44,8 +52,13 @@ def test_environment_names_real_settings(compose: dict) -> None:
     assert used, "no PROTOMED_ settings in the compose file"
     unknown = used - fields - {"PROTOMED_DATA_HOST_DIR"}
     assert not unknown, f"compose sets variables no setting reads: {sorted(unknown)}"
-    for required in ("PROTOMED_DATABASE_URL", "PROTOMED_BROKER_URL", "PROTOMED_STORAGE_BACKEND",
-                     "PROTOMED_S3_BUCKET", "PROTOMED_ADMIN_KEY"):  # fmt: skip
+    for required in (
+        "PROTOMED_DATABASE_URL",
+        "PROTOMED_BROKER_URL",
+        "PROTOMED_STORAGE_BACKEND",
+        "PROTOMED_S3_BUCKET",
+        "PROTOMED_ADMIN_KEY",
+    ):
         assert required in used
 
 

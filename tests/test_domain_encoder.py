@@ -43,8 +43,12 @@ def one_thread():
 def _learn(toy, out, cfg=SMALL, **kw):
     return learn_prototypes(
         {"root": toy, "n_per_class": 6, "n_heldout": 4, "image_size": 32},
-        out, encoder_spec=EncoderSpec(LEARNED, None), cpl=CPLConfig(epochs=20), domain=cfg, **kw,
-    )  # fmt: skip
+        out,
+        encoder_spec=EncoderSpec(LEARNED, None),
+        cpl=CPLConfig(epochs=20),
+        domain=cfg,
+        **kw,
+    )
 
 
 def test_artifact_round_trips_bit_identically(toy, tmp_path, one_thread):
@@ -88,8 +92,12 @@ def test_training_is_deterministic_for_a_seed(toy, tmp_path, one_thread):
 def test_report_compares_with_the_untrained_network_and_a_probe(toy, tmp_path, one_thread):
     rep = _learn(toy, tmp_path / "cb").report.to_dict()
     assert rep["encoder_kind"] == LEARNED
-    for key in ("nearest_prototype_acc", "untrained_nearest_prototype_acc", "logreg_acc",
-                "untrained_logreg_acc"):  # fmt: skip
+    for key in (
+        "nearest_prototype_acc",
+        "untrained_nearest_prototype_acc",
+        "logreg_acc",
+        "untrained_logreg_acc",
+    ):
         assert 0.0 <= rep[key] <= 1.0, key
     assert rep["encoder_training"]["selected_on"] == "budget (last epoch)"
 
@@ -150,8 +158,13 @@ def test_evaluate_refuses_before_any_work(toy, tmp_path, one_thread):
 def test_train_rejects_labels_that_do_not_fit():
     images = torch.zeros(4, 3, 16, 16, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"k=2 .*b=1"):
-        train_domain_encoder(images, torch.tensor([0, 0, 0, 1]), ["a", "b"], CPLConfig(k=2),
-                             SMALL.model_copy(update={"batch_size": 2}))  # fmt: skip
+        train_domain_encoder(
+            images,
+            torch.tensor([0, 0, 0, 1]),
+            ["a", "b"],
+            CPLConfig(k=2),
+            SMALL.model_copy(update={"batch_size": 2}),
+        )
 
 
 @pytest.mark.realdata
@@ -163,13 +176,19 @@ def test_learned_encoder_beats_the_untrained_ones_on_cells64(real_data, tmp_path
     selection = {"root": real_data / "cells64", "n_per_class": 60, "n_heldout": 20, "seed": 0}
     cfg = DomainEncoderConfig(epochs=15)
     run = learn_prototypes(
-        selection, tmp_path / "learned", encoder_spec=EncoderSpec(LEARNED, None), cpl=CPLConfig(),
+        selection,
+        tmp_path / "learned",
+        encoder_spec=EncoderSpec(LEARNED, None),
+        cpl=CPLConfig(),
         domain=cfg,
-    )  # fmt: skip
+    )
     clip = learn_prototypes(
-        selection, tmp_path / "tiny", encoder_spec=EncoderSpec(TINY_MODEL, None), cpl=CPLConfig(),
+        selection,
+        tmp_path / "tiny",
+        encoder_spec=EncoderSpec(TINY_MODEL, None),
+        cpl=CPLConfig(),
         allow_untrained=True,
-    )  # fmt: skip
+    )
     rep = run.report
     assert rep.nearest_prototype_acc is not None and clip.report.nearest_prototype_acc is not None
     assert rep.untrained_nearest_prototype_acc is not None
@@ -193,8 +212,9 @@ def test_the_untrained_encoder_is_where_training_starts_and_saves_whole(toy, tmp
 
     split = load_split(toy, n_per_class=6, n_heldout=4, image_size=32)
     cpl = CPLConfig(epochs=20)
-    trained = train_domain_encoder(split.train.images, split.train.labels, split.classes, cpl,
-                                   SMALL)  # fmt: skip
+    trained = train_domain_encoder(
+        split.train.images, split.train.labels, split.classes, cpl, SMALL
+    )
     fresh = untrained_encoder(split.train.images, split.classes, cpl, SMALL)
     x = split.heldout.images
     assert torch.equal(fresh.encode(x), trained.untrained.encode(x))

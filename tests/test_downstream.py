@@ -201,11 +201,21 @@ def test_experiment_summary_and_tables():
 def test_tables_5_6_formats_percent():
     def entry(m: float, s: float) -> dict:
         keys = ("precision", "recall", "f1", "accuracy")
-        return {"n_train": 8, "runs": [], "per_class_f1": {}, "mean": dict.fromkeys(keys, m),
-                "std": dict.fromkeys(keys, s)}  # fmt: skip
+        return {
+            "n_train": 8,
+            "runs": [],
+            "per_class_f1": {},
+            "mean": dict.fromkeys(keys, m),
+            "std": dict.fromkeys(keys, s),
+        }
 
-    res = {"classes": CLASSES, "n_test": 40, "seeds": [0, 1, 2], "config": {},
-           "sets": {"prototype": entry(0.912, 0.0123), "real": entry(0.95, 0.0)}}  # fmt: skip
+    res = {
+        "classes": CLASSES,
+        "n_test": 40,
+        "seeds": [0, 1, 2],
+        "config": {},
+        "sets": {"prototype": entry(0.912, 0.0123), "real": entry(0.95, 0.0)},
+    }
     table = downstream_table(DownstreamResult.model_validate(res), "40 held-out real images")
     assert "40 held-out real images" in table.title and "3 seed(s)" in table.title
     assert table.rows[0][0] == "real"

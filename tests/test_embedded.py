@@ -26,15 +26,30 @@ REPO = Path(__file__).resolve().parents[1]
 def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> None:
     write_toy_dataset(tmp_path / "data" / "toy", n_per_class=6, size=32, seed=0)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROTOMED_")}
-    env |= {"PROTOMED_ENCODER": "protomed-tiny-vit", "PROTOMED_ENCODER_WEIGHTS": "untrained",
-            "OMP_NUM_THREADS": "2"}  # fmt: skip
+    env |= {
+        "PROTOMED_ENCODER": "protomed-tiny-vit",
+        "PROTOMED_ENCODER_WEIGHTS": "untrained",
+        "OMP_NUM_THREADS": "2",
+    }
     port, log = free_port(), tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "protomed_cli", "serve", "--port", str(port),
-           "--data-root", str(tmp_path / "data")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "protomed_cli",
+        "serve",
+        "--port",
+        str(port),
+        "--data-root",
+        str(tmp_path / "data"),
+    ]
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, stdout=log.open("wb"),
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        cmd,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO)},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, timeout=30) as http:
@@ -62,9 +77,13 @@ def test_serve_trains_and_generates_with_embedded_defaults(tmp_path: Path) -> No
             assert r.status_code == 201, r.text
             classes = r.json()["classes"]
             body = {
-                "dataset_id": r.json()["id"], "mode": "both", "preset": "cpu-small",
-                "n_per_class": 6, "n_heldout": 0, "overrides": {"max_steps": 3, "batch_size": 8},
-            }  # fmt: skip
+                "dataset_id": r.json()["id"],
+                "mode": "both",
+                "preset": "cpu-small",
+                "n_per_class": 6,
+                "n_heldout": 0,
+                "overrides": {"max_steps": 3, "batch_size": 8},
+            }
             jobs = http.post("/jobs/train", json=body, headers=auth).json()["jobs"]
 
             seen: dict[int, dict] = {}  # the last state of each job, shown if one never ends

@@ -107,13 +107,18 @@ def test_local_checkpoint_matches_source_model(tiny, tmp_path):
 def test_openai_tags_use_quick_gelu(tmp_path, monkeypatch):
     # resolved without building (no download): the tag's own config decides the activation
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    path = fake_hub_cache(tmp_path, "timm/vit_large_patch14_clip_224.openai",
-                          "open_clip_model.safetensors")  # fmt: skip
+    path = fake_hub_cache(
+        tmp_path, "timm/vit_large_patch14_clip_224.openai", "open_clip_model.safetensors"
+    )
     laion = "laion/CLIP-ViT-L-14-laion2B-s32B-b82K"
     fake_hub_cache(tmp_path, laion, "open_clip_pytorch_model.bin")  # the .bin when no safetensors
     found = _resolve_weights(EncoderSpec("ViT-L-14", "openai"))
-    assert (found.kind, found.identity, found.quick_gelu, found.path) == ("tag", "openai", True,
-                                                                           path)  # fmt: skip
+    assert (found.kind, found.identity, found.quick_gelu, found.path) == (
+        "tag",
+        "openai",
+        True,
+        path,
+    )
     found = _resolve_weights(EncoderSpec("ViT-L-14", "laion2b_s32b_b82k"))
     assert found.quick_gelu is False and found.path.name == "open_clip_pytorch_model.bin"
 

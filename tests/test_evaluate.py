@@ -28,20 +28,49 @@ def invoke(*args: object):
 
 def trained_pair(tmp: Path, heldout: int) -> Path:
     data = write_toy_dataset(tmp / "data", n_per_class=8, size=32, seed=0)
-    r = invoke("prototypes", data, "--out", tmp / "cb", "--n-per-class", 5, "--heldout", heldout,
-               "--epochs", 5, "--image-size", 32, *TINY_ENCODER)  # fmt: skip
+    r = invoke(
+        "prototypes",
+        data,
+        "--out",
+        tmp / "cb",
+        "--n-per-class",
+        5,
+        "--heldout",
+        heldout,
+        "--epochs",
+        5,
+        "--image-size",
+        32,
+        *TINY_ENCODER,
+    )
     assert r.exit_code == 0, r.output
     for mode in ("prototype", "baseline"):
-        r = invoke("train", "--out", tmp / mode, "--mode", mode, "--codebook", tmp / "cb",
-                   *TINY_MODEL)  # fmt: skip
+        r = invoke(
+            "train", "--out", tmp / mode, "--mode", mode, "--codebook", tmp / "cb", *TINY_MODEL
+        )
         assert r.exit_code == 0, r.output
     return tmp
 
 
 def evaluate_args(tmp: Path) -> list[object]:
-    return ["evaluate", "--baseline", tmp / "baseline", "--prototype", tmp / "prototype",
-            "--codebook", tmp / "cb", "--out", tmp / "eval.json", "--seeds", "0,1",
-            "--epochs", 2, "--steps", 3, *TINY_ENCODER]  # fmt: skip
+    return [
+        "evaluate",
+        "--baseline",
+        tmp / "baseline",
+        "--prototype",
+        tmp / "prototype",
+        "--codebook",
+        tmp / "cb",
+        "--out",
+        tmp / "eval.json",
+        "--seeds",
+        "0,1",
+        "--epochs",
+        2,
+        "--steps",
+        3,
+        *TINY_ENCODER,
+    ]
 
 
 @pytest.mark.slow
@@ -75,8 +104,12 @@ def test_evaluate_on_the_toy_domain(tmp_path: Path) -> None:
     assert tables_text(evaluation_tables(typed)) in r.output  # the printed table is the file's
     # what a user at the terminal needs: each stage as it starts, the feature space named with
     # its caveat, the chance levels beside the F1s, and no seed the classifiers did not use
-    for stage in ("generate baseline", "generate prototype", "embed real and synthetic images",
-                  "train classifiers (real, baseline, prototype x 2 seeds)"):  # fmt: skip
+    for stage in (
+        "generate baseline",
+        "generate prototype",
+        "embed real and synthetic images",
+        "train classifiers (real, baseline, prototype x 2 seeds)",
+    ):
         assert f"[evaluate] {stage} ..." in r.output, r.output
     assert "UNTRAINED protomed-tiny-vit space (random features" in r.output
     assert "CLIP space" not in r.output

@@ -42,10 +42,21 @@ def _reference_attention(block: AttnBlock, x: torch.Tensor) -> torch.Tensor:
         return x + block.proj(out.reshape(b, hh, ww, c).permute(0, 3, 1, 2))
     tokens = h.flatten(2).permute(2, 0, 1)  # (L, N, C), as nn.MultiheadAttention's functional
     out, _ = F.multi_head_attention_forward(
-        tokens, tokens, tokens, c, block.heads, block.qkv.weight.reshape(3 * c, c),
-        block.qkv.bias, None, None, False, 0.0, block.proj.weight.reshape(c, c),
-        block.proj.bias, need_weights=False,
-    )  # fmt: skip
+        tokens,
+        tokens,
+        tokens,
+        c,
+        block.heads,
+        block.qkv.weight.reshape(3 * c, c),
+        block.qkv.bias,
+        None,
+        None,
+        False,
+        0.0,
+        block.proj.weight.reshape(c, c),
+        block.proj.bias,
+        need_weights=False,
+    )
     return x + out.permute(1, 2, 0).reshape(b, c, hh, ww)
 
 

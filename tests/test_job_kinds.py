@@ -60,8 +60,10 @@ def _submit_one_of_each(svc: Service, monkeypatch: pytest.MonkeyPatch) -> None:
 
     with get_sessionmaker()() as session:
         base, proto = review_batches(session)
-    models = {m: svc.client.get(f"/batches/{b}", headers=svc.admin).json()["model_id"]
-              for m, b in (("baseline", base), ("prototype", proto))}  # fmt: skip
+    models = {
+        m: svc.client.get(f"/batches/{b}", headers=svc.admin).json()["model_id"]
+        for m, b in (("baseline", base), ("prototype", proto))
+    }
     post("/generate", params={"class": "a", "n": 2, "model_id": models["baseline"]})
     post("/jobs/evaluate", json={f"{m}_model_id": i for m, i in models.items()})
     post(f"/batches/{base}/audit")

@@ -34,10 +34,13 @@ def _toy_jobs(svc: Service, count: int, **overrides: object) -> list[int]:
     r = svc.client.post("/datasets", json={"name": "toy", "path": "toy"}, headers=svc.admin)
     assert r.status_code == 201, r.text
     body = {
-        "dataset_id": r.json()["id"], "mode": "baseline", "preset": "cpu-small",
-        "n_per_class": 8, "n_heldout": 0,
+        "dataset_id": r.json()["id"],
+        "mode": "baseline",
+        "preset": "cpu-small",
+        "n_per_class": 8,
+        "n_heldout": 0,
         "overrides": {"max_steps": 3, "batch_size": 4, **overrides},
-    }  # fmt: skip
+    }
     ids = []
     for _ in range(count):
         r = svc.client.post("/jobs/train", json=body, headers=svc.admin)
@@ -136,9 +139,10 @@ def test_progress_moves_through_every_stage(service: Service, monkeypatch) -> No
     seen.clear()
     classes = service.client.get("/datasets/1", headers=service.admin).json()["classes"]
     r = service.client.post(
-        "/generate", params={"class": classes[0], "n": 6, "steps": 4, "mode": "baseline"},
+        "/generate",
+        params={"class": classes[0], "n": 6, "steps": 4, "mode": "baseline"},
         headers=service.admin,
-    )  # fmt: skip
+    )
     assert r.status_code == 202, r.text
     sample_job = r.json()["job"]["id"]
     assert run_job(sample_job, "sample", "test@host:1") == "succeeded", _job(service, sample_job)

@@ -25,9 +25,13 @@ def test_training_with_the_learned_encoder_needs_no_clip_weights(service: Servic
     monkeypatch.setenv("PROTOMED_ENCODER_WEIGHTS", "openai")
     get_settings.cache_clear()
     body = {
-        "dataset_id": r.json()["id"], "mode": "prototype", "preset": "cpu-small",
-        "n_per_class": 6, "n_heldout": 2, "overrides": {"max_steps": 2, "batch_size": 4},
-    }  # fmt: skip
+        "dataset_id": r.json()["id"],
+        "mode": "prototype",
+        "preset": "cpu-small",
+        "n_per_class": 6,
+        "n_heldout": 2,
+        "overrides": {"max_steps": 2, "batch_size": 4},
+    }
     r = service.client.post("/jobs/train", json=body, headers=service.admin)
     assert r.status_code == 422 and "PROTOMED_ENCODER_WEIGHTS" in r.json()["detail"], r.text
 

@@ -73,8 +73,7 @@ def test_a_sampling_run_that_lost_its_job_stores_no_images(svc: Service, checkpo
     storage.put_bytes("models/lost/checkpoint.pt", checkpoint.read_bytes())
     with get_sessionmaker()() as session:
         ds = add_dataset(session, classes=["c0", "c1", "c2"])
-        model = add_model(session, ds, mode="baseline",
-                          checkpoint_path="models/lost/checkpoint.pt")  # fmt: skip
+        model = add_model(session, ds, mode="baseline", checkpoint_path="models/lost/checkpoint.pt")
         batch = add_batch(session, model, n=2, steps=2)
         job = Job(kind=JobKind.sample, params=SamplePayload(batch_id=batch.id).model_dump())
         session.add(job)

@@ -26,8 +26,21 @@ from service.db.models import Base, Dataset, Job, JobKind, JobStatus, Model, Mod
 from service.db.session import make_engine
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = {"datasets", "models", "jobs", "batches", "images", "api_keys", "criteria_sets", "scorers",
-          "review_projects", "review_tasks", "reviews", "ui_sessions", "sweeps"}  # fmt: skip
+TABLES = {
+    "datasets",
+    "models",
+    "jobs",
+    "batches",
+    "images",
+    "api_keys",
+    "criteria_sets",
+    "scorers",
+    "review_projects",
+    "review_tasks",
+    "reviews",
+    "ui_sessions",
+    "sweeps",
+}
 
 
 @pytest.fixture

@@ -57,9 +57,14 @@ def test_state_dict_layout_is_stable(preset: str, n_keys: int, digest: str) -> N
 @pytest.mark.parametrize("size,mults", [(16, (1, 2)), (32, (1, 2, 4))])
 def test_output_shape_matches_input(size, mults):
     model = UNet(
-        num_embeddings=4, class_dim=8, image_size=size, base_channels=8, channel_mults=mults,
-        num_res_blocks=2, norm_groups=4,
-    )  # fmt: skip
+        num_embeddings=4,
+        class_dim=8,
+        image_size=size,
+        base_channels=8,
+        channel_mults=mults,
+        num_res_blocks=2,
+        norm_groups=4,
+    )
     x = torch.randn(3, 3, size, size)
     out = model(x, torch.tensor([0, 10, 999]), torch.tensor([0, 3, NULL_LABEL]))
     assert out.shape == x.shape

@@ -41,15 +41,33 @@ def trained_model(dataset_id: int, verdicts: list[list[bool]]) -> int:
     start = utc_now() - timedelta(minutes=5)
 
     def build(session):  # type: ignore[no-untyped-def]
-        metrics = {"steps": 40, "final_loss": 0.0123, "encoder": ENCODER,
-                   "checkpoint_sha256": SHA, "prototypes": {"k": 2},
-                   "selection": {"n_per_class": 30, "n_heldout": 10, "seed": 3},
-                   "evaluations": [EVALUATION]}  # fmt: skip
-        model = add_model(session, dataset_id=dataset_id, mode="prototype", preset="cpu-small",
-                          config={"image_size": 32, "lr": 0.001}, metrics=metrics,
-                          classes=["lymphocyte", "neutrophil"])  # fmt: skip
-        session.add(Job(kind=JobKind.train, model=model, status=JobStatus.succeeded,
-                        started_at=start, finished_at=start + timedelta(seconds=90)))  # fmt: skip
+        metrics = {
+            "steps": 40,
+            "final_loss": 0.0123,
+            "encoder": ENCODER,
+            "checkpoint_sha256": SHA,
+            "prototypes": {"k": 2},
+            "selection": {"n_per_class": 30, "n_heldout": 10, "seed": 3},
+            "evaluations": [EVALUATION],
+        }
+        model = add_model(
+            session,
+            dataset_id=dataset_id,
+            mode="prototype",
+            preset="cpu-small",
+            config={"image_size": 32, "lr": 0.001},
+            metrics=metrics,
+            classes=["lymphocyte", "neutrophil"],
+        )
+        session.add(
+            Job(
+                kind=JobKind.train,
+                model=model,
+                status=JobStatus.succeeded,
+                started_at=start,
+                finished_at=start + timedelta(seconds=90),
+            )
+        )
         batch = add_batch(session, model, class_name="lymphocyte", n=max(1, len(verdicts)))
         from service.criteria import ensure_defaults, latest
         from service.reviews import project_for
@@ -59,9 +77,13 @@ def trained_model(dataset_id: int, verdicts: list[list[bool]]) -> int:
         for i, votes in enumerate(verdicts):
             task = add_review_task(session, project, add_image(session, batch, index=i))
             for r, ok in enumerate(votes):
-                add_review(session, task, ls_annotation_id=10_000 * model.id + 100 * i + r,
-                           reviewer=f"r{r}",
-                           plausible=ok)  # fmt: skip
+                add_review(
+                    session,
+                    task,
+                    ls_annotation_id=10_000 * model.id + 100 * i + r,
+                    reviewer=f"r{r}",
+                    plausible=ok,
+                )
         return model
 
     return create(build)
@@ -69,8 +91,10 @@ def trained_model(dataset_id: int, verdicts: list[list[bool]]) -> int:
 
 def test_a_dataset_licence_is_recorded_and_carried_into_the_card(service: Service) -> None:
     ds = register(service, "toy", LICENCE)
-    assert service.client.get(f"/datasets/{ds['id']}", headers=service.admin).json()[
-        "licence"] == LICENCE  # fmt: skip
+    assert (
+        service.client.get(f"/datasets/{ds['id']}", headers=service.admin).json()["licence"]
+        == LICENCE
+    )
     # 3 images; three reviewers agree on each: 2 of 3 plausible, counted per image
     model_id = trained_model(ds["id"], [[True] * 3, [True] * 3, [False] * 3])
     r = service.client.get(f"/models/{model_id}/card", headers=service.admin)
@@ -94,18 +118,28 @@ def test_a_dataset_licence_is_recorded_and_carried_into_the_card(service: Servic
     assert any("UNTRAINED" in limit for limit in card["limits"])
     assert "diagnosis" in " ".join(card["limits"]) and "synthetic" in card["intended_use"]
     assert card["guidance"] == {} and card["sweeps"] == []
-    put = service.client.put(f"/models/{model_id}/guidance", json={"defaults": {"lymphocyte": 3.5}},
-                             headers=service.admin)  # fmt: skip
+    put = service.client.put(
+        f"/models/{model_id}/guidance",
+        json={"defaults": {"lymphocyte": 3.5}},
+        headers=service.admin,
+    )
     assert put.status_code == 200, put.text
     card = service.client.get(f"/models/{model_id}/card", headers=service.admin).json()
     assert card["guidance"] == {"lymphocyte": 3.5}  # the scale /generate uses
 
     md = service.client.get(f"/models/{model_id}/card?format=markdown", headers=service.admin)
     assert md.status_code == 200 and md.headers["content-type"].startswith("text/markdown")
-    for needle in ("## Training data", f"- Licence: {LICENCE}", "## Expert plausibility",
-                   "| lymphocyte | 3 | 2 | 66.7% |", "## Limits", f"Checkpoint sha256: {SHA}",
-                   "- Per-class defaults: lymphocyte 3.5",
-                   "Training time: 1.5 min", "No audit yet"):  # fmt: skip
+    for needle in (
+        "## Training data",
+        f"- Licence: {LICENCE}",
+        "## Expert plausibility",
+        "| lymphocyte | 3 | 2 | 66.7% |",
+        "## Limits",
+        f"Checkpoint sha256: {SHA}",
+        "- Per-class defaults: lymphocyte 3.5",
+        "Training time: 1.5 min",
+        "No audit yet",
+    ):
         assert needle in md.text, needle
 
 
@@ -117,8 +151,9 @@ def test_no_licence_says_so_and_the_card_is_guarded(service: Service) -> None:
     assert "was not recorded" in card["licence_notice"] and card["plausibility"] == []
     r = service.client.get("/models/424242/card", headers=service.admin)
     assert r.status_code == 404 and "no model with id 424242" in r.text
-    made = service.client.post("/keys", json={"name": "rev", "role": "reviewer"},
-                               headers=service.admin)  # fmt: skip
+    made = service.client.post(
+        "/keys", json={"name": "rev", "role": "reviewer"}, headers=service.admin
+    )
     reviewer = {"Authorization": f"Bearer {made.json()['key']}"}
     assert service.client.get(f"/models/{model_id}/card", headers=reviewer).status_code == 403
     assert service.client.get(f"/models/{model_id}/card").status_code == 401
@@ -149,8 +184,9 @@ def test_cli_prints_the_card(service: Service) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"# Model card: protomed model {model_id} (prototype)")
     assert f"- Licence: {LICENCE}" in out.stdout and "| lymphocyte | 1 | 0 | 0.0% |" in out.stdout
-    as_json = subprocess.run([*cmd, str(model_id), "--format", "json"], env=env,
-                             capture_output=True, text=True)  # fmt: skip
+    as_json = subprocess.run(
+        [*cmd, str(model_id), "--format", "json"], env=env, capture_output=True, text=True
+    )
     assert json.loads(as_json.stdout)["training_data"]["licence"] == LICENCE
     missing = subprocess.run([*cmd, "424242"], env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.startswith("error: no model with id 424242")

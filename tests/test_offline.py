@@ -98,8 +98,19 @@ def test_the_guard_records_network_attempts(tmp_path: Path) -> None:
 
 
 def _prototypes(tmp: Path, data: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "protomed_cli", "prototypes", str(data), "--out", str(tmp / "cb"),
-           "--encoder", "ViT-L-14", "--pretrained", "openai"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "protomed_cli",
+        "prototypes",
+        str(data),
+        "--out",
+        str(tmp / "cb"),
+        "--encoder",
+        "ViT-L-14",
+        "--pretrained",
+        "openai",
+    ]
     return subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
 
 
@@ -139,8 +150,9 @@ def test_weights_are_found_without_torch(tmp_path: Path) -> None:
         "try:\n    w.find_weights('ViT-B-16', 'openai')\nexcept ValueError as e:\n    print(e)\n"
         "assert 'torch' not in sys.modules and 'open_clip' not in sys.modules, 'heavy import'\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       cwd=REPO, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     first, second = r.stdout.splitlines()[:2]
     assert first.startswith("tag ") and first.endswith("open_clip_model.safetensors")
@@ -174,13 +186,22 @@ def test_train_request_without_weights_is_422(service: Service, monkeypatch) -> 
     from service.config import get_settings
 
     get_settings.cache_clear()
-    body = {"dataset_id": r.json()["id"], "mode": "both", "preset": "tiny", "n_per_class": 2,
-            "n_heldout": 0}  # fmt: skip
+    body = {
+        "dataset_id": r.json()["id"],
+        "mode": "both",
+        "preset": "tiny",
+        "n_per_class": 2,
+        "n_heldout": 0,
+    }
     r = service.client.post("/jobs/train", json=body, headers=service.admin)
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
-    for needle in ("PROTOMED_ENCODER_WEIGHTS", "PROTOMED_ENCODER=ViT-L-14", "untrained",
-                   "hub cache"):  # fmt: skip
+    for needle in (
+        "PROTOMED_ENCODER_WEIGHTS",
+        "PROTOMED_ENCODER=ViT-L-14",
+        "untrained",
+        "hub cache",
+    ):
         assert needle in detail, detail
     assert service.client.get("/jobs", headers=service.admin).json() == []
     # the file open_clip would load, in the hub cache: accepted
@@ -202,10 +223,24 @@ def test_serve_defaults_train_offline_with_a_learned_encoder(tmp_path: Path) -> 
     write_toy_dataset(tmp_path / "data" / "toy", n_per_class=2, size=16, seed=0)
     env, net = offline_env(tmp_path)
     port, log = free_port(), tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "protomed_cli", "serve", "--port", str(port),
-           "--data-root", str(tmp_path / "data")]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "protomed_cli",
+        "serve",
+        "--port",
+        str(port),
+        "--data-root",
+        str(tmp_path / "data"),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             wait_serving(lambda: http.get("/ready").status_code == 200, 300, "not ready", log, proc)
@@ -217,8 +252,14 @@ def test_serve_defaults_train_offline_with_a_learned_encoder(tmp_path: Path) -> 
             auth = {"Authorization": f"Bearer {key}"}
             r = http.post("/datasets", json={"name": "toy", "path": "toy"}, headers=auth)
             assert r.status_code == 201, r.text
-            body = {"dataset_id": r.json()["id"], "mode": "prototype", "preset": "tiny",
-                    "n_per_class": 2, "n_heldout": 0, "overrides": {"max_steps": 1}}  # fmt: skip
+            body = {
+                "dataset_id": r.json()["id"],
+                "mode": "prototype",
+                "preset": "tiny",
+                "n_per_class": 2,
+                "n_heldout": 0,
+                "overrides": {"max_steps": 1},
+            }
             r = http.post("/jobs/train", json=body, headers=auth)
             assert r.status_code == 202, r.text
             job_id = r.json()["jobs"][0]["id"]

@@ -130,15 +130,18 @@ def test_spec_lists_public_interface() -> None:
     writes = [(m, p, op) for p, ops in paths.items() for m, op in ops.items() if m in WRITE_METHODS]
     # Label Studio's webhook proves itself with a shared secret header, not an API key.
     unsecured = [
-        f"{m.upper()} {p}" for m, p, op in writes
-        if not any(bearer & set(req) for req in op.get("security", []))
-        and p != "/reviews/webhook"
-    ]  # fmt: skip
+        f"{m.upper()} {p}"
+        for m, p, op in writes
+        if not any(bearer & set(req) for req in op.get("security", [])) and p != "/reviews/webhook"
+    ]
     assert not unsecured, f"write operations without the bearer scheme: {unsecured}"
     # Reads need a key too, but for liveness and review images (their token is the capability).
     open_reads = {"/health", "/ready", "/review-images/{token}"}
     unsecured_reads = [
-        p for p, ops in paths.items() if "get" in ops and p not in open_reads
+        p
+        for p, ops in paths.items()
+        if "get" in ops
+        and p not in open_reads
         and not any(bearer & set(req) for req in ops["get"].get("security", []))
-    ]  # fmt: skip
+    ]
     assert not unsecured_reads, f"reads without the bearer scheme: {unsecured_reads}"

@@ -55,10 +55,23 @@ def test_service_extra_resolves_without_torch(tmp_path: Path) -> None:
     installed: --dry-run, --ignore-installed so the shared environment does not hide anything)."""
     report = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
-         "--report", str(report), f"{REPO}[service]"],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "-q",
+            "--report",
+            str(report),
+            f"{REPO}[service]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     installed = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
     assert {"fastapi", "sqlalchemy", "celery", "protomed"} <= installed
@@ -102,8 +115,9 @@ def test_service_runs_without_the_ml_stack(tmp_path: Path) -> None:
         "print('ok')\n"
     )
     env = {**os.environ, "PROTOMED_DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO, env=env
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
@@ -113,14 +127,39 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     in the tree) can supply files the sources lack."""
     out = tmp_path_factory.mktemp("wheel")
     src = out / "src"
-    junk = shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__", "tests",
-                                  "bench", "docs", "runs", "storage", "work", "*.db")  # fmt: skip
+    junk = shutil.ignore_patterns(
+        ".*",
+        "build",
+        "dist",
+        "*.egg-info",
+        "__pycache__",
+        "tests",
+        "bench",
+        "docs",
+        "runs",
+        "storage",
+        "work",
+        "*.db",
+    )
     shutil.copytree(REPO, src, ignore=junk)
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         str(src), "-w", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=out,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(src),
+            "-w",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=out,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = out.glob("protomed-*.whl")
     return path
@@ -152,8 +191,14 @@ def test_migrate_works_from_the_installed_wheel(wheel: Path, tmp_path: Path) -> 
         "sys.argv = ['protomed', 'migrate']\n"
         f"cli.{attr}()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, cwd=run_dir, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=run_dir,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "database schema is up to date" in proc.stdout
     assert "Running upgrade" in proc.stderr  # Alembic says which revisions it applied

@@ -26,17 +26,43 @@ from tests.test_train import losses_of, random_set
 # A stored `protomed train --preset paper` config without the attention and schedule fields
 # (make_config("paper").model_dump(mode="json") without them, at paper-legacy's values).
 OLD_PAPER_ARGS = {
-    "preset": "paper", "mode": "prototype", "image_size": 64, "in_channels": 3,
-    "base_channels": 64, "channel_mults": [1, 2, 4, 8], "num_res_blocks": 2, "dropout": 0.1,
-    "norm_groups": 32, "class_dim": 768, "timesteps": 1000, "beta_schedule": "linear",
-    "p_uncond": 0.1, "lr": 0.0001, "weight_decay": 0.0, "batch_size": 16, "epochs": 1500,
-    "max_steps": None, "grad_clip": 1.0, "ema_decay": 0.9999, "precision": "auto", "flip": True,
-    "channels_last": None, "seed": 0, "checkpoint_every": 500,
-}  # fmt: skip
+    "preset": "paper",
+    "mode": "prototype",
+    "image_size": 64,
+    "in_channels": 3,
+    "base_channels": 64,
+    "channel_mults": [1, 2, 4, 8],
+    "num_res_blocks": 2,
+    "dropout": 0.1,
+    "norm_groups": 32,
+    "class_dim": 768,
+    "timesteps": 1000,
+    "beta_schedule": "linear",
+    "p_uncond": 0.1,
+    "lr": 0.0001,
+    "weight_decay": 0.0,
+    "batch_size": 16,
+    "epochs": 1500,
+    "max_steps": None,
+    "grad_clip": 1.0,
+    "ema_decay": 0.9999,
+    "precision": "auto",
+    "flip": True,
+    "channels_last": None,
+    "seed": 0,
+    "checkpoint_every": 500,
+}
 # fields OLD_PAPER_ARGS lacks: attention and rate schedule; min-SNR weighting (off: "none");
 # freeze_prototypes (True: the table frozen)
-NEW_FIELDS = ("attention_resolutions", "attention_heads", "lr_schedule", "lr_warmup",
-              "loss_weighting", "snr_gamma", "freeze_prototypes")  # fmt: skip
+NEW_FIELDS = (
+    "attention_resolutions",
+    "attention_heads",
+    "lr_schedule",
+    "lr_warmup",
+    "loss_weighting",
+    "snr_gamma",
+    "freeze_prototypes",
+)
 
 
 def _layout(model: torch.nn.Module) -> tuple[int, str]:
@@ -50,8 +76,12 @@ def test_paper_takes_table2_then_protodiffusion() -> None:
     # Table 2
     assert (cfg.image_size, cfg.base_channels, cfg.channel_mults) == (64, 64, (1, 2, 4, 8))
     assert (cfg.num_res_blocks, cfg.dropout, cfg.timesteps, cfg.lr, cfg.batch_size) == (
-        2, 0.1, 1000, 1e-4, 16,
-    )  # fmt: skip
+        2,
+        0.1,
+        1000,
+        1e-4,
+        16,
+    )
     # [3]: attention at every level (one head), AdamW(weight_decay=1e-4), warm-up over
     # epochs // 20 (a twentieth of the run) then cosine, no clipping, flips or EMA
     assert cfg.attention_resolutions == (64, 32, 16, 8) and cfg.attention_heads == 1
@@ -69,11 +99,14 @@ def test_paper_takes_table2_then_protodiffusion() -> None:
 def test_paper_legacy_is_paper_as_it_was() -> None:
     legacy = make_config("paper-legacy").model_dump(mode="json")
     assert {k: v for k, v in legacy.items() if k not in NEW_FIELDS} == {
-        **OLD_PAPER_ARGS, "preset": "paper-legacy",
-    }  # fmt: skip
+        **OLD_PAPER_ARGS,
+        "preset": "paper-legacy",
+    }
     assert (legacy["attention_resolutions"], legacy["lr_schedule"], legacy["lr_warmup"]) == (
-        [], "constant", 0.0,
-    )  # fmt: skip
+        [],
+        "constant",
+        0.0,
+    )
 
 
 def _protodiffusion_order(
@@ -250,8 +283,11 @@ def test_every_preset_builds_and_cpu_presets_stay_attention_free() -> None:
     for name in ("tiny", "cpu-small"):
         cfg = make_config(name)
         assert (cfg.weight_decay, cfg.grad_clip, cfg.flip, cfg.lr_schedule) == (
-            0.0, 1.0, True, "constant",
-        ), name  # fmt: skip
+            0.0,
+            1.0,
+            True,
+            "constant",
+        ), name
 
 
 def test_resuming_with_a_different_model_names_the_difference(tmp_path: Path) -> None:

@@ -206,9 +206,15 @@ def test_codebook_round_trip(tmp_path, head):
     cfg = CPLConfig(k=2, head=head, epochs=3)
     hashes = [f"h{i}" for i in range(len(y))]
     book, _ = fit_prototypes(
-        x, y, classes, cfg, heldout_emb=hx, heldout_labels=hy,
-        encoder_identity=IDENTITY, hashes=hashes,
-    )  # fmt: skip
+        x,
+        y,
+        classes,
+        cfg,
+        heldout_emb=hx,
+        heldout_labels=hy,
+        encoder_identity=IDENTITY,
+        hashes=hashes,
+    )
     book.selection = {"root": "/data/derm64", "n_per_class": 10, "seed": 0}
     out = book.save(tmp_path / "cb")
     assert sorted(p.name for p in out.iterdir()) == ["codebook.json", "codebook.safetensors"]

@@ -36,8 +36,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     loaded = load_model(out)
     for p in loaded.model.parameters():  # an untrained model draws near-constant images
         p.data.add_(0.05 * torch.randn_like(p))
-    torch.save({**torch.load(loaded.path, weights_only=False), "ema": None,
-                "model": loaded.model.state_dict()}, loaded.path)  # fmt: skip
+    torch.save(
+        {
+            **torch.load(loaded.path, weights_only=False),
+            "ema": None,
+            "model": loaded.model.state_dict(),
+        },
+        loaded.path,
+    )
     return out
 
 
@@ -58,7 +64,11 @@ def test_each_png_says_it_is_synthetic_and_regenerates_exactly(run: Path, tmp_pa
     assert record is not None
     assert (record.class_name, record.index, record.n, record.seed) == ("c1", 3, 5, 7)
     assert (record.scheduler, record.steps, record.guidance, record.mode) == (
-        "dpm++sde", 4, 2.0, "baseline")  # fmt: skip
+        "dpm++sde",
+        4,
+        2.0,
+        "baseline",
+    )
     assert record.checkpoint_sha256 == file_sha256(loaded.path)
     rows = list(csv.DictReader(res.manifest.read_text().splitlines()))
     assert {r["checkpoint_sha256"] for r in rows} == {record.checkpoint_sha256}

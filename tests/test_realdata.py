@@ -20,10 +20,16 @@ from ml.prototypes.encoder import TINY_MODEL, EncoderSpec
 EXPECTED = {
     "derm64": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"],
     "cells64": [
-        "basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil",
+        "basophil",
+        "eosinophil",
+        "erythroblast",
+        "ig",
+        "lymphocyte",
+        "monocyte",
+        "neutrophil",
         "platelet",
     ],
-}  # fmt: skip
+}
 
 
 @pytest.mark.realdata
@@ -76,9 +82,11 @@ def test_evaluate_on_an_external_set_of_unseen_real_images(real_data, tmp_path):
     classes = EXPECTED["cells64"]
     run = learn_prototypes(
         {"root": real_data / "cells64", "n_per_class": 12, "n_heldout": 3, "image_size": 64},
-        tmp_path / "cb", encoder_spec=EncoderSpec(TINY_MODEL, None), cpl=CPLConfig(epochs=5),
+        tmp_path / "cb",
+        encoder_spec=EncoderSpec(TINY_MODEL, None),
+        cpl=CPLConfig(epochs=5),
         allow_untrained=True,
-    )  # fmt: skip
+    )
     used = {str(p) for p in run.split.train.paths + run.split.heldout.paths}
     external = tmp_path / "external"
     per_class = 5
@@ -92,10 +100,16 @@ def test_evaluate_on_an_external_set_of_unseen_real_images(real_data, tmp_path):
     models = {}
     for mode in ("baseline", "prototype"):
         cfg = make_config("tiny", {**over, "mode": mode})
-        models[mode] = load_model(train_model(cfg, tmp_path / mode, codebook=book,
-                                              show_progress=False))  # fmt: skip
-    cfg = EvalConfig(n_per_class=2, steps=2, seeds=(0,), batch_size=16,
-                     downstream=DownstreamConfig(epochs=1, batch_size=32))  # fmt: skip
+        models[mode] = load_model(
+            train_model(cfg, tmp_path / mode, codebook=book, show_progress=False)
+        )
+    cfg = EvalConfig(
+        n_per_class=2,
+        steps=2,
+        seeds=(0,),
+        batch_size=16,
+        downstream=DownstreamConfig(epochs=1, batch_size=32),
+    )
     encoder = ClipEncoder(EncoderSpec(TINY_MODEL, None), allow_untrained=True)
     result = evaluate(models, encoder, cfg, codebook=book, test_data=external)
     test = result.test_set
@@ -103,7 +117,8 @@ def test_evaluate_on_an_external_set_of_unseen_real_images(real_data, tmp_path):
     assert test.n_per_class == dict.fromkeys(classes, per_class) and test.ignored_classes == []
     assert result.downstream.n_test == per_class * len(classes) == test.total
     assert result.n_heldout == dict.fromkeys(classes, 3)  # not what was tested on
-    assert all(sum(r.support) == test.total for s in result.downstream.sets.values()
-               for r in s.runs)  # fmt: skip
+    assert all(
+        sum(r.support) == test.total for s in result.downstream.sets.values() for r in s.runs
+    )
     assert result.distribution["real train"].overall.n_real == test.total
     assert result.distribution["real train"].overall.n_fake == 12 * len(classes)

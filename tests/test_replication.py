@@ -60,8 +60,18 @@ def _records() -> list[dict[str, object]]:
         for g in range(3):
             for c in range(3):
                 f1 = float(rng.uniform(0.1, 0.4))
-                out.append({"mode": mode, "gseed": g, "budget": 100, "split": "validation",
-                            "clf_seed": c, "precision": f1, "recall": f1, "f1": f1})  # fmt: skip
+                out.append(
+                    {
+                        "mode": mode,
+                        "gseed": g,
+                        "budget": 100,
+                        "split": "validation",
+                        "clf_seed": c,
+                        "precision": f1,
+                        "recall": f1,
+                        "f1": f1,
+                    }
+                )
     return out
 
 
@@ -91,10 +101,16 @@ def test_budget_follows_validation_even_where_test_ranks_otherwise() -> None:
     for mode in ("baseline", "prototype"):
         for g in range(3):
             for b in (300, 600):
-                rows.append({"mode": mode, "gseed": g, "budget": b, "split": "validation",
-                             "f1": val[b] + 0.01 * g})  # fmt: skip
-                rows.append({"mode": mode, "gseed": g, "budget": b, "split": "test",
-                             "f1": test[b]})  # fmt: skip
+                rows.append(
+                    {
+                        "mode": mode,
+                        "gseed": g,
+                        "budget": b,
+                        "split": "validation",
+                        "f1": val[b] + 0.01 * g,
+                    }
+                )
+                rows.append({"mode": mode, "gseed": g, "budget": b, "split": "test", "f1": test[b]})
     budget, score = choose_budget(rows)
     assert budget == 300
     assert score == pytest.approx({300: 0.31, 600: 0.26})
@@ -128,8 +144,9 @@ def test_split_three_gives_disjoint_parts_of_the_requested_sizes(tmp_path: Path)
     # class a: pairs, so a 7th test image splits a pair; its partner is withheld
     assert counts["a"] == {"test": 7, "trainval": 22, "withheld": 1}
     assert counts["b"] == {"test": 7, "trainval": 18, "withheld": 0}
-    split = load_split(tmp_path / "out" / "trainval", n_per_class=n_train, n_heldout=n_val,
-                       image_size=8)  # fmt: skip
+    split = load_split(
+        tmp_path / "out" / "trainval", n_per_class=n_train, n_heldout=n_val, image_size=8
+    )
     test = load_split(tmp_path / "out" / "test", image_size=8).train
     parts = {"train": split.train, "validation": split.heldout, "test": test}
     names = {k: {Path(p).name for p in v.paths} for k, v in parts.items()}

@@ -174,8 +174,13 @@ def test_mantel_haenszel_published_examples():
     # 3.9286, df = 1, p-value = 0.04747; common odds ratio 7, 95 percent CI 1.026713 47.725133"
     # (the values statsmodels' StratifiedTable tests record from R). The CMH statistic and the
     # odds ratio do not change when every table is transposed.
-    rabbits = [((0, 0), (6, 5)), ((3, 0), (3, 6)), ((6, 2), (0, 4)), ((5, 6), (1, 0)),
-               ((2, 5), (0, 0))]  # fmt: skip
+    rabbits = [
+        ((0, 0), (6, 5)),
+        ((3, 0), (3, 6)),
+        ((6, 2), (0, 4)),
+        ((5, 6), (1, 0)),
+        ((2, 5), (0, 0)),
+    ]
     got = mantel_haenszel(rabbits)
     assert got is not None
     assert got.statistic == pytest.approx(3.9286, abs=1e-4)
@@ -184,8 +189,13 @@ def test_mantel_haenszel_published_examples():
     assert got.odds_ratio_ci == pytest.approx((1.026713, 47.725133), abs=1e-5)
     # The second R reference of the same suite: X-squared = 11.8852, p = 0.0005658, common odds
     # ratio 3.5912, 95% CI 1.781135 7.240633.
-    second = [((20, 14), (10, 24)), ((15, 12), (3, 15)), ((3, 2), (3, 2)), ((12, 3), (7, 5)),
-              ((1, 0), (3, 2))]  # fmt: skip
+    second = [
+        ((20, 14), (10, 24)),
+        ((15, 12), (3, 15)),
+        ((3, 2), (3, 2)),
+        ((12, 3), (7, 5)),
+        ((1, 0), (3, 2)),
+    ]
     got = mantel_haenszel(second)
     assert got is not None
     assert (got.statistic, got.p_value) == pytest.approx((11.8852, 0.0005658), abs=1e-4)
@@ -425,8 +435,16 @@ def entry(
     incomplete: int = 0,
 ) -> dict:
     rate = plausible / images if images else None
-    return {"images": images, "reviews": reviews, "plausible": plausible, "ties": ties,
-            "rate": rate, "ci": ci, "kept_apart": kept_apart, "incomplete": incomplete}  # fmt: skip
+    return {
+        "images": images,
+        "reviews": reviews,
+        "plausible": plausible,
+        "ties": ties,
+        "rate": rate,
+        "ci": ci,
+        "kept_apart": kept_apart,
+        "incomplete": incomplete,
+    }
 
 
 # Counts of images: basophil 1/2 vs 1/2, neutrophil 0/2 vs 2/3, pooled 1/4 vs 3/5.
@@ -649,23 +667,35 @@ def test_report_macro_skips_classes_without_reviews():
     # (0.5 - 0.5), not 7/12 - 0.5 over different class sets; and it says so.
     close(
         report["average"]["macro_difference"],
-        {"value": 0.0, "baseline": 0.5, "prototype": 0.5, "classes": ["basophil"],
-         "left_out": ["neutrophil"]},
-    )  # fmt: skip
+        {
+            "value": 0.0,
+            "baseline": 0.5,
+            "prototype": 0.5,
+            "classes": ["basophil"],
+            "left_out": ["neutrophil"],
+        },
+    )
     rows = list(csv.reader(io.StringIO(report_csv(plausibility_report(js, MODELS, CRITERIA)))))
     assert rows[3] == ["average (macro)", "50.00", "58.33", "0.00", "", "", ""]
     assert rows[6] == [
-        "macro difference over classes", "basophil", "left out (not judged for both): neutrophil"
-    ]  # fmt: skip
+        "macro difference over classes",
+        "basophil",
+        "left out (not judged for both): neutrophil",
+    ]
     # No class judged for both: no macro difference, and the note says why; no stratified test.
     only_base = [x for x in JUDGEMENTS if x.model_id == 1 and x.class_name == "basophil"]
     only_proto = [x for x in JUDGEMENTS if x.model_id == 2 and x.class_name == "neutrophil"]
     apart = plausibility_report(only_base + only_proto, MODELS, CRITERIA)
     close(
         as_json(apart)["average"]["macro_difference"],
-        {"value": None, "baseline": None, "prototype": None, "classes": [],
-         "left_out": ["basophil", "neutrophil"]},
-    )  # fmt: skip
+        {
+            "value": None,
+            "baseline": None,
+            "prototype": None,
+            "classes": [],
+            "left_out": ["basophil", "neutrophil"],
+        },
+    )
     rows = list(csv.reader(io.StringIO(report_csv(apart))))
     assert rows[3] == ["average (macro)", "50.00", "66.67", "", "", "", ""]
     assert rows[5][:2] == ["macro difference over classes", "none"]
@@ -685,23 +715,47 @@ def test_report_csv_rows():
     holm_p = "p (Holm-adjusted over 2 classes)"
     assert rows == [
         ["class", "baseline #1 (%)", "prototype #1 (%)", "difference (pp)", "95% CI", "p", holm_p],
-        ["basophil", "50.00 (n=2; 4 reviews)", "50.00 (n=2; 4 reviews)", "0.00",
-         "[-57.3; 57.3]", "1.00", "1.00"],
-        ["neutrophil", "0.00 (n=2; 4 reviews)", "66.67 (n=3; 5 reviews)", "66.67",
-         "[-13.5; 93.9]", "0.40", "0.80"],
+        [
+            "basophil",
+            "50.00 (n=2; 4 reviews)",
+            "50.00 (n=2; 4 reviews)",
+            "0.00",
+            "[-57.3; 57.3]",
+            "1.00",
+            "1.00",
+        ],
+        [
+            "neutrophil",
+            "0.00 (n=2; 4 reviews)",
+            "66.67 (n=3; 5 reviews)",
+            "66.67",
+            "[-13.5; 93.9]",
+            "0.40",
+            "0.80",
+        ],
         ["average (macro)", "25.00", "58.33", "33.33", "", "", ""],
-        ["pooled", "25.00 (n=4; 8 reviews)", "60.00 (n=5; 9 reviews)", "35.00", "[-23.2; 69.9]",
-         "0.52", ""],
+        [
+            "pooled",
+            "25.00 (n=4; 8 reviews)",
+            "60.00 (n=5; 9 reviews)",
+            "35.00",
+            "[-23.2; 69.9]",
+            "0.52",
+            "",
+        ],
         ["pooled, stratified by class (Cochran-Mantel-Haenszel)", "", "", "", "", "0.72", ""],
         ["macro difference over classes", "basophil; neutrophil"],
         ["Mantel-Haenszel common odds ratio, prototype vs baseline: 4.20, 95% CI [0.24; 73.27]"],
-        ["n", "images; plausible iff more of the image's reviewers said plausible than not; a "
-         "tie counts as implausible"],
+        [
+            "n",
+            "images; plausible iff more of the image's reviewers said plausible than not; a "
+            "tie counts as implausible",
+        ],
         [],
         ["criterion", "baseline #1 fail %", "prototype #1 fail %"],
         ["Cell size", "50.00 (n=8)", "0.00 (n=7)"],
         ["Nucleus", "25.00 (n=8)", "22.22 (n=9)"],
-    ]  # fmt: skip
+    ]
 
 
 def test_report_csv_without_difference_and_empty_column():
@@ -710,8 +764,16 @@ def test_report_csv_without_difference_and_empty_column():
         csv.reader(io.StringIO(report_csv(plausibility_report(JUDGEMENTS, models, CRITERIA))))
     )
     assert rows[0][-1] == "p (Holm-adjusted over 0 classes)"
-    assert rows[1] == ["basophil", "50.00 (n=2; 4 reviews)", "50.00 (n=2; 4 reviews)",
-                       "n/a (n=0; 0 reviews)", "", "", "", ""]  # fmt: skip
+    assert rows[1] == [
+        "basophil",
+        "50.00 (n=2; 4 reviews)",
+        "50.00 (n=2; 4 reviews)",
+        "n/a (n=0; 0 reviews)",
+        "",
+        "",
+        "",
+        "",
+    ]
     assert rows[3] == ["average (macro)", "25.00", "58.33", "n/a", "", "", "", ""]
     assert rows[-1] == ["Nucleus", "25.00 (n=8)", "22.22 (n=9)", "n/a (n=0)"]
 
@@ -768,14 +830,18 @@ def test_majority_and_ties():
     # Three reviewers, one dissenting: the majority decides. Two reviewers split: a tie,
     # counted implausible (and counted as a tie).
     js = [
-        verdict(1, "basophil", 2, "ann", P, P), verdict(1, "basophil", 2, "bob", P, P),
+        verdict(1, "basophil", 2, "ann", P, P),
+        verdict(1, "basophil", 2, "bob", P, P),
         verdict(1, "basophil", 2, "cat", F, P),  # 2 of 3 plausible: plausible
-        verdict(2, "basophil", 2, "ann", F, P), verdict(2, "basophil", 2, "bob", F, P),
+        verdict(2, "basophil", 2, "ann", F, P),
+        verdict(2, "basophil", 2, "bob", F, P),
         verdict(2, "basophil", 2, "cat", P, P),  # 1 of 3: implausible
-        verdict(3, "basophil", 2, "ann", P, P), verdict(3, "basophil", 2, "bob", F, P),  # tie
+        verdict(3, "basophil", 2, "ann", P, P),
+        verdict(3, "basophil", 2, "bob", F, P),  # tie
         # a reviewer judging an image twice counts once, with the later verdict
-        verdict(4, "basophil", 2, "ann", F, P), verdict(4, "basophil", 2, "ann", P, P),
-    ]  # fmt: skip
+        verdict(4, "basophil", 2, "ann", F, P),
+        verdict(4, "basophil", 2, "ann", P, P),
+    ]
     got = plausibility_report(js, MODELS, CRITERIA).classes[0].models["2"]
     assert (got.images, got.reviews, got.plausible, got.ties) == (4, 10, 2, 1)
     assert got.rate == 0.5
@@ -787,8 +853,17 @@ def test_stratified_test_respects_the_classes():
     # difference (unstratified Fisher p < 0.001); stratified by class there is none (CMH: the
     # observed prototype counts equal their expectations, X^2 = 0, p = 1, common OR = 1).
     def cls(name: str, model: int, yes: int, n: int) -> list[Judgement]:
-        return [verdict(1000 * model + 100 * (name == "hard") + i, name, model, "ann",
-                        P if i < yes else F, P) for i in range(n)]  # fmt: skip
+        return [
+            verdict(
+                1000 * model + 100 * (name == "hard") + i,
+                name,
+                model,
+                "ann",
+                P if i < yes else F,
+                P,
+            )
+            for i in range(n)
+        ]
 
     js = cls("easy", 1, 9, 10) + cls("easy", 2, 36, 40) + cls("hard", 1, 4, 40)
     js += cls("hard", 2, 1, 10)
@@ -812,9 +887,18 @@ def test_openapi_publishes_the_report_schema():
     schemas = spec["components"]["schemas"]
     report = schemas[ref.rsplit("/", 1)[-1]]
     assert set(report["properties"]) >= {
-        "methods", "models", "baseline_id", "prototype_id", "classes", "average", "criteria",
-        "criteria_failure", "agreement", "kept_apart", "filters",
-    }  # fmt: skip
+        "methods",
+        "models",
+        "baseline_id",
+        "prototype_id",
+        "classes",
+        "average",
+        "criteria",
+        "criteria_failure",
+        "agreement",
+        "kept_apart",
+        "filters",
+    }
     assert set(schemas["ClassRow"]["properties"]) == {"class", "models", "difference", "criteria"}
     assert {
         "images",

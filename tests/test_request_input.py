@@ -77,13 +77,18 @@ def _strict_json(text: str) -> Any:
 
 def test_the_walk_sees_the_json_routes() -> None:
     seen = {(m, p) for m, p, _ in JSON_ROUTES}
-    for route in [("post", "/jobs/train"), ("post", "/keys"), ("post", "/reviews/webhook"),
-                  ("put", "/models/{model_id}/guidance")]:  # fmt: skip
+    for route in [
+        ("post", "/jobs/train"),
+        ("post", "/keys"),
+        ("post", "/reviews/webhook"),
+        ("put", "/models/{model_id}/guidance"),
+    ]:
         assert route in seen, f"{route} missing from {sorted(seen)}"
 
 
-@pytest.mark.parametrize(("method", "path", "fields"), JSON_ROUTES,
-                         ids=[f"{m} {p}" for m, p, _ in JSON_ROUTES])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "path", "fields"), JSON_ROUTES, ids=[f"{m} {p}" for m, p, _ in JSON_ROUTES]
+)
 def test_non_finite_numbers_are_refused_naming_the_field(
     svc: Service, method: str, path: str, fields: list[str]
 ) -> None:
@@ -160,8 +165,11 @@ def test_a_nan_in_a_validated_float_field_names_the_field(svc: Service) -> None:
 
 
 def _register(svc: Service, folder: str, **extra: Any) -> dict[str, Any]:
-    r = svc.client.post("/datasets", json={"name": folder.replace("/", "-"), "path": folder,
-                                           **extra}, headers=svc.admin)  # fmt: skip
+    r = svc.client.post(
+        "/datasets",
+        json={"name": folder.replace("/", "-"), "path": folder, **extra},
+        headers=svc.admin,
+    )
     assert r.status_code == 201, r.text
     return dict(r.json())
 
@@ -190,8 +198,7 @@ def test_training_more_images_than_the_dataset_holds_is_refused(
 ) -> None:
     write_toy_dataset(svc.data_root / "toy6", n_per_class=6, size=16, seed=0)
     ds = _register(svc, "toy6")
-    r = svc.client.post("/jobs/train", json={"dataset_id": ds["id"], **request_},
-                        headers=svc.admin)  # fmt: skip
+    r = svc.client.post("/jobs/train", json={"dataset_id": ds["id"], **request_}, headers=svc.admin)
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
     for needle in needles:
@@ -238,8 +245,9 @@ def test_an_nfd_class_folder_registers_as_nfc_and_is_read(svc: Service) -> None:
     assert ds["counts"][NFC] == 3
     # The worker reads the NFD folder under the NFC name (and an NFD request means the same).
     for asked in (NFC, NFD):
-        split = load_split(toy, n_per_class=2, n_heldout=1, image_size=16,
-                           classes=[asked, TOY_CLASSES[1]])  # fmt: skip
+        split = load_split(
+            toy, n_per_class=2, n_heldout=1, image_size=16, classes=[asked, TOY_CLASSES[1]]
+        )
         assert split.classes == sorted([NFC, TOY_CLASSES[1]])
         assert split.train.per_class_counts()[NFC] == 2
 
@@ -267,8 +275,9 @@ def test_generate_matches_an_nfd_class_name(svc: Service) -> None:
         model = add_model(session, add_dataset(session, classes=[NFC, "b"]))
         session.commit()
         model_id = model.id
-    r = svc.client.post("/generate", params={"class": NFD, "n": 1, "model_id": model_id},
-                        headers=svc.admin)  # fmt: skip
+    r = svc.client.post(
+        "/generate", params={"class": NFD, "n": 1, "model_id": model_id}, headers=svc.admin
+    )
     assert r.status_code == 202, r.text
     assert r.json()["batch"]["class_name"] == NFC
 

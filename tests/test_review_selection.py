@@ -80,8 +80,12 @@ def test_later_draws_take_earlier_uncertain_picks_but_never_twice() -> None:
     the earlier uncertain picks included (so the union of the draws stays a simple random
     sample of the batch); its uncertain picks come from images not in the project at all."""
     batch = batch_of(SCORES)
-    tasks = {100: task(ReviewSample.uncertain), 109: task(ReviewSample.uncertain),
-             103: task(ReviewSample.random), 101: task(ReviewSample.random)}  # fmt: skip
+    tasks = {
+        100: task(ReviewSample.uncertain),
+        109: task(ReviewSample.uncertain),
+        103: task(ReviewSample.random),
+        101: task(ReviewSample.random),
+    }
     seen: Counter[int] = Counter()
     for seed in range(400):
         got = choose(batch, tasks, Selection("uncertain", 4, 0.5), random.Random(seed))
@@ -126,8 +130,16 @@ def test_refusals() -> None:
 
 
 def judgement(image: int, model: int, reviewer: str, plausible: bool, sample: str) -> Judgement:
-    return Judgement(image, "a", model, "baseline" if model == 1 else "prototype", reviewer,
-                     plausible, {"size": "pass" if plausible else "fail"}, sample)  # fmt: skip
+    return Judgement(
+        image,
+        "a",
+        model,
+        "baseline" if model == 1 else "prototype",
+        reviewer,
+        plausible,
+        {"size": "pass" if plausible else "fail"},
+        sample,
+    )
 
 
 def test_report_leaves_the_uncertain_picks_out_of_every_number() -> None:
@@ -144,8 +156,10 @@ def test_report_leaves_the_uncertain_picks_out_of_every_number() -> None:
     # an image judged both as a random-sample image (one project) and as an uncertain pick
     # (another) counts once, as a random-sample image, and is not kept apart
     js += [judgement(12, 2, "bob", True, "uncertain")]
-    models = [{"id": 1, "mode": "baseline", "label": "b"}, {"id": 2, "mode": "prototype",
-              "label": "p"}]  # fmt: skip
+    models = [
+        {"id": 1, "mode": "baseline", "label": "b"},
+        {"id": 2, "mode": "prototype", "label": "p"},
+    ]
     rep = plausibility_report(js, models, [{"key": "size"}])
     base, proto = rep.classes[0].models["1"], rep.classes[0].models["2"]
     assert (base.images, base.plausible, base.rate, base.kept_apart) == (4, 3, 0.75, 3)
@@ -336,11 +350,19 @@ def test_report_rate_is_the_random_samples_exactly(reviews_on) -> None:
     assert rep["kept_apart"] == 8 and rep["agreement"]["items"] == 8
     assert rep["classes"][0]["difference"]["value"] == 1.0 - 0.75
     params = {"format": "csv"}
-    table = list(csv.reader(io.StringIO(
-        reviews_on.client.get("/reports/plausibility", params=params,
-                              headers=reviews_on.admin).text)))  # fmt: skip
-    assert table[1][1:3] == ["75.00 (n=4; 8 reviews; 4 kept apart)",
-                             "100.00 (n=4; 8 reviews; 4 kept apart)"]  # fmt: skip
+    table = list(
+        csv.reader(
+            io.StringIO(
+                reviews_on.client.get(
+                    "/reports/plausibility", params=params, headers=reviews_on.admin
+                ).text
+            )
+        )
+    )
+    assert table[1][1:3] == [
+        "75.00 (n=4; 8 reviews; 4 kept apart)",
+        "100.00 (n=4; 8 reviews; 4 kept apart)",
+    ]
     (line,) = [row for row in table if row and row[0] == "kept apart"]
     assert line[1].startswith("8 reviewed images kept apart")
     login(reviews_on.client)

@@ -98,8 +98,13 @@ def seed_batches(env: dict[str, str]) -> tuple[int, dict, dict]:
     rng = np.random.default_rng(0)
     batches, truth = {}, {}
     with service_context(env), get_sessionmaker()() as s:
-        ds = add_dataset(s, name=f"toy-{uuid.uuid4().hex[:8]}", classes=CLASSES,
-                         counts=dict.fromkeys(CLASSES, 6), domain="toy")  # fmt: skip
+        ds = add_dataset(
+            s,
+            name=f"toy-{uuid.uuid4().hex[:8]}",
+            classes=CLASSES,
+            counts=dict.fromkeys(CLASSES, 6),
+            domain="toy",
+        )
         for mode, right in (("baseline", 3), ("prototype", 5)):
             model = add_model(s, ds, mode=mode)
             for cls in CLASSES:
@@ -395,8 +400,13 @@ def stored_verdicts(base: Base) -> dict[int, tuple]:
 
 def flipped(result: list[dict]) -> list[dict]:
     """The opposite verdict: every criterion and the overall choice turned around."""
-    turn = {"pass": "fail", "fail": "pass", "na": "fail",
-            "plausible": "implausible", "implausible": "plausible"}  # fmt: skip
+    turn = {
+        "pass": "fail",
+        "fail": "pass",
+        "na": "fail",
+        "plausible": "implausible",
+        "implausible": "plausible",
+    }
     return [{**r, "value": {"choices": [turn[r["value"]["choices"][0]]]}} for r in result]
 
 
@@ -501,16 +511,22 @@ def test_missed_webhook_is_caught_by_the_pull(base: Base, fresh: Sent) -> None:
         base.ls.webhooks.update(h.id, url=h.url, is_active=True, actions=kept)
     try:
         task = fresh.tasks[0]
-        result, _ = checker_result(base.api.get(task["data"]["image"]).content,
-                                   task["data"]["expected_class"], lenient=False)  # fmt: skip
-        missed = base.ls.annotations.create(task["id"], result=result,
-                                            completed_by=base.reviewers[0])  # fmt: skip
+        result, _ = checker_result(
+            base.api.get(task["data"]["image"]).content,
+            task["data"]["expected_class"],
+            lenient=False,
+        )
+        missed = base.ls.annotations.create(
+            task["id"], result=result, completed_by=base.reviewers[0]
+        )
         # Label Studio sends its events in order: once the barrier's update (sent after the
         # new annotation) has landed, an event for the new annotation would have landed too
         ann = base.ls.annotations.get(barrier)
         base.ls.annotations.update(barrier, result=flipped(ann.result))
-        wait_until(lambda: stored_verdicts(base)[barrier] != barrier_before,
-                   what="the barrier's update stored")  # fmt: skip
+        wait_until(
+            lambda: stored_verdicts(base)[barrier] != barrier_before,
+            what="the barrier's update stored",
+        )
         assert missed.id not in stored_verdicts(base)
         assert reviews_of(base, fresh) == 1
     finally:
@@ -615,8 +631,12 @@ def test_uncertain_selection_reaches_label_studio_blinded(base: Base) -> None:
             )
     before = toy_project(base)
     known = {t["id"] for t in ls_tasks(base, before["ls_project_id"])} if before else set()
-    body = {"batch_ids": list(batches.values()), "select": "uncertain", "per_batch": 5,
-            "random_share": 0.4}  # fmt: skip
+    body = {
+        "batch_ids": list(batches.values()),
+        "select": "uncertain",
+        "per_batch": 5,
+        "random_share": 0.4,
+    }
     r = base.api.post("/reviews", json=body, headers=AUTH)
     assert r.status_code == 202, r.text
     assert r.json()["added"] == 20
@@ -642,9 +662,16 @@ def test_uncertain_selection_reaches_label_studio_blinded(base: Base) -> None:
     for batch in batches.values():  # the picks: closest to 0.5 among the images not drawn
         drawn = {i for _, sample, b, i, _ in rows if b == batch and sample == "random"}
         picks = {i for _, sample, b, i, _ in rows if b == batch and sample == "uncertain"}
-        rest = sorted((i for i in truth if i not in drawn and scores[i] is not None
-                       and _batch_of(truth, batches, i) == batch),
-                      key=lambda i: (abs(scores[i] - 0.5), i))  # fmt: skip
+        rest = sorted(
+            (
+                i
+                for i in truth
+                if i not in drawn
+                and scores[i] is not None
+                and _batch_of(truth, batches, i) == batch
+            ),
+            key=lambda i: (abs(scores[i] - 0.5), i),
+        )
         assert len(drawn) == 2 and picks == set(rest[:3]), (batch, drawn, picks)
     kinds = [ours[t["data"]["ref"]] for t in sorted(tasks, key=lambda t: t["id"])]
     assert Counter(kinds) == {"random": 8, "uncertain": 12}
@@ -678,10 +705,14 @@ def member(base: Base) -> Iterator[Member]:
     email, password = f"member-{uuid.uuid4().hex[:8]}@protomed.local", uuid.uuid4().hex
     with httpx.Client(base_url=url, timeout=30) as browser:
         browser.get("/user/signup/")
-        form = {"email": email, "password": password,
-                "csrfmiddlewaretoken": browser.cookies.get("csrftoken")}  # fmt: skip
-        r = browser.post(f"/user/signup/?token={invite}", data=form,
-                         headers={"Referer": f"{url}/user/signup/"})  # fmt: skip
+        form = {
+            "email": email,
+            "password": password,
+            "csrfmiddlewaretoken": browser.cookies.get("csrftoken"),
+        }
+        r = browser.post(
+            f"/user/signup/?token={invite}", data=form, headers={"Referer": f"{url}/user/signup/"}
+        )
         assert r.status_code == 302, r.text[-500:]
         mine = browser.get("/api/current-user/token").json()["token"]
         me = browser.get("/api/current-user/whoami").json()["id"]
@@ -721,9 +752,10 @@ def test_a_task_protomed_did_not_create_is_reported_not_adopted(
     target = fresh.tasks[0]
     forged = {
         "data": {**target["data"], "image": fresh.tasks[1]["data"]["image"]},
-        "annotations": [{"result": verdict_result(base, False), "completed_by": who}
-                        for who in base.reviewers],
-    }  # fmt: skip
+        "annotations": [
+            {"result": verdict_result(base, False), "completed_by": who} for who in base.reviewers
+        ],
+    }
     r = member.api.post(f"/api/projects/{ls_project}/import?return_task_ids=true", json=[forged])
     assert r.status_code == 201, r.text
     (forged_id,) = r.json()["task_ids"]
@@ -775,13 +807,17 @@ def test_verdicts_written_in_another_members_name_are_flagged(
     the token, whatever the request says). Such verdicts are flagged: counted in the report
     and the project, left out with ``flagged=exclude``."""
     first, second = fresh.tasks[0], fresh.tasks[1]
-    own = member.api.post(f"/api/tasks/{first['id']}/annotations/",
-                          json={"result": verdict_result(base, True)}).json()  # fmt: skip
+    own = member.api.post(
+        f"/api/tasks/{first['id']}/annotations/", json={"result": verdict_result(base, True)}
+    ).json()
     forged = member.api.post(
         f"/api/tasks/{second['id']}/annotations/",
-        json={"result": verdict_result(base, False), "completed_by": base.reviewers[0],
-              "updated_by": base.reviewers[0]},
-    ).json()  # fmt: skip
+        json={
+            "result": verdict_result(base, False),
+            "completed_by": base.reviewers[0],
+            "updated_by": base.reviewers[0],
+        },
+    ).json()
     assert (forged["completed_by"], forged["updated_by"]) == (base.reviewers[0], member.id)
     rep = wait_reviews(base, fresh, 2)
     assert rep["flagged"] == 1
@@ -823,8 +859,10 @@ def test_import_recovery_adopts_only_what_protomed_sent(
         project, tasks = request_review(s, list(batches.values()), None)
         s.commit()
         leaked, copied = sorted(tasks, key=lambda t: t.position)[:2]
-        early = member.api.post(f"/api/projects/{ls_project}/import?return_task_ids=true",
-                                json=[forgery(base, leaked.token)]).json()  # fmt: skip
+        early = member.api.post(
+            f"/api/projects/{ls_project}/import?return_task_ids=true",
+            json=[forgery(base, leaked.token)],
+        ).json()
         ls, answered = base.ls, []
 
         class Crash(Exception):
@@ -842,8 +880,10 @@ def test_import_recovery_adopts_only_what_protomed_sent(
             import_tasks(CrashAfterImport(), project, get_settings())
         s.rollback()
         assert all(t.ls_task_id is None for t in tasks) and len(answered) == len(tasks)
-        copy = member.api.post(f"/api/projects/{ls_project}/import?return_task_ids=true",
-                               json=[forgery(base, copied.token)]).json()  # fmt: skip
+        copy = member.api.post(
+            f"/api/projects/{ls_project}/import?return_task_ids=true",
+            json=[forgery(base, copied.token)],
+        ).json()
         assert import_tasks(ls, project, get_settings()) == 0  # nothing imported twice
         s.expire_all()
         order = sorted(tasks, key=lambda t: t.position)

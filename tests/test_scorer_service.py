@@ -61,10 +61,15 @@ def add_scorer(
     y = (x[:, 0] > 0).astype(int)
     _fitted, metrics = fit_scorer(x, y, ["lymphocyte", "neutrophil"] * 30, "tiny|untrained")
     with get_sessionmaker()() as s:
-        row = Scorer(domain=domain, version=version, encoder=encoder,
-                     artefact_key=f"scorers/{domain}/v{version}.safetensors", n_images=n_images,
-                     n_plausible=metrics.cv.n_plausible,
-                     metrics=metrics.model_dump(mode="json"))  # fmt: skip
+        row = Scorer(
+            domain=domain,
+            version=version,
+            encoder=encoder,
+            artefact_key=f"scorers/{domain}/v{version}.safetensors",
+            n_images=n_images,
+            n_plausible=metrics.cv.n_plausible,
+            metrics=metrics.model_dump(mode="json"),
+        )
         s.add(row)
         s.commit()
         return row.id
@@ -81,8 +86,13 @@ def test_an_image_is_plausible_when_most_of_its_reviewers_said_so(service: Servi
 
         image = s.get(Image, img.image_id)
         assert image is not None
-        add_review(s, add_review_task(s, project, image), ls_annotation_id=next(ANN),
-                   reviewer="other", plausible=False)  # fmt: skip
+        add_review(
+            s,
+            add_review_task(s, project, image),
+            ls_annotation_id=next(ANN),
+            reviewer="other",
+            plausible=False,
+        )
         s.commit()
         got = reviewed_images(s, "toy")
         assert reviewed_count(s, "toy") == 5
@@ -177,8 +187,9 @@ def test_generate_with_the_plausible_filter(service: Service) -> None:
     assert r.status_code == 409 and "no plausibility scorer yet" in r.text, r.text
     detail = r.json()["detail"]
     assert 'POST /scorers {"domain": "toy"}' in detail and "protomed scorer train toy" in detail
-    r = service.client.post(url, params={"class": "a", "model_id": plain, "filter": "plausible"},
-                            headers=admin)  # fmt: skip
+    r = service.client.post(
+        url, params={"class": "a", "model_id": plain, "filter": "plausible"}, headers=admin
+    )
     assert r.status_code == 409 and "no review domain" in r.text, r.text
     bad = [
         ({"filter": "best"}, "filter"),
@@ -199,8 +210,9 @@ def test_generate_with_the_plausible_filter(service: Service) -> None:
     r = service.client.post(url, params={**base, "filter": "plausible"}, headers=admin)
     assert r.status_code == 409 and "trained on ViT-L-14 embeddings" in r.text, r.text
     scorer = add_scorer(version=2)  # the newest version counts
-    r = service.client.post(url, params={**base, "filter": "plausible", "threshold": 0.6},
-                            headers=admin)  # fmt: skip
+    r = service.client.post(
+        url, params={**base, "filter": "plausible", "threshold": 0.6}, headers=admin
+    )
     assert r.status_code == 202, r.text
     batch = r.json()["batch"]
     assert batch["filter"] == {"kind": "plausible", "oversample": 3, "threshold": 0.6}
@@ -268,8 +280,10 @@ def test_the_scorer_page_in_a_real_browser(service: Service, tmp_path: Path) -> 
     with dashboard(service.env, tmp_path / "api.log", f"/ui/scorers/{scorer_id}") as page:
         assert f"{cv['auc']:.3f}" in page.locator("#scorer-auc").inner_text()
         assert "Untrained encoder" in page.locator("#untrained-caveat").inner_text()
-        ys = [float(c.get_attribute("cy") or "nan")
-              for c in page.locator("#calibration-chart circle").all()]  # fmt: skip
+        ys = [
+            float(c.get_attribute("cy") or "nan")
+            for c in page.locator("#calibration-chart circle").all()
+        ]
         observed = [b["observed"] for b in cv["calibration"]]
         assert ys == pytest.approx([16 + 240 * (1 - o) for o in observed])
         assert page.locator("#calibration-bins tbody tr").count() == len(observed)

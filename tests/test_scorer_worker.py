@@ -53,16 +53,18 @@ def test_a_worker_trains_a_scorer_and_filters_a_batch(service: Service, encoder:
 
     write_toy_dataset(service.data_root / "toy", n_per_class=12, size=32, seed=0)
     admin = service.admin
-    r = service.client.post("/datasets", json={"name": "toy", "path": "toy", "domain": "toy"},
-                            headers=admin)  # fmt: skip
+    r = service.client.post(
+        "/datasets", json={"name": "toy", "path": "toy", "domain": "toy"}, headers=admin
+    )
     assert r.status_code == 201, r.text
     dataset_id = r.json()["id"]
     extra = {"PROTOMED_PROTOTYPE_ENCODER": "learned"} if encoder == "learned" else {}
     worker = Worker({**service.env, **extra}, service.tmp / "worker.log")
     try:
         worker.wait_ready()
-        model_id = train_tiny(service.client, admin, dataset_id, worker, mode="baseline",
-                              n_heldout=4)["model_id"]  # fmt: skip
+        model_id = train_tiny(
+            service.client, admin, dataset_id, worker, mode="baseline", n_heldout=4
+        )["model_id"]
         common = {"class": "lymphocyte", "steps": 2, "model_id": model_id}
         pool = generate(service, worker, n=24, seed=1, **common)["batch"]
         assert pool["scorer_id"] is None and all(i["score"] is None for i in pool["images"])
@@ -77,8 +79,13 @@ def test_a_worker_trains_a_scorer_and_filters_a_batch(service: Service, encoder:
             for n, (img, light) in enumerate(zip(pool["images"], brightness, strict=True)):
                 row = s.get(Image, img["id"])
                 assert row is not None
-                add_review(s, add_review_task(s, project, row), ls_annotation_id=n + 1,
-                           reviewer="stand-in", plausible=light > median)  # fmt: skip
+                add_review(
+                    s,
+                    add_review_task(s, project, row),
+                    ls_annotation_id=n + 1,
+                    reviewer="stand-in",
+                    plausible=light > median,
+                )
             s.commit()
 
         r = service.client.post("/scorers", json={"domain": "toy"}, headers=admin)
@@ -106,13 +113,22 @@ def test_a_worker_trains_a_scorer_and_filters_a_batch(service: Service, encoder:
         assert cv["n"] == 24 and cv["auc"] is not None and len(cv["auc_ci"]) == 2
         assert sum(b["count"] for b in cv["calibration"]) == 24
 
-        filtered = generate(service, worker, n=3, seed=5, filter="plausible", oversample=3,
-                            **common)  # fmt: skip
+        filtered = generate(
+            service, worker, n=3, seed=5, filter="plausible", oversample=3, **common
+        )
         full = generate(service, worker, n=9, seed=5, **common)
         # a threshold that only the two best of the same draw reach: two images, and it says so
         second = sorted((i["score"] for i in full["batch"]["images"]), reverse=True)[1]
-        few = generate(service, worker, n=3, seed=5, filter="plausible", oversample=3,
-                       threshold=second - 1e-6, **common)  # fmt: skip
+        few = generate(
+            service,
+            worker,
+            n=3,
+            seed=5,
+            filter="plausible",
+            oversample=3,
+            threshold=second - 1e-6,
+            **common,
+        )
     finally:
         worker.stop()
 

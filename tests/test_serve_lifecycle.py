@@ -62,15 +62,23 @@ def test_ctrl_c_requeues_the_running_job_at_its_place(tmp_path: Path) -> None:
             r = http.post("/datasets", json={"name": "toy", "path": "toy"})
             assert r.status_code == 201, r.text
             body = {
-                "dataset_id": r.json()["id"], "mode": "baseline", "preset": "cpu-small",
-                "n_per_class": 6, "n_heldout": 0,
+                "dataset_id": r.json()["id"],
+                "mode": "baseline",
+                "preset": "cpu-small",
+                "n_per_class": 6,
+                "n_heldout": 0,
                 # far more steps than this test lets run: it is always stopped mid-training
                 "overrides": {"max_steps": 100_000, "batch_size": 4, "checkpoint_every": 1000},
-            }  # fmt: skip
+            }
             ids = [http.post("/jobs/train", json=body).json()["jobs"][0]["id"] for _ in range(3)]
             training = 1 - STAGES["train"] - STAGES["upload"]  # where the train stage begins
-            wait_job(http, ids[0], until=("running",), timeout=600,
-                     predicate=lambda j: j["progress"] > training)  # fmt: skip
+            wait_job(
+                http,
+                ids[0],
+                until=("running",),
+                timeout=600,
+                predicate=lambda j: j["progress"] > training,
+            )
         serve.signal(signal.SIGINT, group=True)  # what Ctrl-C in a terminal does
         assert serve.wait() == 128 + signal.SIGINT, serve.tail()
         jobs = _jobs(tmp_path)
@@ -89,8 +97,13 @@ def test_ctrl_c_requeues_the_running_job_at_its_place(tmp_path: Path) -> None:
         again.wait_ready()
         with httpx.Client(base_url=again.url, timeout=60, headers=auth) as http:
             # it resumes from the checkpoint written when it was interrupted
-            wait_job(http, ids[0], until=("running",), timeout=600,
-                     predicate=lambda _j: "resumed from" in again.text())  # fmt: skip
+            wait_job(
+                http,
+                ids[0],
+                until=("running",),
+                timeout=600,
+                predicate=lambda _j: "resumed from" in again.text(),
+            )
         jobs = _jobs(tmp_path)
         assert [jobs[i]["status"] for i in ids] == ["running", "queued", "queued"], jobs
         _stop_and_check_no_orphans(again, signal.SIGTERM)

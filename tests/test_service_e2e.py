@@ -69,8 +69,9 @@ def prod(tmp_path, monkeypatch, pg_url, redis_env, moto_endpoint) -> Iterator[Se
     from api.main import create_app
 
     with TestClient(create_app()) as client:
-        yield Service(client, {"Authorization": f"Bearer {ADMIN_KEY}"}, tmp_path / "data",
-                      tmp_path, env)  # fmt: skip
+        yield Service(
+            client, {"Authorization": f"Bearer {ADMIN_KEY}"}, tmp_path / "data", tmp_path, env
+        )
     reset_service_caches()
 
 
@@ -91,19 +92,24 @@ def start_worker(prod: Service) -> Iterator:
 
 def register_cells(svc: Service, real_data: Path) -> dict:
     r = svc.client.post(
-        "/datasets", json={"name": "cells64", "path": str(real_data / "cells64")},
+        "/datasets",
+        json={"name": "cells64", "path": str(real_data / "cells64")},
         headers=svc.admin,
-    )  # fmt: skip
+    )
     assert r.status_code == 201, r.text
     return r.json()
 
 
 def train(svc: Service, dataset_id: int, mode: str, **overrides: object) -> list[dict]:
     body = {
-        "dataset_id": dataset_id, "mode": mode, "preset": "cpu-small", "n_per_class": 6,
-        "n_heldout": 2, "overrides": {"max_steps": 3, "batch_size": 8, **overrides},
+        "dataset_id": dataset_id,
+        "mode": mode,
+        "preset": "cpu-small",
+        "n_per_class": 6,
+        "n_heldout": 2,
+        "overrides": {"max_steps": 3, "batch_size": 8, **overrides},
         "classes": ["basophil", "eosinophil", "lymphocyte"],
-    }  # fmt: skip
+    }
     r = svc.client.post("/jobs/train", json=body, headers=svc.admin)
     assert r.status_code == 202, r.text
     return r.json()["jobs"]
@@ -117,9 +123,13 @@ def toy_training(svc: Service, mode: str = "baseline", **overrides: object) -> d
     r = svc.client.post("/datasets", json={"name": "toy", "path": "toy"}, headers=svc.admin)
     assert r.status_code == 201, r.text
     return {
-        "dataset_id": r.json()["id"], "mode": mode, "preset": "cpu-small", "n_per_class": 6,
-        "n_heldout": 0, "overrides": {"batch_size": 4, **overrides},
-    }  # fmt: skip
+        "dataset_id": r.json()["id"],
+        "mode": mode,
+        "preset": "cpu-small",
+        "n_per_class": 6,
+        "n_heldout": 0,
+        "overrides": {"batch_size": 4, **overrides},
+    }
 
 
 @pytest.mark.realdata
@@ -139,9 +149,16 @@ def test_train_both_modes_generate_and_fetch(prod, start_worker, real_data) -> N
 
     t0 = time.perf_counter()
     r = prod.client.post(
-        "/generate", params={"class": "eosinophil", "n": 8, "steps": 10, "dataset_id": ds["id"],
-                             "mode": "prototype"}, headers=prod.admin,
-    )  # fmt: skip
+        "/generate",
+        params={
+            "class": "eosinophil",
+            "n": 8,
+            "steps": 10,
+            "dataset_id": ds["id"],
+            "mode": "prototype",
+        },
+        headers=prod.admin,
+    )
     assert r.status_code == 202, r.text
     job = wait_job(prod.client, r.json()["job"]["id"], worker=worker)
     assert job["status"] == "succeeded", job
@@ -154,9 +171,16 @@ def test_train_both_modes_generate_and_fetch(prod, start_worker, real_data) -> N
         assert Image.open(io.BytesIO(png.content)).size == (32, 32)
         record = read_provenance(png.content)  # the stored PNG says who made it and how
         assert record is not None and (record.model_id, record.batch_id, record.index) == (
-            models[0]["id"], batch["id"], img["index"])  # fmt: skip
+            models[0]["id"],
+            batch["id"],
+            img["index"],
+        )
         assert (record.class_name, record.steps, record.n, record.mode) == (
-            "eosinophil", 10, 8, "prototype")  # fmt: skip
+            "eosinophil",
+            10,
+            8,
+            "prototype",
+        )
     zf = zipfile.ZipFile(io.BytesIO(prod.client.get(batch["zip_url"], headers=prod.admin).content))
     assert len(zf.namelist()) == 9 and "manifest.csv" in zf.namelist()
     print(f"generate n=8 (10 DDIM steps) round trip: {time.perf_counter() - t0:.1f} s")
@@ -179,18 +203,25 @@ def test_sigkilled_worker_job_is_rerun_and_resumes(prod, start_worker, tmp_path)
     job = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
     first = start_worker()
     running = wait_job(
-        prod.client, job["id"], until=("running",), predicate=running_with_checkpoint,
-        worker=first, timeout=600,
-    )  # fmt: skip
+        prod.client,
+        job["id"],
+        until=("running",),
+        predicate=running_with_checkpoint,
+        worker=first,
+        timeout=600,
+    )
     t_kill = time.monotonic()
     first.kill(signal.SIGKILL)
     stuck = prod.client.get(f"/jobs/{job['id']}", headers=prod.admin).json()
     assert stuck["status"] == "running"  # nobody has noticed yet
     second = start_worker()
     requeued = wait_job(
-        prod.client, job["id"], until=("queued", "running"),
-        predicate=lambda j: j["attempts"] == 2 or j["status"] == "queued", worker=second,
-    )  # fmt: skip
+        prod.client,
+        job["id"],
+        until=("queued", "running"),
+        predicate=lambda j: j["attempts"] == 2 or j["status"] == "queued",
+        worker=second,
+    )
     done = wait_job(prod.client, job["id"], worker=second)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2 and done["result"]["steps"] == 40
@@ -228,8 +259,14 @@ def test_cancel_running_job_and_time_limit(prod, start_worker) -> None:
     worker = start_worker(PROTOMED_TRAIN_TIME_LIMIT_S="3600")
     mid_training = lambda j: j["progress"] > training_at(1, 100_000)  # noqa: E731
     slow = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
-    wait_job(prod.client, slow["id"], until=("running",), worker=worker,
-             predicate=mid_training, timeout=600)  # fmt: skip
+    wait_job(
+        prod.client,
+        slow["id"],
+        until=("running",),
+        worker=worker,
+        predicate=mid_training,
+        timeout=600,
+    )
     r = prod.client.post(f"/jobs/{slow['id']}/cancel", headers=prod.admin)
     assert r.status_code == 200 and r.json()["cancel_requested"] is True
     done = wait_job(prod.client, slow["id"], worker=worker, timeout=300)
@@ -240,8 +277,14 @@ def test_cancel_running_job_and_time_limit(prod, start_worker) -> None:
     )
 
     over = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
-    wait_job(prod.client, over["id"], until=("running",), worker=worker,
-             predicate=mid_training, timeout=600)  # fmt: skip
+    wait_job(
+        prod.client,
+        over["id"],
+        until=("running",),
+        worker=worker,
+        predicate=mid_training,
+        timeout=600,
+    )
     with get_sessionmaker()() as session:
         session.execute(
             update(Job).where(Job.id == over["id"]).values(started_at=utc_now() - timedelta(days=1))
@@ -260,16 +303,28 @@ def test_sigterm_to_a_worker_requeues_its_job_at_once(prod, start_worker) -> Non
     body = toy_training(prod, max_steps=100_000)
     worker = start_worker()
     job = prod.client.post("/jobs/train", json=body, headers=prod.admin).json()["jobs"][0]
-    wait_job(prod.client, job["id"], until=("running",), worker=worker, timeout=600,
-             predicate=lambda j: j["progress"] > training_at(1, 100_000))  # fmt: skip
+    wait_job(
+        prod.client,
+        job["id"],
+        until=("running",),
+        worker=worker,
+        timeout=600,
+        predicate=lambda j: j["progress"] > training_at(1, 100_000),
+    )
     worker.proc.send_signal(signal.SIGTERM)
     worker.proc.wait(timeout=300)  # a hang guard: it stops at its next training step
     back = prod.client.get(f"/jobs/{job['id']}", headers=prod.admin).json()
     assert back["status"] == "queued" and back["attempts"] == 0, (back, worker.tail())
     assert "interrupted" in back["error"], back
     second = start_worker()
-    wait_job(prod.client, job["id"], until=("running",), worker=second, timeout=600,
-             predicate=lambda _j: "resumed from" in second.log.read_text())  # fmt: skip
+    wait_job(
+        prod.client,
+        job["id"],
+        until=("running",),
+        worker=second,
+        timeout=600,
+        predicate=lambda _j: "resumed from" in second.log.read_text(),
+    )
 
 
 def test_training_under_torchrun_when_several_processes(prod, start_worker) -> None:
@@ -294,8 +349,13 @@ def test_evaluation_job_compares_both_modes(prod, start_worker) -> None:
     done = [wait_job(prod.client, j["id"], worker=worker) for j in jobs]
     assert [d["status"] for d in done] == ["succeeded", "succeeded"], done
     ids = {d["params"]["mode"]: d["model_id"] for d in done}
-    req = {"baseline_model_id": ids["baseline"], "prototype_model_id": ids["prototype"],
-           "seeds": [0], "epochs": 2, "steps": 3}  # fmt: skip
+    req = {
+        "baseline_model_id": ids["baseline"],
+        "prototype_model_id": ids["prototype"],
+        "seeds": [0],
+        "epochs": 2,
+        "steps": 3,
+    }
     r = prod.client.post("/jobs/evaluate", json=req, headers=prod.admin)
     assert r.status_code == 202, r.text
     job = wait_job(prod.client, r.json()["id"], worker=worker)
@@ -326,21 +386,23 @@ def test_evaluation_job_compares_both_modes(prod, start_worker) -> None:
 
     ext = write_toy_dataset(prod.data_root / "site-b", n_per_class=4, size=32, seed=7)
     (ext / "platelet").mkdir()
-    (ext / "platelet" / "p.png").write_bytes((ext / TOY_CLASSES[0] / "lymphocyte_0000.png")
-                                             .read_bytes())  # fmt: skip
-    r = prod.client.post("/datasets", json={"name": "site-b", "path": "site-b"},
-                         headers=prod.admin)  # fmt: skip
+    (ext / "platelet" / "p.png").write_bytes(
+        (ext / TOY_CLASSES[0] / "lymphocyte_0000.png").read_bytes()
+    )
+    r = prod.client.post("/datasets", json={"name": "site-b", "path": "site-b"}, headers=prod.admin)
     assert r.status_code == 201, r.text
     test_id = r.json()["id"]
-    r = prod.client.post("/jobs/evaluate", json={**req, "test_dataset_id": test_id},
-                         headers=prod.admin)  # fmt: skip
+    r = prod.client.post(
+        "/jobs/evaluate", json={**req, "test_dataset_id": test_id}, headers=prod.admin
+    )
     assert r.status_code == 202, r.text
     job = wait_job(prod.client, r.json()["id"], worker=worker)
     assert job["status"] == "succeeded", job
     external = EvaluationReport.model_validate(
-        prod.client.get("/reports/evaluation", params={"job_id": job["id"]},
-                        headers=prod.admin).json()
-    )  # fmt: skip
+        prod.client.get(
+            "/reports/evaluation", params={"job_id": job["id"]}, headers=prod.admin
+        ).json()
+    )
     test = external.test_set
     assert test is not None and test.source == "external" and test.dataset_id == test_id
     assert test.name == "site-b" and test.ignored_classes == ["platelet"]

@@ -103,9 +103,15 @@ def test_a_guidance_sweep_reviewed_in_label_studio_sets_the_class_defaults(
         with httpx.Client(base_url=api_proc.url, timeout=60, headers=AUTH) as api:
             r = api.post("/datasets", json={"name": "toy", "path": "toy", "domain": "toy"})
             assert r.status_code == 201, r.text
-            body = {"dataset_id": r.json()["id"], "mode": "baseline", "preset": "cpu-small",
-                    "n_per_class": 6, "n_heldout": 0, "classes": list(CLASSES),
-                    "overrides": {"max_steps": 2, "batch_size": 4}}  # fmt: skip
+            body = {
+                "dataset_id": r.json()["id"],
+                "mode": "baseline",
+                "preset": "cpu-small",
+                "n_per_class": 6,
+                "n_heldout": 0,
+                "classes": list(CLASSES),
+                "overrides": {"max_steps": 2, "batch_size": 4},
+            }
             r = api.post("/jobs/train", json=body)
             assert r.status_code == 202, r.text
             trained = wait_job(api, r.json()["jobs"][0]["id"], worker=worker)

@@ -46,8 +46,13 @@ ANNOTATIONS = itertools.count(1)  # Label Studio annotation ids, unique per proc
 # --- the report's counting and the rule, on hand-made verdicts ------------------------------------
 
 # Wilson 95% intervals as published (e.g. Newcombe 1998, Table I; Brown, Cai & DasGupta 2001)
-WILSON = {(5, 10): (0.2366, 0.7634), (8, 10): (0.4902, 0.9433), (10, 10): (0.7225, 1.0),
-          (4, 5): (0.3755, 0.9638), (16, 20): (0.5840, 0.9193)}  # fmt: skip
+WILSON = {
+    (5, 10): (0.2366, 0.7634),
+    (8, 10): (0.4902, 0.9433),
+    (10, 10): (0.7225, 1.0),
+    (4, 5): (0.3755, 0.9638),
+    (16, 20): (0.5840, 0.9193),
+}
 
 
 def verdicts(batch: int, votes: list[list[bool]], start: int = 0) -> list[Judgement]:
@@ -66,9 +71,18 @@ def one_class(counts: dict[float, tuple[int, int]], min_images: int = 5) -> Any:
         cells.append(Cell("c", scale, b, n, None))
         judged[b] = verdicts(b, [[True]] * k + [[False]] * (n - k))
     rep = sweep_report(
-        sweep_id=1, model_id=1, classes=["c"], scales=list(counts), n=10, seed=0, steps=20,
-        scheduler="dpm++sde", cells=cells, judgements=judged, min_images=min_images,
-    )  # fmt: skip
+        sweep_id=1,
+        model_id=1,
+        classes=["c"],
+        scales=list(counts),
+        n=10,
+        seed=0,
+        steps=20,
+        scheduler="dpm++sde",
+        cells=cells,
+        judgements=judged,
+        min_images=min_images,
+    )
     return rep.classes[0]
 
 
@@ -117,10 +131,18 @@ def test_the_image_is_the_unit_majority_of_its_reviewers_a_tie_implausible() -> 
     js = verdicts(1, votes)
     js += [Judgement(1000, "c", 1, "", "r0", True, {})]  # r0 again on image 1000: counts once
     rep = sweep_report(
-        sweep_id=1, model_id=1, classes=["c"], scales=[1.0, 2.0], n=5, seed=0, steps=20,
-        scheduler="ddim", cells=[Cell("c", 1.0, 1, 5, 0.25), Cell("c", 2.0, 2, 5, None)],
-        judgements={1: js}, min_images=1,
-    )  # fmt: skip
+        sweep_id=1,
+        model_id=1,
+        classes=["c"],
+        scales=[1.0, 2.0],
+        n=5,
+        seed=0,
+        steps=20,
+        scheduler="ddim",
+        cells=[Cell("c", 1.0, 1, 5, 0.25), Cell("c", 2.0, 2, 5, None)],
+        judgements={1: js},
+        min_images=1,
+    )
     cell, empty = rep.classes[0].scales
     p = cell.plausibility
     assert (p.images, p.plausible, p.ties, p.reviews) == (5, 2, 1, len(js))
@@ -236,8 +258,7 @@ def reviewed_sweep(service: Service, outcomes: dict[tuple[str, float], list[bool
                 pixels_ = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
                 img = add_image(s, batch, index=i, data=png_bytes(pixels_), store=True)
                 task = add_review_task(s, project, img)
-                add_review(s, task, ls_annotation_id=next(ANNOTATIONS), reviewer="7",
-                           plausible=ok)  # fmt: skip
+                add_review(s, task, ls_annotation_id=next(ANNOTATIONS), reviewer="7", plausible=ok)
             assert batch.job is not None
             batch.job.status = JobStatus.succeeded
         s.commit()
@@ -257,8 +278,11 @@ def test_report_apply_and_generate_with_the_class_defaults(service: Service) -> 
     admin = service.admin
     rep = service.client.get(f"/sweeps/{sweep_id}/report", headers=admin).json()
     rows = {c["class"]: c for c in rep["classes"]}
-    got = {(c, e["scale"]): (e["plausibility"]["plausible"], e["plausibility"]["images"])
-           for c, row in rows.items() for e in row["scales"]}  # fmt: skip
+    got = {
+        (c, e["scale"]): (e["plausibility"]["plausible"], e["plausibility"]["images"])
+        for c, row in rows.items()
+        for e in row["scales"]
+    }
     assert got == {k: (sum(v), len(v)) for k, v in OUTCOMES.items()}
     assert all(e["diversity"] > 0.1 for row in rows.values() for e in row["scales"])
     assert rows["lymphocyte"]["recommended"] == 3.0
@@ -278,21 +302,26 @@ def test_report_apply_and_generate_with_the_class_defaults(service: Service) -> 
     assert r.status_code == 200, r.text
     assert r.json()["set"] == {"lymphocyte": 3.0, "neutrophil": 1.0}
     guidance = service.client.get(f"/models/{model}/guidance", headers=admin).json()
-    assert guidance == {"model_id": model, "defaults": {"lymphocyte": 3.0, "neutrophil": 1.0},
-                        "fallback": 2.0}  # fmt: skip
+    assert guidance == {
+        "model_id": model,
+        "defaults": {"lymphocyte": 3.0, "neutrophil": 1.0},
+        "fallback": 2.0,
+    }
     r = service.client.post("/generate", params=generate, headers=admin)
     assert r.status_code == 202 and r.json()["batch"]["guidance"] == 3.0
     assert r.json()["guidance_source"] == "model default"
     r = service.client.post("/generate", params={**generate, "guidance": 0.5}, headers=admin)
     assert (r.json()["batch"]["guidance"], r.json()["guidance_source"]) == (0.5, "query")
     # by hand: an override for one class, the other class falls back to the global default
-    r = service.client.put(f"/models/{model}/guidance", json={"defaults": {"neutrophil": 4}},
-                           headers=admin)  # fmt: skip
+    r = service.client.put(
+        f"/models/{model}/guidance", json={"defaults": {"neutrophil": 4}}, headers=admin
+    )
     assert r.status_code == 200 and r.json()["defaults"] == {"neutrophil": 4.0}
     r = service.client.post("/generate", params=generate, headers=admin)
     assert (r.json()["batch"]["guidance"], r.json()["guidance_source"]) == (2.0, "global default")
-    r = service.client.post(f"/sweeps/{sweep_id}/apply", json={"scales": {"lymphocyte": 1.5}},
-                            headers=admin)  # fmt: skip
+    r = service.client.post(
+        f"/sweeps/{sweep_id}/apply", json={"scales": {"lymphocyte": 1.5}}, headers=admin
+    )
     assert r.json()["defaults"] == {"neutrophil": 4.0, "lymphocyte": 1.5}
     for body, needle in (
         ({"defaults": {"eosinophil": 2}}, "unknown class 'eosinophil'"),
@@ -304,23 +333,30 @@ def test_report_apply_and_generate_with_the_class_defaults(service: Service) -> 
     r = service.client.post(f"/sweeps/{sweep_id}/apply", json={"scales": {"x": 1}}, headers=admin)
     assert r.status_code == 422 and "unknown class 'x'" in r.text
     assert service.client.get(f"/models/{model}/guidance", headers=admin).json()["defaults"] == {
-        "neutrophil": 4.0, "lymphocyte": 1.5}  # fmt: skip
+        "neutrophil": 4.0,
+        "lymphocyte": 1.5,
+    }
 
     page = service.client.get(f"/ui/sweeps/{sweep_id}", headers=admin)
     assert page.status_code == 200
     assert page.text.count('class="chart scale-chart"') == 2
     assert page.text.count('class="rate-point recommended"') == 2
     assert "Wilson 95% lower bound" in page.text and "6/6" in page.text
-    batch_page = service.client.get(f"/ui/batches/{rows['lymphocyte']['scales'][0]['batch_id']}",
-                                    headers=admin).text  # fmt: skip
+    batch_page = service.client.get(
+        f"/ui/batches/{rows['lymphocyte']['scales'][0]['batch_id']}", headers=admin
+    ).text
     assert f"guidance sweep #{sweep_id}" in batch_page
     model_page = service.client.get(f"/ui/models/{model}", headers=admin).text
     assert f"/ui/sweeps/{sweep_id}" in model_page and "lymphocyte 1.5" in model_page
 
 
 def test_apply_without_any_recommendation_is_a_conflict(service: Service) -> None:
-    few = {("lymphocyte", 1.0): [True] * 3, ("lymphocyte", 2.0): [True] * 3,
-           ("neutrophil", 1.0): [True] * 3, ("neutrophil", 2.0): [False] * 3}  # fmt: skip
+    few = {
+        ("lymphocyte", 1.0): [True] * 3,
+        ("lymphocyte", 2.0): [True] * 3,
+        ("neutrophil", 1.0): [True] * 3,
+        ("neutrophil", 2.0): [False] * 3,
+    }
     sweep_id = reviewed_sweep(service, few)
     r = service.client.post(f"/sweeps/{sweep_id}/apply", headers=service.admin)
     assert (
@@ -336,12 +372,20 @@ def test_sweeps_are_closed_to_reviewers(service: Service) -> None:
         sweep = s.get(Sweep, sweep_id)
         assert sweep is not None
         model = sweep.model_id
-    reads = [f"/sweeps/{sweep_id}", f"/sweeps/{sweep_id}/report",
-             f"/sweeps/{sweep_id}/report?format=csv", f"/models/{model}/sweeps",
-             f"/models/{model}/guidance", f"/ui/sweeps/{sweep_id}"]  # fmt: skip
-    writes = [("post", f"/models/{model}/sweeps", {}), ("post", f"/sweeps/{sweep_id}/review", None),
-              ("post", f"/sweeps/{sweep_id}/apply", None),
-              ("put", f"/models/{model}/guidance", {"defaults": {}})]  # fmt: skip
+    reads = [
+        f"/sweeps/{sweep_id}",
+        f"/sweeps/{sweep_id}/report",
+        f"/sweeps/{sweep_id}/report?format=csv",
+        f"/models/{model}/sweeps",
+        f"/models/{model}/guidance",
+        f"/ui/sweeps/{sweep_id}",
+    ]
+    writes = [
+        ("post", f"/models/{model}/sweeps", {}),
+        ("post", f"/sweeps/{sweep_id}/review", None),
+        ("post", f"/sweeps/{sweep_id}/apply", None),
+        ("put", f"/models/{model}/guidance", {"defaults": {}}),
+    ]
     reviewer, viewer = key(service, "reviewer"), key(service, "viewer")
     for url in reads:
         r = service.client.get(url, headers=reviewer)
@@ -388,8 +432,11 @@ def test_a_sweep_goes_to_review_blinded_and_shuffled(
         sweep = s.get(Sweep, fresh)
         assert sweep is not None
         ids = {img.id for b in sweep.batches for img in b.images}
-        tasks = [t for t in s.scalars(select(ReviewTask).order_by(ReviewTask.position))
-                 if t.image_id in ids]  # fmt: skip
+        tasks = [
+            t
+            for t in s.scalars(select(ReviewTask).order_by(ReviewTask.position))
+            if t.image_id in ids
+        ]
         assert len(tasks) == 24
         for t in tasks:
             data = task_data(t, "http://api")

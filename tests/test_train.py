@@ -102,8 +102,11 @@ def test_sample_writes_pngs_and_manifest(tmp_path):
     loaded = load_model(tmp_path / "run")
     res = sample_to_folder(loaded, tmp_path / "out", 2, SampleConfig(steps=3), ["c0", "c2"])
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in res.files) == [
-        "c0/c0_0000.png", "c0/c0_0001.png", "c2/c2_0000.png", "c2/c2_0001.png",
-    ]  # fmt: skip
+        "c0/c0_0000.png",
+        "c0/c0_0001.png",
+        "c2/c2_0000.png",
+        "c2/c2_0001.png",
+    ]
     rows = (tmp_path / "out" / "manifest.csv").read_text().splitlines()
     assert rows[0].startswith("file,class,index,seed,image_seed,model,step,mode,guidance,steps")
     assert len(rows) == 5 and ",baseline,2.0,3,dpm++sde," in rows[1]
@@ -187,9 +190,16 @@ def test_two_process_ddp_on_cpu(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(port), str(HERE / "ddp_worker.py"), str(tmp_path),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(HERE / "ddp_worker.py"),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "ddp.json").read_text())
@@ -257,8 +267,16 @@ def test_unfrozen_prototypes_start_at_the_codebook_and_train(tmp_path):
     book = Codebook(list(data.classes), torch.randn(3, 1, 12), torch.ones(3, 1), "test-enc")
     tables = {}
     for frozen in (True, False):
-        cfg = make_config("tiny", {"mode": "prototype", "max_steps": 3, "batch_size": 4,
-                                   "lr": 1e-2, "freeze_prototypes": frozen})  # fmt: skip
+        cfg = make_config(
+            "tiny",
+            {
+                "mode": "prototype",
+                "max_steps": 3,
+                "batch_size": 4,
+                "lr": 1e-2,
+                "freeze_prototypes": frozen,
+            },
+        )
         run = tmp_path / str(frozen)
         res = train(cfg, data, run, codebook=book, show_progress=False)
         assert res.model.frozen_table is frozen

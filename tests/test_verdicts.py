@@ -32,15 +32,17 @@ def choice(name: str, value: str) -> dict[str, Any]:
         ([choice("overall", "yes please")], None),  # not one of the interface's choices
         ([choice("overall", "plausible")], None),  # no criterion given
         ([choice("crit_a", "pass"), choice("overall", "plausible")], None),  # b missing
-        ([choice("crit_a", "pass"), choice("crit_b", "maybe"), choice("overall", "plausible")],
-         None),
+        (
+            [choice("crit_a", "pass"), choice("crit_b", "maybe"), choice("overall", "plausible")],
+            None,
+        ),
         ([choice("crit_a", "pass"), choice("crit_b", "pass")], None),  # no overall verdict
         ([choice("crit_a", "pass"), choice("crit_b", "na"), choice("overall", "plausible")], True),
         ([choice("crit_a", "fail"), choice("overall", "plausible")], False),  # one failure
         ([choice("crit_a", "pass"), choice("overall", "implausible")], False),
         ([choice("crit_b", "fail")], False),
     ],
-)  # fmt: skip
+)
 def test_a_verdict_not_given_is_incomplete_never_plausible(
     result: list[dict[str, Any]], plausible: bool | None
 ) -> None:
@@ -70,9 +72,11 @@ COLUMNS = [
 
 def test_incomplete_verdicts_are_counted_apart_from_every_number() -> None:
     base = [
-        judgement(1, "baseline", "r1", True), judgement(1, "baseline", "r2", False),
-        judgement(2, "prototype", "r1", True), judgement(2, "prototype", "r2", True),
-    ]  # fmt: skip
+        judgement(1, "baseline", "r1", True),
+        judgement(1, "baseline", "r2", False),
+        judgement(2, "prototype", "r1", True),
+        judgement(2, "prototype", "r2", True),
+    ]
     incomplete = [judgement(1, "baseline", "r3", None), judgement(3, "prototype", "r1", None)]
     without = plausibility_report(base, COLUMNS, [{"key": "a"}])
     rep = plausibility_report(base + incomplete, COLUMNS, [{"key": "a"}])
@@ -96,10 +100,12 @@ def ann(ann_id: int, user: int, plausible: bool = True, writer: int | None = -1)
     author; None: Label Studio records no writer, as for annotations imported with a task)."""
     crits = {"cell_size": "pass" if plausible else "fail"}
     return {
-        "id": ann_id, "completed_by": user, "updated_by": user if writer == -1 else writer,
+        "id": ann_id,
+        "completed_by": user,
+        "updated_by": user if writer == -1 else writer,
         "result": annotation_result(crits | dict.fromkeys(TOY_REST, "pass")),
         "was_cancelled": False,
-    }  # fmt: skip
+    }
 
 
 TOY_REST = ["nucleus_lobes", "nc_ratio", "cytoplasm_colour", "granules"]
@@ -225,8 +231,9 @@ def test_verdicts_on_an_edited_task_count_nowhere_until_it_is_restored(service) 
         from service.reports import report_csv
 
         assert "2 verdicts set aside" in report_csv(report)
-        reconcile(s, project, [item(1000, first, [ann(1, 7)]),
-                               item(1001, second, [ann(2, 7), ann(3, 8)])])  # fmt: skip
+        reconcile(
+            s, project, [item(1000, first, [ann(1, 7)]), item(1001, second, [ann(2, 7), ann(3, 8)])]
+        )
         s.commit()
         assert second.edited is None
         back = plausibility(s)

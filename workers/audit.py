@@ -42,11 +42,14 @@ def _load(job_id: int) -> dict[str, Any]:
             raise ValueError(f"model {model.id} has no checkpoint")
         images = sorted(batch.images, key=lambda i: i.index)
         return {
-            "batch_id": batch.id, "config": params.config,
-            "model_id": model.id, "checkpoint": model.checkpoint_path,
-            "root": model.dataset.root, "archive_key": model.dataset.archive_key,
+            "batch_id": batch.id,
+            "config": params.config,
+            "model_id": model.id,
+            "checkpoint": model.checkpoint_path,
+            "root": model.dataset.root,
+            "archive_key": model.dataset.archive_key,
             "images": [(i.id, i.class_name, i.storage_key) for i in images],
-        }  # fmt: skip
+        }
 
 
 def run_audit(job_id: int, ctx: JobContext, settings: Settings, storage: Storage) -> dict[str, Any]:
@@ -64,9 +67,13 @@ def run_audit(job_id: int, ctx: JobContext, settings: Settings, storage: Storage
     ckpt = local_checkpoint(info["checkpoint"], info["model_id"], storage, settings.work_dir)
     loaded = load_model(ckpt)
     root = ensure_local(
-        info["root"], info["archive_key"], storage, settings.work_dir,
-        max_bytes=settings.max_unpacked_bytes, max_files=settings.max_upload_files,
-    )  # fmt: skip
+        info["root"],
+        info["archive_key"],
+        storage,
+        settings.work_dir,
+        max_bytes=settings.max_unpacked_bytes,
+        max_files=settings.max_upload_files,
+    )
     split = model_split(loaded, str(root), read_roots(settings))
     arrays = []
     for _id, _cls, key in info["images"]:
@@ -79,15 +86,26 @@ def run_audit(job_id: int, ctx: JobContext, settings: Settings, storage: Storage
     progress.update("load", 1, 1)
     with EmbeddingCache(settings.work_dir / "embeddings.sqlite") as cache:
         report = audit_images(
-            torch.stack(arrays), [c for _i, c, _k in info["images"]], split, encoder, cfg,
-            flips=loaded.cfg.flip, cache=cache, names=[k for _i, _c, k in info["images"]],
+            torch.stack(arrays),
+            [c for _i, c, _k in info["images"]],
+            split,
+            encoder,
+            cfg,
+            flips=loaded.cfg.flip,
+            cache=cache,
+            names=[k for _i, _c, k in info["images"]],
             progress=lambda _stage, f: progress.update("audit", f, 1),
-        )  # fmt: skip
+        )
     ids = [i for i, _c, _k in info["images"]]
     stored = store_audit(
-        job_id, info["batch_id"], report, split.train.images, ids, storage,
+        job_id,
+        info["batch_id"],
+        report,
+        split.train.images,
+        ids,
+        storage,
         progress=lambda done, total: progress.update("store", done, total),
-    )  # fmt: skip
+    )
     return stored.model_dump(mode="json")
 
 

@@ -77,14 +77,17 @@ def _load(job_id: int) -> EvaluationInputs:
         if job is None:
             raise RuntimeError(f"job {job_id} was deleted while it ran")
         p = EvaluatePayload.model_validate(job.params)
-        rows = {"baseline": _model(session, p.models.baseline),
-                "prototype": _model(session, p.models.prototype)}  # fmt: skip
+        rows = {
+            "baseline": _model(session, p.models.baseline),
+            "prototype": _model(session, p.models.prototype),
+        }
         test = None
         if p.test_dataset_id is not None:
             test_row = session.get(Dataset, p.test_dataset_id)
             if test_row is None:
-                raise RuntimeError(f"test dataset {p.test_dataset_id} was deleted before the "
-                                   "evaluation ran")  # fmt: skip
+                raise RuntimeError(
+                    f"test dataset {p.test_dataset_id} was deleted before the evaluation ran"
+                )
             test = DatasetFiles.of(test_row)
         return EvaluationInputs(
             payload=p,
@@ -138,8 +141,13 @@ def _batch_images(
     missing = sorted(set(classes) - {classes[i] for i in labels})
     if missing:
         raise ValueError(f"the given batches have no images of {', '.join(missing)}")
-    return ImageSet(images=torch.stack(images), labels=torch.tensor(labels), classes=classes,
-                    paths=[""] * len(labels), hashes=[])  # fmt: skip
+    return ImageSet(
+        images=torch.stack(images),
+        labels=torch.tensor(labels),
+        classes=classes,
+        paths=[""] * len(labels),
+        hashes=[],
+    )
 
 
 def run_evaluation(
@@ -163,9 +171,13 @@ def run_evaluation(
 
     def local(files: DatasetFiles) -> Path:
         return ensure_local(
-            files.root, files.archive_key, storage, settings.work_dir,
-            max_bytes=settings.max_unpacked_bytes, max_files=settings.max_upload_files,
-        )  # fmt: skip
+            files.root,
+            files.archive_key,
+            storage,
+            settings.work_dir,
+            max_bytes=settings.max_unpacked_bytes,
+            max_files=settings.max_upload_files,
+        )
 
     root = local(info.dataset)
     test_root = local(info.test) if info.test is not None else None
@@ -175,11 +187,18 @@ def run_evaluation(
     encoder = ClipEncoder(spec, device=str(device), allow_untrained=untrained)
     with EmbeddingCache(settings.work_dir / "embeddings.sqlite") as cache:
         result = evaluate(
-            models, encoder, info.payload.config, codebook=book, cache=cache, synthetic=given,
-            root=str(root), roots=read_roots(settings), test_data=test_root,
+            models,
+            encoder,
+            info.payload.config,
+            codebook=book,
+            cache=cache,
+            synthetic=given,
+            root=str(root),
+            roots=read_roots(settings),
+            test_data=test_root,
             test_name=info.test.name if info.test else info.dataset.name,
             progress=lambda _stage, f: progress.update("evaluate", f, 1),
-        )  # fmt: skip
+        )
     if result.test_set is not None:  # the registered dataset it was, not only its folder
         dataset_id = info.test.id if info.test else info.dataset.id
         result.test_set = result.test_set.model_copy(update={"dataset_id": dataset_id})

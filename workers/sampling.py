@@ -66,11 +66,19 @@ def _load(job_id: int) -> SamplingInputs:
                 f"batch {batch.id} asks for plausible images but domain {domain!r} has no scorer"
             )
         return SamplingInputs(
-            batch_id=batch.id, model_id=model.id, checkpoint=model.checkpoint_path,
-            class_name=batch.class_name, n=batch.n, guidance=batch.guidance, steps=batch.steps,
-            seed=batch.seed or 0, scheduler=batch.scheduler, filter=wanted,
-            scorer_id=scorer.id if scorer else None, domain=domain,
-        )  # fmt: skip
+            batch_id=batch.id,
+            model_id=model.id,
+            checkpoint=model.checkpoint_path,
+            class_name=batch.class_name,
+            n=batch.n,
+            guidance=batch.guidance,
+            steps=batch.steps,
+            seed=batch.seed or 0,
+            scheduler=batch.scheduler,
+            filter=wanted,
+            scorer_id=scorer.id if scorer else None,
+            domain=domain,
+        )
 
 
 def _batch_id(session: Any, job_id: int) -> int:
@@ -113,9 +121,12 @@ def run_sampling(
     ckpt = local_checkpoint(info.checkpoint, info.model_id, storage, settings.work_dir)
     loaded = load_model(ckpt, use_ema=True, device=resolve_device())
     scfg = SampleConfig(
-        steps=info.steps, guidance=info.guidance, scheduler=info.scheduler, seed=info.seed,
+        steps=info.steps,
+        guidance=info.guidance,
+        scheduler=info.scheduler,
+        seed=info.seed,
         batch_size=min(drawn, 64),
-    )  # fmt: skip
+    )
     images = generate(
         loaded, info.class_name, drawn, scfg, on_step=lambda d, t: progress.update("sample", d, t)
     )
@@ -123,9 +134,15 @@ def run_sampling(
     pngs = []
     for i, img in enumerate(images):  # each record names the image's place in the draw
         record = provenance(
-            loaded, scfg, info.class_name, i, drawn, checkpoint_sha256=digest,
-            model_id=info.model_id, batch_id=batch_id,
-        )  # fmt: skip
+            loaded,
+            scfg,
+            info.class_name,
+            i,
+            drawn,
+            checkpoint_sha256=digest,
+            model_id=info.model_id,
+            batch_id=batch_id,
+        )
         pngs.append(png_bytes(img, record))
     hashes = [hashlib.sha256(data).hexdigest() for data in pngs]
     scores, scored = _scores(info, pngs, hashes, settings, storage, progress)
@@ -195,8 +212,9 @@ def _scores(
             encoder = scorer_features(fitted, key, storage, settings)
         except ValueError as exc:
             raise ValueError(f"scorer {info.scorer_id}: {exc}") from exc
-        x = embed_pngs(encoder, pngs, hashes, settings,
-                       on_progress=lambda d, t: progress.update("score", d, t))  # fmt: skip
+        x = embed_pngs(
+            encoder, pngs, hashes, settings, on_progress=lambda d, t: progress.update("score", d, t)
+        )
         return fitted.score(x, [info.class_name] * len(pngs)), True
     except Exception:
         if info.filter is not None:

@@ -67,16 +67,21 @@ def _fetch_encoder(prefix: str, identity: str | None, storage: Storage, settings
     return enc
 
 
-def domain_learned_encoder(session: Session, domain: str, storage: Storage,
-                           settings: Settings) -> tuple[Any, str]:  # fmt: skip
+def domain_learned_encoder(
+    session: Session, domain: str, storage: Storage, settings: Settings
+) -> tuple[Any, str]:
     """(encoder, storage prefix) of the learned encoder of the domain's newest ready model that
     has one; ValueError saying what to do when none has."""
     rows = session.scalars(
-        select(Model).join(Dataset).where(Dataset.domain == domain,
-                                          Model.status == ModelStatus.ready,
-                                          Model.codebook_path.is_not(None))
+        select(Model)
+        .join(Dataset)
+        .where(
+            Dataset.domain == domain,
+            Model.status == ModelStatus.ready,
+            Model.codebook_path.is_not(None),
+        )
         .order_by(Model.id.desc())
-    )  # fmt: skip
+    )
     for model in rows:
         prefix = str(model.codebook_path)
         if storage.exists(f"{prefix}/{ENCODER_FILES[0]}"):
@@ -178,14 +183,22 @@ def run_scoring(
     else:
         encoder = project_encoder(settings)
     progress.update("load", 1, 1)
-    x = embed_pngs(encoder, pngs, [r.sha256 for r in images], settings,
-                   on_progress=lambda d, t: progress.update("embed", d, t))  # fmt: skip
+    x = embed_pngs(
+        encoder,
+        pngs,
+        [r.sha256 for r in images],
+        settings,
+        on_progress=lambda d, t: progress.update("embed", d, t),
+    )
     progress.update("fit", 0, 1)
     y = [int(r.plausible) for r in images]
     fitted, metrics = fit_scorer(
-        x, y, [r.class_name for r in images], encoder.identity,
+        x,
+        y,
+        [r.class_name for r in images],
+        encoder.identity,
         min_images=settings.scorer_min_images,
-    )  # fmt: skip
+    )
     progress.update("store", 0, 1)
     data = fitted.to_bytes()
     for _ in range(3):  # two jobs of one domain racing for the same version: take the next
@@ -200,14 +213,21 @@ def run_scoring(
                 storage.put_bytes(key, data, "application/octet-stream")
                 if source is not None:  # the learned encoder, kept with the scorer
                     for name in ENCODER_FILES:
-                        storage.put_bytes(f"{encoder_prefix(key)}/{name}",
-                                          storage.get_bytes(f"{source}/{name}"),
-                                          "application/octet-stream")  # fmt: skip
+                        storage.put_bytes(
+                            f"{encoder_prefix(key)}/{name}",
+                            storage.get_bytes(f"{source}/{name}"),
+                            "application/octet-stream",
+                        )
                 row = Scorer(
-                    domain=domain, version=version, encoder=encoder.identity, artefact_key=key,
-                    n_images=len(images), n_plausible=sum(y),
-                    metrics=metrics.model_dump(mode="json"), job_id=job_id,
-                )  # fmt: skip
+                    domain=domain,
+                    version=version,
+                    encoder=encoder.identity,
+                    artefact_key=key,
+                    n_images=len(images),
+                    n_plausible=sum(y),
+                    metrics=metrics.model_dump(mode="json"),
+                    job_id=job_id,
+                )
                 session.add(row)
                 session.flush()  # the version's unique constraint answers here
                 scorer_id = row.id
@@ -222,8 +242,14 @@ def run_scoring(
     progress.update("store", 1, 1)
     cv = metrics.cv
     return {
-        "scorer_id": scorer_id, "domain": domain, "version": version, "images": len(images),
-        "plausible": sum(y), "verdicts": sum(r.reviews for r in images), "cv_auc": cv.auc,
-        "cv_auc_ci": list(cv.auc_ci) if cv.auc_ci else None, "folds": metrics.folds,
+        "scorer_id": scorer_id,
+        "domain": domain,
+        "version": version,
+        "images": len(images),
+        "plausible": sum(y),
+        "verdicts": sum(r.reviews for r in images),
+        "cv_auc": cv.auc,
+        "cv_auc_ci": list(cv.auc_ci) if cv.auc_ci else None,
+        "folds": metrics.folds,
         "encoder": encoder.identity,
-    }  # fmt: skip
+    }

@@ -76,10 +76,12 @@ def _load(job_id: int) -> TrainingInputs:
             raise ValueError(f"train job {job_id} has no model")
         model: Model = job.model
         return TrainingInputs(
-            model_id=model.id, config=dict(model.config),
-            payload=TrainPayload.model_validate(job.params), root=model.dataset.root,
+            model_id=model.id,
+            config=dict(model.config),
+            payload=TrainPayload.model_validate(job.params),
+            root=model.dataset.root,
             archive_key=model.dataset.archive_key,
-        )  # fmt: skip
+        )
 
 
 def _codebook(
@@ -97,9 +99,15 @@ def _codebook(
     cpl = CPLConfig(k=info.payload.k, seed=info.payload.selection.seed)
     with EmbeddingCache(settings.work_dir / "embeddings.sqlite") as cache:
         run = learn_prototypes(
-            selection, book_dir, encoder_spec=spec, cpl=cpl, allow_untrained=untrained,
-            cache=cache, roots=read_roots(settings), on_progress=progress.update,
-        )  # fmt: skip
+            selection,
+            book_dir,
+            encoder_spec=spec,
+            cpl=cpl,
+            allow_untrained=untrained,
+            cache=cache,
+            roots=read_roots(settings),
+            on_progress=progress.update,
+        )
     return run.codebook
 
 
@@ -126,9 +134,14 @@ def _train_single(
     resume = run_dir / "last.pt" if (run_dir / "last.pt").is_file() else None
     try:
         return train_model(
-            cfg, run_dir, codebook=book, resume=resume, progress=on_step, show_progress=False,
+            cfg,
+            run_dir,
+            codebook=book,
+            resume=resume,
+            progress=on_step,
+            show_progress=False,
             roots=roots,
-        )  # fmt: skip
+        )
     except TrainingCancelled as exc:
         if isinstance(exc.__cause__, JobStopped):
             raise exc.__cause__ from None
@@ -149,10 +162,23 @@ def _train_ddp(
 
     sets = [f"{k}={json.dumps(v)}" for k, v in cfg.model_dump(mode="json").items()]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "ml.cli", "train", "--mode", cfg.mode, "--codebook", str(run_dir / "codebook"),
-        "--out", str(run_dir), "--preset", cfg.preset,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "ml.cli",
+        "train",
+        "--mode",
+        cfg.mode,
+        "--codebook",
+        str(run_dir / "codebook"),
+        "--out",
+        str(run_dir),
+        "--preset",
+        cfg.preset,
+    ]
     for s in sets:
         if not s.startswith(("mode=", "preset=")):
             cmd += ["--set", s]
@@ -206,9 +232,13 @@ def run_training(
     model_id = info.model_id
     run_dir = settings.work_dir / "models" / str(model_id)
     root = ensure_local(
-        info.root, info.archive_key, storage, settings.work_dir,
-        max_bytes=settings.max_unpacked_bytes, max_files=settings.max_upload_files,
-    )  # fmt: skip
+        info.root,
+        info.archive_key,
+        storage,
+        settings.work_dir,
+        max_bytes=settings.max_unpacked_bytes,
+        max_files=settings.max_upload_files,
+    )
     progress.update("data", 1, 1)
     book = _codebook(info, root, run_dir, settings, progress)
     cfg = TrainConfig.from_stored(info.config)  # a job queued before an upgrade runs as it was
@@ -224,9 +254,12 @@ def run_training(
     # codebook came from, the data selection with its held-out part, and the checkpoint's hash
     # (the one every generated PNG's provenance names).
     metrics = {
-        **summary, "prototypes": book.report, "encoder": book.encoder,
-        "selection": book.selection, "checkpoint_sha256": file_sha256(run_dir / "last.pt"),
-    }  # fmt: skip
+        **summary,
+        "prototypes": book.report,
+        "encoder": book.encoder,
+        "selection": book.selection,
+        "checkpoint_sha256": file_sha256(run_dir / "last.pt"),
+    }
     with ctx.owned_session() as session:  # a run that lost its job writes nothing
         model = session.get(Model, model_id)
         assert model is not None

@@ -169,9 +169,10 @@ def audit_nearest(
     key_ = stored.nearest_keys.get(str(stored.image_ids.index(image_id)))
     if key_ is None:
         raise HTTPException(
-            404, f"the audit kept no nearest training image for image {image_id} (only for "
+            404,
+            f"the audit kept no nearest training image for image {image_id} (only for "
             "flagged images and the closest few)",
-        )  # fmt: skip
+        )
     try:
         data = storage.get_bytes(key_)
     except ObjectNotFound as exc:

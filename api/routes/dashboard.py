@@ -148,9 +148,13 @@ def login_page(
 ) -> HTMLResponse:
     """The form where one pastes an API key."""
     return page(
-        request, "login.html", title="Log in", error=None, next=safe_next(next),
+        request,
+        "login.html",
+        title="Log in",
+        error=None,
+        next=safe_next(next),
         hours=settings.ui_session_hours,
-    )  # fmt: skip
+    )
 
 
 @router.post("/login", name="ui_login_submit", response_model=None, dependencies=[SameOrigin])
@@ -174,17 +178,26 @@ def login(
         )
     if error is not None or row is None:  # row is None only with an error set
         return page(
-            request, "login.html", code, title="Log in", error=error, next=safe_next(next),
+            request,
+            "login.html",
+            code,
+            title="Log in",
+            error=error,
+            next=safe_next(next),
             hours=settings.ui_session_hours,
-        )  # fmt: skip
+        )
     token = open_session(session, row, settings.ui_session_hours)
     session.commit()
     response = RedirectResponse(safe_next(next), status_code=303)
     response.set_cookie(
-        SESSION_COOKIE, token, max_age=int(settings.ui_session_hours * 3600), path="/",
-        httponly=True, samesite="strict",
+        SESSION_COOKIE,
+        token,
+        max_age=int(settings.ui_session_hours * 3600),
+        path="/",
+        httponly=True,
+        samesite="strict",
         secure=request.url.scheme == "https" or settings.public_url.startswith("https://"),
-    )  # fmt: skip
+    )
     return response
 
 
@@ -218,10 +231,17 @@ def overview(
     ]
     scorers = session.scalars(select(Scorer).order_by(Scorer.domain, Scorer.version.desc())).all()
     return page(
-        request, "overview.html", title="Overview", jobs=jobs, jobs_shown=JOBS_SHOWN,
-        models=models, batches=batches, counts=image_counts(session, [b.id for b in batches]),
-        projects=projects, scorers=[(s, metrics_of(s).cv) for s in scorers],
-    )  # fmt: skip
+        request,
+        "overview.html",
+        title="Overview",
+        jobs=jobs,
+        jobs_shown=JOBS_SHOWN,
+        models=models,
+        batches=batches,
+        counts=image_counts(session, [b.id for b in batches]),
+        projects=projects,
+        scorers=[(s, metrics_of(s).cv) for s in scorers],
+    )
 
 
 # --- models and batches --------------------------------------------------------------------------
@@ -240,9 +260,14 @@ def model_page(
     if model is None:
         return not_found(request, f"No model with id {model_id}.")
     return page(
-        request, "model.html", title=f"Model #{model.id}", model=model, grids=class_grids(model),
-        sweeps=sweeps_of(session, model.id), fallback=settings.default_guidance,
-    )  # fmt: skip
+        request,
+        "model.html",
+        title=f"Model #{model.id}",
+        model=model,
+        grids=class_grids(model),
+        sweeps=sweeps_of(session, model.id),
+        fallback=settings.default_guidance,
+    )
 
 
 @router.get("/models/{model_id}/card", name="ui_model_card")
@@ -269,9 +294,13 @@ def batch_page(
     scores = [i.score for i in images if i.score is not None]
     mean_score = sum(scores) / len(scores) if scores else None
     return page(
-        request, "batch.html", title=f"Batch #{batch.id}", batch=batch, images=images,
+        request,
+        "batch.html",
+        title=f"Batch #{batch.id}",
+        batch=batch,
+        images=images,
         mean_score=mean_score,
-    )  # fmt: skip
+    )
 
 
 # --- the plausibility report ---------------------------------------------------------------------
@@ -323,9 +352,13 @@ def report_page(
     try:
         set_id = optional_id(criteria_set_id, "criteria_set_id")
         report = plausibility(
-            session, optional_id(dataset_id, "dataset_id"), models or None, reviewer or None,
-            set_id, flagged,
-        )  # fmt: skip
+            session,
+            optional_id(dataset_id, "dataset_id"),
+            models or None,
+            reviewer or None,
+            set_id,
+            flagged,
+        )
     except HTTPException as exc:  # malformed ids: say so on a page, not in JSON
         return bad_filter(request, exc)
     except FilterError as exc:
@@ -335,10 +368,18 @@ def report_page(
         del filters["flagged"]
     api_url = route_path(request, "plausibility_endpoint")
     return page(
-        request, "report.html", title="Plausibility report", report=report,
-        rows=report_rows(report), failures=failure_rows(report), chart=bar_chart(report),
-        filters=filters, odds_ratio=odds_ratio_text(report), kept_apart=kept_apart_text(report),
-        incomplete=incomplete_text(report), flagged=flagged_text(report),
+        request,
+        "report.html",
+        title="Plausibility report",
+        report=report,
+        rows=report_rows(report),
+        failures=failure_rows(report),
+        chart=bar_chart(report),
+        filters=filters,
+        odds_ratio=odds_ratio_text(report),
+        kept_apart=kept_apart_text(report),
+        incomplete=incomplete_text(report),
+        flagged=flagged_text(report),
         edited=edited_text(report),
         json_url=f"{api_url}?{urlencode(filters)}" if filters else api_url,
         csv_url=f"{api_url}?{urlencode({**filters, 'format': 'csv'})}",
@@ -347,7 +388,7 @@ def report_page(
         criteria_sets=session.scalars(
             select(CriteriaSet).order_by(CriteriaSet.domain, CriteriaSet.version)
         ).all(),
-    )  # fmt: skip
+    )
 
 
 @router.get("/reports/evaluation", name="ui_evaluation")
@@ -361,16 +402,20 @@ def evaluation_page(
     """The latest finished evaluation (of a dataset, or a given job): Tables 5-6, per-class F1,
     CLIP-space metrics, the toy checker. Same filters as ``GET /reports/evaluation``."""
     try:
-        ids = {"dataset_id": optional_id(dataset_id, "dataset_id"),
-               "job_id": optional_id(job_id, "job_id")}  # fmt: skip
+        ids = {
+            "dataset_id": optional_id(dataset_id, "dataset_id"),
+            "job_id": optional_id(job_id, "job_id"),
+        }
     except HTTPException as exc:
         return bad_filter(request, exc)
     filters = {k: v for k, v in ids.items() if v is not None}
     job = latest_evaluation(session, ids["dataset_id"], ids["job_id"])
     common: dict[str, Any] = {
-        "title": "Evaluation report", "filters": filters, "job": job,
+        "title": "Evaluation report",
+        "filters": filters,
+        "job": job,
         "datasets": session.scalars(select(Dataset).order_by(Dataset.id)).all(),
-    }  # fmt: skip
+    }
     if job is None:
         pending = session.scalars(
             select(Job)
@@ -384,16 +429,24 @@ def evaluation_page(
     test = result.test_set
     test_dataset_id = test.dataset_id if test and test.source == "external" else None
     return page(
-        request, "evaluation.html", **common, result=result, down=result.downstream,
-        cfg=result.config, dataset=session.get(Dataset, params.dataset_id),
+        request,
+        "evaluation.html",
+        **common,
+        result=result,
+        down=result.downstream,
+        cfg=result.config,
+        dataset=session.get(Dataset, params.dataset_id),
         test_dataset=session.get(Dataset, test_dataset_id) if test_dataset_id else None,
         test_label=test_set_label(result),
-        model_ids=params.models.model_dump(), given=params.batches.model_dump(),
-        tables=tables, chart=f1_chart(result.downstream),
-        untrained="untrained" in result.encoder, space=feature_space(result.encoder),
+        model_ids=params.models.model_dump(),
+        given=params.batches.model_dump(),
+        tables=tables,
+        chart=f1_chart(result.downstream),
+        untrained="untrained" in result.encoder,
+        space=feature_space(result.encoder),
         json_url=f"{api_url}?{urlencode({'job_id': job.id})}",
         csv_url=f"{api_url}?{urlencode({'job_id': job.id, 'format': 'csv'})}",
-    )  # fmt: skip
+    )
 
 
 # --- memorisation audit of a batch ----------------------------------------------------------------
@@ -413,16 +466,28 @@ def batch_audit_page(
         job, stored = latest_audit(session, batch_id)
     except AuditUnavailable as exc:
         jobs = audit_jobs(session, batch_id)
-        return page(request, "audit.html", **common, report=None, message=str(exc),
-                    last=jobs[0] if jobs else None)  # fmt: skip
+        return page(
+            request,
+            "audit.html",
+            **common,
+            report=None,
+            message=str(exc),
+            last=jobs[0] if jobs else None,
+        )
     out = audit_out(job, stored, request)
     report = out.report
     return page(
-        request, "audit.html", **common, job=job, report=report, spaces=list(report.config.spaces),
-        rows=audit_class_rows(report), pairs=audit_pairs(report, out.links),
+        request,
+        "audit.html",
+        **common,
+        job=job,
+        report=report,
+        spaces=list(report.config.spaces),
+        rows=audit_class_rows(report),
+        pairs=audit_pairs(report, out.links),
         untrained="untrained" in report.encoder,
         json_url=route_path(request, "get_batch_audit", batch_id=batch_id),
-    )  # fmt: skip
+    )
 
 
 # --- plausibility scorers -------------------------------------------------------------------------
@@ -444,11 +509,16 @@ def scorer_page(
     newest = latest_scorer(session, scorer.domain)
     bins = [(b.mean_predicted, b.observed, b.observed_ci, b.count) for b in m.cv.calibration]
     return page(
-        request, "scorer.html", title=f"Scorer #{scorer.id}", scorer=scorer, m=m,
+        request,
+        "scorer.html",
+        title=f"Scorer #{scorer.id}",
+        scorer=scorer,
+        m=m,
         latest=newest is not None and newest.id == scorer.id,
-        chart=calibration_chart(bins, m.cv.base_rate), untrained="untrained" in scorer.encoder,
+        chart=calibration_chart(bins, m.cv.base_rate),
+        untrained="untrained" in scorer.encoder,
         retrain_after=settings.scorer_retrain_after,
-    )  # fmt: skip
+    )
 
 
 # --- guidance sweeps ------------------------------------------------------------------------------
@@ -472,8 +542,15 @@ def sweep_page(
     api_url = route_path(request, "sweep_report", sweep_id=sweep.id)
     batches = sweep_batches(sweep)
     return page(
-        request, "sweep.html", title=f"Guidance sweep #{sweep.id}", sweep=sweep, report=report,
-        charts=sweep_charts(report), batches=batches,
+        request,
+        "sweep.html",
+        title=f"Guidance sweep #{sweep.id}",
+        sweep=sweep,
+        report=report,
+        charts=sweep_charts(report),
+        batches=batches,
         generating=[b for b in batches if b.job is not None and b.job.status in UNFINISHED],
-        json_url=api_url, csv_url=f"{api_url}?format=csv", fallback=settings.default_guidance,
-    )  # fmt: skip
+        json_url=api_url,
+        csv_url=f"{api_url}?format=csv",
+        fallback=settings.default_guidance,
+    )

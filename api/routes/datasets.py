@@ -90,10 +90,12 @@ def _registered(row: Dataset, catalog: Catalog) -> DatasetRegistered:
     """The stored row as answered, with the files named like images that are none."""
     root = Path(row.root)
     skipped = [
-        SkippedFile(path=str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else p,
-                    reason=reason)
+        SkippedFile(
+            path=str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else p,
+            reason=reason,
+        )
         for p, reason in catalog.not_images
-    ]  # fmt: skip
+    ]
     return DatasetRegistered.model_validate(row).model_copy(update={"skipped": skipped})
 
 
@@ -174,8 +176,15 @@ def upload_dataset(
         catalog = scan_dataset(root, layout, settings)
         storage.put_file(key, zip_path, "application/zip")
         stored = True
-        row = dataset_row(name, root, catalog, domain, source=DatasetSource.upload, archive_key=key,
-                   licence=licence)  # fmt: skip
+        row = dataset_row(
+            name,
+            root,
+            catalog,
+            domain,
+            source=DatasetSource.upload,
+            archive_key=key,
+            licence=licence,
+        )
         return _insert(session, row, catalog)
     except BaseException:
         shutil.rmtree(unpacked, ignore_errors=True)

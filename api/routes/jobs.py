@@ -74,15 +74,23 @@ def submit_training(
     check_split(dataset.counts, classes, body.n_per_class, body.n_heldout, body.k)
     require_prototype_encoder(settings)
     selection = Selection(
-        root=dataset.root, layout=dataset.layout, n_per_class=body.n_per_class,
-        n_heldout=body.n_heldout, seed=body.seed, classes=classes,
-    )  # fmt: skip
+        root=dataset.root,
+        layout=dataset.layout,
+        n_per_class=body.n_per_class,
+        n_heldout=body.n_heldout,
+        seed=body.seed,
+        classes=classes,
+    )
     jobs = []
     for mode in modes:
         model = Model(
-            dataset=dataset, mode=ModelMode(mode), preset=body.preset, config=configs[mode],
-            classes=classes, status=ModelStatus.pending,
-        )  # fmt: skip
+            dataset=dataset,
+            mode=ModelMode(mode),
+            preset=body.preset,
+            config=configs[mode],
+            classes=classes,
+            status=ModelStatus.pending,
+        )
         payload = TrainPayload(dataset_id=dataset.id, selection=selection, k=body.k, mode=mode)
         jobs.append(new_job(JobKind.train, payload, model=model, requested_by=key.name))
     session.add_all(jobs)
@@ -107,14 +115,16 @@ def _batches(session: SessionDep, ids: list[int], model: Model, mode: str) -> li
         batch = get_or_404(session, Batch, batch_id)
         if batch.model.dataset_id != model.dataset_id:
             raise HTTPException(
-                422, f"batch {batch_id} is from dataset {batch.model.dataset_id}, "
+                422,
+                f"batch {batch_id} is from dataset {batch.model.dataset_id}, "
                 f"the models from dataset {model.dataset_id}",
-            )  # fmt: skip
+            )
         if batch.model_id != model.id:
             raise HTTPException(
-                422, f"batch {batch_id} was made by model {batch.model_id}, not the {mode} "
+                422,
+                f"batch {batch_id} was made by model {batch.model_id}, not the {mode} "
                 f"model {model.id}",
-            )  # fmt: skip
+            )
     return ids
 
 
@@ -124,17 +134,19 @@ def _test_dataset(session: SessionDep, dataset_id: int, model: Model) -> Dataset
     dataset = get_or_404(session, Dataset, dataset_id, hint="; see GET /datasets")
     if dataset.id == model.dataset_id:
         raise HTTPException(
-            422, f"test_dataset_id {dataset.id} is the dataset the models were trained on: "
+            422,
+            f"test_dataset_id {dataset.id} is the dataset the models were trained on: "
             "give another dataset, or leave it out to test on the held-out part of their split",
-        )  # fmt: skip
+        )
     have = {c for c in dataset.classes if (dataset.counts or {}).get(c, 1)}
     missing = sorted(set(model.classes) - have)
     if missing:
         raise HTTPException(
-            422, f"test dataset {dataset.id} ({dataset.name}) has no images of the models' "
+            422,
+            f"test dataset {dataset.id} ({dataset.name}) has no images of the models' "
             f"class(es) {missing}: a test set must have every one of {sorted(model.classes)} "
             f"(it has {sorted(have) or 'none'}; its other classes are ignored)",
-        )  # fmt: skip
+        )
     return dataset
 
 
@@ -154,16 +166,20 @@ def submit_evaluation(
     base = _model(session, body.baseline_model_id, ModelMode.baseline)
     proto = _model(session, body.prototype_model_id, ModelMode.prototype)
     if base.dataset_id != proto.dataset_id:
-        raise HTTPException(422, f"the models are from different datasets "
-                            f"({base.dataset_id} and {proto.dataset_id})")  # fmt: skip
+        raise HTTPException(
+            422,
+            f"the models are from different datasets ({base.dataset_id} and {proto.dataset_id})",
+        )
     if body.test_dataset_id is not None:
         _test_dataset(session, body.test_dataset_id, proto)
     require_encoder_weights(settings)  # the CLIP-space metrics embed with it
     config = EvalConfig(
-        n_per_class=body.n_per_class, steps=body.steps, guidance=body.guidance,
-        seeds=tuple(body.seeds), downstream=DownstreamConfig(backbone=body.backbone,
-                                                             epochs=body.epochs),
-    )  # fmt: skip
+        n_per_class=body.n_per_class,
+        steps=body.steps,
+        guidance=body.guidance,
+        seeds=tuple(body.seeds),
+        downstream=DownstreamConfig(backbone=body.backbone, epochs=body.epochs),
+    )
     payload = EvaluatePayload(
         dataset_id=proto.dataset_id,
         models=ModelPair(baseline=base.id, prototype=proto.id),

@@ -54,12 +54,20 @@ def sweep_out(sweep: Sweep, request: Request) -> SweepOut:
         for b in sweep_batches(sweep)
     ]
     return SweepOut(
-        id=sweep.id, model_id=sweep.model_id, classes=sweep.classes, scales=sweep.scales,
-        n=sweep.n, seed=sweep.seed, steps=sweep.steps, scheduler=sweep.scheduler,
-        requested_by=sweep.requested_by, created_at=sweep.created_at, batches=cells,
+        id=sweep.id,
+        model_id=sweep.model_id,
+        classes=sweep.classes,
+        scales=sweep.scales,
+        n=sweep.n,
+        seed=sweep.seed,
+        steps=sweep.steps,
+        scheduler=sweep.scheduler,
+        requested_by=sweep.requested_by,
+        created_at=sweep.created_at,
+        batches=cells,
         report_url=str(request.url_for("sweep_report", sweep_id=sweep.id)),
         page_url=str(request.url_for("ui_sweep", sweep_id=sweep.id)),
-    )  # fmt: skip
+    )
 
 
 @router.post("/models/{model_id}/sweeps", status_code=status.HTTP_202_ACCEPTED)
@@ -167,9 +175,10 @@ def apply_sweep(
 
 def guidance_out(model: Model, settings: SettingsDep) -> GuidanceOut:
     return GuidanceOut(
-        model_id=model.id, defaults=dict(model.guidance_defaults or {}),
+        model_id=model.id,
+        defaults=dict(model.guidance_defaults or {}),
         fallback=settings.default_guidance,
-    )  # fmt: skip
+    )
 
 
 @router.get("/models/{model_id}/guidance")

@@ -132,9 +132,21 @@ def grouped_bar_chart(
         legend.append((s.label, s.colour, x))
         x += 28 + 7.5 * len(s.label)
     return Chart(
-        width, top + plot_h + bottom, left, top, plot_w, plot_h, bars, centres, ticks, legend,
-        title, axis_title, series_attr, value_attr,
-    )  # fmt: skip
+        width,
+        top + plot_h + bottom,
+        left,
+        top,
+        plot_w,
+        plot_h,
+        bars,
+        centres,
+        ticks,
+        legend,
+        title,
+        axis_title,
+        series_attr,
+        value_attr,
+    )
 
 
 # --- plausibility against guidance (one class of a sweep) ----------------------------------------
@@ -215,13 +227,21 @@ def scale_chart(
     div = [(x_of(s), y_of(v / top_d)) for s, v in diversity if v is not None and top_d > 0]
     d_ticks = [(y_of(f), f"{f * top_d:.2f}") for f in (0.0, 0.5, 1.0)] if top_d > 0 else []
     return ScaleChart(
-        width=left + plot_w + right, height=top + plot_h + bottom, left=left, top=top,
-        plot_width=plot_w, plot_height=plot_h, points=points, line=line, diversity=div,
+        width=left + plot_w + right,
+        height=top + plot_h + bottom,
+        left=left,
+        top=top,
+        plot_width=plot_w,
+        plot_height=plot_h,
+        points=points,
+        line=line,
+        diversity=div,
         diversity_line=" ".join(f"{x:.2f},{y:.2f}" for x, y in div),
         x_ticks=[(x_of(s), f"{s:g}") for s, *_ in rates],
-        y_ticks=[(y_of(t / 100), f"{t}%") for t in range(0, 101, 25)], d_ticks=d_ticks,
+        y_ticks=[(y_of(t / 100), f"{t}%") for t in range(0, 101, 25)],
+        d_ticks=d_ticks,
         title=title,
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)

@@ -106,10 +106,14 @@ def bar_chart(report: PlausibilityReport) -> Chart | None:
             )
             values[(cls.class_name, str(m.id))] = BarValue(entry.rate, (lo, hi), tip)
     return grouped_bar_chart(
-        [c.class_name for c in classes], series, values,
+        [c.class_name for c in classes],
+        series,
+        values,
         title="% of images plausible per class and model, with Wilson 95% intervals",
-        axis_title="% plausible", series_attr="model", value_attr="rate",
-    )  # fmt: skip
+        axis_title="% plausible",
+        series_attr="model",
+        value_attr="rate",
+    )
 
 
 def rate_cell(entry: RateEntry) -> str:
@@ -162,8 +166,11 @@ def failure_rows(report: PlausibilityReport) -> list[tuple[str, list[str]]]:
 # only the
 # chart is the dashboard's own.
 
-SET_COLOURS = {"real": "#334e68", "baseline": PALETTE["baseline"][1],
-               "prototype": PALETTE["prototype"][0]}  # fmt: skip
+SET_COLOURS = {
+    "real": "#334e68",
+    "baseline": PALETTE["baseline"][1],
+    "prototype": PALETTE["prototype"][0],
+}
 
 
 def class_f1(entry: SetScores, cls: str) -> tuple[float, float | None]:
@@ -188,13 +195,19 @@ def f1_chart(down: DownstreamResult) -> Chart | None:
             mean, sd = class_f1(down.sets[name], cls)
             spread = "" if sd is None else f" ± {100 * sd:.2f} (sd over seeds)"
             values[(cls, name)] = BarValue(
-                mean, None if sd is None else (mean - sd, mean + sd),
+                mean,
+                None if sd is None else (mean - sd, mean + sd),
                 f"{cls} · trained on {name}: F1 {100 * mean:.2f}%{spread}",
-            )  # fmt: skip
+            )
     return grouped_bar_chart(
-        list(down.classes), series, values, title="F1 per class and training set",
-        axis_title="F1", series_attr="set", value_attr="f1",
-    )  # fmt: skip
+        list(down.classes),
+        series,
+        values,
+        title="F1 per class and training set",
+        axis_title="F1",
+        series_attr="set",
+        value_attr="f1",
+    )
 
 
 # --- memorisation audit --------------------------------------------------------------------------
@@ -243,12 +256,18 @@ def audit_pairs(report: AuditReport, links: Iterable[AuditImageLinks]) -> list[A
         dist = " · ".join(
             f"{s} {n.distance:.4f}" for s in ("pixel", "clip") if (n := getattr(a, s)) is not None
         )
-        pairs.append(AuditPair(
-            index=a.index, class_name=a.class_name, flagged_by=list(a.flagged_by),
-            image_url=link.image_url, nearest_url=link.nearest_url,
-            nearest_path="/".join(nn.train_path.split("/")[-2:]),
-            flip=nn.flip, distances=dist,
-        ))  # fmt: skip
+        pairs.append(
+            AuditPair(
+                index=a.index,
+                class_name=a.class_name,
+                flagged_by=list(a.flagged_by),
+                image_url=link.image_url,
+                nearest_url=link.nearest_url,
+                nearest_path="/".join(nn.train_path.split("/")[-2:]),
+                flip=nn.flip,
+                distances=dist,
+            )
+        )
     return sorted(pairs, key=lambda p: (not p.flagged_by, p.index))
 
 
@@ -281,7 +300,9 @@ def sweep_charts(report: SweepReport) -> dict[str, ScaleChart | None]:
             )
             rates.append((e.scale, p.rate, (lo, hi), c.recommended == e.scale, tip))
         charts[c.class_name] = scale_chart(
-            rates, [(e.scale, e.diversity) for e in c.scales], top,
+            rates,
+            [(e.scale, e.diversity) for e in c.scales],
+            top,
             title=f"{c.class_name}: % plausible (Wilson 95%) and diversity against guidance",
-        )  # fmt: skip
+        )
     return charts

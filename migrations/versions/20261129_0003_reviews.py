@@ -54,7 +54,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["criteria_set_id"], ["criteria_sets.id"], ondelete="RESTRICT",
             name=op.f("fk_review_projects_criteria_set_id_criteria_sets"),
-        ),  # fmt: skip
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_review_projects")),
         sa.UniqueConstraint("criteria_set_id", name=op.f("uq_review_projects_criteria_set_id")),
     )
@@ -70,11 +70,11 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["image_id"], ["images.id"], ondelete="CASCADE",
             name=op.f("fk_review_tasks_image_id_images"),
-        ),  # fmt: skip
+        ),
         sa.ForeignKeyConstraint(
             ["project_id"], ["review_projects.id"], ondelete="CASCADE",
             name=op.f("fk_review_tasks_project_id_review_projects"),
-        ),  # fmt: skip
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_review_tasks")),
         sa.UniqueConstraint("ls_task_id", name=op.f("uq_review_tasks_ls_task_id")),
         sa.UniqueConstraint("project_id", "image_id", name=op.f("uq_review_tasks_project_id_image_id")),
@@ -97,7 +97,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["task_id"], ["review_tasks.id"], ondelete="CASCADE",
             name=op.f("fk_reviews_task_id_review_tasks"),
-        ),  # fmt: skip
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_reviews")),
         sa.UniqueConstraint("ls_annotation_id", name=op.f("uq_reviews_ls_annotation_id")),
     )

@@ -39,7 +39,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["key_id"], ["api_keys.id"], ondelete="CASCADE",
             name=op.f("fk_ui_sessions_key_id_api_keys"),
-        ),  # fmt: skip
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_ui_sessions")),
         sa.UniqueConstraint("token_hash", name=op.f("uq_ui_sessions_token_hash")),
     )

@@ -64,7 +64,7 @@ def upgrade() -> None:
         batch.create_foreign_key(
             op.f("fk_batches_scorer_id_scorers"), "scorers", ["scorer_id"], ["id"],
             ondelete="SET NULL",
-        )  # fmt: skip
+        )
         batch.create_index(op.f("ix_batches_scorer_id"), ["scorer_id"], unique=False)
     with op.batch_alter_table("images") as batch:
         batch.add_column(sa.Column("score", sa.Float(), nullable=True))

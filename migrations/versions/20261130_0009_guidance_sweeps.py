@@ -42,7 +42,7 @@ def upgrade() -> None:
             ["models.id"],
             name=op.f("fk_sweeps_model_id_models"),
             ondelete="RESTRICT",
-        ),  # fmt: skip
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_sweeps")),
     )
     op.create_index(op.f("ix_sweeps_model_id"), "sweeps", ["model_id"], unique=False)
@@ -52,7 +52,7 @@ def upgrade() -> None:
         batch.create_foreign_key(
             batch.f("fk_batches_sweep_id_sweeps"), "sweeps", ["sweep_id"], ["id"],
             ondelete="SET NULL",
-        )  # fmt: skip
+        )
     with op.batch_alter_table("models") as batch:
         batch.add_column(sa.Column("guidance_defaults", sa.JSON(), nullable=True))
 

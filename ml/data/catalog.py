@@ -343,8 +343,9 @@ def scan(
     limit = max_image_pixels() if max_pixels is None else max_pixels
     root = _check_root(root)
     allowed = _resolved_roots(root, roots)
-    check_inside([root, *(p for p in (root / HAM_CSV, root / "manifest.csv") if p.exists())],
-                 allowed, root)  # fmt: skip
+    check_inside(
+        [root, *(p for p in (root / HAM_CSV, root / "manifest.csv") if p.exists())], allowed, root
+    )
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
     if layout == "auto":
@@ -364,9 +365,13 @@ def scan(
         names = {c: c for c in items}
         groups = _manifest_groups(root, items)
     check_inside(
-        [*(root / c for c in items if (root / c).is_dir()),  # class folders, even empty ones
-         *(p for ps in items.values() for p in ps)], allowed, root,
-    )  # fmt: skip
+        [
+            *(root / c for c in items if (root / c).is_dir()),  # class folders, even empty ones
+            *(p for ps in items.values() for p in ps),
+        ],
+        allowed,
+        root,
+    )
     items, names = _normalise(
         items, names, "class folders" if layout != "ham10000" else "dx values"
     )

@@ -71,33 +71,86 @@ class ClassSpec:
 
 SPECS: dict[str, ClassSpec] = {
     "lymphocyte": ClassSpec(
-        "lymphocyte", (0.18, 0.21), (1, 1), (0.42, 0.56), (150, 195, 238), None, (0.0, 0.0),
-        ("small cell", "single round nucleus", "high N:C, scant cytoplasm",
-         "sky-blue cytoplasm", "no granules"),
+        "lymphocyte",
+        (0.18, 0.21),
+        (1, 1),
+        (0.42, 0.56),
+        (150, 195, 238),
+        None,
+        (0.0, 0.0),
+        (
+            "small cell",
+            "single round nucleus",
+            "high N:C, scant cytoplasm",
+            "sky-blue cytoplasm",
+            "no granules",
+        ),
     ),
     "neutrophil": ClassSpec(
-        "neutrophil", (0.24, 0.28), (3, 5), (0.18, 0.28), (208, 170, 208), None, (0.0, 0.0),
-        ("medium cell", "3-5 nucleus lobes", "low N:C", "pale pink-lilac cytoplasm",
-         "no visible granules"),
+        "neutrophil",
+        (0.24, 0.28),
+        (3, 5),
+        (0.18, 0.28),
+        (208, 170, 208),
+        None,
+        (0.0, 0.0),
+        (
+            "medium cell",
+            "3-5 nucleus lobes",
+            "low N:C",
+            "pale pink-lilac cytoplasm",
+            "no visible granules",
+        ),
     ),
     "eosinophil": ClassSpec(
-        "eosinophil", (0.25, 0.29), (2, 2), (0.18, 0.28), (246, 176, 132), (214, 72, 44),
+        "eosinophil",
+        (0.25, 0.29),
+        (2, 2),
+        (0.18, 0.28),
+        (246, 176, 132),
+        (214, 72, 44),
         (0.35, 0.55),
-        ("medium cell", "bilobed nucleus", "low N:C", "orange-pink cytoplasm",
-         "coarse orange-red granules"),
+        (
+            "medium cell",
+            "bilobed nucleus",
+            "low N:C",
+            "orange-pink cytoplasm",
+            "coarse orange-red granules",
+        ),
     ),
     "monocyte": ClassSpec(
-        "monocyte", (0.31, 0.35), (1, 1), (0.30, 0.42), (164, 172, 206), None, (0.0, 0.0),
-        ("large cell", "single kidney-shaped nucleus", "moderate N:C", "grey-blue cytoplasm",
-         "no granules"),
+        "monocyte",
+        (0.31, 0.35),
+        (1, 1),
+        (0.30, 0.42),
+        (164, 172, 206),
+        None,
+        (0.0, 0.0),
+        (
+            "large cell",
+            "single kidney-shaped nucleus",
+            "moderate N:C",
+            "grey-blue cytoplasm",
+            "no granules",
+        ),
     ),
     "basophil": ClassSpec(
-        "basophil", (0.21, 0.25), (1, 2), (0.24, 0.36), (196, 170, 214), (10, 50, 90),
+        "basophil",
+        (0.21, 0.25),
+        (1, 2),
+        (0.24, 0.36),
+        (196, 170, 214),
+        (10, 50, 90),
         (0.42, 0.62),
-        ("small-medium cell", "1-2 nucleus lobes", "moderate N:C", "lilac cytoplasm",
-         "dense dark blue-black granules"),
+        (
+            "small-medium cell",
+            "1-2 nucleus lobes",
+            "moderate N:C",
+            "lilac cytoplasm",
+            "dense dark blue-black granules",
+        ),
     ),
-}  # fmt: skip
+}
 
 
 def _spec(cls: str) -> ClassSpec:
@@ -330,8 +383,14 @@ _CENTRE = np.hypot(*(np.mgrid[0:WORK_SIZE, 0:WORK_SIZE] - WORK_SIZE / 2)) < 0.2 
 
 def _cell_mask(work: npt.NDArray[np.float32]) -> Mask:
     """The central cell: pixels far from the border (background) colour, one filled component."""
-    ring = np.concatenate([work[:2].reshape(-1, 3), work[-2:].reshape(-1, 3),
-                           work[:, :2].reshape(-1, 3), work[:, -2:].reshape(-1, 3)])  # fmt: skip
+    ring = np.concatenate(
+        [
+            work[:2].reshape(-1, 3),
+            work[-2:].reshape(-1, 3),
+            work[:, :2].reshape(-1, 3),
+            work[:, -2:].reshape(-1, 3),
+        ]
+    )
     mask: Mask = np.linalg.norm(work - np.median(ring, axis=0), axis=-1) > BG_DIST
     mask = ndimage.binary_opening(mask)
     labels, n = ndimage.label(mask)
@@ -406,14 +465,22 @@ def check_image(image: npt.NDArray[Any] | Image.Image, expected_class: str) -> V
         else (spec.granule_density[0] - GRANULE_TOL, spec.granule_density[1] + GRANULE_TOL)
     )
     results = (
-        _in("cell_size", np.sqrt(cell.sum() / np.pi) / WORK_SIZE,
-            spec.radius[0] - SIZE_TOL, spec.radius[1] + SIZE_TOL),
+        _in(
+            "cell_size",
+            np.sqrt(cell.sum() / np.pi) / WORK_SIZE,
+            spec.radius[0] - SIZE_TOL,
+            spec.radius[1] + SIZE_TOL,
+        ),
         _in("nucleus_lobes", lobes, *spec.lobes),
-        _in("nc_ratio", nucleus.sum() / cell_area,
-            spec.nc_ratio[0] - NC_TOL, spec.nc_ratio[1] + NC_TOL),
+        _in(
+            "nc_ratio",
+            nucleus.sum() / cell_area,
+            spec.nc_ratio[0] - NC_TOL,
+            spec.nc_ratio[1] + NC_TOL,
+        ),
         _in("cytoplasm_colour", colour_dist, 0.0, COLOUR_TOL),
         _in("granules", grains, g_lo, g_hi),
-    )  # fmt: skip
+    )
     return Verdict(expected_class, results)
 
 

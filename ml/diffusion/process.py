@@ -41,9 +41,12 @@ def sampler(name: SchedulerName, train_sched: DDPMScheduler, steps: int) -> Samp
         s = DDIMScheduler.from_config(train_sched.config)
     elif name in ("dpm++", "dpm++sde"):
         s = DPMSolverMultistepScheduler.from_config(
-            train_sched.config, solver_order=2, thresholding=True, sample_max_value=1.0,
+            train_sched.config,
+            solver_order=2,
+            thresholding=True,
+            sample_max_value=1.0,
             algorithm_type="dpmsolver++" if name == "dpm++" else "sde-dpmsolver++",
-        )  # fmt: skip
+        )
     else:
         raise Invalid(f"unknown scheduler {name!r}; choose ddim, dpm++ or dpm++sde")
     s.set_timesteps(steps)

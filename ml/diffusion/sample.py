@@ -139,9 +139,15 @@ def regenerate(checkpoint: Path | str, p: Provenance, device: str = "cpu") -> to
             f"{loaded.path} is {digest[:12]}..."
         )
     scfg = SampleConfig(
-        scheduler=p.scheduler, steps=p.steps, guidance=p.guidance, eta=p.eta, seed=p.seed,
-        use_ema=p.use_ema, precision=p.precision, batch_size=1,
-    )  # fmt: skip
+        scheduler=p.scheduler,
+        steps=p.steps,
+        guidance=p.guidance,
+        eta=p.eta,
+        seed=p.seed,
+        use_ema=p.use_ema,
+        precision=p.precision,
+        batch_size=1,
+    )
     return generate(loaded, p.class_name, p.n, scfg, indices=[p.index])[0]
 
 
@@ -160,11 +166,21 @@ def provenance(
     (``checkpoint_sha256``: the file's hash if already known, else it is computed)."""
     return Provenance(
         checkpoint_sha256=checkpoint_sha256 or file_sha256(loaded.path),
-        training_step=loaded.step, mode=loaded.cond.mode, class_name=class_name, index=index,
-        n=n, seed=scfg.seed, scheduler=scfg.scheduler, steps=int(scfg.steps or 0),
-        guidance=scfg.guidance, eta=scfg.eta, use_ema=scfg.use_ema, precision=scfg.precision,
-        model_id=model_id, batch_id=batch_id,
-    )  # fmt: skip
+        training_step=loaded.step,
+        mode=loaded.cond.mode,
+        class_name=class_name,
+        index=index,
+        n=n,
+        seed=scfg.seed,
+        scheduler=scfg.scheduler,
+        steps=int(scfg.steps or 0),
+        guidance=scfg.guidance,
+        eta=scfg.eta,
+        use_ema=scfg.use_ema,
+        precision=scfg.precision,
+        model_id=model_id,
+        batch_id=batch_id,
+    )
 
 
 @dataclass

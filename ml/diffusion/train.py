@@ -188,8 +188,16 @@ def make_lr_scheduler(
 
 
 # The fields that shape the network: a resumed run must match its checkpoint in each.
-MODEL_FIELDS = ("image_size", "in_channels", "base_channels", "channel_mults", "num_res_blocks",
-                "norm_groups", "attention_resolutions", "attention_heads")  # fmt: skip
+MODEL_FIELDS = (
+    "image_size",
+    "in_channels",
+    "base_channels",
+    "channel_mults",
+    "num_res_blocks",
+    "norm_groups",
+    "attention_resolutions",
+    "attention_heads",
+)
 
 
 def _check_same_model(cfg: TrainConfig, stored: TrainConfig, path: Path | str) -> None:

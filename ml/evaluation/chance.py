@@ -53,9 +53,12 @@ def chance_levels(support: Sequence[int], draws: int = DRAWS, seed: int = 0) -> 
     sims = np.array([macro_scores(truth, rng.integers(0, k, n), k) for _ in range(draws)])
     lo, hi = np.quantile(sims[:, 2], [0.025, 0.975])
     uniform = ChanceLevel(
-        precision=float(sims[:, 0].mean()), recall=float(sims[:, 1].mean()),
-        f1=float(sims[:, 2].mean()), f1_low=float(lo), f1_high=float(hi),
-    )  # fmt: skip
+        precision=float(sims[:, 0].mean()),
+        recall=float(sims[:, 1].mean()),
+        f1=float(sims[:, 2].mean()),
+        f1_low=float(lo),
+        f1_high=float(hi),
+    )
     majority = macro_scores(truth, np.full(n, int(counts.argmax())), k)
     return ChanceLevels(
         uniform=uniform,

@@ -99,8 +99,10 @@ def make_classifier(backbone: str, n_classes: int, weights: Path | str | None = 
         return small_cnn(n_classes)
     import torchvision
 
-    builders = {"resnext50": torchvision.models.resnext50_32x4d,
-                "resnet18": torchvision.models.resnet18}  # fmt: skip
+    builders = {
+        "resnext50": torchvision.models.resnext50_32x4d,
+        "resnet18": torchvision.models.resnet18,
+    }
     if backbone not in builders:
         raise Invalid(f"unknown backbone {backbone!r}; choose small, resnet18 or resnext50")
     net = builders[backbone](weights=None)
@@ -140,8 +142,9 @@ class ImageClassifier(nn.Module):
 
 def _check_images(images: torch.Tensor, labels: torch.Tensor, what: str) -> None:
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{what}: images must be uint8 (N, 3, H, W), got {images.dtype} "
-                         f"{tuple(images.shape)}")  # fmt: skip
+        raise ValueError(
+            f"{what}: images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+        )
     if len(images) != len(labels):
         raise ValueError(f"{what}: {len(images)} images but {len(labels)} labels")
 

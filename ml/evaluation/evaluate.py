@@ -70,8 +70,11 @@ def real_split(
         raise Invalid("a model does not record its data selection (trained without a codebook)")
     first = next(iter(selections.values()))
     drop = ("image_size",)
-    if any({k: v for k, v in s.items() if k not in drop} != {k: v for k, v in first.items()
-           if k not in drop} for s in selections.values()):  # fmt: skip
+    if any(
+        {k: v for k, v in s.items() if k not in drop}
+        != {k: v for k, v in first.items() if k not in drop}
+        for s in selections.values()
+    ):
         raise Invalid(f"the models were trained on different data selections: {selections}")
     sizes = {m.cfg.image_size for m in models.values()}
     if len(sizes) != 1:
@@ -125,15 +128,26 @@ def external_test_set(
             f"have every one of {sorted(classes)} (it has {sorted(present) or 'none'}; classes "
             "the models do not know are ignored)"
         )
-    split = load_split(cat.root, layout=cat.layout, n_per_class=None, n_heldout=0,
-                       image_size=image_size, classes=list(classes), roots=roots)  # fmt: skip
+    split = load_split(
+        cat.root,
+        layout=cat.layout,
+        n_per_class=None,
+        n_heldout=0,
+        image_size=image_size,
+        classes=list(classes),
+        roots=roots,
+    )
     test = _in_model_order(split.train, classes)
     counts = test.per_class_counts()
     info = TestSetInfo(
-        source="external", name=name or cat.root.name, path=str(cat.root.resolve()),
-        layout=cat.layout, n_per_class=counts, total=len(test),
+        source="external",
+        name=name or cat.root.name,
+        path=str(cat.root.resolve()),
+        layout=cat.layout,
+        n_per_class=counts,
+        total=len(test),
         ignored_classes=sorted(set(cat.items) - set(classes)),
-    )  # fmt: skip
+    )
     return test, info
 
 
@@ -158,9 +172,12 @@ def synthetic_set(
 ) -> ImageSet:
     """``on_step(done, total)``: denoising steps within the class being generated."""
     scfg = SampleConfig(
-        steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler, seed=cfg.seed,
+        steps=cfg.steps,
+        guidance=cfg.guidance,
+        scheduler=cfg.scheduler,
+        seed=cfg.seed,
         batch_size=cfg.batch_size,
-    )  # fmt: skip
+    )
     classes = list(model.cond.classes)
     images, labels = [], []
     for label, name in enumerate(classes):
@@ -168,8 +185,13 @@ def synthetic_set(
         images.append(generate(model, name, n, scfg, on_step=on_step))
         labels += [label] * n
         on_class()
-    return ImageSet(images=torch.cat(images), labels=torch.tensor(labels), classes=classes,
-                    paths=[""] * len(labels), hashes=[])  # fmt: skip
+    return ImageSet(
+        images=torch.cat(images),
+        labels=torch.tensor(labels),
+        classes=classes,
+        paths=[""] * len(labels),
+        hashes=[],
+    )
 
 
 def _hashes(images: torch.Tensor) -> list[str]:
@@ -208,9 +230,13 @@ def _test_set(
         held = split.heldout
         root = Path(split.selection.get("root") or split.root)
         info = TestSetInfo(
-            source="held-out", name=f"{test_name or root.name} (held-out)", path=str(root),
-            layout=split.layout, n_per_class=held.per_class_counts(), total=len(held),
-        )  # fmt: skip
+            source="held-out",
+            name=f"{test_name or root.name} (held-out)",
+            path=str(root),
+            layout=split.layout,
+            n_per_class=held.per_class_counts(),
+            total=len(held),
+        )
         return held, info
     test, info = external_test_set(test_data, split.classes, image_size, roots, test_name)
     _check_unseen(test, split)
@@ -272,9 +298,12 @@ def evaluate(
                 tick(f"given {name}")
             continue
         synthetic[name] = synthetic_set(
-            m, counts, cfg, partial(tick, f"generate {name}"),
+            m,
+            counts,
+            cfg,
+            partial(tick, f"generate {name}"),
             on_step=partial(within, f"generate {name}"),
-        )  # fmt: skip
+        )
     # The reference the CLIP-space metrics measure against, and the real set giving the floor.
     if test_info.source == "held-out":
         ref, floor_name, floor = split.train, "real held-out", test
@@ -286,8 +315,15 @@ def evaluate(
     ref_emb, ref_labels = _embed(encoder, ref, cache), ref.labels.numpy()
 
     def report(data: ImageSet) -> DistributionReport:
-        rep = distribution_report(ref_emb, ref_labels, _embed(encoder, data, cache),
-                                  data.labels.numpy(), classes, codebook, cfg.k)  # fmt: skip
+        rep = distribution_report(
+            ref_emb,
+            ref_labels,
+            _embed(encoder, data, cache),
+            data.labels.numpy(),
+            classes,
+            codebook,
+            cfg.k,
+        )
         return DistributionReport.model_validate(rep)
 
     distribution = {floor_name: report(floor)}

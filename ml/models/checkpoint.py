@@ -142,8 +142,18 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
 
 _FLAT = re.compile(r"(down|up)(_attn)?\.(\d+)\.(.+)")
 # UNet's top-level modules in the order it registers them (its state_dict's and parameters' order)
-_TOP = ("null_embed", "class_embed", "cond_mlp", "conv_in", "down", "mid", "mid_attn", "up",
-        "norm_out", "conv_out")  # fmt: skip
+_TOP = (
+    "null_embed",
+    "class_embed",
+    "cond_mlp",
+    "conv_in",
+    "down",
+    "mid",
+    "mid_attn",
+    "up",
+    "norm_out",
+    "conv_out",
+)
 _KINDS = ("res", "attn", "resample")  # a Level's order
 
 

@@ -207,11 +207,18 @@ class Codebook:
                 raise ValueError(f"tensor shapes {tuple(protos.shape)} disagree with C={c} K={k}")
             head = {n[5:]: v for n, v in t.items() if n.startswith("head.")} or None
             return cls(
-                classes=list(meta["classes"]), prototypes=protos, weights=weights,
-                encoder=meta["encoder"], gamma=meta["gamma"], lam=meta["lam"],
-                head=meta["head"], head_state=head, assignments=meta["assignments"],
-                selection=meta["selection"], report=meta["report"],
-            )  # fmt: skip
+                classes=list(meta["classes"]),
+                prototypes=protos,
+                weights=weights,
+                encoder=meta["encoder"],
+                gamma=meta["gamma"],
+                lam=meta["lam"],
+                head=meta["head"],
+                head_state=head,
+                assignments=meta["assignments"],
+                selection=meta["selection"],
+                report=meta["report"],
+            )
         except (ValueError, KeyError, TypeError, SafetensorError) as e:
             raise Invalid(f"corrupt codebook at {directory}: {e}") from e
 
@@ -320,8 +327,10 @@ def fit_prototypes(
     params = [protos]
     head = None
     if cfg.head == "linear":
-        head = {"weight": torch.nn.Parameter(torch.eye(dim)),
-                "bias": torch.nn.Parameter(torch.zeros(dim))}  # fmt: skip
+        head = {
+            "weight": torch.nn.Parameter(torch.eye(dim)),
+            "bias": torch.nn.Parameter(torch.zeros(dim)),
+        }
         params += list(head.values())
 
     def feats(inp: torch.Tensor) -> torch.Tensor:
@@ -349,10 +358,18 @@ def fit_prototypes(
 
     head_state = None if head is None else {n_: p.detach().clone() for n_, p in head.items()}
     return finish_codebook(
-        protos.detach().clone(), x, y, classes, cfg, encoder_identity=encoder_identity,
-        final_loss=final_loss, heldout_emb=heldout_emb, heldout_labels=heldout_labels,
-        hashes=hashes, head_state=head_state,
-    )  # fmt: skip
+        protos.detach().clone(),
+        x,
+        y,
+        classes,
+        cfg,
+        encoder_identity=encoder_identity,
+        final_loss=final_loss,
+        heldout_emb=heldout_emb,
+        heldout_labels=heldout_labels,
+        hashes=hashes,
+        head_state=head_state,
+    )
 
 
 def finish_codebook(
@@ -378,10 +395,15 @@ def finish_codebook(
     n_cls, k = prototypes.shape[:2]
     counts = torch.bincount(y, minlength=n_cls)
     book = Codebook(
-        classes=list(classes), prototypes=prototypes, weights=torch.zeros(n_cls, k),
-        encoder=encoder_identity, gamma=cfg.gamma, lam=cfg.lam, head=cfg.head,
+        classes=list(classes),
+        prototypes=prototypes,
+        weights=torch.zeros(n_cls, k),
+        encoder=encoder_identity,
+        gamma=cfg.gamma,
+        lam=cfg.lam,
+        head=cfg.head,
         head_state=head_state,
-    )  # fmt: skip
+    )
     with torch.no_grad():
         own = _own_nearest(book.features(x), y, book.prototypes)
         for c in range(n_cls):

@@ -35,10 +35,16 @@ log = logging.getLogger(__name__)
 # a CPU). open_clip needs a text tower to build a CLIP model; this one is minimal and never used.
 _TINY_CONFIG = {
     "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 64, "layers": 2, "head_width": 32,
-                   "mlp_ratio": 2.0},
+    "vision_cfg": {
+        "image_size": 64,
+        "patch_size": 16,
+        "width": 64,
+        "layers": 2,
+        "head_width": 32,
+        "mlp_ratio": 2.0,
+    },
     "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-}  # fmt: skip
+}
 
 
 def _register_tiny_config() -> None:

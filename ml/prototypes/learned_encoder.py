@@ -218,8 +218,11 @@ class LearnedEncoder:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
         def meta(sha: str) -> dict[str, Any]:
-            return {**self.meta, "format_version": FORMAT_VERSION,
-                    "identity": IDENTITY_PREFIX + sha}  # fmt: skip
+            return {
+                **self.meta,
+                "format_version": FORMAT_VERSION,
+                "identity": IDENTITY_PREFIX + sha,
+            }
 
         sha = write_artifact(Path(directory), JSON_NAME, TENSORS_NAME, tensors, meta)
         self.meta = {**meta(sha), "tensors_sha256": sha}
@@ -352,10 +355,12 @@ def train_domain_encoder(
         feats = torch.cat([net(norm(x01[i : i + 256])) for i in range(0, n, 256)])
     protos = nn.Parameter(init_prototypes(feats, y, n_cls, cpl.k, gen).clone())
     opt = torch.optim.AdamW(
-        [{"params": net.parameters(), "weight_decay": cfg.weight_decay},
-         {"params": [protos], "weight_decay": 0.0}],
+        [
+            {"params": net.parameters(), "weight_decay": cfg.weight_decay},
+            {"params": [protos], "weight_decay": 0.0},
+        ],
         lr=cfg.lr,
-    )  # fmt: skip
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     hx = hy = None
     if heldout_images is not None and heldout_labels is not None and len(heldout_images):
@@ -385,8 +390,12 @@ def train_domain_encoder(
         if hx is not None and hy is not None:
             row["heldout_acc"] = _heldout_accuracy(net, hx, hy, protos.detach(), 256)
             if cfg.patience is not None and (best is None or row["heldout_acc"] > best[0]):
-                best = (row["heldout_acc"], epoch, copy.deepcopy(net.state_dict()),
-                        protos.detach().clone())  # fmt: skip
+                best = (
+                    row["heldout_acc"],
+                    epoch,
+                    copy.deepcopy(net.state_dict()),
+                    protos.detach().clone(),
+                )
         history.append(row)
         if on_epoch is not None:
             on_epoch(epoch, cfg.epochs)

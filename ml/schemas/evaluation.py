@@ -296,18 +296,24 @@ def evaluation_tables(result: EvaluationResult) -> list[Table]:
     tables = [
         downstream_table(result.downstream, test_set_label(result)),
         Table(
-            key="distribution", title=f"{space} against the {result.reference}",
+            key="distribution",
+            title=f"{space} against the {result.reference}",
             headers=["set", *DISTANCE_HEADERS],
             rows=[[name, *_distance_cells(rep.overall)] for name, rep in dist.items()],
         ),
         Table(
             key="distribution-per-class",
             title=f"{space} per class against the {result.reference}",
-            headers=["class", "set", *DISTANCE_HEADERS], labels=2,
-            rows=[[cls, name, *_distance_cells(rep.per_class[cls])]
-                  for cls in result.classes for name, rep in dist.items() if cls in rep.per_class],
+            headers=["class", "set", *DISTANCE_HEADERS],
+            labels=2,
+            rows=[
+                [cls, name, *_distance_cells(rep.per_class[cls])]
+                for cls in result.classes
+                for name, rep in dist.items()
+                if cls in rep.per_class
+            ],
         ),
-    ]  # fmt: skip
+    ]
     toy = result.toy_plausibility
     if toy:
         rows = []
@@ -315,8 +321,14 @@ def evaluation_tables(result: EvaluationResult) -> list[Table]:
             per = toy[name]
             mean = sum(per.values()) / len(per) if per else None
             rows.append([name, *(_pct(per.get(c)) for c in result.classes), _pct(mean)])
-        tables.append(Table(key="toy", title="Toy checker plausibility (%)",
-                            headers=["set", *result.classes, "mean"], rows=rows))  # fmt: skip
+        tables.append(
+            Table(
+                key="toy",
+                title="Toy checker plausibility (%)",
+                headers=["set", *result.classes, "mean"],
+                rows=rows,
+            )
+        )
     return tables
 
 
@@ -328,8 +340,10 @@ def tables_text(tables: list[Table], empty: str = "-") -> str:
         widths = [max(len(r[i]) for r in grid) for i in range(len(t.headers))]
         lines = [t.title + ":"]
         for n, row in enumerate(grid):
-            cells = [c.ljust(w) if i < t.labels else c.rjust(w) for i, (c, w) in
-                     enumerate(zip(row, widths, strict=True))]  # fmt: skip
+            cells = [
+                c.ljust(w) if i < t.labels else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ]
             lines.append("  ".join(cells).rstrip())
             if n == 0:
                 lines.append("-" * len(lines[-1]))

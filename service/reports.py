@@ -5,7 +5,7 @@ Per class, the share of generated images that reviewers judged plausible, for ea
 (Newcombe's hybrid score interval, Fisher's exact test, Holm-adjusted over the classes), a
 pooled comparison stratified by class (Cochran-Mantel-Haenszel), per-criterion failure rates and
 inter-reviewer agreement (Cohen's or Fleiss' kappa). The result is a typed
-:class:`~service.report_models.PlausibilityReport`.
+:class:`~service.report_schemas.PlausibilityReport`.
 
 **The image is the unit.** The models generated images; reviewers are repeated measurements of
 each image, not more images. Counting every verdict as a sample (as this module did before)
@@ -55,7 +55,7 @@ from typing import Any
 
 from ml.errors import Invalid
 from service.criteria import VERDICTS
-from service.report_models import (
+from service.report_schemas import (
     Agreement,
     Average,
     ClassDifference,
@@ -298,7 +298,7 @@ def plausibility_report(
     baseline_id: int | None = None,
     prototype_id: int | None = None,
 ) -> PlausibilityReport:
-    """The Tables 3-4 report (shape: :mod:`service.report_models`; statistics: the module).
+    """The Tables 3-4 report (shape: :mod:`service.report_schemas`; statistics: the module).
 
     ``models`` are the columns, in order; judgements of other models are left out (of the
     agreement too). Without explicit ids, the baseline/prototype is the only model of that mode

@@ -35,7 +35,7 @@ from service.db.models import (
 from service.job_kinds import new_job
 from service.payloads import ReviewSyncPayload
 from service.queue import submit
-from service.report_models import Criterion, Filters, Flagged, ModelColumn, PlausibilityReport
+from service.report_schemas import Criterion, Filters, Flagged, ModelColumn, PlausibilityReport
 from service.reports import Judgement, plausibility_report
 from service.selection import BatchChoice, Selection, choose_all
 

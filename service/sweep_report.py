@@ -23,7 +23,7 @@ import numpy.typing as npt
 from PIL import Image as PILImage
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.report_models import RateEntry
+from service.report_schemas import RateEntry
 from service.reports import Judgement, image_rate, pct
 
 TIE = 1e-9  # lower bounds closer than this count as equal

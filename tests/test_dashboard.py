@@ -354,7 +354,7 @@ def text_of(page_html: str) -> str:
 
 
 def test_pages_show_the_seeded_numbers(dash: Dash) -> None:
-    from service.report_models import PlausibilityReport
+    from service.report_schemas import PlausibilityReport
     from service.reports import diff_cells, stratified_cells
     from service.statistics import cohen_kappa
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from service.report_models import PlausibilityReport
+from service.report_schemas import PlausibilityReport
 from service.reports import Judgement, agreement, plausibility_report, report_csv
 from service.statistics import (
     cohen_kappa,

@@ -59,7 +59,7 @@ from service.db.models import (
 )
 from service.evaluations import evaluation_of, latest_evaluation
 from service.model_cards import build_card, card_markdown
-from service.report_models import Flagged
+from service.report_schemas import Flagged
 from service.reports import (
     edited_text,
     flagged_text,

@@ -12,7 +12,7 @@ from api.deps import Reader, SessionDep
 from api.schemas import EvaluationReport
 from service.db.models import MAX_ID
 from service.evaluations import evaluation_csv, evaluation_of, latest_evaluation
-from service.report_models import Flagged, PlausibilityReport
+from service.report_schemas import Flagged, PlausibilityReport
 from service.reports import report_csv
 from service.reviews import plausibility
 

@@ -18,7 +18,7 @@ from api.ui.templating import percent
 from ml.schemas.audit import AuditReport, nearest  # torch-free
 from ml.schemas.evaluation import DownstreamResult, SetScores, ordered  # torch-free
 from service.db.models import Batch, Image, Model
-from service.report_models import ModelColumn, PlausibilityReport, RateEntry
+from service.report_schemas import ModelColumn, PlausibilityReport, RateEntry
 from service.reports import diff_cells, macro_difference, pct, stratified_cells
 from service.sweep_report import SweepReport
 

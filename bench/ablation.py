@@ -247,8 +247,9 @@ def run_arm(name: str, arm: str, seed: int, args: Any) -> list[dict[str, Any]]:
     """Train one arm with one seed, and score every checkpoint's synthetic set."""
     import torch
 
-    from ml.evaluation.evaluate import EvalConfig, synthetic_set
+    from ml.evaluation.evaluate import synthetic_set
     from ml.models.checkpoint import load_model
+    from ml.schemas.evaluation import EvalConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

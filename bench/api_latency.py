@@ -110,7 +110,8 @@ def seed(url: str) -> dict[str, int]:
     engine = make_engine(url)
     try:
         with Session(engine) as s:
-            return tests_module("seed").seed_rows(s)  # the rows the API tests read
+            ids: dict[str, int] = tests_module("seed").seed_rows(s)  # the rows the API tests read
+            return ids
     finally:
         engine.dispose()
 
@@ -121,7 +122,8 @@ def seed(url: str) -> dict[str, int]:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 @contextmanager
@@ -191,7 +193,7 @@ class Endpoint:
 
 def endpoints(ids: dict[str, int]) -> list[Endpoint]:
     auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    params = {"class": CLASSES[1], "n": 8, "dataset_id": ids["dataset"]}
+    params: dict[str, str | int] = {"class": CLASSES[1], "n": 8, "dataset_id": ids["dataset"]}
     return [
         Endpoint("GET /jobs/{id}", lambda c: c.get(f"/jobs/{ids['job']}", headers=auth), 200),
         Endpoint(

@@ -37,7 +37,8 @@ from ml.data.toy import write_toy_dataset
 from ml.diffusion.sample import generate
 from ml.diffusion.train import train
 from ml.models.checkpoint import load_model
-from ml.prototypes.encoder import TINY_MODEL, ClipEncoder, EncoderSpec
+from ml.prototypes.encoder import ClipEncoder, EncoderSpec
+from ml.prototypes.weights import TINY_MODEL
 from ml.schemas.audit import AuditReport
 
 CLASSES = {

@@ -21,15 +21,16 @@ import torch
 
 from bench.provenance import run_info
 from ml.audit import audit_images
-from ml.data.images import load_split
+from ml.data.images import DatasetSplit, load_split
 from ml.data.toy import write_toy_dataset
-from ml.prototypes.encoder import TINY_MODEL, ClipEncoder, EncoderSpec
+from ml.prototypes.encoder import ClipEncoder, EncoderSpec
+from ml.prototypes.weights import TINY_MODEL
 
 KINDS = {"exact": None, "flipped": None, "noise 1%": 0.01, "noise 2%": 0.02, "noise 4%": 0.04}
 PER_KIND = 10  # per kind and class
 
 
-def planted(split, gen: torch.Generator) -> tuple[torch.Tensor, list[str], list[str]]:
+def planted(split: DatasetSplit, gen: torch.Generator) -> tuple[torch.Tensor, list[str], list[str]]:
     images, classes, kinds = [], [], []
     for c, name in enumerate(split.classes):
         idx = torch.nonzero(split.train.labels == c).flatten()

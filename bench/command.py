@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bench.provenance import run_info
 
@@ -56,7 +57,7 @@ def write_models(preset: str, folder: Path) -> tuple[Path, Path]:
     return ckpt, weights
 
 
-def timed(cmd: list[str], log: Path) -> dict:
+def timed(cmd: list[str], log: Path) -> dict[str, float]:
     """Run under ``/usr/bin/time -v``; wall seconds and peak resident MiB from its report."""
     out = subprocess.run([TIME, "-v", "-o", str(log), *cmd], capture_output=True, text=True)
     if out.returncode != 0:
@@ -71,7 +72,9 @@ def timed(cmd: list[str], log: Path) -> dict:
     return {"wall_s": wall, "peak_mib": int(rss.group(1)) / 1024}
 
 
-def commands(args: argparse.Namespace, ckpt: Path, weights: Path, out: Path) -> dict:
+def commands(
+    args: argparse.Namespace, ckpt: Path, weights: Path, out: Path
+) -> dict[str, list[str]]:
     protomed = Path(sys.executable).with_name("protomed")
     common = ["--n", str(args.n), "--precision", args.precision]
     ours_steps = args.steps if args.ours_scheduler == "ddim" else args.ours_steps
@@ -126,7 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     if shutil.which(TIME) is None:
         sys.exit(f"{TIME} is missing: install GNU time (Debian/Ubuntu: apt-get install time)")
-    runs: dict[str, list[dict]] = {"ours": [], "diffusers": []}
+    runs: dict[str, list[dict[str, float]]] = {"ours": [], "diffusers": []}
     with tempfile.TemporaryDirectory(prefix="protomed-bench-") as tmp:
         tmpdir = Path(tmp)
         ckpt, weights = write_models(args.preset, tmpdir)
@@ -138,7 +141,7 @@ def main() -> None:
                 made = len(list((tmpdir / who).rglob("*.png")))
                 if made != args.n:
                     raise RuntimeError(f"{who} wrote {made} PNGs, expected {args.n}")
-    row: dict = {
+    row: dict[str, Any] = {
         "preset": args.preset,
         "n": args.n,
         "steps": args.steps,

@@ -118,11 +118,12 @@ def classifier_scores(
 
 def run_dataset(name: str, args: Any) -> dict[str, Any]:
     from ml.data.images import load_selection
-    from ml.evaluation.evaluate import EvalConfig, synthetic_set
+    from ml.evaluation.evaluate import synthetic_set
     from ml.models.checkpoint import load_model
     from ml.pipeline import learn_prototypes
     from ml.prototypes.cpl import CPLConfig
     from ml.prototypes.encoder import EmbeddingCache, EncoderSpec
+    from ml.schemas.evaluation import EvalConfig
 
     n_train, n_val, n_test = args.sizes or DATASETS[name]
     out = args.out / name

@@ -61,7 +61,8 @@ class DiffusersPeer(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cls = torch.where(labels[:, None] < 0, self.null, self.table[labels.clamp(min=0)])
-        return self.unet(x, t, class_labels=self.class_proj(cls)).sample
+        eps: torch.Tensor = self.unet(x, t, class_labels=self.class_proj(cls)).sample
+        return eps
 
 
 def conditioning() -> Conditioning:

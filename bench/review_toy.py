@@ -21,6 +21,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from PIL import Image
@@ -33,10 +34,10 @@ ADMIN_KEY: str = tests_module("conftest").ADMIN_KEY
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-def wait(api: httpx.Client, job_id: int, timeout: float = 3600) -> dict:
+def wait(api: httpx.Client, job_id: int, timeout: float = 3600) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = api.get(f"/jobs/{job_id}", headers=AUTH).json()
+        job: dict[str, Any] = api.get(f"/jobs/{job_id}", headers=AUTH).json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             if job["status"] != "succeeded":
                 raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
@@ -45,7 +46,7 @@ def wait(api: httpx.Client, job_id: int, timeout: float = 3600) -> dict:
     raise TimeoutError(f"job {job_id} did not finish")
 
 
-def review_all(api: httpx.Client, ls: object, ls_project: int) -> int:
+def review_all(api: httpx.Client, ls: Any, ls_project: int) -> int:
     """The rule-based reviewer: the toy checker's verdict per criterion, posted to Label Studio."""
     from ml.data.toy import check_image
     from service.criteria import annotation_result
@@ -128,7 +129,9 @@ def main() -> None:
             r = api.post("/reviews", json={"batch_ids": [b for _, b in batches]}, headers=AUTH)
             wait(api, r.json()["job"]["id"])
             ls_project = api.get("/reviews/projects", headers=AUTH).json()[0]["ls_project_id"]
-            ls = LabelStudio(base_url=args.ls_url, api_key=args.ls_token, timeout=60)
+            ls = LabelStudio(  # type: ignore[no-untyped-call]  # the SDK's constructor is unannotated
+                base_url=args.ls_url, api_key=args.ls_token, timeout=60
+            )
             n = review_all(api, ls, ls_project)
             for _ in range(120):
                 report = api.get("/reports/plausibility", headers=AUTH).json()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from bench.provenance import run_info
 from ml.evaluation.intervals import newcombe_difference, wilson
@@ -84,7 +85,9 @@ def main() -> None:
     loaded = load_model(ckpt, use_ema=True, device="cpu")
     encoder = ClipEncoder(EncoderSpec(args.encoder, None), allow_untrained=True, device="cpu")
 
-    def draw(cls: str, n: int, seed: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    def draw(
+        cls: str, n: int, seed: int
+    ) -> tuple[torch.Tensor, npt.NDArray[np.int_], npt.NDArray[np.float32]]:
         scfg = SampleConfig(seed=seed, steps=DEMO_SAMPLE_STEPS, batch_size=min(n, 64))
         imgs = generate(loaded, cls, n, scfg)
         verdicts = np.array(

@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.provenance import run_info
 from ml.config import SampleConfig
@@ -70,7 +71,8 @@ def main() -> None:
         EncoderSpec(args.encoder, args.pretrained), allow_untrained=not args.pretrained
     )
     real_emb = _embed(enc, real, None)
-    rows, reference = {}, None
+    rows: dict[str, dict[str, Any]] = {}
+    reference = None
     for name, (sched, full_steps, precision, seed) in VARIANTS.items():
         steps = max(2, round(full_steps * args.step_scale))
         scfg = SampleConfig(

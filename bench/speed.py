@@ -28,7 +28,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -112,8 +114,8 @@ def setup(
     precision: str,
     batch: int | None,
     device: str,
-    overrides: dict | None = None,
-):
+    overrides: dict[str, Any] | None = None,
+) -> tuple[nn.Module, TrainConfig]:
     """A model and the config it trains with (``batch`` overriding the preset's batch size,
     ``overrides`` any other config field)."""
     model, cfg = build(which, preset, precision, overrides)
@@ -152,12 +154,14 @@ def cuda_peak(fn: Callable[[], object]) -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def measure(preset: str, precision: str, batch: int | None, args: argparse.Namespace) -> dict:
+def measure(
+    preset: str, precision: str, batch: int | None, args: argparse.Namespace
+) -> dict[str, Any]:
     models = {
         w: setup(w, preset, precision, batch, args.device, args.set) for w in ("ours", "diffusers")
     }
     n = batch or args.sample_n
-    row: dict = {
+    row: dict[str, Any] = {
         "preset": preset,
         "precision": precision,
         "device": args.device,
@@ -181,15 +185,15 @@ def measure(preset: str, precision: str, batch: int | None, args: argparse.Names
             if args.device == "cpu":
                 peak = child_peak_rss(w, preset, precision, task, batch, args)
             elif task == "train":
-                peak = cuda_peak(lambda m=m, cfg=cfg: train_rate(m, cfg, precision, 1))
+                peak = cuda_peak(partial(train_rate, m, cfg, precision, 1))
             else:
-                peak = cuda_peak(lambda m=m, cfg=cfg: sample_rate(m, cfg, precision, n, 2))
+                peak = cuda_peak(partial(sample_rate, m, cfg, precision, n, 2))
             row[f"{w}_{task}_peak_mib"] = peak
     row["param_ratio"] = row["ours_params"] / row["diffusers_params"]
     return row
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict[str, Any]]) -> str:
     head = (
         f"{'preset':<13}{'prec':<6}{'batch':>6}{'params ours/peer':>18}"
         f"{'train img/s ours/peer':>24}{'x':>6}{'sample img/s ours/peer':>25}{'x':>6}"

@@ -114,7 +114,9 @@ def main() -> None:
             r.raise_for_status()
             wait(api, r.json()["job"]["id"])
             ls_project = api.get("/reviews/projects").json()[0]["ls_project_id"]
-            ls = LabelStudio(base_url=args.ls_url, api_key=args.ls_token, timeout=60)
+            ls = LabelStudio(  # type: ignore[no-untyped-call]  # the SDK's constructor is unannotated
+                base_url=args.ls_url, api_key=args.ls_token, timeout=60
+            )
             n = review_all(api, ls, ls_project)
             for j in api.post("/reviews/sync").json():
                 wait(api, j["id"])

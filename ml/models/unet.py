@@ -35,6 +35,8 @@ calls a kernel in ``ml.models.ops`` whose docstring states the plain formula it 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +125,8 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        out: torch.Tensor = self.conv(x)
+        return out
 
 
 class Upsample(nn.Module):
@@ -250,6 +253,7 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(norm_groups, ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
+        assert self.conv_out.bias is not None  # Conv2d's default bias=True
         nn.init.zeros_(self.conv_out.bias)
 
     @property
@@ -269,9 +273,9 @@ class UNet(nn.Module):
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         emb = self.condition(t, labels)
-        h = self.conv_in(x)
+        h: torch.Tensor = self.conv_in(x)
         skips = [h]
-        for level in self.down:
+        for level in cast(Iterable[Level], self.down):
             for res, attn in zip(level.res, level.attn, strict=True):
                 h = attn(res(h, emb))
                 skips.append(h)
@@ -279,12 +283,13 @@ class UNet(nn.Module):
                 h = level.resample(h)
                 skips.append(h)
         h = self.mid[1](self.mid_attn(self.mid[0](h, emb)), emb)
-        for level in self.up:
+        for level in cast(Iterable[Level], self.up):
             for res, attn in zip(level.res, level.attn, strict=True):
                 h = attn(res(torch.cat([h, skips.pop()], dim=1), emb))
             if level.resample is not None:
                 h = level.resample(h)
-        return self.conv_out(ops.silu(self.norm_out(h)))
+        out: torch.Tensor = self.conv_out(ops.silu(self.norm_out(h)))
+        return out
 
 
 # --- Helpers -------------------------------------------------------------------------------------

@@ -119,6 +119,20 @@ def request_audit(
     return job
 
 
+def nearest_key(stored: AuditStored, batch_id: int, image_id: int) -> str:
+    """The storage key of the training image nearest to one of the audited images;
+    :class:`NotFound` if the image is not in this audit, or the audit kept none for it."""
+    if image_id not in stored.image_ids:
+        raise NotFound(f"image {image_id} is not in batch {batch_id}'s audit")
+    key = stored.nearest_keys.get(str(stored.image_ids.index(image_id)))
+    if key is None:
+        raise NotFound(
+            f"the audit kept no nearest training image for image {image_id} (only for "
+            "flagged images and the closest few)"
+        )
+    return key
+
+
 def audit_summary(stored: AuditStored) -> dict[str, Any]:
     """A few numbers for lists (the batch page's link)."""
     t = stored.report.totals

@@ -12,7 +12,7 @@ from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ml.errors import Conflict, Invalid
+from ml.errors import Conflict, Invalid, NotFound
 from ml.schemas.evaluation import (  # torch-free
     DownstreamConfig,
     EvalConfig,
@@ -171,6 +171,16 @@ def latest_evaluation(
             j for j in jobs if EvaluatePayload.model_validate(j.params).dataset_id == dataset_id
         ]
     return jobs[0] if jobs else None
+
+
+def finished_evaluation(
+    session: Session, dataset_id: int | None = None, job_id: int | None = None
+) -> Job:
+    """:func:`latest_evaluation`, else :class:`NotFound` saying how to get one."""
+    job = latest_evaluation(session, dataset_id, job_id)
+    if job is None:
+        raise NotFound("no finished evaluation yet; POST /jobs/evaluate first")
+    return job
 
 
 def evaluation_of(job: Job) -> tuple[EvaluatePayload, EvaluationResult]:

@@ -22,7 +22,7 @@ from api.responses import audit_out, batch_out, job_out
 from api.schemas import AuditOut, BatchOut, GenerateAccepted, GenerateQuery, JobOut
 from ml.errors import Invalid
 from ml.schemas.audit import AuditConfig
-from service.audits import AuditStored, latest_audit, request_audit
+from service.audits import AuditStored, latest_audit, nearest_key, request_audit
 from service.db.models import Batch, Job
 from service.generation import GenerateRequest, request_generation
 from service.storage import ObjectNotFound
@@ -150,17 +150,8 @@ def audit_nearest(
     """The training image nearest to one of the batch's images in its newest audit (kept for
     flagged images and the closest few)."""
     _job, stored = _latest(session, batch_id)
-    if image_id not in stored.image_ids:
-        raise HTTPException(404, f"image {image_id} is not in batch {batch_id}'s audit")
-    key_ = stored.nearest_keys.get(str(stored.image_ids.index(image_id)))
-    if key_ is None:
-        raise HTTPException(
-            404,
-            f"the audit kept no nearest training image for image {image_id} (only for "
-            "flagged images and the closest few)",
-        )
     try:
-        data = storage.get_bytes(key_)
+        data = storage.get_bytes(nearest_key(stored, batch_id, image_id))
     except ObjectNotFound as exc:
         raise HTTPException(404, f"image {image_id}'s nearest image is not in storage") from exc
     return Response(data, media_type="image/png", headers={"Cache-Control": "private, no-store"})

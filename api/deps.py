@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from service.config import Settings, get_settings
 from service.db.models import MAX_ID, ApiKey, ApiKeyRole
 from service.db.session import get_session
+from service.rows import get_row
 from service.security import find_key, find_session
 from service.storage import Storage, get_storage
 
@@ -33,13 +34,9 @@ Row = TypeVar("Row")
 def get_or_404(
     session: Session, model: type[Row], id_: int, noun: str | None = None, hint: str = ""
 ) -> Row:
-    """The row of ``model`` with this primary key, else a 404 "no <noun> with id <id><hint>"
-    (the noun defaults to the class name in lower case), so every endpoint words it alike."""
-    row = session.get(model, id_)
-    if row is None:
-        name = noun or model.__name__.lower()
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {name} with id {id_}{hint}")
-    return row
+    """:func:`service.rows.get_row`: a miss is :class:`~ml.errors.NotFound` "no <noun> with id
+    <id><hint>", answered 404, worded as the service core's actions word it."""
+    return get_row(session, model, id_, noun, hint)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

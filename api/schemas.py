@@ -10,14 +10,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
-    ValidationInfo,
-    ValidatorFunctionWrapHandler,
-    field_validator,
     model_validator,
 )
 
-from ml.config import MAX_PER_CLASS, PresetName, allowed_range  # torch-free
+from ml.config import MAX_PER_CLASS  # torch-free
 from ml.data.catalog import Layout
 from ml.schemas.audit import AuditReport  # torch-free
 from ml.schemas.evaluation import EvaluationResult  # torch-free
@@ -94,44 +90,6 @@ class JobOut(Out):
     started_at: datetime | None
     finished_at: datetime | None
     links: dict[str, str] = Field(default_factory=dict)
-
-
-class TrainRequest(RequestModel):
-    dataset_id: int = Field(ge=1, le=MAX_ID)
-    mode: Literal["prototype", "baseline", "both"] = "both"
-    preset: PresetName = "paper"
-    overrides: dict[str, Any] = Field(
-        default_factory=dict, description="TrainConfig fields, e.g. {'steps': 2000}."
-    )
-    n_per_class: int | None = Field(
-        default=100,
-        ge=1,
-        le=MAX_PER_CLASS,
-        description=f"Training images per class, 1 to {MAX_PER_CLASS} (null: all).",
-    )
-    n_heldout: int = Field(
-        default=20,
-        ge=0,
-        le=MAX_PER_CLASS,
-        description=f"Held-out images per class, 0 to {MAX_PER_CLASS}.",
-    )
-    classes: list[ClassName] | None = Field(
-        default=None, max_length=1000, description="Subset of the dataset's classes."
-    )
-    seed: int = Field(default=0, ge=0, le=MAX_ID)
-    k: int = Field(default=1, ge=1, le=64, description="Prototypes per class.")
-
-    @field_validator("n_per_class", "n_heldout", "seed", "k", mode="wrap")
-    @classmethod
-    def _name_the_range(
-        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
-    ) -> Any:
-        """Out-of-range sizes say the whole allowed range, not just the bound they crossed."""
-        try:
-            return handler(value)
-        except ValidationError as exc:
-            allowed = allowed_range(cls, str(info.field_name))
-            raise ValueError(f"{exc.errors()[0]['msg']} (allowed: {allowed})") from None
 
 
 class TrainAccepted(BaseModel):
@@ -234,30 +192,6 @@ class KeyOut(Out):
 # --- evaluation ----------------------------------------------------------------------------------
 
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
-
-
-class EvaluateRequest(RequestModel):
-    baseline_model_id: Id
-    prototype_model_id: Id
-    seeds: list[Annotated[int, Field(ge=0, le=MAX_ID)]] = Field(
-        [0, 1, 2], min_length=1, max_length=10
-    )
-    backbone: Literal["small", "resnet18", "resnext50"] = "small"
-    epochs: int = Field(30, ge=1, le=1000)
-    n_per_class: int | None = Field(None, ge=1, le=10_000, description="default: as real")
-    steps: int = Field(50, ge=1, le=1000)
-    guidance: float = Field(2.0, ge=0, le=20)
-    baseline_batch_ids: list[Id] = Field(
-        default_factory=list, max_length=500, description="use these images instead of generating"
-    )
-    prototype_batch_ids: list[Id] = Field(default_factory=list, max_length=500)
-    test_dataset_id: Id | None = Field(
-        default=None,
-        description="An external test set: another registered dataset whose images the models "
-        "never saw, classes matched by name (it must have every class of the models; its other "
-        "classes are ignored). Every score is then measured on it. Default: the held-out part "
-        "of the models' split.",
-    )
 
 
 class EvaluationReport(EvaluationResult):

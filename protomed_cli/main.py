@@ -115,17 +115,10 @@ def scorer_train(
     worker runs it: ``protomed serve`` or ``protomed worker``)."""
     from service.config import get_settings
     from service.db.session import get_sessionmaker
-    from service.exceptions import ServiceUnavailable
-    from service.queue import submit
-    from service.scorers import ScorerUnavailable, start_scoring
+    from service.scorers import request_scorer
 
     with get_sessionmaker()() as session:
-        try:
-            job = start_scoring(session, domain, "cli", get_settings())
-            submit(session, [job])
-        except (ScorerUnavailable, ServiceUnavailable) as exc:
-            _fail(str(exc))
-            return
+        job = _act(lambda: request_scorer(session, get_settings(), domain, "cli"))
         typer.echo(f"queued score job {job.id} for domain {domain!r}")
 
 

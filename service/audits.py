@@ -11,10 +11,15 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ml.errors import Conflict, NotFound, UserError
 from ml.schemas.audit import AuditConfig, AuditReport  # torch-free
+from service.config import Settings
 from service.db.models import Batch, Job, JobKind, JobStatus
+from service.encoder import require_encoder_weights
 from service.job_kinds import new_job
 from service.payloads import AuditPayload
+from service.queue import submit
+from service.rows import get_row
 
 UNFINISHED = (JobStatus.queued, JobStatus.running)
 
@@ -29,13 +34,18 @@ class AuditStored(BaseModel):
     nearest_keys: dict[str, str]
 
 
-class AuditUnavailable(Exception):
-    """No finished audit to show; ``status`` is the HTTP code that fits (404 none, 409
-    pending or failed) and the message says how to get one."""
+class AuditUnavailable(UserError):
+    """No finished audit to show; the message says how to get one. Callers that show the
+    reason instead of failing (the dashboard, model cards) catch this; the API answers with the
+    subclass's status."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+
+class NoAuditYet(AuditUnavailable, NotFound):
+    """The batch was never audited."""
+
+
+class AuditNotReady(AuditUnavailable, Conflict):
+    """The batch's newest audit is still queued or running, or it failed."""
 
 
 def audit_jobs(session: Session, batch_id: int) -> list[Job]:
@@ -54,36 +64,32 @@ def latest_audit(session: Session, batch_id: int) -> tuple[Job, AuditStored]:
         return done, AuditStored.model_validate(done.result)
     start = f"start one with POST /batches/{batch_id}/audit (admin key)"
     if not jobs:
-        raise AuditUnavailable(404, f"batch {batch_id} has no audit yet; {start}")
+        raise NoAuditYet(f"batch {batch_id} has no audit yet; {start}")
     last = jobs[0]
     if last.status in UNFINISHED:
-        raise AuditUnavailable(
-            409,
+        raise AuditNotReady(
             f"the audit of batch {batch_id} is {last.status} (job {last.id}); poll "
             f"GET /jobs/{last.id}",
         )
-    raise AuditUnavailable(
-        409,
+    raise AuditNotReady(
         f"the last audit of batch {batch_id} (job {last.id}) {last.status}: "
         f"{last.error or 'no result'}; {start}",
     )
 
 
 def start_audit(session: Session, batch: Batch, config: AuditConfig, requested_by: str) -> Job:
-    """A queued audit job of a finished batch (the caller submits it). Refuses (409) a batch
+    """A stored audit job of a finished batch (not yet queued). :class:`Conflict` for a batch
     whose images are not all there yet, and one with an audit already waiting or running."""
     if batch.job is not None and batch.job.status != JobStatus.succeeded:
-        raise AuditUnavailable(
-            409,
+        raise Conflict(
             f"batch {batch.id} is not generated yet (its job {batch.job.id} is "
             f"{batch.job.status}); audit it once that job has succeeded",
         )
     if not batch.images:
-        raise AuditUnavailable(409, f"batch {batch.id} has no images to audit")
+        raise Conflict(f"batch {batch.id} has no images to audit")
     pending = [j for j in audit_jobs(session, batch.id) if j.status in UNFINISHED]
     if pending:
-        raise AuditUnavailable(
-            409,
+        raise Conflict(
             f"an audit of batch {batch.id} is already {pending[0].status} "
             f"(job {pending[0].id}); poll GET /jobs/{pending[0].id}",
         )
@@ -92,6 +98,39 @@ def start_audit(session: Session, batch: Batch, config: AuditConfig, requested_b
     session.add(job)
     session.flush()
     return job
+
+
+def request_audit(
+    session: Session,
+    settings: Settings,
+    batch_id: int,
+    config: AuditConfig | None,
+    requested_by: str,
+) -> Job:
+    """Check, store and queue a memorisation audit of the batch (committed by
+    :func:`service.queue.submit`): the batch must exist and be generated, with no audit of it
+    waiting; an audit in CLIP space needs the encoder's weights here."""
+    batch = get_row(session, Batch, batch_id, hint="; see GET /batches")
+    config = config or AuditConfig()
+    if "clip" in config.spaces:
+        require_encoder_weights(settings)
+    job = start_audit(session, batch, config, requested_by)
+    submit(session, [job])
+    return job
+
+
+def nearest_key(stored: AuditStored, batch_id: int, image_id: int) -> str:
+    """The storage key of the training image nearest to one of the audited images;
+    :class:`NotFound` if the image is not in this audit, or the audit kept none for it."""
+    if image_id not in stored.image_ids:
+        raise NotFound(f"image {image_id} is not in batch {batch_id}'s audit")
+    key = stored.nearest_keys.get(str(stored.image_ids.index(image_id)))
+    if key is None:
+        raise NotFound(
+            f"the audit kept no nearest training image for image {image_id} (only for "
+            "flagged images and the closest few)"
+        )
+    return key
 
 
 def audit_summary(stored: AuditStored) -> dict[str, Any]:

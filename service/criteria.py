@@ -16,6 +16,7 @@ from xml.sax.saxutils import quoteattr
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ml.errors import Invalid, NotFound
 from service.db.models import CriteriaSet
 
 VERDICTS = ("pass", "fail", "na")  # per criterion; "na" when it does not apply to the image
@@ -87,10 +88,23 @@ def latest(session: Session, domain: str) -> CriteriaSet | None:
     )
 
 
+def criteria_of(session: Session, domain: str) -> CriteriaSet:
+    """The domain's newest criteria set, else :class:`NotFound` naming the known domains."""
+    row = latest(session, domain)
+    if row is None:
+        known = ", ".join(sorted(set(session.scalars(select(CriteriaSet.domain)))))
+        raise NotFound(f"no criteria for domain {domain!r}; known: {known}")
+    return row
+
+
 def add_version(
     session: Session, domain: str, title: str, criteria: list[dict[str, Any]]
 ) -> CriteriaSet:
-    """Store an edited set as the domain's next version."""
+    """Store an edited set as the domain's next version; :class:`Invalid` if two criteria share
+    a key (a verdict is stored per key, so one would overwrite the other)."""
+    keys = [c["key"] for c in criteria]
+    if len(set(keys)) != len(keys):
+        raise Invalid(f"criterion keys must be unique: {keys}")
     top = session.scalar(select(func.max(CriteriaSet.version)).where(CriteriaSet.domain == domain))
     row = CriteriaSet(domain=domain, version=(top or 0) + 1, title=title, criteria=criteria)
     session.add(row)

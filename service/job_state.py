@@ -28,9 +28,11 @@ from typing import Any, Literal, cast
 from sqlalchemy import ColumnElement, CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from ml.errors import Conflict, NotFound
 from service.config import Settings
 from service.db.models import Job, JobKind, JobStatus, Model, ModelStatus, utc_now
 from service.db.session import get_sessionmaker
+from service.rows import get_row
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +230,19 @@ def cancel(session: Session, job_id: int) -> CancelOutcome:
         if status in TERMINAL:
             return "finished"
     raise RuntimeError(f"job {job_id} kept changing state while it was being cancelled")
+
+
+def request_cancel(session: Session, job_id: int) -> Job:
+    """Cancel the job (:func:`cancel`) and return it as it is now: :class:`NotFound` if there
+    is no such job (or it vanished meanwhile), :class:`Conflict` if it had already finished."""
+    job = get_row(session, Job, job_id)
+    outcome = cancel(session, job_id)
+    if outcome == "missing":
+        raise NotFound(f"job {job_id} not found")
+    session.refresh(job)  # the cancel wrote with UPDATEs: read back what the job is now
+    if outcome == "finished":
+        raise Conflict(f"job {job_id} already finished ({job.status})")
+    return job
 
 
 def requeue(

@@ -57,6 +57,13 @@ def require_label_studio(settings: Settings) -> None:
         raise Conflict("Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL")
 
 
+def require_label_studio_reads(settings: Settings) -> None:
+    """:class:`Conflict` unless protomed can read Label Studio (its address and a token): what
+    a webhook names is only believed once read back from there."""
+    if not settings.label_studio_url or not settings.label_studio_token:
+        raise Conflict("Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL and _TOKEN")
+
+
 def queue_sync(session: Session, project_id: int, requested_by: str) -> Job:
     """A review_sync job for the project, stored and queued (the one way a review request
     reaches Label Studio, so every caller stores the same :class:`ReviewSyncPayload`)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ml.errors import Conflict, NotFound
 from ml.schemas.scorer import ScorerMetrics  # torch- and sklearn-free
 from service.config import Settings
 from service.db.models import (
@@ -33,22 +34,15 @@ from service.db.models import (
     ReviewTask,
     Scorer,
 )
+from service.encoder import require_encoder_weights
 from service.job_kinds import new_job
 from service.payloads import ScorePayload
+from service.queue import submit
 from service.reports import Judgement, image_verdicts
 from service.reviews import counted
 
 log = logging.getLogger(__name__)
 UNFINISHED = (JobStatus.queued, JobStatus.running)
-
-
-class ScorerUnavailable(Exception):
-    """A scorer request that cannot be served now; ``status`` is the HTTP code that fits and the
-    message says what to do."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -138,30 +132,37 @@ def known_domains(session: Session) -> list[str]:
 
 
 def start_scoring(session: Session, domain: str, requested_by: str, settings: Settings) -> Job:
-    """A queued ``score`` job for the domain (the caller submits it). 404 for an unknown
-    domain, 409 with too few reviewed images or a job for the domain already waiting."""
+    """A stored ``score`` job for the domain (not yet queued). :class:`NotFound` for an unknown
+    domain, :class:`Conflict` with too few reviewed images or a job for the domain already
+    waiting."""
     domains = known_domains(session)
     if domain not in domains:
-        raise ScorerUnavailable(
-            404, f"unknown review domain {domain!r}; known: {', '.join(domains)}"
-        )
+        raise NotFound(f"unknown review domain {domain!r}; known: {', '.join(domains)}")
     pending = score_jobs(session, domain, UNFINISHED)
     if pending:
-        raise ScorerUnavailable(
-            409,
+        raise Conflict(
             f"a scorer job for {domain!r} is already {pending[0].status} (job "
             f"{pending[0].id}); poll GET /jobs/{pending[0].id}",
         )
     have = reviewed_count(session, domain)
     if have < settings.scorer_min_images:
-        raise ScorerUnavailable(
-            409,
+        raise Conflict(
             f"domain {domain!r} has {have} reviewed images; a scorer needs at least "
             f"{settings.scorer_min_images} (send batches for review: POST /reviews)",
         )
     job = new_job(JobKind.score, ScorePayload(domain=domain), requested_by=requested_by)
     session.add(job)
     session.flush()
+    return job
+
+
+def request_scorer(session: Session, settings: Settings, domain: str, requested_by: str) -> Job:
+    """Check, store and queue a ``score`` job: the domain's next scorer version on all its
+    reviewed images (committed by :func:`service.queue.submit`). The scorer embeds the images
+    with the encoder, so its weights must be here; then :func:`start_scoring`'s rules."""
+    require_encoder_weights(settings)
+    job = start_scoring(session, domain, requested_by, settings)
+    submit(session, [job])
     return job
 
 
@@ -187,8 +188,6 @@ def retrain_due(session: Session, settings: Settings) -> list[Job]:
     """Queue a ``score`` job for every due domain (:func:`due_domains`) and publish it.
     Called after verdicts are committed; a failure to publish is logged, not raised (the
     verdicts are stored either way, and the next arrival tries again)."""
-    from service.queue import submit
-
     jobs = [
         new_job(JobKind.score, ScorePayload(domain=d), requested_by="retrain")
         for d in due_domains(session, settings)

@@ -13,7 +13,9 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from service.db.models import ApiKey, ApiKeyRole, UiSession
+from ml.errors import Conflict
+from service.db.models import ApiKey, ApiKeyRole, UiSession, utc_now
+from service.rows import get_row
 
 KEY_PREFIX = "pm_"
 
@@ -48,6 +50,18 @@ def create_key(
     session.add(row)
     session.flush()
     return row, token
+
+
+def revoke_api_key(session: Session, key_id: int, by: ApiKey) -> ApiKey:
+    """Revoke the key (committed; revoking a revoked key changes nothing). :class:`Conflict`
+    for the caller's own key: an admin revoking itself could lock everyone out."""
+    row = get_row(session, ApiKey, key_id, "API key")
+    if row.id == by.id:
+        raise Conflict("a key cannot revoke itself")
+    if row.revoked_at is None:
+        row.revoked_at = utc_now()
+        session.commit()
+    return row
 
 
 def ensure_key(session: Session, name: str, role: ApiKeyRole | str, key: str) -> ApiKey:

@@ -260,7 +260,8 @@ def test_an_uploaded_zip_with_nfd_names_registers_nfc(svc: Service, tmp_path: Pa
 
 
 def test_class_names_in_requests_are_normalised() -> None:
-    from api.schemas import GuidanceDefaults, TrainRequest
+    from api.schemas import GuidanceDefaults
+    from service.training import TrainRequest
 
     assert TrainRequest(dataset_id=1, classes=[NFD, "b"]).classes == [NFC, "b"]
     assert list(GuidanceDefaults(defaults={NFD: 1.0}).defaults) == [NFC]

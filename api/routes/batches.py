@@ -22,11 +22,9 @@ from api.responses import audit_out, batch_out, job_out
 from api.schemas import AuditOut, BatchOut, GenerateAccepted, GenerateQuery, JobOut
 from ml.errors import Invalid
 from ml.schemas.audit import AuditConfig
-from service.audits import AuditStored, AuditUnavailable, latest_audit, start_audit
+from service.audits import AuditStored, latest_audit, nearest_key, request_audit
 from service.db.models import Batch, Job
-from service.encoder import require_encoder_weights
 from service.generation import GenerateRequest, request_generation
-from service.queue import submit
 from service.storage import ObjectNotFound
 
 router = APIRouter()
@@ -111,10 +109,7 @@ def batch_zip(
 
 def _latest(session: SessionDep, batch_id: int) -> tuple[Job, AuditStored]:
     get_or_404(session, Batch, batch_id, hint="; see GET /batches")
-    try:
-        return latest_audit(session, batch_id)
-    except AuditUnavailable as exc:
-        raise HTTPException(exc.status, str(exc)) from exc
+    return latest_audit(session, batch_id)
 
 
 @router.post("/batches/{batch_id}/audit", status_code=status.HTTP_202_ACCEPTED, tags=["batches"])
@@ -129,16 +124,7 @@ def start_batch_audit(
     """Queue a memorisation audit of a generated batch: each image's nearest training image
     (pixel and CLIP space), near-copies flagged per class by thresholds calibrated on held-out
     real images. Read it with ``GET /batches/{id}/audit`` once the job has succeeded."""
-    batch = get_or_404(session, Batch, batch_id, hint="; see GET /batches")
-    config = config or AuditConfig()
-    if "clip" in config.spaces:
-        require_encoder_weights(settings)
-    try:
-        job = start_audit(session, batch, config, key.name)
-    except AuditUnavailable as exc:
-        raise HTTPException(exc.status, str(exc)) from exc
-    submit(session, [job])
-    return job_out(job, request)
+    return job_out(request_audit(session, settings, batch_id, config, key.name), request)
 
 
 @router.get("/batches/{batch_id}/audit", tags=["batches"])
@@ -164,17 +150,8 @@ def audit_nearest(
     """The training image nearest to one of the batch's images in its newest audit (kept for
     flagged images and the closest few)."""
     _job, stored = _latest(session, batch_id)
-    if image_id not in stored.image_ids:
-        raise HTTPException(404, f"image {image_id} is not in batch {batch_id}'s audit")
-    key_ = stored.nearest_keys.get(str(stored.image_ids.index(image_id)))
-    if key_ is None:
-        raise HTTPException(
-            404,
-            f"the audit kept no nearest training image for image {image_id} (only for "
-            "flagged images and the closest few)",
-        )
     try:
-        data = storage.get_bytes(key_)
+        data = storage.get_bytes(nearest_key(stored, batch_id, image_id))
     except ObjectNotFound as exc:
         raise HTTPException(404, f"image {image_id}'s nearest image is not in storage") from exc
     return Response(data, media_type="image/png", headers={"Cache-Control": "private, no-store"})

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, status
 from sqlalchemy import select
 
-from api.deps import AdminKey, IdPath, SessionDep, get_or_404
+from api.deps import AdminKey, IdPath, SessionDep
 from api.schemas import KeyIn, KeyOut
-from service.db.models import ApiKey, utc_now
-from service.security import create_key
+from service.db.models import ApiKey
+from service.security import create_key, revoke_api_key
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 
@@ -27,10 +27,4 @@ def list_keys(session: SessionDep, _admin: AdminKey) -> list[KeyOut]:
 
 @router.post("/{key_id}/revoke")
 def revoke_key(key_id: IdPath, session: SessionDep, admin: AdminKey) -> KeyOut:
-    row = get_or_404(session, ApiKey, key_id, "API key")
-    if row.id == admin.id:
-        raise HTTPException(status.HTTP_409_CONFLICT, "a key cannot revoke itself")
-    if row.revoked_at is None:
-        row.revoked_at = utc_now()
-        session.commit()
-    return KeyOut.model_validate(row)
+    return KeyOut.model_validate(revoke_api_key(session, key_id, admin))

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse
 
 from api.deps import Reader, SessionDep
 from api.schemas import EvaluationReport
 from service.db.models import MAX_ID
-from service.evaluations import evaluation_csv, evaluation_of, latest_evaluation
+from service.evaluations import evaluation_csv, evaluation_of, finished_evaluation
 from service.report_schemas import Flagged, PlausibilityReport
 from service.reports import report_csv
 from service.reviews import plausibility
@@ -77,9 +77,7 @@ def evaluation_report(
     """The latest finished evaluation (of a dataset, or a given job): the job's id, request and
     finish time, then its result (``test_set`` says which real images every score is measured
     on). ``format=csv``: every table, as the CLI prints them."""
-    job = latest_evaluation(session, dataset_id, job_id)
-    if job is None:
-        raise HTTPException(404, "no finished evaluation yet; POST /jobs/evaluate first")
+    job = finished_evaluation(session, dataset_id, job_id)
     params, result = evaluation_of(job)
     if format == "csv":
         return PlainTextResponse(evaluation_csv(result), media_type="text/csv")

@@ -27,7 +27,7 @@ from api.schemas import (
     WebhookOut,
 )
 from service.blinding import NotAnImage, blind_png
-from service.criteria import add_version, latest
+from service.criteria import add_version, criteria_of
 from service.db.models import (
     CriteriaSet,
     Job,
@@ -40,7 +40,12 @@ from service.job_kinds import new_job
 from service.label_studio import SECRET_HEADER, LabelStudioError, refresh_annotations
 from service.payloads import ReviewSyncPayload
 from service.queue import submit
-from service.reviews import pending_modes, request_batch_review, stored_annotations
+from service.reviews import (
+    pending_modes,
+    request_batch_review,
+    require_label_studio_reads,
+    stored_annotations,
+)
 from service.scorers import retrain_due
 from service.storage import ObjectNotFound
 
@@ -61,11 +66,7 @@ def list_criteria(session: SessionDep, _reader: AnyReader) -> list[CriteriaOut]:
 
 @router.get("/criteria/{domain}")
 def get_criteria(domain: str, session: SessionDep, _reader: AnyReader) -> CriteriaOut:
-    row = latest(session, domain)
-    if row is None:
-        known = ", ".join(sorted(set(session.scalars(select(CriteriaSet.domain)))))
-        raise HTTPException(404, f"no criteria for domain {domain!r}; known: {known}")
-    return CriteriaOut.model_validate(row)
+    return CriteriaOut.model_validate(criteria_of(session, domain))
 
 
 @router.post("/criteria/{domain}", status_code=status.HTTP_201_CREATED)
@@ -76,9 +77,6 @@ def edit_criteria(
     _admin: AdminKey,
 ) -> CriteriaOut:
     """A new version of the domain's criteria (earlier verdicts keep theirs)."""
-    keys = [c.key for c in body.criteria]
-    if len(set(keys)) != len(keys):
-        raise HTTPException(422, f"criterion keys must be unique: {keys}")
     row = add_version(session, domain, body.title, [c.model_dump() for c in body.criteria])
     session.commit()
     return CriteriaOut.model_validate(row)
@@ -211,10 +209,7 @@ def webhook(
     Studio confirms the annotation is gone or cancelled). If Label Studio cannot be read, a
     pull is queued and the answer is 202, so the event is not lost (Label Studio never resends
     a webhook). Idempotent: a repeated event changes nothing."""
-    if not settings.label_studio_url or not settings.label_studio_token:
-        raise HTTPException(
-            409, "Label Studio is not configured: set PROTOMED_LABEL_STUDIO_URL and _TOKEN"
-        )
+    require_label_studio_reads(settings)
     named = (
         [event.annotation.id]
         if isinstance(event, AnnotationEvent)

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, Query, Request, status
 from sqlalchemy import select
 
 from api.deps import AdminKey, IdPath, Reader, SessionDep, SettingsDep, get_or_404
 from api.responses import job_out
 from api.schemas import JobOut, ScorerIn, ScorerOut
 from service.db.models import Scorer
-from service.encoder import require_encoder_weights
-from service.queue import submit
-from service.scorers import ScorerUnavailable, latest_scorer, start_scoring
+from service.scorers import latest_scorer, request_scorer
 
 router = APIRouter(tags=["scorers"])
 
@@ -32,13 +30,7 @@ def train_scorer(
 ) -> JobOut:
     """Queue a ``score`` job: the next scorer version of the domain, on all its reviewed
     images. 404 for an unknown domain, 409 with too few reviewed images or a job waiting."""
-    require_encoder_weights(settings)
-    try:
-        job = start_scoring(session, body.domain, key.name, settings)
-    except ScorerUnavailable as exc:
-        raise HTTPException(exc.status, str(exc)) from exc
-    submit(session, [job])
-    return job_out(job, request)
+    return job_out(request_scorer(session, settings, body.domain, key.name), request)
 
 
 @router.get("/scorers")

@@ -47,8 +47,8 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # Upper bounds as the CLI's and the API's (EvaluateRequest in api/schemas.py): sizes that
-    # protect the machine, the same wherever the config comes from.
+    # Upper bounds as the CLI's and the API's (EvaluateRequest in service/evaluations.py): sizes
+    # that protect the machine, the same wherever the config comes from.
     n_per_class: int | None = Field(
         None, ge=1, le=MAX_PER_CLASS, description="synthetic images per class"
     )

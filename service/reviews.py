@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
@@ -25,6 +25,7 @@ from service.db.models import (
     Image,
     Job,
     JobKind,
+    JobStatus,
     Model,
     Review,
     ReviewProject,
@@ -65,14 +66,44 @@ def require_label_studio_reads(settings: Settings) -> None:
 
 
 def queue_sync(session: Session, project_id: int, requested_by: str) -> Job:
-    """A review_sync job for the project, stored and queued (the one way a review request
-    reaches Label Studio, so every caller stores the same :class:`ReviewSyncPayload`)."""
-    job = new_job(
-        JobKind.review_sync, ReviewSyncPayload(project_id=project_id), requested_by=requested_by
-    )
-    session.add(job)
-    submit(session, [job])
-    return job
+    """A review_sync job for the project, stored and queued."""
+    return queue_syncs(session, [project_id], requested_by)[0]
+
+
+def queue_syncs(session: Session, project_ids: Sequence[int], requested_by: str) -> list[Job]:
+    """A review_sync job per project, stored and queued: the one way anything reaches Label
+    Studio (a review request, a sync now, a webhook), so every caller stores the same
+    :class:`ReviewSyncPayload`."""
+    jobs = [
+        new_job(JobKind.review_sync, ReviewSyncPayload(project_id=p), requested_by=requested_by)
+        for p in project_ids
+    ]
+    if jobs:
+        session.add_all(jobs)
+        submit(session, jobs)
+    return jobs
+
+
+def sync_all(session: Session, requested_by: str) -> list[Job]:
+    """Reconcile every project with Label Studio now (a pull also runs periodically)."""
+    ids = session.scalars(select(ReviewProject.id).order_by(ReviewProject.id)).all()
+    return queue_syncs(session, ids, requested_by)
+
+
+def queue_pulls(session: Session) -> list[int]:
+    """A review_sync job for every project that has reached Label Studio, unless one is already
+    waiting to start (it will read Label Studio after this event); the ids of the jobs that
+    will read it. The job retries while Label Studio is down (``review_sync_attempts``), and
+    the periodic pull remains behind it."""
+    projects = session.scalars(
+        select(ReviewProject.id).where(ReviewProject.ls_project_id.is_not(None))
+    ).all()
+    waiting = session.scalars(
+        select(Job).where(Job.kind == JobKind.review_sync, Job.status == JobStatus.queued)
+    ).all()
+    pending = {ReviewSyncPayload.model_validate(j.params).project_id: j.id for j in waiting}
+    jobs = queue_syncs(session, [p for p in projects if p not in pending], "webhook")
+    return sorted([*(j.id for j in jobs), *(pending[p] for p in projects if p in pending)])
 
 
 def project_for(session: Session, criteria_set: CriteriaSet) -> ReviewProject:

@@ -30,31 +30,22 @@ from service.blinding import NotAnImage, blind_png
 from service.criteria import add_version, criteria_of
 from service.db.models import (
     CriteriaSet,
-    Job,
-    JobKind,
-    JobStatus,
     ReviewProject,
     ReviewTask,
 )
-from service.job_kinds import new_job
 from service.label_studio import SECRET_HEADER, LabelStudioError, refresh_annotations
-from service.payloads import ReviewSyncPayload
-from service.queue import submit
 from service.reviews import (
     pending_modes,
+    queue_pulls,
     request_batch_review,
     require_label_studio_reads,
     stored_annotations,
+    sync_all,
 )
 from service.scorers import retrain_due
 from service.storage import ObjectNotFound
 
 router = APIRouter(tags=["reviews"])
-
-
-def _sync(project_id: int) -> ReviewSyncPayload:
-    """A review_sync job's payload."""
-    return ReviewSyncPayload(project_id=project_id)
 
 
 @router.get("/criteria")
@@ -143,11 +134,7 @@ def list_projects(
 @router.post("/reviews/sync", status_code=status.HTTP_202_ACCEPTED)
 def sync_now(request: Request, session: SessionDep, key: AdminKey) -> list[JobOut]:
     """Reconcile every project with Label Studio now (a pull also runs periodically)."""
-    ids = session.scalars(select(ReviewProject.id).order_by(ReviewProject.id)).all()
-    jobs = [new_job(JobKind.review_sync, _sync(i), requested_by=key.name) for i in ids]
-    session.add_all(jobs)
-    submit(session, jobs)
-    return [job_out(j, request) for j in jobs]
+    return [job_out(j, request) for j in sync_all(session, key.name)]
 
 
 # --- the webhook: a notification, never a source of verdicts -----------------------------------
@@ -164,28 +151,6 @@ def webhook_secret(
     expected = settings.review_webhook_secret
     if not expected or not secret or not hmac.compare_digest(secret.encode(), expected.encode()):
         raise HTTPException(403, f"wrong or missing {SECRET_HEADER} header")
-
-
-def queue_pulls(session: SessionDep) -> list[int]:
-    """A review_sync job for every project that has reached Label Studio, unless one is already
-    waiting to start (it will read Label Studio after this event). The job retries while Label
-    Studio is down (``review_sync_attempts``), and the periodic pull remains behind it."""
-    projects = session.scalars(
-        select(ReviewProject.id).where(ReviewProject.ls_project_id.is_not(None))
-    ).all()
-    waiting = session.scalars(
-        select(Job).where(Job.kind == JobKind.review_sync, Job.status == JobStatus.queued)
-    ).all()
-    pending = {ReviewSyncPayload.model_validate(j.params).project_id: j.id for j in waiting}
-    jobs = [
-        new_job(JobKind.review_sync, _sync(p), requested_by="webhook")
-        for p in projects
-        if p not in pending
-    ]
-    if jobs:
-        session.add_all(jobs)
-        submit(session, jobs)
-    return sorted([*(j.id for j in jobs), *(pending[p] for p in projects if p in pending)])
 
 
 @router.post(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
 from sqlalchemy import ColumnElement, CursorResult, and_, delete, func, or_, select
@@ -16,7 +16,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ml.errors import Conflict, Invalid, NotFound
-from service.config import Settings
+from service.config import Settings, get_settings
+from service.controls import Controls, add_control_batches, png_size_auc
 from service.criteria import latest, parse_result
 from service.db.models import (
     MAX_ID,
@@ -38,6 +39,7 @@ from service.queue import submit
 from service.report_schemas import Criterion, Filters, Flagged, ModelColumn, PlausibilityReport
 from service.reports import Judgement, plausibility_report
 from service.selection import BatchChoice, Selection, choose_all
+from service.storage import get_storage
 
 
 def counted() -> ColumnElement[bool]:
@@ -87,6 +89,7 @@ class SentForReview:
     project: ReviewProject
     tasks: list[ReviewTask]
     choices: list[BatchChoice]
+    controls: list[Batch] = field(default_factory=list)
 
 
 def request_review(
@@ -104,20 +107,32 @@ def send_for_review(
     domain: str | None,
     selection: Selection | None = None,
     rng: random.Random | None = None,
+    controls: Controls | None = None,
+    settings: Settings | None = None,
 ) -> SentForReview:
     """New tasks for the batches' chosen images (``selection``; default: all of them) in the
     domain's current project, in one shuffled order across all batches (so baseline and
     prototype images, random and uncertain picks, are mixed). Images already in the project
     are not added twice; an earlier uncertain pick that joins the random sample keeps its task,
     whose ``sample`` turns to ``random``. Every batch is checked before anything changes
-    (:class:`ReviewError`, :class:`~service.selection.SelectionError`, :class:`NotFound`)."""
+    (:class:`ReviewError`, :class:`~service.selection.SelectionError`, :class:`NotFound`).
+
+    ``controls``: real held-out images of the classes sent, added as control batches
+    (:mod:`service.controls`) whose tasks are made and shuffled exactly like the synthetic
+    ones (random sample); the project's PNG-size AUC is then recorded on each of them."""
     selection = selection or Selection()
     batches = [session.get(Batch, i) for i in dict.fromkeys(batch_ids)]
     missing = [i for i, b in zip(dict.fromkeys(batch_ids), batches, strict=True) if b is None]
     if missing:
         raise NotFound(f"no batch with id {', '.join(map(str, missing))}")
     found = [b for b in batches if b is not None]
-    domains = {b.model.dataset.domain for b in found}
+    real = [b.id for b in found if b.model is None]
+    if real:
+        raise ReviewError(
+            f"batch {', '.join(map(str, real))} holds control images; ask for controls with "
+            "'controls' instead"
+        )
+    domains = {b.model.dataset.domain for b in found if b.model is not None}
     if domain is None:
         if None in domains or len(domains) != 1:
             raise ReviewError(
@@ -151,6 +166,14 @@ def send_for_review(
         for img in chosen
         if img.id not in have
     ]
+    added: list[Batch] = []
+    if controls is not None:
+        settings = settings or get_settings()
+        storage = get_storage()
+        synthetic = [img for img, sample in images if sample == ReviewSample.random]
+        models = [b.model for b in found if b.model is not None]
+        added = add_control_batches(session, settings, storage, controls, models, synthetic)
+        images += [(img, ReviewSample.random) for b in added for img in b.images]
     secrets.SystemRandom().shuffle(images)
     start: int = session.execute(
         select(func.coalesce(func.max(ReviewTask.position), -1)).where(
@@ -177,7 +200,12 @@ def send_for_review(
     for task, place in zip(pending, places, strict=True):
         task.position = place
     session.flush()
-    return SentForReview(project, tasks, choices)
+    if added:
+        leak = png_size_auc(session, get_storage(), project.id)
+        for batch in added:
+            batch.control = {**(batch.control or {}), "leak": leak}
+        session.flush()
+    return SentForReview(project, tasks, choices, added)
 
 
 def request_batch_review(
@@ -187,11 +215,15 @@ def request_batch_review(
     domain: str | None,
     selection: Selection | None,
     requested_by: str,
+    controls: Controls | None = None,
 ) -> tuple[SentForReview, Job]:
-    """Send batches to blinded review: their chosen images into the domain's project
-    (:func:`send_for_review`) and a queued sync job that imports them into Label Studio."""
+    """Send batches to blinded review: their chosen images (and ``controls``, real held-out
+    images) into the domain's project (:func:`send_for_review`) and a queued sync job that
+    imports them into Label Studio."""
     require_label_studio(settings)
-    sent = send_for_review(session, batch_ids, domain, selection)
+    sent = send_for_review(
+        session, batch_ids, domain, selection, controls=controls, settings=settings
+    )
     return sent, queue_sync(session, sent.project.id, requested_by)
 
 

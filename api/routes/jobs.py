@@ -113,6 +113,8 @@ def _model(session: SessionDep, model_id: int, mode: ModelMode) -> Model:
 def _batches(session: SessionDep, ids: list[int], model: Model, mode: str) -> list[int]:
     for batch_id in ids:
         batch = get_or_404(session, Batch, batch_id)
+        if batch.model is None:
+            raise HTTPException(422, f"batch {batch_id} holds real control images, not generated")
         if batch.model.dataset_id != model.dataset_id:
             raise HTTPException(
                 422,

@@ -22,6 +22,7 @@ from service.criteria import latest, parse_result
 from service.db.models import (
     MAX_ID,
     Batch,
+    BatchSource,
     CriteriaSet,
     Image,
     Job,
@@ -36,7 +37,14 @@ from service.db.models import (
 from service.job_kinds import new_job
 from service.payloads import ReviewSyncPayload
 from service.queue import submit
-from service.report_schemas import Criterion, Filters, Flagged, ModelColumn, PlausibilityReport
+from service.report_schemas import (
+    ControlLeak,
+    Criterion,
+    Filters,
+    Flagged,
+    ModelColumn,
+    PlausibilityReport,
+)
 from service.reports import Judgement, plausibility_report
 from service.selection import BatchChoice, Selection, choose_all
 from service.storage import get_storage
@@ -533,7 +541,82 @@ def judgements(
         for c in cs.criteria if cs else []:
             if c["key"] not in {x.key for x in criteria}:
                 criteria.append(Criterion(key=c["key"], label=c["label"]))
-    return Judged(out, columns, criteria, on_edited_tasks=len(found) - len(rows))
+    controls = _control_judgements(
+        session, dataset_id, reviewer, criteria_set_id, flagged, [row[3] for row in rows]
+    )
+    return Judged(
+        out,
+        columns,
+        criteria,
+        on_edited_tasks=len(found) - len(rows),
+        controls=controls.judgements,
+        leaks=controls.leaks,
+    )
+
+
+class _Controls(NamedTuple):
+    judgements: list[Judgement]
+    leaks: list[ControlLeak]
+
+
+def _control_judgements(
+    session: Session,
+    dataset_id: int | None,
+    reviewer: str | None,
+    criteria_set_id: int | None,
+    flagged: Flagged,
+    criteria_sets: list[int],
+) -> _Controls:
+    """The counted verdicts on real control images under the same filters (``dataset_id``:
+    the control batch's dataset), in the criteria sets the models' verdicts come from (all
+    sets when there are none), and the PNG-size leak measure of each project holding them (the
+    newest control batch's)."""
+    query = (
+        select(Review, Image, ReviewTask.sample, ReviewTask.project_id, Batch)
+        .join(ReviewTask, Review.task_id == ReviewTask.id)
+        .join(Image, ReviewTask.image_id == Image.id)
+        .join(Batch, Image.batch_id == Batch.id)
+        .join(ReviewProject, ReviewTask.project_id == ReviewProject.id)
+        .where(Batch.source == BatchSource.control, ReviewTask.edited.is_(None))
+    )
+    if dataset_id is not None:
+        query = query.where(Batch.dataset_id == dataset_id)
+    if reviewer is not None:
+        who = reviewer.strip()
+        query = query.where(
+            or_(Review.reviewer == who, func.lower(Review.reviewer_email) == who.lower())
+        )
+    if criteria_set_id is not None:
+        query = query.where(ReviewProject.criteria_set_id == criteria_set_id)
+    elif criteria_sets:
+        query = query.where(ReviewProject.criteria_set_id.in_(set(criteria_sets)))
+    if flagged != "include":
+        query = query.where(Review.flagged.is_(flagged == "only"))
+    found = session.execute(query).all()
+    out = [
+        Judgement(
+            img.id,
+            img.class_name,
+            0,
+            "real",
+            r.reviewer,
+            r.plausible,
+            r.criteria,
+            sample=str(sample),
+            flagged=r.flagged,
+        )
+        for r, img, sample, _, _ in found
+    ]
+    newest: dict[int, Batch] = {}
+    for *_, project_id, batch in found:
+        if project_id not in newest or batch.id > newest[project_id].id:
+            newest[project_id] = batch
+    leaks = [
+        ControlLeak.model_validate(leak)
+        for _, b in sorted(newest.items())
+        if isinstance(leak := (b.control or {}).get("leak"), dict)
+    ]
+    return _Controls(out, leaks)
 
 
 class Judged(NamedTuple):
@@ -544,6 +627,8 @@ class Judged(NamedTuple):
     columns: list[ModelColumn]
     criteria: list[Criterion]
     on_edited_tasks: int
+    controls: list[Judgement] = []  # noqa: RUF012 - a NamedTuple default, never mutated
+    leaks: list[ControlLeak] = []  # noqa: RUF012
 
 
 class ProjectCounts(NamedTuple):
@@ -614,5 +699,11 @@ def plausibility(
         criteria_set_id=criteria_set_id,
         flagged=flagged,
     )
-    report = plausibility_report(found.judgements, found.columns, found.criteria)
+    report = plausibility_report(
+        found.judgements,
+        found.columns,
+        found.criteria,
+        controls=found.controls,
+        leaks=found.leaks,
+    )
     return report.model_copy(update={"filters": filters, "on_edited_tasks": found.on_edited_tasks})

@@ -7,13 +7,15 @@ Newcombe values."""
 from __future__ import annotations
 
 import io
+import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from conftest import Service, reset_service_caches
-from factories import add_batch, add_dataset, add_image, add_model, sampler_png
+from factories import add_batch, add_dataset, add_image, add_model, add_review, sampler_png
 from PIL import Image as PILImage
 from sqlalchemy import select
 
@@ -156,3 +158,67 @@ def test_control_requests_refused(ls: Service) -> None:
         assert s.scalars(select(ReviewTask)).first() is None
         assert s.scalars(select(Batch).where(Batch.source == BatchSource.control)).first() is None
         assert len(s.scalars(select(Image)).all()) == 13
+
+
+Z = 1.959963984540054  # the 97.5% normal quantile
+
+
+def wilson_by_hand(k: int, n: int) -> tuple[float, float]:
+    """Wilson's score interval from its formula (not the service's function)."""
+    centre = (k + Z * Z / 2) / (n + Z * Z)
+    half = Z * math.sqrt(k * (n - k) / n + Z * Z / 4) / (n + Z * Z)
+    return centre - half, centre + half
+
+
+def newcombe_by_hand(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
+    """Newcombe's hybrid score interval for p2 - p1 (method 10), from its formula."""
+    p1, p2 = k1 / n1, k2 / n2
+    (l1, u1), (l2, u2) = wilson_by_hand(k1, n1), wilson_by_hand(k2, n2)
+    d = p2 - p1
+    return d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2), d + math.sqrt(
+        (u2 - p2) ** 2 + (p1 - l1) ** 2
+    )
+
+
+def test_report_sets_models_against_real(ls: Service) -> None:
+    """Real images: 4 of 6 plausible; baseline 2 of 6, prototype 5 of 6. The report's real
+    rate and model-minus-real differences equal the hand-computed Wilson and Newcombe values,
+    in JSON, CSV and on the dashboard."""
+    batches, dataset_id, _ = seed_study(ls)
+    body = {"batch_ids": batches, "controls": {"dataset_id": dataset_id, "per_class": 6}}
+    r = post(ls, body)
+    assert r.status_code == 202, r.text
+    plausible = {BatchSource.control: 4, "baseline": 2, "prototype": 5}
+    with get_sessionmaker()() as s:
+        tasks = s.scalars(select(ReviewTask).order_by(ReviewTask.id)).all()
+        given: Counter[Any] = Counter()
+        for i, t in enumerate(tasks):
+            batch = t.image.batch
+            side = batch.source if batch.model is None else str(batch.model.mode)
+            add_review(
+                s, t, ls_annotation_id=i + 1, reviewer="r1", plausible=given[side] < plausible[side]
+            )
+            given[side] += 1
+        s.commit()
+        ids = {str(b.model.mode): b.model_id for b in s.scalars(select(Batch)) if b.model}
+    report = ls.client.get("/reports/plausibility", headers=ls.admin).json()
+    (row,) = report["classes"]
+    real = row["real"]
+    assert (real["images"], real["plausible"]) == (6, 4)
+    assert real["ci"] == pytest.approx(wilson_by_hand(4, 6), abs=1e-9)
+    for mode, k in (("baseline", 2), ("prototype", 5)):
+        diff = row["versus_real"][str(ids[mode])]
+        assert diff["value"] == pytest.approx(k / 6 - 4 / 6)
+        assert diff["ci"] == pytest.approx(newcombe_by_hand(4, 6, k, 6), abs=1e-9)
+    assert row["models"][str(ids["baseline"])]["images"] == 6  # controls are no model's
+    (leak,) = report["control_leaks"]
+    assert (leak["real"], leak["synthetic"]) == (6, 12) and 0 <= leak["png_size_auc"] <= 1
+    csv_text = ls.client.get(
+        "/reports/plausibility", params={"format": "csv"}, headers=ls.admin
+    ).text
+    assert "real images (%)" in csv_text and "66.67 (n=6; 6 reviews)" in csv_text
+    lo, hi = newcombe_by_hand(4, 6, 5, 6)
+    assert f"16.67,[{100 * lo:.1f}; {100 * hi:.1f}]" in csv_text and "PNG size AUC" in csv_text
+    page = ls.client.get("/ui/reports/plausibility", headers=ls.admin)
+    assert page.status_code == 200 and 'id="controls"' in page.text
+    assert 'id="control-leak"' in page.text

@@ -18,6 +18,8 @@ from ml.data.catalog import Layout
 from ml.schemas.audit import AuditReport  # torch-free
 from ml.schemas.evaluation import EvaluationResult  # torch-free
 from ml.schemas.scorer import ScorerMetrics  # torch-free
+from service.controls import MAX_PER_CLASS as MAX_CONTROLS
+from service.controls import Controls
 from service.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
 from service.generation import GenerateRequest
 from service.inputs import ClassName, RequestModel
@@ -120,7 +122,9 @@ class ImageOut(Out):
 
 class BatchOut(Out):
     id: int
-    model_id: int
+    model_id: int | None  # None: a control batch (real held-out images, ``source``)
+    source: str = "generated"  # generated | control
+    dataset_id: int | None = None  # a control batch's dataset
     class_name: str
     n: int
     guidance: float
@@ -227,6 +231,28 @@ class CriteriaOut(BaseModel):
     criteria: list[dict[str, Any]]
 
 
+class ControlsIn(RequestModel):
+    """Real images reviewed blinded beside the synthetic ones, as a reference rate: drawn at
+    random (seeded) from ``dataset_id``'s images that no reviewed model trained on, for each
+    class the request sends, ``per_class`` of them or ``share`` times that class's synthetic
+    images (rounded, at least 1). They are resized, encoded and served exactly like the
+    synthetic images; the report shows their plausible rate and each model's difference."""
+
+    dataset_id: int = Field(ge=1, le=MAX_ID)
+    per_class: int | None = Field(default=None, ge=1, le=MAX_CONTROLS)
+    share: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_ID)
+
+    @model_validator(mode="after")
+    def _one_count(self) -> ControlsIn:
+        if (self.per_class is None) == (self.share is None):
+            raise ValueError("controls need per_class or share (one of them)")
+        return self
+
+    def controls(self) -> Controls:
+        return Controls(self.dataset_id, self.per_class, self.share, self.seed)
+
+
 class ReviewRequest(RequestModel):
     """Batches to review, whole (``select: all``) or a budget per batch that puts the images
     the domain's scorer is least sure about before the others (``select: uncertain``): see
@@ -255,6 +281,9 @@ class ReviewRequest(RequestModel):
         le=1,
         description=f"select 'uncertain' only: the random sample's share of per_batch, in "
         f"(0, 1] (default {DEFAULT_RANDOM_SHARE}; 1: a random subset, no scorer needed).",
+    )
+    controls: ControlsIn | None = Field(
+        default=None, description="real held-out images to review beside the synthetic ones"
     )
 
     @model_validator(mode="after")
@@ -319,6 +348,14 @@ class ReviewAccepted(BaseModel):
     added: int = Field(description="new tasks (images not in the project before)")
     selected: list[BatchSelected] = Field(
         default_factory=list, description="per batch: what the selection chose"
+    )
+    controls: list[int] = Field(
+        default_factory=list, description="the control batches made (real held-out images)"
+    )
+    png_size_auc: float | None = Field(
+        default=None,
+        description="with controls: how well the review copies' PNG byte size alone separates "
+        "real from synthetic images in the project (0.5: not at all)",
     )
     warning: str | None = Field(
         default=None,

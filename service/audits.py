@@ -79,7 +79,10 @@ def latest_audit(session: Session, batch_id: int) -> tuple[Job, AuditStored]:
 
 def start_audit(session: Session, batch: Batch, config: AuditConfig, requested_by: str) -> Job:
     """A stored audit job of a finished batch (not yet queued). :class:`Conflict` for a batch
-    whose images are not all there yet, and one with an audit already waiting or running."""
+    whose images are not all there yet, one with an audit already waiting or running, and a
+    control batch (real images: no model whose training data they could copy)."""
+    if batch.model_id is None:
+        raise Conflict(f"batch {batch.id} holds real control images, not generated")
     if batch.job is not None and batch.job.status != JobStatus.succeeded:
         raise Conflict(
             f"batch {batch.id} is not generated yet (its job {batch.job.id} is "

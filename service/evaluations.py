@@ -85,6 +85,8 @@ def given_batches(session: Session, ids: list[int], model: Model, mode: str) -> 
     dataset): the evaluation uses their images instead of generating its own."""
     for batch_id in ids:
         batch = get_row(session, Batch, batch_id)
+        if batch.model is None:
+            raise Invalid(f"batch {batch_id} holds real control images, not generated")
         if batch.model.dataset_id != model.dataset_id:
             raise Invalid(
                 f"batch {batch_id} is from dataset {batch.model.dataset_id}, "

@@ -76,6 +76,25 @@ class ClassDifference(Difference):
     )
 
 
+class VersusReal(_Model):
+    """A model's rate minus the real control images' rate in one class, over images, with
+    Newcombe's hybrid score 95% interval (descriptive: no test)."""
+
+    value: float
+    ci: Interval
+
+
+class ControlLeak(_Model):
+    """What is left that could tell controls apart in a review project: how well the byte
+    size of the review copies alone separates real from synthetic images (AUC, real as the
+    positive side; 0.5: not at all), measured when controls were last added."""
+
+    project_id: int
+    png_size_auc: float | None
+    real: int
+    synthetic: int
+
+
 class CriterionFailure(_Model):
     """Failures among the verdicts that judged a criterion ("na" or absent: not judged)."""
 
@@ -89,6 +108,12 @@ class ClassRow(_Model):
     models: dict[str, RateEntry]
     difference: ClassDifference | None
     criteria: dict[str, dict[str, CriterionFailure]]
+    real: RateEntry | None = Field(
+        None, description="real held-out images reviewed as controls (none: no controls)"
+    )
+    versus_real: dict[str, VersusReal] = Field(
+        default_factory=dict, description="per model: its rate minus the real images' rate"
+    )
 
 
 class MacroDifference(_Model):
@@ -162,6 +187,11 @@ class Methods(_Model):
         "agreement or scorer label"
     )
     holm_classes: int = Field(0, description="k: the classes in the Holm adjustment")
+    controls: str = (
+        "real images from a dataset's held-out part (never a reviewed model's training images) "
+        "reviewed blinded among the synthetic ones: per class their plausible rate (Wilson) "
+        "and each model's rate minus it (Newcombe), counted like a model's"
+    )
 
 
 class Filters(_Model):
@@ -207,3 +237,7 @@ class PlausibilityReport(_Model):
         "task is restored (the review project's odd_tasks lists the tasks)",
     )
     filters: Filters | None = None
+    control_leaks: list[ControlLeak] = Field(
+        default_factory=list,
+        description="per review project with controls: the PNG-size AUC of its review copies",
+    )

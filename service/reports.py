@@ -60,6 +60,7 @@ from service.report_schemas import (
     Average,
     ClassDifference,
     ClassRow,
+    ControlLeak,
     Criterion,
     CriterionFailure,
     Difference,
@@ -69,6 +70,7 @@ from service.report_schemas import (
     PlausibilityReport,
     RateEntry,
     Stratified,
+    VersusReal,
 )
 from service.statistics import (
     cohen_kappa,
@@ -285,6 +287,21 @@ def _macro_difference(
     )
 
 
+def _versus_real(real: RateEntry | None, models: Mapping[str, RateEntry]) -> dict[str, VersusReal]:
+    """Each model's rate minus the real images' rate, with Newcombe's interval (side 1 the
+    real images); only where both have images."""
+    if real is None or not real.images:
+        return {}
+    return {
+        mid: VersusReal(
+            value=e.plausible / e.images - real.plausible / real.images,
+            ci=newcombe_difference(real.plausible, real.images, e.plausible, e.images),
+        )
+        for mid, e in models.items()
+        if e.images
+    }
+
+
 def _only(models: Sequence[ModelColumn], mode: str) -> int | None:
     ids = [m.id for m in models if m.mode == mode]
     return ids[0] if len(ids) == 1 else None
@@ -297,6 +314,8 @@ def plausibility_report(
     *,
     baseline_id: int | None = None,
     prototype_id: int | None = None,
+    controls: Sequence[Judgement] = (),
+    leaks: Sequence[ControlLeak] = (),
 ) -> PlausibilityReport:
     """The Tables 3-4 report (shape: :mod:`service.report_schemas`; statistics: the module).
 
@@ -306,6 +325,8 @@ def plausibility_report(
     these models, sorted by name (a class whose verdicts are all kept apart has a row with no
     rate). Criterion keys not in ``criteria`` are ignored. Only ``random`` judgements are
     counted; the others are counted as ``kept_apart`` images (module docstring).
+    ``controls``: verdicts on real control images (their ``model_id`` is ignored), counted per
+    class like a model's into ``real`` and each model's ``versus_real``.
     """
     columns = [ModelColumn.model_validate(m) for m in models]
     crits = [Criterion.model_validate(c) for c in criteria]
@@ -344,7 +365,15 @@ def plausibility_report(
         left_out = _kept_apart(apart_cells[(cls, mid)], counted_images)
         return _rate_entry(cells[(cls, mid)], left_out, not_given[(cls, mid)])
 
-    names = sorted({j.class_name for j in read})
+    names = sorted({j.class_name for j in read} | {j.class_name for j in controls})
+    real_used = [j for j in complete(controls) if j.sample == COUNTED]
+    real_not_given = Counter(j.class_name for j in controls if j.plausible is None)
+    real = {
+        cls: _rate_entry(
+            [j for j in real_used if j.class_name == cls], incomplete=real_not_given[cls]
+        )
+        for cls in {j.class_name for j in controls}
+    }
     entries = {cls: {str(mid): cell_entry(cls, mid) for mid in ids} for cls in names}
     diffs = {cls: _difference(*pair(entries[cls])) if compared else None for cls in names}
     tested = [cls for cls in names if diffs[cls] is not None]
@@ -355,6 +384,8 @@ def plausibility_report(
             models=entries[cls],
             difference=None if d is None else ClassDifference(**dict(d), p_holm=adjusted[cls]),
             criteria={str(mid): _criteria_failure(cells[(cls, mid)], keys) for mid in ids},
+            real=real.get(cls),
+            versus_real=_versus_real(real.get(cls), entries[cls]),
         )
         for cls, d in diffs.items()
     ]
@@ -390,7 +421,8 @@ def plausibility_report(
         agreement=agreement(used),
         kept_apart=_kept_apart(apart, counted_images),
         incomplete=sum(not_given.values()),
-        flagged=sum(j.flagged for j in read),
+        flagged=sum(j.flagged for j in read) + sum(j.flagged for j in controls),
+        control_leaks=list(leaks),
     )
 
 
@@ -521,6 +553,49 @@ def kept_apart_text(report: PlausibilityReport) -> str | None:
     )
 
 
+def real_table(report: PlausibilityReport) -> tuple[list[str], list[list[str]]] | None:
+    """The controls' table (CSV and dashboard): per class with real images reviewed, their
+    '% plausible (n=images; reviews)' and each model's difference from them in points with
+    Newcombe's 95% interval ('' where a side has no images); None without controls."""
+    rows = [c for c in report.classes if c.real is not None]
+    if not rows:
+        return None
+    header = ["class", "real images (%)"]
+    for m in report.models:
+        header += [f"{m.label} minus real (pp)", "95% CI"]
+    out = []
+    for c in rows:
+        assert c.real is not None
+        cells = [c.class_name, rate_text(c.real)]
+        for m in report.models:
+            d = c.versus_real.get(str(m.id))
+            lo, hi = d.ci if d else (0.0, 0.0)
+            cells += ["", ""] if d is None else [f"{100 * d.value:.2f}", _ci(lo, hi)]
+        out.append(cells)
+    return header, out
+
+
+def _ci(lo: float, hi: float) -> str:
+    return f"[{100 * lo:.1f}; {100 * hi:.1f}]"
+
+
+def leak_text(report: PlausibilityReport) -> str | None:
+    """What is left that could tell controls apart: each project's PNG-size AUC; None
+    without controls."""
+    if not report.control_leaks:
+        return None
+    parts = [
+        f"project {x.project_id}: "
+        f"{'n/a' if x.png_size_auc is None else f'{x.png_size_auc:.3f}'} "
+        f"({x.real} real, {x.synthetic} synthetic)"
+        for x in report.control_leaks
+    ]
+    return (
+        "how well the review copies' PNG byte size alone separates real from synthetic images "
+        f"(AUC, 0.5: not at all): {'; '.join(parts)}"
+    )
+
+
 def report_csv(report: PlausibilityReport) -> str:
     """The report laid out as the paper's Tables 3-4, for spreadsheets and the appendix.
 
@@ -588,4 +663,12 @@ def report_csv(report: PlausibilityReport) -> str:
         key = crit.key
         cols = [f"{pct(failure[i][key].rate)} (n={failure[i][key].judged})" for i in mids]
         w.writerow([crit.label or key, *cols])
+    real = real_table(report)
+    if real is not None:
+        w.writerow([])
+        w.writerow(real[0])
+        w.writerows(real[1])
+        leak = leak_text(report)
+        if leak is not None:
+            w.writerow(["PNG size AUC", leak])
     return out.getvalue()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
 from sqlalchemy import ColumnElement, CursorResult, and_, delete, func, or_, select
@@ -16,11 +16,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ml.errors import Conflict, Invalid, NotFound
-from service.config import Settings
+from service.config import Settings, get_settings
+from service.controls import Controls, add_control_batches, png_size_auc
 from service.criteria import latest, parse_result
 from service.db.models import (
     MAX_ID,
     Batch,
+    BatchSource,
     CriteriaSet,
     Image,
     Job,
@@ -36,9 +38,17 @@ from service.db.models import (
 from service.job_kinds import new_job
 from service.payloads import ReviewSyncPayload
 from service.queue import submit
-from service.report_schemas import Criterion, Filters, Flagged, ModelColumn, PlausibilityReport
+from service.report_schemas import (
+    ControlLeak,
+    Criterion,
+    Filters,
+    Flagged,
+    ModelColumn,
+    PlausibilityReport,
+)
 from service.reports import Judgement, plausibility_report
 from service.selection import BatchChoice, Selection, choose_all
+from service.storage import get_storage
 
 
 def counted() -> ColumnElement[bool]:
@@ -125,6 +135,7 @@ class SentForReview:
     project: ReviewProject
     tasks: list[ReviewTask]
     choices: list[BatchChoice]
+    controls: list[Batch] = field(default_factory=list)
 
 
 def request_review(
@@ -142,20 +153,32 @@ def send_for_review(
     domain: str | None,
     selection: Selection | None = None,
     rng: random.Random | None = None,
+    controls: Controls | None = None,
+    settings: Settings | None = None,
 ) -> SentForReview:
     """New tasks for the batches' chosen images (``selection``; default: all of them) in the
     domain's current project, in one shuffled order across all batches (so baseline and
     prototype images, random and uncertain picks, are mixed). Images already in the project
     are not added twice; an earlier uncertain pick that joins the random sample keeps its task,
     whose ``sample`` turns to ``random``. Every batch is checked before anything changes
-    (:class:`ReviewError`, :class:`~service.selection.SelectionError`, :class:`NotFound`)."""
+    (:class:`ReviewError`, :class:`~service.selection.SelectionError`, :class:`NotFound`).
+
+    ``controls``: real held-out images of the classes sent, added as control batches
+    (:mod:`service.controls`) whose tasks are made and shuffled exactly like the synthetic
+    ones (random sample); the project's PNG-size AUC is then recorded on each of them."""
     selection = selection or Selection()
     batches = [session.get(Batch, i) for i in dict.fromkeys(batch_ids)]
     missing = [i for i, b in zip(dict.fromkeys(batch_ids), batches, strict=True) if b is None]
     if missing:
         raise NotFound(f"no batch with id {', '.join(map(str, missing))}")
     found = [b for b in batches if b is not None]
-    domains = {b.model.dataset.domain for b in found}
+    real = [b.id for b in found if b.model is None]
+    if real:
+        raise ReviewError(
+            f"batch {', '.join(map(str, real))} holds control images; ask for controls with "
+            "'controls' instead"
+        )
+    domains = {b.model.dataset.domain for b in found if b.model is not None}
     if domain is None:
         if None in domains or len(domains) != 1:
             raise ReviewError(
@@ -189,6 +212,14 @@ def send_for_review(
         for img in chosen
         if img.id not in have
     ]
+    added: list[Batch] = []
+    if controls is not None:
+        settings = settings or get_settings()
+        storage = get_storage()
+        synthetic = [img for img, sample in images if sample == ReviewSample.random]
+        models = [b.model for b in found if b.model is not None]
+        added = add_control_batches(session, settings, storage, controls, models, synthetic)
+        images += [(img, ReviewSample.random) for b in added for img in b.images]
     secrets.SystemRandom().shuffle(images)
     start: int = session.execute(
         select(func.coalesce(func.max(ReviewTask.position), -1)).where(
@@ -215,7 +246,12 @@ def send_for_review(
     for task, place in zip(pending, places, strict=True):
         task.position = place
     session.flush()
-    return SentForReview(project, tasks, choices)
+    if added:
+        leak = png_size_auc(session, get_storage(), project.id)
+        for batch in added:
+            batch.control = {**(batch.control or {}), "leak": leak}
+        session.flush()
+    return SentForReview(project, tasks, choices, added)
 
 
 def request_batch_review(
@@ -225,11 +261,15 @@ def request_batch_review(
     domain: str | None,
     selection: Selection | None,
     requested_by: str,
+    controls: Controls | None = None,
 ) -> tuple[SentForReview, Job]:
-    """Send batches to blinded review: their chosen images into the domain's project
-    (:func:`send_for_review`) and a queued sync job that imports them into Label Studio."""
+    """Send batches to blinded review: their chosen images (and ``controls``, real held-out
+    images) into the domain's project (:func:`send_for_review`) and a queued sync job that
+    imports them into Label Studio."""
     require_label_studio(settings)
-    sent = send_for_review(session, batch_ids, domain, selection)
+    sent = send_for_review(
+        session, batch_ids, domain, selection, controls=controls, settings=settings
+    )
     return sent, queue_sync(session, sent.project.id, requested_by)
 
 
@@ -539,7 +579,82 @@ def judgements(
         for c in cs.criteria if cs else []:
             if c["key"] not in {x.key for x in criteria}:
                 criteria.append(Criterion(key=c["key"], label=c["label"]))
-    return Judged(out, columns, criteria, on_edited_tasks=len(found) - len(rows))
+    controls = _control_judgements(
+        session, dataset_id, reviewer, criteria_set_id, flagged, [row[3] for row in rows]
+    )
+    return Judged(
+        out,
+        columns,
+        criteria,
+        on_edited_tasks=len(found) - len(rows),
+        controls=controls.judgements,
+        leaks=controls.leaks,
+    )
+
+
+class _Controls(NamedTuple):
+    judgements: list[Judgement]
+    leaks: list[ControlLeak]
+
+
+def _control_judgements(
+    session: Session,
+    dataset_id: int | None,
+    reviewer: str | None,
+    criteria_set_id: int | None,
+    flagged: Flagged,
+    criteria_sets: list[int],
+) -> _Controls:
+    """The counted verdicts on real control images under the same filters (``dataset_id``:
+    the control batch's dataset), in the criteria sets the models' verdicts come from (all
+    sets when there are none), and the PNG-size leak measure of each project holding them (the
+    newest control batch's)."""
+    query = (
+        select(Review, Image, ReviewTask.sample, ReviewTask.project_id, Batch)
+        .join(ReviewTask, Review.task_id == ReviewTask.id)
+        .join(Image, ReviewTask.image_id == Image.id)
+        .join(Batch, Image.batch_id == Batch.id)
+        .join(ReviewProject, ReviewTask.project_id == ReviewProject.id)
+        .where(Batch.source == BatchSource.control, ReviewTask.edited.is_(None))
+    )
+    if dataset_id is not None:
+        query = query.where(Batch.dataset_id == dataset_id)
+    if reviewer is not None:
+        who = reviewer.strip()
+        query = query.where(
+            or_(Review.reviewer == who, func.lower(Review.reviewer_email) == who.lower())
+        )
+    if criteria_set_id is not None:
+        query = query.where(ReviewProject.criteria_set_id == criteria_set_id)
+    elif criteria_sets:
+        query = query.where(ReviewProject.criteria_set_id.in_(set(criteria_sets)))
+    if flagged != "include":
+        query = query.where(Review.flagged.is_(flagged == "only"))
+    found = session.execute(query).all()
+    out = [
+        Judgement(
+            img.id,
+            img.class_name,
+            0,
+            "real",
+            r.reviewer,
+            r.plausible,
+            r.criteria,
+            sample=str(sample),
+            flagged=r.flagged,
+        )
+        for r, img, sample, _, _ in found
+    ]
+    newest: dict[int, Batch] = {}
+    for *_, project_id, batch in found:
+        if project_id not in newest or batch.id > newest[project_id].id:
+            newest[project_id] = batch
+    leaks = [
+        ControlLeak.model_validate(leak)
+        for _, b in sorted(newest.items())
+        if isinstance(leak := (b.control or {}).get("leak"), dict)
+    ]
+    return _Controls(out, leaks)
 
 
 class Judged(NamedTuple):
@@ -550,6 +665,8 @@ class Judged(NamedTuple):
     columns: list[ModelColumn]
     criteria: list[Criterion]
     on_edited_tasks: int
+    controls: list[Judgement] = []  # noqa: RUF012 - a NamedTuple default, never mutated
+    leaks: list[ControlLeak] = []  # noqa: RUF012
 
 
 class ProjectCounts(NamedTuple):
@@ -620,5 +737,11 @@ def plausibility(
         criteria_set_id=criteria_set_id,
         flagged=flagged,
     )
-    report = plausibility_report(found.judgements, found.columns, found.criteria)
+    report = plausibility_report(
+        found.judgements,
+        found.columns,
+        found.criteria,
+        controls=found.controls,
+        leaks=found.leaks,
+    )
     return report.model_copy(update={"filters": filters, "on_edited_tasks": found.on_edited_tasks})

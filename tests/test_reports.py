@@ -502,6 +502,9 @@ EXPECTED: dict[str, Any] = {
         "other verdict is incomplete: counted in 'incomplete', in no rate, test, failure rate, "
         "agreement or scorer label",
         "holm_classes": 2,
+        "controls": "real images from a dataset's held-out part (never a reviewed model's "
+        "training images) reviewed blinded among the synthetic ones: per class their plausible "
+        "rate (Wilson) and each model's rate minus it (Newcombe), counted like a model's",
     },
     "models": MODELS,
     "baseline_id": 1,
@@ -509,6 +512,8 @@ EXPECTED: dict[str, Any] = {
     "classes": [
         {
             "class": "basophil",
+            "real": None,  # no controls
+            "versus_real": {},
             "models": {
                 "1": entry(2, 4, 1, 0, [0.094531, 0.905469]),
                 "2": entry(2, 4, 1, 1, [0.094531, 0.905469]),
@@ -529,6 +534,8 @@ EXPECTED: dict[str, Any] = {
         },
         {
             "class": "neutrophil",
+            "real": None,  # no controls
+            "versus_real": {},
             "models": {
                 "1": entry(2, 4, 0, 1, [0.0, 0.657620]),
                 "2": entry(3, 5, 2, 0, [0.207660, 0.938508]),
@@ -599,6 +606,7 @@ EXPECTED: dict[str, Any] = {
     "flagged": 0,
     "on_edited_tasks": 0,
     "filters": None,
+    "control_leaks": [],  # no real control images reviewed
 }
 
 
@@ -899,7 +907,14 @@ def test_openapi_publishes_the_report_schema():
         "kept_apart",
         "filters",
     }
-    assert set(schemas["ClassRow"]["properties"]) == {"class", "models", "difference", "criteria"}
+    assert set(schemas["ClassRow"]["properties"]) == {
+        "class",
+        "models",
+        "difference",
+        "criteria",
+        "real",
+        "versus_real",
+    }
     assert {
         "images",
         "reviews",

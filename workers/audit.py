@@ -38,6 +38,8 @@ def _load(job_id: int) -> dict[str, Any]:
         if batch is None:
             raise ValueError(f"batch {params.batch_id} was deleted before its audit ran")
         model = batch.model
+        if model is None:
+            raise ValueError(f"batch {batch.id} holds real control images: no model to audit")
         if not model.checkpoint_path:
             raise ValueError(f"model {model.id} has no checkpoint")
         images = sorted(batch.images, key=lambda i: i.index)

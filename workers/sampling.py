@@ -56,6 +56,8 @@ def _load(job_id: int) -> SamplingInputs:
         if batch is None:
             raise RuntimeError(f"the batch of sample job {job_id} was deleted")
         model = batch.model
+        if model is None:
+            raise ValueError(f"batch {batch.id} holds real control images: nothing to sample")
         if not model.checkpoint_path:
             raise ValueError(f"model {model.id} has no checkpoint")
         domain = model.dataset.domain

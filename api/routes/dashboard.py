@@ -65,7 +65,9 @@ from service.reports import (
     flagged_text,
     incomplete_text,
     kept_apart_text,
+    leak_text,
     odds_ratio_text,
+    real_table,
 )
 from service.reviews import FilterError, plausibility
 from service.scorers import latest_scorer, metrics_of
@@ -378,6 +380,8 @@ def report_page(
         filters=filters,
         odds_ratio=odds_ratio_text(report),
         kept_apart=kept_apart_text(report),
+        real=real_table(report),
+        leak=leak_text(report),
         incomplete=incomplete_text(report),
         flagged=flagged_text(report),
         edited=edited_text(report),

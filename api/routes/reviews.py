@@ -96,9 +96,11 @@ def request_review(
     down). ``select: uncertain`` sends ``per_batch`` images of each batch, a simple random
     sample (counted in the report) and the scorer's least certain images (kept out of the
     report's rates), mixed so no reviewer can tell them apart; 409 if a batch is not scored,
-    422 if the batch has too few images left for the budget."""
+    422 if the batch has too few images left for the budget. ``controls`` adds real held-out
+    images of the classes sent (``service/controls.py``); 422 if they cannot be drawn."""
+    controls = body.controls.controls() if body.controls else None
     sent, job = request_batch_review(
-        session, settings, body.batch_ids, body.domain, body.selection(), key.name
+        session, settings, body.batch_ids, body.domain, body.selection(), key.name, controls
     )
     project, tasks = sent.project, sent.tasks
     modes = pending_modes(session, project)
@@ -117,6 +119,10 @@ def request_review(
             BatchSelected(batch_id=c.batch_id, random=len(c.random), uncertain=len(c.uncertain))
             for c in sent.choices
         ],
+        controls=[b.id for b in sent.controls],
+        png_size_auc=(sent.controls[0].control or {}).get("leak", {}).get("png_size_auc")
+        if sent.controls
+        else None,
         warning=warning,
     )
 

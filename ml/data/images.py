@@ -32,14 +32,13 @@ from ml.data.catalog import (
     Catalog,
     DataError,
     OutsideRootsError,
-    bomb_refusal,
     data_dir,
     detect_layout,
     max_image_pixels,
     nfc,
     scan,
-    too_many_pixels,
 )
+from ml.data.draw import Drawn, Pixels, draw_class, load_rgb
 
 __all__ = [
     "HAM_CSV",
@@ -74,30 +73,19 @@ Image.MAX_IMAGE_PIXELS = max_image_pixels()
 
 
 def load_image(path: Path, size: int, max_pixels: int | None = None) -> torch.Tensor:
-    """Decode to uint8 (3, size, size): RGB, centre square crop, LANCZOS resize.
+    """Decode to uint8 (3, size, size): RGB, centre square crop, LANCZOS resize
+    (:func:`ml.data.draw.load_rgb`).
 
     The same steps as the shared data processing, so a 64x64 PNG loads bit-exactly. An image
     whose header declares more than ``max_pixels`` pixels (default :func:`max_image_pixels`)
     raises :class:`DataError` before any pixel is decoded: the file may have changed since the
     dataset was registered.
     """
-    limit = max_image_pixels() if max_pixels is None else max_pixels
-    try:
-        opened = Image.open(path)  # reads the header only
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: {bomb_refusal(exc, limit)}") from None
-    im: Image.Image
-    with opened as im:
-        refused = too_many_pixels(im.size, limit)
-        if refused:
-            raise DataError(f"{path}: {refused}")
-        im = im.convert("RGB")
-    w, h = im.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    im = im.crop((left, top, left + side, top + side))
-    im = im.resize((size, size), Image.Resampling.LANCZOS)
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    return _tensor(np.asarray(load_rgb(path, size, max_pixels), dtype=np.uint8))
+
+
+def _tensor(pixels: Pixels) -> torch.Tensor:
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
 
 def pixel_hash(img: torch.Tensor) -> str:
@@ -149,12 +137,6 @@ class DatasetSplit:
     selection: dict[str, Any]
 
 
-def _class_rng(seed: int, name: str) -> np.random.Generator:
-    """Per-class stream, stable across runs (Python's hash() is salted per process)."""
-    offset = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
-    return np.random.default_rng(seed + offset)
-
-
 def _check_args(n_per_class: int | None, n_heldout: int, image_size: int, seed: int) -> None:
     if n_per_class is not None and not 1 <= n_per_class <= MAX_PER_CLASS:
         raise DataError(
@@ -182,41 +164,16 @@ def _draw_class(
     seen: dict[str, str],
     skipped: list[tuple[str, str]],
 ) -> tuple[list[_Row], list[_Row], int, int]:
-    """Held-out then train rows of one class; returns them, #skipped and #withheld."""
-    by_group: dict[str, list[Path]] = {}
-    for p in cat.items[name]:
-        by_group.setdefault(cat.groups[p], []).append(p)
-    groups = list(by_group.values())
-    groups = [groups[i] for i in _class_rng(seed, name).permutation(len(groups))]
-    held: list[_Row] = []
-    train: list[_Row] = []
-    n_bad = n_dropped = 0
-    train_full = n_per_class if n_per_class is not None else len(cat.items[name])
-    for group in groups:
-        to_held = len(held) < n_heldout
-        for i, p in enumerate(group):
-            if to_held and len(held) >= n_heldout:
-                n_dropped += len(group) - i  # rest of a held-out group stays out of train
-                break
-            if not to_held and len(train) >= train_full:
-                return held, train, n_bad, n_dropped
-            cat.check_inside(p)  # again: the file may have become a link since the scan
-            try:
-                img = load_image(p, image_size)
-            except Exception as exc:  # PIL raises many exception types for bad files
-                log.warning("skipping unreadable image %s: %s", p, exc)
-                skipped.append((str(p), f"unreadable: {exc}"))
-                n_bad += 1
-                continue
-            h = pixel_hash(img)
-            if h in seen:
-                log.warning("skipping %s: same pixels as %s", p, seen[h])
-                skipped.append((str(p), f"duplicate pixels of {seen[h]}"))
-                n_bad += 1
-                continue
-            seen[h] = str(p)
-            (held if to_held else train).append((img, label, str(p), h))
-    return held, train, n_bad, n_dropped
+    """Held-out then train rows of one class (:func:`ml.data.draw.draw_class`, decoded by
+    :func:`load_image`'s steps); returns them, #skipped and #withheld."""
+    held, train, n_bad, n_dropped = draw_class(
+        cat, name, label, n_per_class, n_heldout, image_size, seed, seen, skipped, load_rgb
+    )
+
+    def rows(drawn: list[Drawn]) -> list[_Row]:
+        return [(_tensor(d.pixels), d.label, d.path, d.hash) for d in drawn]
+
+    return rows(held), rows(train), n_bad, n_dropped
 
 
 def _to_set(rows: list[_Row], classes: list[str], size: int) -> ImageSet:

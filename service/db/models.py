@@ -117,6 +117,15 @@ class DatasetSource(enum.StrEnum):
     upload = "upload"  # a zip uploaded through the API, kept in storage
 
 
+class BatchSource(enum.StrEnum):
+    """Where a batch's images come from. ``generated``: a model sampled them. ``control``: real
+    images of one class, copied from a dataset's held-out part at the size of the synthetic
+    images they are reviewed with (``service.controls``), so the review has a reference rate."""
+
+    generated = "generated"
+    control = "control"
+
+
 class ReviewSample(enum.StrEnum):
     """Why an image was put before reviewers. ``random``: it belongs to a simple random sample
     of its batch (every image of a batch sent whole is one), so its verdicts estimate the
@@ -249,16 +258,38 @@ class Job(TimestampMixin, Base):
 
 
 class Batch(TimestampMixin, Base):
-    """One sampling request: ``n`` images of one class with the settings that reproduce them."""
+    """One sampling request: ``n`` images of one class with the settings that reproduce them;
+    or, with ``source`` ``control``, ``n`` real images of one class from ``dataset_id``'s
+    held-out part (no model; the sampling settings are placeholders), sent to review beside
+    synthetic ones."""
 
     __tablename__ = "batches"
     __table_args__ = (
         CheckConstraint("n >= 1", name="n_positive"),
         CheckConstraint("steps >= 1", name="steps_positive"),
+        CheckConstraint(
+            "(source = 'control' AND model_id IS NULL AND dataset_id IS NOT NULL) OR "
+            "(source = 'generated' AND model_id IS NOT NULL)",
+            name="source_origin",
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), index=True)
+    # None only for control batches (real images: ``source``).
+    model_id: Mapped[int | None] = mapped_column(
+        ForeignKey("models.id", ondelete="RESTRICT"), index=True
+    )
+    source: Mapped[BatchSource] = mapped_column(
+        str_enum(BatchSource, "source"),
+        default=BatchSource.generated,
+        server_default=BatchSource.generated.value,
+    )
+    # Control batches: the dataset the real images come from, and how they were chosen
+    # ({seed, per_class | share, files, excluded_models, leak}; ``service.controls``).
+    dataset_id: Mapped[int | None] = mapped_column(
+        ForeignKey("datasets.id", ondelete="RESTRICT"), index=True
+    )
+    control: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     class_name: Mapped[str] = mapped_column(String(200))
     n: Mapped[int] = mapped_column(Integer)
     guidance: Mapped[float] = mapped_column(Float)
@@ -281,7 +312,8 @@ class Batch(TimestampMixin, Base):
         ForeignKey("sweeps.id", ondelete="SET NULL"), index=True
     )
 
-    model: Mapped[Model] = relationship(back_populates="batches")
+    model: Mapped[Model | None] = relationship(back_populates="batches")
+    dataset: Mapped[Dataset | None] = relationship()
     scorer: Mapped[Scorer | None] = relationship()
     job: Mapped[Job | None] = relationship(back_populates="batches")
     sweep: Mapped[Sweep | None] = relationship(back_populates="batches")

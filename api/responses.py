@@ -61,6 +61,7 @@ def project_out(session: Session, project: ReviewProject, public: str | None) ->
         domain=cs.domain,
         criteria_set_id=cs.id,
         version=cs.version,
+        origin_question=project.origin_question,
         ls_project_id=project.ls_project_id,
         url=url,
         tasks=counts.tasks,

@@ -285,6 +285,12 @@ class ReviewRequest(RequestModel):
     controls: ControlsIn | None = Field(
         default=None, description="real held-out images to review beside the synthetic ones"
     )
+    ask_origin: bool = Field(
+        default=False,
+        description="also ask reviewers 'real or synthetic?' with their confidence, after the "
+        "plausibility criteria (which stay as they are): the images go to the domain's project "
+        "with that question, a Label Studio project of its own; useful with controls",
+    )
 
     @model_validator(mode="after")
     def _selection_fields(self) -> ReviewRequest:
@@ -318,6 +324,9 @@ class ProjectOut(BaseModel):
     domain: str
     criteria_set_id: int
     version: int
+    origin_question: bool = Field(
+        False, description="the labelling interface also asks 'real or synthetic?'"
+    )
     ls_project_id: int | None
     url: str | None
     tasks: int

@@ -21,6 +21,14 @@ from service.db.models import CriteriaSet
 
 VERDICTS = ("pass", "fail", "na")  # per criterion; "na" when it does not apply to the image
 OVERALL = ("plausible", "implausible")
+# The optional "real or synthetic?" question (a project's ``origin_question``): a forced choice,
+# then how sure the reader is of it. Three levels of confidence in the answer rather than a
+# separate "surely real ... surely synthetic" scale: the rating can never contradict the choice,
+# has no midpoint that would undo the forced choice, and three levels are what readers use
+# consistently; answer and confidence together give a 6-point scale for the ROC curve
+# (:func:`origin_rating`).
+ORIGIN = ("real", "synthetic")
+ORIGIN_CONFIDENCE = ("guessing", "fairly sure", "sure")  # stored as 1, 2, 3
 
 _BONE_MARROW = [
     ("cell_size", "Cell size", "Size fits the cell type and maturation stage."),
@@ -112,9 +120,13 @@ def add_version(
     return row
 
 
-def label_config(criteria: list[dict[str, Any]]) -> str:
+def label_config(criteria: list[dict[str, Any]], ask_origin: bool = False) -> str:
     """Label Studio's XML: the image, the class it should show, pass/fail/n-a per criterion, an
-    overall verdict and a comment. Nothing about the model or mode is shown (blinding)."""
+    overall verdict and a comment. Nothing about the model or mode is shown (blinding).
+
+    ``ask_origin``: after the plausibility verdict (so it is judged as without the question),
+    "real or synthetic?" and the reader's confidence, both required, in the same neutral words
+    on every task: nothing in them hints at the truth or at the share of real images."""
     parts = [
         "<View>",
         '  <Header value="Expected class: $expected_class"/>',
@@ -136,6 +148,21 @@ def label_config(criteria: list[dict[str, Any]]) -> str:
         'required="true">',
         *(f'    <Choice value="{v}"/>' for v in OVERALL),
         "  </Choices>",
+    ]
+    if ask_origin:
+        parts += [
+            '  <Header value="Is this image real or synthetic?" size="5"/>',
+            '  <Choices name="origin" toName="image" choice="single-radio" showInline="true" '
+            'required="true">',
+            *(f'    <Choice value="{v}"/>' for v in ORIGIN),
+            "  </Choices>",
+            '  <Header value="How sure are you of that answer?" size="5"/>',
+            '  <Choices name="origin_confidence" toName="image" choice="single-radio" '
+            'showInline="true" required="true">',
+            *(f'    <Choice value="{v}"/>' for v in ORIGIN_CONFIDENCE),
+            "  </Choices>",
+        ]
+    parts += [
         '  <TextArea name="comment" toName="image" placeholder="Comment (optional)" '
         'maxSubmissions="1" editable="true"/>',
         "</View>",
@@ -156,15 +183,26 @@ def verdict(criteria: dict[str, str], overall: str | None, keys: list[str]) -> b
     return None
 
 
+def origin_rating(answered_synthetic: bool, confidence: int) -> int:
+    """Answer and confidence as one ordinal rating for the ROC curve, 1 = surely real (sure of
+    "real") ... 6 = surely synthetic (sure of "synthetic"); higher means more likely synthetic,
+    as :func:`service.study_statistics.roc_points` reads ratings."""
+    return 3 + confidence if answered_synthetic else 4 - confidence
+
+
 def parse_result(result: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
-    """An annotation's result -> {criteria, overall, comment, plausible}; ``plausible`` is
-    :func:`verdict`'s True, False or None (incomplete).
+    """An annotation's result -> {criteria, overall, comment, plausible, answered_synthetic,
+    origin_confidence}; ``plausible`` is :func:`verdict`'s True, False or None (incomplete),
+    from the criteria and overall choice alone (the origin answers never change it);
+    ``answered_synthetic`` and ``origin_confidence`` (1..3) are None where not answered.
 
     Only the interface's own choices count: any other value or shape is taken as not given
     (it can neither break the verdict nor the report)."""
     criteria: dict[str, str] = {}
     overall: str | None = None
     comment: str | None = None
+    origin: str | None = None
+    confidence: int | None = None
     for item in result if isinstance(result, list) else []:
         if not isinstance(item, dict):
             continue
@@ -177,19 +215,41 @@ def parse_result(result: list[dict[str, Any]], keys: list[str]) -> dict[str, Any
             criteria[name[5:]] = choice
         elif name == "overall" and choice in OVERALL:
             overall = choice
+        elif name == "origin" and choice in ORIGIN:
+            origin = choice
+        elif name == "origin_confidence" and choice in ORIGIN_CONFIDENCE:
+            confidence = ORIGIN_CONFIDENCE.index(choice) + 1
         elif name == "comment" and isinstance(value.get("text"), list):
             lines = [t for t in value["text"] if isinstance(t, str)]
             comment = "\n".join(lines) if lines else None
     plausible = verdict(criteria, overall, keys)
-    return {"criteria": criteria, "overall": overall, "comment": comment, "plausible": plausible}
+    return {
+        "criteria": criteria,
+        "overall": overall,
+        "comment": comment,
+        "plausible": plausible,
+        "answered_synthetic": None if origin is None else origin == "synthetic",
+        "origin_confidence": confidence,
+    }
 
 
-def annotation_result(criteria: dict[str, str], overall: str | None = None) -> list[dict[str, Any]]:
+def annotation_result(
+    criteria: dict[str, str],
+    overall: str | None = None,
+    *,
+    answered_synthetic: bool | None = None,
+    origin_confidence: int | None = None,
+) -> list[dict[str, Any]]:
     """The inverse of :func:`parse_result`: a Label Studio result for given verdicts, as an
-    automated (rule-based) reviewer posts it. ``overall`` defaults to the seed's rule."""
+    automated (rule-based) reviewer posts it. ``overall`` defaults to the seed's rule; the
+    origin answers are left out where None."""
     if overall is None:
         overall = "implausible" if "fail" in criteria.values() else "plausible"
     choices = [(f"crit_{k}", v) for k, v in criteria.items()] + [("overall", overall)]
+    if answered_synthetic is not None:
+        choices.append(("origin", ORIGIN[answered_synthetic]))
+    if origin_confidence is not None:
+        choices.append(("origin_confidence", ORIGIN_CONFIDENCE[origin_confidence - 1]))
     return [
         {"from_name": name, "to_name": "image", "type": "choices", "value": {"choices": [v]}}
         for name, v in choices

@@ -15,7 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Interval = tuple[float, float]
+from service.study_statistics import Discrimination, Equivalence
+from service.study_statistics import Interval as Interval  # the report's (lower, upper) pair
+
 # Which verdicts a report reads by authorship: all, those written by their named author alone,
 # or only those Label Studio says someone else (or nobody it knows) wrote.
 Flagged = Literal["include", "exclude", "only"]
@@ -192,6 +194,52 @@ class Methods(_Model):
         "reviewed blinded among the synthetic ones: per class their plausible rate (Wilson) "
         "and each model's rate minus it (Newcombe), counted like a model's"
     )
+    discrimination: str = (
+        "answers to 'real or synthetic?' (projects that ask it) on counted verdicts of the "
+        "random sample, the truth being the image's batch (control = real), positive = "
+        "synthetic: accuracy, sensitivity and specificity with Clopper-Pearson 95% intervals, "
+        "pooled and per class over answers (an image read by several readers counts once per "
+        "reader), and per reader; 'indistinguishable' only when the exact TOST (two one-sided "
+        "binomial tests at alpha) puts accuracy within 0.5 +- margin, never because accuracy "
+        "did not differ significantly from 0.5; the AUC ranks answer and confidence as one "
+        "6-point rating; the answers never change a plausibility verdict"
+    )
+
+
+INDISTINGUISHABLE = "indistinguishable"
+NOT_SHOWN = "not shown to be indistinguishable"
+
+
+class OriginScores(Discrimination):
+    """Answers to "real or synthetic?" of one group (all, a class or a reader): accuracy,
+    sensitivity and specificity (positive = synthetic) with exact intervals, the exact TOST of
+    accuracy against 0.5 +- margin, and the ROC AUC of the answer-and-confidence ratings."""
+
+    equivalence: Equivalence | None = Field(description="null without answers")
+    claim: Literal["indistinguishable", "not shown to be indistinguishable"] = Field(
+        description="'indistinguishable' only when the TOST shows accuracy within 0.5 +- margin "
+        "(equivalence.equivalent); never from a non-significant difference from 0.5"
+    )
+    rated: int = Field(description="answers with a confidence rating (the AUC's n)")
+    auc: float | None = Field(
+        description="Mann-Whitney AUC of the 6-point rating (1 sure real ... 6 sure synthetic) "
+        "on synthetic vs real images; 0.5: no separation; null without both kinds rated"
+    )
+    roc: list[Interval] = Field(
+        default_factory=list,
+        description="ROC points (false positive rate, true positive rate) of the same ratings",
+    )
+
+
+class OriginDiscrimination(_Model):
+    """Can readers tell the real control images from the synthetic ones? Counted answers on
+    the random sample only; truth is the image's batch (control = real)."""
+
+    margin: float = Field(description="equivalence bounds: accuracy 0.5 - margin to 0.5 + margin")
+    alpha: float = Field(description="level of each one-sided test of the TOST")
+    pooled: OriginScores = Field(description="every answer of every reader (reads as units)")
+    classes: dict[str, OriginScores]
+    readers: dict[str, OriginScores] = Field(description="by reviewer e-mail, else user id")
 
 
 class Filters(_Model):
@@ -240,4 +288,9 @@ class PlausibilityReport(_Model):
     control_leaks: list[ControlLeak] = Field(
         default_factory=list,
         description="per review project with controls: the PNG-size AUC of its review copies",
+    )
+    discrimination: OriginDiscrimination | None = Field(
+        None,
+        description="how well readers told real from synthetic images; null unless a counted "
+        "verdict answered 'real or synthetic?'",
     )

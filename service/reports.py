@@ -49,13 +49,15 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ml.errors import Invalid
-from service.criteria import VERDICTS
+from service.criteria import VERDICTS, origin_rating
 from service.report_schemas import (
+    INDISTINGUISHABLE,
+    NOT_SHOWN,
     Agreement,
     Average,
     ClassDifference,
@@ -67,6 +69,8 @@ from service.report_schemas import (
     MacroDifference,
     Methods,
     ModelColumn,
+    OriginDiscrimination,
+    OriginScores,
     PlausibilityReport,
     RateEntry,
     Stratified,
@@ -81,6 +85,16 @@ from service.statistics import (
     newcombe_difference,
     wilson,
 )
+from service.study_statistics import (
+    DEFAULT_MARGIN,
+    Proportion,
+    auc,
+    discrimination,
+    equivalence_to_chance,
+    roc_points,
+)
+
+ALPHA = 0.05  # each one-sided test of the equivalence to chance
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,11 @@ class Judgement:
     # counts; "uncertain" (the scorer's pick) is kept apart from every number but a count.
     sample: str = "random"
     flagged: bool = False  # written by someone other than ``reviewer`` (service.reviews)
+    reviewer_email: str | None = None  # names the reader in the per-reader scores
+    # "Real or synthetic?" (projects that ask it): the answer and the confidence 1..3; None
+    # where not asked or not answered
+    answered_synthetic: bool | None = None
+    origin_confidence: int | None = None
 
 
 COUNTED = "random"
@@ -302,6 +321,60 @@ def _versus_real(real: RateEntry | None, models: Mapping[str, RateEntry]) -> dic
     }
 
 
+def _origin_scores(answers: Sequence[tuple[bool, Judgement]], margin: float) -> OriginScores:
+    """One group's ``(is_synthetic, judgement)`` answers scored (:class:`OriginScores`)."""
+    scores = discrimination([(truth, bool(j.answered_synthetic)) for truth, j in answers])
+    right = scores.accuracy.k if scores.accuracy is not None else 0
+    tost = equivalence_to_chance(right, scores.n, margin, ALPHA) if scores.n else None
+    rated = [
+        (truth, origin_rating(bool(j.answered_synthetic), j.origin_confidence))
+        for truth, j in answers
+        if j.origin_confidence is not None
+    ]
+    both = {truth for truth, _ in rated} == {True, False}
+    return OriginScores(
+        **dict(scores),
+        equivalence=tost,
+        claim=INDISTINGUISHABLE if tost is not None and tost.equivalent else NOT_SHOWN,
+        rated=len(rated),
+        auc=auc([r for t, r in rated if t], [r for t, r in rated if not t]) if both else None,
+        roc=roc_points([t for t, _ in rated], [r for _, r in rated]) if both else [],
+    )
+
+
+def origin_discrimination(
+    synthetic: Iterable[Judgement], real: Iterable[Judgement], margin: float = DEFAULT_MARGIN
+) -> OriginDiscrimination | None:
+    """How well readers told ``real`` (control) images from ``synthetic`` ones, pooled, per
+    class and per reader (e-mail, else user id): only the judgements given to count (the caller
+    passes those) that answered the question; a reader answering an image twice counts once,
+    with the later answer. None without any answer. Readers differ, and pooling their reads
+    treats an image read by several of them as several answers, so the per-reader scores are
+    the ones whose intervals rest on independent answers."""
+    latest: dict[tuple[int, str], tuple[bool, Judgement]] = {}
+    for truth, js in ((True, synthetic), (False, real)):
+        for j in js:
+            if j.answered_synthetic is not None:
+                latest[(j.image_id, j.reviewer)] = (truth, j)
+    answers = list(latest.values())
+    if not answers:
+        return None
+
+    def group(key: Callable[[Judgement], str]) -> dict[str, OriginScores]:
+        groups: dict[str, list[tuple[bool, Judgement]]] = defaultdict(list)
+        for a in answers:
+            groups[key(a[1])].append(a)
+        return {name: _origin_scores(groups[name], margin) for name in sorted(groups)}
+
+    return OriginDiscrimination(
+        margin=margin,
+        alpha=ALPHA,
+        pooled=_origin_scores(answers, margin),
+        classes=group(lambda j: j.class_name),
+        readers=group(lambda j: j.reviewer_email or j.reviewer),
+    )
+
+
 def _only(models: Sequence[ModelColumn], mode: str) -> int | None:
     ids = [m.id for m in models if m.mode == mode]
     return ids[0] if len(ids) == 1 else None
@@ -316,6 +389,7 @@ def plausibility_report(
     prototype_id: int | None = None,
     controls: Sequence[Judgement] = (),
     leaks: Sequence[ControlLeak] = (),
+    margin: float = DEFAULT_MARGIN,
 ) -> PlausibilityReport:
     """The Tables 3-4 report (shape: :mod:`service.report_schemas`; statistics: the module).
 
@@ -326,7 +400,9 @@ def plausibility_report(
     rate). Criterion keys not in ``criteria`` are ignored. Only ``random`` judgements are
     counted; the others are counted as ``kept_apart`` images (module docstring).
     ``controls``: verdicts on real control images (their ``model_id`` is ignored), counted per
-    class like a model's into ``real`` and each model's ``versus_real``.
+    class like a model's into ``real`` and each model's ``versus_real``, and with the models'
+    counted verdicts into ``discrimination`` where they answered "real or synthetic?"
+    (:func:`origin_discrimination`; ``margin``: its equivalence margin).
     """
     columns = [ModelColumn.model_validate(m) for m in models]
     crits = [Criterion.model_validate(c) for c in criteria]
@@ -423,6 +499,7 @@ def plausibility_report(
         incomplete=sum(not_given.values()),
         flagged=sum(j.flagged for j in read) + sum(j.flagged for j in controls),
         control_leaks=list(leaks),
+        discrimination=origin_discrimination(used, real_used, margin),
     )
 
 
@@ -596,6 +673,65 @@ def leak_text(report: PlausibilityReport) -> str | None:
     )
 
 
+def _proportion_text(p: Proportion | None) -> str:
+    return "n/a" if p is None else f"{pct(p.rate)} {_ci(*p.ci)} ({p.k}/{p.n})"
+
+
+def discrimination_table(report: PlausibilityReport) -> tuple[list[str], list[list[str]]] | None:
+    """The "real or synthetic?" table (CSV and dashboard): pooled, per class, per reader, each
+    with its answers, accuracy, sensitivity and specificity (% with the exact 95% interval),
+    the TOST p and claim, and the AUC; None without answers."""
+    d = report.discrimination
+    if d is None:
+        return None
+    header = [
+        "real or synthetic?",
+        "answers (synthetic/real)",
+        "accuracy (%)",
+        "sensitivity (%)",
+        "specificity (%)",
+        f"TOST p (50% +- {100 * d.margin:g} pp)",
+        "claim",
+        "AUC (confidence)",
+    ]
+    groups = [("pooled", d.pooled)]
+    groups += [(f"class {name}", g) for name, g in d.classes.items()]
+    groups += [(f"reader {name}", g) for name, g in d.readers.items()]
+    rows = [
+        [
+            label,
+            f"{g.n} ({g.synthetic}/{g.real})",
+            _proportion_text(g.accuracy),
+            _proportion_text(g.sensitivity),
+            _proportion_text(g.specificity),
+            "" if g.equivalence is None else _p(g.equivalence.p_value),
+            g.claim,
+            "" if g.auc is None else f"{g.auc:.3f} (n={g.rated})",
+        ]
+        for label, g in groups
+    ]
+    return header, rows
+
+
+def discrimination_text(report: PlausibilityReport) -> str | None:
+    """The pooled "real or synthetic?" result in one sentence; None without answers.
+    'Indistinguishable' is said only when the equivalence test passed."""
+    d = report.discrimination
+    if d is None:
+        return None
+    g = d.pooled
+    bounds = f"50% +- {100 * d.margin:g} points"
+    if g.equivalence is not None and g.equivalence.equivalent:
+        verdict = (
+            f"{INDISTINGUISHABLE}: readers' accuracy lies within {bounds} (exact TOST p = "
+            f"{_p(g.equivalence.p_value)})"
+        )
+    else:
+        p = "" if g.equivalence is None else f" (exact TOST p = {_p(g.equivalence.p_value)})"
+        verdict = f"{NOT_SHOWN}: accuracy is not shown to lie within {bounds}{p}"
+    return f"real or synthetic, {g.n} answers, accuracy {_proportion_text(g.accuracy)}: {verdict}"
+
+
 def report_csv(report: PlausibilityReport) -> str:
     """The report laid out as the paper's Tables 3-4, for spreadsheets and the appendix.
 
@@ -671,4 +807,10 @@ def report_csv(report: PlausibilityReport) -> str:
         leak = leak_text(report)
         if leak is not None:
             w.writerow(["PNG size AUC", leak])
+    origin = discrimination_table(report)
+    if origin is not None:
+        w.writerow([])
+        w.writerow(origin[0])
+        w.writerows(origin[1])
+        w.writerow(["claim", discrimination_text(report)])
     return out.getvalue()

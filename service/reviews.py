@@ -49,6 +49,7 @@ from service.report_schemas import (
 from service.reports import Judgement, plausibility_report
 from service.selection import BatchChoice, Selection, choose_all
 from service.storage import get_storage
+from service.study_statistics import DEFAULT_MARGIN
 
 
 def counted() -> ColumnElement[bool]:
@@ -116,12 +117,19 @@ def queue_pulls(session: Session) -> list[int]:
     return sorted([*(j.id for j in jobs), *(pending[p] for p in projects if p in pending)])
 
 
-def project_for(session: Session, criteria_set: CriteriaSet) -> ReviewProject:
+def project_for(
+    session: Session, criteria_set: CriteriaSet, origin_question: bool = False
+) -> ReviewProject:
+    """The criteria set's project with (or without) the "real or synthetic?" question, made
+    on first use: Label Studio's labelling interface is per project, so the two are apart."""
     project = session.scalar(
-        select(ReviewProject).where(ReviewProject.criteria_set_id == criteria_set.id)
+        select(ReviewProject).where(
+            ReviewProject.criteria_set_id == criteria_set.id,
+            ReviewProject.origin_question == origin_question,
+        )
     )
     if project is None:
-        project = ReviewProject(criteria_set=criteria_set)
+        project = ReviewProject(criteria_set=criteria_set, origin_question=origin_question)
         session.add(project)
         session.flush()
     return project
@@ -155,6 +163,7 @@ def send_for_review(
     rng: random.Random | None = None,
     controls: Controls | None = None,
     settings: Settings | None = None,
+    ask_origin: bool = False,
 ) -> SentForReview:
     """New tasks for the batches' chosen images (``selection``; default: all of them) in the
     domain's current project, in one shuffled order across all batches (so baseline and
@@ -165,7 +174,10 @@ def send_for_review(
 
     ``controls``: real held-out images of the classes sent, added as control batches
     (:mod:`service.controls`) whose tasks are made and shuffled exactly like the synthetic
-    ones (random sample); the project's PNG-size AUC is then recorded on each of them."""
+    ones (random sample); the project's PNG-size AUC is then recorded on each of them.
+
+    ``ask_origin``: into the domain's project that also asks "real or synthetic?" (a project
+    of its own, :func:`project_for`)."""
     selection = selection or Selection()
     batches = [session.get(Batch, i) for i in dict.fromkeys(batch_ids)]
     missing = [i for i, b in zip(dict.fromkeys(batch_ids), batches, strict=True) if b is None]
@@ -192,7 +204,7 @@ def send_for_review(
     not_done = [b.id for b in found if not b.images]
     if not_done:
         raise ReviewError(f"batch {', '.join(map(str, not_done))} has no images yet")
-    project = project_for(session, criteria_set)
+    project = project_for(session, criteria_set, ask_origin)
     have = {
         t.image_id: t
         for t in session.scalars(select(ReviewTask).where(ReviewTask.project_id == project.id))
@@ -262,13 +274,20 @@ def request_batch_review(
     selection: Selection | None,
     requested_by: str,
     controls: Controls | None = None,
+    ask_origin: bool = False,
 ) -> tuple[SentForReview, Job]:
     """Send batches to blinded review: their chosen images (and ``controls``, real held-out
     images) into the domain's project (:func:`send_for_review`) and a queued sync job that
     imports them into Label Studio."""
     require_label_studio(settings)
     sent = send_for_review(
-        session, batch_ids, domain, selection, controls=controls, settings=settings
+        session,
+        batch_ids,
+        domain,
+        selection,
+        controls=controls,
+        settings=settings,
+        ask_origin=ask_origin,
     )
     return sent, queue_sync(session, sent.project.id, requested_by)
 
@@ -351,6 +370,7 @@ def apply_annotation(session: Session, annotation: dict[str, Any]) -> Review | N
     parsed = parse_result(annotation.get("result") or [], keys)
     reviewer, email = _reviewer(annotation.get("completed_by"))
     writer = _writer(annotation.get("updated_by"))
+    asked = task.project.origin_question  # answers to a question not asked are not stored
     values = {
         "task_id": task.id,
         "reviewer": reviewer,
@@ -359,6 +379,8 @@ def apply_annotation(session: Session, annotation: dict[str, Any]) -> Review | N
         "overall": parsed["overall"],
         "criteria": parsed["criteria"],
         "comment": parsed["comment"],
+        "answered_synthetic": parsed["answered_synthetic"] if asked else None,
+        "origin_confidence": parsed["origin_confidence"] if asked else None,
         "updated_at": utc_now(),
         "written_by": writer,
         "flagged": writer != reviewer,
@@ -563,6 +585,9 @@ def judgements(
             r.criteria,
             sample=str(sample),
             flagged=r.flagged,
+            reviewer_email=r.reviewer_email,
+            answered_synthetic=r.answered_synthetic,
+            origin_confidence=r.origin_confidence,
         )
         for r, img, m, _, sample, _ in rows
     ]
@@ -642,6 +667,9 @@ def _control_judgements(
             r.criteria,
             sample=str(sample),
             flagged=r.flagged,
+            reviewer_email=r.reviewer_email,
+            answered_synthetic=r.answered_synthetic,
+            origin_confidence=r.origin_confidence,
         )
         for r, img, sample, _, _ in found
     ]
@@ -719,9 +747,11 @@ def plausibility(
     reviewer: str | None = None,
     criteria_set_id: int | None = None,
     flagged: Flagged = "include",
+    margin: float = DEFAULT_MARGIN,
 ) -> PlausibilityReport:
     """The plausibility report with its filters, as the JSON/CSV endpoint and the dashboard
-    show it; :class:`FilterError` for malformed model ids."""
+    show it; :class:`FilterError` for malformed model ids. ``margin``: the equivalence margin
+    of the "real or synthetic?" section's test against chance."""
     found = judgements(
         session,
         dataset_id=dataset_id,
@@ -743,5 +773,6 @@ def plausibility(
         found.criteria,
         controls=found.controls,
         leaks=found.leaks,
+        margin=margin,
     )
     return report.model_copy(update={"filters": filters, "on_edited_tasks": found.on_edited_tasks})

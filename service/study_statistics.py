@@ -28,8 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ml.evaluation.intervals import CONFIDENCE as CONFIDENCE
 from ml.evaluation.intervals import check_counts as _check_counts
-from service.report_schemas import Interval
 from service.statistics import fleiss_kappa
+
+# The report's (lower, upper) pair, written out rather than imported: the plausibility report's
+# schema (service.report_schemas) embeds this module's models, so it imports this module.
+Interval = tuple[float, float]
 
 # Readers whose accuracy lies within 0.5 +- 0.10 (40 % to 60 %) are taken to be guessing: at 60 %
 # a reader is wrong on two images in five, barely better than a coin. A narrower margin needs far

@@ -91,7 +91,14 @@ def test_label_config_and_the_seeds_rule() -> None:
         None,
     ]
     got = parse_result(odd, keys)
-    assert got == {"criteria": {}, "overall": None, "comment": "ok", "plausible": None}
+    assert got == {
+        "criteria": {},
+        "overall": None,
+        "comment": "ok",
+        "plausible": None,
+        "answered_synthetic": None,
+        "origin_confidence": None,
+    }
     assert parse_result({"not": "a list"}, keys)["criteria"] == {}  # type: ignore[arg-type]
 
 

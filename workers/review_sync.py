@@ -54,10 +54,11 @@ def ensure_project(ls: Any, project: ReviewProject, settings: Settings) -> int:
     found = next((p for p in ls.projects.list() if p.title == title), None)
     if found is None:
         cs = project.criteria_set
+        then = ", then whether the image is real or synthetic" if project.origin_question else ""
         found = ls.projects.create(
             title=title,
-            description=f"{cs.title}. Images are blinded and shuffled; judge each criterion.",
-            label_config=label_config(cs.criteria),
+            description=f"{cs.title}. Images are blinded and shuffled; judge each criterion{then}.",
+            label_config=label_config(cs.criteria, ask_origin=project.origin_question),
         )
     ls_id: int = found.id
     project.ls_project_id = ls_id

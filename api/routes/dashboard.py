@@ -61,6 +61,8 @@ from service.evaluations import evaluation_of, latest_evaluation
 from service.model_cards import build_card, card_markdown
 from service.report_schemas import Flagged
 from service.reports import (
+    discrimination_table,
+    discrimination_text,
     edited_text,
     flagged_text,
     incomplete_text,
@@ -72,6 +74,7 @@ from service.reports import (
 from service.reviews import FilterError, plausibility
 from service.scorers import latest_scorer, metrics_of
 from service.security import close_session, find_key, open_session
+from service.study_statistics import DEFAULT_MARGIN
 from service.sweeps import report as sweep_report
 from service.sweeps import sweep_batches, sweeps_of
 
@@ -331,6 +334,20 @@ def optional_id(value: str | None, name: str) -> int | None:
     return number
 
 
+def equivalence_margin(value: str | None) -> float:
+    """The form's equivalence margin (empty: the default), as ``GET /reports/plausibility``
+    takes it: a number strictly between 0 and 0.5."""
+    if not value:
+        return DEFAULT_MARGIN
+    try:
+        margin = float(value)
+    except ValueError:
+        margin = -1.0
+    if not 0.0 < margin < 0.5:
+        raise HTTPException(422, f"margin must lie strictly between 0 and 0.5 (got {value!r})")
+    return margin
+
+
 def bad_filter(request: Request, exc: HTTPException) -> HTMLResponse:
     return page(request, "message.html", exc.status_code, title="Bad filter", message=exc.detail)
 
@@ -346,11 +363,12 @@ def report_page(
     reviewer: Annotated[str | None, Query(max_length=254)] = None,
     criteria_set_id: Annotated[str | None, Query(max_length=12)] = None,
     flagged: Flagged = "include",
+    margin: Annotated[str | None, Query(max_length=12)] = None,
 ) -> HTMLResponse:
     """The JSON report's content for people: Tables 3-4, the chart, criteria and agreement,
-    how many verdicts were incomplete or flagged, and the Label Studio tasks the last pull did
-    not count. Same filters as ``GET /reports/plausibility``; empty form fields count as no
-    filter."""
+    how many verdicts were incomplete or flagged, whether readers told real from synthetic
+    images, and the Label Studio tasks the last pull did not count. Same filters as
+    ``GET /reports/plausibility``; empty form fields count as no filter."""
     try:
         set_id = optional_id(criteria_set_id, "criteria_set_id")
         report = plausibility(
@@ -360,6 +378,7 @@ def report_page(
             reviewer or None,
             set_id,
             flagged,
+            margin=equivalence_margin(margin),
         )
     except HTTPException as exc:  # malformed ids: say so on a page, not in JSON
         return bad_filter(request, exc)
@@ -368,6 +387,8 @@ def report_page(
     filters = report.filters.model_dump(exclude_none=True) if report.filters else {}
     if filters.get("flagged") == "include":  # the default: no need to repeat it in links
         del filters["flagged"]
+    if margin:
+        filters["margin"] = margin
     api_url = route_path(request, "plausibility_endpoint")
     return page(
         request,
@@ -382,6 +403,8 @@ def report_page(
         kept_apart=kept_apart_text(report),
         real=real_table(report),
         leak=leak_text(report),
+        origin=discrimination_table(report),
+        origin_claim=discrimination_text(report),
         incomplete=incomplete_text(report),
         flagged=flagged_text(report),
         edited=edited_text(report),

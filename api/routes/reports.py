@@ -15,6 +15,7 @@ from service.evaluations import evaluation_csv, evaluation_of, finished_evaluati
 from service.report_schemas import Flagged, PlausibilityReport
 from service.reports import report_csv
 from service.reviews import plausibility
+from service.study_statistics import DEFAULT_MARGIN
 
 router = APIRouter(prefix="/reports")
 
@@ -47,6 +48,15 @@ def plausibility_endpoint(
             "include (counted, the default), exclude (left out) or only (nothing else)."
         ),
     ] = "include",
+    margin: Annotated[
+        float,
+        Query(
+            gt=0,
+            lt=0.5,
+            description="Equivalence margin of the 'real or synthetic?' test against chance: "
+            "'indistinguishable' needs readers' accuracy shown within 0.5 +- margin.",
+        ),
+    ] = DEFAULT_MARGIN,
     format: Literal["json", "csv"] = "json",
 ) -> PlausibilityReport | PlainTextResponse:
     """Per class and model, % of images judged plausible (the image is the unit: its
@@ -54,8 +64,12 @@ def plausibility_endpoint(
     interval (Newcombe/Wilson), Fisher's exact p raw and Holm-adjusted over the classes; macro
     and pooled averages with a Cochran-Mantel-Haenszel test stratified by class; failure rate
     per criterion; agreement between reviewers; how many verdicts were incomplete (counted
-    nowhere) and flagged. ``format=csv``: the seed's Tables 3-4 layout."""
-    report = plausibility(session, dataset_id, models, reviewer, criteria_set_id, flagged)
+    nowhere) and flagged; where reviewers answered "real or synthetic?", how well they told
+    real from synthetic images (``discrimination``). ``format=csv``: the seed's Tables 3-4
+    layout."""
+    report = plausibility(
+        session, dataset_id, models, reviewer, criteria_set_id, flagged, margin=margin
+    )
     if format == "csv":
         return PlainTextResponse(report_csv(report), media_type="text/csv")
     return report

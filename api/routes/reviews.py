@@ -97,10 +97,18 @@ def request_review(
     sample (counted in the report) and the scorer's least certain images (kept out of the
     report's rates), mixed so no reviewer can tell them apart; 409 if a batch is not scored,
     422 if the batch has too few images left for the budget. ``controls`` adds real held-out
-    images of the classes sent (``service/controls.py``); 422 if they cannot be drawn."""
+    images of the classes sent (``service/controls.py``); 422 if they cannot be drawn.
+    ``ask_origin`` sends them to the domain's project that also asks "real or synthetic?"."""
     controls = body.controls.controls() if body.controls else None
     sent, job = request_batch_review(
-        session, settings, body.batch_ids, body.domain, body.selection(), key.name, controls
+        session,
+        settings,
+        body.batch_ids,
+        body.domain,
+        body.selection(),
+        key.name,
+        controls,
+        ask_origin=body.ask_origin,
     )
     project, tasks = sent.project, sent.tasks
     modes = pending_modes(session, project)

@@ -409,14 +409,19 @@ class CriteriaSet(TimestampMixin, Base):
 
 
 class ReviewProject(TimestampMixin, Base):
-    """The Label Studio project of one criteria set (one per set and version)."""
+    """The Label Studio project of one criteria set and labelling interface: one per set and
+    version without the "real or synthetic?" question, one with it (Label Studio's interface
+    is per project, so images sent with the question go to a project of their own)."""
 
     __tablename__ = "review_projects"
+    __table_args__ = (UniqueConstraint("criteria_set_id", "origin_question"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     criteria_set_id: Mapped[int] = mapped_column(
-        ForeignKey("criteria_sets.id", ondelete="RESTRICT"), unique=True
+        ForeignKey("criteria_sets.id", ondelete="RESTRICT")
     )
+    # The interface also asks "real or synthetic?" with a confidence (service.criteria).
+    origin_question: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     ls_project_id: Mapped[int | None] = mapped_column(Integer)  # set by the first sync
     ls_webhook_id: Mapped[int | None] = mapped_column(Integer)
     last_pulled_at: Mapped[datetime | None] = mapped_column()
@@ -470,6 +475,9 @@ class Review(TimestampMixin, Base):
     a deletion removes it; several reviewers of one image are separate rows."""
 
     __tablename__ = "reviews"
+    __table_args__ = (
+        CheckConstraint("origin_confidence BETWEEN 1 AND 3", name="origin_confidence"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     task_id: Mapped[int] = mapped_column(
@@ -487,6 +495,11 @@ class Review(TimestampMixin, Base):
     overall: Mapped[str | None] = mapped_column(String(32))  # the reviewer's own overall choice
     criteria: Mapped[dict[str, Any]] = mapped_column(default=dict)  # key -> pass | fail | na
     comment: Mapped[str | None] = mapped_column(Text)
+    # The answer to "real or synthetic?" (projects with ``origin_question``; None: not asked
+    # or not answered) and how sure the reader was of it: 1 guessing, 2 fairly sure, 3 sure
+    # (``service.criteria.ORIGIN_CONFIDENCE``). Neither enters ``plausible``.
+    answered_synthetic: Mapped[bool | None] = mapped_column(Boolean)
+    origin_confidence: Mapped[int | None] = mapped_column(Integer)
     # Who Label Studio says last wrote the annotation (its ``updated_by``: the user of the
     # token that sent it, whatever ``completed_by`` says); None when it records none.
     written_by: Mapped[str | None] = mapped_column(String(200))

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from service.report_schemas import PlausibilityReport
+from service.report_schemas import Methods, PlausibilityReport
 from service.reports import Judgement, agreement, plausibility_report, report_csv
 from service.statistics import (
     cohen_kappa,
@@ -505,6 +505,8 @@ EXPECTED: dict[str, Any] = {
         "controls": "real images from a dataset's held-out part (never a reviewed model's "
         "training images) reviewed blinded among the synthetic ones: per class their plausible "
         "rate (Wilson) and each model's rate minus it (Newcombe), counted like a model's",
+        # stated where the question is implemented; tests/test_origin_question.py checks it
+        "discrimination": Methods.model_fields["discrimination"].default,
     },
     "models": MODELS,
     "baseline_id": 1,
@@ -607,6 +609,7 @@ EXPECTED: dict[str, Any] = {
     "on_edited_tasks": 0,
     "filters": None,
     "control_leaks": [],  # no real control images reviewed
+    "discrimination": None,  # nobody was asked "real or synthetic?"
 }
 
 

@@ -123,7 +123,7 @@ def test_job_rows_are_built_in_one_place() -> None:
         for n, line in enumerate(path.read_text().splitlines(), 1)
         if re.search(r"(?<![\w.])Job\(", line) and "class Job(" not in line
     ]
-    assert calls == ["service/job_kinds.py:97"], calls
+    assert len(calls) == 1 and calls[0].startswith("service/job_kinds.py:"), calls
 
 
 def test_new_job_takes_only_its_kinds_payload() -> None:

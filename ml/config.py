@@ -35,6 +35,7 @@ MAX_SEED = 2**31 - 1  # seeds are stored in PostgreSQL INTEGER columns
 # Images per class a data selection may ask for (training and held-out, each): ~100 is the
 # method's regime; the bound keeps one request from decoding millions of images into memory.
 MAX_PER_CLASS = 10_000
+MAX_STEPS = 10_000_000  # max_steps' bound (the demo's --steps names it too)
 
 
 class TrainConfig(BaseModel):
@@ -88,7 +89,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(16, ge=1, le=1024, description="per process (per GPU under DDP)")
     epochs: int = Field(1500, ge=1, le=100_000)
     max_steps: int | None = Field(
-        None, ge=1, le=10_000_000, description="stop after this many steps if set"
+        None, ge=1, le=MAX_STEPS, description="stop after this many steps if set"
     )
     grad_clip: float | None = Field(None, gt=0, le=1e6)  # [3] clips no gradients
     # [3] keeps no EMA (it trains, saves and samples the raw weights); 0 makes the EMA copy equal

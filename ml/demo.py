@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ml.config import SampleConfig, make_config
+from ml.config import MAX_PER_CLASS, MAX_STEPS, SampleConfig, TrainConfig, make_config
 from ml.data.toy import CRITERIA, TOY_CLASSES, check_images, write_toy_dataset
 from ml.diffusion.sample import sample_to_folder, save_grid
 from ml.errors import Invalid, NotFound
@@ -31,7 +31,7 @@ from ml.evaluation.intervals import newcombe_difference, wilson
 from ml.models.checkpoint import load_model
 from ml.pipeline import learn_prototypes, train_model
 from ml.prototypes.cpl import CPLConfig
-from ml.prototypes.encoder import EmbeddingCache, EncoderSpec
+from ml.prototypes.encoder import EmbeddingCache, EncoderSpec, check_encoder
 from ml.prototypes.learned_encoder import LEARNED
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,53 @@ def _real_ceiling(held: Any, size: int) -> dict[str, Any]:
     return {c: judge(small[held.labels == i], c) for i, c in enumerate(held.classes)}
 
 
+def _in_range(flag: str, value: int, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        raise Invalid(f"{flag} must be between {lo} and {hi} (got {value})")
+
+
+def check_options(
+    out: Path,
+    *,
+    steps: int,
+    n_per_class: int,
+    n_sample: int,
+    heldout: int,
+    encoder: str,
+    pretrained: str | None,
+    device: str | None,
+    seed: int,
+    preset: str,
+    recipe: dict[str, Any],
+) -> dict[str, TrainConfig]:
+    """Every option checked, and both modes' configs built, before the demo does any work or
+    writes a file: a mistake found at stage 3 would leave the output folder half overwritten (a
+    new codebook beside the previous run's models). Messages name ``protomed demo``'s flags,
+    the names the user typed."""
+    _in_range("--steps", steps, 1, MAX_STEPS)
+    _in_range("--n-per-class", n_per_class, 1, MAX_PER_CLASS)
+    _in_range("--n-sample", n_sample, 1, MAX_PER_CLASS)
+    _in_range("heldout", heldout, 1, MAX_PER_CLASS)  # the real images the checker's ceiling needs
+    if out.exists() and not out.is_dir():
+        raise Invalid(f"--out {out} is a file, not a folder")
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise Invalid(f"--device {device!r}: {exc}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise Invalid(f"--device {device}: no CUDA device on this machine")
+    if encoder != LEARNED:
+        try:
+            check_encoder(encoder, pretrained)
+        except ValueError as exc:
+            raise Invalid(f"--encoder {encoder}: {exc}") from None
+    return {
+        mode: make_config(preset, {**recipe, "mode": mode, "max_steps": steps, "seed": seed})
+        for mode in MODES
+    }
+
+
 def run_demo(
     out: Path | str,
     *,
@@ -186,12 +233,26 @@ def run_demo(
     ``overrides`` go on top of the preset and :data:`DEMO_RECIPE`; ``sample`` is the sampler
     (default: SDE-DPM-Solver++ at :data:`DEMO_SAMPLE_STEPS` steps). ``say`` gets a header per
     stage and the summary; ``show_progress`` draws progress bars (stderr) for the long stages.
+    Every option is checked (:func:`check_options`) before anything is written.
     """
     out = Path(out)
     t_start = time.perf_counter()
     recipe = {**DEMO_RECIPE, **(overrides or {})}
+    configs = check_options(
+        out,
+        steps=steps,
+        n_per_class=n_per_class,
+        n_sample=n_sample,
+        heldout=heldout,
+        encoder=encoder,
+        pretrained=pretrained,
+        device=device,
+        seed=seed,
+        preset=preset,
+        recipe=recipe,
+    )
     scfg = sample or SampleConfig(seed=seed, steps=DEMO_SAMPLE_STEPS)
-    size = make_config(preset, recipe).image_size
+    size = configs["baseline"].image_size
 
     def stage(i: int, text: str) -> None:
         say(f"[{i}/{STAGES}] {text}")
@@ -246,10 +307,9 @@ def run_demo(
     train_s: dict[str, float] = {}
     for i, mode in enumerate(MODES):
         stage(3 + i, f"training the {mode} model ({steps} steps, {preset}, {size}px)")
-        cfg = make_config(preset, {**recipe, "mode": mode, "max_steps": steps, "seed": seed})
         t0 = time.perf_counter()
         trained[mode] = train_model(
-            cfg,
+            configs[mode],
             out / f"run_{mode}",
             codebook=proto.codebook,
             device=device,

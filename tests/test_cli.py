@@ -354,3 +354,36 @@ def test_encoder_options_need_the_learned_encoder(tmp_path):
     )
     assert r.exit_code == 2 and "--head is for fixed CLIP embeddings" in r.output, r.output
     assert not (tmp_path / "cb").exists()
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--steps", "0"], "error: --steps must be between 1 and"),
+        (["--n-sample", "0"], "error: --n-sample must be between 1 and"),
+        (["--n-per-class", "0"], "error: --n-per-class must be between 1 and"),
+        (["--encoder", "no-such-net"], "error: --encoder no-such-net: unknown open_clip model"),
+        (["--device", "nonsense"], "error: --device 'nonsense'"),
+    ],
+)
+def test_demo_checks_every_option_before_touching_the_output(tmp_path, args, message):
+    """A previous run's files stay as they were (bytes and mtime), and no new file appears."""
+    out = tmp_path / "demo_out"
+    (out / "codebook").mkdir(parents=True)
+    (out / "codebook" / "codebook.json").write_text('{"previous": "run"}')
+    (out / "summary.txt").write_text("the previous run's summary\n")
+    before = _snapshot(out)
+    result = invoke("demo", "--out", out, *args)
+    assert result.exit_code == 2, result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), result.output
+    assert "[1/" not in result.output, "no stage started"
+    assert _snapshot(out) == before

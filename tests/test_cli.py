@@ -387,3 +387,28 @@ def test_demo_checks_every_option_before_touching_the_output(tmp_path, args, mes
     assert len(errors) == 1 and errors[0].startswith(message), result.output
     assert "[1/" not in result.output, "no stage started"
     assert _snapshot(out) == before
+
+
+def test_serve_on_a_busy_port_says_so_first_and_creates_nothing(tmp_path):
+    """A second ``protomed serve`` on a port in use: the first stderr line names the port and
+    --port, exit 2, and the folder gets no database, key file or storage."""
+    import socket
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROTOMED_")}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "protomed_cli", "serve", "--port", str(port), "--no-worker"],
+            cwd=tmp_path,
+            env={**env, "PYTHONPATH": str(repo)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("error: port") and str(port) in first and "--port" in first, first
+    assert list(tmp_path.iterdir()) == [], "nothing migrated or created"

@@ -21,9 +21,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ml.config import MAX_PER_CLASS, MAX_STEPS, SampleConfig, TrainConfig, make_config
+from ml.console import progress_bar
 from ml.data.toy import CRITERIA, TOY_CLASSES, check_images, write_toy_dataset
 from ml.diffusion.sample import sample_to_folder, save_grid
 from ml.errors import Invalid, NotFound
@@ -33,6 +33,7 @@ from ml.pipeline import learn_prototypes, train_model
 from ml.prototypes.cpl import CPLConfig
 from ml.prototypes.encoder import EmbeddingCache, EncoderSpec, check_encoder
 from ml.prototypes.learned_encoder import LEARNED
+from ml.prototypes.weights import is_untrained
 
 log = logging.getLogger(__name__)
 MODES = ("baseline", "prototype")
@@ -44,6 +45,7 @@ DEMO_RECIPE: dict[str, Any] = {"image_size": 24, "loss_weighting": "min_snr"}
 # SDE-DPM-Solver++ (the default sampler) at 10 steps held its 20-step quality on the toy model
 # (bench/README.md, "Fewer steps") at half the time.
 DEMO_SAMPLE_STEPS = 10
+GRID_PER_CLASS = 8  # tiles per class row in the grids; every sample stays in samples_<mode>/
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++", "dpm++sde": "SDE-DPM-Solver++"}
 
 
@@ -101,15 +103,22 @@ def sampler_label(scfg: SampleConfig) -> str:
     return f"{name} ({scfg.scheduler}), {scfg.steps} steps, guidance {scfg.guidance:g}"
 
 
-def prototype_line(encoder: str, report: dict[str, Any]) -> str:
-    """Which encoder the prototypes came from and how well they separate held-out images."""
+def prototype_line(encoder: str, report: dict[str, Any], *, untrained: bool = False) -> str:
+    """Which encoder the prototypes came from and how well they separate held-out images;
+    ``untrained`` (CLIP without weights) is said in capitals: such prototypes are centroids of
+    random features, and the numbers below read differently."""
     acc = report.get("nearest_prototype_acc")
     held = "" if acc is None else f"; held-out nearest-prototype accuracy {acc:.0%}"
     if report.get("encoder_kind") == LEARNED:
         base = report.get("untrained_nearest_prototype_acc")
-        untrained = "" if base is None or acc is None else f" (the untrained network: {base:.0%})"
+        before = "" if base is None or acc is None else f" (the untrained network: {base:.0%})"
         return f"prototypes: domain encoder learned from the toy images ({encoder[:20]}){held}" + (
-            untrained
+            before
+        )
+    if untrained:
+        return (
+            f"prototypes: encoder {encoder}, UNTRAINED (random weights: the prototypes are "
+            f"centroids of random features){held}"
         )
     return f"prototypes: encoder {encoder}{held}"
 
@@ -273,7 +282,7 @@ def run_demo(
             )
         stage(2, f"embedding the images with {encoder} and learning prototypes")
     selection = {"root": data, "n_per_class": n_per_class, "n_heldout": heldout, "seed": seed}
-    bar = tqdm(desc="embedding", unit="img", disable=not show_progress)
+    bar = progress_bar(desc="embed images", unit="img", disable=not show_progress)
 
     def on_progress(name: str, done: float, total: float) -> None:
         if name == "embed":
@@ -320,9 +329,9 @@ def run_demo(
     for mode in MODES:
         loaded = load_model(trained[mode], device=device or "cpu")
         t0 = time.perf_counter()
-        with tqdm(
+        with progress_bar(
+            desc=f"sample {mode}",
             total=len(loaded.cond.classes),
-            desc=f"sampling {mode}",
             unit="class",
             disable=not show_progress,
         ) as sbar:
@@ -334,7 +343,7 @@ def run_demo(
                 on_class=lambda *_: sbar.update(1),
             )
         sample_s = time.perf_counter() - t0
-        save_grid(res.images, out / f"grid_{mode}.png", labels=True, scale=2)
+        save_grid(res.images, out / f"grid_{mode}.png", GRID_PER_CLASS, labels=True, scale=2)
         plaus = {c: judge(imgs, c) for c, imgs in res.images.items()}
         passed, n = sum(p["passed"] for p in plaus.values()), sum(p["n"] for p in plaus.values())
         summary["modes"][mode] = {
@@ -352,15 +361,21 @@ def run_demo(
     summary["real_mean"] = float(np.mean([r["plausible"] for r in summary["real"].values()]))
     summary["comparison"] = compare(summary["modes"]["baseline"], summary["modes"]["prototype"])
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
+    untrained = not learned and is_untrained(pretrained)
+    summary["encoder_untrained"] = untrained
+    shown = min(GRID_PER_CLASS, n_sample)
     summary["text"] = (
-        prototype_line(summary["encoder"], summary["prototypes"])
+        prototype_line(summary["encoder"], summary["prototypes"], untrained=untrained)
         + "\n"
         + f"rule-based plausibility of {n_sample} images per class and mode "
         f"({steps} training steps per mode, {preset}, {size}px; sampler: {sampler_label(scfg)}):\n"
         + _table(summary)
-        + "\n"
+        + f"\nreal: the checker on the {heldout} held-out real toy images per class (never "
+        f"trained on), resized to the models' {size}px: the ceiling a model could reach\n"
         + difference_text(summary["comparison"])
-        + f"\ngrids: {out / 'grid_baseline.png'}, {out / 'grid_prototype.png'}"
+        + f"\ngrids: {out / 'grid_baseline.png'}, {out / 'grid_prototype.png'} (the first "
+        f"{shown} of the {n_sample} images per class; all of them in "
+        f"{out / 'samples_baseline'}, {out / 'samples_prototype'})"
         + f"\ntotal {summary['seconds']:.0f} s"
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -35,6 +35,7 @@ MAX_SEED = 2**31 - 1  # seeds are stored in PostgreSQL INTEGER columns
 # Images per class a data selection may ask for (training and held-out, each): ~100 is the
 # method's regime; the bound keeps one request from decoding millions of images into memory.
 MAX_PER_CLASS = 10_000
+MAX_STEPS = 10_000_000  # max_steps' bound (the demo's --steps names it too)
 
 
 class TrainConfig(BaseModel):
@@ -88,7 +89,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(16, ge=1, le=1024, description="per process (per GPU under DDP)")
     epochs: int = Field(1500, ge=1, le=100_000)
     max_steps: int | None = Field(
-        None, ge=1, le=10_000_000, description="stop after this many steps if set"
+        None, ge=1, le=MAX_STEPS, description="stop after this many steps if set"
     )
     grad_clip: float | None = Field(None, gt=0, le=1e6)  # [3] clips no gradients
     # [3] keeps no EMA (it trains, saves and samples the raw weights); 0 makes the EMA copy equal
@@ -258,9 +259,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise Invalid(f"override {pair!r} must look like field=value")
         key = key.strip()
         if key not in TrainConfig.model_fields:
-            raise Invalid(
-                f"unknown field {key!r}; fields are: {', '.join(sorted(TrainConfig.model_fields))}"
-            )
+            raise Invalid(f"unknown field {key!r}; {field_hint(TrainConfig, key)}")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -269,6 +268,29 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 _BOUND_ERRORS = ("greater_than", "less_than", "too_short", "too_long")
+# What other trainers (and this project's own CLI flags) call a TrainConfig field.
+FIELD_ALIASES = {
+    "steps": "max_steps",
+    "train_steps": "max_steps",
+    "num_steps": "max_steps",
+    "iterations": "max_steps",
+    "learning_rate": "lr",
+}
+
+
+def field_hint(model: type[BaseModel], name: str) -> str:
+    """``"did you mean max_steps?"`` for a near miss, else every field: a refused name alone
+    leaves the user guessing what the model calls the knob they meant. Names other tools use
+    for a field (:data:`FIELD_ALIASES`) come first: ``steps`` is spelled closer to
+    ``timesteps`` (the noise schedule's length) than to ``max_steps``, the knob meant."""
+    import difflib
+
+    fields = sorted(model.model_fields)
+    alias = FIELD_ALIASES.get(name)
+    near = [alias] if alias in fields else difflib.get_close_matches(name, fields, n=2, cutoff=0.6)
+    if near:
+        return f"did you mean {' or '.join(near)}?"
+    return f"fields are: {', '.join(fields)}"
 
 
 def allowed_range(model: type[BaseModel], name: str) -> str | None:
@@ -316,6 +338,8 @@ def describe_validation_error(err: ValidationError, model: type[BaseModel] | Non
             allowed = allowed_range(model, str(e["loc"][0]))
             if allowed:
                 line += f" (allowed: {allowed})"
+        elif e["type"] == "extra_forbidden" and len(e["loc"]) == 1 and err.title == model.__name__:
+            line += f" ({field_hint(model, str(e['loc'][0]))})"
         lines.append(line)
     return "; ".join(lines)
 

@@ -21,9 +21,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from ml.config import SampleConfig, make_config
+from ml.config import MAX_PER_CLASS, MAX_STEPS, SampleConfig, TrainConfig, make_config
+from ml.console import progress_bar
 from ml.data.toy import CRITERIA, TOY_CLASSES, check_images, write_toy_dataset
 from ml.diffusion.sample import sample_to_folder, save_grid
 from ml.errors import Invalid, NotFound
@@ -31,8 +31,9 @@ from ml.evaluation.intervals import newcombe_difference, wilson
 from ml.models.checkpoint import load_model
 from ml.pipeline import learn_prototypes, train_model
 from ml.prototypes.cpl import CPLConfig
-from ml.prototypes.encoder import EmbeddingCache, EncoderSpec
+from ml.prototypes.encoder import EmbeddingCache, EncoderSpec, check_encoder
 from ml.prototypes.learned_encoder import LEARNED
+from ml.prototypes.weights import is_untrained
 
 log = logging.getLogger(__name__)
 MODES = ("baseline", "prototype")
@@ -44,6 +45,7 @@ DEMO_RECIPE: dict[str, Any] = {"image_size": 24, "loss_weighting": "min_snr"}
 # SDE-DPM-Solver++ (the default sampler) at 10 steps held its 20-step quality on the toy model
 # (bench/README.md, "Fewer steps") at half the time.
 DEMO_SAMPLE_STEPS = 10
+GRID_PER_CLASS = 8  # tiles per class row in the grids; every sample stays in samples_<mode>/
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++", "dpm++sde": "SDE-DPM-Solver++"}
 
 
@@ -101,15 +103,22 @@ def sampler_label(scfg: SampleConfig) -> str:
     return f"{name} ({scfg.scheduler}), {scfg.steps} steps, guidance {scfg.guidance:g}"
 
 
-def prototype_line(encoder: str, report: dict[str, Any]) -> str:
-    """Which encoder the prototypes came from and how well they separate held-out images."""
+def prototype_line(encoder: str, report: dict[str, Any], *, untrained: bool = False) -> str:
+    """Which encoder the prototypes came from and how well they separate held-out images;
+    ``untrained`` (CLIP without weights) is said in capitals: such prototypes are centroids of
+    random features, and the numbers below read differently."""
     acc = report.get("nearest_prototype_acc")
     held = "" if acc is None else f"; held-out nearest-prototype accuracy {acc:.0%}"
     if report.get("encoder_kind") == LEARNED:
         base = report.get("untrained_nearest_prototype_acc")
-        untrained = "" if base is None or acc is None else f" (the untrained network: {base:.0%})"
+        before = "" if base is None or acc is None else f" (the untrained network: {base:.0%})"
         return f"prototypes: domain encoder learned from the toy images ({encoder[:20]}){held}" + (
-            untrained
+            before
+        )
+    if untrained:
+        return (
+            f"prototypes: encoder {encoder}, UNTRAINED (random weights: the prototypes are "
+            f"centroids of random features){held}"
         )
     return f"prototypes: encoder {encoder}{held}"
 
@@ -164,6 +173,53 @@ def _real_ceiling(held: Any, size: int) -> dict[str, Any]:
     return {c: judge(small[held.labels == i], c) for i, c in enumerate(held.classes)}
 
 
+def _in_range(flag: str, value: int, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        raise Invalid(f"{flag} must be between {lo} and {hi} (got {value})")
+
+
+def check_options(
+    out: Path,
+    *,
+    steps: int,
+    n_per_class: int,
+    n_sample: int,
+    heldout: int,
+    encoder: str,
+    pretrained: str | None,
+    device: str | None,
+    seed: int,
+    preset: str,
+    recipe: dict[str, Any],
+) -> dict[str, TrainConfig]:
+    """Every option checked, and both modes' configs built, before the demo does any work or
+    writes a file: a mistake found at stage 3 would leave the output folder half overwritten (a
+    new codebook beside the previous run's models). Messages name ``protomed demo``'s flags,
+    the names the user typed."""
+    _in_range("--steps", steps, 1, MAX_STEPS)
+    _in_range("--n-per-class", n_per_class, 1, MAX_PER_CLASS)
+    _in_range("--n-sample", n_sample, 1, MAX_PER_CLASS)
+    _in_range("heldout", heldout, 1, MAX_PER_CLASS)  # the real images the checker's ceiling needs
+    if out.exists() and not out.is_dir():
+        raise Invalid(f"--out {out} is a file, not a folder")
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise Invalid(f"--device {device!r}: {exc}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise Invalid(f"--device {device}: no CUDA device on this machine")
+    if encoder != LEARNED:
+        try:
+            check_encoder(encoder, pretrained)
+        except ValueError as exc:
+            raise Invalid(f"--encoder {encoder}: {exc}") from None
+    return {
+        mode: make_config(preset, {**recipe, "mode": mode, "max_steps": steps, "seed": seed})
+        for mode in MODES
+    }
+
+
 def run_demo(
     out: Path | str,
     *,
@@ -186,12 +242,26 @@ def run_demo(
     ``overrides`` go on top of the preset and :data:`DEMO_RECIPE`; ``sample`` is the sampler
     (default: SDE-DPM-Solver++ at :data:`DEMO_SAMPLE_STEPS` steps). ``say`` gets a header per
     stage and the summary; ``show_progress`` draws progress bars (stderr) for the long stages.
+    Every option is checked (:func:`check_options`) before anything is written.
     """
     out = Path(out)
     t_start = time.perf_counter()
     recipe = {**DEMO_RECIPE, **(overrides or {})}
+    configs = check_options(
+        out,
+        steps=steps,
+        n_per_class=n_per_class,
+        n_sample=n_sample,
+        heldout=heldout,
+        encoder=encoder,
+        pretrained=pretrained,
+        device=device,
+        seed=seed,
+        preset=preset,
+        recipe=recipe,
+    )
     scfg = sample or SampleConfig(seed=seed, steps=DEMO_SAMPLE_STEPS)
-    size = make_config(preset, recipe).image_size
+    size = configs["baseline"].image_size
 
     def stage(i: int, text: str) -> None:
         say(f"[{i}/{STAGES}] {text}")
@@ -212,7 +282,7 @@ def run_demo(
             )
         stage(2, f"embedding the images with {encoder} and learning prototypes")
     selection = {"root": data, "n_per_class": n_per_class, "n_heldout": heldout, "seed": seed}
-    bar = tqdm(desc="embedding", unit="img", disable=not show_progress)
+    bar = progress_bar(desc="embed images", unit="img", disable=not show_progress)
 
     def on_progress(name: str, done: float, total: float) -> None:
         if name == "embed":
@@ -246,10 +316,9 @@ def run_demo(
     train_s: dict[str, float] = {}
     for i, mode in enumerate(MODES):
         stage(3 + i, f"training the {mode} model ({steps} steps, {preset}, {size}px)")
-        cfg = make_config(preset, {**recipe, "mode": mode, "max_steps": steps, "seed": seed})
         t0 = time.perf_counter()
         trained[mode] = train_model(
-            cfg,
+            configs[mode],
             out / f"run_{mode}",
             codebook=proto.codebook,
             device=device,
@@ -260,9 +329,9 @@ def run_demo(
     for mode in MODES:
         loaded = load_model(trained[mode], device=device or "cpu")
         t0 = time.perf_counter()
-        with tqdm(
+        with progress_bar(
+            desc=f"sample {mode}",
             total=len(loaded.cond.classes),
-            desc=f"sampling {mode}",
             unit="class",
             disable=not show_progress,
         ) as sbar:
@@ -274,7 +343,7 @@ def run_demo(
                 on_class=lambda *_: sbar.update(1),
             )
         sample_s = time.perf_counter() - t0
-        save_grid(res.images, out / f"grid_{mode}.png", labels=True, scale=2)
+        save_grid(res.images, out / f"grid_{mode}.png", GRID_PER_CLASS, labels=True, scale=2)
         plaus = {c: judge(imgs, c) for c, imgs in res.images.items()}
         passed, n = sum(p["passed"] for p in plaus.values()), sum(p["n"] for p in plaus.values())
         summary["modes"][mode] = {
@@ -292,15 +361,21 @@ def run_demo(
     summary["real_mean"] = float(np.mean([r["plausible"] for r in summary["real"].values()]))
     summary["comparison"] = compare(summary["modes"]["baseline"], summary["modes"]["prototype"])
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
+    untrained = not learned and is_untrained(pretrained)
+    summary["encoder_untrained"] = untrained
+    shown = min(GRID_PER_CLASS, n_sample)
     summary["text"] = (
-        prototype_line(summary["encoder"], summary["prototypes"])
+        prototype_line(summary["encoder"], summary["prototypes"], untrained=untrained)
         + "\n"
         + f"rule-based plausibility of {n_sample} images per class and mode "
         f"({steps} training steps per mode, {preset}, {size}px; sampler: {sampler_label(scfg)}):\n"
         + _table(summary)
-        + "\n"
+        + f"\nreal: the checker on the {heldout} held-out real toy images per class (never "
+        f"trained on), resized to the models' {size}px: the ceiling a model could reach\n"
         + difference_text(summary["comparison"])
-        + f"\ngrids: {out / 'grid_baseline.png'}, {out / 'grid_prototype.png'}"
+        + f"\ngrids: {out / 'grid_baseline.png'}, {out / 'grid_prototype.png'} (the first "
+        f"{shown} of the {n_sample} images per class; all of them in "
+        f"{out / 'samples_baseline'}, {out / 'samples_prototype'})"
         + f"\ntotal {summary['seconds']:.0f} s"
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

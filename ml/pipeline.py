@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ml.config import TrainConfig
+from ml.console import progress_bar
 from ml.data.images import DatasetSplit, ImageSet, load_selection, load_split, scan
 from ml.diffusion.train import ProgressCallback, train
 from ml.errors import Invalid
@@ -158,7 +158,9 @@ def _learn_domain_prototypes(
         "heldout_sha256": hashlib.sha256("\n".join(split.heldout.hashes).encode()).hexdigest(),
     }
     held = split.heldout if len(split.heldout) else None
-    bar = tqdm(total=cfg.epochs, desc="encoder + prototypes", unit="epoch", disable=not progress)
+    bar = progress_bar(
+        desc="encoder + prototypes", total=cfg.epochs, unit="epoch", disable=not progress
+    )
 
     def on_epoch(done: int, total: int) -> None:
         bar.update(done - bar.n)

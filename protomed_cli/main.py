@@ -7,6 +7,7 @@ nothing heavy until they run.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -467,6 +468,7 @@ def serve(
 ) -> None:
     """Embedded mode: the API and one worker on this machine. Defaults need no servers:
     SQLite database, SQLite-backed Celery queue, local storage (all under the current folder)."""
+    _check_port_free(host, port)
     import uvicorn
 
     from service.config import get_settings
@@ -512,6 +514,26 @@ def serve(
             for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal: no more waiting
                 signal.signal(sig, lambda *_: worker.kill())
             worker.stop()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Bind the address as uvicorn will, then let go. A busy port otherwise surfaces as
+    uvicorn's "address already in use" after the migration log and the admin key, where it is
+    easily missed; here it is the first line, and nothing has been migrated or created yet."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # uvicorn's choice
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's socket
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                _fail(
+                    f"port {port} on {host} is already in use (another protomed serve?); "
+                    "choose a free one with --port"
+                )
+            _fail(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); check --host and --port"
+            )
 
 
 UNTRAINED_ENCODER = "ViT-B-32"  # light enough for a CPU; random weights carry no knowledge

@@ -72,10 +72,15 @@ class Storage(Protocol):
         self, key: str, data: bytes, content_type: str = "application/octet-stream"
     ) -> None: ...
     def put_file(
-        self, key: str, path: Path, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        path: Path,
+        content_type: str = "application/octet-stream",
+        *,
+        link: bool = False,
     ) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
-    def download(self, key: str, dest: Path) -> Path: ...
+    def download(self, key: str, dest: Path, *, link: bool = False) -> Path: ...
     def open_stream(self, key: str) -> Iterator[bytes]: ...
     def exists(self, key: str) -> bool: ...
     def delete_prefix(self, prefix: str) -> int: ...
@@ -97,6 +102,19 @@ def _atomic_write(dest: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _link_or_copy(src: Path, tmp: Path) -> None:
+    """Hard-link ``src`` at ``tmp`` (the temp name :func:`_atomic_write` renames into place), so
+    a 40 MB checkpoint is on disk once; a copy where no link can be made (another filesystem, no
+    permission). Only for files that are replaced whole, never written in place (``link=True``
+    says so): then every name keeps the bytes it had when it was linked."""
+    try:
+        tmp.unlink()
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o644)
 
 
 def _require_file(path: Path) -> None:
@@ -147,23 +165,33 @@ class LocalStorage:
             _atomic_write(self._path(key), lambda tmp: tmp.write_bytes(data))
 
     def put_file(
-        self, key: str, path: Path, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        path: Path,
+        content_type: str = "application/octet-stream",
+        *,
+        link: bool = False,
     ) -> None:
+        """``link``: ``path`` is only ever replaced whole, so the object may share its inode."""
         dest = self._path(key)
         _require_file(path)
+        copy = _link_or_copy if link else shutil.copyfile
         with self._errors(key):
-            _atomic_write(dest, lambda tmp: shutil.copyfile(path, tmp))
+            _atomic_write(dest, lambda tmp: copy(path, tmp))
 
     def get_bytes(self, key: str) -> bytes:
         with self._errors(key, reading=True):
             return self._path(key).read_bytes()
 
-    def download(self, key: str, dest: Path) -> Path:
+    def download(self, key: str, dest: Path, *, link: bool = False) -> Path:
+        """``link``: the caller only reads ``dest`` (objects are replaced whole, never written
+        in place), so it may share the object's inode."""
         src = self._path(key)
         if not src.is_file():
             raise ObjectNotFound(key)
+        copy = _link_or_copy if link else shutil.copyfile
         with self._errors(key):
-            _atomic_write(Path(dest), lambda tmp: shutil.copyfile(src, tmp))
+            _atomic_write(Path(dest), lambda tmp: copy(src, tmp))
         return Path(dest)
 
     def open_stream(self, key: str) -> Iterator[bytes]:
@@ -298,9 +326,15 @@ class S3Storage:
             self.client.put_object(Bucket=self.bucket, Key=k, Body=data, ContentType=content_type)
 
     def put_file(
-        self, key: str, path: Path, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        path: Path,
+        content_type: str = "application/octet-stream",
+        *,
+        link: bool = False,
     ) -> None:
-        """Multipart, streamed from disk by boto3's transfer manager."""
+        """Multipart, streamed from disk by boto3's transfer manager (``link`` has no meaning
+        for a remote store)."""
         k = self._key(key)
         _require_file(path)
         with self._errors():
@@ -314,7 +348,7 @@ class S3Storage:
             body: bytes = self.client.get_object(Bucket=self.bucket, Key=k)["Body"].read()
             return body
 
-    def download(self, key: str, dest: Path) -> Path:
+    def download(self, key: str, dest: Path, *, link: bool = False) -> Path:
         k = self._key(key)
         with self._errors(key):
             _atomic_write(

@@ -38,7 +38,9 @@ class TrainRequest(RequestModel):
     mode: Literal["prototype", "baseline", "both"] = "both"
     preset: PresetName = "paper"
     overrides: dict[str, Any] = Field(
-        default_factory=dict, description="TrainConfig fields, e.g. {'steps': 2000}."
+        default_factory=dict,
+        description='TrainConfig fields on top of the preset, e.g. {"max_steps": 2000}.',
+        examples=[{"max_steps": 2000}],
     )
     n_per_class: int | None = Field(
         default=100,

@@ -4,10 +4,13 @@ of training and generation answering 4xx without changing the database."""
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import pytest
 from factories import add_batch, add_dataset, add_image, add_model, create
+from pydantic import TypeAdapter
 from sqlalchemy import func, select
 
 from service.db.models import Batch, Job, Model, ModelStatus
@@ -307,3 +310,60 @@ def test_values_the_database_cannot_hold_are_422(service, method, url, kwargs) -
     r = service.client.request(method, url, headers=headers, **kwargs)
     assert r.status_code == 422, r.text
     assert counts() == before
+
+
+def _request_body_schemas(openapi: dict[str, Any]) -> set[str]:
+    """The component names the OpenAPI document uses as JSON request bodies."""
+    names = set()
+    for ops in openapi["paths"].values():
+        for op in ops.values():
+            content = op.get("requestBody", {}).get("content", {})
+            ref = content.get("application/json", {}).get("schema", {}).get("$ref", "")
+            if ref:
+                names.add(ref.rsplit("/", 1)[-1])
+    return names
+
+
+def _documented_examples(prop: dict[str, Any]) -> list[Any]:
+    """A property's ``examples`` plus any JSON object its description gives after "e.g."."""
+    found = list(prop.get("examples", []))
+    for snippet in re.findall(r"e\.g\. (\{.*?\})", prop.get("description", "")):
+        found.append(json.loads(snippet))  # an example a reader copies must be JSON
+    return found
+
+
+def test_every_request_body_example_validates_against_its_own_model(service) -> None:
+    """Each example in the OpenAPI document's request bodies is accepted by the field it
+    documents; the training overrides' examples are accepted by the real endpoint too."""
+    import api.schemas
+
+    openapi = service.client.get("/openapi.json").json()
+    checked = 0
+    for name in sorted(_request_body_schemas(openapi)):
+        model = getattr(api.schemas, name, None)
+        if model is None:
+            continue
+        for field, prop in openapi["components"]["schemas"][name].get("properties", {}).items():
+            for example in _documented_examples(prop):
+                TypeAdapter(model.model_fields[field].annotation).validate_python(example)
+                checked += 1
+    overrides = openapi["components"]["schemas"]["TrainRequest"]["properties"]["overrides"]
+    examples = _documented_examples(overrides)
+    assert examples and checked >= len(examples)
+    ds = create(add_dataset)
+    for example in examples:
+        body = {"dataset_id": ds, "mode": "baseline", "preset": "tiny", "overrides": example}
+        r = service.client.post("/jobs/train", json=body, headers=service.admin)
+        assert r.status_code == 202, (example, r.text)
+
+
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [("steps", "did you mean max_steps?"), ("zzz", "fields are: attention_heads")],
+)
+def test_an_unknown_override_names_the_valid_fields(service, name, needle) -> None:
+    ds = create(add_dataset)
+    body = {"dataset_id": ds, "preset": "tiny", "overrides": {name: 2000}}
+    r = service.client.post("/jobs/train", json=body, headers=service.admin)
+    assert r.status_code == 422 and needle in r.json()["detail"], r.text
+    assert "max_steps" in r.json()["detail"]

@@ -354,3 +354,61 @@ def test_encoder_options_need_the_learned_encoder(tmp_path):
     )
     assert r.exit_code == 2 and "--head is for fixed CLIP embeddings" in r.output, r.output
     assert not (tmp_path / "cb").exists()
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--steps", "0"], "error: --steps must be between 1 and"),
+        (["--n-sample", "0"], "error: --n-sample must be between 1 and"),
+        (["--n-per-class", "0"], "error: --n-per-class must be between 1 and"),
+        (["--encoder", "no-such-net"], "error: --encoder no-such-net: unknown open_clip model"),
+        (["--device", "nonsense"], "error: --device 'nonsense'"),
+    ],
+)
+def test_demo_checks_every_option_before_touching_the_output(tmp_path, args, message):
+    """A previous run's files stay as they were (bytes and mtime), and no new file appears."""
+    out = tmp_path / "demo_out"
+    (out / "codebook").mkdir(parents=True)
+    (out / "codebook" / "codebook.json").write_text('{"previous": "run"}')
+    (out / "summary.txt").write_text("the previous run's summary\n")
+    before = _snapshot(out)
+    result = invoke("demo", "--out", out, *args)
+    assert result.exit_code == 2, result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), result.output
+    assert "[1/" not in result.output, "no stage started"
+    assert _snapshot(out) == before
+
+
+def test_serve_on_a_busy_port_says_so_first_and_creates_nothing(tmp_path):
+    """A second ``protomed serve`` on a port in use: the first stderr line names the port and
+    --port, exit 2, and the folder gets no database, key file or storage."""
+    import socket
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROTOMED_")}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "protomed_cli", "serve", "--port", str(port), "--no-worker"],
+            cwd=tmp_path,
+            env={**env, "PYTHONPATH": str(repo)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("error: port") and str(port) in first and "--port" in first, first
+    assert list(tmp_path.iterdir()) == [], "nothing migrated or created"

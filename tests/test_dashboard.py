@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import os
 import re
 import statistics
@@ -33,6 +34,7 @@ from factories import (
     add_model,
     add_review,
     add_review_task,
+    create,
     png_bytes,
 )
 from service_procs import ApiServer
@@ -810,3 +812,43 @@ def test_report_page_macro_difference_over_the_classes_both_models_have(dash: Da
         "Macro difference over the classes both models were judged on: lymphocyte "
         "(left out: neutrophil)." in text
     )
+
+
+def test_the_evaluation_example_names_the_readme_flows_models(service: Service) -> None:
+    """The README's embedded flow registers dataset 1 and trains ``mode: both``; the empty
+    evaluation page's example body must put those two models in their own roles."""
+    ds = create(add_dataset)
+    body = {"dataset_id": ds, "mode": "both", "preset": "tiny", "overrides": {"max_steps": 3}}
+    r = service.client.post("/jobs/train", json=body, headers=service.admin)
+    assert r.status_code == 202, r.text
+    models = {m["mode"]: m["id"] for m in r.json()["models"]}
+    login(service.client)
+    page = html(service.client, "/ui/reports/evaluation")
+    found = re.search(r'id="no-evaluation".*?<code>(\{.*?\})</code>', page, re.S)
+    assert found, page
+    example = json.loads(unescape(found.group(1)))
+    assert example == {
+        "baseline_model_id": models["baseline"],
+        "prototype_model_id": models["prototype"],
+    }
+
+
+def test_the_login_hint_matches_create_keys_signature(service: Service) -> None:
+    """The login page's ``protomed create-key ...`` parses with the real command, each argument
+    shown as its placeholder (NAME), and names a role the command accepts."""
+    import typer.main
+    from typer.core import TyperArgument, TyperGroup
+
+    from protomed_cli.main import app
+
+    page = html(service.client, "/ui/login")
+    found = re.search(r"<code>protomed create-key([^<]*)</code>", page)
+    assert found, page
+    words = unescape(found.group(1)).split()
+    command = typer.main.get_command(app)
+    assert isinstance(command, TyperGroup)
+    create_key = command.commands["create-key"]
+    ctx = create_key.make_context("create-key", list(words))  # a missing NAME raises here
+    arguments = [p for p in create_key.params if isinstance(p, TyperArgument)]
+    assert arguments and all(ctx.params[str(a.name)] == str(a.name).upper() for a in arguments)
+    assert ctx.params["role"] == "viewer"

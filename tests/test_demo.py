@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from ml.config import SampleConfig
+from ml.console import LINES
 from ml.data.toy import TOY_CLASSES
 from ml.demo import MODES, STAGES, compare, difference_text, run_demo
 from ml.prototypes.encoder import TINY_MODEL
@@ -68,7 +69,16 @@ def test_demo_runs_end_to_end_and_summarises(tmp_path, capsys):
     assert "embedding" in headers[1]
     # the embedding step reports progress (a bar on stderr up to all 35 images)
     err = capsys.readouterr().err
-    assert "embedding" in err and "35/35" in err
+    assert "embed images: 35/35" in err
+    # every long stage's bar says what it counts; off a terminal it is a few plain lines
+    for label in ("train baseline", "train prototype", "sample baseline", "sample prototype"):
+        lines = [ln for ln in err.splitlines() if ln.startswith(f"{label}:")]
+        assert 1 <= len(lines) <= LINES + 1, err
+    assert "\r" not in err and "\x1b[" not in err, "no cursor codes in a log"
+    # the summary says what the grids show, what "real" is, and that the encoder was untrained
+    assert "(the first 2 of the 2 images per class" in text
+    assert "real: the checker on the 3 held-out real toy images per class" in text
+    assert "UNTRAINED" in text.splitlines()[0] and summary["encoder_untrained"] is True
 
 
 def test_demo_default_sampler_is_named_from_its_config(tmp_path):

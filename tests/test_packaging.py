@@ -215,3 +215,26 @@ def test_migrate_works_from_the_installed_wheel(wheel: Path, tmp_path: Path) -> 
             assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head
     finally:
         engine.dispose()
+
+
+def test_git_ignores_what_the_embedded_service_writes_in_a_checkout() -> None:
+    """``protomed serve`` run from a checkout (as the README does) keeps its state in the
+    current folder, and the README's datasets go under ``data/``: git must not list any of it."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    from protomed_cli.main import KEY_FILE
+    from service.config import Settings
+
+    defaults = {name: f.default for name, f in Settings.model_fields.items()}
+    paths = [
+        str(defaults["database_url"]).split(":///./", 1)[1],
+        str(defaults["broker_url"]).split(":///./", 1)[1],
+        f"{defaults['storage_dir']}/models/1/checkpoint.pt",
+        f"{defaults['work_dir']}/models/1/last.pt",
+        KEY_FILE,
+        "data/toy/basophil/0000.png",
+    ]
+    proc = subprocess.run(
+        ["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True
+    )
+    assert sorted(proc.stdout.split()) == sorted(paths), proc.stdout + proc.stderr

@@ -96,10 +96,11 @@ def _batch_id(session: Any, job_id: int) -> int:
 
 
 def local_checkpoint(key: str, model_id: int, storage: Storage, work_dir: Path) -> Path:
-    """The checkpoint on this machine's disk, downloaded once per model."""
+    """The checkpoint on this machine's disk, downloaded once per model (only read: local
+    storage links it instead of copying)."""
     path = work_dir / "models" / str(model_id) / "checkpoint.pt"
     if not path.is_file():
-        storage.download(key, path)
+        storage.download(key, path, link=True)
     return path
 
 

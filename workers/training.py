@@ -210,7 +210,8 @@ def _train_ddp(
 def _upload(model_id: int, run_dir: Path, storage: Storage) -> dict[str, str]:
     prefix = f"models/{model_id}"
     keys = {"checkpoint": f"{prefix}/checkpoint.pt", "codebook": f"{prefix}/codebook"}
-    storage.put_file(keys["checkpoint"], run_dir / "last.pt")
+    # last.pt is only replaced whole (save_checkpoint): local storage links it, no second copy
+    storage.put_file(keys["checkpoint"], run_dir / "last.pt", link=True)
     for f in sorted((run_dir / "codebook").iterdir()):
         storage.put_file(f"{keys['codebook']}/{f.name}", f)
     for name in ("summary.json", "metrics.jsonl", "config.json"):

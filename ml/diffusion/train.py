@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 from diffusers.optimization import get_scheduler
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from ml.config import TrainConfig, autocast_dtype, resolve_device
+from ml.console import progress_bar
 from ml.diffusion.process import diffusion_loss, from_uint8, noise_scheduler
 from ml.errors import Invalid
 from ml.models.checkpoint import Conditioning, build_model, read_checkpoint, save_checkpoint
@@ -304,7 +304,13 @@ def train(
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    bar = tqdm(total=total, initial=start, disable=not (show_progress and is_main), unit="step")
+    bar = progress_bar(
+        desc=f"train {cfg.mode}",
+        total=total,
+        initial=start,
+        unit="step",
+        disable=not (show_progress and is_main),
+    )
     metrics = open(out_dir / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115
     t0, loss_value, step = time.perf_counter(), float("nan"), start
     try:

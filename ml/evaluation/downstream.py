@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
-from tqdm.auto import tqdm
 
 from ml.config import resolve_device
+from ml.console import progress_bar
 from ml.data.images import ImageSet
 from ml.errors import Invalid, NotFound
 from ml.evaluation.chance import chance_levels
@@ -190,7 +190,8 @@ def train_classifier(
         model = ImageClassifier(net, cfg.image_size).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         model.train()
-        for _ in tqdm(range(cfg.epochs), desc=f"train {cfg.backbone}", disable=not cfg.progress):
+        epochs = range(cfg.epochs)
+        for _ in progress_bar(epochs, desc=f"train {cfg.backbone}", disable=not cfg.progress):
             for idx in _batches(len(images), cfg.batch_size, gen):
                 x = model.preprocess(images[idx])
                 if cfg.augment:

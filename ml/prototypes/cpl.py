@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from ml.console import progress_bar
 from ml.errors import Invalid, NotFound
 
 FORMAT_VERSION = 1
@@ -341,7 +341,7 @@ def fit_prototypes(
         return dce_loss(f, lab, protos, cfg.gamma) + cfg.lam * pl_loss(f, lab, protos)
 
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    bar = tqdm(range(cfg.epochs), desc="prototypes", disable=not progress)
+    bar = progress_bar(range(cfg.epochs), desc="prototypes", unit="epoch", disable=not progress)
     if on_epoch is not None:
         on_epoch(0, cfg.epochs)
     for epoch in bar:

@@ -81,6 +81,10 @@ HTTP_ONLY = {
     ("api/routes/dashboard.py", "ui_reader"): "303 to the login page, 403 for reviewer keys",
     ("api/routes/dashboard.py", "same_origin"): "403: cross-site form posts (login CSRF)",
     ("api/routes/dashboard.py", "optional_id"): "422: a page's malformed id filter, shown on it",
+    (
+        "api/routes/dashboard.py",
+        "equivalence_margin",
+    ): "422: a page's malformed margin, shown on it",
     ("api/routes/dashboard.py", "report_page"): "a filter error handed to the page that shows it",
 }
 

@@ -364,7 +364,7 @@ def card_markdown(card: ModelCard) -> str:
         "## Expert studies",
         "",
         *(
-            [f"- [Study #{i}](/ui/studies/{i}) (report: `GET /studies/{i}/report`)" for i in card.studies]
+            [f"- Study #{i}: `GET /studies/{i}/report`, page /ui/studies/{i}" for i in card.studies]
             or ["No expert study yet (POST /studies)."]
         ),
     ]

@@ -27,6 +27,7 @@ from api.routes import (
     reports,
     reviews,
     scorers,
+    studies,
     sweeps,
 )
 from service.config import get_settings
@@ -88,6 +89,7 @@ def create_app() -> FastAPI:
         keys,
         sweeps,
         scorers,
+        studies,
         dashboard,
     ):
         app.include_router(module.router)

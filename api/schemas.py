@@ -18,8 +18,7 @@ from ml.data.catalog import Layout
 from ml.schemas.audit import AuditReport  # torch-free
 from ml.schemas.evaluation import EvaluationResult  # torch-free
 from ml.schemas.scorer import ScorerMetrics  # torch-free
-from service.controls import MAX_PER_CLASS as MAX_CONTROLS
-from service.controls import Controls
+from service.controls import ControlsIn
 from service.db.models import MAX_ID  # ids and seeds are PostgreSQL INTEGERs
 from service.generation import GenerateRequest
 from service.inputs import ClassName, RequestModel
@@ -229,28 +228,6 @@ class CriteriaOut(BaseModel):
     version: int
     title: str
     criteria: list[dict[str, Any]]
-
-
-class ControlsIn(RequestModel):
-    """Real images reviewed blinded beside the synthetic ones, as a reference rate: drawn at
-    random (seeded) from ``dataset_id``'s images that no reviewed model trained on, for each
-    class the request sends, ``per_class`` of them or ``share`` times that class's synthetic
-    images (rounded, at least 1). They are resized, encoded and served exactly like the
-    synthetic images; the report shows their plausible rate and each model's difference."""
-
-    dataset_id: int = Field(ge=1, le=MAX_ID)
-    per_class: int | None = Field(default=None, ge=1, le=MAX_CONTROLS)
-    share: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0, le=MAX_ID)
-
-    @model_validator(mode="after")
-    def _one_count(self) -> ControlsIn:
-        if (self.per_class is None) == (self.share is None):
-            raise ValueError("controls need per_class or share (one of them)")
-        return self
-
-    def controls(self) -> Controls:
-        return Controls(self.dataset_id, self.per_class, self.share, self.seed)
 
 
 class ReviewRequest(RequestModel):

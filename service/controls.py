@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
+from pydantic import Field, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -45,6 +46,7 @@ from service.archive import ensure_local
 from service.blinding import blind_png
 from service.config import Settings
 from service.db.models import MAX_ID, Batch, BatchSource, Dataset, Image, Model, ReviewTask
+from service.inputs import RequestModel
 from service.storage import Storage
 from service.study_statistics import auc
 
@@ -261,3 +263,25 @@ def png_size_auc(session: Session, storage: Storage, project_id: int) -> dict[st
         "real": len(sizes[True]),
         "synthetic": len(sizes[False]),
     }
+
+
+class ControlsIn(RequestModel):
+    """Real images reviewed blinded beside the synthetic ones, as a reference rate: drawn at
+    random (seeded) from ``dataset_id``'s images that no reviewed model trained on, for each
+    class the request sends, ``per_class`` of them or ``share`` times that class's synthetic
+    images (rounded, at least 1). They are resized, encoded and served exactly like the
+    synthetic images; the report shows their plausible rate and each model's difference."""
+
+    dataset_id: int = Field(ge=1, le=MAX_ID)
+    per_class: int | None = Field(default=None, ge=1, le=MAX_PER_CLASS)
+    share: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_ID)
+
+    @model_validator(mode="after")
+    def _one_count(self) -> ControlsIn:
+        if (self.per_class is None) == (self.share is None):
+            raise ValueError("controls need per_class or share (one of them)")
+        return self
+
+    def controls(self) -> Controls:
+        return Controls(self.dataset_id, self.per_class, self.share, self.seed)

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from service.audits import AuditUnavailable, latest_audit
 from service.db.models import Batch, Job, JobKind, JobStatus, Model
 from service.reviews import plausibility
+from service.studies import studies_of_model
 from service.sweeps import sweeps_of
 
 NON_COMMERCIAL = ("NC", "NON-COMMERCIAL", "NONCOMMERCIAL")
@@ -110,6 +111,10 @@ class ModelCard(BaseModel):
         "hand); classes absent use the service's default",
     )
     sweeps: list[int] = Field(default_factory=list, description="the model's guidance sweeps")
+    studies: list[int] = Field(
+        default_factory=list,
+        description="the expert studies that judged the model's images (GET /studies/{id}/report)",
+    )
     intended_use: str = INTENDED_USE
     licence_notice: str
     limits: list[str]
@@ -249,6 +254,7 @@ def build_card(session: Session, model: Model) -> ModelCard:
         audits=_audits(session, model.id),
         guidance={c: float(v) for c, v in (model.guidance_defaults or {}).items()},
         sweeps=[sw.id for sw in sweeps_of(session, model.id)],
+        studies=studies_of_model(session, model.id),
         licence_notice=licence_notice(ds.licence),
         limits=limits,
     )
@@ -354,6 +360,13 @@ def card_markdown(card: ModelCard) -> str:
         "",
         f"- Per-class defaults: {chosen or 'none'} (other classes: the service default)",
         f"- Guidance sweeps: {swept}",
+        "",
+        "## Expert studies",
+        "",
+        *(
+            [f"- Study #{i}: `GET /studies/{i}/report`, page /ui/studies/{i}" for i in card.studies]
+            or ["No expert study yet (POST /studies)."]
+        ),
     ]
     lines += ["", "## Limits", "", *(f"- {x}" for x in card.limits), ""]
     return "\n".join(lines)

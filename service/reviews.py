@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, CursorResult, and_, delete, func, or_, select
+from sqlalchemy import ColumnElement, CursorResult, Select, and_, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -120,12 +120,14 @@ def queue_pulls(session: Session) -> list[int]:
 def project_for(
     session: Session, criteria_set: CriteriaSet, origin_question: bool = False
 ) -> ReviewProject:
-    """The criteria set's project with (or without) the "real or synthetic?" question, made
-    on first use: Label Studio's labelling interface is per project, so the two are apart."""
+    """The criteria set's shared project with (or without) the "real or synthetic?" question,
+    made on first use: Label Studio's labelling interface is per project, so the two are apart;
+    a study's own project is never it."""
     project = session.scalar(
         select(ReviewProject).where(
             ReviewProject.criteria_set_id == criteria_set.id,
             ReviewProject.origin_question == origin_question,
+            ReviewProject.study_id.is_(None),
         )
     )
     if project is None:
@@ -155,30 +157,13 @@ def request_review(
     return sent.project, sent.tasks
 
 
-def send_for_review(
-    session: Session,
-    batch_ids: list[int],
-    domain: str | None,
-    selection: Selection | None = None,
-    rng: random.Random | None = None,
-    controls: Controls | None = None,
-    settings: Settings | None = None,
-    ask_origin: bool = False,
-) -> SentForReview:
-    """New tasks for the batches' chosen images (``selection``; default: all of them) in the
-    domain's current project, in one shuffled order across all batches (so baseline and
-    prototype images, random and uncertain picks, are mixed). Images already in the project
-    are not added twice; an earlier uncertain pick that joins the random sample keeps its task,
-    whose ``sample`` turns to ``random``. Every batch is checked before anything changes
-    (:class:`ReviewError`, :class:`~service.selection.SelectionError`, :class:`NotFound`).
-
-    ``controls``: real held-out images of the classes sent, added as control batches
-    (:mod:`service.controls`) whose tasks are made and shuffled exactly like the synthetic
-    ones (random sample); the project's PNG-size AUC is then recorded on each of them.
-
-    ``ask_origin``: into the domain's project that also asks "real or synthetic?" (a project
-    of its own, :func:`project_for`)."""
-    selection = selection or Selection()
+def checked_batches(
+    session: Session, batch_ids: list[int], domain: str | None
+) -> tuple[list[Batch], CriteriaSet]:
+    """The batches (each once, in order) and the newest criteria set of their review domain,
+    checked before anything changes: every batch exists (:class:`NotFound`), is generated
+    (controls are asked for with ``controls``) and has its images; the domain is ``domain`` or
+    the one domain of the batches' datasets (:class:`ReviewError`)."""
     batches = [session.get(Batch, i) for i in dict.fromkeys(batch_ids)]
     missing = [i for i, b in zip(dict.fromkeys(batch_ids), batches, strict=True) if b is None]
     if missing:
@@ -204,7 +189,40 @@ def send_for_review(
     not_done = [b.id for b in found if not b.images]
     if not_done:
         raise ReviewError(f"batch {', '.join(map(str, not_done))} has no images yet")
-    project = project_for(session, criteria_set, ask_origin)
+    return found, criteria_set
+
+
+def send_for_review(
+    session: Session,
+    batch_ids: list[int],
+    domain: str | None,
+    selection: Selection | None = None,
+    rng: random.Random | None = None,
+    controls: Controls | None = None,
+    settings: Settings | None = None,
+    project: ReviewProject | None = None,
+    ask_origin: bool = False,
+) -> SentForReview:
+    """New tasks for the batches' chosen images (``selection``; default: all of them) in the
+    domain's current project, in one shuffled order across all batches (so baseline and
+    prototype images, random and uncertain picks, are mixed). Images already in the project
+    are not added twice; an earlier uncertain pick that joins the random sample keeps its task,
+    whose ``sample`` turns to ``random``. Every batch is checked before anything changes
+    (:class:`ReviewError`, :class:`~service.selection.SelectionError`, :class:`NotFound`).
+
+    ``controls``: real held-out images of the classes sent, added as control batches
+    (:mod:`service.controls`) whose tasks are made and shuffled exactly like the synthetic
+    ones (random sample); the project's PNG-size AUC is then recorded on each of them.
+
+    ``project``: the project to add to instead of the domain's shared one (a study's own,
+    :mod:`service.studies`), under its criteria set's domain. ``ask_origin``: into the shared
+    project that also asks "real or synthetic?" (a project of its own, :func:`project_for`)."""
+    selection = selection or Selection()
+    if project is not None:
+        domain = project.criteria_set.domain
+    found, criteria_set = checked_batches(session, batch_ids, domain)
+    if project is None:
+        project = project_for(session, criteria_set, ask_origin)
     have = {
         t.image_id: t
         for t in session.scalars(select(ReviewTask).where(ReviewTask.project_id == project.id))
@@ -275,10 +293,11 @@ def request_batch_review(
     requested_by: str,
     controls: Controls | None = None,
     ask_origin: bool = False,
+    project: ReviewProject | None = None,
 ) -> tuple[SentForReview, Job]:
     """Send batches to blinded review: their chosen images (and ``controls``, real held-out
-    images) into the domain's project (:func:`send_for_review`) and a queued sync job that
-    imports them into Label Studio."""
+    images) into the domain's shared project or the given one (a study's;
+    :func:`send_for_review`) and a queued sync job that imports them into Label Studio."""
     require_label_studio(settings)
     sent = send_for_review(
         session,
@@ -288,6 +307,7 @@ def request_batch_review(
         controls=controls,
         settings=settings,
         ask_origin=ask_origin,
+        project=project,
     )
     return sent, queue_sync(session, sent.project.id, requested_by)
 
@@ -538,12 +558,16 @@ def judgements(
     reviewer: str | None = None,
     criteria_set_id: int | None = None,
     flagged: Flagged = "include",
+    project_id: int | None = None,
+    readers: Sequence[str] | None = None,
 ) -> Judged:
     """The verdicts matching the filters as report input (:class:`Judged`): judgements, model
     columns, criteria, and the verdicts set aside on edited tasks. Columns: the models with
     verdicts (or those asked for), baseline first. ``flagged``: keep the verdicts written by
     someone other than their named author (``include``), leave them out (``exclude``) or keep
-    only them (``only``)."""
+    only them (``only``). ``project_id``: one review project's verdicts only (a study's);
+    ``readers``: only those whose reviewer has one of these e-mails (a study's named readers,
+    lower-cased)."""
     query = (
         select(
             Review,
@@ -570,8 +594,7 @@ def judgements(
         )
     if criteria_set_id is not None:
         query = query.where(ReviewProject.criteria_set_id == criteria_set_id)
-    if flagged != "include":
-        query = query.where(Review.flagged.is_(flagged == "only"))
+    query = _scoped(query, flagged, project_id, readers)
     found = session.execute(query).all()
     rows = [row for row in found if row.edited is None]  # verdicts on edited tasks: set aside
     out = [
@@ -605,7 +628,14 @@ def judgements(
             if c["key"] not in {x.key for x in criteria}:
                 criteria.append(Criterion(key=c["key"], label=c["label"]))
     controls = _control_judgements(
-        session, dataset_id, reviewer, criteria_set_id, flagged, [row[3] for row in rows]
+        session,
+        dataset_id,
+        reviewer,
+        criteria_set_id,
+        flagged,
+        [row[3] for row in rows],
+        project_id,
+        readers,
     )
     return Judged(
         out,
@@ -615,6 +645,19 @@ def judgements(
         controls=controls.judgements,
         leaks=controls.leaks,
     )
+
+
+def _scoped(
+    query: Select[Any], flagged: Flagged, project_id: int | None, readers: Sequence[str] | None
+) -> Select[Any]:
+    """The filters that models' and controls' verdicts share: authorship, project, readers."""
+    if flagged != "include":
+        query = query.where(Review.flagged.is_(flagged == "only"))
+    if project_id is not None:
+        query = query.where(ReviewTask.project_id == project_id)
+    if readers is not None:
+        query = query.where(func.lower(Review.reviewer_email).in_([r.lower() for r in readers]))
+    return query
 
 
 class _Controls(NamedTuple):
@@ -629,6 +672,8 @@ def _control_judgements(
     criteria_set_id: int | None,
     flagged: Flagged,
     criteria_sets: list[int],
+    project_id: int | None = None,
+    readers: Sequence[str] | None = None,
 ) -> _Controls:
     """The counted verdicts on real control images under the same filters (``dataset_id``:
     the control batch's dataset), in the criteria sets the models' verdicts come from (all
@@ -651,10 +696,9 @@ def _control_judgements(
         )
     if criteria_set_id is not None:
         query = query.where(ReviewProject.criteria_set_id == criteria_set_id)
-    elif criteria_sets:
+    elif criteria_sets and project_id is None:
         query = query.where(ReviewProject.criteria_set_id.in_(set(criteria_sets)))
-    if flagged != "include":
-        query = query.where(Review.flagged.is_(flagged == "only"))
+    query = _scoped(query, flagged, project_id, readers)
     found = session.execute(query).all()
     out = [
         Judgement(

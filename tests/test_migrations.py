@@ -40,6 +40,7 @@ TABLES = {
     "reviews",
     "ui_sessions",
     "sweeps",
+    "studies",
 }
 
 

@@ -32,10 +32,12 @@ from service.label_studio import (
 )
 from service.reviews import reconcile, task_data
 from service.scorers import retrain_due
+from service.studies import refresh_status
 
 log = logging.getLogger(__name__)
 WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
 IMPORT_CHUNK = 500
+STUDY_SAMPLING = "Uniform sampling"  # Label Studio's name for a random order per annotator
 
 
 def _title(project: ReviewProject) -> str:
@@ -43,7 +45,37 @@ def _title(project: ReviewProject) -> str:
     re-run finds its own project and never another installation's on a shared Label Studio."""
     cs = project.criteria_set
     stamp = project.created_at.strftime("%Y%m%d%H%M%S%f")
+    if project.study is not None:  # Label Studio allows 50 characters: no room for the name
+        return f"protomed study #{project.study.id} [{project.id}-{stamp}]"
     return f"protomed review: {cs.domain} v{cs.version} [{project.id}-{stamp}]"
+
+
+def study_settings(project: ReviewProject) -> dict[str, Any]:
+    """The Label Studio project settings of a study's project (none for a shared one): each
+    task is served until it has ``overlap`` annotations (``maximum_annotations``), each reader
+    gets the remaining tasks in a random order of their own (``Uniform sampling``), and the
+    editor shows no earlier annotation history, no predictions and no skip button (a skip is
+    no read). Label Studio Community cannot assign tasks to users or hide the data manager:
+    see :mod:`service.studies` for what protomed counts instead."""
+    study = project.study
+    if study is None:
+        return {}
+    return {
+        "maximum_annotations": study.overlap,
+        "sampling": STUDY_SAMPLING,
+        "show_annotation_history": False,
+        "show_collab_predictions": False,
+        "show_skip_button": False,
+    }
+
+
+def description(project: ReviewProject) -> str:
+    cs = project.criteria_set
+    then = ", then whether the image is real or synthetic" if project.origin_question else ""
+    text = f"{cs.title}. Images are blinded and shuffled; judge each criterion{then}."
+    if project.study is not None:
+        text = f"Study: {project.study.name}. {text}"
+    return text
 
 
 def ensure_project(ls: Any, project: ReviewProject, settings: Settings) -> int:
@@ -54,11 +86,11 @@ def ensure_project(ls: Any, project: ReviewProject, settings: Settings) -> int:
     found = next((p for p in ls.projects.list() if p.title == title), None)
     if found is None:
         cs = project.criteria_set
-        then = ", then whether the image is real or synthetic" if project.origin_question else ""
         found = ls.projects.create(
             title=title,
-            description=f"{cs.title}. Images are blinded and shuffled; judge each criterion{then}.",
+            description=description(project),
             label_config=label_config(cs.criteria, ask_origin=project.origin_question),
+            **study_settings(project),
         )
     ls_id: int = found.id
     project.ls_project_id = ls_id
@@ -178,6 +210,7 @@ def sync_project(project_id: int, settings: Settings, *, push: bool = True) -> d
             for item in exported:
                 item["annotations"] = [with_email(a, emails) for a in item.get("annotations") or []]
             counts = reconcile(session, project, exported)
+            refresh_status(session, project)
             session.commit()
             retrain_due(session, settings)  # enough new verdicts: the domain's scorer again
             return {"imported": imported, "ls_project_id": project.ls_project_id, **counts}

@@ -39,6 +39,7 @@ from api.ui.views import (
     image_counts,
     markdown_html,
     report_rows,
+    study_chart,
     sweep_charts,
 )
 from ml.schemas.evaluation import evaluation_tables, feature_space, test_set_label  # torch-free
@@ -74,6 +75,7 @@ from service.reports import (
 from service.reviews import FilterError, plausibility
 from service.scorers import latest_scorer, metrics_of
 from service.security import close_session, find_key, open_session
+from service.studies import NoStudy, get_study, study_report
 from service.study_statistics import DEFAULT_MARGIN
 from service.sweeps import report as sweep_report
 from service.sweeps import sweep_batches, sweeps_of
@@ -580,4 +582,34 @@ def sweep_page(
         json_url=api_url,
         csv_url=f"{api_url}?format=csv",
         fallback=settings.default_guidance,
+    )
+
+
+# --- expert studies -------------------------------------------------------------------------------
+
+
+@router.get("/studies/{study_id}", name="ui_study")
+def study_page(
+    study_id: IdPath,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    _reader: UiReader,
+) -> HTMLResponse:
+    """An expert study: per class the real images' and each model's plausible rate with
+    intervals, agreement per class and pooled, progress per reader and the reads not counted."""
+    try:
+        study = get_study(session, study_id)
+    except NoStudy:
+        return not_found(request, f"No study with id {study_id}.")
+    report = study_report(session, study, ls_public(settings))
+    api_url = route_path(request, "get_report", study_id=study.id)
+    return page(
+        request,
+        "study.html",
+        title=f"Study #{study.id}",
+        report=report,
+        chart=study_chart(report),
+        json_url=api_url,
+        csv_url=f"{api_url}?format=csv",
     )

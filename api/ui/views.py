@@ -20,6 +20,7 @@ from ml.schemas.evaluation import DownstreamResult, SetScores, ordered  # torch-
 from service.db.models import Batch, Image, Model
 from service.report_schemas import ModelColumn, PlausibilityReport, RateEntry
 from service.reports import diff_cells, macro_difference, pct, stratified_cells
+from service.study_schemas import StudyReport
 from service.sweep_report import SweepReport
 
 IMAGES_PER_CLASS = 64  # on a model page; a batch page shows all of its images
@@ -306,3 +307,43 @@ def sweep_charts(report: SweepReport) -> dict[str, ScaleChart | None]:
             title=f"{c.class_name}: % plausible (Wilson 95%) and diversity against guidance",
         )
     return charts
+
+
+# --- expert studies ------------------------------------------------------------------------------
+
+REAL_COLOUR = "#b45309"
+
+
+def study_chart(report: StudyReport) -> Chart | None:
+    """% of images plausible per class for the real controls and each model, with Wilson 95%
+    whiskers; None before any counted read."""
+    colours = column_colours(report.models)
+    series = (
+        [Series("real", "real images", REAL_COLOUR)] if any(c.real for c in report.classes) else []
+    )
+    series += [Series(str(m.id), m.label, colours[m.id]) for m in report.models]
+    values = {}
+    for cls in report.classes:
+        entries = {"real": cls.real, **cls.models}
+        for s in series:
+            entry = entries.get(s.key)
+            if entry is None:
+                values[(cls.class_name, s.key)] = BarValue(
+                    None, None, f"{cls.class_name} · {s.label}: no reads"
+                )
+                continue
+            lo, hi = entry.ci
+            tip = (
+                f"{cls.class_name} · {s.label}: {percent(entry.rate)} of images plausible "
+                f"({entry.plausible}/{entry.images}), 95% CI {100 * lo:.1f}–{100 * hi:.1f}%"
+            )
+            values[(cls.class_name, s.key)] = BarValue(entry.rate, (lo, hi), tip)
+    return grouped_bar_chart(
+        [c.class_name for c in report.classes],
+        series,
+        values,
+        title="% of images plausible per class: real images and each model, Wilson 95% intervals",
+        axis_title="% plausible",
+        series_attr="series",
+        value_attr="rate",
+    )

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -31,6 +32,7 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -124,6 +126,15 @@ class BatchSource(enum.StrEnum):
 
     generated = "generated"
     control = "control"
+
+
+class StudyStatus(enum.StrEnum):
+    """Where an expert study stands: ``open`` while some image lacks its ``overlap`` counted
+    reads from named readers, ``complete`` once every image has them (set by the sync's pull,
+    ``service.studies.refresh_status``; a later change in Label Studio can reopen it)."""
+
+    open = "open"
+    complete = "complete"
 
 
 class ReviewSample(enum.StrEnum):
@@ -408,17 +419,63 @@ class CriteriaSet(TimestampMixin, Base):
     criteria: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
 
 
+class Study(TimestampMixin, Base):
+    """An expert study: named readers (Label Studio users, by e-mail) judge the images of some
+    batches (and real controls) in a Label Studio project of the study's own, each image by
+    ``overlap`` of them, under one criteria set version (``service.studies``)."""
+
+    __tablename__ = "studies"
+    __table_args__ = (CheckConstraint("overlap >= 1", name="overlap_positive"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    domain: Mapped[str] = mapped_column(String(64), index=True)
+    criteria_set_id: Mapped[int] = mapped_column(
+        ForeignKey("criteria_sets.id", ondelete="RESTRICT"), index=True
+    )
+    # The readers' Label Studio e-mails, lower-cased: only their reads count in the study.
+    readers: Mapped[list[str]] = mapped_column(JSON)
+    overlap: Mapped[int] = mapped_column(Integer)  # counted reads each image needs
+    # The synthetic batches sent; control batches are found through the project's tasks.
+    batch_ids: Mapped[list[int]] = mapped_column(JSON)
+    # Whether readers are also asked "real or synthetic?" (the review project's origin
+    # question), and the equivalence margin around chance its answers are tested with.
+    ask_origin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    margin: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200))
+    status: Mapped[StudyStatus] = mapped_column(
+        str_enum(StudyStatus, "status"), default=StudyStatus.open, server_default="open"
+    )
+
+    criteria_set: Mapped[CriteriaSet] = relationship()
+    project: Mapped[ReviewProject | None] = relationship(back_populates="study")
+
+
 class ReviewProject(TimestampMixin, Base):
-    """The Label Studio project of one criteria set and labelling interface: one per set and
-    version without the "real or synthetic?" question, one with it (Label Studio's interface
-    is per project, so images sent with the question go to a project of their own)."""
+    """The Label Studio project of one criteria set and labelling interface (shared: one per
+    set and version without the "real or synthetic?" question, one with it, as Label Studio's
+    interface is per project), or of one study (``study_id``: its own project, whatever other
+    projects use the set)."""
 
     __tablename__ = "review_projects"
-    __table_args__ = (UniqueConstraint("criteria_set_id", "origin_question"),)
+    __table_args__ = (
+        # one shared project per criteria set and interface; study projects are outside this rule
+        Index(
+            "uq_review_projects_shared_criteria_set",
+            "criteria_set_id",
+            "origin_question",
+            unique=True,
+            sqlite_where=text("study_id IS NULL"),
+            postgresql_where=text("study_id IS NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     criteria_set_id: Mapped[int] = mapped_column(
         ForeignKey("criteria_sets.id", ondelete="RESTRICT")
+    )
+    study_id: Mapped[int | None] = mapped_column(
+        ForeignKey("studies.id", ondelete="CASCADE"), unique=True
     )
     # The interface also asks "real or synthetic?" with a confidence (service.criteria).
     origin_question: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
@@ -431,6 +488,7 @@ class ReviewProject(TimestampMixin, Base):
     odd_tasks: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=list)
 
     criteria_set: Mapped[CriteriaSet] = relationship()
+    study: Mapped[Study | None] = relationship(back_populates="project")
     tasks: Mapped[list[ReviewTask]] = relationship(back_populates="project")
 
 

@@ -181,6 +181,22 @@ def test_a_study_gets_its_own_project_beside_the_shared_one(ls: Service) -> None
     assert len(projects) == 3 and {p["tasks"] for p in projects} == {4}
 
 
+def test_a_study_that_asks_origin_gets_a_project_that_asks_it(ls: Service) -> None:
+    """``ask_origin`` reaches the study's own project (whose Label Studio interface then asks
+    "real or synthetic?"); a study without it gets a project that does not ask."""
+    batches, _, _ = seed_study(ls, images=2)
+    asked = post(ls, body(batches, ask_origin=True))
+    plain = post(ls, body(batches, name="plain"))
+    assert asked.status_code == plain.status_code == 202, (asked.text, plain.text)
+    with get_sessionmaker()() as s:
+        flags = {
+            st.name: st.project.origin_question
+            for st in s.scalars(select(Study))
+            if st.project is not None
+        }
+    assert flags == {"pilot": True, "plain": False}
+
+
 def test_openapi_publishes_the_study_schemas() -> None:
     from api.main import create_app
 

@@ -10,10 +10,17 @@ script.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import math
 import os
 import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ml.errors import Invalid
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +46,172 @@ def tune_allocator() -> bool:
             ok = bool(libc.mallopt(param, value)) and ok
     log.debug("malloc thresholds tuned: %s", ok)
     return ok
+
+
+# Threads ---------------------------------------------------------------------------------------
+
+THREADS_ENV = "PROTOMED_THREADS"
+AUTO = "auto"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+WAIT_POLICY_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_interop_set = False
+
+
+class ThreadSettingError(Invalid):
+    """A thread setting that is neither ``auto`` nor a whole number of threads >= 1."""
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """How many intra-op threads torch gets, and why (shown to the user in one line)."""
+
+    threads: int
+    reason: str
+    overridable: bool = True  # chosen by protomed (auto, or the user's OMP_NUM_THREADS)
+
+    def line(self) -> str:
+        hint = f"; set {THREADS_ENV} to override" if self.overridable else ""
+        return f"threads: {self.threads} ({self.reason}{hint})"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cgroup_v2_limit() -> float | None:
+    """The tightest ``cpu.max`` quota from this process's cgroup up to the root (v2)."""
+    text = _read(PROC_CGROUP) or ""
+    rel = next((ln[3:] for ln in text.splitlines() if ln.startswith("0::")), None)
+    if rel is None:
+        return None
+    limits: list[float] = []
+    group = CGROUP_ROOT / rel.lstrip("/")
+    for folder in (group, *group.parents):
+        quota = (_read(folder / "cpu.max") or "").split()
+        if len(quota) == 2 and quota[0] != "max":
+            with contextlib.suppress(ValueError):
+                limits.append(int(quota[0]) / int(quota[1]))
+        if folder == CGROUP_ROOT:
+            break
+    return min(limits) if limits else None
+
+
+def _cgroup_v1_limit() -> float | None:
+    """``cpu.cfs_quota_us / cpu.cfs_period_us`` of the v1 cpu controller, -1 meaning none."""
+    for name in ("cpu", "cpu,cpuacct"):
+        quota, period = (
+            _read(CGROUP_ROOT / name / f) for f in ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        )
+        if quota and period:
+            with contextlib.suppress(ValueError):
+                q, p = int(quota), int(period)
+                return q / p if q > 0 and p > 0 else None
+    return None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, cut to a container's CPU quota
+    (cgroup v2 ``cpu.max``, else v1 ``cfs_quota_us``). ``os.cpu_count()`` counts the host's
+    cores, which a container or ``taskset`` may not let us use; a quota of 1.5 cores gives 1
+    (threads beyond the quota are throttled, not run)."""
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    cores = len(getaffinity(0)) if getaffinity else (os.cpu_count() or 1)
+    quota = _cgroup_v2_limit()
+    if quota is None:
+        quota = _cgroup_v1_limit()
+    if quota is not None:
+        cores = min(cores, max(1, math.floor(quota)))
+    return max(1, cores)
+
+
+def other_load() -> float:
+    """The 1-minute load average: the runnable processes the machine already has before this
+    one starts its work (0 where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def _parse(value: str | int, source: str) -> int | None:
+    """``None`` for ``auto``, else the thread count; anything else is refused, naming ``source``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n: int | None = value
+    elif isinstance(value, str) and value.strip().lower() == AUTO:
+        return None
+    else:
+        try:
+            n = int(str(value).strip())
+        except ValueError:
+            n = None
+    if n is None or n < 1:
+        raise ThreadSettingError(
+            f"{source}={value!r} is not valid: use {AUTO} or a whole number of threads >= 1"
+        )
+    return n
+
+
+def choose_threads(
+    setting: str | int | None = None,
+    *,
+    source: str = THREADS_ENV,
+    environ: Mapping[str, str] | None = None,
+) -> ThreadChoice:
+    """The intra-op thread count for this process.
+
+    In order: ``setting`` (a ``--threads`` option or the service's ``threads`` setting; its name
+    is ``source``), else ``PROTOMED_THREADS``, else a number the user gave OpenMP in
+    ``OMP_NUM_THREADS``, else ``auto``. ``auto`` is the usable cores less the load the other
+    processes already put on them (the 1-minute load average), rounded and clamped to
+    [1, usable cores]: torch's own default, one thread per core, is right on a quiet machine
+    but on a busy one every parallel region waits for the thread that shares its core, and a
+    step takes 2-3 times as long as with the threads the free cores can actually run.
+    """
+    env = os.environ if environ is None else environ
+    if setting is None or (isinstance(setting, str) and not setting.strip()):
+        setting, source = env.get(THREADS_ENV) or None, THREADS_ENV
+    if setting is not None:
+        n = _parse(setting, source)
+        if n is not None:
+            return ThreadChoice(n, f"{source}={n}", overridable=False)
+    else:
+        omp = env.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+        if omp.isdigit() and int(omp) >= 1:
+            return ThreadChoice(int(omp), f"OMP_NUM_THREADS={omp} set by the user")
+    cores, load = usable_cores(), other_load()
+    threads = min(cores, max(1, round(cores - load)))
+    plural = "s" if cores != 1 else ""
+    reason = f"{cores} usable core{plural}, load {load:.1f} from other processes"
+    return ThreadChoice(threads, reason)
+
+
+def apply_threads(choice: ThreadChoice, say: Callable[[str], None] | None = None) -> ThreadChoice:
+    """Give torch ``choice.threads`` intra-op threads (MKL and OpenMP follow) and the same
+    number of inter-op threads, the latter once per process and only while torch still allows
+    it (it refuses once inter-op work has started); report the choice through ``say`` (default:
+    this module's logger at INFO). The choice is made once, at start-up: a long run does not
+    follow the load as it changes."""
+    global _interop_set
+    import torch
+
+    torch.set_num_threads(choice.threads)
+    if not _interop_set:
+        _interop_set = True
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(choice.threads)
+    (say or log.info)(choice.line())
+    return choice
+
+
+def configure_threads(
+    setting: str | int | None = None,
+    *,
+    source: str = THREADS_ENV,
+    say: Callable[[str], None] | None = None,
+) -> ThreadChoice:
+    """:func:`choose_threads` then :func:`apply_threads`: what every entry point calls."""
+    return apply_threads(choose_threads(setting, source=source), say)

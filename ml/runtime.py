@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,19 @@ def tune_allocator() -> bool:
 
 
 # Threads ---------------------------------------------------------------------------------------
+
+
+def prefer_passive_wait(environ: MutableMapping[str, str] | None = None) -> bool:
+    """``OMP_WAIT_POLICY=PASSIVE`` for this process and the ones it starts, unless the user chose
+    a wait policy (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``) or torch is imported already:
+    libgomp reads its environment once, when torch loads it, so a later change does nothing.
+    True if it set the variable. Why: see the module's docstring."""
+    env = os.environ if environ is None else environ
+    if "torch" in sys.modules or any(name in env for name in WAIT_POLICY_ENV):
+        return False
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
 
 THREADS_ENV = "PROTOMED_THREADS"
 AUTO = "auto"

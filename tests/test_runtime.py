@@ -159,3 +159,23 @@ def test_the_worker_process_applies_the_threads_setting(monkeypatch, caplog):
         get_settings.cache_clear()
     with pytest.raises(ValueError, match="threads"):
         Settings(threads="lots")
+
+
+def test_openmp_is_asked_to_wait_passively_unless_the_user_chose(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch")  # as before torch is loaded; restored after
+    env: dict[str, str] = {}
+    assert runtime.prefer_passive_wait(env) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for mine in ({"OMP_WAIT_POLICY": "active"}, {"GOMP_SPINCOUNT": "300000"}):
+        assert not runtime.prefer_passive_wait(dict(mine))
+    monkeypatch.setitem(sys.modules, "torch", torch)  # too late once torch is loaded
+    assert not runtime.prefer_passive_wait(env := {}) and env == {}
+
+
+@pytest.mark.parametrize("entry", ["ml.cli", "bench", "workers.celery_app"])
+def test_every_entry_point_sets_the_wait_policy_before_torch_loads(entry):
+    code = f"import os, sys, {entry}; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k not in runtime.WAIT_POLICY_ENV}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.stdout.strip() == "PASSIVE", proc.stderr[-2000:]

@@ -6,6 +6,29 @@ about a million faults per batch on the 64x64 UNet, and steps 1.3-1.6x slower th
 thresholds below. Raising the thresholds keeps that memory in the process. ``mallopt`` does at
 run time what the ``MALLOC_*_`` environment variables do at start-up, so the CLI needs no wrapper
 script.
+
+Threads. torch's default is one intra-op thread per core, right on a quiet machine; on one other
+jobs are using, every parallel region waits for its slowest thread, the one sharing a core.
+:func:`choose_threads` takes ``PROTOMED_THREADS`` (``auto`` or N), else the user's
+``OMP_NUM_THREADS``, else ``auto``: the usable cores (affinity, cgroup CPU quota) less the
+1-minute load average, rounded, clamped to [1, usable cores]. It is chosen once, at start-up;
+a long run does not follow the load as it changes. The CLI, the workers and the benches apply it
+and say what they chose in one line.
+
+The wait policy. PyTorch's Linux CPU build runs its intra-op parallelism on GNU OpenMP (the
+``libgomp`` it ships in ``torch/lib``; ``torch.__config__.parallel_info()`` says "OpenMP"), and
+MKL's threads go through it too. With ``OMP_WAIT_POLICY`` unset, a libgomp thread that reaches
+a barrier spins 300,000 times before sleeping (``GOMP_SPINCOUNT``), between every two parallel
+regions: on a busy core the spinning thread takes the time the thread it waits for needs.
+Measured with ``bench.threads`` (cpu-small, batch 8, median of 3 interleaved runs, 2 cores that
+other jobs already loaded to about 4, plus N busy-loop helpers; noisy, but the gap is not):
+two threads took 1.74 s per training step spinning and 0.32 s passive (N=0), 7.10 s and 0.50 s
+(N=1); sampling 1.83 and 0.17, 3.16 and 0.16 s per image. One thread took 0.67/0.61 s (N=0)
+and 0.58/0.67 s (N=1), spinning/passive: no difference, as it has no team to wait for. So
+``OMP_WAIT_POLICY=PASSIVE`` is the default (:func:`prefer_passive_wait`, called when ``ml`` or
+``bench`` is imported, before torch loads libgomp, which reads its environment only then), unless
+the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``. Not measured: a quiet machine, where
+spinning saves a futex wake-up per region (microseconds against steps of 0.3 s).
 """
 
 from __future__ import annotations

@@ -8,15 +8,16 @@ process (OpenMP reads its environment when torch is imported):
 - ``default``: what protomed did before: torch's own default (one thread per core) and
   libgomp's default wait (spin 300,000 times before sleeping);
 - ``auto``: what protomed does now: the count :func:`ml.runtime.choose_threads` picks at this
-  load, and ``OMP_WAIT_POLICY=PASSIVE`` (:func:`ml.runtime.prefer_passive_wait`). The parent
-  makes the choice once per level, after ``--settle`` seconds with the helpers running (the
-  1-minute load average needs about a minute to see them) and before any measurement of the
-  level, so the bench's own measurements do not count as "other processes";
+  load, and ``OMP_WAIT_POLICY=PASSIVE`` where the machine is busy
+  (:func:`ml.runtime.prefer_passive_wait`). The parent makes both choices once per level,
+  after ``--settle`` seconds with the helpers running (the 1-minute load average needs about a
+  minute to see them) and before any measurement of the level, so the bench's own
+  measurements do not count as "other processes";
 - ``N``: exactly N threads, libgomp's default wait;
 
-each optionally with ``:passive`` (``OMP_WAIT_POLICY=PASSIVE``) or ``:active`` to set the wait
-policy. Measured: a training step (forward, backward, AdamW) and DDIM sampling, seconds per step
-and per image.
+each optionally with ``:passive`` (``OMP_WAIT_POLICY=PASSIVE``), ``:active`` or ``:spinN``
+(``GOMP_SPINCOUNT=N``) to set the wait. Measured: a training step (forward, backward, AdamW)
+and DDIM sampling, seconds per step and per image.
 
     .venv/bin/python -m bench.threads                                   # the full run
     .venv/bin/python -m bench.threads --loads 0 1 --repeats 1 --settle 0 --preset tiny  # smoke
@@ -40,10 +41,18 @@ from pathlib import Path
 from typing import Any
 
 from bench.provenance import run_info
-from ml.runtime import AUTO, WAIT_POLICY_ENV, choose_threads, other_load, usable_cores
+from ml.runtime import (
+    AUTO,
+    WAIT_POLICY_ENV,
+    choose_threads,
+    machine_is_busy,
+    other_load,
+    usable_cores,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT = {"passive": "PASSIVE", "active": "ACTIVE"}
+PROTOMED_WAIT = "as protomed"  # auto's wait: what ml.runtime.prefer_passive_wait would set
 
 
 def _busy(deadline: float, parent: int) -> None:
@@ -80,15 +89,18 @@ class Load:
 
 
 def parse_policy(policy: str) -> tuple[str, str | None]:
-    """``default``/``auto``/``N``, and the OpenMP wait policy (``None``: libgomp's default)."""
+    """``default``/``auto``/``N``, and the OpenMP wait setting as ``NAME=VALUE`` (``None``:
+    libgomp's default)."""
     threads, _, wait = policy.partition(":")
     if threads not in ("default", AUTO) and not threads.isdigit():
         raise SystemExit(f"policy {policy!r}: use default, auto or N, optionally :passive/:active")
+    if wait.startswith("spin") and wait[4:].isdigit():
+        return threads, f"GOMP_SPINCOUNT={wait[4:]}"
     if wait and wait not in WAIT:
-        raise SystemExit(f"policy {policy!r}: the wait policy is passive or active")
+        raise SystemExit(f"policy {policy!r}: the wait policy is passive, active or spinN")
     if not wait and threads == AUTO:
-        return threads, "PASSIVE"  # as ml.runtime.prefer_passive_wait sets it
-    return threads, WAIT.get(wait)
+        return threads, PROTOMED_WAIT
+    return threads, f"OMP_WAIT_POLICY={WAIT[wait]}" if wait else None
 
 
 def measure(threads: int | None, wait: str | None, args: argparse.Namespace) -> dict[str, Any]:
@@ -96,7 +108,8 @@ def measure(threads: int | None, wait: str | None, args: argparse.Namespace) -> 
     drop = {"OMP_NUM_THREADS", "PROTOMED_THREADS", *WAIT_POLICY_ENV}
     env = {k: v for k, v in os.environ.items() if k not in drop}
     if wait:
-        env["OMP_WAIT_POLICY"] = wait
+        name, _, value = wait.partition("=")
+        env[name] = value
     # torch first: importing bench or ml must not set a wait policy the row did not ask for.
     code = "import torch; from bench.threads import main; main()"
     cmd = [sys.executable, "-c", code, "--child", "--preset", args.preset]
@@ -156,16 +169,18 @@ def main() -> None:
         with Load(load, args.helper_limit):
             time.sleep(args.settle)
             auto = choose_threads(AUTO)
+            passive = "OMP_WAIT_POLICY=PASSIVE" if machine_is_busy() else None
             level_load = other_load()
             for rep in range(args.repeats):
                 for name, threads, wait in policies:
                     n = (
-                        auto.threads
-                        if threads == AUTO
-                        else None
+                        None
                         if threads == "default"
+                        else auto.threads
+                        if threads == AUTO
                         else int(threads)
                     )
+                    wait = passive if wait == PROTOMED_WAIT else wait
                     row = {"load": load, "policy": name, "repeat": rep, "wait_policy": wait}
                     row.update(measure(n, wait, args))
                     if threads == AUTO:

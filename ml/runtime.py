@@ -20,15 +20,22 @@ The wait policy. PyTorch's Linux CPU build runs its intra-op parallelism on GNU 
 MKL's threads go through it too. With ``OMP_WAIT_POLICY`` unset, a libgomp thread that reaches
 a barrier spins 300,000 times before sleeping (``GOMP_SPINCOUNT``), between every two parallel
 regions: on a busy core the spinning thread takes the time the thread it waits for needs.
-Measured with ``bench.threads`` (cpu-small, batch 8, median of 3 interleaved runs, 2 cores that
-other jobs already loaded to about 4, plus N busy-loop helpers; noisy, but the gap is not):
-two threads took 1.74 s per training step spinning and 0.32 s passive (N=0), 7.10 s and 0.50 s
-(N=1); sampling 1.83 and 0.17, 3.16 and 0.16 s per image. One thread took 0.67/0.61 s (N=0)
-and 0.58/0.67 s (N=1), spinning/passive: no difference, as it has no team to wait for. So
-``OMP_WAIT_POLICY=PASSIVE`` is the default (:func:`prefer_passive_wait`, called when ``ml`` or
-``bench`` is imported, before torch loads libgomp, which reads its environment only then), unless
-the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``. Not measured: a quiet machine, where
-spinning saves a futex wake-up per region (microseconds against steps of 0.3 s).
+Measured with ``bench.threads`` (cpu-small, batch 8, medians of 2-3 interleaved runs in fresh
+processes, 2 cores; the machine is shared with other jobs, so the numbers are noisy but the
+gaps are not), seconds per training step for 2 threads spinning / passive / 1 thread:
+
+- other jobs at load ~4, plus 0 / 1 busy-loop helper: 1.74 / 0.32 / 0.67 and 7.10 / 0.50 /
+  0.58; sampling 1.83 / 0.17 / 0.37 and 3.16 / 0.16 / 0.25 s per image;
+- a quiet machine (no other jobs; load average 0.2 before the first of two runs): 0.19 / 0.27
+  / 0.29, sampling 0.074 / 0.127 / 0.106; with one helper: 0.74 / 0.39 / 0.34. A shorter
+  spin (``GOMP_SPINCOUNT=10000``) kept the quiet speed (0.18) but did not help with the
+  helper (0.74).
+
+So passive waiting is 1.4-1.7x slower on a quiet machine and several times faster on a busy
+one, and one thread needs no team to wait for. protomed sets ``OMP_WAIT_POLICY=PASSIVE`` only
+when the machine is busy (:func:`prefer_passive_wait`, the same test that makes ``auto`` take
+fewer threads than cores), when ``ml`` or ``bench`` is imported, before torch loads libgomp,
+and never over a user's ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``.
 """
 
 from __future__ import annotations
@@ -75,12 +82,15 @@ def tune_allocator() -> bool:
 
 
 def prefer_passive_wait(environ: MutableMapping[str, str] | None = None) -> bool:
-    """``OMP_WAIT_POLICY=PASSIVE`` for this process and the ones it starts, unless the user chose
-    a wait policy (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``) or torch is imported already:
-    libgomp reads its environment once, when torch loads it, so a later change does nothing.
-    True if it set the variable. Why: see the module's docstring."""
+    """``OMP_WAIT_POLICY=PASSIVE`` for this process and the ones it starts when other processes
+    load the usable cores (:func:`machine_is_busy`), unless the user chose a wait policy
+    (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``) or torch is imported already: libgomp reads its
+    environment once, when torch loads it, so a later change does nothing. True if it set the
+    variable. Why only when busy: see the module's docstring."""
     env = os.environ if environ is None else environ
     if "torch" in sys.modules or any(name in env for name in WAIT_POLICY_ENV):
+        return False
+    if not machine_is_busy():
         return False
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     return True
@@ -173,6 +183,17 @@ def other_load() -> float:
         return 0.0
 
 
+def _auto_threads(cores: int, load: float) -> int:
+    return min(cores, max(1, round(cores - load)))
+
+
+def machine_is_busy() -> bool:
+    """Other processes load the usable cores enough that ``auto`` takes fewer threads than
+    there are cores (a 1-minute load average above 0.5)."""
+    cores = usable_cores()
+    return _auto_threads(cores, other_load()) < cores
+
+
 def _parse(value: str | int, source: str) -> int | None:
     """``None`` for ``auto``, else the thread count; anything else is refused, naming ``source``."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -219,7 +240,7 @@ def choose_threads(
         if omp.isdigit() and int(omp) >= 1:
             return ThreadChoice(int(omp), f"OMP_NUM_THREADS={omp} set by the user")
     cores, load = usable_cores(), other_load()
-    threads = min(cores, max(1, round(cores - load)))
+    threads = _auto_threads(cores, load)
     plural = "s" if cores != 1 else ""
     reason = f"{cores} usable core{plural}, load {load:.1f} from other processes"
     return ThreadChoice(threads, reason)

@@ -161,9 +161,11 @@ def test_the_worker_process_applies_the_threads_setting(monkeypatch, caplog):
         Settings(threads="lots")
 
 
-def test_openmp_is_asked_to_wait_passively_unless_the_user_chose(monkeypatch):
+def test_openmp_waits_passively_on_a_busy_machine_unless_the_user_chose(machine, monkeypatch):
     monkeypatch.delitem(sys.modules, "torch")  # as before torch is loaded; restored after
-    env: dict[str, str] = {}
+    machine(2, 0.3)  # quiet: libgomp's spinning is faster there
+    assert not runtime.prefer_passive_wait(env := {}) and env == {}
+    machine(2, 1.1)
     assert runtime.prefer_passive_wait(env) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
     for mine in ({"OMP_WAIT_POLICY": "active"}, {"GOMP_SPINCOUNT": "300000"}):
         assert not runtime.prefer_passive_wait(dict(mine))
@@ -172,10 +174,14 @@ def test_openmp_is_asked_to_wait_passively_unless_the_user_chose(monkeypatch):
 
 
 @pytest.mark.parametrize("entry", ["ml.cli", "bench", "workers.celery_app"])
-def test_every_entry_point_sets_the_wait_policy_before_torch_loads(entry):
-    code = f"import os, sys, {entry}; print(os.environ.get('OMP_WAIT_POLICY'))"
+@pytest.mark.parametrize("load,policy", [(9.0, "PASSIVE"), (0.0, None)])
+def test_every_entry_point_sets_the_wait_policy_before_torch_loads(entry, load, policy):
+    code = (
+        f"import os, sys; os.getloadavg = lambda: ({load}, {load}, {load}); import {entry}; "
+        "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    )
     env = {k: v for k, v in os.environ.items() if k not in runtime.WAIT_POLICY_ENV}
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True
     )
-    assert proc.stdout.strip() == "PASSIVE", proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(policy), "False"], proc.stderr[-2000:]

@@ -57,7 +57,7 @@ from bench.compare_real import (
     classifier_scores,
     train_runs,
 )
-from bench.provenance import run_info
+from bench.provenance import add_threads_option, run_info, use_threads
 from bench.replication import (
     choose_budget,
     run_means,
@@ -245,14 +245,11 @@ def _unit_key(args: Any, name: str, arm: str, seed: int) -> str:
 
 def run_arm(name: str, arm: str, seed: int, args: Any) -> list[dict[str, Any]]:
     """Train one arm with one seed, and score every checkpoint's synthetic set."""
-    import torch
 
     from ml.evaluation.evaluate import synthetic_set
     from ml.models.checkpoint import load_model
     from ml.schemas.evaluation import EvalConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = args.out / name
     done = out / "runs" / f"{arm}_seed{seed}.json"
     key = _unit_key(args, name, arm, seed)
@@ -441,11 +438,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
 # ---------------------------------------------------------------- the command
 
 
-def _init_worker(threads: int | None) -> None:
-    if threads:
-        import torch
+def _init_worker(threads: int) -> None:
+    """Each run process gets its share of the threads (the parent's choice, ``use_threads``)."""
+    import torch
 
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -471,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--encoder-epochs", type=int, default=40, help="learned encoder's budget")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    add_threads_option(ap, per=" per process (auto: the free cores shared by --jobs)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "ablation")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "ablation.json")
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "ablation.png")
@@ -489,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
         if not steps or sorted(set(steps)) != steps:
             ap.error("steps must be increasing and distinct")
     args.out.mkdir(parents=True, exist_ok=True)
-    _init_worker(args.threads)
+    threads = use_threads(args, processes=args.jobs)
     names = args.datasets.split(",")
     results: dict[str, Any] = {
         "protocol": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -507,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     records: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     ctx = get_context("spawn")  # fresh interpreters: no torch thread pool shared by fork
     with ProcessPoolExecutor(
-        args.jobs, mp_context=ctx, initializer=_init_worker, initargs=(args.threads,)
+        args.jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
     ) as pool:
         futures = {pool.submit(run_arm, n, a, s, args): (n, a, s) for n, a, s in units}
         for i, fut in enumerate(as_completed(futures), 1):

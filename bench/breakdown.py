@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from bench.peer import N_CLASSES, DiffusersPeer
-from bench.provenance import run_info
+from bench.provenance import add_threads_option, run_info, use_threads
 from bench.speed import amp, setup
 from ml.config import SampleConfig
 from ml.diffusion.process import diffusion_loss, noise_scheduler
@@ -92,10 +92,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="cpu-small")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_threads_option(ap)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    use_threads(args)
     tune_allocator()
     result = {}
     for task in ("train", "sample"):

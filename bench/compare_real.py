@@ -18,7 +18,7 @@ Per dataset:
 
     # the README's run (2 shared cores, about an hour):
     .venv/bin/python -m bench.compare_real --datasets derm64 --sizes 40,20,25 --budgets 200,400 \
-        --epochs 20 --sample-steps 10 --threads 1
+        --epochs 20 --sample-steps 10
     .venv/bin/python -m bench.compare_real --budgets 5000,10000,20000 --backbone resnext50 \\
         --preset paper --n-synthetic 100 --clf-image-size 64 --device cuda  # the seed's protocol
 
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.provenance import run_info
+from bench.provenance import add_threads_option, run_info, use_threads
 from bench.replication import (
     SCORES,
     choose_budget,
@@ -362,13 +362,7 @@ def main() -> None:
     )
     ap.add_argument("--encoder", default="ViT-B-32")
     ap.add_argument("--pretrained", default=None, help="CLIP weights (default: untrained)")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (1 on a machine shared with other jobs: two threads "
-        "waiting on each other there ran 10x slower than one)",
-    )
+    add_threads_option(ap)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "compare_replicated")
     ap.add_argument(
         "--results", type=Path, default=REPO / "bench" / "results" / "compare_real_replicated.json"
@@ -376,10 +370,7 @@ def main() -> None:
     args = ap.parse_args()
     if sorted(set(args.budgets)) != args.budgets:
         ap.error("--budgets must be increasing and distinct")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    use_threads(args)
     args.partial = args.out / "records_partial.json"
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {

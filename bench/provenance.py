@@ -65,17 +65,18 @@ def _torch() -> dict[str, Any]:
     try:
         import torch
     except ImportError:
-        return {"torch": None, "gpu": None}
+        return {"torch": None, "gpu": None, "threads": None}
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"torch": torch.__version__, "gpu": gpu}
+    return {"torch": torch.__version__, "gpu": gpu, "threads": torch.get_num_threads()}
 
 
 def run_info(args: argparse.Namespace | dict[str, Any] | None = None) -> dict[str, Any]:
     """The commit (``None`` outside a git checkout), ``dirty`` (``git status --porcelain`` lists
     anything), the command line and the parsed arguments (secret-named ones hidden, ``SECRET``),
-    torch's version (``None`` where it is not
-    installed), Python's, the platform, the CPU count, the first CUDA GPU's name (``None``
-    without one) and the time in UTC."""
+    torch's version (``None`` where it is not installed) and the intra-op threads it runs with
+    (``threads_chosen`` among the arguments says why: :func:`use_threads`), Python's, the
+    platform, the CPU count, the first CUDA GPU's name (``None`` without one) and the time in
+    UTC."""
     status = _git("status", "--porcelain")
     parsed = vars(args) if isinstance(args, argparse.Namespace) else (args or {})
     parsed = {k: HIDDEN if SECRET.search(k) and v is not None else v for k, v in parsed.items()}
@@ -99,3 +100,40 @@ def sidecar(path: Path, info: dict[str, Any]) -> Path:
     side = path.with_name(path.name + ".run.json")
     side.write_text(json.dumps(info, indent=2) + "\n")
     return side
+
+
+def threads_arg(value: str) -> str | int:
+    """``--threads``: ``auto`` or a whole number >= 1 (argparse's type)."""
+    from ml.runtime import AUTO
+
+    if value.strip().lower() == AUTO:
+        return AUTO
+    if value.strip().isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: use auto or a whole number of threads >= 1")
+
+
+def add_threads_option(ap: argparse.ArgumentParser, per: str = "") -> None:
+    """The benches' ``--threads``, default ``auto`` as ``protomed`` itself chooses."""
+    ap.add_argument(
+        "--threads",
+        type=threads_arg,
+        default="auto",
+        help=f"torch intra-op threads{per}: auto (the usable cores less the load of the "
+        "machine's other processes, as protomed chooses: ml.runtime) or N",
+    )
+
+
+def use_threads(args: argparse.Namespace, processes: int = 1) -> int:
+    """Choose ``--threads`` (``auto`` shares the free cores among ``processes`` measuring at
+    once), apply it in this process, print the line on stderr and keep it in the arguments as
+    ``threads_chosen``, so :func:`run_info` records what ran and why. Returns the count."""
+    from ml.runtime import AUTO, ThreadChoice, apply_threads, choose_threads
+
+    choice = choose_threads(args.threads, source="--threads")
+    if args.threads == AUTO and processes > 1:
+        per = max(1, choice.threads // processes)
+        choice = ThreadChoice(per, f"{choice.reason}, shared by {processes} processes")
+    apply_threads(choice, lambda line: print(line, file=sys.stderr, flush=True))
+    args.threads_chosen = choice.line()
+    return choice.threads

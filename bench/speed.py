@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from bench.peer import N_CLASSES, DiffusersPeer, build
-from bench.provenance import run_info
+from bench.provenance import add_threads_option, run_info, use_threads
 from ml.config import SampleConfig, TrainConfig, parse_overrides
 from ml.diffusion.process import diffusion_loss, guided_sample, noise_scheduler, sampler
 from ml.diffusion.train import make_optimizer, memory_format
@@ -130,7 +130,7 @@ def child_peak_rss(
     """Peak resident memory (MiB) of a fresh process doing one train step or one sample batch."""
     code = (
         "import sys; sys.argv=['x']; import bench.speed as s, torch; "
-        f"torch.set_num_threads({args.threads}); s.tune_allocator(); "
+        f"torch.set_num_threads({torch.get_num_threads()}); s.tune_allocator(); "
         f"m, c = s.setup({which!r}, {preset!r}, {precision!r}, {batch!r}, 'cpu', {args.set!r}); "
         + (
             f"s.train_rate(m, c, {precision!r}, 1)"
@@ -235,7 +235,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--sample-n", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_threads_option(ap)
     ap.add_argument("--no-memory", dest="memory", action="store_false")
     ap.add_argument(
         "--set",
@@ -247,7 +247,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "speed.json")
     args = ap.parse_args()
     args.set = parse_overrides(args.set)
-    torch.set_num_threads(args.threads)
+    threads = use_threads(args)
     torch.backends.cudnn.benchmark = True  # CUDA: both pick their fastest convolutions
     tune_allocator()  # as the `protomed` CLI does; one process, so the peer gets it too
     rows = []
@@ -263,7 +263,7 @@ def main() -> None:
         else (platform.processor() or platform.machine())
     )
     meta = {
-        "threads": args.threads,
+        "threads": threads,
         "torch": torch.__version__,
         "machine": device_name,
         "args": {k: str(v) for k, v in vars(args).items()},

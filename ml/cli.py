@@ -57,15 +57,18 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _guard(fn: Callable[[], T]) -> T:
+def _guard(fn: Callable[[], T], *, torch_work: bool = False) -> T:
     """Run a command body; a mistake the user can fix (a :class:`~ml.errors.UserError`, or a
     configuration pydantic refused) ends in one ``error:`` line and exit 2. Everything else is a
-    bug and keeps its traceback, so it is never mistaken for a bad argument."""
+    bug and keeps its traceback, so it is never mistaken for a bad argument. ``torch_work``: the
+    body runs torch, so it first gets the thread count :mod:`ml.runtime` chooses."""
     from pydantic import ValidationError
 
     from ml.config import describe_validation_error
 
     try:
+        if torch_work:
+            _threads()
         return fn()
     except ValidationError as exc:
         if os.environ.get("PROTOMED_DEBUG"):
@@ -76,6 +79,16 @@ def _guard(fn: Callable[[], T]) -> T:
             raise
         _fail(str(exc))
     raise AssertionError("unreachable")
+
+
+def _threads() -> None:
+    """Choose and apply torch's thread count, saying so on stderr. Called from the command body
+    rather than from :func:`_startup`, which Click runs before it reads ``--help``: help would
+    import torch and print the line for nothing. A bad ``PROTOMED_THREADS`` is an
+    :class:`~ml.errors.Invalid` like any other bad input."""
+    from ml.runtime import configure_threads
+
+    configure_threads(say=lambda line: typer.echo(line, err=True))
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -246,7 +259,7 @@ def prototypes(
         typer.echo(json.dumps(result.report.to_dict(), indent=2))
         typer.echo(f"codebook written to {result.out_dir}")
 
-    _guard(run)
+    _guard(run, torch_work=True)
 
 
 @app.command("train")
@@ -291,7 +304,7 @@ def train_cmd(
         )
         typer.echo(f"checkpoint: {path}")
 
-    _guard(run)
+    _guard(run, torch_work=True)
 
 
 @app.command()
@@ -346,7 +359,7 @@ def sample(
             save_grid(result.images, grid)
         typer.echo(f"{len(result.files)} images, manifest: {result.manifest}")
 
-    _guard(run)
+    _guard(run, torch_work=True)
 
 
 @app.command()
@@ -378,7 +391,7 @@ def check(
 
         typer.echo(json.dumps(check_folder(folder), indent=2))
 
-    _guard(run)
+    _guard(run, torch_work=True)
 
 
 @app.command()
@@ -425,7 +438,7 @@ def demo(
             say=typer.echo,
         )
 
-    _guard(run)
+    _guard(run, torch_work=True)
 
 
 @app.command()
@@ -532,7 +545,7 @@ def evaluate(
             )
         typer.echo(f"results: {out} ({result.seconds:.0f} s)")
 
-    _guard(run)
+    _guard(run, torch_work=True)
 
 
 @app.command()
@@ -604,7 +617,7 @@ def audit(
             out.write_text(report.model_dump_json(indent=2))
             typer.echo(f"report: {out}")
 
-    _guard(run)
+    _guard(run, torch_work=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     sample_time_limit_s: float = Field(default=6 * 3600, gt=0)
     # Processes per training run: 0 = one per visible CUDA GPU (DDP under torchrun when > 1).
     train_processes: int = Field(default=0, ge=0)
+    # torch's intra-op threads in a worker process: "auto" (the usable cores less the load of
+    # the machine's other processes), or a number. Unset: auto, unless OMP_NUM_THREADS is set.
+    # The ML core reads the same variable, PROTOMED_THREADS (ml.runtime.choose_threads).
+    threads: str | None = Field(default=None, pattern=r"^(auto|[1-9][0-9]*)$")
 
     # Expert review in Label Studio. label_studio_url: how the service reaches it (None: reviews
     # disabled); label_studio_public_url: the address reviewers open (links), default the same.

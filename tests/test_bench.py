@@ -693,3 +693,23 @@ def test_sweep_toy_runs_at_a_toy_size(tmp_path: Path) -> None:
     assert "8 images reviewed" in r.stdout
     side = json.loads((out / "sweep.csv.run.json").read_text())
     assert side["commit"] == rep["run"]["commit"]
+
+
+def test_threads_bench_measures_both_policies_under_load(tmp_path: Path) -> None:
+    """bench.threads at a toy size: every load level has both policies, with positive times, the
+    auto choice's reason, the machine's load before the run, and the run info."""
+    out = tmp_path / "threads.json"
+    cmd = [sys.executable, "-m", "bench.threads", "--loads", "0", "1", "--repeats", "1"]
+    cmd += ["--settle", "0", "--preset", "tiny", "--batch", "2", "--train-steps", "1"]
+    cmd += ["--sample-n", "1", "--sample-steps", "1", "--helper-limit", "300", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert_run_info(res["run"], "bench.threads", "--loads", "0", "1")
+    assert len(res["machine_load_before"]) == 3 and res["usable_cores"] >= 1
+    summary = {(s["load"], s["policy"]): s for s in res["summary"]}
+    assert set(summary) == {(load, p) for load in (0, 1) for p in ("default", "auto")}
+    for s in summary.values():
+        assert s["train_step_s"] > 0 and s["sample_image_s"] > 0 and s["threads"] >= 1
+    auto = [row for row in res["rows"] if row["policy"] == "auto"]
+    assert auto and all("usable core" in row["choice"] for row in auto)

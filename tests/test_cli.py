@@ -271,7 +271,7 @@ def test_core_end_to_end_on_the_toy_domain(tmp_path):
 
     r = invoke("check", tmp_path / "s_prototype")
     assert r.exit_code == 0, r.output
-    judged = json.loads(r.output)
+    judged = json.loads(r.stdout)  # stderr has the threads line
     assert set(judged) == {"basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"}
     assert all(v["n"] == 2 and 0.0 <= v["plausible"] <= 1.0 for v in judged.values())
 

@@ -16,6 +16,7 @@ from sqlalchemy import create_engine
 
 from ml.data.catalog import PIXELS_ENV
 from ml.prototypes.weights import force_offline
+from ml.runtime import THREADS_ENV
 from service.config import Settings, get_settings
 from service.job_kinds import DEFAULT_QUEUE, GPU_QUEUE
 from service.queue import transport_options
@@ -29,6 +30,8 @@ def make_celery(settings: Settings) -> Celery:
     # The ML core reads its image pixel limit from the environment (training under torchrun
     # has no settings object): hand it the setting, .env included, before any job runs.
     os.environ[PIXELS_ENV] = str(settings.max_image_pixels)
+    if settings.threads is not None:  # likewise the thread count (ml.runtime; torchrun too)
+        os.environ[THREADS_ENV] = settings.threads
     app = Celery("protomed", broker=settings.broker_url, include=["workers.tasks"])
     app.conf.update(
         task_default_queue=DEFAULT_QUEUE,

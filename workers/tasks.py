@@ -27,6 +27,7 @@ from celery import Task
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 from sqlalchemy import select
 
+from ml.runtime import configure_threads
 from service.config import Settings, get_settings
 from service.db.models import Job, JobKind, JobStatus
 from service.db.session import get_engine, get_sessionmaker
@@ -231,6 +232,15 @@ def _fresh_connections(**_: Any) -> None:
     if get_engine.cache_info().currsize:
         get_engine().dispose(close=False)
     signal.signal(SHUTDOWN_SIGNAL, lambda *_: SHUTTING_DOWN.set())
+
+
+@worker_process_init.connect
+def _threads(**_: Any) -> None:
+    """The process that runs the jobs (the solo pool's worker, or each prefork child; never the
+    prefork parent, which must not start torch before it forks) gets the thread count
+    :func:`ml.runtime.choose_threads` picks: the ``threads`` setting, else ``OMP_NUM_THREADS``,
+    else the usable cores less the machine's load. Logged at INFO."""
+    configure_threads(get_settings().threads, say=log.info)
 
 
 @worker_ready.connect

@@ -550,6 +550,24 @@ NOT_OURS = "claims the ref of one of protomed's tasks but was not created by pro
 SKIPPED = "none of its verdicts counts until it is restored (they are kept)"
 
 
+def _judgement(r: Review, img: Image, model_id: int, mode: str, sample: object) -> Judgement:
+    """One stored verdict as the report counts it (``model_id`` 0, mode ``real``: a control)."""
+    return Judgement(
+        img.id,
+        img.class_name,
+        model_id,
+        mode,
+        r.reviewer,
+        r.plausible,
+        r.criteria,
+        sample=str(sample),
+        flagged=r.flagged,
+        reviewer_email=r.reviewer_email,
+        answered_synthetic=r.answered_synthetic,
+        origin_confidence=r.origin_confidence,
+    )
+
+
 def judgements(
     session: Session,
     *,
@@ -597,23 +615,7 @@ def judgements(
     query = _scoped(query, flagged, project_id, readers)
     found = session.execute(query).all()
     rows = [row for row in found if row.edited is None]  # verdicts on edited tasks: set aside
-    out = [
-        Judgement(
-            img.id,
-            img.class_name,
-            m.id,
-            str(m.mode),
-            r.reviewer,
-            r.plausible,
-            r.criteria,
-            sample=str(sample),
-            flagged=r.flagged,
-            reviewer_email=r.reviewer_email,
-            answered_synthetic=r.answered_synthetic,
-            origin_confidence=r.origin_confidence,
-        )
-        for r, img, m, _, sample, _ in rows
-    ]
+    out = [_judgement(r, img, m.id, str(m.mode), sample) for r, img, m, _, sample, _ in rows]
     ids = list(model_ids or sorted({m.id for _, _, m, *_ in rows}))
     models = [session.get(Model, i) for i in ids]
     columns = sorted(
@@ -700,23 +702,7 @@ def _control_judgements(
         query = query.where(ReviewProject.criteria_set_id.in_(set(criteria_sets)))
     query = _scoped(query, flagged, project_id, readers)
     found = session.execute(query).all()
-    out = [
-        Judgement(
-            img.id,
-            img.class_name,
-            0,
-            "real",
-            r.reviewer,
-            r.plausible,
-            r.criteria,
-            sample=str(sample),
-            flagged=r.flagged,
-            reviewer_email=r.reviewer_email,
-            answered_synthetic=r.answered_synthetic,
-            origin_confidence=r.origin_confidence,
-        )
-        for r, img, sample, _, _ in found
-    ]
+    out = [_judgement(r, img, 0, "real", sample) for r, img, sample, _, _ in found]
     newest: dict[int, Batch] = {}
     for *_, project_id, batch in found:
         if project_id not in newest or batch.id > newest[project_id].id:

@@ -5,12 +5,10 @@ with their own tokens; the sync pulls them and the report says the study is comp
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import httpx
 import pytest
+from ls_readers import Reader, invite_token, sign_up
 from service_procs import wait_job
 from test_reviews import AUTH, Base, base, broker, ls_settings, seed_batches, verdict_result
 
@@ -18,36 +16,10 @@ pytestmark = pytest.mark.slow
 __all__ = ["base", "broker"]  # module fixtures shared with test_reviews
 
 
-@dataclass
-class Reader:
-    email: str
-    api: httpx.Client  # with the reader's own Label Studio token
-
-
-def sign_up(url: str, invite: str) -> Reader:
-    """A Label Studio user made as a reader makes one: the invite link, then their token."""
-    email, password = f"reader-{uuid.uuid4().hex[:8]}@protomed.local", uuid.uuid4().hex
-    with httpx.Client(base_url=url, timeout=30) as browser:
-        browser.get("/user/signup/")
-        form = {
-            "email": email,
-            "password": password,
-            "csrfmiddlewaretoken": browser.cookies.get("csrftoken"),
-        }
-        r = browser.post(
-            f"/user/signup/?token={invite}", data=form, headers={"Referer": f"{url}/user/signup/"}
-        )
-        assert r.status_code == 302, r.text[-500:]
-        token = browser.get("/api/current-user/token").json()["token"]
-    api = httpx.Client(base_url=url, headers={"Authorization": f"Token {token}"}, timeout=30)
-    return Reader(email, api)
-
-
 @pytest.fixture(scope="module")
 def readers(base: Base) -> Iterator[list[Reader]]:
     url, token = ls_settings()
-    with httpx.Client(base_url=url, headers={"Authorization": f"Token {token}"}) as admin:
-        invite = admin.get("/api/invite").json()["token"]
+    invite = invite_token(url, token)
     made = [sign_up(url, invite) for _ in range(2)]
     try:
         yield made

@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--steps", type=int, default=200, help="training steps per mode")
     ap.add_argument("--n-per-class", type=int, default=30, help="toy training images per class")
-    ap.add_argument("--n", type=int, default=6, help="images per class and mode")
+    ap.add_argument("--n", type=int, default=8, help="images per class and mode")
     ap.add_argument("--sample-steps", type=int, default=None, help="default: the sampler's")
     ap.add_argument("--share", type=float, default=0.5, help="controls: share of synthetic")
     ap.add_argument("--noise", type=float, default=0.1, help="reader 2's flipped share")

@@ -9,8 +9,8 @@ users made through the organisation's invite link, each posting with their own t
 reads count as the named readers'. Each reader judges every task:
 
 - plausibility: the toy checker's verdict per criterion (:func:`ml.data.toy.check_image`);
-  reader 2 flips the overall verdict of a fixed, seeded ``--noise`` share of the tasks (10%),
-  so the readers' agreement is not 1 by construction;
+  reader 2 gives the other verdict on a seeded ``--noise`` share of the tasks (exactly 10% of
+  them, :func:`flipped_refs`), so the readers' agreement is not 1 by construction;
 - "real or synthetic?": from the pixels alone (:class:`OriginRule`): the image's high-frequency
   energy (:func:`roughness`) against the central ``--coverage`` range of the same statistic on
   freshly drawn real toy images of the expected class (another seed than the dataset's, resized
@@ -134,28 +134,23 @@ def calibrate(
     return OriginRule(ranges, coverage, per_class, size)
 
 
-def flipped(seed: int, ref: str, share: float) -> bool:
-    """Whether the noisy reader flips this task's verdict: a fixed draw per task (its blinded
-    ref), so the same tasks flip in every run with the same seed, in any order."""
-    return random.Random(f"{seed}:{ref}").random() < share
+def flipped_refs(refs: Iterable[str], share: float, seed: int) -> set[str]:
+    """The tasks whose verdict the noisy reader flips: exactly ``round(share x tasks)`` of them,
+    drawn by ``seed`` from the tasks' blinded refs in sorted order."""
+    ordered = sorted(refs)
+    return set(random.Random(seed).sample(ordered, round(share * len(ordered))))
 
 
 def read_task(
-    image: Image.Image,
-    task: dict[str, Any],
-    rule: OriginRule,
-    noise: float,
-    seed: int,
-) -> tuple[list[dict[str, Any]], bool, bool]:
+    image: Image.Image, task: dict[str, Any], rule: OriginRule, flip: bool
+) -> list[dict[str, Any]]:
     """One reader's Label Studio result for a task: the checker's criteria and overall verdict
-    (flipped where :func:`flipped` says, when ``noise`` > 0) and the rule's origin answer;
-    returns the result, the verdict posted and whether it was flipped."""
+    (the other verdict where ``flip``) and the rule's origin answer."""
     from service.criteria import annotation_result
 
     cls = task["data"]["expected_class"]
     crits = checker_criteria(image, cls)
     plausible = "fail" not in crits.values()
-    flip = noise > 0 and flipped(seed, str(task["data"]["ref"]), noise)
     if flip and plausible:
         overall = "implausible"  # every criterion passed; the reader still says no
     elif flip:
@@ -166,7 +161,7 @@ def read_task(
     result = annotation_result(
         crits, overall, answered_synthetic=synthetic, origin_confidence=confidence
     )
-    return result, overall == "plausible", flip
+    return result
 
 
 def pct(entry: dict[str, Any] | None) -> str:
@@ -289,7 +284,7 @@ def main() -> None:
         study = api.get(f"/studies/{created['study']['id']}").json()
         tasks = export_tasks(args.ls_url, args.ls_token, study["ls_project_id"])
         rule: OriginRule | None = None
-        flips = 0
+        flips = flipped_refs((str(t["data"]["ref"]) for t in tasks), args.noise, args.seed)
         for task in tasks:
             image = task_image(api, task)
             if rule is None:  # the study's one image size, known from its first image
@@ -301,9 +296,8 @@ def main() -> None:
                     args.coverage,
                 )
             for i, reader in enumerate(readers):
-                noise = args.noise if i == 1 else 0.0
-                result, _, flip = read_task(image, task, rule, noise, args.seed)
-                flips += flip
+                flip = i == 1 and str(task["data"]["ref"]) in flips
+                result = read_task(image, task, rule, flip)
                 ann = reader.api.post(
                     f"/api/tasks/{task['id']}/annotations/", json={"result": result}
                 )
@@ -326,7 +320,7 @@ def main() -> None:
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "readers": {
             "plausibility": "the toy checker's verdict (ml.data.toy.check_image) per criterion",
-            "noise": {"reader": 2, "share": args.noise, "seed": args.seed, "flipped": flips},
+            "noise": {"reader": 2, "share": args.noise, "seed": args.seed, "flipped": len(flips)},
             "origin": rule.describe(),
         },
         "tasks": len(tasks),

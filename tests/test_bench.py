@@ -640,6 +640,76 @@ def test_review_toy_runs_at_a_toy_size(tmp_path: Path) -> None:
     assert side["commit"] == report["run"]["commit"] and side["argv"] == report["run"]["argv"]
 
 
+def test_study_toy_runs_at_a_toy_size(tmp_path: Path) -> None:
+    """bench/study_toy.py through a real Label Studio (as above): a tiny model of each mode, two
+    images per class and mode, real controls, two readers with their own tokens; the study is
+    complete, both readers' reads count and the origin answers are scored."""
+    from test_reviews import ls_settings
+
+    from ml.data.toy import TOY_CLASSES
+
+    url, token = ls_settings()
+    out = tmp_path / "study"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.study_toy",
+        "--ls-url",
+        url,
+        "--ls-token",
+        token,
+        "--steps",
+        "2",
+        "--n-per-class",
+        "6",
+        "--n",
+        "2",
+        "--sample-steps",
+        "2",
+        "--calibration",
+        "8",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROTOMED_NO_MALLOC_TUNING": "1"}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = (out / "study.json").read_text()
+    assert token not in text
+    doc = json.loads(text)
+    assert_run_info(doc["run"], "bench.study_toy", "--steps", "2")
+    assert len(doc["machine_load"]["start"]) == 3 and len(doc["machine_load"]["end"]) == 3
+    classes, images = len(TOY_CLASSES), 2 * 2 * len(TOY_CLASSES) + 2 * len(TOY_CLASSES)
+    assert doc["tasks"] == images  # 2 per class and mode, and share 0.5 of that real
+    origin = doc["readers"]["origin"]
+    assert sorted(origin["ranges"]) == sorted(TOY_CLASSES) and origin["calibration_per_class"] == 8
+    assert 0 <= doc["readers"]["noise"]["flipped"] <= images
+    rep = doc["report"]
+    assert rep["study"]["status"] == "complete" and rep["progress"]["complete"] is True
+    assert rep["study"]["overlap"] == 2 and rep["study"]["ask_origin"] is True
+    assert [p["reads"] for p in rep["progress"]["readers"]] == [images, images]
+    assert rep["progress"]["not_counted"]["other_readers"] == 0
+    assert sorted(m["mode"] for m in rep["models"]) == ["baseline", "prototype"]
+    assert len(rep["classes"]) == classes
+    for row in rep["classes"]:
+        assert row["real"]["images"] == 2 and 0 <= row["real"]["plausible"] <= 2, row
+        assert len(row["models"]) == 2 and len(row["versus_real"]) == 2, row
+        for diff in row["versus_real"].values():
+            assert -1 <= diff["ci"][0] <= diff["value"] <= diff["ci"][1] <= 1, diff
+    kappa = rep["pooled"]["agreement"]
+    assert kappa["kappa_units"] == images
+    assert kappa["kappa"] is None or -1 <= kappa["kappa"] <= 1
+    d = rep["plausibility"]["discrimination"]
+    assert d["pooled"]["n"] == 2 * images and len(d["readers"]) == 2
+    for scores in [d["pooled"], *d["readers"].values()]:
+        acc = scores["accuracy"]
+        assert 0 <= acc["ci"][0] <= acc["rate"] <= acc["ci"][1] <= 1
+        assert scores["claim"] in ("indistinguishable", "not shown to be indistinguishable")
+        assert scores["auc"] is None or 0 <= scores["auc"] <= 1
+    assert 0 <= doc["png_size_auc"] <= 1
+    assert "reader 1: accuracy" in r.stdout and "PNG-size AUC" in r.stdout
+
+
 def test_sweep_toy_runs_at_a_toy_size(tmp_path: Path) -> None:
     """bench/sweep_toy.py through a real Label Studio (as above): a tiny model's sweep over two
     classes and two scales, every image reviewed by the toy checker and counted per cell."""

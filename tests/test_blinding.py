@@ -84,6 +84,7 @@ def get_paths(service: Service, ids: dict[str, int]) -> list[str]:
         "/ui/batches/{batch_id}/audit",
         "/ui/sweeps/{sweep_id}",
         "/ui/scorers/{scorer_id}",
+        "/ui/studies/{study_id}",
     ]
     return [re.sub(r"\{(\w+)\}", lambda m: str(ids.get(m.group(1), "toy")), p) for p in paths]
 
@@ -116,6 +117,7 @@ def test_a_reviewer_cannot_link_review_images_to_modes(study: Service) -> None:
             "job_id": 1,
             "sweep_id": 1,
             "scorer_id": 1,
+            "study_id": 1,
         }
 
     # What the admin side shows about batches, models, images, jobs and reports.
